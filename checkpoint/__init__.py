@@ -1,0 +1,1 @@
+"""loom.checkpoint: training state in and out of Zarr stores."""

@@ -1,0 +1,36 @@
+"""loom.comms: who talks to whom, and a record of every message.
+
+The only door to torch.distributed in loom.  Every op here appends a
+`CommRecord` to a per-process ring buffer (see `records`).
+"""
+from .mesh import Mesh, init_mesh, mesh_layout
+from .ops import (
+    Pending,
+    all_gather,
+    all_gather_with_grad,
+    all_reduce,
+    all_reduce_with_grad,
+    all_to_all_v,
+    all_to_all_v_with_grad,
+    barrier,
+    broadcast,
+    exchange_counts,
+    group_ranks,
+    irecv,
+    isend,
+    recv,
+    reduce_scatter,
+    reduce_scatter_with_grad,
+    register_group,
+    send,
+    wait_all,
+)
+from .trace import CommRecord, records, reset_trace, set_step
+
+__all__ = [
+    "CommRecord", "Mesh", "Pending", "all_gather", "all_gather_with_grad", "all_reduce",
+    "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast",
+    "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "records",
+    "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
+    "send", "set_step", "wait_all",
+]

@@ -1,0 +1,1 @@
+"""loom.faults: what went wrong, and where."""

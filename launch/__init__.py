@@ -1,0 +1,1 @@
+"""loom.launch: starting, watching and restarting workers; the `loom` CLI."""

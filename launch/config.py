@@ -1,0 +1,262 @@
+"""Job configuration: dataclasses, loadable from TOML, every field a CLI flag.
+
+A TOML file has one table per section (``[model]``, ``[parallel]``, ...).  Field
+names are unique across sections, so each is also a flat flag
+(``--steps 200 --dp 2``).  `validate` rejects bad combinations before any
+worker starts, saying what to change.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+
+from loom.parallel.model import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; the message says what to change."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class JobSection:
+    name: str = _f("", "run name; runs/<name>/ holds config.toml and metrics.jsonl (default: a timestamp)")
+    runs_dir: str = _f("runs", "directory that holds run directories")
+    address: str = _f("", "Ray cluster address to join (default: start a local Ray instance)")
+    device: str = _f("auto", "cpu, cuda, or auto (cuda when every worker can get a GPU)")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker actor")
+    threads_per_worker: int = _f(1, "torch intra-op threads per worker")
+    pg_timeout: float = _f(300.0, "process-group timeout in seconds")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class ParallelSection:
+    dp: int = _f(2, "data-parallel degree")
+    sp: int = _f(1, "sequence-parallel degree (world = dp * sp)")
+    ep: int = _f(1, "expert-parallel degree (divides the world size)")
+    bucket_mb: float = _f(25.0, "gradient all-reduce bucket size in MiB")
+
+
+@dataclass
+class TrainSection:
+    steps: int = _f(100, "optimizer steps")
+    batch_size: int = _f(16, "global batch size in sequences (divides by dp)")
+    seq_len: int = _f(64, "tokens per sequence")
+    lr: float = _f(3e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear learning-rate warm-up steps")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
+    seed: int = _f(0, "seed of the model initialisation and the synthetic data")
+    dtype: str = _f("float32", "parameter dtype: float32, float64 or bfloat16")
+    log_every: int = _f(1, "report metrics every N steps")
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.sp
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobConfig":
+        return build_config(data)
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(JobConfig)}
+
+
+def _section_fields():
+    """(section, field) for every option, in declaration order."""
+    for section, factory in SECTIONS.items():
+        for f in fields(factory):
+            yield section, f
+
+
+_OWNER = {}
+for _section, _field in _section_fields():
+    assert _field.name not in _OWNER, f"option {_field.name} appears in two sections"
+    _OWNER[_field.name] = _section
+
+
+def _field_type(f) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if t.startswith(name):
+            return typ
+    raise TypeError(f"unsupported option type {f.type!r} for {f.name}")
+
+
+def _coerce(section: str, f, value):
+    typ = _field_type(f)
+    optional = "None" in str(f.type)
+    where = f"[{section}] {f.name}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} cannot be empty")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        if typ is int and (isinstance(value, bool) or isinstance(value, float)):
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} must be {typ.__name__}") from None
+
+
+def _unknown(name: str, known) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown option {name!r}{hint}")
+
+
+def build_config(data: dict | None = None, overrides: dict | None = None) -> JobConfig:
+    """A JobConfig from nested TOML-like ``data`` plus flat ``overrides``."""
+    values: dict[str, dict] = {s: {} for s in SECTIONS}
+    for section, table in (data or {}).items():
+        if section not in SECTIONS:
+            raise _unknown(section, SECTIONS)
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table of options")
+        names = {f.name: f for f in fields(SECTIONS[section])}
+        for key, value in table.items():
+            if key not in names:
+                raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
+            values[section][key] = _coerce(section, names[key], value)
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        if key not in _OWNER:
+            raise _unknown(key, _OWNER)
+        section = _OWNER[key]
+        f = next(f for f in fields(SECTIONS[section]) if f.name == key)
+        values[section][key] = _coerce(section, f, value)
+    built = {}
+    for section, factory in SECTIONS.items():
+        try:
+            built[section] = factory(**values[section])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return JobConfig(**built)
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> JobConfig:
+    data = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    return build_config(data, overrides)
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
+    """Reject combinations that cannot run; ``world_size`` is the number of
+    workers when it is fixed from outside (torchrun)."""
+    problems = []
+    p, t, j = cfg.parallel, cfg.train, cfg.job
+    for name in ("dp", "sp", "ep"):
+        if getattr(p, name) < 1:
+            problems.append(f"--{name}={getattr(p, name)} must be >= 1")
+    if not problems:
+        world = p.dp * p.sp
+        if world_size is not None and world != world_size:
+            problems.append(f"dp*sp={world} != world_size={world_size}: set --dp and --sp so that "
+                            f"their product is the number of workers")
+        if world % p.ep:
+            problems.append(f"--ep={p.ep} must divide the world size dp*sp={world}")
+        if t.batch_size % p.dp:
+            problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
+        if p.sp > 1 and t.seq_len % (2 * p.sp):
+            problems.append(f"--seq-len={t.seq_len} must divide by 2*sp={2 * p.sp} for zigzag sharding")
+    for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
+                      ("warmup_steps", 0)):
+        if getattr(t, name) < low:
+            problems.append(f"--{name.replace('_', '-')}={getattr(t, name)} must be >= {low}")
+    if t.lr <= 0:
+        problems.append(f"--lr={t.lr} must be > 0")
+    if t.dtype not in ("float32", "float64", "bfloat16"):
+        problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
+    if j.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device={j.device!r} must be auto, cpu or cuda")
+    if j.cpus_per_worker <= 0 or j.threads_per_worker < 1:
+        problems.append("--cpus-per-worker must be > 0 and --threads-per-worker >= 1")
+    if j.pg_timeout <= 0 or p.bucket_mb <= 0:
+        problems.append("--pg-timeout and --bucket-mb must be > 0")
+    if problems:
+        raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option, grouped by section, defaulting to 'not given'."""
+    parser.add_argument("--config", metavar="FILE", help="TOML job file; flags override its values")
+    for section, factory in SECTIONS.items():
+        group = parser.add_argument_group(f"[{section}]")
+        for f in fields(factory):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = f.metadata.get("help", "")
+            flag = "--" + f.name.replace("_", "-")
+            if _field_type(f) is bool:
+                group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                   help=f"{help_text} (default: {default})")
+            else:
+                group.add_argument(flag, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
+                                   help=f"{help_text} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    overrides = {name: getattr(args, name) for name in _OWNER if getattr(args, name, None) is not None}
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The config as TOML (None values are left out: they mean 'default')."""
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")

@@ -1,0 +1,115 @@
+"""Where a run's progress goes: a progress bar, metrics.jsonl, a summary table.
+
+The `RunRecorder` lives wherever the user is watching (the Ray driver, or
+rank 0 under torchrun); rank 0 of the job reports to it directly or through a
+queue (`QueueReporter`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def make_run_dir(runs_dir: str, name: str) -> str:
+    """A fresh directory for the run; a taken name gets a numeric suffix."""
+    base = name or time.strftime("run-%Y%m%d-%H%M%S")
+    path, n = os.path.join(runs_dir, base), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(runs_dir, f"{base}-{n}")
+    os.makedirs(path)
+    return path
+
+
+def _human(x: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(x) < 1000:
+            return f"{x:.1f}{unit}"
+        x /= 1000
+    return f"{x:.1f}T"
+
+
+class ProgressBar:
+    """A one-line bar on a terminal; a line per ~10% of the run elsewhere."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.stream, self.enabled = total, stream or sys.stderr, enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = max(1, total // 10)
+        self.start: float | None = None  # the first step's report starts the clock
+
+    def update(self, step: int, text: str) -> None:
+        if not self.enabled:
+            return
+        done = step + 1
+        now = time.monotonic()
+        if self.start is None:
+            self.start, self.first = now, done
+        rate = (done - self.first) / (now - self.start) if now > self.start else 0.0
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+        filled = int(30 * done / self.total)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] step {done}/{self.total} {text} eta {eta}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == self.total else ""))
+        elif done % self.every == 0 or done == self.total or done == 1:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class RunRecorder:
+    """Writes metrics.jsonl and summary.json into the run directory, shows progress."""
+
+    def __init__(self, run_dir: str, total_steps: int, progress: bool = True, stream=None):
+        self.run_dir = run_dir
+        self.stream = stream or sys.stdout
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.bar = ProgressBar(total_steps, enabled=progress)
+
+    def step(self, metrics: dict) -> None:
+        self.metrics.write(json.dumps(metrics) + "\n")
+        text = f"loss {metrics['loss']:.4f} tok/s {_human(metrics.get('tokens_per_s', 0.0))}"
+        self.bar.update(metrics["step"], text)
+
+    def event(self, text: str) -> None:
+        """A line of news during the run (a checkpoint, a fault)."""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self, summary: dict) -> None:
+        self.metrics.close()
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        self.stream.write(format_summary(summary) + f"\nrun directory: {self.run_dir}\n")
+        self.stream.flush()
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("steps", f"{summary['steps']}"),
+            ("first loss", f"{summary['first_loss']:.4f}"),
+            ("final loss", f"{summary['final_loss']:.4f}"),
+            ("tokens/s", _human(summary["tokens_per_s"])),
+            ("wall time", f"{summary['wall_time_s']:.1f} s")]
+    rows += [(k.replace("_", " "), str(v)) for k, v in summary.get("extra", {}).items()]
+    width = max(len(k) for k, _ in rows)
+    inner = width + 3 + max(len(v) for _, v in rows)
+    lines = ["+" + "-" * (inner + 2) + "+"]
+    lines += [f"| {k:<{width}}   {v:>{inner - width - 3}} |" for k, v in rows]
+    return "\n".join(lines + [lines[0]])
+
+
+class QueueReporter:
+    """Rank 0's side under Ray: forwards events to the driver's RunRecorder."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def step(self, metrics: dict) -> None:
+        self.queue.put(("step", metrics))
+
+    def event(self, text: str) -> None:
+        self.queue.put(("event", text))
+
+    def finish(self, summary: dict) -> None:
+        pass  # the driver finishes its recorder with the summary the worker returns

@@ -1,0 +1,2 @@
+"""loom: distributed training infrastructure for PyTorch."""
+__version__ = "0.1.0"

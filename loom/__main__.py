@@ -1,0 +1,3 @@
+import sys
+from loom.launch.cli import main
+sys.exit(main())

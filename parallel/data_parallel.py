@@ -1,0 +1,56 @@
+"""Data-parallel gradient synchronisation through loom.comms."""
+from __future__ import annotations
+
+import torch
+
+from loom import comms
+
+
+def bucket_parameters(params, bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Group parameters by (dtype, device) into buckets of at most
+    ``bucket_bytes`` (a larger parameter gets a bucket of its own), in order."""
+    buckets: list[list[torch.nn.Parameter]] = []
+    open_buckets: dict = {}
+    for p in params:
+        key, size = (p.dtype, p.device), p.numel() * p.element_size()
+        bucket, nbytes = open_buckets.get(key, ([], 0))
+        if bucket and nbytes + size > bucket_bytes:
+            buckets.append(bucket)
+            bucket, nbytes = [], 0
+        bucket.append(p)
+        open_buckets[key] = (bucket, nbytes + size)
+    buckets.extend(b for b, _ in open_buckets.values() if b)
+    return buckets
+
+
+class GradientSync:
+    """Average gradients over a group with bucketed all-reduces.
+
+    Parameters are grouped by dtype and device into flat buckets of at most
+    ``bucket_bytes``; a parameter without a gradient contributes zeros, so
+    every rank enters the same sequence of collectives whatever the data."""
+
+    def __init__(self, params, group=None, *, bucket_bytes: int = 25 * 2**20, average: bool = True):
+        self.params = [p for p in params if p.requires_grad]
+        self.group, self.average = group, average
+        self.size = len(comms.group_ranks(group))
+        self.buckets = bucket_parameters(self.params, bucket_bytes)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        if self.size == 1:
+            return
+        for bucket in self.buckets:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in bucket])
+            comms.all_reduce(flat, "sum", self.group)
+            if self.average:
+                flat.div_(self.size)
+            offset = 0
+            for p in bucket:
+                synced = flat[offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = synced.clone()
+                else:
+                    p.grad.copy_(synced)
+                offset += p.numel()
