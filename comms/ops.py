@@ -56,9 +56,7 @@ def _open(op, group, t, peer=None, channel=None, nbytes=None):
     pg, (name, ranks, rank) = _info(group)
     if nbytes is None:
         nbytes = t.numel() * t.element_size()
-    rec = trace.open_record(rank, name, ranks, op, nbytes, (str(t.dtype), tuple(t.shape)),
-                            peer, channel)
-    return pg, rec
+    return pg, trace.open_record(rank, name, ranks, op, nbytes, t.dtype, t.shape, peer, channel)
 
 
 def _reduce_op(op: str):
@@ -107,24 +105,27 @@ def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor
     return out
 
 
+def _check_splits(name: str, splits, size: int) -> list[int]:
+    splits = list(map(int, splits))
+    if len(splits) != size or (splits and min(splits) < 0):
+        raise ValueError(f"all_to_all_v: {name} {splits} must be {size} non-negative counts")
+    return splits
+
+
 def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> torch.Tensor:
     """Exchange uneven dim-0 slices: ``send_splits[i]`` rows of ``x`` go to the
     i-th rank of the group.  When ``recv_splits`` is None the counts are
     exchanged first (one extra small all-to-all)."""
-    pg, (name, ranks, rank) = _info(group)
-    send_splits = [int(s) for s in send_splits]
-    if len(send_splits) != len(ranks) or min(send_splits, default=0) < 0:
-        raise ValueError(f"all_to_all_v: send_splits {send_splits} must be {len(ranks)} non-negative counts")
+    size = len(_info(group)[1][1])
+    send_splits = _check_splits("send_splits", send_splits, size)
     rows = x.shape[0] if x.dim() else 1
     if sum(send_splits) != rows:
         raise ValueError(f"all_to_all_v: send_splits sum to {sum(send_splits)} but x has {rows} rows")
     if recv_splits is None:
         recv_splits = exchange_counts(send_splits, group)
-    recv_splits = [int(s) for s in recv_splits]
-    if len(recv_splits) != len(ranks) or min(recv_splits, default=0) < 0:
-        raise ValueError(f"all_to_all_v: recv_splits {recv_splits} must be {len(ranks)} non-negative counts")
-    _, rec = _open("all_to_all_v", group, x)
-    out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+    recv_splits = _check_splits("recv_splits", recv_splits, size)
+    pg, rec = _open("all_to_all_v", group, x)
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=pg)
     trace.close_record(rec)
     return out
@@ -172,7 +173,7 @@ class Pending:
         self.work, self.record, self.tensor = work, record, tensor
 
     def wait(self) -> torch.Tensor:
-        if self.record.t_exit is None:
+        if self.record[trace._T_EXIT] is None:
             self.work.wait()
             trace.close_record(self.record)
         return self.tensor

@@ -139,7 +139,7 @@ def test_ring_buffer_is_bounded():
     trace.reset_trace(capacity=10)
     try:
         for i in range(25):
-            trace.close_record(trace.open_record(0, "world", (0,), "all_reduce", 4, ()))
+            trace.close_record(trace.open_record(0, "world", (0,), "all_reduce", 4))
         recs = comms.records(clear=True)
         assert len(recs) == 10 and recs[-1].seq == 24
         assert comms.records() == []
