@@ -7,7 +7,7 @@ heads, d_v]; the sequence is laid out contiguously over the ranks (rank
 position p holds the p-th slice).  Each rank
 
 1. runs the chunked recurrence on its slice from a zero state: inside a chunk
-   an attention-like term with pairwise decays, across chunks the state;
+   an attention-like term, across chunks the state;
 2. scans (decay product of its slice, final local state) with
    `loom.comms.all_scan` to get its true initial state S_in;
 3. corrects its outputs with q_t · exp(g_1 + ... + g_t) · S_in.
@@ -21,6 +21,7 @@ backward, which is the reverse scan.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from loom.comms import all_scan
 
@@ -94,11 +95,35 @@ def _chunked(q, k, v, g, chunk_size):
     return (torch.cat(outs, 2) if outs else v.new_zeros(b, h, 0, v.shape[-1])), state
 
 
+_BLOCK = 16  # tokens per block of the intra-chunk term (bounds its [block, block, d_k] tensors)
+
+
 def _intra_chunk(q, k, g):
     """A[t, s] = Σ_d q_t[d] k_s[d] exp(g_{s+1} + ... + g_t)[d] for s <= t, else 0.
 
-    The segment sums are cumulated directly (no difference of prefix sums), so
-    they are exact and -inf safe; the cost is a [c, c, d_k] tensor per chunk."""
+    In blocks of _BLOCK tokens.  On the diagonal the segment sums are cumulated
+    pairwise (`_pairwise`).  Below it the decay factors into (key s to the end of
+    its block) x (whole blocks in between) x (start of the query's block to t),
+    each the exp of a plain sum <= 0, so the block is one matmul."""
+    c = g.shape[2]
+    qs, ks, gs = ([t[:, :, i:i + _BLOCK] for i in range(0, c, _BLOCK)] for t in (q, k, g))
+    keys = [kb * _after(gb).exp() for kb, gb in zip(ks, gs)]         # decayed to their block end
+    through = [gb.sum(2, keepdim=True).exp() for gb in gs]          # decay across a whole block
+    rows, end = [], 0
+    for i, (qb, kb, gb) in enumerate(zip(qs, ks, gs)):
+        end += gb.shape[2]
+        row = [_pairwise(qb, kb, gb)]
+        query = qb * gb.cumsum(2).exp()
+        for j in range(i - 1, -1, -1):
+            row.insert(0, query @ keys[j].transpose(-1, -2))
+            query = query * through[j]
+        rows.append(F.pad(torch.cat(row, -1), (0, c - end)))
+    return torch.cat(rows, 2)
+
+
+def _pairwise(q, k, g):
+    """The intra-chunk term with exact segment sums, cumulated directly (no
+    difference of prefix sums, so exact and -inf safe): [c, c, d_k] memory."""
     c = g.shape[2]
     later = torch.ones(c, c, dtype=torch.bool, device=g.device).tril(-1)   # [m, s]: m > s
     seg = torch.where(later[:, :, None], g[:, :, :, None, :], 0).cumsum(2)  # [b, h, t, s, d]
