@@ -244,3 +244,20 @@ def test_linear_model_learns():
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_layers_option_takes_a_count_or_a_pattern(tmp_path):
+    from loom.launch.cli import build_parser
+    from loom.launch.config import ConfigError, build_config, load_config, to_toml
+    assert build_config(overrides={"layers": "3"}).model.layers == 3
+    cfg = build_config(overrides={"layers": "linear,softmax"})
+    assert cfg.model.layer_kinds == ("linear", "softmax")
+    path = tmp_path / "job.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(str(path)) == cfg
+    path.write_text('[model]\nlayers = 4\n')
+    assert load_config(str(path)).model.layers == 4
+    with pytest.raises(ConfigError, match="unknown layer kind 'lstm'"):
+        build_config(overrides={"layers": "linear,lstm"})
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--layers N|PATTERN" in help_text
