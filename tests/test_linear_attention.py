@@ -122,6 +122,12 @@ def _sharded_cases():
                     err = (got - want).abs().max().item()
                     assert err < 1e-10, (ring, method, chunk, err)
                     worst = max(worst, err)
+            # float32 at a realistic tolerance (states stay float32)
+            out, state = linear_attention(*(t[:, sl].float() for t in (q, k, v, g)), ranks=ring, method=method,
+                                          chunk_size=7, scale=0.5, return_final_state=True)
+            assert out.dtype == state.dtype == torch.float32
+            torch.testing.assert_close(out.double(), ref[:, sl].detach(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(state.double(), boundary[pos].detach(), rtol=1e-4, atol=1e-4)
     return worst
 
 
