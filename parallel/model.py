@@ -4,10 +4,10 @@ Parallelism is not baked in: the attention core is a replaceable callable on
 each `Attention` module (``attn.core(q, k, v, causal=...)``) and on each
 `LinearAttention` module (``attn.core(q, k, v, log_decay, scale=...)``), so
 sequence parallelism is applied from outside by swapping it
-(`enable_sequence_parallel`).  ``ModelConfig.layers`` is a block count (all
-softmax) or a pattern such as ``"linear,linear,softmax"`` for a hybrid model.  Positions are explicit
-(global token indices), so a sequence shard computes exactly what the whole
-sequence would.
+(`enable_sequence_parallel`).  Positions are explicit (global token indices),
+so a sequence shard computes exactly what the whole sequence would.
+``ModelConfig.layers`` is a block count (all softmax) or a pattern such as
+``"linear,linear,softmax"`` for a hybrid model.
 """
 from __future__ import annotations
 
