@@ -121,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
 
     scan_rows, scan_data = [], []
     for world in args.scan_worlds:
@@ -154,12 +155,14 @@ def main(argv=None):
     layer_table = markdown_table(["P", "no comm (ideal) ms", "All-Scan ms (overhead)",
                                   "all-gather ms (overhead)", "serial ms (overhead)"], layer_rows)
     state_kb = args.heads * args.head_dim ** 2 * 4 / 1024
+    load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     print(scan_table + "\n\n" + layer_table)
     write_json("linear_attention_sp", {"scan": scan_data, "layer": layer_data, "layer_shape": shape,
-                                       "chunk_size": args.chunk_size, "iters": args.iters,
+                                       "chunk_size": args.chunk_size, "iters": args.iters, "load": load,
                                        "layer_iters": args.layer_iters})
     if not args.no_write:
-        body = (f"**The scan alone** (median over {args.iters} calls of the slowest rank's time; "
+        body = (f"Machine: {load} (1-minute load; 2 means both cores busy).\n\n"
+                f"**The scan alone** (median over {args.iters} calls of the slowest rank's time; "
                 f"K = All-Scan blocks; ratios use the best K):\n\n{scan_table}\n\n"
                 f"**The layer, forward + backward** (median over {args.layer_iters} calls; batch 1, {args.seq_local} tokens per rank, "
                 f"{args.heads} heads, d_k = d_v = {args.head_dim}: a {state_kb:.0f} KB state per rank; "
