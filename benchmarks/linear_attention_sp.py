@@ -164,13 +164,15 @@ def main(argv=None):
         body = (f"Machine: {load} (1-minute load; 2 means both cores busy).\n\n"
                 f"**The scan alone** (median over {args.iters} calls of the slowest rank's time; "
                 f"K = All-Scan blocks; ratios use the best K):\n\n{scan_table}\n\n"
-                f"**The layer, forward + backward** (median over {args.layer_iters} calls; batch 1, {args.seq_local} tokens per rank, "
+                f"**The layer, forward + backward** (median over {args.layer_iters} calls; batch 1, "
+                f"{args.seq_local} tokens per rank, "
                 f"{args.heads} heads, d_k = d_v = {args.head_dim}: a {state_kb:.0f} KB state per rank; "
                 f"chunk {args.chunk_size}), against each rank running its shard with no communication "
                 f"(times are medians; the overhead is the median over rounds of the ratio to the ideal "
                 f"call in the same round):"
                 f"\n\n{layer_table}\n\n" + NOTES)
-        cmd = "python benchmarks/linear_attention_sp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        given = argv if argv is not None else sys.argv[1:]
+        cmd = "python benchmarks/linear_attention_sp.py " + " ".join(given)
         update_results("linear_attention_sp", "Sequence-parallel linear attention (All-Scan vs LASP-2 "
                        "all-gather vs LASP-1 serial)", cmd.strip(), body)
 

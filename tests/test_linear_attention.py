@@ -123,8 +123,9 @@ def _sharded_cases():
                     assert err < 1e-10, (ring, method, chunk, err)
                     worst = max(worst, err)
             # float32 at a realistic tolerance (states stay float32)
-            out, state = linear_attention(*(t[:, sl].float() for t in (q, k, v, g)), ranks=ring, method=method,
-                                          chunk_size=7, scale=0.5, return_final_state=True)
+            shard = (t[:, sl].float() for t in (q, k, v, g))
+            out, state = linear_attention(*shard, ranks=ring, method=method, chunk_size=7, scale=0.5,
+                                          return_final_state=True)
             assert out.dtype == state.dtype == torch.float32
             torch.testing.assert_close(out.double(), ref[:, sl].detach(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(state.double(), boundary[pos].detach(), rtol=1e-4, atol=1e-4)
@@ -147,7 +148,8 @@ def _gathered_softmax_core(q, k, v, *, causal=True, scale=None):
     """A stand-in sequence-parallel softmax core for the contiguous layout:
     all-gather K and V over the world and attend with the causal offset."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    k_all, v_all = (comms.all_gather_with_grad(t.transpose(0, 1).contiguous()).transpose(0, 1) for t in (k, v))
+    k_all, v_all = (comms.all_gather_with_grad(t.transpose(0, 1).contiguous()).transpose(0, 1)
+                    for t in (k, v))
     local = q.shape[1]
     mask = (torch.arange(local)[:, None] + rank * local) >= torch.arange(local * world)[None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
@@ -203,7 +205,8 @@ def test_sharded_model_matches_single_process(distributed, world):
         ref_logits, ref_grads = _reference(layers)
         for rank, results in enumerate(per_rank):
             logits, grads = results[layers]
-            torch.testing.assert_close(logits, ref_logits[:, rank * local:(rank + 1) * local], rtol=0, atol=1e-10)
+            mine = ref_logits[:, rank * local:(rank + 1) * local]
+            torch.testing.assert_close(logits, mine, rtol=0, atol=1e-10)
             assert grads.keys() == ref_grads.keys()
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-10, msg=name)
