@@ -100,6 +100,8 @@ for _section, _field in _section_fields():
 
 def _field_type(f) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t.replace(" ", "") in ("int|str", "str|int"):
+        return str  # a count or a pattern (model layers); the dataclass parses and checks it
     for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if t.startswith(name):
             return typ
@@ -229,7 +231,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                    help=f"{help_text} (default: {default})")
             else:
-                group.add_argument(flag, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
+                metavar = f.metadata.get("metavar", _field_type(f).__name__.upper())
+                group.add_argument(flag, dest=f.name, default=None, metavar=metavar,
                                    help=f"{help_text} (default: {default})")
 
 

@@ -1,7 +1,10 @@
 """loom.parallel: how the model's work is split across ranks."""
 from .data import SyntheticData
 from .data_parallel import GradientSync
-from .model import ModelConfig, Transformer, local_attention, next_token_loss
+from .linear_attention import linear_attention, local_linear_attention
+from .model import (LinearAttention, ModelConfig, Transformer, enable_sequence_parallel, local_attention,
+                    next_token_loss)
 
-__all__ = ["GradientSync", "ModelConfig", "SyntheticData", "Transformer", "local_attention",
+__all__ = ["GradientSync", "LinearAttention", "ModelConfig", "SyntheticData", "Transformer",
+           "enable_sequence_parallel", "linear_attention", "local_attention", "local_linear_attention",
            "next_token_loss"]
