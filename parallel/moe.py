@@ -263,6 +263,7 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(self._init_all(hidden, dim)[mine].clone())
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict = {}
+        self.last_plan: LLEPPlan | None = None
 
     def _init_all(self, fan_in: int, fan_out: int) -> torch.Tensor:
         bound = 1 / math.sqrt(fan_in)  # nn.Linear's default scale
@@ -305,6 +306,7 @@ class MoE(nn.Module):
         loads = counts.sum(0)
         plan = self.plan(loads.tolist())
         route = Route(counts.tolist(), plan, self.ep_rank, self.experts_per_rank)
+        self.last_plan = plan
 
         # slots in expert order, then grouped by destination rank (stable)
         by_expert = torch.argsort(slot_expert, stable=True)
