@@ -113,17 +113,15 @@ class _ExpertParallel(torch.autograd.Function):
         borrowed = _exchange_weights(route, own, group, ranks)  # flat buffers, plan order
         x_recv = _all_to_all(x_send, route.send_splits, route.recv_splits, group, route.world)
         experts, order, sizes = _compute_order(route, x_send.device)
-        xs = x_recv[order]
-        pieces, offset = [], 0
-        for e, n in zip(experts, sizes):
-            pieces.append(expert_mlp(xs[offset:offset + n], *_weights_of(e, route, own, borrowed)))
-            offset += n
-        y_recv = torch.empty_like(x_recv)
-        y_recv[order] = torch.cat(pieces) if pieces else x_recv[:0]
+        xs = x_recv.index_select(0, order)
+        ys = torch.empty_like(xs)
+        for e, lo, hi in _pieces(experts, sizes, route.experts_per_rank):
+            ys[lo:hi] = expert_mlp(xs[lo:hi], *_weights_of(e, route, own, borrowed))
         ctx.route, ctx.group, ctx.ranks, ctx.experts = route, group, ranks, (experts, sizes)
         # Always save tensors (even empty ones), so activation checkpointing
         # recomputes this node's messages on every rank alike.
         ctx.save_for_backward(xs, order, w_gate, w_up, w_down, *borrowed)
+        y_recv = torch.empty_like(x_recv).index_copy_(0, order, ys)
         return _all_to_all(y_recv, route.recv_splits, route.send_splits, group, route.world)
 
     @staticmethod
@@ -133,25 +131,38 @@ class _ExpertParallel(torch.autograd.Function):
         own = (w_gate, w_up, w_down)
         grad_recv = _all_to_all(grad_send.contiguous(), route.send_splits, route.recv_splits,
                                 group, route.world)
-        gs = grad_recv[order]
+        gs = grad_recv.index_select(0, order)
+        grad_xs = torch.empty_like(gs)
         grad_own = [torch.zeros_like(w) for w in own]
-        grad_borrowed = [None] * len(borrowed)
-        grad_xs, offset = [], 0
-        for e, n in zip(*ctx.experts):
-            gx, *gw = _expert_mlp_backward(xs[offset:offset + n], *_weights_of(e, route, own, borrowed),
-                                           gs[offset:offset + n])
-            grad_xs.append(gx)
+        grad_borrowed = [torch.zeros_like(b) for b in borrowed]
+        for e, lo, hi in _pieces(*ctx.experts, route.experts_per_rank):
+            grad_xs[lo:hi], *gw = _expert_mlp_backward(xs[lo:hi], *_weights_of(e, route, own, borrowed),
+                                                       gs[lo:hi])
             if route.owns(e):
                 for acc, g in zip(grad_own, gw):
                     acc[route.local_index(e)] += g
             else:
-                grad_borrowed[route.borrowed.index(e)] = torch.cat([g.reshape(-1) for g in gw])
-            offset += n
+                grad_borrowed[route.borrowed.index(e)] += torch.cat([g.reshape(-1) for g in gw])
         _return_weight_grads(route, grad_own, grad_borrowed, group, ranks)
-        grad_x_recv = torch.empty_like(grad_recv)
-        grad_x_recv[order] = torch.cat(grad_xs) if grad_xs else grad_recv[:0]
+        grad_x_recv = torch.empty_like(grad_recv).index_copy_(0, order, grad_xs)
         grad_x_send = _all_to_all(grad_x_recv, route.recv_splits, route.send_splits, group, route.world)
         return grad_x_send, *grad_own, None, None, None
+
+
+_MIN_PIECE = 256
+
+
+def _pieces(experts, sizes, experts_per_rank):
+    """(expert, lo, hi) row ranges of the expert-ordered rows, each expert cut
+    into pieces of at most (rows / experts_per_rank), so the hidden activations
+    in flight stay as small under skew (one expert holding every row) as when
+    balanced."""
+    limit = max(_MIN_PIECE, -(-sum(sizes) // experts_per_rank))
+    lo = 0
+    for e, n in zip(experts, sizes):
+        for start in range(lo, lo + n, limit):
+            yield e, start, min(start + limit, lo + n)
+        lo += n
 
 
 def _compute_order(route: Route, device):
@@ -203,10 +214,7 @@ def _return_weight_grads(route: Route, grad_own, grad_borrowed, group, ranks) ->
     size = sum(g[0].numel() for g in grad_own)
     for e, src, dst in route.transfers:
         if dst == route.me:
-            grad = grad_borrowed[route.borrowed.index(e)]
-            if grad is None:  # borrowed but given no rows: still answer the owner
-                grad = grad_own[0].new_zeros(size)
-            pending.append(comms.isend(grad, ranks[src], group))
+            pending.append(comms.isend(grad_borrowed[route.borrowed.index(e)], ranks[src], group))
         elif src == route.me:
             inbox.append((e, grad_own[0].new_empty(size)))
             pending.append(comms.irecv(inbox[-1][1], ranks[dst], group))

@@ -123,9 +123,14 @@ def _run_case(case, mesh):
 
 
 def _cases_worker(cases):
-    world = comms.group_ranks(None).__len__()
-    meshes = {P: comms.init_mesh(dp=world, ep=P) for P in sorted({c["P"] for c in cases})}
-    return [_run_case(case, meshes[case["P"]]) for case in cases]
+    from loom.parallel import moe
+    default, moe._MIN_PIECE = moe._MIN_PIECE, 3  # cut experts into row pieces even at these sizes
+    try:
+        world = len(comms.group_ranks(None))
+        meshes = {P: comms.init_mesh(dp=world, ep=P) for P in sorted({c["P"] for c in cases})}
+        return [_run_case(case, meshes[case["P"]]) for case in cases]
+    finally:
+        moe._MIN_PIECE = default
 
 
 def _check_case(case, ref, members):
@@ -221,7 +226,7 @@ def _stack(layers, x, mode):
 
 
 def _stacked_worker(P, routing, modes):
-    mesh = comms.init_mesh(dp=comms.group_ranks(None).__len__(), ep=P)
+    mesh = comms.init_mesh(dp=len(comms.group_ranks(None)), ep=P)
     llep = LLEPConfig(lam=1.0, min_chunk=2)
     layers = [_layer(100 + i, 2, mesh.ep_group, "llep", llep, aux=0.0) for i in range(2)]
     xg, gyg, sizes = _inputs(routing, 2, P, 5)
@@ -403,13 +408,20 @@ def test_wrong_last_dim_and_bad_configs():
         llep_plan([1, -2], 2, 1)
 
 
-def test_single_process_shapes_and_zero_tokens():
+def test_single_process_shapes_and_zero_tokens(monkeypatch):
+    from loom.parallel import moe
+    monkeypatch.setattr(moe, "_MIN_PIECE", 1)  # experts computed in several row pieces
     layer = _layer(3, 2)
-    x = torch.randn(2, 5, DIM, dtype=torch.float64, requires_grad=True)
+    xs, gy, _ = _inputs("hot95", 2, 1, 3)
+    x = xs.reshape(2, 7, DIM).clone().requires_grad_()
     y = layer(x)
     assert y.shape == x.shape
-    ref, _, _ = _dense(x.reshape(-1, DIM), layer.router.weight, layer.w_gate, layer.w_up, layer.w_down, 2, 0)
+    grads = torch.autograd.grad((y.reshape(-1, DIM) * gy).sum(), [x, *layer.parameters()])
+    params = [layer.router.weight, layer.w_gate, layer.w_up, layer.w_down]
+    ref, _, _ = _dense(x.reshape(-1, DIM), *params, 2, 0)
     torch.testing.assert_close(y.reshape(-1, DIM), ref, **TOL)
+    for got, want in zip(grads, torch.autograd.grad((ref * gy).sum(), [x, *params])):
+        torch.testing.assert_close(got, want, **TOL)
     empty = torch.zeros(0, DIM, dtype=torch.float64, requires_grad=True)
     out = layer(empty)
     out.sum().backward()
