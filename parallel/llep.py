@@ -5,12 +5,14 @@ the work (and the activations) on one rank.  The least-loaded plan lets other
 ranks compute slices of a hot expert's tokens, borrowing its weights:
 
 - capacity per rank: ``ceil(alpha * total / P)`` slots;
+- a rank's *effective load* is what it has been given plus its own experts not
+  yet placed (so spilled work leaves room for a helper's own experts);
 - experts in descending load (ties: lower id first); the home rank takes what
-  fits; the rest goes, chunk by chunk, to whichever is less loaded: the
-  least-loaded rank already holding the expert, or the least-loaded rank that
-  could borrow it (a strictly lower load is needed to pay for a transfer, a
-  borrower must have budget left, and a borrower gets at least ``min_chunk``
-  slots unless it takes the whole expert off a full home rank);
+  fits; the rest goes, chunk by chunk, to whichever has the lower effective
+  load: the best rank already holding the expert, or the best rank that could
+  borrow it (a strictly lower load is needed to pay for a transfer, a borrower
+  must have budget left, and a borrower gets at least ``min_chunk`` slots, so
+  small leftovers stay with ranks that hold the weights);
 - a chunk fills the chosen rank up to capacity, and when every rank is full
   the overflow is spread in chunks of ``min_chunk`` to the least loaded.
 
@@ -97,13 +99,18 @@ def llep_plan(expert_loads, world: int, experts_per_rank: int, *, alpha: float =
     budget = math.inf if max_borrowed_experts is None else \
         _check_int("max_borrowed_experts", max_borrowed_experts, 0)
     capacity = math.ceil(alpha * sum(loads) / world)
-    rank_load = [0] * world
+    assigned = [0] * world
+    # a rank's effective load: what it was given plus its own experts still to place
+    pending = [sum(loads[r * experts_per_rank:(r + 1) * experts_per_rank]) for r in range(world)]
     borrowed = [0] * world
     ranges: list[list[tuple[int, int, int]]] = [[] for _ in loads]
     transfers: list[tuple[int, int, int]] = []
 
+    def effective(rank: int) -> int:
+        return assigned[rank] + pending[rank]
+
     def give(e: int, rank: int, start: int, amount: int) -> None:
-        rank_load[rank] += amount
+        assigned[rank] += amount
         last = ranges[e][-1] if ranges[e] else None
         if last is not None and last[0] == rank and last[2] == start:
             ranges[e][-1] = (rank, last[1], start + amount)  # extend the previous slice
@@ -114,25 +121,26 @@ def llep_plan(expert_loads, world: int, experts_per_rank: int, *, alpha: float =
         load, home = loads[e], e // experts_per_rank
         if load == 0:
             continue
-        take = min(load, max(0, capacity - rank_load[home]))
+        pending[home] -= load
+        take = min(load, max(0, capacity - effective(home)))
         if take:
             give(e, home, 0, take)
         done, holders = take, [home]
         while done < load:
             left = load - done
-            holder = min(holders, key=lambda r: (rank_load[r], r))
+            holder = min(holders, key=lambda r: (effective(r), r))
             helper = None
-            if left >= min_chunk or left == load:
+            if left >= min_chunk:
                 free = [r for r in range(world) if r not in holders and borrowed[r] < budget]
-                helper = min(free, key=lambda r: (rank_load[r], r)) if free else None
-            if helper is not None and rank_load[helper] < rank_load[holder]:
+                helper = min(free, key=lambda r: (effective(r), r)) if free else None
+            if helper is not None and effective(helper) < effective(holder):
                 target = helper
                 holders.append(helper)
                 borrowed[helper] += 1
                 transfers.append((e, home, helper))
             else:
                 target = holder
-            amount = min(left, max(capacity - rank_load[target], min_chunk))
+            amount = min(left, max(capacity - effective(target), min_chunk))
             give(e, target, done, amount)
             done += amount
     return LLEPPlan(ranges, transfers)

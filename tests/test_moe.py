@@ -458,9 +458,9 @@ def _check_plan(plan, loads, world, per_rank, min_chunk, budget):
         home = e // per_rank
         helpers = {r for r, _, _ in ranges if r != home}
         assert helpers == {dst for ex, src, dst in plan.transfers if ex == e}, (e, ranges, plan.transfers)
-        for r in helpers:  # a borrower gets >= min_chunk slots, or the whole expert
+        for r in helpers:  # a weight transfer pays for at least min_chunk slots
             got = sum(end - start for rank, start, end in ranges if rank == r)
-            assert got >= min_chunk or got == load, (e, r, got)
+            assert got >= min_chunk, (e, r, got)
     for e, src, dst in plan.transfers:
         assert src == e // per_rank and dst != src
     assert len(set(plan.transfers)) == len(plan.transfers)
@@ -507,6 +507,6 @@ def test_planner_flattens_a_hot_expert():
     after = plan.rank_loads(8)
     mean = sum(loads) / 8
     assert max(before) / mean > 7 and max(after) / mean <= 1.15
-    assert {dst for _, _, dst in plan.transfers} == set(range(1, 8))
+    assert plan.transfers == [(0, 0, dst) for dst in range(1, 8)]  # only the hot expert moves
     budget = llep_plan(loads, 8, 2, min_chunk=64, max_borrowed_experts=0)
     assert budget.transfers == [] and budget.rank_loads(8) == before
