@@ -302,6 +302,7 @@ def main(argv=None):
     print(f"\nwall time {wall:.0f} s")
     write_json("expert_parallel", {"args": vars(args), "rows": [_jsonable(d) for d in data], "wall_s": wall})
     if not args.no_write:
+        same = [r for r in routings if timed.get((r, "llep"), {}).get("moved", 1) == 0]
         body = (f"One MoE layer, E = {args.experts}, top_k = {args.top_k}, dim = {args.dim}, expert hidden = "
                 f"{args.hidden}, {args.tokens} tokens per rank, float32, forced routings (hotN: N% of "
                 f"tokens pick expert 0; zipf1.2: experts drawn with p ∝ 1/rank^1.2). Time: median of "
@@ -316,9 +317,10 @@ def main(argv=None):
                 f"under balanced routing. `ds-cf1` drops the slots that exceed capacity (column "
                 f"*dropped*); the others drop nothing. Wall time of the run: {wall:.0f} s; machine load "
                 f"average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (on "
-                f"{os.cpu_count()} CPUs: above ~2, other jobs shared the cores and times are noisy; "
-                f"standard and llep run the same plan under balanced and hot50 routing, so their gap "
-                f"there is noise).\n\n"
+                f"{os.cpu_count()} CPUs: above ~2, other jobs shared the cores and times are noisy)."
+                + (f" At P = {args.time_world} LLEP moved no weights (the same plan as standard) "
+                   f"under {', '.join(same)}, so the time gap there is noise." if same else "")
+                + "\n\n"
                 + table + "\n\n" + _verdict(rows, header, args))
         cmd = "python benchmarks/expert_parallel.py " + " ".join(argv if argv is not None else sys.argv[1:])
         update_results("expert_parallel", "Expert parallelism (standard EP vs LLEP vs DeepSpeed MoE)",

@@ -510,3 +510,41 @@ def test_planner_flattens_a_hot_expert():
     assert plan.transfers == [(0, 0, dst) for dst in range(1, 8)]  # only the hot expert moves
     budget = llep_plan(loads, 8, 2, min_chunk=64, max_borrowed_experts=0)
     assert budget.transfers == [] and budget.rank_loads(8) == before
+
+
+# ------------------------------------------------------------- the launcher
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"ep": 2}, "--ep=2 needs MoE layers: add --moe standard or --moe llep"),
+    ({"ep": 2, "moe": "llep", "num_experts": 3, "top_k": 1}, "--num-experts=3 must divide by --ep=2"),
+])
+def test_config_rejects_ep_without_fitting_experts(overrides, needle):
+    from loom.launch.config import ConfigError, build_config, validate
+    with pytest.raises(ConfigError, match=needle):
+        validate(build_config(overrides={"dp": 2, **overrides}))
+
+
+def test_model_config_rejects_bad_moe_options():
+    from loom.parallel import ModelConfig
+    with pytest.raises(ValueError, match="moe='dense' must be none, standard or llep"):
+        ModelConfig(moe="dense")
+    with pytest.raises(ValueError, match="top_k=5 <= num_experts=4"):
+        ModelConfig(moe="llep", num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="min_chunk=0"):
+        ModelConfig(llep_min_chunk=0)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_loom_train_with_expert_parallel_llep(tmp_path):
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run(
+        [sys.executable, "-m", "loom", "train", "--ep", "2", "--moe", "llep", "--llep-lam", "1.0",
+         "--llep-min-chunk", "64", "--steps", "3", "--name", "moe", "--runs-dir", str(tmp_path),
+         "--no-progress"], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ep=2" in proc.stdout and "final loss" in proc.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(m["loss"] > 0 for m in metrics)
