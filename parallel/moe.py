@@ -321,11 +321,11 @@ class MoE(nn.Module):
         dests = torch.tensor([d for d, _ in route.send_dest], dtype=torch.long, device=x.device)
         reps = torch.tensor([n for _, n in route.send_dest], dtype=torch.long, device=x.device)
         send_slots = by_expert[torch.argsort(torch.repeat_interleave(dests, reps), stable=True)]
-        y_send = _ExpertParallel.apply(flat[send_slots // k], self.w_gate, self.w_up, self.w_down,
-                                       route, self.group, self.ranks)
+        y_send = _ExpertParallel.apply(flat.index_select(0, send_slots // k), self.w_gate, self.w_up,
+                                       self.w_down, route, self.group, self.ranks)
         inverse = torch.empty_like(send_slots)
         inverse[send_slots] = torch.arange(send_slots.numel(), device=x.device)
-        y = (y_send[inverse].view(-1, k, self.dim) * gates.unsqueeze(-1)).sum(1)
+        y = (y_send.index_select(0, inverse).view(-1, k, self.dim) * gates.unsqueeze(-1)).sum(1)
 
         # Switch-style balance loss: global slot fractions x this rank's mean router probability
         probs = torch.softmax(logits, dim=-1)
