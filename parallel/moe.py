@@ -43,17 +43,15 @@ def expert_mlp(x, w_gate, w_up, w_down):
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
-def _expert_mlp_backward(x, w_gate, w_up, w_down, grad_y):
-    """Gradients of `expert_mlp` w.r.t. (x, w_gate, w_up, w_down), recomputing
-    the hidden activations instead of keeping them from forward."""
-    hg, hu = x @ w_gate, x @ w_up
-    sig = torch.sigmoid(hg)
-    act = hg * sig
+def _expert_mlp_backward(x, hg, hu, w_gate, w_up, w_down, grad_y):
+    """Gradients of `expert_mlp` w.r.t. (x, w_gate, w_up, w_down), given the
+    forward's pre-activations ``hg = x @ w_gate`` and ``hu = x @ w_up``."""
+    act = F.silu(hg)
     grad_h = grad_y @ w_down.T
     grad_down = (act * hu).T @ grad_y
     grad_hu = grad_h * act
-    grad_hg = grad_h * hu * (sig * (1 + hg * (1 - sig)))
-    grad_x = grad_hg @ w_gate.T + grad_hu @ w_up.T
+    grad_hg = torch.ops.aten.silu_backward(grad_h * hu, hg)
+    grad_x = torch.addmm(grad_hg @ w_gate.T, grad_hu, w_up.T)
     return grad_x, x.T @ grad_hg, x.T @ grad_hu, grad_down
 
 
@@ -115,19 +113,24 @@ class _ExpertParallel(torch.autograd.Function):
         experts, order, sizes = _compute_order(route, x_send.device)
         xs = x_recv.index_select(0, order)
         ys = torch.empty_like(xs)
+        hidden = w_gate.shape[-1]
+        hg, hu = xs.new_empty((xs.shape[0], hidden)), xs.new_empty((xs.shape[0], hidden))
         for e, lo, hi in _pieces(experts, sizes, route.experts_per_rank):
-            ys[lo:hi] = expert_mlp(xs[lo:hi], *_weights_of(e, route, own, borrowed))
+            wg, wu, wd = _weights_of(e, route, own, borrowed)
+            torch.matmul(xs[lo:hi], wg, out=hg[lo:hi])
+            torch.matmul(xs[lo:hi], wu, out=hu[lo:hi])
+            ys[lo:hi] = (F.silu(hg[lo:hi]) * hu[lo:hi]) @ wd
         ctx.route, ctx.group, ctx.ranks, ctx.experts = route, group, ranks, (experts, sizes)
         # Always save tensors (even empty ones), so activation checkpointing
         # recomputes this node's messages on every rank alike.
-        ctx.save_for_backward(xs, order, w_gate, w_up, w_down, *borrowed)
+        ctx.save_for_backward(xs, hg, hu, order, w_gate, w_up, w_down, *borrowed)
         y_recv = torch.empty_like(x_recv).index_copy_(0, order, ys)
         return _all_to_all(y_recv, route.recv_splits, route.send_splits, group, route.world)
 
     @staticmethod
     def backward(ctx, grad_send):
         route, group, ranks = ctx.route, ctx.group, ctx.ranks
-        xs, order, w_gate, w_up, w_down, *borrowed = ctx.saved_tensors
+        xs, hg, hu, order, w_gate, w_up, w_down, *borrowed = ctx.saved_tensors
         own = (w_gate, w_up, w_down)
         grad_recv = _all_to_all(grad_send.contiguous(), route.send_splits, route.recv_splits,
                                 group, route.world)
@@ -136,8 +139,8 @@ class _ExpertParallel(torch.autograd.Function):
         grad_own = [torch.zeros_like(w) for w in own]
         grad_borrowed = [torch.zeros_like(b) for b in borrowed]
         for e, lo, hi in _pieces(*ctx.experts, route.experts_per_rank):
-            grad_xs[lo:hi], *gw = _expert_mlp_backward(xs[lo:hi], *_weights_of(e, route, own, borrowed),
-                                                       gs[lo:hi])
+            grad_xs[lo:hi], *gw = _expert_mlp_backward(xs[lo:hi], hg[lo:hi], hu[lo:hi],
+                                                       *_weights_of(e, route, own, borrowed), gs[lo:hi])
             if route.owns(e):
                 for acc, g in zip(grad_own, gw):
                     acc[route.local_index(e)] += g
@@ -154,8 +157,8 @@ _MIN_PIECE = 256
 
 def _pieces(experts, sizes, experts_per_rank):
     """(expert, lo, hi) row ranges of the expert-ordered rows, each expert cut
-    into pieces of at most (rows / experts_per_rank), so the hidden activations
-    in flight stay as small under skew (one expert holding every row) as when
+    into pieces of at most (rows / experts_per_rank), so the temporaries in
+    flight stay as small under skew (one expert holding every row) as when
     balanced."""
     limit = max(_MIN_PIECE, -(-sum(sizes) // experts_per_rank))
     lo = 0
