@@ -195,6 +195,10 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                             f"their product is the number of workers")
         if world % p.ep:
             problems.append(f"--ep={p.ep} must divide the world size dp*sp={world}")
+        elif p.ep > 1 and cfg.model.moe == "none":
+            problems.append(f"--ep={p.ep} needs MoE layers: add --moe standard or --moe llep")
+        elif cfg.model.moe != "none" and cfg.model.num_experts % p.ep:
+            problems.append(f"--num-experts={cfg.model.num_experts} must divide by --ep={p.ep}")
         if t.batch_size % p.dp:
             problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
         if p.sp > 1 and t.seq_len % (2 * p.sp):

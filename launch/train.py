@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import GradientSync, SyntheticData, Transformer, next_token_loss
+from loom.parallel import (ExpertParallelGradientSync, SyntheticData, Transformer, moe_aux_loss,
+                           next_token_loss)
 
 from .config import JobConfig
 
@@ -19,9 +20,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: JobConfig, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: JobConfig, device: torch.device, moe_group=None) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    return Transformer(cfg.model).to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    return Transformer(cfg.model, moe_group).to(device=device, dtype=getattr(torch, cfg.train.dtype))
 
 
 def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
@@ -41,9 +42,11 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     world = dist.get_world_size()
     mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep)
     device = resolve_device(cfg.job.device)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, mesh.ep_group)
     opt, sched = build_optimizer(cfg, model)
-    grads = GradientSync(model.parameters(), None, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
+    # dense gradients averaged over all ranks, expert gradients over the edp group
+    grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
+                                       bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
     data = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed)
     local_batch = cfg.train.batch_size // cfg.parallel.dp
     first = mesh.dp_rank * local_batch
@@ -54,12 +57,12 @@ def train(cfg: JobConfig, reporter=None) -> dict:
         t0 = time.monotonic()
         comms.set_step(step)
         inputs, targets = data.batch(step, range(first, first + local_batch))
-        loss = next_token_loss(model(inputs.to(device)), targets.to(device))
+        loss = next_token_loss(model(inputs.to(device)), targets.to(device)) + moe_aux_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grads.sync()
         if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            grads.clip_grad_norm_(cfg.train.grad_clip)
         opt.step()
         sched.step()
         # the mean over every rank's equal share of the global batch

@@ -1,10 +1,14 @@
 """loom.parallel: how the model's work is split across ranks."""
 from .data import SyntheticData
 from .data_parallel import GradientSync
+from .expert_sync import ExpertParallelGradientSync, expert_parameters, moe_aux_loss
 from .linear_attention import linear_attention, local_linear_attention
+from .llep import LLEPConfig, LLEPPlan, llep_plan
 from .model import (LinearAttention, ModelConfig, Transformer, enable_sequence_parallel, local_attention,
                     next_token_loss)
+from .moe import MoE
 
-__all__ = ["GradientSync", "LinearAttention", "ModelConfig", "SyntheticData", "Transformer",
-           "enable_sequence_parallel", "linear_attention", "local_attention", "local_linear_attention",
+__all__ = ["ExpertParallelGradientSync", "GradientSync", "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
+           "ModelConfig", "SyntheticData", "Transformer", "enable_sequence_parallel", "expert_parameters",
+           "linear_attention", "llep_plan", "local_attention", "local_linear_attention", "moe_aux_loss",
            "next_token_loss"]

@@ -22,6 +22,8 @@ from loom import comms
 from loom.comms.scan import METHODS as SCAN_METHODS
 
 from .linear_attention import linear_attention, local_linear_attention
+from .llep import LLEPConfig
+from .moe import MoE
 
 LAYER_KINDS = ("softmax", "linear")
 
@@ -37,6 +39,15 @@ class ModelConfig:
     kv_heads: int | None = field(default=None, metadata={"help": "key/value heads (GQA; default: heads)"})
     ffn_hidden: int | None = field(default=None, metadata={"help": "feed-forward width (default: 4 * dim)"})
     rope_base: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
+    moe: str = field(default="none", metadata={
+        "help": "feed-forward layers: none (dense), or mixture of experts with the standard or llep dispatcher"})
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE layer (divides by --ep)"})
+    top_k: int = field(default=2, metadata={"help": "experts per token in MoE layers"})
+    moe_aux_coef: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
+    llep_lam: float = field(default=1.3, metadata={
+        "help": "LLEP switches on when the busiest rank has this many times the mean load"})
+    llep_min_chunk: int = field(default=1024, metadata={
+        "help": "LLEP: fewest token slots worth moving an expert's weights for"})
 
     def __post_init__(self):
         self.layers = _normalise_layers(self.layers)
@@ -49,6 +60,11 @@ class ModelConfig:
             raise ValueError(f"heads={self.heads} must divide by kv_heads={self.kv_heads}")
         if (self.dim // self.heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.heads} must be even for rotary embeddings")
+        if self.moe not in ("none", "standard", "llep"):
+            raise ValueError(f"moe={self.moe!r} must be none, standard or llep")
+        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"need 1 <= top_k={self.top_k} <= num_experts={self.num_experts}")
+        LLEPConfig(lam=self.llep_lam, min_chunk=self.llep_min_chunk)  # validates them
 
     @property
     def head_dim(self) -> int:
@@ -163,12 +179,21 @@ class FeedForward(nn.Module):
         return self.w_out(F.gelu(self.w_in(x)))
 
 
+def feed_forward(cfg: ModelConfig, moe_group=None) -> nn.Module:
+    """A dense feed-forward, or an MoE layer expert-parallel over ``moe_group``."""
+    if cfg.moe == "none":
+        return FeedForward(cfg)
+    return MoE(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.num_experts, cfg.top_k, group=moe_group,
+               dispatcher=cfg.moe, llep=LLEPConfig(lam=cfg.llep_lam, min_chunk=cfg.llep_min_chunk),
+               aux_loss_coef=cfg.moe_aux_coef)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str = "softmax"):
+    def __init__(self, cfg: ModelConfig, kind: str = "softmax", moe_group=None):
         super().__init__()
         self.attn_norm, self.ffn_norm = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
         self.attn = LinearAttention(cfg) if kind == "linear" else Attention(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = feed_forward(cfg, moe_group)
 
     def forward(self, x, positions):
         x = x + self.attn(self.attn_norm(x), positions)
@@ -176,11 +201,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe_group=None):
+        """``moe_group``: the EP group of MoE feed-forwards (None: every expert here)."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
+        self.blocks = nn.ModuleList(Block(cfg, kind, moe_group) for kind in cfg.layer_kinds)
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)

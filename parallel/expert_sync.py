@@ -1,0 +1,72 @@
+"""Gradient synchronisation for a model with expert-parallel MoE layers.
+
+Every rank computes the loss of its own data-parallel slice.  Dense
+parameters are replicated everywhere, so their gradients are averaged over
+all ranks.  An expert lives on one rank of each EP group and its gradient there
+already sums the contributions of every rank of that group (the dispatch sends
+them home), so it is summed over the expert-data-parallel group (the ranks that
+hold the same experts) and divided by the world size: both then equal the
+gradient of the mean loss over all ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loom import comms
+
+from .data_parallel import GradientSync
+from .moe import MoE
+
+
+def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The expert weights of every MoE layer in ``model``."""
+    return [p for m in model.modules() if isinstance(m, MoE) for p in m.expert_parameters()]
+
+
+def moe_aux_loss(model: torch.nn.Module):
+    """The sum of the load-balancing losses of the last forward (0 without MoE)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    return sum(losses) if losses else 0.0
+
+
+class ExpertParallelGradientSync:
+    """Dense gradients averaged over ``group``; expert gradients summed over
+    ``edp_group`` and divided by the size of ``group``."""
+
+    def __init__(self, model: torch.nn.Module, group=None, *, ep_group=None, edp_group=None,
+                 bucket_bytes: int = 25 * 2**20):
+        experts = {id(p) for p in expert_parameters(model)}
+        self.expert = [p for p in model.parameters() if id(p) in experts and p.requires_grad]
+        self.dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
+        self.world = len(comms.group_ranks(group))
+        self.ep_group = ep_group
+        self.dense_sync = GradientSync(self.dense, group, bucket_bytes=bucket_bytes)
+        self.expert_sync = GradientSync(self.expert, edp_group, bucket_bytes=bucket_bytes, average=False)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        self.dense_sync.sync()
+        self.expert_sync.sync()
+        for p in self.expert:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.div_(self.world)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip by the norm of the whole model's gradient (dense counted once,
+        every expert of the EP group once); returns that norm.  Call after `sync`."""
+        dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in self.dense if p.grad is not None)
+        expert_sq = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in self.expert
+                                      if p.grad is not None)], dtype=torch.float64)
+        if self.ep_group is not None and len(comms.group_ranks(self.ep_group)) > 1:
+            comms.all_reduce(expert_sq, "sum", self.ep_group)
+        norm = math.sqrt(dense_sq + float(expert_sq))
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1:
+            for p in self.dense + self.expert:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
