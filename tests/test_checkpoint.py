@@ -368,3 +368,35 @@ def test_every_chunk_has_one_owner_and_replicas_share_the_work():
     assert {(t.src, t.box) for t in transfers if t.chunk == (0,)} == {(0, ((0,), (1,)))}
     with pytest.raises(ValueError, match="overlap"):
         layout.check_fragments("k", (10,), [(0, ((0,), (6,))), (1, ((5,), (10,)))])
+
+
+# --------------------------------------------------------------------- CLI
+
+def test_loom_ckpt_cli(tmp_path, capsys):
+    from loom.launch.cli import main
+    url = str(tmp_path)
+    ckpt.save({"model": {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}, "epoch": 2,
+               "rng": ckpt.PerRank(5)}, url, step=1, mesh={"dp": 1})
+    ckpt.save({"model": {"w": torch.ones(4, 3, dtype=torch.bfloat16)}, "epoch": 3,
+               "rng": ckpt.PerRank(6)}, url, step=2)
+    os.remove(tmp_path / step_name(2) / MARKER)
+    ckpt.save({"model": {"w": torch.ones(4, 3, dtype=torch.bfloat16)}, "epoch": 4,
+               "rng": ckpt.PerRank(7)}, url, step=3)
+    assert main(["ckpt", "ls", url]) == 0
+    out = capsys.readouterr().out
+    assert "torn or in progress" in out and "<- latest" in out.splitlines()[-1]
+    assert main(["ckpt", "inspect", url, "--step", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh: dp=1" in out and "model/w  4x3    bfloat16  replicated" in out
+    assert "per rank: [5]" in out and "epoch" in out
+    assert main(["ckpt", "verify", url, "--all"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["step 1: ok", "step 3: ok"]
+    _flip_byte(_chunk_file(tmp_path, 3, "model/w", "0.0"), 3)
+    assert main(["ckpt", "verify", url]) == 1
+    assert "array 'model/w' chunk 0.0" in capsys.readouterr().out
+    assert main(["ckpt", "gc", url, "--keep-last", "1", "--dry-run"]) == 0
+    assert "would remove uncommitted steps [2]; would remove committed steps [1]" in capsys.readouterr().out
+    assert main(["ckpt", "gc", url]) == 0
+    assert CheckpointStore(url).steps() == [1, 3]
+    assert main(["ckpt", "inspect", str(tmp_path / "none")]) == 1
+    assert "no committed checkpoint" in capsys.readouterr().err
