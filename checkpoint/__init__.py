@@ -8,14 +8,14 @@ Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
 """
 from .layout import TARGET_CHUNK_BYTES
-from .load import CheckpointInfo, MissingKeysError, load, verify
+from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError
 from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
 
 __all__ = [
-    "CheckpointInfo", "CheckpointStore", "ChecksumError", "Flat", "MissingKeysError", "PerRank",
-    "SavePlan", "Shard", "TARGET_CHUNK_BYTES", "commit", "exchange_parts", "gc", "load",
-    "plan_save", "retained", "save", "verify", "write_chunks",
+    "CheckpointInfo", "CheckpointStore", "ChecksumError", "Flat", "MissingKeysError",
+    "NoCheckpointError", "PerRank", "SavePlan", "Shard", "TARGET_CHUNK_BYTES", "commit",
+    "exchange_parts", "gc", "load", "plan_save", "retained", "save", "verify", "write_chunks",
 ]

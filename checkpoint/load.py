@@ -33,6 +33,10 @@ class MissingKeysError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NoCheckpointError(FileNotFoundError):
+    """There is no committed step at the URL (``step=None``)."""
+
+
 @dataclass
 class CheckpointInfo:
     step: int
@@ -193,7 +197,7 @@ def _candidates(store: CheckpointStore, step, fallback: bool) -> list[int]:
     committed = store.committed_steps()
     if step is None:
         if not committed:
-            raise FileNotFoundError(f"no committed checkpoint at {store.url}")
+            raise NoCheckpointError(f"no committed checkpoint at {store.url}")
         newest = store.latest()
         return [s for s in reversed(committed) if s <= newest] if fallback else [newest]
     check_step(step)
@@ -215,7 +219,7 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
             candidates = _candidates(store, step, fallback)
         except Exception as exc:  # noqa: BLE001
             error = exc
-    candidates = agree(g, error, candidates)[0]
+    candidates = agree(g, error, candidates, custom={"NoCheckpointError": NoCheckpointError})[0]
     skipped: list = []
     touched: set = set()
     custom = {"ChecksumError": ChecksumError, "MissingKeysError": MissingKeysError}
