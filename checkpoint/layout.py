@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 Box = tuple  # (lo: tuple[int, ...], hi: tuple[int, ...])
 
-TARGET_CHUNK_BYTES = 32 << 20
+# Chunks stay below 32 MiB: glibc serves smaller buffers from reused heap
+# memory, larger ones from fresh mmaps that page-fault on every use.
+TARGET_CHUNK_BYTES = 16 << 20
 # An aligned grid finer than this many chunks per fragment (beyond what the
 # size target asks for) means the boundaries share no useful divisor.
 _MAX_EXTRA_CHUNKS = 64

@@ -264,6 +264,11 @@ def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_pa
     problems = ckpt.verify(str(tmp_path), 20)
     assert len(problems) == 1 and "array 'w' chunk 0.0" in problems[0]
     assert ckpt.verify(str(tmp_path), 10) == []
+    # a truncated or deleted chunk object is damage too
+    os.truncate(_chunk_file(tmp_path, 10, "w", "0.0"), 10)
+    os.remove(_chunk_file(tmp_path, 10, "b", "0"))
+    problems = ckpt.verify(str(tmp_path), 10)
+    assert len(problems) == 2 and all("missing or truncated" in p for p in problems)
 
 
 def test_fallback_refuses_keys_a_rejected_step_overwrote(tmp_path):

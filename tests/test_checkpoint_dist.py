@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from loom import checkpoint as ckpt
-from loom.checkpoint import layout
+from loom.checkpoint import layout, zarr_io
 from loom.checkpoint.manifest import MARKER
 from loom.checkpoint.store import CheckpointStore, data_prefix
 
@@ -142,18 +142,22 @@ def _recording(fn):
             log["get"].append(key)
             return await super().get(key, prototype, byte_range)
 
-    real_zarr, real_put = CheckpointStore.zarr_store, CheckpointStore.put
+    real_zarr, real_put, real_raw = CheckpointStore.zarr_store, CheckpointStore.put, zarr_io.read_raw
 
     def put(self, rel, data):
         log["set"].append(rel)
         real_put(self, rel, data)
 
+    def read_raw(store, key, dest):  # whole chunks are read straight from the chunk object
+        log["get"].append(key)
+        return real_raw(store, key, dest)
+
     CheckpointStore.zarr_store = property(lambda self: Recording(real_zarr.fget(self)))
-    CheckpointStore.put = put
+    CheckpointStore.put, zarr_io.read_raw = put, read_raw
     try:
         result = fn()
     finally:
-        CheckpointStore.zarr_store, CheckpointStore.put = real_zarr, real_put
+        CheckpointStore.zarr_store, CheckpointStore.put, zarr_io.read_raw = real_zarr, real_put, real_raw
     return result, log
 
 
