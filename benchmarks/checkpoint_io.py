@@ -11,11 +11,12 @@ with a comparable number of saved bytes (module + fp32 master + Adam moments).
 Every method writes into the page cache (no fsync: DCP runs with
 ``sync_files=False`` to match; ``--sync`` adds ``os.sync()`` inside every
 timed save) and reads what was just written, so the numbers measure the
-software path to and from the OS.  Each measurement is the best of
-``--repeats``.  Data lives under a temporary directory on /work's disk,
-removed at the end.
+software path to and from the OS.  Rounds of all methods alternate (so drift
+on a shared machine hits them alike); each number is the best of
+``--repeats`` rounds.  Data lives under a temporary directory on /work's
+disk, removed at the end.
 
-    python benchmarks/checkpoint_io.py [--size-gb 1.0] [--repeats 2] [--sync] [--no-write]
+    python benchmarks/checkpoint_io.py [--size-gb 1.0] [--repeats 3] [--sync] [--no-write]
 """
 from __future__ import annotations
 
@@ -49,24 +50,13 @@ def _shape(size_gb: float) -> tuple[int, int]:
 
 def _clock(fn, sync: bool = False) -> float:
     """Wall time of ``fn`` on every rank, between barriers (so: the slowest rank)."""
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     t0 = time.perf_counter()
     fn()
     if sync:
         os.sync()
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     return time.perf_counter() - t0
-
-
-def _best(fn, repeats: int, before=None, sync=False) -> float:
-    times = []
-    for i in range(repeats):
-        if before is not None:
-            before(i)
-        times.append(_clock(lambda: fn(i), sync))
-    return min(times)
 
 
 def _fresh(path: str) -> None:
@@ -76,90 +66,100 @@ def _fresh(path: str) -> None:
     dist.barrier()
 
 
+class _Methods:
+    """Each method saves, loads (and reshards) one round; rounds of all
+    methods alternate so that drift on a shared machine hits them alike."""
+
+    def __init__(self, root, local, rows, cols, sync):
+        from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+        self.root, self.local, self.rows, self.cols, self.sync = root, local, rows, cols, sync
+        self.rank = dist.get_rank()
+        self.local_rows = rows // WORLD
+        self.half = cols // WORLD
+        self.targets = {k: torch.empty_like(t) for k, t in local.items()}
+        self.columns = {k: torch.empty(rows, self.half) for k in local}
+        self.mesh = init_device_mesh("cpu", (WORLD,))
+        self.DTensor, self.DShard = DTensor, Shard
+
+    def check(self):
+        assert all(torch.equal(self.targets[k], self.local[k]) for k in self.local), "loaded values differ"
+        for t in self.targets.values():
+            t.zero_()
+
+    def round(self, name: str) -> dict:
+        d = os.path.join(self.root, name)
+        _fresh(d)
+        save, load, reshard = getattr(self, name)(d)
+        out = {"save": _clock(save, self.sync), "load": _clock(load)}
+        self.check()
+        if reshard is not None:
+            out["reshard_2to2"] = _clock(reshard)
+            _check_columns(self.columns, self.rank, self.half, self.local_rows)
+        return out
+
+    def plain(self, d):
+        path = os.path.join(d, f"rank{self.rank}.bin")
+
+        def save():
+            with open(path, "wb") as fh:
+                for t in self.local.values():
+                    fh.write(t.numpy().data)
+
+        def load():
+            with open(path, "rb") as fh:
+                for t in self.targets.values():
+                    fh.readinto(t.numpy().data.cast("B"))
+        return save, load, None
+
+    def torch_save(self, d):
+        path = os.path.join(d, f"rank{self.rank}.pt")
+
+        def load():
+            sd = torch.load(path, weights_only=True)
+            for k, t in self.targets.items():
+                t.copy_(sd[k])
+        return (lambda: torch.save(self.local, path)), load, None
+
+    def loom(self, d):
+        shape, lo = (self.rows, self.cols), self.rank * self.local_rows
+        state = {"model": {k: ckpt.Shard(t, shape, (lo, 0)) for k, t in self.local.items()}}
+        target = {"model": {k: ckpt.Shard(t, shape, (lo, 0)) for k, t in self.targets.items()}}
+        cols = {"model": {k: ckpt.Shard(t, shape, (0, self.rank * self.half)) for k, t in self.columns.items()}}
+        return (lambda: ckpt.save(state, d, step=1)), (lambda: ckpt.load(target, d)), (lambda: ckpt.load(cols, d))
+
+    def dcp(self, d):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+        def dt(tensors, dim):
+            return {k: self.DTensor.from_local(t, self.mesh, [self.DShard(dim)]) for k, t in tensors.items()}
+        state, target, cols = dt(self.local, 0), dt(self.targets, 0), dt(self.columns, 1)
+        return (lambda: dcp.save(state, storage_writer=FileSystemWriter(d, sync_files=False)),
+                lambda: dcp.load(target, storage_reader=FileSystemReader(d)),
+                lambda: dcp.load(cols, storage_reader=FileSystemReader(d)))
+
+
+METHODS = ("plain", "torch_save", "loom", "dcp")
+
+
 def _worker(root: str, size_gb: float, repeats: int, sync: bool, deepspeed: bool) -> dict:
     rank = dist.get_rank()
     rows, cols = _shape(size_gb)
-    local_rows = rows // WORLD
     g = torch.Generator().manual_seed(rank)
-    local = {f"t{i}": torch.rand(local_rows, cols, generator=g) for i in range(N_TENSORS)}
+    local = {f"t{i}": torch.rand(rows // WORLD, cols, generator=g) for i in range(N_TENSORS)}
     nbytes = sum(t.numel() * t.element_size() for t in local.values()) * WORLD
-    targets = {k: torch.empty_like(t) for k, t in local.items()}
-    out = {"bytes": nbytes, "rows": rows, "cols": cols}
-
-    def check():
-        assert all(torch.equal(targets[k], local[k]) for k in local), "loaded values differ"
-        for t in targets.values():
-            t.zero_()
-
-    # ---- the limit: one sequential file per rank
-    plain = os.path.join(root, "plain")
-
-    def plain_write(i):
-        with open(os.path.join(plain, f"rank{rank}.bin"), "wb") as fh:
-            for t in local.values():
-                fh.write(t.numpy().data)
-
-    def plain_read(i):
-        with open(os.path.join(plain, f"rank{rank}.bin"), "rb") as fh:
-            for t in targets.values():
-                fh.readinto(t.numpy().data.cast("B"))
-
-    out["plain"] = {"save": _best(plain_write, repeats, lambda i: _fresh(plain), sync)}
-    out["plain"]["load"] = _best(plain_read, repeats)
-    check()
-    _fresh(plain)
-
-    # ---- torch.save / torch.load, one file per rank
-    tdir = os.path.join(root, "torch")
-    tpath = os.path.join(tdir, f"rank{rank}.pt")
-
-    def torch_load(i):
-        sd = torch.load(tpath, weights_only=True)
-        for k, t in targets.items():
-            t.copy_(sd[k])
-
-    out["torch.save"] = {"save": _best(lambda i: torch.save(local, tpath), repeats, lambda i: _fresh(tdir), sync)}
-    out["torch.save"]["load"] = _best(torch_load, repeats)
-    check()
-    _fresh(tdir)
-
-    # ---- loom: row shards; reload as rows, as columns (2 -> 2 reshard)
-    ldir = os.path.join(root, "loom")
-    lstate = {"model": {k: ckpt.Shard(t, (rows, cols), (rank * local_rows, 0)) for k, t in local.items()}}
-    out["loom"] = {"save": _best(lambda i: ckpt.save(lstate, ldir, step=i), repeats,
-                                 lambda i: _fresh(ldir) if i == 0 else None, sync)}
-    ltarget = {"model": {k: ckpt.Shard(t, (rows, cols), (rank * local_rows, 0)) for k, t in targets.items()}}
-    out["loom"]["load"] = _best(lambda i: ckpt.load(ltarget, ldir), repeats)
-    check()
-    half = cols // WORLD
-    columns = {k: torch.empty(rows, half) for k in local}
-    ctarget = {"model": {k: ckpt.Shard(t, (rows, cols), (0, rank * half)) for k, t in columns.items()}}
-    out["loom"]["reshard_2to2"] = _best(lambda i: ckpt.load(ctarget, ldir), repeats)
-    _check_columns(columns, rank, half, local_rows)
-    del columns, ctarget
-    gc.collect()
-
-    # ---- PyTorch DCP with DTensor row shards; reload as rows and as columns
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
-    mesh = init_device_mesh("cpu", (WORLD,))
-    ddir = os.path.join(root, "dcp")
-    dstate = {k: DTensor.from_local(t, mesh, [Shard(0)]) for k, t in local.items()}
-    out["dcp"] = {"save": _best(lambda i: dcp.save(dstate, storage_writer=FileSystemWriter(ddir, sync_files=False)),
-                                repeats, lambda i: _fresh(ddir), sync)}
-    dtarget = {k: DTensor.from_local(t, mesh, [Shard(0)]) for k, t in targets.items()}
-    out["dcp"]["load"] = _best(lambda i: dcp.load(dtarget, storage_reader=FileSystemReader(ddir)), repeats)
-    check()
-    columns = {k: torch.empty(rows, half) for k in local}
-    ctarget = {k: DTensor.from_local(t, mesh, [Shard(1)]) for k, t in columns.items()}
-    out["dcp"]["reshard_2to2"] = _best(lambda i: dcp.load(ctarget, storage_reader=FileSystemReader(ddir)), repeats)
-    _check_columns(columns, rank, half, local_rows)
-    del columns, ctarget, dstate, dtarget
-    gc.collect()
-
+    methods = _Methods(root, local, rows, cols, sync)
+    best: dict = {}
+    for r in range(repeats):
+        for name in METHODS:
+            for k, v in methods.round(name).items():
+                best.setdefault(name, {})[k] = min(v, best.get(name, {}).get(k, float("inf")))
+            if name in ("plain", "torch_save") or r < repeats - 1:
+                _fresh(os.path.join(root, name))  # loom's and DCP's last round stay for 2 -> 1
+            gc.collect()
+    out = {"bytes": nbytes, "rows": rows, "cols": cols, **best}
     if deepspeed:
-        del local, targets, lstate, ltarget
+        del methods, local
         gc.collect()
         out["deepspeed"] = _deepspeed(root, size_gb, repeats, sync)
     return out
@@ -189,11 +189,14 @@ def _deepspeed(root: str, size_gb: float, repeats: int, sync: bool) -> dict:
         engine.backward(engine(torch.randn(1, width)).sum())
         engine.step()  # the optimizer state exists
         ddir = os.path.join(root, "deepspeed")
-        save = _best(lambda i: engine.save_checkpoint(ddir, tag=f"s{i}"), repeats, lambda i: _fresh(ddir), sync)
-        load = _best(lambda i: engine.load_checkpoint(ddir, tag=f"s{repeats - 1}"), repeats)
+        save = load = float("inf")
+        for _ in range(repeats):
+            _fresh(ddir)
+            save = min(save, _clock(lambda: engine.save_checkpoint(ddir, tag="s"), sync))
+            load = min(load, _clock(lambda: engine.load_checkpoint(ddir, tag="s")))
         nbytes = 0
         if dist.get_rank() == 0:
-            for dirpath, _, files in os.walk(os.path.join(ddir, f"s{repeats - 1}")):
+            for dirpath, _, files in os.walk(os.path.join(ddir, "s")):
                 nbytes += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
         t = torch.tensor([nbytes], dtype=torch.int64)
         dist.broadcast(t, 0)
@@ -240,7 +243,7 @@ def _check_full(full):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="global state size in GiB (default 1)")
-    ap.add_argument("--repeats", type=int, default=2, help="best of N per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="best of N alternating rounds")
     ap.add_argument("--sync", action="store_true", help="os.sync() inside every timed save")
     ap.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed")
     ap.add_argument("--dir", default="/work", help="where the temporary data goes (default /work)")
@@ -264,7 +267,7 @@ def main(argv=None):
     gb = res["bytes"] / 1e9
     rows = []
     plain = res["plain"]
-    for name, label in (("plain", "plain sequential write/read (the limit)"), ("torch.save", "torch.save / torch.load per rank"),
+    for name, label in (("plain", "plain sequential write/read (the limit)"), ("torch_save", "torch.save / torch.load per rank"),
                         ("loom", "loom.checkpoint"), ("dcp", "PyTorch DCP (DTensor shards)"),
                         ("deepspeed", "DeepSpeed ZeRO-2 save/load_checkpoint")):
         r = res.get(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from .state import decode_value, digest, dumps, encode_value, flatten
 from .store import CheckpointStore, check_step, data_prefix
 from .zarr_io import open_array
 
-IO_THREADS = 4
+# Chunk writes/reads in flight per rank: enough to overlap I/O with the
+# checksum and hide store latency, without oversubscribing small machines.
+IO_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
 @dataclass
@@ -108,22 +111,33 @@ def _describe(leaves, g: Group) -> list[dict]:
 def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
               target_chunk_bytes: int = layout.TARGET_CHUNK_BYTES) -> SavePlan:
     """Collective: check ``state`` on every rank, gather the fragments, and
-    decide the chunk grid and the writer of every chunk.  Rank 0 also clears
-    a previous (committed or torn) save of the same step."""
+    decide the chunk grid and the writer of every chunk.  A previous
+    (committed or torn) save of the same step is removed once every rank
+    has agreed to save."""
     g = resolve(group)
     store = CheckpointStore(url)
-    error, described, leaves, mesh_desc = None, None, [], None
+    error, described, leaves, mesh_desc, replacing = None, None, [], None, False
     try:
         check_step(step)
         mesh_desc = _mesh_description(mesh)
         leaves = flatten(state)
         described = _describe(leaves, g)
-        if g.rank == 0:
-            store.begin(step)
+        replacing = g.rank == 0 and step in store.steps()
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
-    everyone = agree(g, error, described)
-    plan = _build_plan(everyone, store, step, g, mesh_desc, target_chunk_bytes)
+    payloads = agree(g, error, {"described": described, "replacing": replacing})
+    # the same on every rank, so its checks raise everywhere alike
+    plan = _build_plan([p["described"] for p in payloads], store, step, g, mesh_desc, target_chunk_bytes)
+    if payloads[0]["replacing"]:
+        # an earlier (committed or torn) save of this step goes first, marker
+        # first; nobody writes a chunk before it is gone
+        error = None
+        if g.rank == 0:
+            try:
+                store.begin(step)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        agree(g, error)
     for leaf in leaves:
         if leaf.tensor is not None:
             plan.tensors[leaf.key] = leaf.tensor
