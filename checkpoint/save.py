@@ -262,7 +262,6 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
     them).  Returns {key: {chunk name: crc32c}} for `commit`."""
     parts = parts or {}
     me, store, prefix = plan.group.rank, plan.store, data_prefix(plan.step)
-    _write_metadata(plan, me)
     views = {}
     tasks = []
     for key, index in plan.my_chunks():
@@ -282,6 +281,9 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
               for key in {t[0] for t in tasks}}
 
     def write(task):
+        if len(task) == 2:  # a metadata document
+            store.put(*task)
+            return None
         key, index, cbox, data = task
         data = contiguous(data)
         arrays[key][tuple(slice(l, h) for l, h in zip(*cbox))] = data
@@ -289,8 +291,10 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
 
     sums: dict = {}
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for key, name, crc in pool.map(write, tasks):
-            sums.setdefault(key, {})[name] = crc
+        for done in pool.map(write, _metadata_documents(plan, me) + tasks):
+            if done is not None:
+                key, name, crc = done
+                sums.setdefault(key, {})[name] = crc
     return sums
 
 
@@ -301,17 +305,19 @@ def _array_document(key: str, entry: dict) -> dict:
                          getattr(torch, entry["storage_dtype"]), attrs)
 
 
-def _write_metadata(plan: SavePlan, me: int) -> None:
+def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
+    """The zarr.json documents this rank writes: the arrays it is the
+    metadata writer of, and (rank 0) every group."""
     prefix = data_prefix(plan.step)
-    for key, arr in plan.arrays.items():
-        if arr.meta_writer == me:
-            doc = _array_document(key, plan.entries[key])
-            plan.store.put(f"{prefix}/{plan.entries[key]['array']}/zarr.json", json.dumps(doc).encode())
+    docs = [(f"{prefix}/{plan.entries[key]['array']}/zarr.json",
+             json.dumps(_array_document(key, plan.entries[key])).encode())
+            for key, arr in plan.arrays.items() if arr.meta_writer == me]
     if me == 0:
         for gpath in plan.groups:
             attrs = {"loom": {"step": plan.step}} if gpath == "" else {}
             where = f"{prefix}/{gpath}/zarr.json" if gpath else f"{prefix}/zarr.json"
-            plan.store.put(where, json.dumps(group_metadata(attrs)).encode())
+            docs.append((where, json.dumps(group_metadata(attrs)).encode()))
+    return docs
 
 
 # ----------------------------------------------------------------- commit
