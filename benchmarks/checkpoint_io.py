@@ -255,6 +255,7 @@ def main(argv=None):
     if free < need:
         sys.exit(f"{args.dir} has {free:.1f} GiB free; this run needs about {need:.1f} GiB")
     root = tempfile.mkdtemp(prefix="loom-ckpt-bench-", dir=args.dir)
+    load_before = os.getloadavg()[0]
     try:
         t0 = time.perf_counter()
         res = run_distributed(_worker, WORLD, root, args.size_gb, args.repeats, args.sync,
@@ -293,6 +294,13 @@ def main(argv=None):
               f"resharded load ≤ 1.2× same-layout load (time per byte): 2→2 **{loom['reshard_2to2'] / loom['load']:.2f}×**, "
               f"2→1 **{one['loom'] / (2 * loom['load']):.2f}×** (one process reads both ranks' bytes, so its "
               f"time is compared with twice the 2-rank time).")
+    from loom.checkpoint.save import IO_THREADS
+    notes = (f"loom writes and reads with {IO_THREADS} I/O threads per rank, the plain row with one, "
+             f"torch.save with one, DCP with its default (one). The 2→2 reshard loads column shards "
+             f"from row chunks, so every rank reads every chunk (twice the bytes it keeps) for loom "
+             f"and DCP alike. Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
+             f"the run on {os.cpu_count()} cores: the machine was shared with other jobs, so treat "
+             f"the ratios as indicative; the lead re-runs on a quiet machine.")
     print(table)
     print("\n" + checks)
     print(f"\n({elapsed:.0f} s)")
@@ -305,9 +313,7 @@ def main(argv=None):
                 f"file per rank. Reshards: 2→2 loads column shards from row shards; 2→1 is one "
                 f"process without a process group reading whole tensors. DeepSpeed's row saves its own "
                 f"bytes (module + fp32 master + Adam moments of a ZeRO-2 model of similar size).\n\n"
-                + table + "\n\n" + checks +
-                "\n\nThe machine was shared with other jobs while this ran (2 cores): treat ratios as "
-                "indicative; the lead re-runs on a quiet machine.")
+                + table + "\n\n" + checks + "\n\n" + notes)
         cmd = "python benchmarks/checkpoint_io.py " + " ".join(argv if argv is not None else sys.argv[1:])
         update_results("checkpoint_io", "Checkpoint I/O (loom vs torch.save vs DCP vs DeepSpeed)", cmd.strip(), body)
 
