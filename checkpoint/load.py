@@ -20,9 +20,9 @@ import torch
 
 from . import layout, zarr_io
 from .collective import agree, resolve
-from .manifest import ChecksumError, as_numpy, checksum, contiguous, from_numpy, torch_dtype
-from .save import IO_THREADS, _array_document
-from .state import PerRank, build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
+from .manifest import ChecksumError, array_document, as_numpy, checksum, contiguous, from_numpy, torch_dtype
+from .save import IO_THREADS
+from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
 from .store import CheckpointStore, check_step, data_prefix
 from .zarr_io import open_array, read_box
 
@@ -66,7 +66,7 @@ class ChunkReader:
         if key not in self._arrays:
             entry = self.manifest["tensors"][key]
             self._arrays[key] = open_array(self.store, f"{self.prefix}/{entry['array']}",
-                                           _array_document(key, entry))
+                                           array_document(key, entry))
         return self._arrays[key]
 
     def request(self, key: str, box, out: np.ndarray) -> None:

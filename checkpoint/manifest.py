@@ -107,6 +107,14 @@ def zarr_metadata(storage_shape, chunks, sdtype: torch.dtype, attributes: dict) 
             "attributes": attributes, "storage_transformers": []}
 
 
+def array_document(key: str, entry: dict) -> dict:
+    """The zarr.json of a manifest tensor entry (the true dtype and logical
+    shape ride along as attributes)."""
+    attrs = {"loom": {"key": key, "dtype": entry["dtype"], "shape": entry["shape"],
+                      "placement": entry["placement"]}}
+    return zarr_metadata(entry["storage_shape"], entry["chunks"], torch_dtype(entry["storage_dtype"]), attrs)
+
+
 def group_metadata(attributes: dict | None = None) -> dict:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
 

@@ -28,9 +28,9 @@ from loom import comms
 
 from . import layout
 from .collective import Group, agree, resolve
-from .manifest import (array_path, as_numpy, checksum, contiguous, dtype_name, group_metadata, new_manifest,
-                       storage_dtype, zarr_metadata)
-from .state import decode_value, digest, dumps, encode_value, flatten
+from .manifest import (array_document, array_path, as_numpy, checksum, contiguous, dtype_name,
+                       group_metadata, new_manifest, storage_dtype)
+from .state import digest, dumps, encode_value, flatten
 from .store import CheckpointStore, check_step, data_prefix
 from .zarr_io import open_array
 
@@ -277,7 +277,7 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
             data = views[key][layout.relative(cbox, _my_box(arr, me)[0])]
         tasks.append((key, index, cbox, data))
     arrays = {key: open_array(store, f"{prefix}/{plan.entries[key]['array']}",
-                              _array_document(key, plan.entries[key]))
+                              array_document(key, plan.entries[key]))
               for key in {t[0] for t in tasks}}
 
     def write(task):
@@ -298,19 +298,12 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
     return sums
 
 
-def _array_document(key: str, entry: dict) -> dict:
-    attrs = {"loom": {"key": key, "dtype": entry["dtype"], "shape": entry["shape"],
-                      "placement": entry["placement"]}}
-    return zarr_metadata(entry["storage_shape"], entry["chunks"],
-                         getattr(torch, entry["storage_dtype"]), attrs)
-
-
 def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
     """The zarr.json documents this rank writes: the arrays it is the
     metadata writer of, and (rank 0) every group."""
     prefix = data_prefix(plan.step)
     docs = [(f"{prefix}/{plan.entries[key]['array']}/zarr.json",
-             json.dumps(_array_document(key, plan.entries[key])).encode())
+             json.dumps(array_document(key, plan.entries[key])).encode())
             for key, arr in plan.arrays.items() if arr.meta_writer == me]
     if me == 0:
         for gpath in plan.groups:
@@ -360,8 +353,3 @@ def save(state: dict, url: str, *, step: int, group=None, mesh=None) -> str:
         error = exc
     return commit(plan, sums, error)
 
-
-def decode_values(manifest: dict) -> dict:
-    """Plain values of a manifest, decoded (for tools)."""
-    return {k: decode_value(v["value"]) if "value" in v else [decode_value(x) for x in v["per_rank"]]
-            for k, v in manifest["values"].items()}

@@ -18,7 +18,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import torch
 

@@ -10,7 +10,6 @@ bytes (edge chunks cut along an inner dim) are read through zarr-python.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -65,6 +64,3 @@ def read_box(array, box, out: np.ndarray | None = None) -> np.ndarray:
         return out
     return data
 
-
-def nbytes(shape, dtype) -> int:
-    return math.prod(shape) * np.dtype(dtype).itemsize
