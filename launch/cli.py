@@ -27,6 +27,59 @@ def _train(args) -> int:
     return 0
 
 
+def _ckpt(args) -> int:
+    from loom.checkpoint import cli as ck
+    try:
+        if args.ckpt_command == "ls":
+            print(ck.ls(args.url))
+        elif args.ckpt_command == "inspect":
+            print(ck.inspect(args.url, args.step))
+        elif args.ckpt_command == "verify":
+            ok, text = ck.verify_report(args.url, args.step, args.all)
+            print(text)
+            return 0 if ok else 1
+        elif args.ckpt_command == "gc":
+            print(ck.gc_report(args.url, args.keep_last, args.keep_every, args.include_newer, args.dry_run))
+        elif args.ckpt_command == "from-deepspeed":
+            from loom.checkpoint.deepspeed_convert import from_deepspeed
+            print(f"wrote {from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step)}")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"loom ckpt {args.ckpt_command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_ckpt_parser(sub) -> None:
+    ckpt = sub.add_parser("ckpt", help="list, inspect, verify, clean and convert checkpoints",
+                          description="Checkpoints under a URL (a path, file://, memory://, s3://, ...).")
+    ck = ckpt.add_subparsers(dest="ckpt_command", metavar="SUBCOMMAND", required=True)
+    p = ck.add_parser("ls", help="every step: committed or not, world size, size, time")
+    p.add_argument("url")
+    p = ck.add_parser("inspect", help="the arrays of a step: shapes, dtypes, placements, bytes")
+    p.add_argument("url")
+    p.add_argument("--step", type=int, default=None, help="default: the latest committed step")
+    p = ck.add_parser("verify", help="read every chunk and check its checksum (exit 1 on damage)")
+    p.add_argument("url")
+    p.add_argument("--step", type=int, default=None, help="default: the latest committed step")
+    p.add_argument("--all", action="store_true", help="verify every committed step")
+    p = ck.add_parser("gc", help="delete uncommitted steps and what retention drops")
+    p.add_argument("url")
+    p.add_argument("--keep-last", type=int, default=None, help="keep the newest N committed steps")
+    p.add_argument("--keep-every", type=int, default=None,
+                   help="with --keep-last, also keep steps that are multiples of K")
+    p.add_argument("--include-newer", action="store_true",
+                   help="also delete uncommitted steps newer than the newest commit (saves in progress!)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p = ck.add_parser("from-deepspeed", help="convert a DeepSpeed ZeRO-1/2 checkpoint",
+                      description="Convert a DeepSpeed ZeRO stage 1/2 checkpoint (fp32 master weights, "
+                                  "Adam exp_avg / exp_avg_sq, step) into a loom checkpoint.")
+    p.add_argument("ds_dir", help="the DeepSpeed save_dir (with 'latest') or one tag directory")
+    p.add_argument("url")
+    p.add_argument("--tag", default=None, help="tag under DS_DIR (default: DS_DIR/latest)")
+    p.add_argument("--step", type=int, default=None, help="loom step (default: DeepSpeed's global step)")
+    ckpt.set_defaults(func=_ckpt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom", description="loom: distributed training infrastructure for PyTorch.")
@@ -38,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "flags win. Writes runs/<name>/config.toml and metrics.jsonl.")
     add_config_arguments(train)
     train.set_defaults(func=_train)
+    _add_ckpt_parser(sub)
     return parser
 
 

@@ -64,11 +64,22 @@ class TrainSection:
 
 
 @dataclass
+class CkptSection:
+    ckpt_every: int = _f(0, "save a checkpoint every N steps (0: never)")
+    ckpt_url: str = _f("", "where checkpoints go: a path or fsspec URL (file://, memory://, s3://, ...)")
+    resume: bool = _f(False, "continue from the latest committed checkpoint at --ckpt-url "
+                             "(from step 0 when there is none)")
+    keep_last: int = _f(0, "keep only the newest N committed checkpoints (0: keep all)")
+    keep_every: int = _f(0, "with --keep-last, also keep checkpoints whose step is a multiple of K")
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    ckpt: CkptSection = field(default_factory=CkptSection)
 
     @property
     def world_size(self) -> int:
@@ -217,6 +228,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append("--cpus-per-worker must be > 0 and --threads-per-worker >= 1")
     if j.pg_timeout <= 0 or p.bucket_mb <= 0:
         problems.append("--pg-timeout and --bucket-mb must be > 0")
+    c = cfg.ckpt
+    for name in ("ckpt_every", "keep_last", "keep_every"):
+        if getattr(c, name) < 0:
+            problems.append(f"--{name.replace('_', '-')}={getattr(c, name)} must be >= 0")
+    if (c.ckpt_every > 0 or c.resume) and not c.ckpt_url:
+        problems.append("--ckpt-every and --resume need --ckpt-url (a path or fsspec URL)")
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg

@@ -10,6 +10,7 @@ from loom import comms
 from loom.parallel import (ExpertParallelGradientSync, SyntheticData, Transformer, moe_aux_loss,
                            next_token_loss)
 
+from .checkpointing import TrainingCheckpoints
 from .config import JobConfig
 
 
@@ -51,9 +52,11 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     local_batch = cfg.train.batch_size // cfg.parallel.dp
     first = mesh.dp_rank * local_batch
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter)
+    start = ckpts.resume()
     losses: list[float] = []
     t_loop = time.monotonic()
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         t0 = time.monotonic()
         comms.set_step(step)
         inputs, targets = data.batch(step, range(first, first + local_batch))
@@ -72,8 +75,14 @@ def train(cfg: JobConfig, reporter=None) -> dict:
             dt = time.monotonic() - t0
             reporter.step({"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
                            "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+        ckpts.after_step(step)
     comms.set_step(None)
     loop_time = time.monotonic() - t_loop
-    return {"steps": cfg.train.steps, "first_loss": losses[0], "final_loss": losses[-1],
-            "tokens_per_s": tokens_per_step * cfg.train.steps / loop_time,
-            "wall_time_s": time.monotonic() - t_start, "losses": losses}
+    nan = float("nan")
+    summary = {"steps": cfg.train.steps, "first_loss": losses[0] if losses else nan,
+               "final_loss": losses[-1] if losses else nan,
+               "tokens_per_s": tokens_per_step * len(losses) / loop_time,
+               "wall_time_s": time.monotonic() - t_start, "losses": losses}
+    if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
+        summary["extra"] = {"start_step": start, "checkpoints": ckpts.saved}
+    return summary

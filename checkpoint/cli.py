@@ -1,0 +1,113 @@
+"""What `loom ckpt ls|inspect|verify|gc` print (the parser lives in loom.launch.cli)."""
+from __future__ import annotations
+
+import json
+import time
+
+from .load import verify
+from .manifest import ChecksumError
+from .state import decode_value
+from .store import CheckpointStore, gc
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def ls(url: str) -> str:
+    store = CheckpointStore(url)
+    steps = store.steps()
+    if not steps:
+        return f"no checkpoints at {url}"
+    latest = store.latest()
+    rows = []
+    for step in steps:
+        if store.marker(step) is None:
+            rows.append([step, "no (torn or in progress)", "-", "-", "-", "-", ""])
+            continue
+        try:
+            m = store.read_manifest(step)
+        except (ChecksumError, ValueError) as exc:
+            rows.append([step, f"yes, unreadable: {exc}", "-", "-", "-", "-", ""])
+            continue
+        nbytes = sum(e["nbytes"] for e in m["tensors"].values())
+        rows.append([step, "yes", m["world_size"], len(m["tensors"]), human_bytes(nbytes),
+                     _when(m.get("created")), "<- latest" if step == latest else ""])
+    return table(["step", "committed", "world", "tensors", "bytes", "saved", ""], rows)
+
+
+def _resolve_step(store: CheckpointStore, step) -> int:
+    if step is None:
+        step = store.latest()
+        if step is None:
+            raise FileNotFoundError(f"no committed checkpoint at {store.url}")
+    return step
+
+
+def inspect(url: str, step: int | None = None) -> str:
+    store = CheckpointStore(url)
+    step = _resolve_step(store, step)
+    m = store.read_manifest(step)
+    mesh = ", ".join(f"{k}={v}" for k, v in m["mesh"].items()) if m.get("mesh") else "-"
+    total = sum(e["nbytes"] for e in m["tensors"].values())
+    lines = [f"step {m['step']} at {store.location(step)}",
+             f"saved {_when(m.get('created'))} by {m['world_size']} ranks (mesh: {mesh}), "
+             f"{len(m['tensors'])} arrays, {human_bytes(total)}", ""]
+    rows = []
+    for key, e in m["tensors"].items():
+        pieces = len({(tuple(lo), tuple(hi)) for _, lo, hi in e["fragments"]})
+        rows.append([key, "x".join(map(str, e["shape"])) or "()", e["dtype"], e["placement"],
+                     f"{pieces} from {len(e['fragments'])} ranks",
+                     "x".join(map(str, e["chunks"])) or "()", len(e["checksums"]),
+                     human_bytes(e["nbytes"])])
+    lines.append(table(["array", "shape", "dtype", "placement", "fragments", "chunk", "chunks", "bytes"], rows))
+    if m["values"]:
+        lines.append("")
+        vrows = []
+        for key, v in m["values"].items():
+            if "per_rank" in v:
+                text = f"per rank: {json.dumps([decode_value(x) for x in v['per_rank']], default=repr)}"
+            else:
+                text = json.dumps(decode_value(v["value"]), default=repr)
+            vrows.append([key, text if len(text) <= 70 else text[:67] + "..."])
+        lines.append(table(["value", "JSON"], vrows))
+    return "\n".join(lines)
+
+
+def verify_report(url: str, step: int | None = None, every: bool = False) -> tuple[bool, str]:
+    """Check chunk checksums of one step (default: latest) or ``every`` committed step."""
+    store = CheckpointStore(url)
+    steps = store.committed_steps() if every else [_resolve_step(store, step)]
+    if not steps:
+        raise FileNotFoundError(f"no committed checkpoint at {url}")
+    lines, ok = [], True
+    for s in steps:
+        problems = verify(url, s)
+        ok &= not problems
+        lines.append(f"step {s}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        lines += [f"  {p}" for p in problems]
+    return ok, "\n".join(lines)
+
+
+def gc_report(url: str, keep_last=None, keep_every=None, include_newer=False, dry_run=False) -> str:
+    result = gc(url, keep_last=keep_last, keep_every=keep_every, include_newer=include_newer,
+                dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    return (f"{verb} uncommitted steps {result['uncommitted'] or 'none'}; "
+            f"{verb} committed steps {result['committed'] or 'none'}; kept {result['kept'] or 'none'}")

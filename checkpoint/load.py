@@ -1,0 +1,437 @@
+"""Collective, resharding load.
+
+Every rank asks only for the regions its own targets need, in the storage
+coordinates of each array, and reads only the chunks that intersect them, so
+a checkpoint saved by any world size / boxes / flat ranges loads into any
+other.  Every chunk read is checked against its crc32c from the manifest.
+Tensors are filled in place; plain values are replaced; a target whose
+container is empty (a fresh optimizer's ``state``) is rebuilt from the saved
+subtree.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import layout, zarr_io
+from .collective import agree, resolve
+from .manifest import ChecksumError, array_document, as_numpy, checksum, contiguous, from_numpy, torch_dtype
+from .save import IO_THREADS
+from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
+from .store import CheckpointStore, check_step, data_prefix
+from .zarr_io import open_array, read_box
+
+
+class MissingKeysError(KeyError):
+    """Keys of the target are not in the checkpoint (``strict=True``)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class NoCheckpointError(FileNotFoundError):
+    """There is no committed step at the URL (``step=None``)."""
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    world_size: int
+    mesh: dict | None
+    location: str
+    missing: list = field(default_factory=list)     # target keys the step lacks (strict=False)
+    unexpected: list = field(default_factory=list)  # saved keys the target did not ask for
+    skipped: list = field(default_factory=list)     # [{"step", "error"}] passed over by fallback
+    created: float | None = None
+
+
+# ------------------------------------------------------------ chunk reads
+
+class ChunkReader:
+    """Verified reads of boxes of one committed step, run in parallel."""
+
+    def __init__(self, store: CheckpointStore, manifest: dict):
+        self.store, self.manifest = store, manifest
+        self.prefix = data_prefix(manifest["step"])
+        self._arrays: dict = {}
+        self._tasks: list = []
+        self._buffers = threading.local()  # one reusable staging buffer per I/O thread
+
+    def array(self, key: str):
+        if key not in self._arrays:
+            entry = self.manifest["tensors"][key]
+            self._arrays[key] = open_array(self.store, f"{self.prefix}/{entry['array']}",
+                                           array_document(key, entry))
+        return self._arrays[key]
+
+    def request(self, key: str, box, out: np.ndarray) -> None:
+        """Fill ``out`` (the shape of ``box``) with the saved values of ``box``."""
+        entry = self.manifest["tensors"][key]
+        shape, chunks = tuple(entry["storage_shape"]), tuple(entry["chunks"])
+        for index in layout.chunks_touching(box, shape, chunks):
+            cbox = layout.chunk_box(index, shape, chunks)
+            self._tasks.append((key, index, cbox, layout.intersect(cbox, box), out, box[0]))
+
+    def run(self, threads: int = IO_THREADS) -> None:
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        with ThreadPoolExecutor(max(1, min(threads, len(tasks)))) as pool:
+            for _ in pool.map(self._read, tasks):
+                pass
+
+    def read_chunk(self, key: str, index, cbox, dest: np.ndarray | None = None) -> np.ndarray:
+        """One whole chunk's valid values, checked against its checksum;
+        into ``dest`` (C-contiguous, the chunk's valid shape) when given."""
+        entry = self.manifest["tensors"][key]
+        valid = [h - l for l, h in zip(*cbox)]
+        if zarr_io.is_prefix(valid, entry["chunks"]):
+            if dest is None:
+                dest = self._staging(valid, entry["storage_dtype"])
+            try:
+                got = zarr_io.read_raw(self.store, zarr_io.chunk_key(f"{self.prefix}/{entry['array']}", index), dest)
+            except FileNotFoundError:
+                got = 0
+            if got != dest.nbytes:
+                self._fail(key, index, f"its stored object is missing or truncated ({got} of {dest.nbytes} bytes)")
+            data = dest
+        else:  # an edge chunk cut along an inner dim: let zarr-python decode it
+            data = read_box(self.array(key), cbox, dest)
+        self._verify(key, index, data)
+        return data
+
+    def _staging(self, shape, dtype) -> np.ndarray:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or buf.nbytes < size:
+            buf = self._buffers.buf = np.empty(size, dtype=np.uint8)
+        return buf[:size].view(dtype).reshape(shape)
+
+    def _read(self, task) -> None:
+        key, index, cbox, part, out, origin = task
+        dest = layout.view(out, part, origin)
+        if part == cbox and dest.flags.c_contiguous:
+            self.read_chunk(key, index, cbox, dest)
+        else:
+            data = self.read_chunk(key, index, cbox)
+            dest[...] = layout.view(data, part, cbox[0])
+
+    def _verify(self, key: str, index, data: np.ndarray) -> None:
+        expected = self.manifest["tensors"][key]["checksums"].get(layout.chunk_name(index))
+        if expected is None or checksum(data) != expected:
+            self._fail(key, index, "the stored bytes do not match its checksum")
+
+    def _fail(self, key: str, index, why: str):
+        entry = self.manifest["tensors"][key]
+        raise ChecksumError(
+            f"checksum mismatch in array {key!r} chunk {layout.chunk_name(index)} (Zarr array "
+            f"{entry['array']!r}) of {self.store.location(self.manifest['step'])}: {why}")
+
+
+# -------------------------------------------------------- region mapping
+
+def _is_flat_storage(entry: dict) -> bool:
+    return entry["placement"] == "flat"
+
+
+def _target_region(entry: dict, leaf):
+    """The logical region a target asks for: ('all',), ('box', box) or ('range', a, b)."""
+    if leaf.kind == "replicated":
+        return ("all",)
+    if leaf.kind == "shard":
+        lo = tuple(leaf.obj.offsets)
+        return ("box", (lo, tuple(o + n for o, n in zip(lo, leaf.obj.tensor.shape))))
+    return ("range", leaf.obj.start, leaf.obj.start + leaf.obj.tensor.numel())
+
+
+def schedule(reader: ChunkReader, key: str, entry: dict, region, target: torch.Tensor):
+    """Arrange for ``target`` (the region's values, in its own shape) to be
+    filled; returns a finisher to call after the reads (None if direct)."""
+    shape = tuple(entry["shape"])
+    flat_storage = _is_flat_storage(entry)
+    numel = math.prod(shape)
+    row = math.prod(shape[1:]) if shape else 1
+    direct = target.device.type == "cpu" and target.is_contiguous()
+    kind = region[0]
+    if kind == "all":
+        region = ("box", layout.full_box(shape)) if not flat_storage else ("range", 0, numel)
+        kind = region[0]
+    if kind == "box":
+        box = region[1]
+        if layout.volume(box) == 0:
+            return None
+        if not flat_storage:
+            return _fill(reader, key, box, target, direct, lambda a: a)
+        # flat storage, box target: read the rows that cover the box
+        lo0, hi0 = (box[0][0], box[1][0]) if shape else (0, 1)
+        rows = ((lo0 * row,), (hi0 * row,))
+        inner = (slice(None),) + tuple(slice(l, h) for l, h in zip(box[0][1:], box[1][1:]))
+        return _fill(reader, key, rows, target, False,
+                     lambda a: a.reshape((hi0 - lo0, *shape[1:]))[inner] if shape else a.reshape(()))
+    a, b = region[1], region[2]
+    if b <= a:
+        return None
+    if flat_storage:
+        return _fill(reader, key, ((a,), (b,)), target, direct, lambda x: x.reshape(target.shape))
+    if not shape:
+        return _fill(reader, key, ((), ()), target, False, lambda x: x.reshape(-1))
+    r0, r1 = a // row, -(-b // row)
+    box = ((r0, *(0 for _ in shape[1:])), (r1, *shape[1:]))
+    off = r0 * row
+    return _fill(reader, key, box, target, False, lambda x: x.reshape(-1)[a - off:b - off])
+
+
+def _fill(reader, key, box, target, direct: bool, select):
+    """Read ``box`` straight into ``target`` (direct) or into a buffer whose
+    ``select``-ed part is copied into ``target`` afterwards."""
+    entry = reader.manifest["tensors"][key]
+    if direct:
+        view = as_numpy(target)
+        view = view.reshape([h - l for l, h in zip(*box)])
+        reader.request(key, box, view)
+        return None
+    buf = np.empty([h - l for l, h in zip(*box)], dtype=np.dtype(entry["storage_dtype"]))
+    reader.request(key, box, buf)
+
+    def finish():
+        src = from_numpy(contiguous(select(buf)), target.dtype)
+        with torch.no_grad():
+            target.copy_(src.reshape(target.shape))
+    return finish
+
+
+def read_whole(reader: ChunkReader, key: str, row: int | None = None):
+    """A new tensor holding a saved array (the logical tensor; for PerRank
+    tensors the ``row`` of one saved rank).  Returns (tensor, finisher)."""
+    entry = reader.manifest["tensors"][key]
+    dtype, shape = torch_dtype(entry["dtype"]), tuple(entry["shape"])
+    t = torch.empty(shape, dtype=dtype)
+    if row is None:
+        return t, schedule(reader, key, entry, ("all",), t)
+    box = ((row, *(0 for _ in shape)), (row + 1, *shape))
+    if t.numel():
+        reader.request(key, box, as_numpy(t).reshape([1, *shape]))
+    return t, None
+
+
+# ----------------------------------------------------------------- load
+
+def _candidates(store: CheckpointStore, step, fallback: bool) -> list[int]:
+    committed = store.committed_steps()
+    if step is None:
+        if not committed:
+            raise NoCheckpointError(f"no committed checkpoint at {store.url}")
+        newest = store.latest()
+        return [s for s in reversed(committed) if s <= newest] if fallback else [newest]
+    check_step(step)
+    return [step] + ([s for s in reversed(committed) if s < step] if fallback else [])
+
+
+def load(state: dict, url: str, *, step: int | None = None, group=None, strict: bool = True,
+         fallback: bool = False) -> CheckpointInfo:
+    """Collective: fill ``state`` from ``step`` (the latest committed when
+    None) under ``url``.  Tensors are filled in place, plain values replaced.
+    ``strict=False`` loads the keys present and reports the missing ones;
+    ``fallback=True`` moves to the newest earlier committed step when a
+    checksum fails.  Works with no process group (a single process)."""
+    g = resolve(group)
+    store = CheckpointStore(url)
+    error, candidates = None, None
+    if g.rank == 0:
+        try:
+            candidates = _candidates(store, step, fallback)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+    candidates = agree(g, error, candidates, custom={"NoCheckpointError": NoCheckpointError})[0]
+    skipped: list = []
+    touched: set = set()
+    custom = {"ChecksumError": ChecksumError, "MissingKeysError": MissingKeysError}
+    for n, s in enumerate(candidates):
+        error, info = None, None
+        try:
+            manifest = store.read_manifest(s)
+            info = _load_step(state, store, manifest, g, strict, touched)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+            error = exc
+        try:
+            agree(g, error, custom=custom)
+        except ChecksumError as exc:
+            if not fallback or n == len(candidates) - 1:
+                raise
+            skipped.append({"step": s, "error": str(exc)})
+            continue
+        info.skipped = skipped
+        return info
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_step(state, store, manifest, g, strict, touched: set) -> CheckpointInfo:
+    tensors, values = manifest["tensors"], manifest["values"]
+    saved = {**{k: ("tensor", e) for k, e in tensors.items()}, **{k: ("value", e) for k, e in values.items()}}
+    by_path = {tuple(e["path"]): k for k, (_, e) in saved.items()}
+    reader = ChunkReader(store, manifest)
+    consumed, missing, finishers, replacements = set(), [], [], []
+    written: set = set()
+
+    def under(prefix):
+        return [k for p, k in by_path.items() if len(p) >= len(prefix) and p[:len(prefix)] == prefix]
+
+    for leaf in flatten(state):
+        if leaf.kind in ("per_rank", "per_rank_value"):
+            continue  # whole PerRank values are restored below
+        found = by_path.get(tuple(leaf.path))
+        if leaf.tensor is not None:
+            if found is None or saved[found][0] != "tensor":
+                if found is not None:
+                    raise ValueError(f"key {leaf.key!r} is a tensor in the target but a plain value "
+                                     f"in the checkpoint")
+                missing.append(leaf.key)
+                continue
+            entry = tensors[found]
+            _check_compatible(leaf, entry)
+            if entry["placement"] == "per_rank":
+                raise ValueError(f"key {leaf.key!r} was saved per rank; load it into a PerRank")
+            fin = schedule(reader, found, entry, _target_region(entry, leaf), leaf.tensor)
+            if fin is not None:
+                finishers.append(fin)
+            consumed.add(found)
+            written.add(leaf.key)
+            continue
+        if found is not None and saved[found][0] == "value":
+            entry = values[found]
+            if "per_rank" in entry:
+                raise ValueError(f"key {leaf.key!r} was saved per rank; load it into a PerRank")
+            replacements.append((leaf.path, decode_value(entry["value"])))
+            consumed.add(found)
+            continue
+        if found is not None:
+            raise ValueError(f"key {leaf.key!r} is a plain value in the target but a tensor in the "
+                             f"checkpoint")
+        subtree = under(tuple(leaf.path))
+        if not subtree:
+            missing.append(leaf.key)
+            continue
+        # an empty container (a fresh optimizer's state): rebuild it from the checkpoint
+        value, fins = _materialize(reader, saved, subtree, len(leaf.path), None)
+        finishers += fins
+        replacements.append((leaf.path, value))
+        consumed.update(subtree)
+
+    per_rank = []
+    for path, node in per_rank_nodes(state):
+        subtree = under(tuple(path))
+        if not subtree:
+            missing.append(key_of(path))
+            continue
+        per_rank.append((path, node, subtree))
+        consumed.update(subtree)
+
+    lost = sorted(set(missing) & touched)
+    if lost:
+        raise ValueError(f"step {manifest['step']} lacks keys {lost} that a rejected newer step had "
+                         f"already overwritten; they cannot be restored consistently")
+    if strict and missing:
+        raise MissingKeysError(
+            f"checkpoint {store.location(manifest['step'])} lacks keys {missing} (pass strict=False "
+            f"to load the keys present)")
+    touched |= written
+
+    resolved = []
+    saved_world = manifest["world_size"]
+    for path, node, subtree in per_rank:
+        per = any(saved[k][0] == "tensor" and tensors[k]["placement"] == "per_rank" or
+                  saved[k][0] == "value" and "per_rank" in values[k] for k in subtree)
+        if not per or saved_world == g.size:
+            value, fins = _materialize(reader, saved, subtree, len(path), g.rank)
+            finishers += fins
+            resolved.append((node, lambda v=value: v))
+        elif node.resolver is None:
+            raise ValueError(f"PerRank value at key {key_of(path)!r} was saved by {saved_world} ranks "
+                             f"and is loaded by {g.size}; pass PerRank(..., resolver=fn) where "
+                             f"fn(saved_values, rank, world_size) picks this rank's value")
+        else:
+            options = []
+            for r in range(saved_world):
+                value, fins = _materialize(reader, saved, subtree, len(path), r)
+                finishers += fins
+                options.append(value)
+            resolved.append((node, lambda o=options, n=node: n.resolver(o, g.rank, g.size)))
+
+    reader.run()
+    for fin in finishers:
+        fin()
+    for path, value in replacements:
+        set_path(state, path, value)
+    for node, make in resolved:
+        node.value = make()
+    unexpected = sorted(set(saved) - consumed)
+    return CheckpointInfo(step=manifest["step"], world_size=saved_world, mesh=manifest.get("mesh"),
+                          location=store.location(manifest["step"]), missing=missing,
+                          unexpected=unexpected, created=manifest.get("created"))
+
+
+def _check_compatible(leaf, entry: dict) -> None:
+    t = leaf.tensor
+    if str(t.dtype).removeprefix("torch.") != entry["dtype"]:
+        raise ValueError(f"dtype mismatch at key {leaf.key!r}: the checkpoint holds {entry['dtype']}, "
+                         f"the target is {str(t.dtype).removeprefix('torch.')}")
+    want = tuple(t.shape) if leaf.kind == "replicated" else tuple(leaf.obj.global_shape)
+    if want != tuple(entry["shape"]):
+        raise ValueError(f"shape mismatch at key {leaf.key!r}: the checkpoint holds "
+                         f"{tuple(entry['shape'])}, the target's global shape is {want}")
+
+
+def _materialize(reader, saved: dict, keys: list, depth: int, rank: int | None):
+    """Rebuild the saved subtree of ``keys`` below ``depth`` path components.
+    Per-rank parts take saved rank ``rank``'s values.  Returns (value, finishers)."""
+    items, finishers = [], []
+    for key in keys:
+        what, entry = saved[key]
+        rel, containers = tuple(entry["path"][depth:]), entry["containers"][depth:]
+        if what == "tensor":
+            per = entry["placement"] == "per_rank"
+            if per and rank is None:
+                raise ValueError(f"key {key!r} was saved per rank; load it into a PerRank")
+            t, fin = read_whole(reader, key, rank if per else None)
+            if fin is not None:
+                finishers.append(fin)
+            items.append((rel, containers, t))
+        elif "per_rank" in entry:
+            if rank is None:
+                raise ValueError(f"key {key!r} was saved per rank; load it into a PerRank")
+            items.append((rel, containers, decode_value(entry["per_rank"][rank])))
+        else:
+            items.append((rel, containers, decode_value(entry["value"])))
+    return build_tree(items), finishers
+
+
+# ---------------------------------------------------------------- verify
+
+def verify(url: str, step: int | None = None) -> list[str]:
+    """Read every chunk of a committed step and check its crc32c; returns
+    the problems found (empty when the step is intact).  One process."""
+    store = CheckpointStore(url)
+    step = store.latest() if step is None else check_step(step)
+    if step is None:
+        raise FileNotFoundError(f"no committed checkpoint at {url}")
+    try:
+        manifest = store.read_manifest(step)
+    except ChecksumError as exc:
+        return [str(exc)]
+    problems = []
+    for key, entry in manifest["tensors"].items():
+        reader = ChunkReader(store, manifest)
+        shape, chunks = tuple(entry["storage_shape"]), tuple(entry["chunks"])
+        for index in layout.chunk_indices(shape, chunks):
+            cbox = layout.chunk_box(index, shape, chunks)
+            try:
+                reader.read_chunk(key, index, cbox)
+            except Exception as exc:  # noqa: BLE001 - report every bad chunk
+                problems.append(str(exc) if isinstance(exc, ChecksumError) else
+                                f"array {key!r} chunk {layout.chunk_name(index)}: {type(exc).__name__}: {exc}")
+    return problems

@@ -1,0 +1,355 @@
+"""Collective save in three pieces: plan, write, commit.
+
+    plan = plan_save(state, url, step=10)          # collective: gather fragments, agree
+    parts = exchange_parts(plan, plan.tensors)      # collective only if a chunk straddles ranks
+    sums = write_chunks(plan, plan.tensors, parts)  # no communication; any thread
+    location = commit(plan, sums)                   # collective: barrier, manifest, marker, latest
+
+`save` runs them in order.  They are separate so that an asynchronous engine
+can snapshot tensors to host memory and call `write_chunks` on the copies from
+a background thread (passing them instead of ``plan.tensors``), then
+`commit`.  Every rank writes only the chunks it owns (replicated tensors are
+divided among their replicas), so the data moves in parallel and no chunk has
+two writers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from loom import comms
+
+from . import layout
+from .collective import Group, agree, resolve
+from .manifest import (array_document, array_path, as_numpy, checksum, contiguous, dtype_name,
+                       group_metadata, new_manifest, storage_dtype)
+from .state import digest, dumps, encode_value, flatten
+from .store import CheckpointStore, check_step, data_prefix
+from .zarr_io import open_array
+
+# Chunk writes/reads in flight per rank: enough to overlap I/O with the
+# checksum and hide store latency, without oversubscribing small machines.
+IO_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+@dataclass
+class SavePlan:
+    """Who writes what for one save; identical on every rank except ``tensors``."""
+    store: CheckpointStore
+    step: int
+    group: Group
+    mesh: dict | None
+    arrays: dict            # key -> layout.ArrayPlan (every tensor of every rank)
+    entries: dict           # key -> manifest tensor entry (checksums filled at commit)
+    values: dict            # key -> manifest value entry (complete on rank 0)
+    transfers: list         # layout.Transfer, in a global order
+    groups: list            # Zarr group paths under the step, for rank 0 to create
+    tensors: dict = field(default_factory=dict)  # key -> this rank's local tensor
+
+    @property
+    def location(self) -> str:
+        return self.store.location(self.step)
+
+    def my_chunks(self) -> list[tuple[str, tuple]]:
+        me = self.group.rank
+        return [(k, i) for k, a in self.arrays.items() for i, o in a.owners.items() if o == me]
+
+
+def _mesh_description(mesh) -> dict | None:
+    if mesh is None:
+        return None
+    if isinstance(mesh, comms.Mesh):
+        return mesh.degrees()
+    if isinstance(mesh, dict) and all(isinstance(k, str) and isinstance(v, int) for k, v in mesh.items()):
+        return dict(mesh)
+    raise TypeError(f"mesh={mesh!r} must be a loom.comms.Mesh or a dict of degrees like {{'dp': 2}}")
+
+
+def _storage(leaf, g: Group):
+    """(kind, logical shape, storage shape, this rank's box) of a tensor leaf."""
+    obj, t = leaf.obj, leaf.tensor
+    if leaf.kind == "replicated":
+        shape = tuple(t.shape)
+        return shape, shape, layout.full_box(shape)
+    if leaf.kind == "shard":
+        lo = tuple(obj.offsets)
+        return obj.global_shape, obj.global_shape, (lo, tuple(o + n for o, n in zip(lo, t.shape)))
+    if leaf.kind == "flat":
+        n = math.prod(obj.global_shape)
+        return obj.global_shape, (n,), ((obj.start,), (obj.start + t.numel(),))
+    # per_rank: one row per rank
+    shape = tuple(t.shape)
+    return shape, (g.size, *shape), ((g.rank, *(0 for _ in shape)), (g.rank + 1, *shape))
+
+
+def _describe(leaves, g: Group) -> list[dict]:
+    out = []
+    for leaf in leaves:
+        d = {"key": leaf.key, "path": list(leaf.path), "containers": leaf.containers, "kind": leaf.kind}
+        if leaf.tensor is not None:
+            storage_dtype(leaf.tensor.dtype)  # raises for dtypes a checkpoint cannot hold
+            shape, sshape, box = _storage(leaf, g)
+            d.update(dtype=dtype_name(leaf.tensor.dtype), shape=list(shape), storage_shape=list(sshape),
+                     box=[list(box[0]), list(box[1])])
+        else:
+            encoded = encode_value(leaf.obj, leaf.key)
+            text = dumps(encoded)
+            if leaf.kind == "per_rank_value" or g.rank == 0:
+                d["value"] = encoded
+            d["hash"] = digest(text)
+        out.append(d)
+    return out
+
+
+def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
+              target_chunk_bytes: int = layout.TARGET_CHUNK_BYTES) -> SavePlan:
+    """Collective: check ``state`` on every rank, gather the fragments, and
+    decide the chunk grid and the writer of every chunk.  A previous
+    (committed or torn) save of the same step is removed once every rank
+    has agreed to save."""
+    g = resolve(group)
+    store = CheckpointStore(url)
+    error, described, leaves, mesh_desc, replacing = None, None, [], None, False
+    try:
+        check_step(step)
+        mesh_desc = _mesh_description(mesh)
+        leaves = flatten(state)
+        described = _describe(leaves, g)
+        replacing = g.rank == 0 and step in store.steps()
+    except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+        error = exc
+    payloads = agree(g, error, {"described": described, "replacing": replacing})
+    # the same on every rank, so its checks raise everywhere alike
+    plan = _build_plan([p["described"] for p in payloads], store, step, g, mesh_desc, target_chunk_bytes)
+    if payloads[0]["replacing"]:
+        # an earlier (committed or torn) save of this step goes first, marker
+        # first; nobody writes a chunk before it is gone
+        error = None
+        if g.rank == 0:
+            try:
+                store.begin(step)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        agree(g, error)
+    for leaf in leaves:
+        if leaf.tensor is not None:
+            plan.tensors[leaf.key] = leaf.tensor
+    return plan
+
+
+def _build_plan(everyone: list[list[dict]], store, step, g: Group, mesh, target_chunk_bytes) -> SavePlan:
+    """The same plan on every rank, from every rank's descriptions."""
+    by_key: dict[str, list] = {}
+    for rank, described in enumerate(everyone):
+        for d in described:
+            by_key.setdefault(d["key"], []).append((rank, d))
+    arrays, entries, values, itemsizes = {}, {}, {}, {}
+    for key, items in by_key.items():
+        first = items[0][1]
+        kinds = sorted({d["kind"] for _, d in items})
+        if len(kinds) > 1:
+            raise ValueError(f"key {key!r} is saved as {' and '.join(kinds)} on different ranks")
+        kind = first["kind"]
+        holders = [r for r, _ in items]
+        if kind in ("value", "per_rank_value", "per_rank") and len(items) != g.size:
+            raise ValueError(f"key {key!r} ({kind}) is present on ranks {holders} but not on "
+                             f"every one of the {g.size} ranks")
+        if kind == "value":
+            if len({d["hash"] for _, d in items}) > 1:
+                raise ValueError(f"the plain value at key {key!r} differs across ranks; replicated "
+                                 f"values must be equal (wrap per-rank values in PerRank)")
+            values[key] = {"path": first["path"], "containers": first["containers"], "value": first["value"]}
+            continue
+        if kind == "per_rank_value":
+            values[key] = {"path": first["path"], "containers": first["containers"],
+                           "per_rank": [d["value"] for _, d in items]}
+            continue
+        for field_name in ("dtype", "shape", "storage_shape"):
+            seen = {tuple(d[field_name]) if isinstance(d[field_name], list) else d[field_name]
+                    for _, d in items}
+            if len(seen) > 1:
+                detail = ", ".join(f"rank {r}: {d[field_name]}" for r, d in items)
+                raise ValueError(f"tensor {key!r} has different {field_name.replace('_', ' ')}s on "
+                                 f"different ranks ({detail})")
+        sshape = tuple(first["storage_shape"])
+        fragments = [(r, (tuple(d["box"][0]), tuple(d["box"][1]))) for r, d in items]
+        layout.check_fragments(key, sshape, fragments)
+        dtype = getattr(torch, first["dtype"])
+        itemsizes[key] = dtype.itemsize
+        chunks = layout.choose_chunks(sshape, [b for _, b in fragments], dtype.itemsize, target_chunk_bytes)
+        arrays[key] = layout.ArrayPlan(key, sshape, chunks, fragments)
+        entries[key] = {"path": first["path"], "containers": first["containers"],
+                        "array": array_path(first["path"]), "placement": kind,
+                        "dtype": first["dtype"], "shape": first["shape"],
+                        "storage_dtype": dtype_name(storage_dtype(dtype)),
+                        "storage_shape": list(sshape), "chunks": list(chunks),
+                        "fragments": [[r, list(b[0]), list(b[1])] for r, b in fragments],
+                        "nbytes": math.prod(sshape) * dtype.itemsize, "checksums": {}}
+    transfers = layout.assign(list(arrays.values()), g.size, itemsizes)
+    groups = {""}
+    for entry in entries.values():
+        parts = entry["array"].split("/")
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return SavePlan(store, step, g, mesh, arrays, entries, values, transfers, sorted(groups))
+
+
+# ------------------------------------------------------------------ data
+
+def _local_view(kind: str, t: torch.Tensor) -> np.ndarray:
+    """This rank's fragment as a numpy view in storage coordinates."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return as_numpy(t.unsqueeze(0) if kind == "per_rank" else t)
+
+
+def _my_box(arr: layout.ArrayPlan, me: int):
+    return next(box for r, box in arr.fragments if r == me)
+
+
+def exchange_parts(plan: SavePlan, tensors: dict) -> dict:
+    """Assemble the chunks this rank owns but holds only in part (collective,
+    point-to-point; a no-op without communication when no chunk straddles
+    ranks, which is the common case).  Returns {(key, chunk): numpy array}."""
+    if not plan.transfers:
+        return {}
+    g, me = plan.group, plan.group.rank
+    assembled: dict = {}
+    pending = []
+    views = {}
+
+    def view(key):
+        if key not in views:
+            views[key] = _local_view(plan.entries[key]["placement"], tensors[key])
+        return views[key]
+
+    for tr in plan.transfers:
+        arr = plan.arrays[tr.key]
+        if tr.dst == me:
+            cbox = layout.chunk_box(tr.chunk, arr.shape, arr.chunks)
+            if (tr.key, tr.chunk) not in assembled:
+                buf = np.empty([h - l for l, h in zip(*cbox)], dtype=view(tr.key).dtype)
+                own = layout.intersect(_my_box(arr, me), cbox)
+                if own is not None:
+                    buf[layout.relative(own, cbox[0])] = view(tr.key)[layout.relative(own, _my_box(arr, me)[0])]
+                assembled[(tr.key, tr.chunk)] = buf
+            part = np.empty([h - l for l, h in zip(*tr.box)], dtype=view(tr.key).dtype)
+            raw = torch.from_numpy(part.reshape(-1).view(np.uint8))
+            pending.append((comms.irecv(raw, g.global_rank(tr.src), g.handle), part, tr, cbox))
+        elif tr.src == me:
+            part = contiguous(view(tr.key)[layout.relative(tr.box, _my_box(arr, me)[0])])
+            raw = torch.from_numpy(part.reshape(-1).view(np.uint8))
+            pending.append((comms.isend(raw, g.global_rank(tr.dst), g.handle), None, tr, None))
+    for p, part, tr, cbox in pending:
+        p.wait()
+        if part is not None:
+            assembled[(tr.key, tr.chunk)][layout.relative(tr.box, cbox[0])] = part
+    return assembled
+
+
+def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
+                 threads: int = IO_THREADS) -> dict:
+    """Write every chunk this rank owns, plus the Zarr metadata documents it
+    owns.  No communication, so it may run on a background thread.
+    ``tensors`` maps keys to this rank's local tensors (or host copies of
+    them).  Returns {key: {chunk name: crc32c}} for `commit`."""
+    parts = parts or {}
+    me, store, prefix = plan.group.rank, plan.store, data_prefix(plan.step)
+    views = {}
+    tasks = []
+    for key, index in plan.my_chunks():
+        arr = plan.arrays[key]
+        cbox = layout.chunk_box(index, arr.shape, arr.chunks)
+        if (key, index) in parts:
+            data = parts[(key, index)]
+        else:
+            if key not in views:
+                if key not in tensors:
+                    raise KeyError(f"write_chunks: no local tensor for {key!r}")
+                views[key] = _local_view(plan.entries[key]["placement"], tensors[key])
+            data = views[key][layout.relative(cbox, _my_box(arr, me)[0])]
+        tasks.append((key, index, cbox, data))
+    arrays = {key: open_array(store, f"{prefix}/{plan.entries[key]['array']}",
+                              array_document(key, plan.entries[key]))
+              for key in {t[0] for t in tasks}}
+
+    def write(task):
+        if len(task) == 2:  # a metadata document
+            store.put(*task)
+            return None
+        key, index, cbox, data = task
+        data = contiguous(data)
+        arrays[key][tuple(slice(l, h) for l, h in zip(*cbox))] = data
+        return key, layout.chunk_name(index), checksum(data)
+
+    sums: dict = {}
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for done in pool.map(write, _metadata_documents(plan, me) + tasks):
+            if done is not None:
+                key, name, crc = done
+                sums.setdefault(key, {})[name] = crc
+    return sums
+
+
+def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
+    """The zarr.json documents this rank writes: the arrays it is the
+    metadata writer of, and (rank 0) every group."""
+    prefix = data_prefix(plan.step)
+    docs = [(f"{prefix}/{plan.entries[key]['array']}/zarr.json",
+             json.dumps(array_document(key, plan.entries[key])).encode())
+            for key, arr in plan.arrays.items() if arr.meta_writer == me]
+    if me == 0:
+        for gpath in plan.groups:
+            attrs = {"loom": {"step": plan.step}} if gpath == "" else {}
+            where = f"{prefix}/{gpath}/zarr.json" if gpath else f"{prefix}/zarr.json"
+            docs.append((where, json.dumps(group_metadata(attrs)).encode()))
+    return docs
+
+
+# ----------------------------------------------------------------- commit
+
+def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None) -> str:
+    """Collective: once every rank has written (the exchange is the barrier),
+    rank 0 writes the manifest, then the marker, then ``latest``.  A failure
+    on any rank (``error``) raises on every rank and commits nothing."""
+    g = plan.group
+    everyone = agree(g, error, checksums)
+    failure = None
+    if g.rank == 0:
+        try:
+            manifest = new_manifest(plan.step, g.size, plan.mesh, time.time())
+            for key, entry in plan.entries.items():
+                sums = {}
+                for rank_sums in everyone:
+                    sums.update(rank_sums.get(key, {}))
+                expected = {layout.chunk_name(i) for i in plan.arrays[key].owners}
+                if set(sums) != expected:
+                    raise RuntimeError(f"chunks {sorted(expected - set(sums))} of {key!r} were not written")
+                manifest["tensors"][key] = {**entry, "checksums": sums}
+            manifest["values"] = plan.values
+            plan.store.commit(plan.step, dumps(manifest).encode())
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+    agree(g, failure)
+    return plan.location
+
+
+def save(state: dict, url: str, *, step: int, group=None, mesh=None) -> str:
+    """Collective save of ``state`` as ``step`` under ``url``; returns the
+    committed location.  Works with no process group (a single process)."""
+    plan = plan_save(state, url, step=step, group=group, mesh=mesh)
+    error, sums = None, {}
+    try:
+        parts = exchange_parts(plan, plan.tensors)
+        sums = write_chunks(plan, plan.tensors, parts)
+    except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
+        error = exc
+    return commit(plan, sums, error)
+

@@ -1,0 +1,66 @@
+"""Chunk I/O.  Writes go through zarr-python; reads of whole chunks go
+straight from the chunk object into the caller's memory.
+
+loom's arrays are uncompressed with the ``bytes`` codec (little-endian), so
+by the Zarr v3 spec a chunk object is exactly the C-order bytes of the full
+chunk shape.  Reading those bytes with ``readinto`` skips zarr-python's
+per-chunk buffer allocation and copy (which page-faults fresh memory for
+every large chunk); chunks whose valid region is not a prefix of the stored
+bytes (edge chunks cut along an inner dim) are read through zarr-python.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def open_array(store, path: str, document: dict):
+    """A zarr.Array at ``path`` of the checkpoint store, built from its
+    metadata document without reading it back (every rank knows it)."""
+    from zarr.core.array import Array, AsyncArray
+    from zarr.storage import StorePath
+    return Array(AsyncArray(document, StorePath(store.zarr_store, path),
+                            config={"write_empty_chunks": True}))
+
+
+def chunk_key(array_path: str, index) -> str:
+    """The store key of a chunk (default chunk key encoding, '/' separator)."""
+    return f"{array_path}/c/" + "/".join(map(str, index)) if index else f"{array_path}/c"
+
+
+def is_prefix(valid_shape, chunk_shape) -> bool:
+    """Are the valid values of a chunk the first bytes of its stored object?
+    (True unless an edge cuts the chunk along an inner dim.)"""
+    return tuple(valid_shape[1:]) == tuple(chunk_shape[1:])
+
+
+def read_raw(store, key: str, dest: np.ndarray) -> int:
+    """Read the first ``dest.nbytes`` bytes of a chunk object into C-contiguous
+    ``dest``; returns how many bytes there were (fewer means truncated)."""
+    view = memoryview(dest.reshape(-1).view(np.uint8))
+    total = 0
+    opener = (lambda: open(os.path.join(store.root, key), "rb", buffering=0)) if store.local \
+        else (lambda: store.fs.open(store.path(key), "rb"))
+    with opener() as fh:
+        while total < len(view):
+            n = fh.readinto(view[total:])
+            if not n:
+                break
+            total += n
+    return total
+
+
+def read_box(array, box, out: np.ndarray | None = None) -> np.ndarray:
+    """The values of ``box`` through zarr-python; into ``out`` when given."""
+    selection = tuple(slice(l, h) for l, h in zip(*box))
+    if out is not None and out.ndim and out.flags.c_contiguous:  # zarr ignores out= for 0-d
+        from zarr.core.buffer.cpu import NDBuffer
+        array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        return out
+    data = np.asarray(array.get_basic_selection(selection))
+    if out is not None:
+        out[...] = data
+        return out
+    return data
+

@@ -1,0 +1,89 @@
+"""Checkpoints of the training loop: model, optimizer, scheduler, data position, RNG.
+
+The data is a pure function of (seed, step, index), so the step is the whole
+data position; RNG states are per rank (`PerRank`).  A resumed run therefore
+repeats the uninterrupted run's losses exactly.  `save` is the one place a
+checkpoint is taken, so other save modes can plug in there.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+
+from loom import checkpoint
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _same_or_wrapped_rank(saved: list, rank: int, world: int):
+    """RNG after a change of world size: rank r continues saved rank r mod n."""
+    return saved[rank % len(saved)]
+
+
+class TrainingCheckpoints:
+    """Saves every ``ckpt_every`` steps and resumes from the latest commit."""
+
+    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None):
+        self.cfg, self.c = cfg, cfg.ckpt
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.mesh, self.reporter = mesh, reporter
+        self.saved = 0
+
+    def state(self, next_step: int) -> dict:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+                "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
+                "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
+
+    def resume(self) -> int:
+        """Restore the latest committed step (when --resume); the first step to run."""
+        if not self.c.resume:
+            return 0
+        state = self.state(0)
+        try:
+            info = checkpoint.load(state, self.c.ckpt_url)
+        except checkpoint.NoCheckpointError:
+            self._event(f"no committed checkpoint at {self.c.ckpt_url}; starting from step 0")
+            return 0
+        self.optimizer.load_state_dict(state["optim"])
+        self.scheduler.load_state_dict(state["sched"])
+        set_rng_state(state["rng"].value)
+        start = int(state["progress"]["step"])
+        self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
+        return start
+
+    def after_step(self, step: int) -> None:
+        """Called after step ``step`` (0-based) completes."""
+        done = step + 1
+        if self.c.ckpt_every and done % self.c.ckpt_every == 0:
+            self.save(done)
+
+    def save(self, done: int) -> None:
+        t0 = time.monotonic()
+        location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh)
+        self.saved += 1
+        if self.c.keep_last and self.mesh.rank == 0:
+            checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last, keep_every=self.c.keep_every or None)
+        self._event(f"checkpoint {location} ({time.monotonic() - t0:.2f} s)")
+
+    def _event(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.event(text)
