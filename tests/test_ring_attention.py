@@ -1,0 +1,382 @@
+"""Ring and Ulysses attention against a naive single-process reference (float64).
+
+Each distributed call runs many sub-cases on one pool of workers: every rank
+builds the same global tensors from a seed, attends on its shard, and returns
+its shard of the output, LSE and gradients; the test unshards them and
+compares with the naive attention on the whole sequence.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from loom import comms
+from loom.parallel import ring_attention, shard_sequence, ulysses_attention, unshard_sequence
+from loom.parallel.attention_blocks import block_backward, block_forward, merge_partials
+from loom.parallel.ring_attention import ring_work
+
+F64 = torch.float64
+ATOL = 1e-10
+
+
+# ---------------------------------------------------------------- reference
+
+def naive_attention(q, k, v, *, causal, scale=None, cu_seqlens=None):
+    """Full-matrix attention with the same masks: (out, lse)."""
+    b, s, hq, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    rep = hq // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    pos = torch.arange(s)
+    allowed = torch.ones(s, s, dtype=torch.bool)
+    if causal:
+        allowed &= pos[None, :] <= pos[:, None]
+    if cu_seqlens is not None:
+        doc = torch.searchsorted(cu_seqlens, pos, right=True) - 1
+        allowed &= doc[:, None] == doc[None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def _tensors(case, size, dtype=F64):
+    """The global q, k, v and output/LSE cotangents of a case (same on every rank)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    b, s, hq, hkv, d = case["batch"], case["seq_local"] * size, case["hq"], case["hkv"], case["d"]
+    q, k, v = (torch.randn(b, s, h, d, generator=g, dtype=F64) for h in (hq, hkv, hkv))
+    dout, dlse = torch.randn(b, s, hq, d, generator=g, dtype=F64), torch.randn(b, hq, s, generator=g, dtype=F64)
+    return [t.to(dtype) for t in (q, k, v, dout, dlse)]
+
+
+def _cu(case, size):
+    return None if case.get("docs") is None else torch.tensor(case["docs"](case["seq_local"] * size))
+
+
+def _reference(case, size):
+    q, k, v, dout, dlse = _tensors(case, size)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = naive_attention(q, k, v, causal=case["causal"], scale=case.get("scale"),
+                               cu_seqlens=_cu(case, size))
+    with_lse = case.get("lse_grad", True)
+    loss = (out * dout).sum() + ((lse * dlse).sum() if with_lse else 0)
+    return [out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v))]
+
+
+def _shard_run(case, index, size, ranks=None, dtype=F64):
+    """This position's (out, lse, dq, dk, dv) shards from ring (or Ulysses) attention."""
+    layout = case["layout"]
+    full = _tensors(case, size, dtype)
+    q, k, v, dout = (shard_sequence(t, index, size, layout).clone() for t in full[:4])
+    dlse = shard_sequence(full[4], index, size, layout, dim=2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if case.get("ulysses"):
+        out = ulysses_attention(q, k, v, causal=case["causal"], scale=case.get("scale"))
+        lse = None
+        loss = (out.double() * dout.double()).sum()
+    else:
+        out, lse = ring_attention(q, k, v, causal=case["causal"], layout=layout, ranks=ranks,
+                                  scale=case.get("scale"), cu_seqlens=_cu(case, size), return_lse=True)
+        with_lse = case.get("lse_grad", True)
+        loss = (out.double() * dout.double()).sum() + ((lse.double() * dlse.double()).sum() if with_lse else 0)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return [out.detach(), None if lse is None else lse.detach(), *grads]
+
+
+def _compare(case, size, shards, atol=ATOL, rtol=0.0):
+    ref = _reference(case, size)
+    layout = case["layout"]
+    names = ("out", "lse", "dq", "dk", "dv")
+    for i, name in enumerate(names):
+        if shards[0][i] is None:
+            continue
+        got = unshard_sequence([s[i] for s in shards], layout, dim=2 if name == "lse" else 1)
+        if name == "lse":
+            assert got.dtype == (F64 if shards[0][0].dtype == F64 else torch.float32)
+        torch.testing.assert_close(got.to(F64), ref[i], atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{name} of {_label(case)} at P={size}: {m}")
+
+
+def _label(case):
+    return {k: (v.__name__ if callable(v) else v) for k, v in case.items()}
+
+
+# ------------------------------------------------------------------- cases
+
+def _bounds(total, lengths):
+    bounds = [0]
+    for length in itertools.cycle(lengths):
+        bounds.append(min(total, bounds[-1] + length))
+        if bounds[-1] == total:
+            return bounds
+
+
+def _docs_cut(total):        # boundaries that do not line up with any shard
+    return _bounds(total, (5, 7, 1))
+
+
+def _docs_span(total):       # one document over every rank, one short tail
+    return [0, total - 3, total]
+
+
+def _docs_short(total):      # many short documents, one of them empty
+    return _bounds(total, (1, 2, 3, 0))
+
+
+def _ring_cases():
+    cases, seed = [], 0
+    for layout, causal, (hq, hkv) in itertools.product(("contiguous", "zigzag"), (True, False),
+                                                      ((4, 4), (4, 2), (8, 2), (4, 1))):
+        seed += 1
+        cases.append(dict(seed=seed, layout=layout, causal=causal, batch=2, seq_local=6, hq=hq,
+                          hkv=hkv, d=5))
+    for layout, causal, docs in itertools.product(("contiguous", "zigzag"), (True, False),
+                                                  (_docs_cut, _docs_span, _docs_short)):
+        seed += 1
+        cases.append(dict(seed=seed, layout=layout, causal=causal, batch=1, seq_local=6, hq=4, hkv=2,
+                          d=3, docs=docs))
+    cases.append(dict(seed=99, layout="zigzag", causal=True, batch=2, seq_local=4, hq=2, hkv=1, d=4,
+                      scale=0.3, lse_grad=False))
+    return cases
+
+
+def _ulysses_cases(size):
+    hq = 6 if size == 3 else 4
+    out = []
+    for i, (causal, hkv) in enumerate(itertools.product((True, False), (hq, hq // 2, 1))):
+        out.append(dict(seed=200 + i, layout="contiguous", causal=causal, batch=2, seq_local=5, hq=hq,
+                        hkv=hkv, d=5, ulysses=True, lse_grad=False))
+    return out
+
+
+def _run_cases(cases):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    return [_shard_run(case, rank, size) for case in cases]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_ring_and_ulysses_match_naive_attention(distributed, size):
+    cases = _ring_cases() + _ulysses_cases(size)
+    per_rank = distributed(_run_cases, size, cases, timeout=240)
+    for i, case in enumerate(cases):
+        _compare(case, size, [r[i] for r in per_rank])
+
+
+def test_ring_of_one_process_matches_naive_attention():
+    for case in _ring_cases():
+        _compare(case, 1, [_shard_run(case, 0, 1)])
+
+
+def _float32_cases():
+    rank, size = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for layout in ("contiguous", "zigzag"):
+        case = dict(seed=7, layout=layout, causal=True, batch=2, seq_local=32, hq=4, hkv=2, d=16)
+        out[layout] = _shard_run(case, rank, size, dtype=torch.float32)
+    case = dict(seed=8, layout="zigzag", causal=True, batch=1, seq_local=16, hq=2, hkv=1, d=8)
+    bf16 = _shard_run(case, rank, size, dtype=torch.bfloat16)
+    return out, (bf16[0].dtype, bf16[1].dtype, bf16[0].float())
+
+
+@pytest.mark.timeout(180)
+def test_float32_and_bfloat16_at_realistic_tolerances(distributed):
+    per_rank = distributed(_float32_cases, 4, timeout=150)
+    for layout in ("contiguous", "zigzag"):
+        case = dict(seed=7, layout=layout, causal=True, batch=2, seq_local=32, hq=4, hkv=2, d=16)
+        assert per_rank[0][0][layout][0].dtype == torch.float32
+        _compare(case, 4, [r[0][layout] for r in per_rank], atol=2e-5, rtol=1e-4)
+    case = dict(seed=8, layout="zigzag", causal=True, batch=1, seq_local=16, hq=2, hkv=1, d=8)
+    out_dtype, lse_dtype, _ = per_rank[0][1]
+    assert out_dtype == torch.bfloat16 and lse_dtype == torch.float32
+    got = unshard_sequence([r[1][2] for r in per_rank], "zigzag")
+    torch.testing.assert_close(got.double(), _reference(case, 4)[0], atol=3e-2, rtol=3e-2)
+
+
+# ------------------------------------------------- rings, messages, failures
+
+def _two_rings_and_message_counts():
+    rank = dist.get_rank()
+    ring = [3, 1] if rank in (3, 1) else [0, 2]
+    index = ring.index(rank)
+    case = dict(seed=11 + (rank in (3, 1)), layout="zigzag", causal=True, batch=2, seq_local=4,
+                hq=4, hkv=2, d=3)
+    comms.records(clear=True)
+    two = _shard_run(case, index, 2, ranks=ring)
+    peers = {r.peer for r in comms.records() if r.op in ("send", "recv")}
+
+    # exact message counts on the whole world as one ring, forward and backward apart
+    case4 = dict(seed=13, layout="zigzag", causal=True, batch=2, seq_local=4, hq=4, hkv=2, d=3)
+    q, k, v, dout = (shard_sequence(t, rank, 4, "zigzag").clone() for t in _tensors(case4, 4)[:4])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    comms.records(clear=True)
+    out = ring_attention(q, k, v, causal=True, layout="zigzag")
+    fwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
+    out.backward(dout)
+    bwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
+    return two, peers, fwd, bwd
+
+
+@pytest.mark.timeout(180)
+def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
+    results = distributed(_two_rings_and_message_counts, 4, timeout=150)
+    for ring, seed in (([3, 1], 12), ([0, 2], 11)):
+        case = dict(seed=seed, layout="zigzag", causal=True, batch=2, seq_local=4, hq=4, hkv=2, d=3)
+        _compare(case, 2, [results[r][0] for r in ring])
+        for r in ring:  # nobody talked outside its ring
+            assert results[r][1] == {x for x in ring if x != r}
+    kv_bytes = 2 * (2 * 4 * 2 * 3) * 8          # K and V, un-expanded (2 heads), float64
+    for rank, (_, _, fwd, bwd) in enumerate(results):
+        nxt, prev = (rank + 1) % 4, (rank - 1) % 4
+        sends = [x for x in fwd if x[0] == "send"]
+        assert len(fwd) == 2 * 2 * 3 and all(x[0] in ("send", "recv") for x in fwd)
+        assert [x[2] for x in sends].count(kv_bytes) == 3          # P-1 K/V blocks
+        assert all(x[1] == nxt for x in sends)
+        assert all(x[1] == prev for x in fwd if x[0] == "recv")
+        sends = [x for x in bwd if x[0] == "send"]
+        assert len(bwd) == 2 * (2 * 4 - 1) and len(sends) == 2 * 4 - 1   # P-1 K/V + P dK/dV
+        assert [x[2] for x in sends].count(kv_bytes) == 3 + 4      # dK/dV accumulators: fp64 here
+
+
+def _mismatches():
+    rank, size = dist.get_rank(), dist.get_world_size()
+    errors = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+
+    s = 6 if rank != 1 else 8   # rank 1 has a different seq_local
+    q = torch.randn(1, s, 2, 4, dtype=F64)
+    attempt("seq_local", lambda: ring_attention(q, q, q, causal=True, layout="zigzag"))
+    odd = torch.randn(1, 5 if rank == 2 else 6, 2, 4, dtype=F64)  # only rank 2 is invalid
+    attempt("one invalid", lambda: ring_attention(odd, odd, odd, layout="zigzag"))
+    q = torch.randn(1, 4, 6, 4, dtype=F64)
+    attempt("ulysses heads", lambda: ulysses_attention(q, q, q))
+    u = torch.randn(1, 4 + (rank == 0), 4, 4, dtype=F64)
+    attempt("ulysses seq_local", lambda: ulysses_attention(u, u, u))
+    ok = torch.randn(1, 4, 4, 4, dtype=F64)  # the workers still work afterwards
+    attempt("after", lambda: ring_attention(ok, ok, ok, causal=True))
+    return errors
+
+
+@pytest.mark.timeout(180)
+def test_mismatches_raise_on_every_rank(distributed):
+    results = distributed(_mismatches, 4, timeout=120)
+    for rank, errors in enumerate(results):
+        assert "seq_local differs across the ring" in errors["seq_local"] and "[6, 8, 6, 6]" in errors["seq_local"]
+        if rank == 2:
+            assert "seq_local=5 must be even for layout='zigzag'" in errors["one invalid"]
+        else:
+            assert "invalid input at ring positions [2]" in errors["one invalid"]
+        assert "heads_q=6 must divide by the group size 4" in errors["ulysses heads"]
+        assert "seq_local differs across the group" in errors["ulysses seq_local"]
+        assert errors["after"] is None
+
+
+def test_bad_input_raises_clear_errors():
+    q = torch.randn(1, 4, 4, 8)
+    k = torch.randn(1, 4, 2, 8)
+    bad = [
+        (dict(q=q, k=torch.randn(1, 4, 2, 8), v=torch.randn(1, 4, 2, 7)), "must have the same shape"),
+        (dict(q=q, k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8)), "must agree on batch"),
+        (dict(q=q, k=k.double(), v=k.double()), "dtypes differ"),
+        (dict(q=q, k=torch.randn(1, 4, 3, 8), v=torch.randn(1, 4, 3, 8)), "heads_q=4 must divide by heads_kv=3"),
+        (dict(q=torch.randn(1, 5, 4, 8), k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8),
+              layout="zigzag"), "seq_local=5 must be even"),
+        (dict(q=q, k=k, v=k, cu_seqlens=torch.tensor([0, 3])), "from 0 to the global sequence length 4"),
+        (dict(q=q, k=k, v=k, cu_seqlens=torch.tensor([1, 4])), "from 0 to the global sequence length 4"),
+        (dict(q=q, k=k, v=k, cu_seqlens=torch.tensor([0, 3, 2, 4])), "non-decreasing"),
+        (dict(q=q, k=k, v=k, cu_seqlens=torch.tensor([0.0, 4.0])), "1-D integer tensor"),
+        (dict(q=q.expand(2, -1, -1, -1), k=k.expand(2, -1, -1, -1), v=k.expand(2, -1, -1, -1),
+              cu_seqlens=torch.tensor([0, 4])), "batch == 1"),
+        (dict(q=q, k=k, v=k, layout="stripe"), "layout='stripe'"),
+        (dict(q=q, k=k, v=k, scale=-1.0), "scale=-1.0"),
+        (dict(q=q[0], k=k, v=k), "must be [batch, seq_local, heads, head_dim]"),
+        (dict(q=q, k=k, v=k, ranks=[1, 2]), "rank 0 is not in the ring"),
+        (dict(q=q, k=k, v=k, ranks=[0, 0]), "contain a rank twice"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            ring_attention(**kwargs)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        ring_attention([1], k, k)
+    with pytest.raises(ValueError, match="heads_q=4 must divide by heads_kv=3"):
+        ulysses_attention(q, torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8))
+
+
+# ---------------------------------------------------------------- the merge
+
+def test_merge_is_nan_safe_on_minus_inf_rows():
+    inf = float("-inf")
+    out = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]], [[0.0, 0.0]]]], dtype=F64)   # [b=1, s=3, h=1, d=2]
+    lse = torch.tensor([[[0.5, inf, inf]]], dtype=F64)
+    out_b = torch.tensor([[[[3.0, 4.0]], [[5.0, 6.0]], [[0.0, 0.0]]]], dtype=F64)
+    lse_b = torch.tensor([[[0.5, 1.0, inf]]], dtype=F64)
+    merged, new = merge_partials(out, lse, out_b, lse_b)
+    assert not merged.isnan().any() and not new.isnan().any()
+    torch.testing.assert_close(merged[0, 0, 0], torch.tensor([2.0, 3.0], dtype=F64))  # equal weights
+    torch.testing.assert_close(merged[0, 1, 0], torch.tensor([5.0, 6.0], dtype=F64))  # only the block
+    assert merged[0, 2].eq(0).all() and new[0, 0, 2] == inf                              # nothing at all
+    # merging in either order, or a split of the keys, equals the whole block
+    q, k, v = torch.randn(1, 3, 2, 4, dtype=F64), torch.randn(1, 6, 1, 4, dtype=F64), torch.randn(1, 6, 1, 4, dtype=F64)
+    whole = block_forward(q, k, v, 0.5)
+    a, b = block_forward(q, k[:, :2], v[:, :2], 0.5), block_forward(q, k[:, 2:], v[:, 2:], 0.5)
+    for parts in ((a, b), (b, a)):
+        merged, new = merge_partials(*parts[0], *parts[1])
+        torch.testing.assert_close(merged, whole[0], atol=1e-14, rtol=0)
+        torch.testing.assert_close(new, whole[1], atol=1e-14, rtol=0)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    q, k, v = torch.randn(1, 3, 2, 4, dtype=F64), torch.randn(1, 3, 1, 4, dtype=F64), torch.randn(1, 3, 1, 4, dtype=F64)
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    out, lse = block_forward(q, k, v, 0.5, mask)
+    assert out[0, 1].eq(0).all() and lse[0, :, 1].eq(float("-inf")).all() and not out.isnan().any()
+    delta = torch.randn(1, 2, 3, dtype=F64)
+    grads = block_backward(q, k, v, torch.randn_like(q), lse, delta, 0.5, mask)
+    assert not any(g.isnan().any() for g in grads)
+    assert grads[0][0, 1].eq(0).all()
+
+
+# ----------------------------------------------------- layouts and balance
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_shard_unshard_round_trip(layout):
+    x = torch.arange(2 * 24 * 3).reshape(2, 24, 3)
+    for size, dim in itertools.product((1, 2, 3, 4), (1, -2)):
+        shards = [shard_sequence(x, i, size, layout, dim=dim) for i in range(size)]
+        assert torch.equal(unshard_sequence(shards, layout, dim=dim), x)
+        assert sum(s.shape[1] for s in shards) == 24
+    if layout == "zigzag":  # position i holds chunk i then chunk 2P-1-i
+        assert shard_sequence(torch.arange(8), 1, 2, "zigzag", dim=0).tolist() == [2, 3, 4, 5]
+        assert shard_sequence(torch.arange(8), 0, 2, "zigzag", dim=0).tolist() == [0, 1, 6, 7]
+    with pytest.raises(ValueError, match="must divide by"):
+        shard_sequence(torch.arange(10), 0, 3 if layout == "contiguous" else 2, layout, dim=0)
+    with pytest.raises(ValueError, match="index=2 must be in"):
+        shard_sequence(x, 2, 2, layout)
+
+
+def test_shard_batch_positions_follow_the_layout():
+    from loom.parallel import shard_batch, shard_positions
+    tokens = torch.arange(16).reshape(1, 16) + 100
+    for layout in ("contiguous", "zigzag"):
+        for i in range(4):
+            inputs, targets, pos = shard_batch(tokens, tokens + 1, i, 4, layout)
+            assert torch.equal(inputs[0] - 100, pos) and torch.equal(targets, inputs + 1)
+            assert torch.equal(pos, shard_positions(16, i, 4, layout))
+
+
+def test_zigzag_balances_causal_work_and_contiguous_does_not():
+    for size in (2, 3, 4, 8):
+        zig = ring_work(64, size, "zigzag", causal=True)
+        assert max(zig) == min(zig), zig
+        con = ring_work(64, size, "contiguous", causal=True)
+        assert con == sorted(con) and con[-1] == size * con[0]
+        # causal halves the work of non-causal (plus the diagonal blocks)
+        assert sum(zig) < 0.5 * sum(ring_work(64, size, "zigzag", causal=False)) + size * 64 * 64
