@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import GradientSync, SyntheticData, Transformer, next_token_loss
+from loom.parallel import GradientSync, SyntheticData, Transformer, apply_sequence_parallel, \
+    next_token_loss, shard_batch
 
-from .config import JobConfig
+from .config import JobConfig, sp_layout
 
 
 def resolve_device(device: str) -> torch.device:
@@ -42,6 +43,10 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep)
     device = resolve_device(cfg.job.device)
     model = build_model(cfg, device)
+    layout = sp_layout(cfg.parallel)
+    if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
+        apply_sequence_parallel(model, cfg.parallel.sp_attention, ranks=mesh.sp_ranks,
+                                group=mesh.sp_group, layout=layout)
     opt, sched = build_optimizer(cfg, model)
     grads = GradientSync(model.parameters(), None, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
     data = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed)
@@ -54,7 +59,14 @@ def train(cfg: JobConfig, reporter=None) -> dict:
         t0 = time.monotonic()
         comms.set_step(step)
         inputs, targets = data.batch(step, range(first, first + local_batch))
-        loss = next_token_loss(model(inputs.to(device)), targets.to(device))
+        positions = None
+        if mesh.sp > 1:
+            inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
+            positions = positions.to(device)
+        # every rank's loss is the mean over an equal share of the global
+        # batch's tokens, so gradients averaged over all ranks (dp and sp: ring
+        # attention already sent each rank's dK/dV home) are the global mean's
+        loss = next_token_loss(model(inputs.to(device), positions), targets.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grads.sync()

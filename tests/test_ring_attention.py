@@ -380,3 +380,49 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
         assert con == sorted(con) and con[-1] == size * con[0]
         # causal halves the work of non-causal (plus the diagonal blocks)
         assert sum(zig) < 0.5 * sum(ring_work(64, size, "zigzag", causal=False)) + size * 64 * 64
+
+
+# ------------------------------------------------------- the training loop
+
+_TRAIN = dict(steps=3, batch_size=2, seq_len=16, dim=16, heads=2, layers=2, vocab=32, dtype="float64",
+              progress=False, warmup_steps=1)
+
+
+def _train_many(runs):
+    from loom.launch.config import build_config, validate
+    from loom.launch.train import train
+    out = []
+    for overrides in runs:
+        cfg = validate(build_config(overrides={**_TRAIN, **overrides}), world_size=dist.get_world_size())
+        out.append(train(cfg)["losses"])
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_training_with_sp2_equals_sp1_float64(distributed):
+    """The loss curve of sequence-parallel training (ring zigzag, ring
+    contiguous, Ulysses; and dp=2 x sp=2 with GQA) equals one process's."""
+    (single,) = distributed(_train_many, 1, [dict(dp=1), dict(dp=1, kv_heads=1)], timeout=120)
+    two = distributed(_train_many, 2, [dict(dp=1, sp=2), dict(dp=1, sp=2, sp_layout="contiguous"),
+                                       dict(dp=1, sp=2, sp_attention="ulysses")], timeout=200)
+    four = distributed(_train_many, 4, [dict(dp=2, sp=2, kv_heads=1)], timeout=200)
+    assert single[0][-1] < single[0][0]
+    for rank_runs in two:
+        for losses in rank_runs:
+            assert max(abs(a - b) for a, b in zip(losses, single[0])) < 1e-10, (losses, single[0])
+    for (losses,) in four:
+        assert max(abs(a - b) for a, b in zip(losses, single[1])) < 1e-10, (losses, single[1])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(dp=1, sp=2, seq_len=6), r"--seq-len=6 must divide by 2\*sp=4 for zigzag sharding"),
+    (dict(dp=1, sp=4, seq_len=6, sp_layout="contiguous"), r"--seq-len=6 must divide by sp=4"),
+    (dict(dp=1, sp=2, sp_attention="ulysses", sp_layout="zigzag"), "needs --sp-layout contiguous"),
+    (dict(dp=1, sp=4, sp_attention="ulysses", heads=2, dim=16), "--heads=2 must divide by --sp=4"),
+    (dict(sp_attention="stripe"), "--sp-attention='stripe' must be ring or ulysses"),
+    (dict(sp_layout="diagonal"), "--sp-layout='diagonal' must be auto, zigzag or contiguous"),
+])
+def test_sequence_parallel_options_are_validated(overrides, needle):
+    from loom.launch.config import ConfigError, build_config, validate
+    with pytest.raises(ConfigError, match=needle):
+        validate(build_config(overrides=overrides))
