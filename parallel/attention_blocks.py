@@ -61,16 +61,30 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
 
 
+def _heads_first(x: torch.Tensor, kv_heads: int, dtype) -> torch.Tensor:
+    """[b, s, h, d] -> [b, kv_heads, (h / kv_heads) * s, d]: the query heads
+    that share a K/V head stacked along rows, so one matmul serves them all."""
+    b, s, h, d = x.shape
+    return x.to(dtype).permute(0, 2, 1, 3).reshape(b, kv_heads, (h // kv_heads) * s, d)
+
+
 def _scores(q, k, scale, mask):
-    """Scaled scores ``[b, kv_heads, rep, sq, sk]`` (masked to -inf) and the
-    scaled grouped queries."""
+    """Scaled scores ``[b, hkv, rep*sq, sk]`` (masked to -inf) and the scaled
+    grouped queries ``[b, hkv, rep*sq, d]``."""
     b, sq, hq, d = q.shape
+    hkv = k.shape[2]
     acc = accumulation_dtype(q.dtype)
-    qg = (q.to(acc) * scale).reshape(b, sq, k.shape[2], hq // k.shape[2], d)
-    s = torch.einsum("bqhrd,bkhd->bhrqk", qg, k.to(acc))
+    qh = _heads_first(q, hkv, acc) * scale   # out of place: it may be a view of q
+    s = torch.matmul(qh, k.to(acc).permute(0, 2, 3, 1))
     if mask is not None:
-        s.masked_fill_(~mask, float("-inf"))
-    return s, qg
+        s.view(b, hkv, hq // hkv, sq, -1).masked_fill_(~mask, float("-inf"))
+    return s, qh
+
+
+def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, hkv, rep*s, d] -> [b, s, heads, d] (a view)."""
+    b, _, n, d = x.shape
+    return x.reshape(b, heads, -1, d).permute(0, 2, 1, 3)
 
 
 def block_forward(q, k, v, scale: float, mask=None):
@@ -79,10 +93,13 @@ def block_forward(q, k, v, scale: float, mask=None):
     Returns ``(out [b, sq, hq, d], lse [b, hq, sq])`` in the accumulation dtype."""
     b, sq, hq, d = q.shape
     s, _ = _scores(q, k, scale, mask)
-    lse = torch.logsumexp(s, dim=-1)                      # [b, hkv, rep, sq]
-    p = s.sub_(_finite(lse)[..., None]).exp_()
-    out = torch.einsum("bhrqk,bkhd->bqhrd", p, v.to(s.dtype))
-    return out.reshape(b, sq, hq, d), lse.reshape(b, hq, sq)
+    top = _finite(s.amax(-1, keepdim=True))              # -inf for rows with nothing allowed
+    p = s.sub_(top).exp_()
+    total = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v.to(s.dtype).permute(0, 2, 1, 3))
+    out.div_(torch.where(total > 0, total, torch.ones((), dtype=total.dtype, device=total.device)))
+    lse = (top + total.log()).reshape(b, hq, sq)       # log(0) = -inf for those rows
+    return _heads_last(out, hq), lse
 
 
 def block_backward(q, k, v, dout, lse, delta, scale: float, mask=None):
@@ -93,16 +110,16 @@ def block_backward(q, k, v, dout, lse, delta, scale: float, mask=None):
     the query heads that share a K/V head."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
-    s, qg = _scores(q, k, scale, mask)
-    view = (b, hkv, hq // hkv, sq, 1)
-    p = s.sub_(_finite(lse).reshape(view)).exp_()
-    dog = dout.to(s.dtype).reshape(qg.shape)
-    kk, vv = k.to(s.dtype), v.to(s.dtype)
-    dv = torch.einsum("bhrqk,bqhrd->bkhd", p, dog)
-    ds = torch.einsum("bqhrd,bkhd->bhrqk", dog, vv).sub_(delta.reshape(view)).mul_(p)
-    dq = torch.einsum("bhrqk,bkhd->bqhrd", ds, kk).reshape(b, sq, hq, d).mul_(scale)
-    dk = torch.einsum("bhrqk,bqhrd->bkhd", ds, qg)      # qg carries the scale
-    return dq, dk, dv
+    s, qh = _scores(q, k, scale, mask)
+    rows = (b, hkv, -1, 1)
+    p = s.sub_(_finite(lse).reshape(rows)).exp_()
+    do = _heads_first(dout, hkv, s.dtype)
+    kk, vv = k.to(s.dtype).permute(0, 2, 1, 3), v.to(s.dtype).permute(0, 2, 1, 3)   # [b, hkv, sk, d]
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = torch.matmul(do, vv.transpose(-1, -2)).sub_(delta.reshape(rows)).mul_(p)
+    dq = torch.matmul(ds, kk).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), qh)         # qh carries the scale
+    return _heads_last(dq, hq), dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
 
 
 def merge_partials(out, lse, out_b, lse_b):

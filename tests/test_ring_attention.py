@@ -170,6 +170,14 @@ def test_ring_of_one_process_matches_naive_attention():
         _compare(case, 1, [_shard_run(case, 0, 1)])
 
 
+def test_inputs_are_not_modified():
+    q, k, v = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+    before = [t.clone() for t in (q, k, v)]
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ring_attention(q, k, v, causal=True, scale=0.7).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
 def _float32_cases():
     rank, size = dist.get_rank(), dist.get_world_size()
     out = {}
