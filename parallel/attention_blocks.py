@@ -16,6 +16,8 @@ import math
 import torch
 
 NONE, PARTIAL, FULL = 0, 1, 2  # how much of a block pair a mask allows
+TILE_ELEMENTS = 2**21  # score entries per tile: 8 MB in float32, cache-sized on CPUs
+MIN_TILE_ROWS = 16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,41 +170,55 @@ def _positions(segments, lo: int, hi: int, device) -> torch.Tensor:
     return torch.cat([torch.arange(g, g + n, device=device) for _, g, n in segments[lo:hi + 1]])
 
 
-def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None = None, device=None):
-    """What to compute for one (query shard, key shard) pair.
+def tile_rows_for(batch: int, heads: int, keys: int, elements: int = TILE_ELEMENTS) -> int:
+    """Query rows per tile so one tile's scores stay near ``elements`` entries."""
+    return max(MIN_TILE_ROWS, elements // max(1, batch * heads * keys))
+
+
+def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None = None, device=None,
+               tile_rows: int | None = None) -> list:
+    """What to compute for one (query shard, key shard) pair, as tiles.
 
     Segments are ``(local_start, global_start, length)`` runs of consecutive
-    global tokens, in local order.  Returns None when no query may attend to
-    any key, else ``(q_slice, k_slice, mask)``: the local rows and columns that
-    matter and a bool mask over them (None when all of it is allowed).  With
-    the zigzag layout this is what balances causal work: an off-diagonal pair
-    reduces to half the queries or half the keys."""
+    global tokens, in local order.  Returns a list (empty when no query may
+    attend to any key) of ``(q_slice, k_slice, mask)`` tiles of at most
+    ``tile_rows`` query rows: the local rows and the columns they need, with a
+    bool mask over them (None when all of it is allowed).  Skipping what a
+    mask forbids is what balances causal work under the zigzag layout: an
+    off-diagonal pair reduces to half the queries or half the keys, and a
+    diagonal pair to its lower triangle (at tile granularity)."""
     status = {(i, j): _pair_status(qg, qg + qn, kg, kg + kn, causal, docs)
               for i, (_, qg, qn) in enumerate(q_segments)
               for j, (_, kg, kn) in enumerate(k_segments)}
     live = [ij for ij, st in status.items() if st != NONE]
     if not live:
-        return None
+        return []
     qa, qb = min(i for i, _ in live), max(i for i, _ in live)
     ka, kb = min(j for _, j in live), max(j for _, j in live)
-    q_slice = slice(q_segments[qa][0], q_segments[qb][0] + q_segments[qb][2])
-    k_slice = slice(k_segments[ka][0], k_segments[kb][0] + k_segments[kb][2])
+    q0, q1 = q_segments[qa][0], q_segments[qb][0] + q_segments[qb][2]
+    k0, k1 = k_segments[ka][0], k_segments[kb][0] + k_segments[kb][2]
+    step = q1 - q0 if tile_rows is None else max(1, int(tile_rows))
     if all(status[i, j] == FULL for i in range(qa, qb + 1) for j in range(ka, kb + 1)):
-        return q_slice, k_slice, None
+        return [(slice(r, min(q1, r + step)), slice(k0, k1), None) for r in range(q0, q1, step)]
     pq, pk = _positions(q_segments, qa, qb, device), _positions(k_segments, ka, kb, device)
     mask = torch.ones(len(pq), len(pk), dtype=torch.bool, device=device)
     if causal:
         mask &= pk[None, :] <= pq[:, None]
     if docs is not None:
         mask &= docs.ids(pq)[:, None] == docs.ids(pk)[None, :]
-    if not bool(mask.any()):
-        return None
-    return q_slice, k_slice, mask
+    tiles = []
+    for r in range(0, q1 - q0, step):
+        sub = mask[r:r + step]
+        cols = sub.any(0).nonzero()
+        if len(cols) == 0:
+            continue
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        sub = sub[:, c0:c1]
+        tiles.append((slice(q0 + r, q0 + r + len(sub)), slice(k0 + c0, k0 + c1),
+                      None if bool(sub.all()) else sub))
+    return tiles
 
 
-def plan_area(plan) -> int:
-    """Score entries a plan computes per (batch, head): its work."""
-    if plan is None:
-        return 0
-    q, k, _ = plan
-    return (q.stop - q.start) * (k.stop - k.start)
+def plan_area(tiles) -> int:
+    """Score entries a plan's tiles compute per (batch, head): its work."""
+    return sum((q.stop - q.start) * (k.stop - k.start) for q, k, _ in tiles)

@@ -22,7 +22,7 @@ import torch
 from loom.comms import Ring, world_ranks
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
-    check_qkv, merge_partials, plan_area, plan_block
+    check_qkv, merge_partials, plan_area, plan_block, tile_rows_for
 from .sequence import check_layout, shard_segments
 
 _KV, _ACC, _CHECK = 0, 1, 2  # ring channels (message kinds that are in flight together)
@@ -36,24 +36,27 @@ class RingSpec:
     causal: bool
     scale: float
     docs: Documents | None = None
+    tile_rows: int | None = None
 
-    def plan(self, position: int, source: int, device=None):
-        """The block plan for queries at ``position`` against keys from ``source``."""
+    def plan(self, position: int, source: int, device=None) -> list:
+        """The tiles for queries at ``position`` against keys from ``source``."""
         return plan_block(self.segments[position], self.segments[source], causal=self.causal,
-                          docs=self.docs, device=device)
+                          docs=self.docs, device=device, tile_rows=self.tile_rows)
 
 
 def make_spec(seq_local: int, size: int, layout: str, *, causal: bool, scale: float,
-              cu_seqlens=None, device=None) -> RingSpec:
+              cu_seqlens=None, device=None, tile_rows: int | None = None) -> RingSpec:
     segments = tuple(tuple(shard_segments(seq_local, i, size, layout)) for i in range(size))
     docs = None if cu_seqlens is None else Documents([int(c) for c in cu_seqlens], device)
-    return RingSpec(segments, bool(causal), float(scale), docs)
+    return RingSpec(segments, bool(causal), float(scale), docs, tile_rows)
 
 
-def ring_work(seq_local: int, size: int, layout: str, *, causal: bool, cu_seqlens=None) -> list[int]:
+def ring_work(seq_local: int, size: int, layout: str, *, causal: bool, cu_seqlens=None,
+              tile_rows: int | None = None) -> list[int]:
     """Score entries each position computes (per batch and head) over a
     forward: the causal balance of a layout, without running anything."""
-    spec = make_spec(seq_local, size, layout, causal=causal, scale=1.0, cu_seqlens=cu_seqlens)
+    spec = make_spec(seq_local, size, layout, causal=causal, scale=1.0, cu_seqlens=cu_seqlens,
+                     tile_rows=tile_rows)
     return [sum(plan_area(spec.plan(i, j)) for j in range(size)) for i in range(size)]
 
 
@@ -133,12 +136,9 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
         lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
         for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
-            plan = spec.plan(ring.position, ring.owner(step), q.device)
-            if plan is None:
-                continue
-            rows, cols, mask = plan
-            o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
-            out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_b, l_b)
+            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
+                o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
+                out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_b, l_b)
         out = out.to(q.dtype)
         ctx.ring, ctx.spec = ring, spec
         ctx.save_for_backward(q, k, v, out, lse)
@@ -154,33 +154,29 @@ class _RingAttention(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(acc)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkv, incoming, sending = None, None, ()
+        part = torch.empty((2,) + tuple(k.shape), dtype=acc, device=k.device)  # this step's dK/dV
+        incoming, sending = None, ()
         for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
-            plan = spec.plan(ring.position, ring.owner(step), q.device)
-            grads = None
-            if plan is not None:
-                rows, cols, mask = plan
+            part.zero_()
+            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
                 dq_b, dk_b, dv_b = block_backward(q[:, rows], kv[0][:, cols], kv[1][:, cols],
                                                   dout[:, rows], lse[:, :, rows], delta[:, :, rows],
                                                   spec.scale, mask)
                 dq[:, rows] += dq_b
-                grads = (cols, dk_b, dv_b)
-            # the accumulator of the block held now: fresh at step 0, else the
-            # one that travelled here with it (received while computing)
-            dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc, device=k.device) if incoming is None \
-                else incoming.wait()
+                part[0][:, cols] += dk_b
+                part[1][:, cols] += dv_b
+            # add to the accumulator of the block held now: the one that
+            # travelled here with it (received while computing), fresh at step 0
+            dkv = part.clone() if incoming is None else incoming.wait().add_(part)
             for p in sending:
                 p.wait()
-            if grads is not None:
-                cols, dk_b, dv_b = grads
-                dkv[0][:, cols] += dk_b
-                dkv[1][:, cols] += dv_b
             if ring.size > 1:  # pass it on; after P passes every accumulator is home
-                sent, incoming = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
-                sending = (sent,)
+                sending = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
+                incoming = sending[1]
+                sending = sending[:1]
         if incoming is not None:
             dkv = incoming.wait()
-            sent.wait()
+            sending[0].wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
@@ -217,7 +213,7 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     if ring.size > 1:
         mine = _description(q, k, layout, bool(causal), scale, cu_seqlens, ring)
         _check_ring_agrees(ring, mine, q.device)
-    spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale,
-                     cu_seqlens=cu_seqlens, device=q.device)
+    spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
+                     device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]))
     out, lse = run_ring(q, k, v, ring, spec)
     return (out, lse) if return_lse else out

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from loom import comms
 from loom.parallel import ring_attention, shard_sequence, ulysses_attention, unshard_sequence
 from loom.parallel.attention_blocks import block_backward, block_forward, merge_partials
-from loom.parallel.ring_attention import ring_work
+from loom.parallel.ring_attention import make_spec, ring_work, run_ring
 
 F64 = torch.float64
 ATOL = 1e-10
@@ -76,9 +76,14 @@ def _shard_run(case, index, size, ranks=None, dtype=F64):
         out = ulysses_attention(q, k, v, causal=case["causal"], scale=case.get("scale"))
         lse = None
         loss = (out.double() * dout.double()).sum()
+    elif case.get("tile_rows"):  # the ring's own loop with small tiles (the API picks cache-sized ones)
+        spec = make_spec(q.shape[1], size, layout, causal=case["causal"], scale=q.shape[-1] ** -0.5,
+                         cu_seqlens=_cu(case, size), tile_rows=case["tile_rows"])
+        out, lse = run_ring(q, k, v, comms.Ring(ranks or list(range(size))), spec)
     else:
         out, lse = ring_attention(q, k, v, causal=case["causal"], layout=layout, ranks=ranks,
                                   scale=case.get("scale"), cu_seqlens=_cu(case, size), return_lse=True)
+    if lse is not None:
         with_lse = case.get("lse_grad", True)
         loss = (out.double() * dout.double()).sum() + ((lse.double() * dlse.double()).sum() if with_lse else 0)
     grads = torch.autograd.grad(loss, (q, k, v))
@@ -137,6 +142,11 @@ def _ring_cases():
         seed += 1
         cases.append(dict(seed=seed, layout=layout, causal=causal, batch=1, seq_local=6, hq=4, hkv=2,
                           d=3, docs=docs))
+    for layout, causal, (tile, docs) in itertools.product(("contiguous", "zigzag"), (True, False),
+                                                          ((2, None), (4, _docs_cut), (1, _docs_short))):
+        seed += 1
+        cases.append(dict(seed=seed, layout=layout, causal=causal, batch=1 if docs else 2, seq_local=6,
+                          hq=4, hkv=2, d=3, docs=docs, tile_rows=tile))
     cases.append(dict(seed=99, layout="zigzag", causal=True, batch=2, seq_local=4, hq=2, hkv=1, d=4,
                       scale=0.3, lse_grad=False))
     return cases
@@ -167,6 +177,9 @@ def test_ring_and_ulysses_match_naive_attention(distributed, size):
 
 def test_ring_of_one_process_matches_naive_attention():
     for case in _ring_cases():
+        _compare(case, 1, [_shard_run(case, 0, 1)])
+    for layout in ("contiguous", "zigzag"):  # long enough for the API to cut blocks into tiles
+        case = dict(seed=5, layout=layout, causal=True, batch=1, seq_local=384, hq=16, hkv=4, d=4)
         _compare(case, 1, [_shard_run(case, 0, 1)])
 
 
@@ -246,6 +259,50 @@ def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
         sends = [x for x in bwd if x[0] == "send"]
         assert len(bwd) == 2 * (2 * 4 - 1) and len(sends) == 2 * 4 - 1   # P-1 K/V + P dK/dV
         assert [x[2] for x in sends].count(kv_bytes) == 3 + 4      # dK/dV accumulators: fp64 here
+
+
+def _ring_basics():
+    rank = dist.get_rank()
+    out = {}
+    ring = comms.Ring([3, 1] if rank in (3, 1) else [0, 2])
+    out["pair"] = (ring.position, ring.next, ring.prev, ring.all_gather(torch.tensor([rank])).tolist())
+    if rank != 1:  # a ring of three over [2, 0, 3] while rank 1 sits out
+        three = comms.Ring([2, 0, 3])
+        out["three"] = [(step, int(b)) for step, b in three.rotate(torch.tensor(float(rank)))]
+    # two rings over the same edges, told apart by their tags even when the
+    # ranks post their messages in opposite orders
+    a, b = comms.Ring([0, 1, 2, 3], tag=1), comms.Ring([0, 1, 2, 3], tag=2)
+    got_a, got_b = torch.empty(3), torch.empty(5)
+    first, second = ((a, torch.full((3,), float(rank)), got_a), (b, torch.full((5,), -float(rank)), got_b))
+    order = (first, second) if rank % 2 else (second, first)
+    pending = [p for ring_, x, buf in order for p in ring_.shift(x, buf)]
+    comms.wait_all(pending)
+    out["tags"] = (got_a.tolist(), got_b.tolist())
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_ring_over_rank_lists(distributed):
+    results = distributed(_ring_basics, 4, timeout=90)
+    assert results[3]["pair"] == (0, 1, 1, [[3], [1]]) and results[1]["pair"] == (1, 3, 3, [[3], [1]])
+    assert results[0]["pair"] == (0, 2, 2, [[0], [2]]) and results[2]["pair"] == (1, 0, 0, [[0], [2]])
+    # position p holds the block of position p - step
+    assert results[2]["three"] == [(0, 2), (1, 3), (2, 0)]
+    assert results[0]["three"] == [(0, 0), (1, 2), (2, 3)]
+    assert "three" not in results[1]
+    for rank, r in enumerate(results):
+        prev = (rank - 1) % 4
+        assert r["tags"] == ([prev] * 3, [-prev] * 5)
+
+
+def test_ring_rejects_bad_rank_lists():
+    for bad, message in (([], "non-empty"), ([0, "a"], "not a global rank"), ([0, -1], "not a global rank"),
+                         ([0, 1, 0], "twice"), ([5], "rank 0 is not in the ring"), ("01", "sequence")):
+        with pytest.raises(ValueError, match=message):
+            comms.Ring(bad)
+    with pytest.raises(ValueError, match="tag"):
+        comms.Ring([0], tag=-1)
+    assert comms.Ring([0]).size == 1 and comms.world_ranks() == [0]
 
 
 def _mismatches():
@@ -388,6 +445,11 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
         assert con == sorted(con) and con[-1] == size * con[0]
         # causal halves the work of non-causal (plus the diagonal blocks)
         assert sum(zig) < 0.5 * sum(ring_work(64, size, "zigzag", causal=False)) + size * 64 * 64
+        # with tiles, the diagonal blocks shrink to their lower triangle (at tile granularity)
+        tiled = ring_work(64, size, "zigzag", causal=True, tile_rows=8)
+        assert max(tiled) == min(tiled)
+        full = 64 * 64 * size
+        assert sum(tiled) == pytest.approx(full * size / 2, rel=0.1)
 
 
 # ------------------------------------------------------- the training loop
