@@ -16,7 +16,7 @@ import math
 import torch
 
 NONE, PARTIAL, FULL = 0, 1, 2  # how much of a block pair a mask allows
-TILE_ELEMENTS = 2**21  # score entries per tile: 8 MB in float32, cache-sized on CPUs
+TILE_ELEMENTS = 2**20  # score entries per tile: 4 MB in float32, cache-sized on CPUs
 MIN_TILE_ROWS = 16
 
 
@@ -104,12 +104,13 @@ def block_forward(q, k, v, scale: float, mask=None):
     return _heads_last(out, hq), lse
 
 
-def block_backward(q, k, v, dout, lse, delta, scale: float, mask=None):
+def block_backward(q, k, v, dout, lse, delta, scale: float, mask, dk_acc, dv_acc):
     """Gradients of one block pair given the *final* (merged) ``lse`` of the
     query rows and ``delta = rowsum(dout * out) - dlse`` (both ``[b, hq, sq]``).
 
-    Returns ``(dq, dk, dv)`` in the accumulation dtype; dk/dv are summed over
-    the query heads that share a K/V head."""
+    Adds dK and dV (summed over the query heads that share a K/V head) into
+    ``dk_acc`` / ``dv_acc``, heads-first ``[b, hkv, sk, d]`` views in the
+    accumulation dtype, and returns dq ``[b, sq, hq, d]``."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     s, qh = _scores(q, k, scale, mask)
@@ -117,11 +118,16 @@ def block_backward(q, k, v, dout, lse, delta, scale: float, mask=None):
     p = s.sub_(_finite(lse).reshape(rows)).exp_()
     do = _heads_first(dout, hkv, s.dtype)
     kk, vv = k.to(s.dtype).permute(0, 2, 1, 3), v.to(s.dtype).permute(0, 2, 1, 3)   # [b, hkv, sk, d]
-    dv = torch.matmul(p.transpose(-1, -2), do)
+    _add_matmul(dv_acc, p.transpose(-1, -2), do)
     ds = torch.matmul(do, vv.transpose(-1, -2)).sub_(delta.reshape(rows)).mul_(p)
-    dq = torch.matmul(ds, kk).mul_(scale)
-    dk = torch.matmul(ds.transpose(-1, -2), qh)         # qh carries the scale
-    return _heads_last(dq, hq), dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
+    _add_matmul(dk_acc, ds.transpose(-1, -2), qh)       # qh carries the scale
+    return _heads_last(torch.matmul(ds, kk).mul_(scale), hq)
+
+
+def _add_matmul(acc, a, b) -> None:
+    """``acc += a @ b`` for [batch, heads, ., .] operands, without a temporary
+    the size of ``acc``."""
+    acc.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
 
 
 def merge_partials(out, lse, out_b, lse_b):

@@ -154,30 +154,28 @@ class _RingAttention(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(acc)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        part = torch.empty((2,) + tuple(k.shape), dtype=acc, device=k.device)  # this step's dK/dV
+        b, s, hkv, d = k.shape
+        part = torch.empty((2, b, hkv, s, d), dtype=acc, device=k.device)  # this step's dK/dV, heads first
         incoming, sending = None, ()
         for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
             part.zero_()
             for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
-                dq_b, dk_b, dv_b = block_backward(q[:, rows], kv[0][:, cols], kv[1][:, cols],
-                                                  dout[:, rows], lse[:, :, rows], delta[:, :, rows],
-                                                  spec.scale, mask)
-                dq[:, rows] += dq_b
-                part[0][:, cols] += dk_b
-                part[1][:, cols] += dv_b
+                dq[:, rows] += block_backward(q[:, rows], kv[0][:, cols], kv[1][:, cols], dout[:, rows],
+                                              lse[:, :, rows], delta[:, :, rows], spec.scale, mask,
+                                              part[0][:, :, cols], part[1][:, :, cols])
             # add to the accumulator of the block held now: the one that
             # travelled here with it (received while computing), fresh at step 0
             dkv = part.clone() if incoming is None else incoming.wait().add_(part)
             for p in sending:
                 p.wait()
             if ring.size > 1:  # pass it on; after P passes every accumulator is home
-                sending = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
-                incoming = sending[1]
-                sending = sending[:1]
+                sent, incoming = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
+                sending = (sent,)
         if incoming is not None:
             dkv = incoming.wait()
             sending[0].wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        dk, dv = (g.permute(0, 2, 1, 3).to(k.dtype) for g in dkv)
+        return dq.to(q.dtype), dk, dv, None, None
 
 
 def run_ring(q, k, v, ring, spec: RingSpec):
