@@ -95,7 +95,7 @@ def block_forward(q, k, v, scale: float, mask=None):
     Returns ``(out [b, sq, hq, d], lse [b, hq, sq])`` in the accumulation dtype."""
     b, sq, hq, d = q.shape
     s, _ = _scores(q, k, scale, mask)
-    top = _finite(s.amax(-1, keepdim=True))              # -inf for rows with nothing allowed
+    top = _finite(s.amax(-1, keepdim=True))              # 0, not -inf, for rows with nothing allowed
     p = s.sub_(top).exp_()
     total = p.sum(-1, keepdim=True)
     out = torch.matmul(p, v.to(s.dtype).permute(0, 2, 1, 3))
@@ -127,7 +127,7 @@ def block_backward(q, k, v, dout, lse, delta, scale: float, mask, dk_acc, dv_acc
 def _add_matmul(acc, a, b) -> None:
     """``acc += a @ b`` for [batch, heads, ., .] operands, without a temporary
     the size of ``acc``."""
-    acc.flatten(0, 1).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))
+    acc.view(-1, *acc.shape[2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))  # view: never a copy
 
 
 def merge_partials(out, lse, out_b, lse_b):
