@@ -237,6 +237,7 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     single = _single_process(args)
     base = single["single process (SDPA)"]
     explicit = single["single process (loom block kernel)"]
@@ -281,7 +282,9 @@ def main(argv=None):
         cfg = (f"global sequence {args.seq} tokens, batch {args.batch}, {args.heads} query heads, "
                f"{args.kv_heads} K/V heads, head_dim {args.head_dim}, float32, causal, gloo, one "
                f"thread per rank, median of {args.reps} fwd+bwd after a warm-up")
-        body = (f"{cfg}.\n\n{table}\n\n"
+        load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+        body = (f"{cfg}. Machine load average: {load} (other jobs inflate wall times; the "
+                f"counted imbalance and the peaks do not depend on load).\n\n{table}\n\n"
                 "- *ring / own compute*: the ring's fwd+bwd time over the same rank's block compute "
                 "alone (the ring loop with a ring that does not talk); 1.00 = communication fully "
                 "hidden. Target ≤ 1.25 at P = 2.\n"
