@@ -26,10 +26,11 @@ from .ops import (
     wait_all,
 )
 from .ring import Ring, world_ranks
+from .scan import all_scan
 from .trace import CommRecord, records, reset_trace, set_step
 
 __all__ = [
-    "CommRecord", "Mesh", "Pending", "all_gather", "all_gather_with_grad", "all_reduce",
+    "CommRecord", "Mesh", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",

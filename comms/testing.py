@@ -179,9 +179,13 @@ def _collect(procs, results, world_size, timeout, what):
             error = _rebuild_exception(rank, exc_bytes, tb)
             # A peer that died without a word is the cause of the others'
             # "connection closed" errors: name it rather than the symptom.
-            time.sleep(0.2)
-            reported = set(out) | {rank} | _drain_ranks(results)
-            dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+            reported = set(out) | {rank}
+            dead: list[int] = []
+            grace = time.monotonic() + 1.5  # a crashed peer may still be exiting
+            while not dead and time.monotonic() < grace:
+                time.sleep(0.05)
+                reported |= _drain_ranks(results)
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
             if dead:
                 raise WorkerError(f"{what}: rank {dead[0]} died with exit code "
                                   f"{procs[dead[0]].exitcode} before returning a result "

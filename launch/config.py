@@ -103,6 +103,8 @@ for _section, _field in _section_fields():
 
 def _field_type(f) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t.replace(" ", "") in ("int|str", "str|int"):
+        return str  # a count or a pattern (model layers); the dataclass parses and checks it
     for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if t.startswith(name):
             return typ
@@ -218,11 +220,15 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     return cfg
 
 
-def sp_layout(parallel: ParallelSection) -> str:
-    """The sequence layout a job uses ("auto" resolved by the attention kind)."""
-    if parallel.sp_layout == "auto":
-        return "contiguous" if parallel.sp_attention == "ulysses" else "zigzag"
-    return parallel.sp_layout
+def sp_layout(cfg: JobConfig) -> str:
+    """The sequence layout a job uses: "auto" is zigzag for ring attention on an
+    all-softmax model, contiguous for Ulysses or a model with linear layers."""
+    p = cfg.parallel
+    if p.sp_layout != "auto":
+        return p.sp_layout
+    if p.sp_attention == "ulysses" or "linear" in cfg.model.layer_kinds:
+        return "contiguous"
+    return "zigzag"
 
 
 def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
@@ -231,9 +237,11 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
         return [f"--sp-attention={p.sp_attention!r} must be ring or ulysses"]
     if p.sp_layout not in ("auto", "zigzag", "contiguous"):
         return [f"--sp-layout={p.sp_layout!r} must be auto, zigzag or contiguous"]
-    layout, problems = sp_layout(p), []
+    layout, problems = sp_layout(cfg), []
     if p.sp_attention == "ulysses" and layout != "contiguous":
         problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")
+    if "linear" in cfg.model.layer_kinds and layout != "contiguous":
+        problems.append("linear-attention layers need --sp-layout contiguous (or auto)")
     if p.sp > 1:
         parts, what = (2 * p.sp, "2*sp") if layout == "zigzag" else (p.sp, "sp")
         if t.seq_len % parts:
@@ -256,7 +264,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                    help=f"{help_text} (default: {default})")
             else:
-                group.add_argument(flag, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
+                metavar = f.metadata.get("metavar", _field_type(f).__name__.upper())
+                group.add_argument(flag, dest=f.name, default=None, metavar=metavar,
                                    help=f"{help_text} (default: {default})")
 
 

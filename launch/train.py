@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import GradientSync, SyntheticData, Transformer, apply_sequence_parallel, \
-    next_token_loss, shard_batch
+from loom.parallel import GradientSync, SyntheticData, Transformer, enable_sequence_parallel, \
+    next_token_loss, sequence_parallel_core, shard_batch
 
 from .config import JobConfig, sp_layout
 
@@ -43,10 +43,11 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep)
     device = resolve_device(cfg.job.device)
     model = build_model(cfg, device)
-    layout = sp_layout(cfg.parallel)
+    layout = sp_layout(cfg)
     if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
-        apply_sequence_parallel(model, cfg.parallel.sp_attention, ranks=mesh.sp_ranks,
-                                group=mesh.sp_group, layout=layout)
+        core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
+                                      layout=layout)
+        enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     opt, sched = build_optimizer(cfg, model)
     grads = GradientSync(model.parameters(), None, bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
     data = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed)

@@ -1,32 +1,46 @@
 """A small decoder-only transformer in plain PyTorch.
 
 Parallelism is not baked in: the attention core is a replaceable callable on
-each `Attention` module (``attn.core(q, k, v, causal=...)``), so sequence
-parallelism is applied from outside by swapping it.  Positions are explicit
-(global token indices), so a sequence shard computes exactly what the whole
-sequence would.
+each `Attention` module (``attn.core(q, k, v, causal=...)``) and on each
+`LinearAttention` module (``attn.core(q, k, v, log_decay, scale=...)``), so
+sequence parallelism is applied from outside by swapping it
+(`enable_sequence_parallel`).  Positions are explicit (global token indices),
+so a sequence shard computes exactly what the whole sequence would.
+``ModelConfig.layers`` is a block count (all softmax) or a pattern such as
+``"linear,linear,softmax"`` for a hybrid model.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loom import comms
+from loom.comms.scan import METHODS as SCAN_METHODS
+
+from .linear_attention import linear_attention, local_linear_attention
+
+LAYER_KINDS = ("softmax", "linear")
+
 
 @dataclass
 class ModelConfig:
     vocab: int = field(default=256, metadata={"help": "vocabulary size"})
     dim: int = field(default=64, metadata={"help": "model width"})
-    layers: int = field(default=2, metadata={"help": "transformer blocks"})
+    layers: int | str = field(default=2, metadata={
+        "help": "transformer blocks: a count (all softmax attention) or a comma-separated pattern of "
+                "softmax/linear, e.g. linear,linear,softmax", "metavar": "N|PATTERN"})
     heads: int = field(default=4, metadata={"help": "attention heads"})
     kv_heads: int | None = field(default=None, metadata={"help": "key/value heads (GQA; default: heads)"})
     ffn_hidden: int | None = field(default=None, metadata={"help": "feed-forward width (default: 4 * dim)"})
     rope_base: float = field(default=10000.0, metadata={"help": "rotary embedding base"})
 
     def __post_init__(self):
-        for name in ("vocab", "dim", "layers", "heads"):
+        self.layers = _normalise_layers(self.layers)
+        for name in ("vocab", "dim", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model {name}={getattr(self, name)} must be >= 1")
         if self.dim % self.heads:
@@ -39,6 +53,32 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The attention kind of each block, in order."""
+        if isinstance(self.layers, int):
+            return ("softmax",) * self.layers
+        return tuple(self.layers.split(","))
+
+
+def _normalise_layers(layers) -> int | str:
+    """A count stays an int (a string of digits becomes one); a pattern becomes
+    ``"kind,kind,..."`` with every kind checked."""
+    if isinstance(layers, str) and layers.strip().isdigit():
+        layers = int(layers.strip())
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if layers < 1:
+            raise ValueError(f"model layers={layers} must be >= 1")
+        return layers
+    if not isinstance(layers, str):
+        raise ValueError(f"model layers={layers!r} must be a count or a pattern like 'linear,softmax'")
+    kinds = [kind.strip().lower() for kind in layers.split(",")]
+    bad = [kind for kind in kinds if kind not in LAYER_KINDS]
+    if bad:
+        raise ValueError(f"model layers={layers!r}: unknown layer kind {bad[0]!r}; expected a count "
+                         f"or a comma-separated pattern of {' / '.join(LAYER_KINDS)}")
+    return ",".join(kinds)
 
 
 def local_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
@@ -83,6 +123,35 @@ class Attention(nn.Module):
         return self.wo(self.core(q, k, v, causal=True).reshape(b, s, -1))
 
 
+class LinearAttention(nn.Module):
+    """Gated linear attention (GLA-style) with the same heads and head_dim as
+    `Attention` (kv_heads does not apply).  The per-key-dim log decay comes
+    from a low-rank gate through logsigmoid, divided by a temperature so that
+    decays start near 1; positions are not needed (the decay orders tokens)."""
+
+    def __init__(self, cfg: ModelConfig, gate_rank: int = 16, gate_temperature: float = 16.0):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        width = self.heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, width, bias=False)
+        self.wk = nn.Linear(cfg.dim, width, bias=False)
+        self.wv = nn.Linear(cfg.dim, width, bias=False)
+        self.gate_down = nn.Linear(cfg.dim, gate_rank, bias=False)
+        self.gate_up = nn.Linear(gate_rank, width, bias=True)
+        self.gate_temperature = gate_temperature
+        self.out_norm = nn.RMSNorm(self.head_dim)   # per head: linear attention has no softmax normaliser
+        self.wo = nn.Linear(width, cfg.dim, bias=False)
+        self.core = local_linear_attention  # swapped by sequence-parallel plans
+
+    def forward(self, x, positions=None):
+        b, s, _ = x.shape
+        shape = (b, s, self.heads, self.head_dim)
+        q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
+        log_decay = F.logsigmoid(self.gate_up(self.gate_down(x))).view(shape) / self.gate_temperature
+        out = self.core(q, k, v, log_decay, scale=self.head_dim ** -0.5)
+        return self.wo(self.out_norm(out).reshape(b, s, -1))
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -95,10 +164,11 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str = "softmax"):
         super().__init__()
         self.attn_norm, self.ffn_norm = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
-        self.attn, self.ffn = Attention(cfg), FeedForward(cfg)
+        self.attn = LinearAttention(cfg) if kind == "linear" else Attention(cfg)
+        self.ffn = FeedForward(cfg)
 
     def forward(self, x, positions):
         x = x + self.attn(self.attn_norm(x), positions)
@@ -110,7 +180,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -123,6 +193,33 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, positions)
         return self.head(self.norm(x))
+
+
+def enable_sequence_parallel(model: nn.Module, ranks=None, *, group=None, linear_method: str = "allscan",
+                             softmax_core=None) -> nn.Module:
+    """Make ``model`` run on a contiguous sequence shard (rank position p of
+    ``ranks`` -- global ranks in sequence order, default the ranks of ``group``
+    -- holds the p-th slice; pass global ``positions`` to the forward).
+
+    Linear-attention layers scan their states over the ranks with
+    ``linear_method``; softmax layers need a sequence-parallel ``softmax_core``
+    (e.g. ring attention over the same ranks in the contiguous layout), which
+    is required when the model has any.  Swaps cores in place; returns ``model``."""
+    if linear_method not in SCAN_METHODS:
+        raise ValueError(f"enable_sequence_parallel: linear_method={linear_method!r} must be one of "
+                         f"{SCAN_METHODS}")
+    count = len(ranks) if ranks is not None else len(comms.group_ranks(group))
+    has_softmax = any(isinstance(m, Attention) for m in model.modules())
+    if has_softmax and softmax_core is None and count > 1:
+        raise ValueError("enable_sequence_parallel: the model has softmax attention layers; pass a "
+                         "sequence-parallel softmax_core (ring attention in the contiguous layout)")
+    linear_core = functools.partial(linear_attention, group=group, ranks=ranks, method=linear_method)
+    for m in model.modules():
+        if isinstance(m, LinearAttention):
+            m.core = linear_core
+        elif isinstance(m, Attention) and softmax_core is not None:
+            m.core = softmax_core
+    return model
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -473,14 +473,17 @@ def _train_many(runs):
 def test_training_with_sp2_equals_sp1_float64(distributed):
     """The loss curve of sequence-parallel training (ring zigzag, ring
     contiguous, Ulysses; and dp=2 x sp=2 with GQA) equals one process's."""
-    (single,) = distributed(_train_many, 1, [dict(dp=1), dict(dp=1, kv_heads=1)], timeout=120)
+    hybrid = dict(layers="linear,softmax")  # linear layers scan their state: contiguous shards
+    (single,) = distributed(_train_many, 1, [dict(dp=1), dict(dp=1, kv_heads=1), dict(dp=1, **hybrid)],
+                            timeout=150)
     two = distributed(_train_many, 2, [dict(dp=1, sp=2), dict(dp=1, sp=2, sp_layout="contiguous"),
-                                       dict(dp=1, sp=2, sp_attention="ulysses")], timeout=200)
+                                       dict(dp=1, sp=2, sp_attention="ulysses"),
+                                       dict(dp=1, sp=2, **hybrid)], timeout=240)
     four = distributed(_train_many, 4, [dict(dp=2, sp=2, kv_heads=1)], timeout=200)
     assert single[0][-1] < single[0][0]
     for rank_runs in two:
-        for losses in rank_runs:
-            assert max(abs(a - b) for a, b in zip(losses, single[0])) < 1e-10, (losses, single[0])
+        for losses, ref in zip(rank_runs, (single[0], single[0], single[0], single[2])):
+            assert max(abs(a - b) for a, b in zip(losses, ref)) < 1e-10, (losses, ref)
     for (losses,) in four:
         assert max(abs(a - b) for a, b in zip(losses, single[1])) < 1e-10, (losses, single[1])
 
@@ -492,8 +495,17 @@ def test_training_with_sp2_equals_sp1_float64(distributed):
     (dict(dp=1, sp=4, sp_attention="ulysses", heads=2, dim=16), "--heads=2 must divide by --sp=4"),
     (dict(sp_attention="stripe"), "--sp-attention='stripe' must be ring or ulysses"),
     (dict(sp_layout="diagonal"), "--sp-layout='diagonal' must be auto, zigzag or contiguous"),
+    (dict(dp=1, sp=2, layers="linear,softmax", sp_layout="zigzag"), "linear-attention layers need"),
 ])
 def test_sequence_parallel_options_are_validated(overrides, needle):
     from loom.launch.config import ConfigError, build_config, validate
     with pytest.raises(ConfigError, match=needle):
         validate(build_config(overrides=overrides))
+
+
+def test_auto_layout_follows_attention_and_layers():
+    from loom.launch.config import build_config, sp_layout
+    assert sp_layout(build_config(overrides=dict(sp=2))) == "zigzag"
+    assert sp_layout(build_config(overrides=dict(sp=2, sp_attention="ulysses"))) == "contiguous"
+    assert sp_layout(build_config(overrides=dict(sp=2, layers="linear,softmax"))) == "contiguous"
+    assert sp_layout(build_config(overrides=dict(sp=2, sp_layout="contiguous"))) == "contiguous"

@@ -1,0 +1,138 @@
+"""Gated linear attention, sequence-parallel over a chain of ranks with All-Scan.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t,    o_t = (scale · q_t) S_t
+
+q, k, log_decay g are [batch, seq_local, heads, d_k], v is [batch, seq_local,
+heads, d_v]; the sequence is laid out contiguously over the ranks (rank
+position p holds the p-th slice).  Each rank
+
+1. runs the chunked recurrence on its slice from a zero state: inside a chunk
+   an attention-like term, across chunks the state;
+2. scans (decay product of its slice, final local state) with
+   `loom.comms.all_scan` to get its true initial state S_in;
+3. corrects its outputs with q_t · exp(g_1 + ... + g_t) · S_in.
+
+States and decay products are float32 (float64 for float64 input).  Every
+decay factor is the exp of a plain sum of log decays (never a difference of
+cumulative sums), so a decay of exactly 0 (g = -inf) or 1 (g = 0) is exact.
+Gradients come from autograd through the local steps and from the scan's own
+backward, which is the reverse scan.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.comms import all_scan
+
+
+def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str = "allscan",
+                     chunk_size: int = 64, scale: float | None = None, return_final_state: bool = False):
+    """Gated linear attention over the sequence sharded contiguously on ``ranks``
+    (global ranks in sequence order; default: the ranks of ``group``, default world).
+
+    ``method`` picks the scan ("allscan", "serial" or "allgather").  Returns the
+    output [batch, seq_local, heads, d_v] in q's dtype and, with
+    ``return_final_state``, also the state after this rank's last token
+    [batch, heads, d_k, d_v] (float32, or float64)."""
+    qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
+    out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
+    cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start
+    decay = cum[:, :, -1].exp() if cum.shape[2] else torch.ones_like(local_state[..., 0])
+    initial = all_scan(decay, local_state, group=group, ranks=ranks, method=method)
+    out = out + (qh * cum.exp()) @ initial
+    return _finish(out, q.dtype, return_final_state, decay[..., None] * initial + local_state)
+
+
+def local_linear_attention(q, k, v, log_decay, *, chunk_size: int = 64, scale: float | None = None,
+                           return_final_state: bool = False):
+    """The same layer on one process (no communication): the whole sequence is local."""
+    qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
+    out, state = _chunked(qh, kh, vh, gh, chunk_size)
+    return _finish(out, q.dtype, return_final_state, state)
+
+
+def _prepare(q, k, v, g, chunk_size, scale):
+    """Validate; return heads-first [b, h, s, d] copies in the state dtype (q scaled)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("log_decay", g)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"linear_attention: {name} must be a floating-point tensor")
+        if t.dim() != 4:
+            raise ValueError(f"linear_attention: {name} {tuple(t.shape)} must be [batch, seq, heads, dim]")
+    if q.shape != k.shape or g.shape != k.shape or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"linear_attention: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"log_decay {tuple(g.shape)} must be equal and v {tuple(v.shape)} must share "
+                         f"[batch, seq, heads]")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"linear_attention: chunk_size={chunk_size!r} must be an integer >= 1")
+    if g.numel() and not bool((g <= 0).all()):  # also rejects NaN
+        bad = g[~(g <= 0)][0].item()
+        raise ValueError(f"linear_attention: log_decay must be <= 0 everywhere (found {bad})")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh, kh, vh, gh = (t.transpose(1, 2).to(dtype) for t in (q, k, v, g))
+    if scale is not None and scale != 1:
+        qh = qh * scale
+    return qh, kh, vh, gh
+
+
+def _finish(out, dtype, return_final_state, state):
+    out = out.transpose(1, 2).to(dtype)
+    return (out, state) if return_final_state else out
+
+
+def _chunked(q, k, v, g, chunk_size):
+    """Outputs and final state from a zero initial state; all [b, h, s, d]."""
+    b, h, s, d_k = k.shape
+    state = q.new_zeros(b, h, d_k, v.shape[-1])
+    outs = []
+    for lo in range(0, s, chunk_size):
+        qc, kc, vc, gc = (t[:, :, lo:lo + chunk_size] for t in (q, k, v, g))
+        head = gc.cumsum(2)                        # decay from the chunk start through t
+        out = (qc * head.exp()) @ state + _intra_chunk(qc, kc, gc) @ vc
+        tail = _after(gc)                          # decay from s (exclusive) to the chunk end
+        state = head[:, :, -1, :, None].exp() * state + (kc * tail.exp()).transpose(-1, -2) @ vc
+        outs.append(out)
+    return (torch.cat(outs, 2) if outs else v.new_zeros(b, h, 0, v.shape[-1])), state
+
+
+_BLOCK = 16  # tokens per block of the intra-chunk term (bounds its [block, block, d_k] tensors)
+
+
+def _intra_chunk(q, k, g):
+    """A[t, s] = Σ_d q_t[d] k_s[d] exp(g_{s+1} + ... + g_t)[d] for s <= t, else 0.
+
+    In blocks of _BLOCK tokens.  On the diagonal the segment sums are cumulated
+    pairwise (`_pairwise`).  Below it the decay factors into (key s to the end of
+    its block) x (whole blocks in between) x (start of the query's block to t),
+    each the exp of a plain sum <= 0, so the block is one matmul."""
+    c = g.shape[2]
+    qs, ks, gs = ([t[:, :, i:i + _BLOCK] for i in range(0, c, _BLOCK)] for t in (q, k, g))
+    keys = [kb * _after(gb).exp() for kb, gb in zip(ks, gs)]         # decayed to their block end
+    through = [gb.sum(2, keepdim=True).exp() for gb in gs]          # decay across a whole block
+    rows, end = [], 0
+    for i, (qb, kb, gb) in enumerate(zip(qs, ks, gs)):
+        end += gb.shape[2]
+        row = [_pairwise(qb, kb, gb)]
+        query = qb * gb.cumsum(2).exp()
+        for j in range(i - 1, -1, -1):
+            row.insert(0, query @ keys[j].transpose(-1, -2))
+            query = query * through[j]
+        rows.append(F.pad(torch.cat(row, -1), (0, c - end)))
+    return torch.cat(rows, 2)
+
+
+def _pairwise(q, k, g):
+    """The intra-chunk term with exact segment sums, cumulated directly (no
+    difference of prefix sums, so exact and -inf safe): [c, c, d_k] memory."""
+    c = g.shape[2]
+    later = torch.ones(c, c, dtype=torch.bool, device=g.device).tril(-1)   # [m, s]: m > s
+    seg = torch.where(later[:, :, None], g[:, :, :, None, :], 0).cumsum(2)  # [b, h, t, s, d]
+    causal = torch.ones(c, c, dtype=torch.bool, device=g.device).tril()     # t >= s
+    decay = torch.where(causal[:, :, None], seg, float("-inf")).exp()
+    return torch.einsum("bhtd,bhsd,bhtsd->bhts", q, k, decay)
+
+
+def _after(g):
+    """Σ_{m > s} g_m within the chunk, for every s (0 for the last)."""
+    rev = g.flip(2).cumsum(2).flip(2)                  # Σ_{m >= s}
+    return torch.cat([rev[:, :, 1:], torch.zeros_like(rev[:, :, :1])], 2)
