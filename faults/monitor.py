@@ -1,0 +1,365 @@
+"""Online fault detection: per-rank monitors feeding an out-of-band aggregator.
+
+Each rank runs a `Monitor`: a daemon thread that, every ``interval`` seconds,
+reads the records loom.comms appended since its last read (plus the in-flight
+ones that finished), and ships them as compact tuples with a heartbeat to the
+aggregator.  The transport never touches the process group being watched:
+a TCPStore queue (`StoreTransport` / `StoreAggregator`, torchrun and tests) or
+a Ray actor (loom.launch wraps an `Aggregator` in one).
+
+The `Aggregator` keeps a bounded window of records per rank, runs `detect`,
+and publishes every new fault once: to callbacks, to ``faults.jsonl`` (and
+per-step waits to ``waits.jsonl``) in its log directory, and - for a fatal
+fault (hang, lost rank) - as the *verdict* that monitors can act on.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import math
+import os
+import pickle
+import socket
+import threading
+import time
+
+import torch.distributed as dist
+
+from loom.comms import CommRecord, TraceReader, trace
+
+from .detect import DetectConfig, Fault, StepTable, detect, edge_of
+
+INBOX = "loom/faults/inbox"
+VERDICT = "loom/faults/verdict"
+FAULTS_LOG = "faults.jsonl"
+WAITS_LOG = "waits.jsonl"
+
+
+# ------------------------------------------------------------------ rank side
+
+def _encode(rec: CommRecord) -> tuple:
+    return (rec.group, rec.seq, rec.op, rec.nbytes, rec.peer, rec.signature, rec.t_enter, rec.t_exit,
+            rec.step)
+
+
+class StoreTransport:
+    """A rank's line to a `StoreAggregator` (a TCPStore queue)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0):
+        self.store = dist.TCPStore(host, int(port), is_master=False,
+                                   timeout=datetime.timedelta(seconds=timeout))
+
+    def send(self, payload: bytes) -> None:
+        self.store.queue_push(INBOX, payload)
+
+    def verdict(self) -> dict | None:
+        if self.store.check([VERDICT]):
+            return json.loads(self.store.get(VERDICT))
+        return None
+
+
+class Monitor:
+    """Ships this rank's new records and a heartbeat every ``interval`` s.
+
+    ``transport`` has ``send(bytes)`` and optionally ``verdict() -> dict|None``;
+    a ``(host, port)`` pair means a `StoreTransport`.  ``on_fatal(fault)`` is
+    called once, from the monitor thread, when the aggregator publishes a
+    fatal fault (a hung rank cannot act on it itself, so the callback usually
+    ends or releases the process)."""
+
+    def __init__(self, transport, *, rank: int | None = None, interval: float = 0.1, on_fatal=None):
+        if interval <= 0:
+            raise ValueError(f"Monitor interval={interval} must be > 0")
+        if isinstance(transport, tuple):
+            transport = StoreTransport(*transport)
+        if rank is None:
+            rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        self.transport, self.rank, self.interval, self.on_fatal = transport, rank, interval, on_fatal
+        self.fatal: Fault | None = None
+        self._reader = TraceReader()
+        self._groups_sent: set = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.shipped = 0
+
+    def start(self) -> "Monitor":
+        if self._thread is None:
+            self._ship()  # register (pid, host) before anything can go wrong
+            self._thread = threading.Thread(target=self._loop, name=f"loom-monitor-{self.rank}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ship what is left and say goodbye (a departed rank is not 'lost')."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        try:
+            self._ship(bye=True)
+        except Exception:
+            pass  # the aggregator may already be gone at shutdown
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._ship()
+                self._check_verdict()
+            except Exception:
+                if self._stop.is_set():
+                    return
+                time.sleep(self.interval)  # aggregator briefly unreachable: keep trying
+
+    def _ship(self, bye: bool = False) -> None:
+        with self._lock:
+            recs = self._reader.read()
+            groups = {}
+            for rec in recs:
+                if rec.group not in self._groups_sent:
+                    self._groups_sent.add(rec.group)
+                    groups[rec.group] = rec.group_ranks
+            payload = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                       "t": trace.clock(), "recs": [_encode(r) for r in recs], "groups": groups,
+                       "dropped": self._reader.dropped, "bye": bye}
+            self.transport.send(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+            self.shipped += len(recs)
+
+    def _check_verdict(self) -> None:
+        if self.on_fatal is None or self.fatal is not None:
+            return
+        verdict = getattr(self.transport, "verdict", lambda: None)()
+        if verdict is not None:
+            self.fatal = Fault.from_dict(verdict)
+            self.on_fatal(self.fatal)
+
+
+# ----------------------------------------------------------- aggregator side
+
+def _pid_alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+class Aggregator:
+    """Collects the ranks' summaries, runs `detect`, publishes new faults.
+
+    ``callbacks`` are called as ``cb(fault)`` for every new fault.  With
+    ``log_dir``, faults go to ``faults.jsonl`` (one JSON object per line: the
+    fault, ``t`` seconds since the aggregator started, ``time`` wall clock,
+    ``seen_step`` the latest step any rank had reached) and per-step waits to
+    ``waits.jsonl``.  Processes on this host are checked for liveness
+    directly (``check_pids``); others by their heartbeats."""
+
+    def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
+                 callbacks=(), window: int = 512, check_pids: bool = True, recheck_s: float = 0.25):
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        self.world_size, self.config = world_size, config or DetectConfig()
+        self.callbacks, self.window, self.check_pids = list(callbacks), window, check_pids
+        self.recheck_s = recheck_s
+        self.windows: dict[int, collections.OrderedDict] = {r: collections.OrderedDict()
+                                                            for r in range(world_size)}
+        self.group_ranks: dict[int, dict] = {r: {} for r in range(world_size)}
+        self.heard: dict[int, tuple[float, float]] = {}  # rank -> (its clock, our clock) at last message
+        self.procs: dict[int, tuple[int, str]] = {}
+        self.departed: set[int] = set()
+        self.dropped: dict[int, int] = {}
+        self.first_step: int | None = None
+        self.faults: list[Fault] = []
+        self.verdict: Fault | None = None
+        self._published: set = set()
+        self._dirty = False
+        self._last_check = -math.inf
+        self._t0 = time.monotonic()
+        self._host = socket.gethostname()
+        self._waits_written = -1
+        self._faults_log = self._waits_log = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            self._faults_log = open(os.path.join(log_dir, FAULTS_LOG), "a", buffering=1)
+            self._waits_log = open(os.path.join(log_dir, WAITS_LOG), "a", buffering=1)
+
+    # -- input
+    def ingest(self, payload, received_at: float | None = None) -> None:
+        msg = pickle.loads(payload) if isinstance(payload, (bytes, bytearray)) else payload
+        rank = int(msg["rank"])
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"summary from rank {rank}, outside 0..{self.world_size - 1}")
+        self.heard[rank] = (msg["t"], time.monotonic() if received_at is None else received_at)
+        self.procs[rank] = (msg["pid"], msg["host"])
+        self.dropped[rank] = msg.get("dropped", 0)
+        self.group_ranks[rank].update(msg.get("groups", {}))
+        win = self.windows[rank]
+        for group, seq, op, nbytes, peer, sig, t_enter, t_exit, step in msg["recs"]:
+            rec = CommRecord(rank, group, tuple(self.group_ranks[rank].get(group, ())), seq, op, nbytes, peer,
+                             sig, t_enter, t_exit, step)
+            key = (group, edge_of(rec), seq)
+            win[key] = rec
+            win.move_to_end(key)
+            if step is not None and (self.first_step is None or step < self.first_step):
+                self.first_step = step
+            self._dirty = True
+        while len(win) > self.window:
+            win.popitem(last=False)
+        if msg.get("bye"):
+            self.departed.add(rank)
+
+    # -- analysis
+    def snapshot(self) -> dict[int, list[CommRecord]]:
+        return {r: list(w.values()) for r, w in self.windows.items() if w}
+
+    def _liveness(self, now: float) -> tuple[dict, dict]:
+        clocks, silent = {}, {}
+        for rank, (t_rank, t_ours) in self.heard.items():
+            clocks[rank] = t_rank + (now - t_ours)
+            if rank in self.departed:
+                continue
+            silent[rank] = now - t_ours
+            pid, host = self.procs[rank]
+            if self.check_pids and host == self._host and not _pid_alive(pid):
+                silent[rank] = math.inf
+        return clocks, silent
+
+    def check(self, force: bool = False) -> list[Fault]:
+        """Run the detectors if something changed (or every ``recheck_s``);
+        return the faults not published before, after publishing them."""
+        now = time.monotonic()
+        clocks, silent = self._liveness(now)
+        if force or self._dirty or now - self._last_check >= self.recheck_s:
+            self._dirty, self._last_check = False, now
+            faults = detect(self.snapshot(), config=self.config, now=clocks, silent=silent,
+                            first_step=self.first_step)
+            self._write_waits()
+        else:  # nothing new: only liveness can have changed
+            faults = detect({}, config=self.config, silent=silent)
+            faults = [f for f in faults if f.kind == "lost_rank"]
+        return self._publish(faults, now)
+
+    def _publish(self, faults: list[Fault], now: float) -> list[Fault]:
+        new = []
+        for fault in faults:
+            if fault.key in self._published:
+                continue
+            self._published.add(fault.key)
+            self.faults.append(fault)
+            new.append(fault)
+            if fault.fatal and self.verdict is None:
+                self.verdict = fault
+            if self._faults_log is not None:
+                entry = {**fault.to_dict(), "t": round(now - self._t0, 3),
+                         "time": datetime.datetime.now().isoformat(timespec="milliseconds"),
+                         "seen_step": self.latest_step()}
+                self._faults_log.write(json.dumps(entry) + "\n")
+            for cb in self.callbacks:
+                cb(fault)
+        return new
+
+    def latest_step(self) -> int | None:
+        steps = [rec.step for w in self.windows.values() if w for rec in (next(reversed(w.values())),)
+                 if rec.step is not None]
+        return max(steps) if steps else None
+
+    def _write_waits(self) -> None:
+        if self._waits_log is None:
+            return
+        table = StepTable(self.snapshot())
+        for u in table.complete:
+            if u > self._waits_written:
+                self._waits_log.write(json.dumps({"step": u, "wait_s": table.wait[u],
+                                                  "step_s": table.step_time[u]}) + "\n")
+                self._waits_written = u
+
+    def all_departed(self) -> bool:
+        return len(self.departed) == self.world_size
+
+    def close(self) -> None:
+        for fh in (self._faults_log, self._waits_log):
+            if fh is not None:
+                fh.close()
+        self._faults_log = self._waits_log = None
+
+
+class StoreAggregator:
+    """An `Aggregator` fed through a TCPStore queue, in a thread of this process.
+
+    It hosts its own TCPStore (never the process group's): ranks connect
+    `Monitor`s to ``address``.  A fatal fault is published under the verdict
+    key, where the monitors see it."""
+
+    def __init__(self, world_size: int, config: DetectConfig | None = None, *, host: str = "127.0.0.1",
+                 port: int = 0, log_dir: str | None = None, callbacks=(), interval: float = 0.05,
+                 window: int = 512, check_pids: bool = True):
+        self.aggregator = Aggregator(world_size, config, log_dir=log_dir, callbacks=callbacks, window=window,
+                                     check_pids=check_pids)
+        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=60))
+        self.address = (host, self.store.port)
+        self.interval = interval
+        self.detected_at: dict[tuple, float] = {}  # fault key -> time.monotonic() when published
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loom-fault-aggregator", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def faults(self) -> list[Fault]:
+        return list(self.aggregator.faults)
+
+    @property
+    def verdict(self) -> Fault | None:
+        return self.aggregator.verdict
+
+    def start(self) -> "StoreAggregator":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._poll()  # last words
+        self.aggregator.check(force=True)
+        self.aggregator.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _poll(self) -> None:
+        for _ in range(self.store.queue_len(INBOX)):
+            self.aggregator.ingest(self.store.queue_pop(INBOX, False))
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self._poll()
+                for fault in self.aggregator.check():
+                    self.detected_at[fault.key] = time.monotonic()
+                    if fault is self.aggregator.verdict:
+                        self.store.set(VERDICT, json.dumps(fault.to_dict()))
+        except BaseException as exc:  # noqa: BLE001 - kept for the owner to inspect
+            self.error = exc
+            raise
