@@ -8,7 +8,7 @@ ships each rank's records to an out-of-band `Aggregator` that runs it online;
 from . import inject
 from .detect import FATAL_KINDS, KINDS, DetectConfig, Fault, StepTable, detect, step_waits
 from .inject import Injection, Injector
-from .monitor import Aggregator, Monitor, StoreAggregator, StoreTransport
+from .monitor import Aggregator, LogWriter, Monitor, StoreAggregator, StoreTransport
 
-__all__ = ["Aggregator", "DetectConfig", "FATAL_KINDS", "Fault", "Injection", "Injector", "KINDS", "Monitor",
+__all__ = ["Aggregator", "DetectConfig", "FATAL_KINDS", "Fault", "Injection", "Injector", "KINDS", "LogWriter", "Monitor",
            "StepTable", "StoreAggregator", "StoreTransport", "detect", "inject", "step_waits"]

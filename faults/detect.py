@@ -71,9 +71,11 @@ class Fault:
         return self.kind in FATAL_KINDS
 
     def to_dict(self) -> dict:
+        """JSON-ready (an infinite score, e.g. a process known gone, is None)."""
         d = asdict(self)
         d["ranks"], d["seqs"] = list(self.ranks), list(self.seqs)
         d["link"] = None if self.link is None else list(self.link)
+        d["score"] = self.score if math.isfinite(self.score) else None
         return d
 
     @classmethod
@@ -82,6 +84,7 @@ class Fault:
         d = {k: v for k, v in d.items() if k in names}
         d["ranks"], d["seqs"] = tuple(d.get("ranks", ())), tuple(d.get("seqs", ()))
         d["link"] = None if d.get("link") is None else tuple(d["link"])
+        d["score"] = math.inf if d.get("score") is None else d["score"]
         return cls(**d)
 
     def __str__(self) -> str:
@@ -243,9 +246,10 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
         where = f"{rec.op} #{top} of {_where(group, edge)}" + (f" (step {step})" if step is not None else "")
         if missing:
             who = ", ".join(map(str, missing))
+            many = len(waiting) > 1
             text = (f"rank{'s' if len(missing) > 1 else ''} {who} never entered {where}: "
-                    f"ranks {', '.join(map(str, sorted(waiting)))} have waited {elapsed:.1f} s "
-                    f"(threshold {threshold:.1f} s)")
+                    f"rank{'s' if many else ''} {', '.join(map(str, sorted(waiting)))} ha{'ve' if many else 's'} "
+                    f"waited {elapsed:.1f} s (threshold {threshold:.1f} s)")
         else:
             text = (f"every rank entered {where} and none finished in {elapsed:.1f} s "
                     f"(threshold {threshold:.1f} s)")
@@ -369,19 +373,23 @@ class StepTable:
     """Per rank and step: time spent communicating (``wait``: the sum of its
     ops' durations) and the step's length (from its first op to the next
     step's first op), both on the rank's own clock.  A step counts once every
-    rank is done with it."""
+    rank of ``ranks`` is done with it (default: the members of the groups in
+    the records), so a rank whose reports are late holds it back."""
 
-    def __init__(self, records: dict[int, list[CommRecord]]):
+    def __init__(self, records: dict[int, list[CommRecord]], ranks=None):
         wait: dict = defaultdict(dict)
         count: dict = defaultdict(dict)
         open_: dict = defaultdict(set)
         first: dict = defaultdict(dict)
         last_step: dict[int, int] = {}
+        members: set = set()
         for rank, recs in records.items():
             for rec in recs:
                 u = rec.step
                 if u is None:
                     continue
+                if ranks is None and rec.group_ranks not in members:
+                    members.add(rec.group_ranks)
                 count[u][rank] = count[u].get(rank, 0) + 1
                 if rec.t_exit is None:
                     open_[u].add(rank)
@@ -391,11 +399,13 @@ class StepTable:
                     first[u][rank] = rec.t_enter
                 if rec.step > last_step.get(rank, -math.inf):
                     last_step[rank] = rec.step
-        self.ranks = sorted(last_step)
+        if ranks is None:
+            ranks = set(last_step).union(*members)
+        self.ranks = sorted(ranks)
         self.wait, self.step_time, self.complete = {}, {}, []
         for u in sorted(count):
             ranks = count[u]
-            if len(ranks) < len(self.ranks) or open_.get(u):
+            if any(r not in ranks for r in self.ranks) or open_.get(u):
                 continue
             # done: it started a later step, or it closed as many ops as in its previous step
             if not all(last_step[r] > u or count.get(u - 1, {}).get(r, 0) and ranks[r] >= count[u - 1][r]

@@ -62,7 +62,8 @@ class StoreTransport:
 class Monitor:
     """Ships this rank's new records and a heartbeat every ``interval`` s.
 
-    ``transport`` has ``send(bytes)`` and optionally ``verdict() -> dict|None``;
+    ``transport`` has ``send(bytes)`` and optionally ``verdict() -> dict|None``
+    and ``flush()`` (wait until sent);
     a ``(host, port)`` pair means a `StoreTransport`.  ``on_fatal(fault)`` is
     called once, from the monitor thread, when the aggregator publishes a
     fatal fault (a hung rank cannot act on it itself, so the callback usually
@@ -100,6 +101,7 @@ class Monitor:
             self._thread.join(5.0)
         try:
             self._ship(bye=True)
+            getattr(self.transport, "flush", lambda: None)()
         except Exception:
             pass  # the aggregator may already be gone at shutdown
 
@@ -169,7 +171,8 @@ class Aggregator:
     ``log_dir``, faults go to ``faults.jsonl`` (one JSON object per line: the
     fault, ``t`` seconds since the aggregator started, ``time`` wall clock,
     ``seen_step`` the latest step any rank had reached) and per-step waits to
-    ``waits.jsonl``.  Processes on this host are checked for liveness
+    ``waits.jsonl``; without it, the owner `drain`s those lines and writes them
+    where it likes (`LogWriter`).  Processes on this host are checked for liveness
     directly (``check_pids``); others by their heartbeats."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
@@ -195,11 +198,8 @@ class Aggregator:
         self._t0 = time.monotonic()
         self._host = socket.gethostname()
         self._waits_written = -1
-        self._faults_log = self._waits_log = None
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            self._faults_log = open(os.path.join(log_dir, FAULTS_LOG), "a", buffering=1)
-            self._waits_log = open(os.path.join(log_dir, WAITS_LOG), "a", buffering=1)
+        self._pending: dict[str, list] = {"faults": [], "waits": []}  # log lines not yet drained
+        self._log = LogWriter(log_dir) if log_dir else None
 
     # -- input
     def ingest(self, payload, received_at: float | None = None) -> None:
@@ -251,7 +251,7 @@ class Aggregator:
             self._dirty, self._last_check = False, now
             faults = detect(self.snapshot(), config=self.config, now=clocks, silent=silent,
                             first_step=self.first_step)
-            self._write_waits()
+            self._record_waits()
         else:  # nothing new: only liveness can have changed
             faults = detect({}, config=self.config, silent=silent)
             faults = [f for f in faults if f.kind == "lost_rank"]
@@ -267,38 +267,60 @@ class Aggregator:
             new.append(fault)
             if fault.fatal and self.verdict is None:
                 self.verdict = fault
-            if self._faults_log is not None:
-                entry = {**fault.to_dict(), "t": round(now - self._t0, 3),
-                         "time": datetime.datetime.now().isoformat(timespec="milliseconds"),
-                         "seen_step": self.latest_step()}
-                self._faults_log.write(json.dumps(entry) + "\n")
+            self._pending["faults"].append({
+                **fault.to_dict(), "t": round(now - self._t0, 3),
+                "time": datetime.datetime.now().isoformat(timespec="milliseconds"),
+                "seen_step": self.latest_step()})
             for cb in self.callbacks:
                 cb(fault)
+        if self._log is not None:
+            self._log.write(self.drain())
         return new
+
+    def drain(self) -> dict[str, list]:
+        """The log lines (``faults``, ``waits``) produced since the last drain
+        (when the aggregator writes no log itself, its owner writes them)."""
+        out, self._pending = self._pending, {"faults": [], "waits": []}
+        return out
 
     def latest_step(self) -> int | None:
         steps = [rec.step for w in self.windows.values() if w for rec in (next(reversed(w.values())),)
                  if rec.step is not None]
         return max(steps) if steps else None
 
-    def _write_waits(self) -> None:
-        if self._waits_log is None:
-            return
-        table = StepTable(self.snapshot())
+    def _record_waits(self) -> None:
+        table = StepTable(self.snapshot(), range(self.world_size))
         for u in table.complete:
             if u > self._waits_written:
-                self._waits_log.write(json.dumps({"step": u, "wait_s": table.wait[u],
-                                                  "step_s": table.step_time[u]}) + "\n")
+                self._pending["waits"].append({"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]})
                 self._waits_written = u
 
     def all_departed(self) -> bool:
         return len(self.departed) == self.world_size
 
     def close(self) -> None:
-        for fh in (self._faults_log, self._waits_log):
-            if fh is not None:
-                fh.close()
-        self._faults_log = self._waits_log = None
+        if self._log is not None:
+            self._log.write(self.drain())
+            self._log.close()
+            self._log = None
+
+
+class LogWriter:
+    """Appends an aggregator's log lines to ``faults.jsonl`` and ``waits.jsonl``."""
+
+    def __init__(self, log_dir: str):
+        os.makedirs(log_dir, exist_ok=True)
+        self.files = {"faults": open(os.path.join(log_dir, FAULTS_LOG), "a", buffering=1),
+                      "waits": open(os.path.join(log_dir, WAITS_LOG), "a", buffering=1)}
+
+    def write(self, lines: dict[str, list]) -> None:
+        for name, rows in lines.items():
+            for row in rows:
+                self.files[name].write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
 
 
 class StoreAggregator:
