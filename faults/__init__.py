@@ -10,5 +10,5 @@ from .detect import FATAL_KINDS, KINDS, DetectConfig, Fault, StepTable, detect, 
 from .inject import Injection, Injector
 from .monitor import Aggregator, LogWriter, Monitor, StoreAggregator, StoreTransport
 
-__all__ = ["Aggregator", "DetectConfig", "FATAL_KINDS", "Fault", "Injection", "Injector", "KINDS", "LogWriter", "Monitor",
-           "StepTable", "StoreAggregator", "StoreTransport", "detect", "inject", "step_waits"]
+__all__ = ["Aggregator", "DetectConfig", "FATAL_KINDS", "Fault", "Injection", "Injector", "KINDS", "LogWriter",
+           "Monitor", "StepTable", "StoreAggregator", "StoreTransport", "detect", "inject", "step_waits"]

@@ -62,8 +62,8 @@ class Fault:
         """What makes two detections the same fault (a monitor reports each once)."""
         if self.kind == "slow_link":
             return (self.kind, self.link)
-        if self.kind == "mismatch":
-            return (self.kind, self.group, self.ranks)
+        if self.kind == "mismatch":  # the first one in a group; later ones are its echoes
+            return (self.kind, self.group, self.link)
         return (self.kind, self.ranks)
 
     @property
@@ -284,6 +284,9 @@ def _mismatches(idx: _Index) -> list[Fault]:
                 continue
             if edge is None:
                 variants = {r: _shape_key(rec) for r, rec in recs.items()}
+                members = idx.members[(group, edge)]
+                if len(recs) < len(members) and not _settled(variants, members):
+                    break  # wait for the other ranks' reports before naming anyone
             else:  # the two ends of a message: same dtype and size
                 variants = {r: (rec.signature[0] if rec.signature else None, rec.nbytes)
                             for r, rec in recs.items()}
@@ -308,6 +311,15 @@ def _mismatches(idx: _Index) -> list[Fault]:
             out.append(Fault("mismatch", culprits, edge, group, (seq,), float(len(culprits)), text, step))
             break  # later sequence numbers of this group are out of step anyway
     return out
+
+
+def _settled(variants: dict, members) -> bool:
+    """Whether the ranks still missing cannot change who is in the minority:
+    one variant already holds more than half of the members, the rest differ."""
+    counts = defaultdict(int)
+    for v in variants.values():
+        counts[v] += 1
+    return len(counts) > 1 and max(counts.values()) * 2 > len(members)
 
 
 def _describe(variant) -> str:

@@ -170,9 +170,14 @@ class Injector:
         comms.all_reduce(probe, "sum", self.group)
 
     def _slow_send_hook(self, links):
+        started = set()
+
         def hook(src, dst, tensor):
             step = comms.trace.current_step()
             for inj in links:
                 if inj.dst == dst and (step is None or inj.active(step)):
+                    if inj not in started:  # log the onset once, not every send
+                        started.add(inj)
+                        self._note("slow_link", step)
                     time.sleep(inj.delay)
         return hook

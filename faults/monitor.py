@@ -333,8 +333,10 @@ class StoreAggregator:
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, host: str = "127.0.0.1",
                  port: int = 0, log_dir: str | None = None, callbacks=(), interval: float = 0.05,
                  window: int = 512, check_pids: bool = True):
-        self.aggregator = Aggregator(world_size, config, log_dir=log_dir, callbacks=callbacks, window=window,
-                                     check_pids=check_pids)
+        self._make = lambda: Aggregator(world_size, config, log_dir=log_dir, callbacks=callbacks,
+                                        window=window, check_pids=check_pids)
+        self.aggregator = self._make()
+        self._lock = threading.Lock()
         self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=60))
         self.address = (host, self.store.port)
@@ -360,9 +362,21 @@ class StoreAggregator:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        self._poll()  # last words
-        self.aggregator.check(force=True)
-        self.aggregator.close()
+        with self._lock:
+            self._step(force=True)  # last words
+            self.aggregator.close()
+
+    def reset(self) -> tuple[Aggregator, dict]:
+        """Start over for a new job on the same address (the monitors of the
+        old one must have stopped).  Returns the old aggregator, with
+        everything it received analysed, and its ``detected_at``."""
+        with self._lock:
+            self._step(force=True)
+            old, detected = self.aggregator, self.detected_at
+            old.close()
+            self.aggregator, self.detected_at = self._make(), {}
+            self.store.delete_key(VERDICT)
+        return old, detected
 
     def __enter__(self):
         return self.start()
@@ -374,14 +388,18 @@ class StoreAggregator:
         for _ in range(self.store.queue_len(INBOX)):
             self.aggregator.ingest(self.store.queue_pop(INBOX, False))
 
+    def _step(self, force: bool = False) -> None:
+        self._poll()
+        for fault in self.aggregator.check(force=force):
+            self.detected_at[fault.key] = time.monotonic()
+            if fault is self.aggregator.verdict:
+                self.store.set(VERDICT, json.dumps(fault.to_dict()))
+
     def _loop(self) -> None:
         try:
             while not self._stop.wait(self.interval):
-                self._poll()
-                for fault in self.aggregator.check():
-                    self.detected_at[fault.key] = time.monotonic()
-                    if fault is self.aggregator.verdict:
-                        self.store.set(VERDICT, json.dumps(fault.to_dict()))
+                with self._lock:
+                    self._step()
         except BaseException as exc:  # noqa: BLE001 - kept for the owner to inspect
             self.error = exc
             raise

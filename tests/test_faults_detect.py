@@ -221,6 +221,20 @@ def test_mismatch_names_the_odd_rank_and_sequence_number():
     assert "rank 1 issued a different collective" in f.evidence and "float32[2, 2]" in f.evidence
 
 
+def test_mismatch_waits_until_the_minority_is_certain():
+    sim = Sim()
+    sim.collective({r: 0.0 for r in range(4)}, 0, shapes={0: (2, 2)})
+    partial = {r: sim.recs[r] for r in (0, 2)}          # 1 vs 1: who is odd is not known yet
+    assert detect(partial) == []
+    partial[3] = sim.recs[3]                             # 1 vs 2 of 4: still open
+    assert detect(partial) == []
+    partial[1] = sim.recs[1]
+    assert kinds(detect(partial)) == [("mismatch", (0,))]
+    five = Sim(world=5)                                  # 3 of 5 agree: settled without the rest
+    five.collective({r: 0.0 for r in range(5)}, 0, shapes={4: (2, 2)})
+    assert kinds(detect({r: five.recs[r] for r in (0, 1, 2, 4)})) == [("mismatch", (4,))]
+
+
 def test_mismatched_op_and_uneven_all_to_all():
     sim = Sim()
     for r in range(4):  # uneven all_to_all_v rows are legitimate
