@@ -182,6 +182,14 @@ def detect(records, *, config: DetectConfig | None = None, now: dict | None = No
     if its process is known to be gone (lost-rank detection).
     ``first_step`` is the step monitoring started at (warm-up counts from
     there; default: the earliest step in the records)."""
+    return analyse(records, config=config, now=now, silent=silent, first_step=first_step)[0]
+
+
+def analyse(records, *, config: DetectConfig | None = None, now: dict | None = None,
+            silent: dict | None = None, first_step: int | None = None,
+            ranks=None) -> tuple[list[Fault], "StepTable"]:
+    """`detect`, also returning the per-step `StepTable` it built (over
+    ``ranks``, default the members of the groups seen) for reports."""
     cfg = config or DetectConfig()
     if not isinstance(cfg, DetectConfig):
         raise TypeError(f"config must be a DetectConfig, not {type(cfg).__name__}")
@@ -194,9 +202,10 @@ def detect(records, *, config: DetectConfig | None = None, now: dict | None = No
         first_step = min(steps) if steps else 0
     lost = _lost(idx, silent or {}, cfg)
     gone = {r for f in lost for r in f.ranks}
+    table = StepTable(recs, ranks)
     faults = lost + _hangs(idx, clocks, cfg, gone, first_step) + _mismatches(idx) + \
-        _slow_links(idx, cfg, first_step) + _stragglers(idx, recs, cfg, first_step)
-    return faults
+        _slow_links(idx, cfg, first_step) + _stragglers(idx, table, cfg, first_step)
+    return faults, table
 
 
 # ------------------------------------------------------------------ lost rank
@@ -436,16 +445,15 @@ def step_waits(records) -> list[dict]:
     return [{"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]} for u in table.complete]
 
 
-def _stragglers(idx: _Index, recs: dict, cfg: DetectConfig, first_step: int) -> list[Fault]:
-    table = StepTable(recs)
+def _stragglers(idx: _Index, table: "StepTable", cfg: DetectConfig, first_step: int) -> list[Fault]:
     units = [u for u in table.complete if u >= first_step + cfg.warmup_steps]
     out = []
     if units:
         lengths = [t for u in units for t in table.step_time[u].values()]
         typical = statistics.median(lengths) if lengths else 0.0
         out += _late_ranks([(u, table.wait[u]) for u in units], typical, cfg, "step", idx)
-    out += _untagged_stragglers(idx, cfg)
-    return out
+    named = {f.ranks for f in out}
+    return out + [f for f in _untagged_stragglers(idx, cfg) if f.ranks not in named]
 
 
 def _late_ranks(units, typical: float, cfg: DetectConfig, what: str, idx: _Index,

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from loom.comms import CommRecord, TraceReader, trace
 
-from .detect import DetectConfig, Fault, StepTable, detect, edge_of
+from .detect import DetectConfig, Fault, StepTable, analyse, detect, edge_of
 
 INBOX = "loom/faults/inbox"
 VERDICT = "loom/faults/verdict"
@@ -176,12 +176,15 @@ class Aggregator:
     directly (``check_pids``); others by their heartbeats."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
-                 callbacks=(), window: int = 512, check_pids: bool = True, recheck_s: float = 0.25):
+                 callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.25,
+                 idle_check_s: float = 0.5):
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")
         self.world_size, self.config = world_size, config or DetectConfig()
         self.callbacks, self.window, self.check_pids = list(callbacks), window, check_pids
-        self.recheck_s = recheck_s
+        # the detectors run at most every check_every_s when reports arrive,
+        # every idle_check_s otherwise (a hang shows as time passing, not data)
+        self.check_every_s, self.idle_check_s = check_every_s, idle_check_s
         self.windows: dict[int, collections.OrderedDict] = {r: collections.OrderedDict()
                                                             for r in range(world_size)}
         self.group_ranks: dict[int, dict] = {r: {} for r in range(world_size)}
@@ -243,18 +246,18 @@ class Aggregator:
         return clocks, silent
 
     def check(self, force: bool = False) -> list[Fault]:
-        """Run the detectors if something changed (or every ``recheck_s``);
-        return the faults not published before, after publishing them."""
+        """Run the detectors when due (liveness every call); return the
+        faults not published before, after publishing them."""
         now = time.monotonic()
         clocks, silent = self._liveness(now)
-        if force or self._dirty or now - self._last_check >= self.recheck_s:
+        since = now - self._last_check
+        if force or since >= (self.check_every_s if self._dirty else self.idle_check_s):
             self._dirty, self._last_check = False, now
-            faults = detect(self.snapshot(), config=self.config, now=clocks, silent=silent,
-                            first_step=self.first_step)
-            self._record_waits()
-        else:  # nothing new: only liveness can have changed
-            faults = detect({}, config=self.config, silent=silent)
-            faults = [f for f in faults if f.kind == "lost_rank"]
+            faults, table = analyse(self.snapshot(), config=self.config, now=clocks, silent=silent,
+                                    first_step=self.first_step, ranks=range(self.world_size))
+            self._record_waits(table)
+        else:
+            faults = detect({}, config=self.config, silent=silent)  # lost ranks only
         return self._publish(faults, now)
 
     def _publish(self, faults: list[Fault], now: float) -> list[Fault]:
@@ -288,8 +291,7 @@ class Aggregator:
                  if rec.step is not None]
         return max(steps) if steps else None
 
-    def _record_waits(self) -> None:
-        table = StepTable(self.snapshot(), range(self.world_size))
+    def _record_waits(self, table: StepTable) -> None:
         for u in table.complete:
             if u > self._waits_written:
                 self._pending["waits"].append({"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]})
@@ -332,7 +334,7 @@ class StoreAggregator:
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, host: str = "127.0.0.1",
                  port: int = 0, log_dir: str | None = None, callbacks=(), interval: float = 0.05,
-                 window: int = 512, check_pids: bool = True):
+                 window: int = 256, check_pids: bool = True):
         self._make = lambda: Aggregator(world_size, config, log_dir=log_dir, callbacks=callbacks,
                                         window=window, check_pids=check_pids)
         self.aggregator = self._make()
