@@ -124,19 +124,22 @@ class TraceReader:
     def read(self) -> list[CommRecord]:
         if self._generation != _state["generation"]:  # reset_trace: start over
             self._generation, self._next, self._open = _state["generation"], 0, []
-        new = self._new_entries()
-        done = [e for e in self._open if e[_T_EXIT] is not None]
-        self._open = [e for e in self._open if e[_T_EXIT] is None] + \
-            [e for e in new if e[_T_EXIT] is None]
-        return [_to_record(e) for e in done] + [_to_record(e) for e in new]
+        out, still_open = [], []
+        for old in (True, False):
+            for e in (self._open if old else self._new_entries()):
+                rec = _to_record(e)  # reads t_exit once: the owner thread may be closing it now
+                if rec.t_exit is None:
+                    still_open.append(e)
+                if rec.t_exit is not None or not old:
+                    out.append(rec)
+        self._open = still_open
+        return out
 
     def _new_entries(self) -> list:
         buf = _buffer
         want = 64
         while True:
-            # list(islice(reversed(deque))) runs in C under the GIL: a consistent
-            # snapshot of the newest entries even while the owner thread appends.
-            tail = list(itertools.islice(reversed(buf), want))
+            tail = _newest(buf, want)
             if not tail or tail[0][_INDEX] < self._next:
                 return []
             if tail[-1][_INDEX] <= self._next or len(tail) < want:
@@ -149,3 +152,15 @@ class TraceReader:
         new = [e for e in tail if e[_INDEX] >= self._next]
         self._next = new[-1][_INDEX] + 1
         return new
+
+
+def _newest(buf: collections.deque, n: int) -> list:
+    """The ``n`` newest entries, newest first.  The copy runs in C, but a
+    garbage-collection pass inside it can let the owner thread append, which
+    the deque reports; then copy again (appends are microseconds apart)."""
+    for _ in range(1000):
+        try:
+            return list(itertools.islice(reversed(buf), n))
+        except RuntimeError:  # "deque mutated during iteration"
+            continue
+    raise RuntimeError("TraceReader: could not copy the trace while it was being written")

@@ -232,6 +232,8 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
     for key, by_seq in idx.ops.items():
         group, edge = key
         members = idx.members[key]
+        if not members:
+            continue  # group membership unknown: cannot say who is missing
         top = max(by_seq)
         entered = by_seq[top]
         missing = tuple(r for r in members if r not in entered)

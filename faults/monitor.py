@@ -287,8 +287,9 @@ class Aggregator:
         return out
 
     def latest_step(self) -> int | None:
-        steps = [rec.step for w in self.windows.values() if w for rec in (next(reversed(w.values())),)
-                 if rec.step is not None]
+        """The latest step any rank has reported (its newest record's)."""
+        newest = [next(reversed(w.values())).step for w in self.windows.values() if w]
+        steps = [s for s in newest if s is not None]
         return max(steps) if steps else None
 
     def _record_waits(self, table: StepTable) -> None:

@@ -342,3 +342,38 @@ def test_trace_reader_returns_new_records_then_completed_ones():
     trace.close_record(trace.open_record(0, "world", (0, 1), "barrier", 0))
     assert [r.seq for r in reader.read()] == [0]
     trace.reset_trace()
+
+
+def test_trace_reader_misses_nothing_while_the_owner_thread_records():
+    import threading
+    trace.reset_trace(capacity=1 << 16)
+    reader, closed, stop, errors = comms.TraceReader(), {}, threading.Event(), []
+
+    def read():
+        try:
+            while not stop.is_set():
+                for r in reader.read():
+                    if r.t_exit is not None:
+                        closed[r.seq] = closed.get(r.seq, 0) + 1
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    pending = []
+    for i in range(30000):
+        pending.append(trace.open_record(0, "world", (0, 1), "barrier", 0))
+        if i % 3 == 2:  # close out of order, a few in flight at a time
+            for e in reversed(pending):
+                trace.close_record(e)
+            pending.clear()
+    for e in pending:
+        trace.close_record(e)
+    stop.set()
+    t.join()
+    for r in reader.read():
+        if r.t_exit is not None:
+            closed[r.seq] = closed.get(r.seq, 0) + 1
+    assert errors == []
+    assert reader.dropped == 0 and sorted(closed) == list(range(30000)) and set(closed.values()) == {1}
+    trace.reset_trace()
