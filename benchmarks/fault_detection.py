@@ -96,8 +96,7 @@ def _worker(address, trials):
     group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=120))
     comms.register_group(group, "job")
     ctl = dist.TCPStore(address[0], address[1], is_master=False, timeout=datetime.timedelta(seconds=300))
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[dist.get_rank() % len(cpus)]})
+    # (no CPU pinning: on a shared machine a pinned rank can wait seconds for its core)
     return [_trial(ctl, address, k, spec, group) for k, spec in enumerate(trials)]
 
 
@@ -183,7 +182,7 @@ def _analyse(trials, outs, results, T):
             named = [f.ranks for f, _ in faults if f.kind == "straggler"]
             f = next((f for f, _ in faults if f.kind == "straggler"), None)
             localise.append({"frac": spec["frac"], "culprit": spec["culprit"], "named": named,
-                             "others": [f2.kind for f2, _ in faults if f2.kind != "straggler"],
+                             "others": [str(f2) for f2, _ in faults if f2.kind != "straggler"],
                              "correct": named == [spec["culprit"]] and len(faults) == 1,
                              "steps": None if f is None else f.step - spec["onset"] + 1})
         elif kind == "clean":
@@ -260,8 +259,6 @@ def _detail_baseline(steps, cpu, reps):
     dist.set_debug_level(dist.DebugLevel.DETAIL)
     checked = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=60))
     dist.set_debug_level(dist.DebugLevel.OFF)
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
     spec = {"cpu": cpu, "reps": reps}
     times = {"plain": [], "detail": []}
     for _ in range(3):

@@ -107,7 +107,8 @@ class DetectConfig:
     slow_link_min_s: float = 0.005  # ... and >= this many seconds slower per message
     slow_link_k: int = 3            # in at least k of the edge's last n messages
     slow_link_n: int = 5
-    lost_after_s: float = 1.0       # silent for longer than this = lost
+    lost_after_s: float = 10.0      # silent this long = lost (a process known gone is lost at once;
+                                    # a CPU op holding the GIL can mute a rank's heartbeats for seconds)
 
     def __post_init__(self):
         for name in ("warmup_steps",):
@@ -200,7 +201,7 @@ def analyse(records, *, config: DetectConfig | None = None, now: dict | None = N
     if first_step is None:
         steps = [rec.step for rs in recs.values() for rec in rs if rec.step is not None]
         first_step = min(steps) if steps else 0
-    lost = _lost(idx, silent or {}, cfg)
+    lost = lost_ranks(silent or {}, cfg, idx.last_step)
     gone = {r for f in lost for r in f.ranks}
     table = StepTable(recs, ranks)
     faults = lost + _hangs(idx, clocks, cfg, gone, first_step) + _mismatches(idx) + \
@@ -210,14 +211,17 @@ def analyse(records, *, config: DetectConfig | None = None, now: dict | None = N
 
 # ------------------------------------------------------------------ lost rank
 
-def _lost(idx: _Index, silent: dict, cfg: DetectConfig) -> list[Fault]:
+def lost_ranks(silent: dict, config: DetectConfig | None = None, last_step: dict | None = None) -> list[Fault]:
+    """Lost-rank faults from ``silent`` ({rank: seconds without a heartbeat,
+    ``math.inf`` when its process is gone}); ``last_step`` for the evidence."""
+    cfg, last_step = config or DetectConfig(), last_step or {}
     out = []
     for rank in sorted(silent):
         age = silent[rank]
         if age is None or age <= cfg.lost_after_s:
             continue
         why = "its process is gone" if math.isinf(age) else f"no heartbeat for {age:.1f} s"
-        step = idx.last_step.get(rank)
+        step = last_step.get(rank)
         where = f" (last seen in step {step})" if step is not None else ""
         score = math.inf if math.isinf(age) else age / max(cfg.lost_after_s, 1e-9)
         out.append(Fault("lost_rank", (rank,), None, None, (), score, f"rank {rank} lost: {why}{where}",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from loom.comms import CommRecord, TraceReader, trace
 
-from .detect import DetectConfig, Fault, StepTable, analyse, detect, edge_of
+from .detect import DetectConfig, Fault, StepTable, analyse, edge_of, lost_ranks
 
 INBOX = "loom/faults/inbox"
 VERDICT = "loom/faults/verdict"
@@ -172,8 +172,9 @@ class Aggregator:
     fault, ``t`` seconds since the aggregator started, ``time`` wall clock,
     ``seen_step`` the latest step any rank had reached) and per-step waits to
     ``waits.jsonl``; without it, the owner `drain`s those lines and writes them
-    where it likes (`LogWriter`).  Processes on this host are checked for liveness
-    directly (``check_pids``); others by their heartbeats."""
+    where it likes (`LogWriter`).  A rank is lost when its process is gone -
+    checked directly on this host (``check_pids``), or reported by the owner
+    (`mark_gone`) - or when it has been silent for ``lost_after_s``."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
                  callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.25,
@@ -191,6 +192,7 @@ class Aggregator:
         self.heard: dict[int, tuple[float, float]] = {}  # rank -> (its clock, our clock) at last message
         self.procs: dict[int, tuple[int, str]] = {}
         self.departed: set[int] = set()
+        self.gone: set[int] = set()  # ranks whose process is known to have ended
         self.dropped: dict[int, int] = {}
         self.first_step: int | None = None
         self.faults: list[Fault] = []
@@ -241,8 +243,10 @@ class Aggregator:
                 continue
             silent[rank] = now - t_ours
             pid, host = self.procs[rank]
-            if self.check_pids and host == self._host and not _pid_alive(pid):
+            if rank in self.gone or (self.check_pids and host == self._host and not _pid_alive(pid)):
                 silent[rank] = math.inf
+        for rank in self.gone - self.departed - set(self.heard):  # died before its first report
+            silent[rank] = math.inf
         return clocks, silent
 
     def check(self, force: bool = False) -> list[Fault]:
@@ -256,8 +260,9 @@ class Aggregator:
             faults, table = analyse(self.snapshot(), config=self.config, now=clocks, silent=silent,
                                     first_step=self.first_step, ranks=range(self.world_size))
             self._record_waits(table)
-        else:
-            faults = detect({}, config=self.config, silent=silent)  # lost ranks only
+        else:  # between analyses only liveness can change
+            newest = {r: next(reversed(w.values())).step for r, w in self.windows.items() if w}
+            faults = lost_ranks(silent, self.config, {r: s for r, s in newest.items() if s is not None})
         return self._publish(faults, now)
 
     def _publish(self, faults: list[Fault], now: float) -> list[Fault]:
@@ -297,6 +302,11 @@ class Aggregator:
             if u > self._waits_written:
                 self._pending["waits"].append({"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]})
                 self._waits_written = u
+
+    def mark_gone(self, rank: int) -> None:
+        """The owner learned that ``rank``'s process ended (e.g. Ray saw its
+        actor die): it is lost at the next check unless it said goodbye."""
+        self.gone.add(rank)
 
     def all_departed(self) -> bool:
         return len(self.departed) == self.world_size

@@ -125,6 +125,9 @@ class AggregatorActor:
     def push(self, payload: bytes) -> None:
         self.aggregator.ingest(payload)
 
+    def mark_gone(self, rank: int) -> None:
+        self.aggregator.mark_gone(rank)
+
     def poll(self) -> dict:
         """Run the detectors; return the new log lines (``faults``, ``waits``)."""
         self.aggregator.check()
@@ -154,7 +157,6 @@ class DriverWatch:
     def __init__(self, cfg, run_dir: str | None, printer=None):
         import ray
         self.stop_on = stop_kinds(cfg.faults)
-        self.lost_after = cfg.faults.lost_after_s
         config = dataclasses.asdict(detect_config(cfg.faults))
         self.actor = ray.remote(num_cpus=0)(AggregatorActor).remote(cfg.world_size, config)
         self.log = LogWriter(run_dir) if run_dir else None
@@ -176,10 +178,13 @@ class DriverWatch:
                 self.stopping = fault
         return self.stopping
 
-    def explain(self) -> Fault | None:
-        """After a worker failed: give the monitor a moment to say why
-        (a lost rank is noticed within ``lost_after_s``)."""
-        deadline = time.monotonic() + self.lost_after + 1.0
+    def explain(self, dead: int | None = None) -> Fault | None:
+        """After a worker failed: give the monitor a moment to say why.
+        ``dead`` is a rank whose process Ray saw die (lost at once)."""
+        import ray
+        if dead is not None:
+            ray.get(self.actor.mark_gone.remote(dead), timeout=30)
+        deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             fault = self.poll()
             if fault is not None or any(f.fatal for f in self.faults):

@@ -148,7 +148,8 @@ def _supervise(futures, queue, recorder, watch=None) -> dict:
             except ray.exceptions.RayError as exc:
                 rank = futures.index(ref)
                 cause = getattr(exc, "cause", None) or exc
-                why = watch.explain() if watch is not None else None
+                died = isinstance(exc, ray.exceptions.ActorDiedError)
+                why = watch.explain(rank if died else None) if watch is not None else None
                 if why is not None:  # the monitor knows the cause of the failure
                     raise LaunchError(_stopped(why, len(futures))) from exc
                 raise LaunchError(f"rank {rank} failed: {type(cause).__name__}: {cause}") from exc

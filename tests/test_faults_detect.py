@@ -183,9 +183,10 @@ def test_lost_rank_explains_the_hang():
     faults = detect(sim.recs, now=sim.now(3.0), silent={0: 0.1, 1: 0.1, 2: 0.1, 3: math.inf})
     assert kinds(faults) == [("lost_rank", (3,))]
     assert "rank 3 lost: its process is gone (last seen in step 9)" == faults[0].evidence
-    faults = detect(sim.recs, now=sim.now(0.5), silent={0: 0.1, 1: 0.1, 2: 0.1, 3: 1.5})
-    assert kinds(faults) == [("lost_rank", (3,))] and "no heartbeat for 1.5 s" in faults[0].evidence
-    assert detect(sim.recs, silent={3: 0.9}) == []
+    faults = detect(sim.recs, now=sim.now(0.5), silent={0: 0.1, 1: 0.1, 2: 0.1, 3: 10.5})
+    assert kinds(faults) == [("lost_rank", (3,))] and "no heartbeat for 10.5 s" in faults[0].evidence
+    assert detect(sim.recs, silent={3: 9.9}) == []
+    assert kinds(detect(sim.recs, silent={3: 1.5}, config=DetectConfig(lost_after_s=1.0))) == [("lost_rank", (3,))]
 
 
 # ----------------------------------------------------------------- slow link
@@ -284,9 +285,15 @@ def test_aggregator_publishes_each_fault_once_and_logs(tmp_path):
         agg.ingest(pickle.dumps(payload))
     assert kinds(agg.check()) == [("straggler", (2,))]
     assert agg.check(force=True) == [] and kinds(seen) == [("straggler", (2,))] and agg.verdict is None
+    agg.ingest({"rank": 0, "pid": 1, "host": "h", "t": 0.0, "recs": [], "bye": True})  # left: never lost
+    agg.mark_gone(0)
+    agg.mark_gone(3)  # its process ended (the launcher saw it): lost at once
+    assert kinds(agg.check()) == [("lost_rank", (3,))] and agg.verdict.ranks == (3,)
+    assert "rank 3 lost: its process is gone (last seen in step 14)" == agg.verdict.evidence
     agg.close()
     lines = [json.loads(x) for x in (tmp_path / "faults.jsonl").read_text().splitlines()]
-    assert [x["kind"] for x in lines] == ["straggler"] and lines[0]["seen_step"] == 14
+    assert [x["kind"] for x in lines] == ["straggler", "lost_rank"] and lines[0]["seen_step"] == 14
+    assert lines[1]["score"] is None  # a process known gone: no finite score
     waits = [json.loads(x) for x in (tmp_path / "waits.jsonl").read_text().splitlines()]
     assert [w["step"] for w in waits] == list(range(15))
 
