@@ -365,19 +365,23 @@ def _slow_links(idx: _Index, cfg: DetectConfig, first_step: int) -> list[Fault]:
                                max(send.nbytes, 1), group))
     if len(msgs) < 2:
         return []
-    last = {e: sorted(m)[-cfg.slow_link_n:] for e, m in msgs.items()}
+    n = cfg.slow_link_n
+    msgs = {e: sorted(m) for e, m in msgs.items()}
+    last = {e: m[-n:] for e, m in msgs.items()}
     out = []
     for edge, mine in sorted(last.items()):
         others = [t / b for e, ms in last.items() if e != edge for _, _, t, b, _ in ms]
         ref = statistics.median(others)
-        slow = [(t, b) for _, _, t, b, _ in mine
-                if t / b >= cfg.slow_link_factor * ref and t - ref * b >= cfg.slow_link_min_s]
-        if len(slow) < cfg.slow_link_k:
+        flags = [m if m[2] / m[3] >= cfg.slow_link_factor * ref and m[2] - ref * m[3] >= cfg.slow_link_min_s
+                 else None for m in msgs[edge]]
+        onset = _persistent_since(flags, cfg.slow_link_k, n)
+        if onset is None:
             continue
+        slow = [(m[2], m[3]) for m in flags[-n:] if m is not None]
         t_med = statistics.median(t for t, _ in slow)
         b_med = statistics.median(b for _, b in slow)
         ratio = statistics.median(t / b for t, b in slow) / max(ref, 1e-15)
-        step = mine[-1][0] if mine[-1][0] >= 0 else None
+        step = onset[0] if onset[0] >= 0 else None
         text = (f"link {edge[0]}->{edge[1]} is slow: {t_med * 1e3:.1f} ms per {_bytes(b_med)} message "
                 f"({t_med / b_med * 1e9:.1f} ns/B) vs {ref * 1e9:.2f} ns/B on the other {len(last) - 1} "
                 f"link{'s' if len(last) > 2 else ''}, in {len(slow)} of its last {len(mine)} messages")
@@ -466,34 +470,48 @@ def _late_ranks(units, typical: float, cfg: DetectConfig, what: str, idx: _Index
                 group: str | None = None) -> list[Fault]:
     """Ranks late in >= k of the last n ``units`` [(unit, {rank: wait})]."""
     threshold = max(cfg.straggler_min_s, cfg.straggler_rel * typical)
-    recent = units[-cfg.straggler_n:]
+    n = cfg.straggler_n
     out = []
-    ranks = sorted({r for _, w in recent for r in w})
-    for r in ranks:
-        late = []
-        for u, waits in recent:
+    for r in sorted({r for _, w in units[-n:] for r in w}):
+        flags = []  # per unit: (unit, lateness, the others' wait, its wait) or None if not late
+        for u, waits in units:
             if r not in waits or len(waits) < 2:
+                flags.append(None)
                 continue
-            others = [w for j, w in waits.items() if j != r]
-            lateness = statistics.median(others) - waits[r]
-            if lateness >= threshold:
-                late.append((u, lateness, statistics.median(others), waits[r]))
-        if len(late) < cfg.straggler_k:
+            others = statistics.median(w for j, w in waits.items() if j != r)
+            flags.append((u, others - waits[r], others, waits[r]) if others - waits[r] >= threshold else None)
+        onset = _persistent_since(flags, cfg.straggler_k, n)
+        if onset is None:
             continue
+        late = [x for x in flags[-n:] if x is not None]
         lateness = statistics.median(x[1] for x in late)
         span = f"{what}s {late[0][0]}-{late[-1][0]}" if what == "step" else \
             f"{group} #{late[0][0]}-#{late[-1][0]}"
-        text = (f"rank {r} arrived late in {len(late)} of the last {len(recent)} {what}s ({span}): "
+        text = (f"rank {r} arrived late in {len(late)} of the last {min(n, len(units))} {what}s ({span}): "
                 f"it waited {statistics.median(x[3] for x in late) * 1e3:.0f} ms while the others waited "
                 f"{statistics.median(x[2] for x in late) * 1e3:.0f} ms (late by {lateness * 1e3:.0f} ms; "
                 f"{what} time {typical * 1e3:.0f} ms, threshold {threshold * 1e3:.0f} ms)")
         if what == "step":
             grp, seqs = _late_collectives(idx, r, [x[0] for x in late])
-            step = late[-1][0]
+            step = onset[0]
         else:
             grp, seqs, step = group, tuple(x[0] for x in late), None
         out.append(Fault("straggler", (r,), None, grp, seqs, lateness / threshold, text, step))
     return out
+
+
+def _persistent_since(flags: list, k: int, n: int):
+    """If >= k of the last n ``flags`` are set: the flag at which this run of
+    windows (each with >= k of n set) first held - the detection point,
+    independent of how late the caller looked.  Else None."""
+    def holds(end):  # window flags[end - n + 1 .. end]
+        return sum(f is not None for f in flags[max(0, end - n + 1):end + 1]) >= k
+    end = len(flags) - 1
+    if end < 0 or not holds(end):
+        return None
+    while end > 0 and holds(end - 1):
+        end -= 1
+    return flags[end]
 
 
 def _late_collectives(idx: _Index, rank: int, steps: list[int]):

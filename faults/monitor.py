@@ -196,6 +196,7 @@ class Aggregator:
         self.dropped: dict[int, int] = {}
         self.first_step: int | None = None
         self.faults: list[Fault] = []
+        self.entries: list[dict] = []  # each fault as logged: with t, time, seen_step
         self.verdict: Fault | None = None
         self._published: set = set()
         self._dirty = False
@@ -275,10 +276,11 @@ class Aggregator:
             new.append(fault)
             if fault.fatal and self.verdict is None:
                 self.verdict = fault
-            self._pending["faults"].append({
-                **fault.to_dict(), "t": round(now - self._t0, 3),
-                "time": datetime.datetime.now().isoformat(timespec="milliseconds"),
-                "seen_step": self.latest_step()})
+            entry = {**fault.to_dict(), "t": round(now - self._t0, 3),
+                     "time": datetime.datetime.now().isoformat(timespec="milliseconds"),
+                     "seen_step": self.latest_step()}
+            self.entries.append(entry)
+            self._pending["faults"].append(entry)
             for cb in self.callbacks:
                 cb(fault)
         if self._log is not None:
@@ -407,6 +409,7 @@ class StoreAggregator:
             self.detected_at[fault.key] = time.monotonic()
             if fault is self.aggregator.verdict:
                 self.store.set(VERDICT, json.dumps(fault.to_dict()))
+        self.aggregator.drain()  # logged already if it has a log_dir; nobody else reads them
 
     def _loop(self) -> None:
         try:

@@ -86,6 +86,9 @@ def test_straggler_flagged_on_its_third_late_step_naming_only_it():
             assert f.step == 12 and f.group == "world" and len(f.seqs) == 3 and f.score > 1
             assert "rank 2 arrived late in 3 of the last 4 steps" in f.evidence
     assert flagged_at == 12
+    # looking later does not move the detection point: still flagged as of step 12
+    assert detect(sim.recs)[0].step == 12 and "late in 4 of the last 4 steps (steps 16-19)" in \
+        detect(sim.recs)[0].evidence
 
 
 def test_no_straggler_from_noise_warmup_or_rare_lateness():
@@ -198,6 +201,7 @@ def test_slow_link_reported_as_the_edge_not_its_endpoints():
     faults = detect(sim.recs)
     assert [(f.kind, f.ranks, f.link) for f in faults] == [("slow_link", (), (1, 2))]
     assert faults[0].score > 10 and "link 1->2 is slow" in faults[0].evidence
+    assert faults[0].step == 7  # the third slow message completed the evidence
 
 
 def test_uniformly_slow_links_are_not_a_slow_link():
