@@ -89,7 +89,7 @@ def _trial(ctl, address, k, spec, group):
     if rank == 0:
         ctl.set(_DONE.format(k), "1")
     ctl.wait([_READY.format(k)], datetime.timedelta(seconds=300))
-    return {"times": times, "log": injector.log}
+    return {"times": times, "log": injector.log, "monitor_cpu_s": monitor.cpu_s if monitor else 0.0}
 
 
 def _worker(address, trials):
@@ -144,12 +144,12 @@ def _plan_trials(args, rng):
         trials.append({**base, "kind": "localise", "steps": 18, "onset": 6, "culprit": (r,), "frac": frac,
                        "stop_on": "straggler", "plan": f"straggler:rank={r},delay={frac * T:.4f},from=6"})
     trials.append({"kind": "clean", "steps": args.clean_steps, "sleep": 0.01, "cpu": 96, "monitored": True})
-    for _ in range(args.blocks):
+    for _ in range(args.blocks):  # the three modes alternate, so drift hits them alike
         for monitored in (True, False):
             trials.append({"kind": "overhead", "steps": args.block_steps, "cpu": 256, "reps": 3,
                            "monitored": monitored})
-    trials.append({"kind": "barrier_cost", "steps": args.block_steps, "cpu": 256, "reps": 3,
-                   "monitored": False, "barrier": True})
+        trials.append({"kind": "barrier_cost", "steps": args.block_steps, "cpu": 256, "reps": 3,
+                       "monitored": False, "barrier": True})
     return trials
 
 
@@ -162,7 +162,7 @@ def _onset_time(out, spec):
 
 def _analyse(trials, outs, results, T):
     latency, localise = {}, []
-    clean_faults, overhead = [], {"on": [], "off": [], "barrier": []}
+    clean_faults, overhead = [], {"on": [], "off": [], "barrier": [], "monitor_cpu": []}
     for k, spec in enumerate(trials):
         faults = results[k]
         per_rank = [o[k] for o in outs]
@@ -188,11 +188,20 @@ def _analyse(trials, outs, results, T):
         elif kind == "clean":
             clean_faults = [str(f) for f, _ in faults]
         elif kind in ("overhead", "barrier_cost"):
-            # median step of each rank, excluding the block's first steps; the job's step = slowest rank
-            step = max(statistics.median(o["times"][5:]) for o in per_rank)
+            # a block's step time: the 20th percentile over its steps (other jobs on the machine only
+            # ever add time), of the slowest rank; the block's first steps excluded
+            step = max(_quantile(o["times"][5:], 0.2) for o in per_rank)
             key = "barrier" if kind == "barrier_cost" else ("on" if spec["monitored"] else "off")
             overhead[key].append(step)
+            if spec["monitored"]:
+                overhead["monitor_cpu"].append(statistics.mean(o["monitor_cpu_s"] / sum(o["times"])
+                                                               for o in per_rank))
     return latency, localise, clean_faults, overhead
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 # ------------------------------------------------------------ lost rank
@@ -285,8 +294,9 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=50, help="randomised straggler injections")
     ap.add_argument("--clean-steps", type=int, default=1000, help="clean steps for false positives")
     ap.add_argument("--step", type=float, default=0.25, help="simulated compute per step (s)")
-    ap.add_argument("--blocks", type=int, default=3, help="monitored/unmonitored block pairs (overhead)")
-    ap.add_argument("--block-steps", type=int, default=60, help="steps per overhead block")
+    ap.add_argument("--blocks", type=int, default=8,
+                    help="rounds of monitored / unmonitored / monitored_barrier blocks (overhead)")
+    ap.add_argument("--block-steps", type=int, default=100, help="steps per overhead block")
     ap.add_argument("--pg-timeout", type=float, default=10.0, help="process-group timeout of the baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -300,6 +310,7 @@ def main(argv=None):
         ctl.start()
         outs = run_distributed(_worker, WORLD, agg.address, trials, timeout=3600)
         ctl.join(30)
+        agg_cpu = agg.cpu_s / (time.monotonic() - t_start)
     latency, localise, clean_faults, overhead = _analyse(trials, outs, ctl.results, args.step)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,6 +341,7 @@ def main(argv=None):
     loc_table = markdown_table(["delay (of a step)", "injections", "localised exactly", "median steps"], loc_rows)
 
     on, off = statistics.median(overhead["on"]), statistics.median(overhead["off"])
+    monitor_cpu = statistics.median(overhead["monitor_cpu"])
     bar = statistics.median(overhead["barrier"])
     detail_cost, (detail_s, detail_msg) = detail[0]
     pg_s, pg_msg = pg[0]
@@ -339,7 +351,7 @@ def main(argv=None):
          f"{(on / off - 1) * 100:+.1f}%"],
         [f"process-group timeout ({args.pg_timeout:g} s here; gloo default 30 min, NCCL 10 min)",
          "hang only, no culprit", f"{pg_s:.1f} s: \"{pg_msg[:90]}\"", "0"],
-        ["`monitored_barrier` (2 s timeout, one per step)", "hang/dead rank at the barrier, named",
+        ["`monitored_barrier` (2 s timeout; cost: one per step)", "hang/dead rank at the barrier, named",
          f"{mb_s:.1f} s: \"{mb_msg[:90]}\"", f"{(bar / off - 1) * 100:+.1f}%"],
         ["`TORCH_DISTRIBUTED_DEBUG=DETAIL`", "mismatched collective, named",
          f"{detail_s:.2f} s: \"{detail_msg[:90]}\"",
@@ -353,7 +365,10 @@ def main(argv=None):
                + (f" ({'; '.join(clean_faults)[:300]})" if clean_faults else "") +
                f"; monitoring overhead on step time: **{(on / off - 1) * 100:+.1f}%** "
                f"({off * 1e3:.1f} ms unmonitored vs {on * 1e3:.1f} ms monitored, CPU-bound step, median of "
-               f"{args.blocks} alternating blocks of {args.block_steps} steps).")
+               f"{args.blocks} alternating blocks of {args.block_steps} steps), while the CPU the monitor "
+               f"thread used was **{monitor_cpu * 100:.2f}%** of each rank's time and the aggregator "
+               f"used {agg_cpu * 100:.1f}% of one core (in this process; a Ray actor or rank 0's "
+               f"thread in `loom train`).")
     print(lat_table, "\n")
     print(loc_table, "\n")
     print(base_table, "\n")
@@ -361,7 +376,7 @@ def main(argv=None):
     print(f"\nwall time {time.monotonic() - t_start:.0f} s")
     write_json("fault_detection", {
         "args": vars(args), "latency": latency, "localisation": localise, "clean_faults": clean_faults,
-        "overhead_s": overhead, "baselines": {"pg_timeout": pg[0], "monitored_barrier": mb[0],
+        "overhead_s": overhead, "aggregator_cpu": agg_cpu, "baselines": {"pg_timeout": pg[0], "monitored_barrier": mb[0],
                                               "detail": {"cost_s": detail_cost, "mismatch": detail[0][1]}}})
     if not args.no_write:
         body = (f"4 gloo ranks; steps of {args.step * 1e3:.0f} ms simulated compute (sleep) plus a 16 KiB "

@@ -84,6 +84,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.shipped = 0
+        self.cpu_s = 0.0  # CPU time the monitor thread has used (its cost to the rank)
 
     def start(self) -> "Monitor":
         if self._thread is None:
@@ -113,6 +114,7 @@ class Monitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
+            t0 = time.thread_time()
             try:
                 self._ship()
                 self._check_verdict()
@@ -120,6 +122,7 @@ class Monitor:
                 if self._stop.is_set():
                     return
                 time.sleep(self.interval)  # aggregator briefly unreachable: keep trying
+            self.cpu_s += time.thread_time() - t0
 
     def _ship(self, bye: bool = False) -> None:
         with self._lock:
@@ -357,6 +360,7 @@ class StoreAggregator:
         self.address = (host, self.store.port)
         self.interval = interval
         self.detected_at: dict[tuple, float] = {}  # fault key -> time.monotonic() when published
+        self.cpu_s = 0.0  # CPU time the aggregator thread has used
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loom-fault-aggregator", daemon=True)
         self.error: BaseException | None = None
@@ -414,8 +418,10 @@ class StoreAggregator:
     def _loop(self) -> None:
         try:
             while not self._stop.wait(self.interval):
+                t0 = time.thread_time()
                 with self._lock:
                     self._step()
+                self.cpu_s += time.thread_time() - t0
         except BaseException as exc:  # noqa: BLE001 - kept for the owner to inspect
             self.error = exc
             raise
