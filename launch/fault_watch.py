@@ -128,9 +128,10 @@ class AggregatorActor:
     def mark_gone(self, rank: int) -> None:
         self.aggregator.mark_gone(rank)
 
-    def poll(self) -> dict:
-        """Run the detectors; return the new log lines (``faults``, ``waits``)."""
-        self.aggregator.check()
+    def poll(self, final: bool = False) -> dict:
+        """Run the detectors (when due, or now if ``final``); return the new
+        log lines (``faults``, ``waits``)."""
+        self.aggregator.check(force=final)
         return self.aggregator.drain()
 
 
@@ -164,10 +165,11 @@ class DriverWatch:
         self.faults: list[Fault] = []
         self.stopping: Fault | None = None
 
-    def poll(self, timeout: float = 30.0) -> Fault | None:
-        """New faults since the last poll; returns the fault that stops the job, if any."""
+    def poll(self, timeout: float = 30.0, final: bool = False) -> Fault | None:
+        """New faults since the last poll; returns the fault that stops the job, if any.
+        ``final``: the workers are done, analyse everything they reported."""
         import ray
-        lines = ray.get(self.actor.poll.remote(), timeout=timeout)
+        lines = ray.get(self.actor.poll.remote(final), timeout=timeout)
         if self.log is not None:
             self.log.write(lines)
         for entry in lines["faults"]:

@@ -156,5 +156,5 @@ def _supervise(futures, queue, recorder, watch=None) -> dict:
         time.sleep(0 if done else 0.01)
     _drain(queue, recorder)
     if watch is not None:
-        watch.poll()  # the last steps' faults, before the workers go
+        watch.poll(final=True)  # the last steps' faults and waits, before the workers go
     return ray.get(futures[0])
