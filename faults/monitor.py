@@ -85,6 +85,8 @@ class Monitor:
         self._lock = threading.Lock()
         self.shipped = 0
         self.cpu_s = 0.0  # CPU time the monitor thread has used (its cost to the rank)
+        self._unsent: list[tuple] = []  # records read but not delivered (the transport failed)
+        self._me = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}
 
     def start(self) -> "Monitor":
         if self._thread is None:
@@ -132,11 +134,16 @@ class Monitor:
                 if rec.group not in self._groups_sent:
                     self._groups_sent.add(rec.group)
                     groups[rec.group] = rec.group_ranks
-            payload = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
-                       "t": trace.clock(), "recs": [_encode(r) for r in recs], "groups": groups,
+            self._unsent += [_encode(r) for r in recs]
+            payload = {**self._me, "t": trace.clock(), "recs": self._unsent, "groups": groups,
                        "dropped": self._reader.dropped, "bye": bye}
-            self.transport.send(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
-            self.shipped += len(recs)
+            try:
+                self.transport.send(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+            except Exception:
+                self._groups_sent.difference_update(groups)  # send them again with the records
+                raise
+            self.shipped += len(self._unsent)
+            self._unsent = []
 
     def _check_verdict(self) -> None:
         if self.on_fatal is None or self.fatal is not None:

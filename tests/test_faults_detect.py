@@ -388,3 +388,31 @@ def test_trace_reader_misses_nothing_while_the_owner_thread_records():
     assert errors == []
     assert reader.dropped == 0 and sorted(closed) == list(range(30000)) and set(closed.values()) == {1}
     trace.reset_trace()
+
+
+def test_monitor_resends_what_a_failed_transport_dropped():
+    import pickle
+    from loom.faults import Monitor
+
+    class Flaky:
+        def __init__(self):
+            self.sent, self.fail = [], False
+
+        def send(self, payload):
+            if self.fail:
+                raise ConnectionError("aggregator unreachable")
+            self.sent.append(pickle.loads(payload))
+
+    trace.reset_trace()
+    link = Flaky()
+    mon = Monitor(link, rank=5, interval=60).start()  # the first report registers the rank
+    trace.close_record(trace.open_record(5, "world", (0, 5), "barrier", 0))
+    link.fail = True
+    with pytest.raises(ConnectionError):
+        mon._ship()
+    link.fail = False
+    trace.close_record(trace.open_record(5, "world", (0, 5), "barrier", 0))
+    mon.stop()
+    assert [m["rank"] for m in link.sent] == [5, 5] and link.sent[-1]["bye"]
+    assert [r[1] for r in link.sent[-1]["recs"]] == [0, 1] and link.sent[-1]["groups"] == {"world": (0, 5)}
+    trace.reset_trace()
