@@ -107,8 +107,10 @@ class DetectConfig:
     slow_link_min_s: float = 0.005  # ... and >= this many seconds slower per message
     slow_link_k: int = 3            # in at least k of the edge's last n messages
     slow_link_n: int = 5
-    lost_after_s: float = 10.0      # silent this long = lost (a process known gone is lost at once;
-                                    # a CPU op holding the GIL can mute a rank's heartbeats for seconds)
+    lost_after_s: float = 30.0      # silent this long = lost (a process known gone is lost at once;
+                                    # a CPU op holding the GIL, or an overloaded machine, can mute a
+                                    # healthy rank's heartbeats for seconds; a dead rank that others
+                                    # wait for shows as a hang within hang_floor_s anyway)
 
     def __post_init__(self):
         for name in ("warmup_steps",):

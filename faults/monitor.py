@@ -211,6 +211,7 @@ class Aggregator:
         self._published: set = set()
         self._dirty = False
         self._last_check = -math.inf
+        self._last_tick = self._listening_since = time.monotonic()
         self._t0 = time.monotonic()
         self._host = socket.gethostname()
         self._waits_written = -1
@@ -247,12 +248,16 @@ class Aggregator:
         return {r: list(w.values()) for r, w in self.windows.items() if w}
 
     def _liveness(self, now: float) -> tuple[dict, dict]:
+        if now - self._last_tick > 1.0:
+            # we were not listening (this process starved): silence only counts from now
+            self._listening_since = now
+        self._last_tick = now
         clocks, silent = {}, {}
         for rank, (t_rank, t_ours) in self.heard.items():
             clocks[rank] = t_rank + (now - t_ours)
             if rank in self.departed:
                 continue
-            silent[rank] = now - t_ours
+            silent[rank] = now - max(t_ours, self._listening_since)
             pid, host = self.procs[rank]
             if rank in self.gone or (self.check_pids and host == self._host and not _pid_alive(pid)):
                 silent[rank] = math.inf

@@ -79,7 +79,7 @@ class FaultsSection:
     hang_floor_s: float = _f(2.0, "a hang is a collective some ranks have waited in this long ...")
     hang_factor: float = _f(10.0, "... or this many times its typical duration, if longer")
     slow_link_factor: float = _f(4.0, "a slow link's time per byte is this many times the others'")
-    lost_after_s: float = _f(10.0, "a rank silent this long is lost (one whose process is gone, at once)")
+    lost_after_s: float = _f(30.0, "a rank silent this long is lost (one whose process is gone, at once)")
 
 
 @dataclass
