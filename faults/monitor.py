@@ -187,14 +187,15 @@ class Aggregator:
     (`mark_gone`) - or when it has been silent for ``lost_after_s``."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
-                 callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.25,
+                 callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.5,
                  idle_check_s: float = 0.5):
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")
         self.world_size, self.config = world_size, config or DetectConfig()
         self.callbacks, self.window, self.check_pids = list(callbacks), window, check_pids
-        # the detectors run at most every check_every_s when reports arrive,
-        # every idle_check_s otherwise (a hang shows as time passing, not data)
+        # the detectors run at most every check_every_s when reports arrive
+        # (their cost grows with the report rate), every idle_check_s otherwise
+        # (a hang shows as time passing, not as data)
         self.check_every_s, self.idle_check_s = check_every_s, idle_check_s
         self.windows: dict[int, collections.OrderedDict] = {r: collections.OrderedDict()
                                                             for r in range(world_size)}
