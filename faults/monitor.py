@@ -187,16 +187,18 @@ class Aggregator:
     (`mark_gone`) - or when it has been silent for ``lost_after_s``."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
-                 callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.5,
-                 idle_check_s: float = 0.5):
+                 callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.1,
+                 idle_check_s: float = 0.5, max_cpu: float = 0.02):
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")
         self.world_size, self.config = world_size, config or DetectConfig()
         self.callbacks, self.window, self.check_pids = list(callbacks), window, check_pids
-        # the detectors run at most every check_every_s when reports arrive
-        # (their cost grows with the report rate), every idle_check_s otherwise
-        # (a hang shows as time passing, not as data)
-        self.check_every_s, self.idle_check_s = check_every_s, idle_check_s
+        # the detectors run when reports arrive, at most every check_every_s and
+        # spaced so that they use at most max_cpu of a core (their cost grows
+        # with the window); every idle_check_s otherwise (a hang shows as time
+        # passing, not as data)
+        self.check_every_s, self.idle_check_s, self.max_cpu = check_every_s, idle_check_s, max_cpu
+        self._gap = check_every_s
         self.windows: dict[int, collections.OrderedDict] = {r: collections.OrderedDict()
                                                             for r in range(world_size)}
         self.group_ranks: dict[int, dict] = {r: {} for r in range(world_size)}
@@ -272,11 +274,12 @@ class Aggregator:
         now = time.monotonic()
         clocks, silent = self._liveness(now)
         since = now - self._last_check
-        if force or since >= (self.check_every_s if self._dirty else self.idle_check_s):
+        if force or since >= (self._gap if self._dirty else max(self._gap, self.idle_check_s)):
             self._dirty, self._last_check = False, now
             faults, table = analyse(self.snapshot(), config=self.config, now=clocks, silent=silent,
                                     first_step=self.first_step, ranks=range(self.world_size))
             self._record_waits(table)
+            self._gap = max(self.check_every_s, (time.monotonic() - now) / self.max_cpu)
         else:  # between analyses only liveness can change
             newest = {r: next(reversed(w.values())).step for r, w in self.windows.items() if w}
             faults = lost_ranks(silent, self.config, {r: s for r, s in newest.items() if s is not None})
