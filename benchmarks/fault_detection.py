@@ -371,8 +371,8 @@ def main(argv=None):
                + (f" ({'; '.join(clean_faults)[:300]})" if clean_faults else "") +
                f"; monitoring overhead on step time: **{mon_cost * 100:+.1f}%** "
                f"(median ratio over {args.blocks} rounds of back-to-back monitored and unmonitored blocks "
-               f"of {args.block_steps} CPU-bound steps; {off * 1e3:.1f} ms vs {on * 1e3:.1f} ms median "
-               f"steps), while the CPU the monitor "
+               f"of {args.block_steps} CPU-bound steps; median step {off * 1e3:.1f} ms unmonitored, "
+               f"{on * 1e3:.1f} ms monitored), while the CPU the monitor "
                f"thread used was **{monitor_cpu * 100:.2f}%** of each rank's time and the aggregator "
                f"{agg_cpu * 100:.1f}% of one core (in this process; a Ray actor or rank 0's thread in "
                f"`loom train`) - on 2 cores shared by 4 ranks and other jobs, that CPU comes out of the "
