@@ -23,16 +23,17 @@ from .ops import (
     reduce_scatter_with_grad,
     register_group,
     send,
+    set_send_hook,
     wait_all,
 )
 from .ring import Ring, world_ranks
 from .scan import all_scan
-from .trace import CommRecord, records, reset_trace, set_step
+from .trace import CommRecord, TraceReader, records, reset_trace, set_step
 
 __all__ = [
     "CommRecord", "Mesh", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
-    "Ring", "send", "set_step", "wait_all", "world_ranks",
+    "Ring", "send", "set_send_hook", "set_step", "TraceReader", "wait_all", "world_ranks",
 ]

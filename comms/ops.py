@@ -164,6 +164,18 @@ def _edge(src: int, dst: int) -> str:
     return f"p2p:{src}->{dst}"
 
 
+# Fault injection (loom.faults.inject) can slow a link by delaying sends after
+# their record opens.  None unless armed: the send path pays one global lookup.
+_send_hook = None
+
+
+def set_send_hook(hook) -> None:
+    """Call ``hook(src, dst, tensor)`` inside every send, after its record
+    opens and before the message leaves (``None`` removes it)."""
+    global _send_hook
+    _send_hook = hook
+
+
 class Pending:
     """An in-flight point-to-point message; ``wait()`` completes its record."""
 
@@ -183,6 +195,8 @@ def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Pending:
     me = _info(group)[1][2]
     t = t.contiguous()  # kept alive by Pending until the send completes
     pg, rec = _open("send", group, t, peer=dst, channel=_edge(me, dst))
+    if _send_hook is not None:
+        _send_hook(me, dst, t)
     return Pending(dist.isend(t, dst=dst, group=pg, tag=tag), rec, t)
 
 

@@ -80,6 +80,31 @@ def _add_ckpt_parser(sub) -> None:
     ckpt.set_defaults(func=_ckpt)
 
 
+def _faults_report(args) -> int:
+    from loom.faults.report import save_wait_png, timeline
+    try:
+        print(timeline(args.run_dir))
+        if args.png:
+            print(f"wrote {save_wait_png(args.run_dir, args.png)}")
+    except ValueError as exc:
+        print(f"loom faults report: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_faults_command(sub) -> None:
+    faults = sub.add_parser("faults", help="inspect what the fault monitor saw in a run",
+                            description="Inspect the faults a run's monitor detected.")
+    fsub = faults.add_subparsers(dest="faults_command", metavar="COMMAND", required=True)
+    report = fsub.add_parser("report", help="print a run's fault timeline and per-rank waits",
+                             description="Print the faults of RUN_DIR (runs/<name>) in time order and "
+                                         "each rank's wait in communication per step; --png also "
+                                         "draws the waits with the faults marked.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--png", metavar="FILE", help="save a chart of per-rank wait per step")
+    report.set_defaults(func=_faults_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom", description="loom: distributed training infrastructure for PyTorch.")
@@ -92,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(func=_train)
     _add_ckpt_parser(sub)
+    _add_faults_command(sub)
     return parser
 
 

@@ -77,12 +77,32 @@ class CkptSection:
 
 
 @dataclass
+class FaultsSection:
+    monitor: bool = _f(True, "watch the job's communication for stragglers, hangs, slow links, "
+                             "mismatched collectives and lost ranks")
+    inject: str = _f("", "inject faults, e.g. 'straggler:rank=1,delay=0.2,from=20'; kinds: straggler, "
+                         "hang, kill, slow_link, mismatch; ';' joins several (see loom.faults.inject)")
+    stop_on: str = _f("hang,lost_rank", "fault kinds that stop every worker (comma-separated; '' = none)")
+    monitor_interval: float = _f(0.1, "seconds between a rank's reports to the fault monitor")
+    fault_warmup_steps: int = _f(5, "first steps the straggler and hang detectors ignore")
+    straggler_k: int = _f(3, "a straggler is late in at least k ...")
+    straggler_n: int = _f(4, "... of the last n steps")
+    straggler_rel: float = _f(0.1, "late = behind the others by this fraction of a step ...")
+    straggler_min_s: float = _f(0.03, "... and by at least this many seconds")
+    hang_floor_s: float = _f(2.0, "a hang is a collective some ranks have waited in this long ...")
+    hang_factor: float = _f(10.0, "... or this many times its typical duration, if longer")
+    slow_link_factor: float = _f(4.0, "a slow link's time per byte is this many times the others'")
+    lost_after_s: float = _f(30.0, "a rank silent this long is lost (one whose process is gone, at once)")
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
     ckpt: CkptSection = field(default_factory=CkptSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
 
     @property
     def world_size(self) -> int:
@@ -236,6 +256,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
             problems.append(f"--{name.replace('_', '-')}={getattr(c, name)} must be >= 0")
     if (c.ckpt_every > 0 or c.resume) and not c.ckpt_url:
         problems.append("--ckpt-every and --resume need --ckpt-url (a path or fsspec URL)")
+    problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -269,6 +290,26 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
             problems.append(f"--seq-len={t.seq_len} must divide by {what}={parts} for {layout} sharding")
         if p.sp_attention == "ulysses" and cfg.model.heads % p.sp:
             problems.append(f"--heads={cfg.model.heads} must divide by --sp={p.sp} for ulysses attention")
+    return problems
+
+
+def _fault_problems(f: FaultsSection, world: int) -> list[str]:
+    from loom.faults import KINDS, inject
+    from loom.launch.fault_watch import detect_config
+    problems = []
+    try:
+        inject.validate_plan(inject.parse(f.inject), max(world, 1))
+    except ValueError as exc:
+        problems.append(f"--inject: {exc}")
+    unknown = [k for k in f.stop_on.replace(" ", "").split(",") if k and k not in KINDS]
+    if unknown:
+        problems.append(f"--stop-on: unknown fault kind(s) {unknown}; expected some of {list(KINDS)}")
+    if f.monitor_interval <= 0:
+        problems.append(f"--monitor-interval={f.monitor_interval} must be > 0")
+    try:
+        detect_config(f)
+    except ValueError as exc:
+        problems.append(str(exc).replace("DetectConfig.", "--").replace("DetectConfig: ", ""))
     return problems
 
 

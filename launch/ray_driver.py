@@ -16,6 +16,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import JobConfig
+from .fault_watch import DriverWatch
 from .report import QueueReporter
 
 
@@ -35,10 +36,12 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, cfg: dict, env: dict, queue=None) -> dict:
+    def run(self, cfg: dict, env: dict, queue=None, fault_actor=None) -> dict:
+        from .fault_watch import RayTransport
         from .worker import run_rank
         os.environ.update(env)
-        return run_rank(cfg, QueueReporter(queue) if queue is not None else None)
+        transport = RayTransport(fault_actor) if fault_actor is not None else None
+        return run_rank(cfg, QueueReporter(queue) if queue is not None else None, fault_transport=transport)
 
 
 def _want_gpus(cfg: JobConfig) -> bool:
@@ -79,6 +82,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, start_timeout: float = 120.0) -
     bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     pg = placement_group([bundle] * world, strategy="SPREAD")
     actors = []
+    watch = None
     try:
         try:
             ray.get(pg.ready(), timeout=start_timeout)
@@ -93,19 +97,29 @@ def launch_ray(cfg: JobConfig, recorder=None, *, start_timeout: float = 120.0) -
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         queue = Queue(actor_options={"num_cpus": 0}) if recorder is not None else None
+        if cfg.faults.monitor:
+            watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
+                                getattr(recorder, "event", None))
         futures = []
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
             env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
                    "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": master_addr,
                    "MASTER_PORT": str(master_port)}
-            futures.append(actors[rank].run.remote(cfg.to_dict(), env, queue if rank == 0 else None))
-        return _supervise(futures, queue, recorder)
+            futures.append(actors[rank].run.remote(cfg.to_dict(), env, queue if rank == 0 else None,
+                                                   watch.actor if watch else None))
+        return _supervise(futures, queue, recorder, watch)
     finally:
         for a in actors:
             ray.kill(a)
+        if watch is not None:
+            watch.close()
         remove_placement_group(pg)
         if started_here:
             ray.shutdown()
+
+
+def _stopped(fault, world: int) -> str:
+    return f"stopped all {world} workers after a {fault.kind.replace('_', ' ')}: {fault.evidence}"
 
 
 def _drain(queue, recorder) -> None:
@@ -119,19 +133,28 @@ def _drain(queue, recorder) -> None:
         getattr(recorder, kind)(payload)
 
 
-def _supervise(futures, queue, recorder) -> dict:
-    """Stream rank 0's metrics while waiting; the first failing rank ends the job."""
+def _supervise(futures, queue, recorder, watch=None) -> dict:
+    """Stream rank 0's metrics while waiting; the first failing rank, or a
+    fault that stops the job (hang, lost rank), ends it."""
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
         _drain(queue, recorder)
+        if watch is not None and watch.poll() is not None:
+            raise LaunchError(_stopped(watch.stopping, len(futures)))
         for ref in done:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
                 rank = futures.index(ref)
                 cause = getattr(exc, "cause", None) or exc
+                died = isinstance(exc, ray.exceptions.ActorDiedError)
+                why = watch.explain(rank if died else None) if watch is not None else None
+                if why is not None:  # the monitor knows the cause of the failure
+                    raise LaunchError(_stopped(why, len(futures))) from exc
                 raise LaunchError(f"rank {rank} failed: {type(cause).__name__}: {cause}") from exc
         time.sleep(0 if done else 0.01)
     _drain(queue, recorder)
+    if watch is not None:
+        watch.poll(final=True)  # the last steps' faults and waits, before the workers go
     return ray.get(futures[0])

@@ -34,10 +34,11 @@ def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
     return opt, sched
 
 
-def train(cfg: JobConfig, reporter=None) -> dict:
+def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     """Run ``cfg.train.steps`` steps on the initialised process group.
 
     Returns a summary (rank 0's reporter also receives every step's metrics).
+    ``step_hook(step)`` runs at the start of every step (fault injection).
     """
     t_start = time.monotonic()
     world = dist.get_world_size()
@@ -64,6 +65,8 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     for step in range(start, cfg.train.steps):
         t0 = time.monotonic()
         comms.set_step(step)
+        if step_hook is not None:
+            step_hook(step)
         inputs, targets = data.batch(step, range(first, first + local_batch))
         positions = None
         if mesh.sp > 1:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate
+from .fault_watch import rank_faults
 from .report import RunRecorder, make_run_dir
 from .train import resolve_device, train
 
@@ -36,14 +37,18 @@ def init_distributed(cfg: JobConfig) -> None:
                             timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
 
 
-def run_rank(cfg: JobConfig | dict, reporter=None) -> dict:
-    """Join, train, leave.  Returns the training summary."""
+def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None) -> dict:
+    """Join, train, leave.  Returns the training summary.
+
+    ``fault_transport`` carries this rank's fault-monitor reports (the Ray
+    driver passes one); without it rank 0 hosts the aggregator (torchrun)."""
     if isinstance(cfg, dict):
         cfg = JobConfig.from_dict(cfg)
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", cfg.world_size)))
     init_distributed(cfg)
     try:
-        return train(cfg, reporter)
+        with rank_faults(cfg, reporter, fault_transport) as faults:
+            return train(cfg, reporter, step_hook=faults.at_step)
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,566 @@
+"""Fault detection over the `CommRecord`s of every rank: pure functions.
+
+Training is periodic and homogeneous, so a deviation in the communication
+pattern points at a fault.  Clocks are never compared across ranks: every
+measure is a duration on one rank's own clock (how long it waited in an op,
+how long a step took), compared with the other ranks' durations.
+
+- straggler: in a synchronous step everyone waits for the last arrival, so
+  the rank that spends far *less* time communicating than the others is the
+  one that arrived late.  Needs persistence (k of the last n steps), a
+  relative threshold (a fraction of the step time) with an absolute floor,
+  and the warm-up steps excluded.
+- hang: a (group, sequence number) some ranks entered and others have not,
+  for longer than ``max(floor, m x typical duration)``: the missing ranks are
+  named.
+- slow_link: a point-to-point edge whose time per byte is far above the other
+  edges'; the edge is the culprit, not its endpoints.
+- mismatch: one (group, sequence number) issued with different ops or
+  signatures on different ranks.
+- lost_rank: a rank whose heartbeats stopped or whose process is gone (the
+  caller measures that; see ``silent``).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+
+from loom.comms import CommRecord
+
+KINDS = ("lost_rank", "hang", "mismatch", "slow_link", "straggler")  # most severe first
+FATAL_KINDS = ("hang", "lost_rank")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One detected fault.
+
+    ``ranks`` are the culprits (empty for a slow link, whose culprit is
+    ``link = (src, dst)``), ``group`` and ``seqs`` say where it was seen, and
+    ``score`` says how far past its threshold it is (1.0 = at the threshold;
+    for a slow link, its time per byte over the other links').
+    ``step`` is the latest training step of the evidence, when steps are tagged.
+    """
+
+    kind: str
+    ranks: tuple[int, ...]
+    link: tuple[int, int] | None
+    group: str | None
+    seqs: tuple[int, ...]
+    score: float
+    evidence: str
+    step: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {KINDS}")
+
+    @property
+    def key(self) -> tuple:
+        """What makes two detections the same fault (a monitor reports each once)."""
+        if self.kind == "slow_link":
+            return (self.kind, self.link)
+        if self.kind == "mismatch":  # the first one in a group; later ones are its echoes
+            return (self.kind, self.group, self.link)
+        return (self.kind, self.ranks)
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind in FATAL_KINDS
+
+    def to_dict(self) -> dict:
+        """JSON-ready (an infinite score, e.g. a process known gone, is None)."""
+        d = asdict(self)
+        d["ranks"], d["seqs"] = list(self.ranks), list(self.seqs)
+        d["link"] = None if self.link is None else list(self.link)
+        d["score"] = self.score if math.isfinite(self.score) else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fault":
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["ranks"], d["seqs"] = tuple(d.get("ranks", ())), tuple(d.get("seqs", ()))
+        d["link"] = None if d.get("link") is None else tuple(d["link"])
+        d["score"] = math.inf if d.get("score") is None else d["score"]
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.evidence}"
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Thresholds of `detect`.  Defaults suit steps of ~10 ms to seconds."""
+
+    warmup_steps: int = 5           # steps (or untagged collectives) ignored at the start
+    straggler_k: int = 3            # late in at least k ...
+    straggler_n: int = 4            # ... of the last n steps
+    straggler_rel: float = 0.1      # late = arrived >= rel x the typical step time after the others
+    straggler_min_s: float = 0.03   # ... and >= this many seconds (scheduler noise floor)
+    hang_floor_s: float = 2.0       # stuck for > max(floor, factor x typical op duration)
+    hang_factor: float = 10.0
+    hang_warmup_s: float = 30.0     # the floor during warm-up (start-up skew is not a hang)
+    slow_link_factor: float = 4.0   # time per byte >= factor x the other links'
+    slow_link_min_s: float = 0.005  # ... and >= this many seconds slower per message
+    slow_link_k: int = 3            # in at least k of the edge's last n messages
+    slow_link_n: int = 5
+    lost_after_s: float = 30.0      # silent this long = lost (a process known gone is lost at once;
+                                    # a CPU op holding the GIL, or an overloaded machine, can mute a
+                                    # healthy rank's heartbeats for seconds; a dead rank that others
+                                    # wait for shows as a hang within hang_floor_s anyway)
+
+    def __post_init__(self):
+        for name in ("warmup_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DetectConfig.{name}={getattr(self, name)} must be >= 0")
+        for k, n in (("straggler_k", "straggler_n"), ("slow_link_k", "slow_link_n")):
+            if not 1 <= getattr(self, k) <= getattr(self, n):
+                raise ValueError(f"DetectConfig: need 1 <= {k}={getattr(self, k)} <= {n}={getattr(self, n)}")
+        for name in ("straggler_rel", "straggler_min_s", "hang_floor_s", "hang_factor", "hang_warmup_s",
+                     "slow_link_min_s", "lost_after_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DetectConfig.{name}={getattr(self, name)} must be >= 0")
+        if not self.slow_link_factor > 1:
+            raise ValueError(f"DetectConfig.slow_link_factor={self.slow_link_factor} must be > 1")
+
+
+def edge_of(rec: CommRecord) -> tuple[int, int] | None:
+    """The directed edge (src, dst) of a point-to-point record, else None."""
+    if rec.op == "send":
+        return (rec.rank, rec.peer)
+    if rec.op == "recv":
+        return (rec.peer, rec.rank)
+    return None
+
+
+class _Index:
+    """The records of all ranks, keyed the way every detector needs them."""
+
+    def __init__(self, records):
+        # ops[(group, edge)][seq][rank] -> record; edge None for collectives
+        self.ops: dict = defaultdict(lambda: defaultdict(dict))
+        self.members: dict = {}
+        self.latest: dict[int, float] = {}  # each rank's latest timestamp (its own clock)
+        self.last_step: dict[int, int] = {}
+        for rank, recs in records.items():
+            latest, last_step = -math.inf, None
+            for rec in recs:
+                edge = edge_of(rec)
+                key = (rec.group, edge)
+                self.ops[key][rec.seq][rank] = rec
+                if key not in self.members:
+                    self.members[key] = edge if edge is not None else tuple(rec.group_ranks)
+                t = rec.t_enter if rec.t_exit is None else rec.t_exit
+                if t > latest:
+                    latest = t
+                if rec.step is not None and (last_step is None or rec.step > last_step):
+                    last_step = rec.step
+            if recs:
+                self.latest[rank] = latest
+            if last_step is not None:
+                self.last_step[rank] = last_step
+
+
+def _as_rank_map(records) -> dict[int, list[CommRecord]]:
+    if isinstance(records, dict):
+        return {int(r): list(v) for r, v in records.items()}
+    out: dict[int, list[CommRecord]] = defaultdict(list)
+    for rec in records:
+        out[rec.rank].append(rec)
+    return dict(out)
+
+
+def detect(records, *, config: DetectConfig | None = None, now: dict | None = None,
+           silent: dict | None = None, first_step: int | None = None) -> list[Fault]:
+    """Faults in ``records`` (``{rank: [CommRecord, ...]}`` from all ranks, or
+    one flat list), most severe first.
+
+    ``now`` maps a rank to the current time *on that rank's clock* (how long
+    an op has been in flight); by default it is the rank's latest timestamp,
+    so ops still open at the end of a finished trace are not called hangs.
+    ``silent`` maps a rank to the seconds since its last heartbeat, ``math.inf``
+    if its process is known to be gone (lost-rank detection).
+    ``first_step`` is the step monitoring started at (warm-up counts from
+    there; default: the earliest step in the records)."""
+    return analyse(records, config=config, now=now, silent=silent, first_step=first_step)[0]
+
+
+def analyse(records, *, config: DetectConfig | None = None, now: dict | None = None,
+            silent: dict | None = None, first_step: int | None = None,
+            ranks=None) -> tuple[list[Fault], "StepTable"]:
+    """`detect`, also returning the per-step `StepTable` it built (over
+    ``ranks``, default the members of the groups seen) for reports."""
+    cfg = config or DetectConfig()
+    if not isinstance(cfg, DetectConfig):
+        raise TypeError(f"config must be a DetectConfig, not {type(cfg).__name__}")
+    recs = _as_rank_map(records)
+    idx = _Index(recs)
+    clocks = dict(idx.latest)
+    clocks.update(now or {})
+    if first_step is None:
+        steps = [rec.step for rs in recs.values() for rec in rs if rec.step is not None]
+        first_step = min(steps) if steps else 0
+    lost = lost_ranks(silent or {}, cfg, idx.last_step)
+    gone = {r for f in lost for r in f.ranks}
+    table = StepTable(recs, ranks)
+    faults = lost + _hangs(idx, clocks, cfg, gone, first_step) + _mismatches(idx) + \
+        _slow_links(idx, cfg, first_step) + _stragglers(idx, table, cfg, first_step)
+    return faults, table
+
+
+# ------------------------------------------------------------------ lost rank
+
+def lost_ranks(silent: dict, config: DetectConfig | None = None, last_step: dict | None = None) -> list[Fault]:
+    """Lost-rank faults from ``silent`` ({rank: seconds without a heartbeat,
+    ``math.inf`` when its process is gone}); ``last_step`` for the evidence."""
+    cfg, last_step = config or DetectConfig(), last_step or {}
+    out = []
+    for rank in sorted(silent):
+        age = silent[rank]
+        if age is None or age <= cfg.lost_after_s:
+            continue
+        why = "its process is gone" if math.isinf(age) else f"no heartbeat for {age:.1f} s"
+        step = last_step.get(rank)
+        where = f" (last seen in step {step})" if step is not None else ""
+        score = math.inf if math.isinf(age) else age / max(cfg.lost_after_s, 1e-9)
+        out.append(Fault("lost_rank", (rank,), None, None, (), score, f"rank {rank} lost: {why}{where}",
+                         step))
+    return out
+
+
+# ----------------------------------------------------------------------- hang
+
+def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: int) -> list[Fault]:
+    found: dict[tuple, Fault] = {}
+    for key, by_seq in idx.ops.items():
+        group, edge = key
+        members = idx.members[key]
+        if not members:
+            continue  # group membership unknown: cannot say who is missing
+        top = max(by_seq)
+        entered = by_seq[top]
+        missing = tuple(r for r in members if r not in entered)
+        waiting = [r for r, rec in entered.items() if rec.t_exit is None]
+        if not waiting or (missing and set(missing) <= gone):
+            continue
+        if not missing and len(waiting) < len(members):
+            continue  # everyone entered and some finished: it is completing
+        elapsed = min(clocks.get(r, entered[r].t_enter) - entered[r].t_enter for r in waiting)
+        durations = [rec.duration for recs in by_seq.values() for rec in recs.values()
+                     if rec.t_exit is not None]
+        typical = statistics.median(durations) if durations else 0.0
+        threshold = max(cfg.hang_floor_s, cfg.hang_factor * typical)
+        step = entered[waiting[0]].step
+        in_warmup = (top < cfg.warmup_steps) if step is None else (step < first_step + cfg.warmup_steps)
+        if in_warmup:
+            threshold = max(threshold, cfg.hang_warmup_s)
+        if elapsed <= threshold:
+            continue
+        rec = entered[waiting[0]]
+        where = f"{rec.op} #{top} of {_where(group, edge)}" + (f" (step {step})" if step is not None else "")
+        if missing:
+            who = ", ".join(map(str, missing))
+            many = len(waiting) > 1
+            text = (f"rank{'s' if len(missing) > 1 else ''} {who} never entered {where}: "
+                    f"rank{'s' if many else ''} {', '.join(map(str, sorted(waiting)))} ha{'ve' if many else 's'} "
+                    f"waited {elapsed:.1f} s (threshold {threshold:.1f} s)")
+        else:
+            text = (f"every rank entered {where} and none finished in {elapsed:.1f} s "
+                    f"(threshold {threshold:.1f} s)")
+        fault = Fault("hang", missing, edge, group, (top,), elapsed / threshold, text, step)
+        old = found.get(missing)
+        if old is None or fault.score > old.score:
+            found[missing] = fault
+    return [found[k] for k in sorted(found)]
+
+
+def _where(group: str, edge) -> str:
+    return f"group {group}" if edge is None else f"link {edge[0]}->{edge[1]} (group {group})"
+
+
+# ------------------------------------------------------------------- mismatch
+
+def _shape_key(rec: CommRecord):
+    if not rec.signature:
+        return (rec.op, rec.signature)
+    dtype, shape = rec.signature
+    if rec.op == "all_to_all_v":  # uneven splits: only the row shape must agree
+        shape = tuple(shape[1:])
+    return (rec.op, dtype, tuple(shape))
+
+
+def _mismatches(idx: _Index) -> list[Fault]:
+    out = []
+    for (group, edge), by_seq in sorted(idx.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or ())):
+        for seq in sorted(by_seq):
+            recs = by_seq[seq]
+            if len(recs) < 2:
+                continue
+            if edge is None:
+                variants = {r: _shape_key(rec) for r, rec in recs.items()}
+                members = idx.members[(group, edge)]
+                if len(recs) < len(members) and not _settled(variants, members):
+                    break  # wait for the other ranks' reports before naming anyone
+            else:  # the two ends of a message: same dtype and size
+                variants = {r: (rec.signature[0] if rec.signature else None, rec.nbytes)
+                            for r, rec in recs.items()}
+            if len(set(variants.values())) == 1:
+                continue
+            counts = defaultdict(list)
+            for r, v in variants.items():
+                counts[v].append(r)
+            ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
+            if edge is None and len(ranked[0][1]) > len(ranked[1][1]):
+                culprits = tuple(sorted(r for v, rs in ranked[1:] for r in rs))
+                common = f"the others issued {_describe(ranked[0][0])}"
+            else:
+                culprits = tuple(sorted(recs))
+                common = "no majority"
+            issued = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, sorted(rs)))}: "
+                               f"{_describe(v)}" for v, rs in ranked)
+            step = next(iter(recs.values())).step
+            text = (f"{_where(group, edge)} #{seq}" + (f" (step {step})" if step is not None else "") +
+                    f": rank{'s' if len(culprits) > 1 else ''} {', '.join(map(str, culprits))} issued a "
+                    f"different collective ({common}) — {issued}")
+            out.append(Fault("mismatch", culprits, edge, group, (seq,), float(len(culprits)), text, step))
+            break  # later sequence numbers of this group are out of step anyway
+    return out
+
+
+def _settled(variants: dict, members) -> bool:
+    """Whether the ranks still missing cannot change who is in the minority:
+    one variant already holds more than half of the members, the rest differ."""
+    counts = defaultdict(int)
+    for v in variants.values():
+        counts[v] += 1
+    return len(counts) > 1 and max(counts.values()) * 2 > len(members)
+
+
+def _describe(variant) -> str:
+    if len(variant) == 3:
+        op, dtype, shape = variant
+        return f"{op} {dtype.replace('torch.', '')}{list(shape)}"
+    return " ".join(map(str, variant))
+
+
+# ------------------------------------------------------------------ slow link
+
+def _slow_links(idx: _Index, cfg: DetectConfig, first_step: int) -> list[Fault]:
+    # per edge: (seq, step, transfer time, nbytes) of its matched, completed messages
+    msgs: dict = defaultdict(list)
+    for (group, edge), by_seq in idx.ops.items():
+        if edge is None:
+            continue
+        src, dst = edge
+        for seq, recs in by_seq.items():
+            send, recv = recs.get(src), recs.get(dst)
+            if send is None or recv is None or send.t_exit is None or recv.t_exit is None:
+                continue
+            step = send.step
+            if (seq < cfg.warmup_steps) if step is None else (step < first_step + cfg.warmup_steps):
+                continue
+            # the end that arrived last waited least: its wait is the transfer
+            msgs[edge].append((step if step is not None else -1, seq, min(send.duration, recv.duration),
+                               max(send.nbytes, 1), group))
+    if len(msgs) < 2:
+        return []
+    n = cfg.slow_link_n
+    msgs = {e: sorted(m) for e, m in msgs.items()}
+    last = {e: m[-n:] for e, m in msgs.items()}
+    out = []
+    for edge, mine in sorted(last.items()):
+        others = [t / b for e, ms in last.items() if e != edge for _, _, t, b, _ in ms]
+        ref = statistics.median(others)
+        flags = [m if m[2] / m[3] >= cfg.slow_link_factor * ref and m[2] - ref * m[3] >= cfg.slow_link_min_s
+                 else None for m in msgs[edge]]
+        onset = _persistent_since(flags, cfg.slow_link_k, n)
+        if onset is None:
+            continue
+        slow = [(m[2], m[3]) for m in flags[-n:] if m is not None]
+        t_med = statistics.median(t for t, _ in slow)
+        b_med = statistics.median(b for _, b in slow)
+        ratio = statistics.median(t / b for t, b in slow) / max(ref, 1e-15)
+        step = onset[0] if onset[0] >= 0 else None
+        text = (f"link {edge[0]}->{edge[1]} is slow: {t_med * 1e3:.1f} ms per {_bytes(b_med)} message "
+                f"({t_med / b_med * 1e9:.1f} ns/B) vs {ref * 1e9:.2f} ns/B on the other {len(last) - 1} "
+                f"link{'s' if len(last) > 2 else ''}, in {len(slow)} of its last {len(mine)} messages")
+        out.append(Fault("slow_link", (), edge, mine[-1][4], tuple(s for _, s, _, _, _ in mine),
+                         ratio, text, step))
+    return out
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+# ------------------------------------------------------------------ straggler
+
+class StepTable:
+    """Per rank and step: time spent communicating (``wait``: the sum of its
+    ops' durations) and the step's length (from its first op to the next
+    step's first op), both on the rank's own clock.  A step counts once every
+    rank of ``ranks`` is done with it (default: the members of the groups in
+    the records), so a rank whose reports are late holds it back."""
+
+    def __init__(self, records: dict[int, list[CommRecord]], ranks=None):
+        wait: dict = defaultdict(dict)
+        count: dict = defaultdict(dict)
+        open_: dict = defaultdict(set)
+        first: dict = defaultdict(dict)
+        last_step: dict[int, int] = {}
+        members: set = set()
+        for rank, recs in records.items():
+            for rec in recs:
+                u = rec.step
+                if u is None:
+                    continue
+                if ranks is None and rec.group_ranks not in members:
+                    members.add(rec.group_ranks)
+                count[u][rank] = count[u].get(rank, 0) + 1
+                if rec.t_exit is None:
+                    open_[u].add(rank)
+                else:
+                    wait[u][rank] = wait[u].get(rank, 0.0) + rec.t_exit - rec.t_enter
+                if rec.t_enter < first[u].get(rank, math.inf):
+                    first[u][rank] = rec.t_enter
+                if rec.step > last_step.get(rank, -math.inf):
+                    last_step[rank] = rec.step
+        if ranks is None:
+            ranks = set(last_step).union(*members)
+        self.ranks = sorted(ranks)
+        self.wait, self.step_time, self.complete = {}, {}, []
+        for u in sorted(count):
+            ranks = count[u]
+            if any(r not in ranks for r in self.ranks) or open_.get(u):
+                continue
+            # done: it started a later step, or it closed as many ops as in its previous step
+            if not all(last_step[r] > u or count.get(u - 1, {}).get(r, 0) and ranks[r] >= count[u - 1][r]
+                       for r in ranks):
+                continue
+            self.complete.append(u)
+            self.wait[u] = {r: wait[u].get(r, 0.0) for r in ranks}
+            nxt = first.get(u + 1, {})
+            self.step_time[u] = {r: nxt[r] - first[u][r] for r in ranks if r in nxt}
+
+
+def step_waits(records) -> list[dict]:
+    """Per complete step: each rank's time in communication and step length
+    (``{"step", "wait_s": {rank: s}, "step_s": {rank: s}}``), for reports."""
+    table = StepTable(_as_rank_map(records))
+    return [{"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]} for u in table.complete]
+
+
+def _stragglers(idx: _Index, table: "StepTable", cfg: DetectConfig, first_step: int) -> list[Fault]:
+    units = [u for u in table.complete if u >= first_step + cfg.warmup_steps]
+    out = []
+    if units:
+        lengths = [t for u in units for t in table.step_time[u].values()]
+        typical = statistics.median(lengths) if lengths else 0.0
+        out += _late_ranks([(u, table.wait[u]) for u in units], typical, cfg, "step", idx)
+    named = {f.ranks for f in out}
+    return out + [f for f in _untagged_stragglers(idx, cfg) if f.ranks not in named]
+
+
+def _late_ranks(units, typical: float, cfg: DetectConfig, what: str, idx: _Index,
+                group: str | None = None) -> list[Fault]:
+    """Ranks late in >= k of the last n ``units`` [(unit, {rank: wait})]."""
+    threshold = max(cfg.straggler_min_s, cfg.straggler_rel * typical)
+    n = cfg.straggler_n
+    out = []
+    for r in sorted({r for _, w in units[-n:] for r in w}):
+        flags = []  # per unit: (unit, lateness, the others' wait, its wait) or None if not late
+        for u, waits in units:
+            if r not in waits or len(waits) < 2:
+                flags.append(None)
+                continue
+            others = statistics.median(w for j, w in waits.items() if j != r)
+            flags.append((u, others - waits[r], others, waits[r]) if others - waits[r] >= threshold else None)
+        onset = _persistent_since(flags, cfg.straggler_k, n)
+        if onset is None:
+            continue
+        late = [x for x in flags[-n:] if x is not None]
+        lateness = statistics.median(x[1] for x in late)
+        span = f"{what}s {late[0][0]}-{late[-1][0]}" if what == "step" else \
+            f"{group} #{late[0][0]}-#{late[-1][0]}"
+        text = (f"rank {r} arrived late in {len(late)} of the last {min(n, len(units))} {what}s ({span}): "
+                f"it waited {statistics.median(x[3] for x in late) * 1e3:.0f} ms while the others waited "
+                f"{statistics.median(x[2] for x in late) * 1e3:.0f} ms (late by {lateness * 1e3:.0f} ms; "
+                f"{what} time {typical * 1e3:.0f} ms, threshold {threshold * 1e3:.0f} ms)")
+        if what == "step":
+            grp, seqs = _late_collectives(idx, r, [x[0] for x in late])
+            step = onset[0]
+        else:
+            grp, seqs, step = group, tuple(x[0] for x in late), None
+        out.append(Fault("straggler", (r,), None, grp, seqs, lateness / threshold, text, step))
+    return out
+
+
+def _persistent_since(flags: list, k: int, n: int):
+    """If >= k of the last n ``flags`` are set: the flag at which this run of
+    windows (each with >= k of n set) first held - the detection point,
+    independent of how late the caller looked.  Else None."""
+    def holds(end):  # window flags[end - n + 1 .. end]
+        return sum(f is not None for f in flags[max(0, end - n + 1):end + 1]) >= k
+    end = len(flags) - 1
+    if end < 0 or not holds(end):
+        return None
+    while end > 0 and holds(end - 1):
+        end -= 1
+    return flags[end]
+
+
+def _late_collectives(idx: _Index, rank: int, steps: list[int]):
+    """For each late step, the collective where the others waited longest for ``rank``."""
+    wanted = set(steps)
+    best: dict[int, tuple] = {}
+    for (group, edge), by_seq in idx.ops.items():
+        if edge is not None:
+            continue
+        for seq, recs in by_seq.items():
+            mine = recs.get(rank)
+            if mine is None or mine.step not in wanted or mine.t_exit is None or len(recs) < 2:
+                continue
+            others = [rec.duration for r, rec in recs.items() if r != rank and rec.t_exit is not None]
+            if not others:
+                continue
+            gap = statistics.median(others) - mine.duration
+            if gap > best.get(mine.step, (-math.inf,))[0]:
+                best[mine.step] = (gap, group, seq)
+    if not best:
+        return None, ()
+    group = best[max(best)][1]
+    return group, tuple(best[u][2] for u in sorted(best) if best[u][1] == group)
+
+
+def _untagged_stragglers(idx: _Index, cfg: DetectConfig) -> list[Fault]:
+    """Records without a step: each collective of a group is its own unit."""
+    out = []
+    for (group, edge), by_seq in sorted(idx.ops.items(), key=lambda kv: (kv[0][0], kv[0][1] or ())):
+        if edge is not None:
+            continue
+        members = idx.members[(group, edge)]
+        units, gaps = [], []
+        prev: dict[int, float] = {}
+        for seq in sorted(by_seq):
+            recs = by_seq[seq]
+            if any(rec.step is not None for rec in recs.values()):
+                break
+            for r, rec in recs.items():
+                if r in prev:
+                    gaps.append(rec.t_enter - prev[r])
+                prev[r] = rec.t_enter
+            if seq < cfg.warmup_steps or len(recs) < len(members) or \
+                    any(rec.t_exit is None for rec in recs.values()):
+                continue
+            units.append((seq, {r: rec.duration for r, rec in recs.items()}))
+        if units:
+            typical = statistics.median(gaps) if gaps else 0.0
+            out += _late_ranks(units, typical, cfg, "collective", idx, group)
+    return out

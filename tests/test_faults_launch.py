@@ -1,0 +1,92 @@
+"""Fault monitoring in `loom train`: the [faults] options, `loom faults report`,
+and end-to-end runs with injected faults through Ray."""
+import datetime
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loom.faults import Fault, LogWriter
+from loom.launch.cli import main
+from loom.launch.config import ConfigError, build_config, validate
+from loom.launch.fault_watch import detect_config
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"inject": "straggler:rank=9,delay=0.1"}, "--inject: injection straggler:rank=9.*rank 9 is outside 0..1"),
+    ({"inject": "freeze:rank=0"}, "--inject: injection 'freeze:rank=0': unknown kind 'freeze'"),
+    ({"stop_on": "hang,typo"}, r"--stop-on: unknown fault kind\(s\) \['typo'\]"),
+    ({"straggler_k": 5}, "need 1 <= --straggler-k=5 <= --straggler-n=4"),
+    ({"fault_warmup_steps": -1}, "--fault-warmup-steps=-1 must be >= 0"),
+    ({"monitor_interval": 0}, "--monitor-interval=0.0 must be > 0"),
+])
+def test_bad_fault_options_are_named(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(build_config(overrides=overrides))
+
+
+def test_fault_options_reach_the_detector():
+    cfg = validate(build_config(overrides={"hang_floor_s": 3.5, "fault_warmup_steps": 2, "straggler_n": 6,
+                                           "inject": "kill:rank=1,step=3"}))
+    d = detect_config(cfg.faults)
+    assert (d.hang_floor_s, d.warmup_steps, d.straggler_n) == (3.5, 2, 6)
+    assert cfg.faults.monitor and cfg.faults.stop_on == "hang,lost_rank"
+
+
+def test_faults_report_timeline_and_png(tmp_path, capsys):
+    log = LogWriter(str(tmp_path))
+    fault = Fault("straggler", (2,), None, "world", (20, 22, 24), 6.1, "rank 2 arrived late", 12)
+    log.write({"faults": [{**fault.to_dict(), "t": 1.5, "seen_step": 13}],
+               "waits": [{"step": u, "wait_s": {"0": 0.2 if u >= 10 else 0.01, "1": 0.01},
+                          "step_s": {"0": 0.25, "1": 0.25}} for u in range(30)]})
+    log.close()
+    png = tmp_path / "waits.png"
+    assert main(["faults", "report", str(tmp_path), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks, steps 0-29, 1 fault" in out
+    assert "straggler  rank 2" in out and "rank 2 arrived late" in out
+    assert "rank   0" in out and "rank   1" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IHDR" in data[:16] and data.endswith(b"IEND\xaeB`\x82")
+    assert main(["faults", "report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _loom(*args, timeout=280):
+    return subprocess.run([sys.executable, "-m", "loom", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_loom_train_reports_a_straggler_live(tmp_path):
+    proc = _loom("train", "--steps", "30", "--name", "strag", "--runs-dir", str(tmp_path), "--no-progress",
+                 "--inject", "straggler:rank=1,delay=0.2,from=10")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "strag"
+    faults = [json.loads(x) for x in (run / "faults.jsonl").read_text().splitlines()]
+    # (the 3-step bound is tested on 4 ranks; here a heavily loaded machine may blur one step)
+    assert [(f["kind"], f["ranks"]) for f in faults] == [("straggler", [1])], proc.stdout[-3000:]
+    assert 12 <= faults[0]["step"] <= 14
+    assert "[fault] straggler: rank 1 arrived late in " in proc.stdout
+    waits = [json.loads(x) for x in (run / "waits.jsonl").read_text().splitlines()]
+    assert [w["step"] for w in waits] == list(range(30))
+    report = _loom("faults", "report", str(run), "--png", str(tmp_path / "w.png"))
+    assert report.returncode == 0 and "straggler  rank 1" in report.stdout
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_loom_train_stops_every_worker_on_a_hang_naming_the_rank(tmp_path):
+    proc = _loom("train", "--steps", "200", "--name", "hang", "--runs-dir", str(tmp_path), "--no-progress",
+                 "--pg-timeout", "300", "--inject", "hang:rank=1,step=15")
+    ended = datetime.datetime.now()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loom train: stopped all 2 workers after a hang: rank 1 never entered all_reduce" in proc.stderr
+    assert "(step 15)" in proc.stderr
+    faults = [json.loads(x) for x in (tmp_path / "hang" / "faults.jsonl").read_text().splitlines()]
+    assert [(f["kind"], f["ranks"], f["step"]) for f in faults] == [("hang", [1], 15)]
+    # detected and stopped within seconds, far from the 300 s process-group timeout
+    detected = datetime.datetime.fromisoformat(faults[0]["time"])
+    assert (ended - detected).total_seconds() < 20, (detected, ended)
