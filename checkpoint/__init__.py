@@ -7,6 +7,7 @@
 Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
 """
+from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError
@@ -15,7 +16,7 @@ from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
 
 __all__ = [
-    "CheckpointInfo", "CheckpointStore", "ChecksumError", "Flat", "MissingKeysError",
+    "AsyncCheckpointer", "CheckpointSaveError", "SaveHandle", "CheckpointInfo", "CheckpointStore", "ChecksumError", "Flat", "MissingKeysError",
     "NoCheckpointError", "PerRank", "SavePlan", "Shard", "TARGET_CHUNK_BYTES", "commit",
     "exchange_parts", "gc", "load", "plan_save", "retained", "save", "verify", "write_chunks",
 ]

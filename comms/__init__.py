@@ -14,10 +14,12 @@ from .ops import (
     all_to_all_v_with_grad,
     barrier,
     broadcast,
+    destroy_group,
     exchange_counts,
     group_ranks,
     irecv,
     isend,
+    new_group,
     recv,
     reduce_scatter,
     reduce_scatter_with_grad,
@@ -30,8 +32,8 @@ from .trace import CommRecord, records, reset_trace, set_step
 
 __all__ = [
     "CommRecord", "Mesh", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
-    "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast",
-    "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "records",
+    "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
+    "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
     "send", "set_step", "wait_all",
 ]
