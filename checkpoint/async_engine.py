@@ -55,7 +55,7 @@ from .host_pool import HostBufferPool, aligned
 from .manifest import storage_dtype
 from .save import SavePlan, commit, exchange_parts, plan_save
 from .state import Flat, PerRank, Shard, _contains_tensors, decode_value, encode_value, flatten, key_of
-from .store import CheckpointStore, check_step, retained
+from .store import CheckpointStore, check_step, retained, step_name
 from .writers import ProcessWriter, ThreadWriter
 
 WRITERS = ("thread", "process")
@@ -98,6 +98,19 @@ class SaveHandle:
         except CheckpointSaveError:
             self._owner._reported(self)
             raise
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until committed or failed, without raising; returns ``done()``."""
+        try:
+            self._future.exception(timeout)
+        except TimeoutError:
+            pass
+        return self.done()
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(handle)`` once the save is committed or failed (on the
+        persist thread; at once if it already is)."""
+        self._future.add_done_callback(lambda _: fn(self))
 
     @property
     def stall_s(self) -> float:
@@ -437,7 +450,12 @@ class AsyncCheckpointer:
                 job.pool.release(job.region)
                 job.region = None
             job.fragments, job.chunks = {}, {}
-        location = commit(plan, sums, error)
+        try:
+            location = commit(plan, sums, error)
+        except BaseException:
+            if plan.group.rank == 0:
+                _discard_torn(plan.store, plan.step)
+            raise
         if plan.group.rank == 0 and (self.keep_last or self.keep_every):
             try:
                 self._retain()
@@ -463,6 +481,16 @@ def _resurface(error: CheckpointSaveError, handle: SaveHandle | None = None) -> 
     again.__cause__ = error.__cause__
     again.handle = handle
     return again
+
+
+def _discard_torn(store: CheckpointStore, step: int) -> None:
+    """Remove what a failed save left (every rank is past writing: the
+    commit agreement came first); never a committed step."""
+    try:
+        if store.marker(step) is None:
+            store.remove(step_name(step), recursive=True)
+    except Exception:  # noqa: BLE001 - invisible anyway (no marker); gc can remove it later
+        pass
 
 
 # ------------------------------------------------------------- capture

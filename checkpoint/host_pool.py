@@ -64,6 +64,7 @@ class HostBufferPool:
         self._closed = False
         self.high_water = 0  # most bytes ever reserved at once
         self.waited_s = 0.0  # total time reservations waited for space
+        self.waits = 0       # reservations that had to wait (backpressure)
 
     @property
     def used(self) -> int:
@@ -92,7 +93,7 @@ class HostBufferPool:
         if nbytes == 0:
             return Region(0, 0)
         deadline = None if timeout is None else time.monotonic() + timeout
-        t0 = time.monotonic()
+        t0, waited = time.monotonic(), False
         with self._cond:
             while True:
                 if self._closed:
@@ -100,6 +101,10 @@ class HostBufferPool:
                 start = self._place(nbytes)
                 if start is not None:
                     break
+                if not waited:
+                    waited = True
+                    self.waits += 1
+                    self._cond.notify_all()  # for whoever watches the backpressure
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"no room for {nbytes} bytes in the host buffer pool "

@@ -122,6 +122,12 @@ class ProcessWriter:
         self._inbox = self._outbox = None
         self._proc = None
 
+    def _send(self, message) -> None:
+        try:
+            self._outbox.send(message)
+        except OSError:
+            pass  # the process is gone: _receive reports its exit code
+
     def _ref(self, pool, a):
         """A `_Ref` for an array that lives in the pool, else the array itself."""
         base = pool.arena.data_ptr()
@@ -140,18 +146,16 @@ class ProcessWriter:
         """Write from ``pool`` (a shared `HostBufferPool`) in the writer process."""
         if pool is None or pool.path is None:
             raise ValueError("the process writer needs a host buffer pool in shared memory")
+        if self._proc is not None and self._proc.poll() is not None:
+            self._drop()  # it died while idle: nothing was lost, start another
         if self._proc is None:
             self._start()
         if not self._ready:
             self._receive()  # "ready": its imports are done
             self._ready = True
-        message = (self.url, pool.path, pool.capacity, _portable_plan(plan),
-                   {k: self._ref(pool, t) for k, t in fragments.items()},
-                   {k: self._ref(pool, a) for k, a in parts.items()})
-        try:
-            self._outbox.send(message)
-        except OSError:
-            pass  # the process is gone: _receive reports its exit code
+        self._send((self.url, pool.path, pool.capacity, _portable_plan(plan),
+                    {k: self._ref(pool, t) for k, t in fragments.items()},
+                    {k: self._ref(pool, a) for k, a in parts.items()}))
         ok, value = self._receive()
         if ok:
             return value
