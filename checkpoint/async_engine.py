@@ -80,6 +80,7 @@ class SaveHandle:
         self._future: Future = Future()
         self._snapshot = threading.Event()
         self._seen = False  # its failure was raised to the caller
+        self._callbacks: list = []
         self.stats = {"step": step, "save_s": 0.0, "blocked_s": 0.0, "snapshot_s": None,
                       "persist_s": None, "bytes": 0}
 
@@ -108,9 +109,15 @@ class SaveHandle:
         return self.done()
 
     def add_done_callback(self, fn) -> None:
-        """Call ``fn(handle)`` once the save is committed or failed (on the
-        persist thread; at once if it already is)."""
-        self._future.add_done_callback(lambda _: fn(self))
+        """Call ``fn(location, error)`` once the save is committed (error
+        None) or failed (location None), on the persist thread before
+        anyone waiting is woken; at once if that has already happened."""
+        with self._owner._lock:
+            if not self.done():
+                self._callbacks.append(fn)
+                return
+        error = self._future.exception()
+        fn(None if error else self._future.result(), error)
 
     @property
     def stall_s(self) -> float:
@@ -337,16 +344,25 @@ class AsyncCheckpointer:
             self._inflight.pop(job.seq, None)
             if error is not None and not handle._seen:
                 self._unreported.append(handle)
+        if error is not None and not isinstance(error, CheckpointSaveError):
+            wrapped = CheckpointSaveError(f"saving step {job.step} to {self.url} failed: "
+                                          f"{type(error).__name__}: {error}", job.step)
+            wrapped.__cause__ = error
+            error = wrapped
         if error is None:
             handle.stats["persist_s"] = time.perf_counter() - job.t_snapshot
-            handle._future.set_result(location)
-        else:
-            if not isinstance(error, CheckpointSaveError):
-                wrapped = CheckpointSaveError(f"saving step {job.step} to {self.url} failed: "
-                                              f"{type(error).__name__}: {error}", job.step)
-                wrapped.__cause__ = error
-                error = wrapped
-            handle._future.set_exception(error)
+        with self._lock:
+            callbacks, handle._callbacks = handle._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(location, error)
+            except Exception as exc:  # noqa: BLE001 - a callback must not break the engine
+                warnings.warn(f"a checkpoint done-callback failed: {exc!r}", stacklevel=2)
+        with self._lock:  # add_done_callback sees either the list or a done future
+            if error is None:
+                handle._future.set_result(location)
+            else:
+                handle._future.set_exception(error)
 
     def _snapshot_finished(self, job: _Job) -> None:
         job.state = None

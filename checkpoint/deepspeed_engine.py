@@ -183,8 +183,8 @@ class LoomCheckpointEngine(CheckpointEngine):
         if info.save_latest and torch.distributed.get_rank() == 0:
             latest = os.path.join(info.save_dir, "latest")
 
-            def write_latest(h):
-                if h._future.exception() is None:
+            def write_latest(location, error):
+                if error is None:
                     _atomic_write(latest, str(info.tag))
             handle.add_done_callback(write_latest)
 
