@@ -27,6 +27,7 @@ from .ops import (
     send,
     wait_all,
 )
+from .ring import Ring, world_ranks
 from .scan import all_scan
 from .trace import CommRecord, records, reset_trace, set_step
 
@@ -35,5 +36,5 @@ __all__ = [
     "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
-    "send", "set_step", "wait_all",
+    "Ring", "send", "set_step", "wait_all", "world_ranks",
 ]

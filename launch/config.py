@@ -47,6 +47,9 @@ class ParallelSection:
     sp: int = _f(1, "sequence-parallel degree (world = dp * sp)")
     ep: int = _f(1, "expert-parallel degree (divides the world size)")
     bucket_mb: float = _f(25.0, "gradient all-reduce bucket size in MiB")
+    sp_attention: str = _f("ring", "sequence-parallel attention when sp > 1: ring or ulysses")
+    sp_layout: str = _f("auto", "sequence shards when sp > 1: zigzag (balanced causal ring), contiguous, "
+                                "or auto (zigzag for ring, contiguous for ulysses)")
 
 
 @dataclass
@@ -212,8 +215,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
             problems.append(f"--num-experts={cfg.model.num_experts} must divide by --ep={p.ep}")
         if t.batch_size % p.dp:
             problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
-        if p.sp > 1 and t.seq_len % (2 * p.sp):
-            problems.append(f"--seq-len={t.seq_len} must divide by 2*sp={2 * p.sp} for zigzag sharding")
+        problems += _sequence_parallel_problems(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
                       ("warmup_steps", 0)):
         if getattr(t, name) < low:
@@ -237,6 +239,37 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def sp_layout(cfg: JobConfig) -> str:
+    """The sequence layout a job uses: "auto" is zigzag for ring attention on an
+    all-softmax model, contiguous for Ulysses or a model with linear layers."""
+    p = cfg.parallel
+    if p.sp_layout != "auto":
+        return p.sp_layout
+    if p.sp_attention == "ulysses" or "linear" in cfg.model.layer_kinds:
+        return "contiguous"
+    return "zigzag"
+
+
+def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
+    p, t = cfg.parallel, cfg.train
+    if p.sp_attention not in ("ring", "ulysses"):
+        return [f"--sp-attention={p.sp_attention!r} must be ring or ulysses"]
+    if p.sp_layout not in ("auto", "zigzag", "contiguous"):
+        return [f"--sp-layout={p.sp_layout!r} must be auto, zigzag or contiguous"]
+    layout, problems = sp_layout(cfg), []
+    if p.sp_attention == "ulysses" and layout != "contiguous":
+        problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")
+    if "linear" in cfg.model.layer_kinds and layout != "contiguous":
+        problems.append("linear-attention layers need --sp-layout contiguous (or auto)")
+    if p.sp > 1:
+        parts, what = (2 * p.sp, "2*sp") if layout == "zigzag" else (p.sp, "sp")
+        if t.seq_len % parts:
+            problems.append(f"--seq-len={t.seq_len} must divide by {what}={parts} for {layout} sharding")
+        if p.sp_attention == "ulysses" and cfg.model.heads % p.sp:
+            problems.append(f"--heads={cfg.model.heads} must divide by --sp={p.sp} for ulysses attention")
+    return problems
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import (ExpertParallelGradientSync, SyntheticData, Transformer, moe_aux_loss,
-                           next_token_loss)
+from loom.parallel import (ExpertParallelGradientSync, SyntheticData, Transformer, enable_sequence_parallel,
+                           moe_aux_loss, next_token_loss, sequence_parallel_core, shard_batch)
 
 from .checkpointing import TrainingCheckpoints
-from .config import JobConfig
+from .config import JobConfig, sp_layout
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,6 +44,11 @@ def train(cfg: JobConfig, reporter=None) -> dict:
     mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep)
     device = resolve_device(cfg.job.device)
     model = build_model(cfg, device, mesh.ep_group)
+    layout = sp_layout(cfg)
+    if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
+        core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
+                                      layout=layout)
+        enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     opt, sched = build_optimizer(cfg, model)
     # dense gradients averaged over all ranks, expert gradients over the edp group
     grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
@@ -60,7 +65,14 @@ def train(cfg: JobConfig, reporter=None) -> dict:
         t0 = time.monotonic()
         comms.set_step(step)
         inputs, targets = data.batch(step, range(first, first + local_batch))
-        loss = next_token_loss(model(inputs.to(device)), targets.to(device)) + moe_aux_loss(model)
+        positions = None
+        if mesh.sp > 1:
+            inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
+            positions = positions.to(device)
+        # every rank's loss is the mean over an equal share of the global
+        # batch's tokens, so gradients averaged over all ranks (dp and sp: ring
+        # attention already sent each rank's dK/dV home) are the global mean's
+        loss = next_token_loss(model(inputs.to(device), positions), targets.to(device)) + moe_aux_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grads.sync()

@@ -1,0 +1,126 @@
+"""A ring over an ordered list of global ranks, with double-buffered shifts.
+
+Messages go point-to-point on the default group, so a ring needs no process
+group of its own: several disjoint rings can run at the same time on one world
+and rings can be formed per batch.  Position i of the ring sends to position
+i+1 and receives from position i-1.
+
+Messages between two ranks are matched in program order per (edge, tag).  A
+ring's messages use the tags ``tag * CHANNELS + channel``, so the kinds of
+message one algorithm keeps in flight together (say K/V blocks and gradient
+accumulators) never match each other, and rings given different ``tag``s never
+match each other's messages even when they share an edge.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+
+CHANNELS = 4  # channels per ring: wire tag = tag * CHANNELS + channel
+
+
+def _check_ranks(ranks) -> tuple[int, ...]:
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or not ranks:
+        raise ValueError(f"ring ranks={ranks!r} must be a non-empty sequence of global ranks")
+    out = []
+    for r in ranks:
+        if isinstance(r, torch.Tensor) and r.numel() == 1:
+            r = r.item()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"ring ranks={list(ranks)!r}: {r!r} is not a global rank")
+        out.append(int(r))
+    if len(set(out)) != len(out):
+        raise ValueError(f"ring ranks={out} contain a rank twice")
+    return tuple(out)
+
+
+def world_ranks(group=None) -> list[int]:
+    """The global ranks of ``group`` (default: the world); ``[0]`` when
+    torch.distributed is not initialised (a single process is a ring of one)."""
+    if group is None and not dist.is_initialized():
+        return [0]
+    return ops.group_ranks(group)
+
+
+class Ring:
+    """An ordered ring of global ranks that this process belongs to.
+
+    ``Ring([3, 1])``: rank 3 is position 0 and sends to rank 1, which sends
+    back to rank 3.  ``tag`` separates rings that share an edge."""
+
+    def __init__(self, ranks, *, rank: int | None = None, tag: int = 0):
+        self.ranks = _check_ranks(ranks)
+        if rank is None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank not in self.ranks:
+            raise ValueError(f"rank {rank} is not in the ring {list(self.ranks)}")
+        if self.size > 1 and not dist.is_initialized():
+            raise RuntimeError(f"a ring of {self.size} ranks needs an initialised process group")
+        if isinstance(tag, bool) or not isinstance(tag, int) or tag < 0:
+            raise ValueError(f"ring tag={tag!r} must be a non-negative integer")
+        self.rank, self.tag = rank, tag
+        self.position = self.ranks.index(rank)
+        self.next = self.ranks[(self.position + 1) % self.size]
+        self.prev = self.ranks[(self.position - 1) % self.size]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def owner(self, step: int) -> int:
+        """The position whose block this rank holds after ``step`` shifts."""
+        return (self.position - step) % self.size
+
+    def _tag(self, channel: int) -> int:
+        if not 0 <= channel < CHANNELS:
+            raise ValueError(f"ring channel={channel} must be in [0, {CHANNELS})")
+        return self.tag * CHANNELS + channel
+
+    def shift(self, send: torch.Tensor, recv_into: torch.Tensor, channel: int = 0):
+        """Post ``send`` to the next rank and a receive from the previous one
+        into ``recv_into``; returns the two `Pending`s (send, recv)."""
+        tag = self._tag(channel)
+        recv = ops.irecv(recv_into, self.prev, tag=tag)
+        sent = ops.isend(send, self.next, tag=tag)
+        return sent, recv
+
+    def rotate(self, x: torch.Tensor, steps: int | None = None, channel: int = 0
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(step, block)`` for ``steps`` (default: size) steps, where
+        ``block`` is the tensor position ``owner(step)`` started with.
+
+        Double buffered: the transfer for step i+1 is in flight while the
+        caller works on step i.  The ring takes ``x`` over (its storage is
+        reused as a receive buffer), and a yielded block is only valid until
+        the next one is requested."""
+        steps = self.size if steps is None else steps
+        if not 0 <= steps <= self.size:
+            raise ValueError(f"rotate: steps={steps} must be in [0, {self.size}]")
+        buffers = [x.contiguous(), None]
+        for step in range(steps):
+            current = buffers[step % 2]
+            pending = ()
+            if step + 1 < steps:
+                nxt = buffers[(step + 1) % 2]
+                if nxt is None:
+                    nxt = buffers[(step + 1) % 2] = torch.empty_like(current)
+                pending = self.shift(current, nxt, channel)
+            yield step, current
+            for p in pending:
+                p.wait()
+
+    def all_gather(self, x: torch.Tensor, channel: int = 0) -> torch.Tensor:
+        """Every position's ``x`` (same shape everywhere), stacked in ring
+        order, by size-1 shifts around the ring."""
+        out = x.new_empty((self.size,) + tuple(x.shape))
+        out[self.position] = x
+        for step, block in self.rotate(x.clone(), channel=channel):
+            out[self.owner(step)] = block
+        return out
+
+    def __repr__(self) -> str:
+        return f"Ring(ranks={list(self.ranks)}, position={self.position}, tag={self.tag})"

@@ -1,0 +1,230 @@
+"""Attention on one (query block, key block) pair, and the merge of partials.
+
+The shared helpers of ring attention: a block's softmax is explicit and kept
+in float32 (float64 for float64 inputs) so partial results from different
+blocks can be merged exactly by their log-sum-exp (LSE).  Grouped-query
+attention never expands K/V: queries are viewed as ``[.., kv_heads, rep, ..]``.
+
+Masks are boolean, True = may attend.  A query row with nothing to attend to
+has LSE -inf and output 0 (never NaN), here and in the merge.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+NONE, PARTIAL, FULL = 0, 1, 2  # how much of a block pair a mask allows
+TILE_ELEMENTS = 2**20  # score entries per tile: 4 MB in float32, cache-sized on CPUs
+MIN_TILE_ROWS = 16
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_qkv(q, k, v, scale, who: str) -> float:
+    """Check q ``[b, s, hq, d]`` and k, v ``[b, s, hkv, d]``; return the scale
+    (default ``head_dim ** -0.5``)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{who}: {name} must be [batch, seq_local, heads, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{who}: {name} must be floating point, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{who}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    b, s, hq, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, s, d):
+        raise ValueError(f"{who}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
+                         f"seq_local and head_dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"{who}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"{who}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if min(b, s, hq, k.shape[2], d) < 1:
+        raise ValueError(f"{who}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if hq % k.shape[2]:
+        raise ValueError(f"{who}: heads_q={hq} must divide by heads_kv={k.shape[2]}")
+    if scale is None:
+        return d ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or scale <= 0:
+        raise ValueError(f"{who}: scale={scale!r} must be a positive finite number")
+    return float(scale)
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """-inf LSEs (rows with nothing to attend to) replaced by 0, so that
+    ``exp(x - lse)`` gives 0 instead of NaN for their all -inf scores."""
+    return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+
+
+def _heads_first(x: torch.Tensor, kv_heads: int, dtype) -> torch.Tensor:
+    """[b, s, h, d] -> [b, kv_heads, (h / kv_heads) * s, d]: the query heads
+    that share a K/V head stacked along rows, so one matmul serves them all."""
+    b, s, h, d = x.shape
+    return x.to(dtype).permute(0, 2, 1, 3).reshape(b, kv_heads, (h // kv_heads) * s, d)
+
+
+def _scores(q, k, scale, mask):
+    """Scaled scores ``[b, hkv, rep*sq, sk]`` (masked to -inf) and the scaled
+    grouped queries ``[b, hkv, rep*sq, d]``."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qh = _heads_first(q, hkv, acc) * scale   # out of place: it may be a view of q
+    s = torch.matmul(qh, k.to(acc).permute(0, 2, 3, 1))
+    if mask is not None:
+        s.view(b, hkv, hq // hkv, sq, -1).masked_fill_(~mask, float("-inf"))
+    return s, qh
+
+
+def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, hkv, rep*s, d] -> [b, s, heads, d] (a view)."""
+    b, _, n, d = x.shape
+    return x.reshape(b, heads, -1, d).permute(0, 2, 1, 3)
+
+
+def block_forward(q, k, v, scale: float, mask=None):
+    """Softmax attention of q ``[b, sq, hq, d]`` over k, v ``[b, sk, hkv, d]``.
+
+    Returns ``(out [b, sq, hq, d], lse [b, hq, sq])`` in the accumulation dtype."""
+    b, sq, hq, d = q.shape
+    s, _ = _scores(q, k, scale, mask)
+    top = _finite(s.amax(-1, keepdim=True))              # 0, not -inf, for rows with nothing allowed
+    p = s.sub_(top).exp_()
+    total = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v.to(s.dtype).permute(0, 2, 1, 3))
+    out.div_(torch.where(total > 0, total, torch.ones((), dtype=total.dtype, device=total.device)))
+    lse = (top + total.log()).reshape(b, hq, sq)       # log(0) = -inf for those rows
+    return _heads_last(out, hq), lse
+
+
+def block_backward(q, k, v, dout, lse, delta, scale: float, mask, dk_acc, dv_acc):
+    """Gradients of one block pair given the *final* (merged) ``lse`` of the
+    query rows and ``delta = rowsum(dout * out) - dlse`` (both ``[b, hq, sq]``).
+
+    Adds dK and dV (summed over the query heads that share a K/V head) into
+    ``dk_acc`` / ``dv_acc``, heads-first ``[b, hkv, sk, d]`` views in the
+    accumulation dtype, and returns dq ``[b, sq, hq, d]``."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    s, qh = _scores(q, k, scale, mask)
+    rows = (b, hkv, -1, 1)
+    p = s.sub_(_finite(lse).reshape(rows)).exp_()
+    do = _heads_first(dout, hkv, s.dtype)
+    kk, vv = k.to(s.dtype).permute(0, 2, 1, 3), v.to(s.dtype).permute(0, 2, 1, 3)   # [b, hkv, sk, d]
+    _add_matmul(dv_acc, p.transpose(-1, -2), do)
+    ds = torch.matmul(do, vv.transpose(-1, -2)).sub_(delta.reshape(rows)).mul_(p)
+    _add_matmul(dk_acc, ds.transpose(-1, -2), qh)       # qh carries the scale
+    return _heads_last(torch.matmul(ds, kk).mul_(scale), hq)
+
+
+def _add_matmul(acc, a, b) -> None:
+    """``acc += a @ b`` for [batch, heads, ., .] operands, without a temporary
+    the size of ``acc``."""
+    acc.view(-1, *acc.shape[2:]).baddbmm_(a.flatten(0, 1), b.flatten(0, 1))  # view: never a copy
+
+
+def merge_partials(out, lse, out_b, lse_b):
+    """Merge a block's partial ``(out_b, lse_b)`` into ``(out, lse)``:
+    ``lse' = logaddexp(lse, lse_b)``, ``out' = out*exp(lse-lse') + out_b*exp(lse_b-lse')``.
+    Rows where both LSEs are -inf stay (0, -inf)."""
+    new = torch.logaddexp(lse, lse_b)
+    base = _finite(new)
+    w = torch.exp(lse - base).transpose(1, 2).unsqueeze(-1)
+    w_b = torch.exp(lse_b - base).transpose(1, 2).unsqueeze(-1)
+    return out * w + out_b * w_b, new
+
+
+# ------------------------------------------------------------------ planning
+
+class Documents:
+    """Packed documents: global boundaries ``[0, ..., S_total]``."""
+
+    def __init__(self, bounds: list[int], device=None):
+        self.bounds = bounds
+        self._t = torch.tensor(bounds, dtype=torch.int64, device=device)
+
+    def of(self, pos: int) -> int:
+        """The document of global token ``pos`` (empty documents own no token)."""
+        return bisect.bisect_right(self.bounds, pos) - 1
+
+    def ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self._t, positions.to(self._t.device), right=True) - 1
+
+
+def _pair_status(q0: int, q1: int, k0: int, k1: int, causal: bool, docs) -> int:
+    """NONE / FULL / PARTIAL for global query range [q0, q1) against keys [k0, k1).
+    PARTIAL is conservative: the caller builds the exact mask."""
+    if causal and q1 - 1 < k0:
+        return NONE
+    full = not causal or q0 >= k1 - 1
+    if docs is not None:
+        dq0, dq1, dk0, dk1 = docs.of(q0), docs.of(q1 - 1), docs.of(k0), docs.of(k1 - 1)
+        if dq1 < dk0 or dk1 < dq0:
+            return NONE
+        full = full and dq0 == dq1 == dk0 == dk1
+    return FULL if full else PARTIAL
+
+
+def _positions(segments, lo: int, hi: int, device) -> torch.Tensor:
+    return torch.cat([torch.arange(g, g + n, device=device) for _, g, n in segments[lo:hi + 1]])
+
+
+def tile_rows_for(batch: int, heads: int, keys: int, elements: int = TILE_ELEMENTS) -> int:
+    """Query rows per tile so one tile's scores stay near ``elements`` entries."""
+    return max(MIN_TILE_ROWS, elements // max(1, batch * heads * keys))
+
+
+def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None = None, device=None,
+               tile_rows: int | None = None) -> list:
+    """What to compute for one (query shard, key shard) pair, as tiles.
+
+    Segments are ``(local_start, global_start, length)`` runs of consecutive
+    global tokens, in local order.  Returns a list (empty when no query may
+    attend to any key) of ``(q_slice, k_slice, mask)`` tiles of at most
+    ``tile_rows`` query rows: the local rows and the columns they need, with a
+    bool mask over them (None when all of it is allowed).  Skipping what a
+    mask forbids is what balances causal work under the zigzag layout: an
+    off-diagonal pair reduces to half the queries or half the keys, and a
+    diagonal pair to its lower triangle (at tile granularity)."""
+    status = {(i, j): _pair_status(qg, qg + qn, kg, kg + kn, causal, docs)
+              for i, (_, qg, qn) in enumerate(q_segments)
+              for j, (_, kg, kn) in enumerate(k_segments)}
+    live = [ij for ij, st in status.items() if st != NONE]
+    if not live:
+        return []
+    qa, qb = min(i for i, _ in live), max(i for i, _ in live)
+    ka, kb = min(j for _, j in live), max(j for _, j in live)
+    q0, q1 = q_segments[qa][0], q_segments[qb][0] + q_segments[qb][2]
+    k0, k1 = k_segments[ka][0], k_segments[kb][0] + k_segments[kb][2]
+    step = q1 - q0 if tile_rows is None else max(1, int(tile_rows))
+    if all(status[i, j] == FULL for i in range(qa, qb + 1) for j in range(ka, kb + 1)):
+        return [(slice(r, min(q1, r + step)), slice(k0, k1), None) for r in range(q0, q1, step)]
+    pq, pk = _positions(q_segments, qa, qb, device), _positions(k_segments, ka, kb, device)
+    mask = torch.ones(len(pq), len(pk), dtype=torch.bool, device=device)
+    if causal:
+        mask &= pk[None, :] <= pq[:, None]
+    if docs is not None:
+        mask &= docs.ids(pq)[:, None] == docs.ids(pk)[None, :]
+    tiles = []
+    for r in range(0, q1 - q0, step):
+        sub = mask[r:r + step]
+        cols = sub.any(0).nonzero()
+        if len(cols) == 0:
+            continue
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        sub = sub[:, c0:c1]
+        tiles.append((slice(q0 + r, q0 + r + len(sub)), slice(k0 + c0, k0 + c1),
+                      None if bool(sub.all()) else sub))
+    return tiles
+
+
+def plan_area(tiles) -> int:
+    """Score entries a plan's tiles compute per (batch, head): its work."""
+    return sum((q.stop - q.start) * (k.stop - k.start) for q, k, _ in tiles)

@@ -1,0 +1,217 @@
+"""Ring attention: exact softmax attention over a sequence sharded on a ring.
+
+Each position of the ring holds a shard of Q, K and V.  Forward: the K/V
+block travels round the ring (P-1 shifts, the next one in flight while the
+current block is computed) and each block's partial output is merged into the
+running result by its LSE.  Backward: K/V go round again and each block's
+dK/dV accumulator travels with it (P shifts, so it arrives home); dQ stays
+local.  Every block's gradient is computed from the *rotated* K/V it arrived
+with and the forward's merged output and LSE.
+
+Point-to-point messages per call and rank (P = ring size): P-1 tiny shape
+checks + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV accumulators
+backward.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from loom.comms import Ring, world_ranks
+
+from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
+    check_qkv, merge_partials, plan_area, plan_block, tile_rows_for
+from .sequence import check_layout, shard_segments
+
+_KV, _ACC, _CHECK = 0, 1, 2  # ring channels (message kinds that are in flight together)
+_DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What every position computes: the shards' global segments, the mask and the scale."""
+    segments: tuple  # per ring position: ((local_start, global_start, length), ...)
+    causal: bool
+    scale: float
+    docs: Documents | None = None
+    tile_rows: int | None = None
+
+    def plan(self, position: int, source: int, device=None) -> list:
+        """The tiles for queries at ``position`` against keys from ``source``."""
+        return plan_block(self.segments[position], self.segments[source], causal=self.causal,
+                          docs=self.docs, device=device, tile_rows=self.tile_rows)
+
+
+def make_spec(seq_local: int, size: int, layout: str, *, causal: bool, scale: float,
+              cu_seqlens=None, device=None, tile_rows: int | None = None) -> RingSpec:
+    segments = tuple(tuple(shard_segments(seq_local, i, size, layout)) for i in range(size))
+    docs = None if cu_seqlens is None else Documents([int(c) for c in cu_seqlens], device)
+    return RingSpec(segments, bool(causal), float(scale), docs, tile_rows)
+
+
+def ring_work(seq_local: int, size: int, layout: str, *, causal: bool, cu_seqlens=None,
+              tile_rows: int | None = None) -> list[int]:
+    """Score entries each position computes (per batch and head) over a
+    forward: the causal balance of a layout, without running anything."""
+    spec = make_spec(seq_local, size, layout, causal=causal, scale=1.0, cu_seqlens=cu_seqlens,
+                     tile_rows=tile_rows)
+    return [sum(plan_area(spec.plan(i, j)) for j in range(size)) for i in range(size)]
+
+
+# ------------------------------------------------------------------- checks
+
+def _check_inputs(q, k, v, *, layout, scale, cu_seqlens, size) -> float:
+    scale = check_qkv(q, k, v, scale, "ring_attention")
+    check_layout(layout)
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"ring_attention: seq_local={q.shape[1]} must be even for layout='zigzag'")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * size)
+    return scale
+
+
+def _check_cu_seqlens(cu, batch: int, total: int) -> None:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point \
+            or cu.dtype == torch.bool or cu.is_complex():
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu!r}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch == 1 (documents packed in one row), got batch={batch}")
+    bounds = cu.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must run from 0 to the global sequence length {total} "
+                         f"(seq_local * ring size), got {bounds[0] if bounds else None}..."
+                         f"{bounds[-1] if bounds else None}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+
+
+def _checksum(values) -> int:
+    h = 0
+    for x in values:
+        h = (h * 1000003 + int(x) + 1) % (2**61 - 1)
+    return h
+
+
+_FIELDS = ("valid input", "batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout",
+           "causal", "scale", "ring ranks", "cu_seqlens")
+
+
+def _description(q, k, layout, causal, scale, cu_seqlens, ring) -> list[int]:
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    return [1, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], _DTYPES.get(q.dtype, 9),
+            layout == "zigzag", causal, scale_bits, _checksum(ring.ranks),
+            -1 if cu_seqlens is None else _checksum(cu_seqlens.tolist())]
+
+
+def _check_ring_agrees(ring: Ring, mine: list[int] | None, device) -> None:
+    """All-gather a small description of the call round the ring and raise the
+    same ValueError on every rank if any position disagrees or found its own
+    input invalid (``mine`` is None): a mismatched seq_local would otherwise
+    make the K/V exchange fail on one rank and hang the others."""
+    mine = [0] * len(_FIELDS) if mine is None else mine
+    table = ring.all_gather(torch.tensor(mine, dtype=torch.int64, device=device), channel=_CHECK)
+    bad = [i for i, ok in enumerate(table[:, 0].tolist()) if not ok]
+    if bad:
+        raise ValueError(f"ring_attention: invalid input at ring positions {bad} (ranks "
+                         f"{[ring.ranks[i] for i in bad]}) of the ring {list(ring.ranks)}; "
+                         f"those ranks raised the reason")
+    for col, name in enumerate(_FIELDS):
+        values = table[:, col].tolist()
+        if len(set(values)) > 1:
+            shown = values if name in _FIELDS[1:6] else "(differs)"
+            raise ValueError(f"ring_attention: {name} differs across the ring {list(ring.ranks)}: "
+                             f"{shown} by ring position")
+
+
+# ------------------------------------------------------------------ the ring
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring, spec):
+        ctx.set_materialize_grads(False)
+        acc = accumulation_dtype(q.dtype)
+        b, s, hq, d = q.shape
+        out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
+        lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+        for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
+            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
+                o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
+                out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_b, l_b)
+        out = out.to(q.dtype)
+        ctx.ring, ctx.spec = ring, spec
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, spec = ctx.ring, ctx.spec
+        acc = lse.dtype
+        dout = torch.zeros_like(out, dtype=acc) if dout is None else dout.to(acc)
+        delta = (dout * out.to(acc)).sum(-1).transpose(1, 2)        # [b, hq, s]
+        if dlse is not None:
+            delta = delta - dlse.to(acc)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        b, s, hkv, d = k.shape
+        part = torch.empty((2, b, hkv, s, d), dtype=acc, device=k.device)  # this step's dK/dV, heads first
+        incoming, sending = None, ()
+        for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
+            part.zero_()
+            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
+                dq[:, rows] += block_backward(q[:, rows], kv[0][:, cols], kv[1][:, cols], dout[:, rows],
+                                              lse[:, :, rows], delta[:, :, rows], spec.scale, mask,
+                                              part[0][:, :, cols], part[1][:, :, cols])
+            # add to the accumulator of the block held now: the one that
+            # travelled here with it (received while computing), fresh at step 0
+            dkv = part.clone() if incoming is None else incoming.wait().add_(part)
+            for p in sending:
+                p.wait()
+            if ring.size > 1:  # pass it on; after P passes every accumulator is home
+                sent, incoming = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
+                sending = (sent,)
+        if incoming is not None:
+            dkv = incoming.wait()
+            sending[0].wait()
+        dk, dv = (g.permute(0, 2, 1, 3).to(k.dtype) for g in dkv)
+        return dq.to(q.dtype), dk, dv, None, None
+
+
+def run_ring(q, k, v, ring, spec: RingSpec):
+    """The autograd-aware ring on an already-checked call: ``(out, lse)``.
+    ``ring`` is anything with Ring's ``position``, ``size``, ``owner``,
+    ``rotate`` and ``shift`` (benchmarks pass a ring that does not talk)."""
+    return _RingAttention.apply(q, k, v, ring, spec)
+
+
+def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous", group=None,
+                   ranks=None, scale: float | None = None, cu_seqlens=None, return_lse: bool = False):
+    """Exact softmax attention over a sequence sharded across a ring of ranks.
+
+    q ``[batch, seq_local, heads_q, head_dim]``, k/v ``[batch, seq_local,
+    heads_kv, head_dim]`` (heads_q % heads_kv == 0; K/V travel un-expanded).
+    ``ranks`` is the ring, an ordered list of global ranks (default: the ranks
+    of ``group``, default the world); a rank's shard belongs to its position.
+    ``layout`` is ``"contiguous"`` or ``"zigzag"`` (see loom.parallel.sequence).
+    ``cu_seqlens``: global document boundaries ``[0, ..., S_total]`` of packed
+    documents (batch 1); attention stays inside each document.
+    Returns ``out`` like q, plus ``lse [batch, heads_q, seq_local]`` (float32,
+    float64 for float64 inputs) when ``return_lse``."""
+    ring = Ring(list(ranks) if ranks is not None else world_ranks(group))
+    try:
+        scale = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens, size=ring.size)
+    except (TypeError, ValueError):
+        if ring.size > 1:  # tell the rest of the ring before raising, so no one hangs
+            try:
+                _check_ring_agrees(ring, None, q.device if isinstance(q, torch.Tensor) else None)
+            except ValueError:
+                pass  # it names this rank; the reason raised below is the useful error
+        raise
+    if ring.size > 1:
+        mine = _description(q, k, layout, bool(causal), scale, cu_seqlens, ring)
+        _check_ring_agrees(ring, mine, q.device)
+    spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
+                     device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]))
+    out, lse = run_ring(q, k, v, ring, spec)
+    return (out, lse) if return_lse else out
