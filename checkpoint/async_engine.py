@@ -81,7 +81,7 @@ class SaveHandle:
         self._snapshot = threading.Event()
         self._seen = False  # its failure was raised to the caller
         self._callbacks: list = []
-        self.stats = {"step": step, "save_s": 0.0, "blocked_s": 0.0, "snapshot_s": None,
+        self.stats = {"step": step, "save_s": 0.0, "blocked_s": 0.0, "plan_s": None, "snapshot_s": None,
                       "persist_s": None, "bytes": 0}
 
     def done(self) -> bool:
@@ -309,13 +309,20 @@ class AsyncCheckpointer:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an exception is already on its way out: do not mask it
+            self.close()
+        except CheckpointSaveError:
+            pass
 
     def stats(self) -> list[dict]:
         """Per recent save: step, save_s, blocked_s (the stall is their
-        sum), snapshot_s (save to snapshot done), persist_s (snapshot done
-        to commit), bytes copied by this rank."""
+        sum), plan_s (the collective plan, on the snapshot thread),
+        snapshot_s (save to snapshot done), persist_s (snapshot done to
+        commit), bytes copied by this rank."""
         return [dict(h.stats) for h in self.history]
 
     # ----------------------------------------------------------- failures
@@ -401,7 +408,9 @@ class AsyncCheckpointer:
             raise ValueError(f"ranks are saving different steps at once: {steps} (rank order); "
                              f"every rank must call save() with the same steps in the same order")
         self._wait_for_same_step(job)
+        t0 = time.perf_counter()
         job.plan = plan_save(job.state, self.url, step=job.step, group=self._plan_handle, mesh=self.mesh)
+        job.handle.stats["plan_s"] = time.perf_counter() - t0
         pieces = _pieces(job.plan)
         need = sum(aligned(_nbytes(src)) for _, _, src in pieces)
         self._ensure_pool(job, need, _on_cuda(pieces))
