@@ -457,6 +457,14 @@ def _two_ranks(root):
         saver.wait()
         out["all_committed"] = all(h.result().endswith(f"step-{s:08d}") for s, h in enumerate(handles))
     out["kept"] = CheckpointStore(url).committed_steps()
+
+    # a group that is a proper subset of the world: only its members take part
+    from loom import comms
+    if rank == 1:
+        alone = comms.new_group([1], name="alone")
+        with ckpt.AsyncCheckpointer(f"{root}/alone", group=alone) as saver:
+            saver.save({"w": torch.full((2,), 5.0)}, step=1).result()
+        out["alone"] = CheckpointStore(f"{root}/alone").read_manifest(1)["world_size"]
     return out
 
 
@@ -474,6 +482,7 @@ def test_two_ranks_lazy_failure_and_retention(distributed, tmp_path):
         assert "different steps" in out["mismatch"]
         assert out["fail_committed"] == [1]
         assert out["all_committed"] and out["kept"] == [17, 18, 19]
+    assert results[1]["alone"] == 1 and "alone" not in results[0]
     # the second save also reached storage with the pre-step values
     target = {"model": {k: torch.zeros_like(v) for k, v in results[0]["expected2"].items()},
               "frag": torch.zeros(14), "rows": torch.zeros(4, 3)}
