@@ -4,9 +4,13 @@
     ckpt.save({"model": model.state_dict(), "optim": opt.state_dict()}, "runs/ckpt", step=100)
     info = ckpt.load(state, "runs/ckpt")          # latest committed step, any world size
 
+    saver = ckpt.AsyncCheckpointer("runs/ckpt")   # lazy, asynchronous: training barely stalls
+    saver.attach(opt); saver.save(state, step=100); ...; saver.close()
+
 Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
 """
+from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError
@@ -14,8 +18,17 @@ from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunk
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
 
+
+def install_deepspeed_engine(ds_engine, url=None, **options):
+    """Route ``ds_engine.save_checkpoint``/``load_checkpoint`` through loom's
+    lazy asynchronous engine (see `loom.checkpoint.deepspeed_engine`)."""
+    from .deepspeed_engine import install
+    return install(ds_engine, url, **options)
+
+
 __all__ = [
-    "CheckpointInfo", "CheckpointStore", "ChecksumError", "Flat", "MissingKeysError",
-    "NoCheckpointError", "PerRank", "SavePlan", "Shard", "TARGET_CHUNK_BYTES", "commit",
-    "exchange_parts", "gc", "load", "plan_save", "retained", "save", "verify", "write_chunks",
+    "AsyncCheckpointer", "CheckpointInfo", "CheckpointSaveError", "CheckpointStore", "ChecksumError",
+    "Flat", "MissingKeysError", "NoCheckpointError", "PerRank", "SaveHandle", "SavePlan", "Shard",
+    "TARGET_CHUNK_BYTES", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
+    "plan_save", "retained", "save", "verify", "write_chunks",
 ]

@@ -30,8 +30,16 @@ class Group:
     def global_rank(self, group_rank: int) -> int:
         return self.ranks[group_rank]
 
+    @classmethod
+    def alone(cls) -> "Group":
+        """This process by itself, with no communication (even when
+        torch.distributed is initialised): for per-process reads."""
+        return cls(0, 1, (0,), None, False)
+
 
 def resolve(group=None) -> Group:
+    if isinstance(group, Group):
+        return group
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialised")

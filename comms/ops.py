@@ -29,6 +29,36 @@ def register_group(group, name: str) -> None:
     _group_info[group] = (name, tuple(dist.get_process_group_ranks(group)), dist.get_rank())
 
 
+def new_group(ranks=None, name: str | None = None, timeout: float | None = None):
+    """A new process group over the global ``ranks`` (default: every rank),
+    e.g. a dedicated group for background work so that its collectives
+    never interleave with the training group's.
+
+    Over the whole world every rank calls it (as torch.distributed requires);
+    over a proper subset only the members do (local synchronisation), in the
+    same order on each.  ``name`` labels the group in the trace; ``timeout``
+    (seconds) bounds each of its collectives (default: the world's)."""
+    import datetime
+    world = dist.get_world_size()
+    members = sorted(range(world) if ranks is None else {int(r) for r in ranks})
+    if not members or members[0] < 0 or members[-1] >= world:
+        raise ValueError(f"new_group: ranks {ranks!r} must be global ranks in [0, {world})")
+    kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=float(timeout))}
+    if len(members) == world:
+        group = dist.new_group(members, **kw)
+    else:
+        group = dist.new_group(members, use_local_synchronization=True, **kw)
+    if dist.get_rank() in members:
+        register_group(group, f"{name or 'group'}[{','.join(map(str, members))}]")
+    return group
+
+
+def destroy_group(group) -> None:
+    """Tear down a group made by `new_group` (not the default group)."""
+    _group_info.pop(group, None)
+    dist.destroy_process_group(group)
+
+
 def forget_groups() -> None:
     """Drop cached group names (after the process group is destroyed)."""
     _group_info.clear()

@@ -3,7 +3,8 @@
 The data is a pure function of (seed, step, index), so the step is the whole
 data position; RNG states are per rank (`PerRank`).  A resumed run therefore
 repeats the uninterrupted run's losses exactly.  `save` is the one place a
-checkpoint is taken, so other save modes can plug in there.
+checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`) or
+synchronously, per ``--ckpt-mode``.
 """
 from __future__ import annotations
 
@@ -40,13 +41,28 @@ def _same_or_wrapped_rank(saved: list, rank: int, world: int):
 
 
 class TrainingCheckpoints:
-    """Saves every ``ckpt_every`` steps and resumes from the latest commit."""
+    """Saves every ``ckpt_every`` steps and resumes from the latest commit.
+
+    ``--ckpt-mode async`` (the default) saves through an `AsyncCheckpointer`
+    attached to the optimizer: the loop stalls only for `save` itself (the
+    plain values) and for a host copy still running when the next optimizer
+    step starts.  ``sync`` waits for `loom.checkpoint.save`.  Both record
+    the stall per checkpoint and the time to reach storage (persist)."""
 
     def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None):
         self.cfg, self.c = cfg, cfg.ckpt
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.mesh, self.reporter = mesh, reporter
         self.saved = 0
+        self.stalls: list[float] = []    # seconds the training loop lost per checkpoint
+        self.persists: list[float] = []  # seconds from the save to its commit
+        self.saver = None
+        self._pending: list = []         # async handles not reported yet
+        if self.c.ckpt_every and self.c.ckpt_mode == "async":
+            self.saver = checkpoint.AsyncCheckpointer(
+                self.c.ckpt_url, keep_last=self.c.keep_last or None,
+                keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh)
+            self.saver.attach(optimizer)
 
     def state(self, next_step: int) -> dict:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
@@ -72,17 +88,52 @@ class TrainingCheckpoints:
 
     def after_step(self, step: int) -> None:
         """Called after step ``step`` (0-based) completes."""
+        self._report_committed()
         done = step + 1
         if self.c.ckpt_every and done % self.c.ckpt_every == 0:
             self.save(done)
 
     def save(self, done: int) -> None:
+        if self.saver is not None:
+            self._pending.append(self.saver.save(self.state(done), step=done))
+            self.saved += 1
+            return
         t0 = time.monotonic()
         location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh)
         self.saved += 1
         if self.c.keep_last and self.mesh.rank == 0:
             checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last, keep_every=self.c.keep_every or None)
-        self._event(f"checkpoint {location} ({time.monotonic() - t0:.2f} s)")
+        elapsed = time.monotonic() - t0
+        self.stalls.append(elapsed)
+        self.persists.append(elapsed)
+        self._event(f"checkpoint {location} ({elapsed:.2f} s)")
+
+    def finish(self) -> dict:
+        """Wait for asynchronous saves (raising a failure); the summary's
+        checkpoint entries."""
+        if self.saver is not None:
+            try:
+                self.saver.close()
+            finally:
+                self._report_committed()
+        out = {"checkpoints": self.saved}
+        if self.saved:
+            out.update(ckpt_mode=self.c.ckpt_mode,
+                       ckpt_stall_s=round(sum(self.stalls) / len(self.stalls), 6) if self.stalls else None,
+                       ckpt_stall_max_s=round(max(self.stalls), 6) if self.stalls else None,
+                       ckpt_persist_s=round(sum(self.persists) / len(self.persists), 6) if self.persists else None)
+        return out
+
+    def _report_committed(self) -> None:
+        """Events for asynchronous saves that finished (their stall is final
+        once the next optimizer step has passed its wait)."""
+        while self._pending and self._pending[0].done():
+            handle = self._pending.pop(0)
+            location = handle.result()  # raises a failure here, on every rank
+            self.stalls.append(handle.stall_s)
+            self.persists.append(handle.stats["persist_s"])
+            self._event(f"checkpoint {location} (stall {handle.stall_s * 1e3:.1f} ms, "
+                        f"persist {handle.stats['persist_s']:.2f} s)")
 
     def _event(self, text: str) -> None:
         if self.reporter is not None:

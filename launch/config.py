@@ -74,6 +74,9 @@ class CkptSection:
                              "(from step 0 when there is none)")
     keep_last: int = _f(0, "keep only the newest N committed checkpoints (0: keep all)")
     keep_every: int = _f(0, "with --keep-last, also keep checkpoints whose step is a multiple of K")
+    ckpt_mode: str = _f("async", "async: copy to host memory while training runs and write in the "
+                                 "background (the optimizer waits only for unfinished copies); "
+                                 "sync: training waits until the checkpoint is on storage")
 
 
 @dataclass
@@ -254,6 +257,8 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     for name in ("ckpt_every", "keep_last", "keep_every"):
         if getattr(c, name) < 0:
             problems.append(f"--{name.replace('_', '-')}={getattr(c, name)} must be >= 0")
+    if c.ckpt_mode not in ("async", "sync"):
+        problems.append(f"--ckpt-mode={c.ckpt_mode!r} must be async or sync")
     if (c.ckpt_every > 0 or c.resume) and not c.ckpt_url:
         problems.append("--ckpt-every and --resume need --ckpt-url (a path or fsspec URL)")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)

@@ -93,11 +93,12 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         ckpts.after_step(step)
     comms.set_step(None)
     loop_time = time.monotonic() - t_loop
+    ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
     nan = float("nan")
     summary = {"steps": cfg.train.steps, "first_loss": losses[0] if losses else nan,
                "final_loss": losses[-1] if losses else nan,
                "tokens_per_s": tokens_per_step * len(losses) / loop_time,
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
-        summary["extra"] = {"start_step": start, "checkpoints": ckpts.saved}
+        summary["extra"] = {"start_step": start, **ckpt_extra}
     return summary
