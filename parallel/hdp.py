@@ -141,7 +141,8 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         moves, ranks, position, in_rows = ctx.plan
-        return exchange_rows(grad.contiguous(), _reverse(moves), ranks, position, in_rows), None, None, None, None
+        grad_x = exchange_rows(grad.contiguous(), _reverse(moves), ranks, position, in_rows)
+        return grad_x, None, None, None, None
 
 
 def to_zigzag(x: torch.Tensor, relayout: ZigzagRelayout, position: int) -> torch.Tensor:
@@ -197,7 +198,8 @@ class HDPAttention:
                                          ranks=list(self.relayout.ranks), method=self.linear_method,
                                          scale=scale))
         for a, b in self.documents:
-            outs.append(local_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], log_decay[:, a:b], scale=scale))
+            outs.append(local_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], log_decay[:, a:b],
+                                               scale=scale))
         return torch.cat(outs, 1)
 
 
@@ -284,7 +286,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
         if len(set(table)) > 1:
             raise ValueError(f"hdp: ranks disagree on the schedule (fingerprints by rank: {table}); "
                              f"every rank must schedule the same batch with the same options")
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:
         shard = pack_microbatch(mb, rank, sequences, device, linear_method)
         if shard is None:
@@ -293,5 +295,5 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
             logits = model(shard.inputs, shard.positions)
         loss = next_token_loss(logits, shard.targets, reduction="sum") * (loss_scale / total)
         loss.backward()
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
     return loss_sum

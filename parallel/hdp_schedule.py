@@ -241,10 +241,14 @@ def hdp_schedule(lengths, world: int, capacity: int, *, cost: Cost | None = None
         seq = lengths.index(longest)
         raise ValueError(f"hdp_schedule: sequence {seq} has {longest} tokens, more than world * capacity "
                          f"= {world} * {capacity} = {world * capacity} (one microbatch holds no more)")
-    microbatches = max(1, -(-sum(lengths) // (world * capacity)))
+    # ring sizes are chosen once, against the fair share of the fewest microbatches
+    # the tokens need; then microbatches are added until everything fits
+    fewest = max(1, -(-sum(lengths) // (world * capacity)))
+    items = _items(lengths, world, capacity, cost, fewest)
+    shared = sum(it.size for it in items if it.size > 1)
+    microbatches = max(fewest, -(-shared // world))
     while True:  # ends: with one microbatch per sequence every sequence fits an empty one
-        schedule = _place(_items(lengths, world, capacity, cost, microbatches), world, capacity,
-                          microbatches)
+        schedule = _place(items, world, capacity, microbatches)
         if schedule is not None:
             return schedule
         microbatches += 1
