@@ -158,6 +158,9 @@ def from_zigzag(x: torch.Tensor, relayout: ZigzagRelayout, position: int) -> tor
 
 # ------------------------------------------------- the attention context
 
+LOCAL_KERNELS = ("sdpa", "blocks")
+
+
 class HDPAttention:
     """One rank's attention for one microbatch.
 
@@ -165,10 +168,19 @@ class HDPAttention:
     sequence shared with the ring of ``relayout`` (None: no shared sequence);
     ``documents`` are the ``(start, end)`` rows of the whole local sequences
     that follow.  `softmax` and `linear` are the cores of the model's
-    `Attention` and `LinearAttention` modules (see `attention_cores`)."""
+    `Attention` and `LinearAttention` modules (see `attention_cores`).
 
-    def __init__(self, rank: int, relayout: ZigzagRelayout | None, documents, linear_method="allscan"):
+    ``local_kernel`` computes the local documents: ``"sdpa"``, PyTorch's fused
+    attention one document at a time, or ``"blocks"``, the block kernel ring
+    attention runs (a ring of one, every document in one call) -- the same
+    arithmetic as the rings, for like-for-like comparisons."""
+
+    def __init__(self, rank: int, relayout: ZigzagRelayout | None, documents, linear_method="allscan",
+                 local_kernel: str = "sdpa"):
+        if local_kernel not in LOCAL_KERNELS:
+            raise ValueError(f"local_kernel={local_kernel!r} must be one of {LOCAL_KERNELS}")
         self.rank, self.relayout, self.linear_method = rank, relayout, linear_method
+        self.local_kernel = local_kernel
         self.documents = [tuple(d) for d in documents]
         if relayout is None:
             self.position, self.ring_rows = None, 0
@@ -186,8 +198,14 @@ class HDPAttention:
             out = ring_attention(qz, kz, vz, causal=causal, layout="zigzag", ranks=list(self.relayout.ranks),
                                  scale=scale, cu_seqlens=self.relayout.cu_seqlens(q.device))
             outs.append(from_zigzag(out, self.relayout, self.position))
-        for a, b in self.documents:
-            outs.append(local_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale))
+        if self.documents and self.local_kernel == "blocks":
+            first = self.documents[0][0]
+            cu = torch.tensor([0] + [b - first for _, b in self.documents], dtype=torch.int64, device=q.device)
+            outs.append(ring_attention(q[:, first:], k[:, first:], v[:, first:], causal=causal,
+                                       ranks=[self.rank], scale=scale, cu_seqlens=cu))
+        elif self.documents:
+            outs += [local_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale)
+                     for a, b in self.documents]
         return torch.cat(outs, 1)
 
     def linear(self, q, k, v, log_decay, *, scale: float | None = None):
@@ -229,8 +247,8 @@ class PackedShard:
     attention: HDPAttention
 
 
-def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method: str = "allscan"
-                    ) -> PackedShard | None:
+def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method: str = "allscan",
+                    local_kernel: str = "sdpa") -> PackedShard | None:
     """``rank``'s pieces of ``microbatch`` (a schedule entry: pieces per rank)
     as one packed row; ``sequences[i]`` holds sequence i's ``length + 1``
     tokens (inputs and shifted targets).  None when the rank is idle."""
@@ -251,7 +269,7 @@ def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method
         row += p.tokens
     cat = (lambda parts: torch.cat(parts).to(device))
     return PackedShard(cat(inputs)[None], cat(targets)[None], cat(positions),
-                       HDPAttention(rank, relayout, documents, linear_method))
+                       HDPAttention(rank, relayout, documents, linear_method, local_kernel))
 
 
 def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
@@ -263,7 +281,8 @@ def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
 # --------------------------------------------------------- forward/backward
 
 def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=None,
-                         loss_scale: float = 1.0, linear_method: str = "allscan") -> torch.Tensor:
+                         loss_scale: float = 1.0, linear_method: str = "allscan",
+                         local_kernel: str = "sdpa") -> torch.Tensor:
     """Forward and backward of this rank's share of every microbatch.
 
     ``sequences[i]``: the tokens of sequence i of the global batch (``length
@@ -274,7 +293,8 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     accumulate in ``.grad`` (and the returned float64 losses), *summed* over
     ranks, are those of one process on the whole batch.  Collective: every
     rank calls it (a rank with nothing to do still takes part in the check
-    that all ranks hold the same schedule)."""
+    that all ranks hold the same schedule).  ``linear_method``: the state scan
+    of linear-attention layers along rings; ``local_kernel``: see `HDPAttention`."""
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     lengths = [len(s) - 1 for s in sequences]
@@ -288,7 +308,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
                              f"every rank must schedule the same batch with the same options")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:
-        shard = pack_microbatch(mb, rank, sequences, device, linear_method)
+        shard = pack_microbatch(mb, rank, sequences, device, linear_method, local_kernel)
         if shard is None:
             continue
         with attention_cores(model, shard.attention):

@@ -270,7 +270,7 @@ def _qkv(lengths, seed=1):
             for n in lengths]
 
 
-def _attention_parts(lengths, schedule, causal):
+def _attention_parts(lengths, schedule, causal, kernel):
     """Each rank runs HDPAttention.softmax on its packed rows of every
     microbatch; returns its output rows and input gradients, per piece."""
     from loom.parallel import pack_microbatch
@@ -278,7 +278,7 @@ def _attention_parts(lengths, schedule, causal):
     qkv = _qkv(lengths)
     tokens = [torch.zeros(n + 1, dtype=torch.long) for n in lengths]
     for mb in schedule:
-        shard = pack_microbatch(mb, rank, tokens)
+        shard = pack_microbatch(mb, rank, tokens, local_kernel=kernel)
         if shard is None:
             continue
         pieces = sorted(mb[rank], key=lambda p: (len(p.ring) == 1, p.seq))
@@ -295,10 +295,11 @@ def _attention_parts(lengths, schedule, causal):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("causal", [True, False])
-def test_hdp_attention_equals_per_sequence_attention(distributed, causal):
+@pytest.mark.parametrize("causal,kernel", [(True, "sdpa"), (False, "sdpa"), (True, "blocks")])
+def test_hdp_attention_equals_per_sequence_attention(distributed, causal, kernel):
     """The per-microbatch attention context alone (GQA 4:2, head_dim 6):
-    rings re-laid zigzag with end padding, disjoint rings at once, idle ranks."""
+    rings re-laid zigzag with end padding, disjoint rings at once, idle ranks;
+    local documents on PyTorch's SDPA or on loom's block kernel."""
     lengths, schedule = _hand_made()
     qkv = _qkv(lengths)
     refs = []
@@ -307,7 +308,7 @@ def test_hdp_attention_equals_per_sequence_attention(distributed, causal):
         o = _naive(q, k, v, causal)
         (o * o).sum().backward()
         refs.append((o.detach(), q.grad, k.grad, v.grad))
-    results = distributed(_attention_parts, 4, lengths, schedule, causal, timeout=200)
+    results = distributed(_attention_parts, 4, lengths, schedule, causal, kernel, timeout=200)
     covered = 0
     for parts in results:
         for p, *got in parts:
