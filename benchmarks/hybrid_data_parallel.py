@@ -17,11 +17,10 @@ the same per-token mean loss (checked).
   rank into microbatches of up to max(capacity, longest) tokens: a rank must
   hold the longest sequence whole.
 
-The cost model (linear per token + attention per causal query-key pair, for
-each kernel) is fitted on this machine before the run from the fwd+bwd time of
-single sequences; it drives the HDP schedule and the *estimated* imbalance
-(max/mean over ranks).  The *measured* imbalance is max/mean of each rank's CPU
-time in forward and backward.  Kernels: ``blocks`` runs every attention on
+The cost model is `HDPCost.for_model` (multiply-adds per token and per causal
+query-key pair), the one `loom train --hdp` uses; it drives the HDP schedule
+and the *estimated* imbalance (max/mean over ranks).  The *measured* imbalance
+is max/mean of each rank's CPU time in forward and backward.  Kernels: ``blocks`` runs every attention on
 loom's block kernel (the arithmetic ring attention runs), so the methods
 differ only in schedule and communication; ``sdpa`` runs local sequences on
 PyTorch's fused SDPA (HDP and DP; the training default) and rings on blocks.
@@ -45,8 +44,8 @@ from _report import markdown_table, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
-from loom.parallel import (GradientSync, ModelConfig, Piece, SyntheticData, Transformer,  # noqa: E402
-                           attention_cores, hdp_forward_backward, hdp_schedule, next_token_loss)
+from loom.parallel import (GradientSync, HDPCost, ModelConfig, Piece, SyntheticData,  # noqa: E402
+                           Transformer, attention_cores, hdp_forward_backward, hdp_schedule, next_token_loss)
 from loom.parallel.attention_blocks import Documents, tile_rows_for  # noqa: E402
 from loom.parallel.hdp_schedule import schedule_costs  # noqa: E402
 from loom.parallel.ring_attention import RingSpec, run_ring  # noqa: E402
@@ -172,38 +171,13 @@ def static_forward_backward(model, seqs, plan, args):
     return loss_sum
 
 
-# ------------------------------------------------------------ calibration
+# ------------------------------------------------------------- the costs
 
-def calibrate(args, kernel: str) -> tuple[float, float]:
-    """Fit the fwd+bwd CPU seconds of one sequence of n tokens as c + a*n +
-    b*n(n+1)/2; returns (a, b) (c is per call, not per token).  CPU time and
-    the minimum of 5 runs: other jobs on the machine only ever add time."""
-    torch.set_num_threads(1)
-    model = build_model(args)
-    lengths = sorted({min(args.capacity, f * args.median) for f in (1, 2, 4, 8)})
-    rows, times = [], []
-    for n in lengths:
-        seq = sequences(args, [n])
-        schedule = [[[Piece(0, 0, n, (0,))]]]
-        run = lambda: hdp_forward_backward(model, seq, schedule, local_kernel=kernel)  # noqa: E731
-        run()
-        samples = []
-        for _ in range(5):
-            t0 = time.thread_time()
-            run()
-            samples.append(time.thread_time() - t0)
-        rows.append([1.0, n, n * (n + 1) / 2])
-        times.append(min(samples))
-    sol = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
-                             torch.tensor(times, dtype=torch.float64)[:, None]).solution.flatten()
-    return max(float(sol[1]), 1e-12), max(float(sol[2]), 1e-15)
-
-
-def make_cost(linear: float, local_pair: float, ring_pair: float):
-    def cost(tokens: int, ring) -> float:
-        pair = ring_pair if len(ring) > 1 else local_pair
-        return linear * tokens + pair * tokens * (tokens * len(ring) + 1) / 2
-    return cost
+def peak_tokens(method, plan, lengths) -> int:
+    """The most tokens one rank holds in one microbatch (padding included)."""
+    if method == "static dp=2 x sp=2":  # each sequence padded to 4 chunks, half of them per rank
+        return max(sum(2 * -(-lengths[i] // 4) for i in ids) for group in plan for ids in group)
+    return max(sum(p.tokens for p in pieces) for mb in plan for pieces in mb)
 
 
 def estimated_costs(method, plan, lengths, cost) -> list[float]:
@@ -253,10 +227,7 @@ def _worker(args, lengths, plans, kernel):
 
 # ------------------------------------------------------------------ report
 
-def run_kernel(args, kernel, lengths, calib):
-    linear, local_pair = calib[kernel]
-    ring_pair = calib["blocks"][1]
-    cost = make_cost(linear, local_pair, ring_pair)
+def run_kernel(args, kernel, lengths, cost):
     plans = {"HDP": hdp_schedule(lengths, WORLD, args.capacity, cost=cost),
              "static dp=2 x sp=2": static_plan(lengths, args.capacity),
              "pure DP": dp_schedule(lengths, args.capacity)}
@@ -277,6 +248,7 @@ def run_kernel(args, kernel, lengths, calib):
                         "est_imbalance": max(est) / (sum(est) / len(est)),
                         "cpu_imbalance": max(cpu) / (sum(cpu) / len(cpu)), "cpu_s": cpu,
                         "sent_mb": max(r["sent"] for r in ranks) / 2**20, "microbatches": microbatches,
+                        "peak_tokens": peak_tokens(name, plans[name], lengths),
                         "ring_sizes": rings, "per_rank": ranks}
     return result, plans
 
@@ -304,10 +276,10 @@ def main(argv=None):
 
     load_before = os.getloadavg()[0]
     lengths = long_tail(args)
-    calib = {k: calibrate(args, k) for k in sorted(set(args.kernels) | {"blocks"})}
+    cost = HDPCost.for_model(model_config(args))
     results, rows = {}, []
     for kernel in args.kernels:
-        res, plans = run_kernel(args, kernel, lengths, calib)
+        res, plans = run_kernel(args, kernel, lengths, cost)
         results[kernel] = res
         base = res["static dp=2 x sp=2"]["tokens_per_s"]
         base_cpu = res["static dp=2 x sp=2"]["tokens_per_busiest_cpu_s"]
@@ -320,30 +292,29 @@ def main(argv=None):
                          f"{r['tokens_per_busiest_cpu_s'] / base_cpu:.2f}", f"{sum(r['cpu_s']):.2f}",
                          f"{r['est_imbalance']:.3f}",
                          f"{r['cpu_imbalance']:.2f}",
-                         r["microbatches"], ",".join(map(str, r["ring_sizes"])), f"{r['sent_mb']:.1f}",
+                         r["microbatches"], r["peak_tokens"], ",".join(map(str, r["ring_sizes"])),
+                         f"{r['sent_mb']:.1f}",
                          f"{r['loss']:.5f}" + ("" if same else " (differs!)")])
     load_after = os.getloadavg()[0]
     table = markdown_table(["kernel", "method", "tokens/s", "vs static", "step s", "tokens/busiest CPU s",
-                            "vs static", "CPU s (all ranks)",
-                            "est. cost max/mean",
-                            "measured CPU max/mean", "microbatches", "ring sizes", "p2p MB/rank (max)",
+                            "vs static", "CPU s (all ranks)", "est. cost max/mean", "measured CPU max/mean",
+                            "microbatches", "tokens/rank/microbatch (max)", "ring sizes", "p2p MB/rank (max)",
                             "loss"], rows)
+    long = ", ".join(f"{f}x" for f in args.long)
     summary = (f"{len(lengths)} sequences, {sum(lengths)} tokens: lognormal (median {args.median}, sigma "
-               f"{args.sigma}) plus {', '.join(f'{f}x' for f in args.long)} the median (longest {max(lengths)}); "
-               f"{WORLD} ranks on gloo, one thread each, capacity {args.capacity} tokens per rank and "
-               f"microbatch; model dim {args.dim}, {args.heads} heads, {args.layers} layers, float32; median of "
-               f"{args.reps} steps after a warm-up. Machine load average: {load_before:.1f} at the start, "
-               f"{load_after:.1f} at the end.")
-    fits = "; ".join(f"{k}: {a * 1e6:.2f} µs/token + {b * 1e9:.2f} ns/pair" for k, (a, b) in calib.items())
+               f"{args.sigma}) plus {long} the median (longest {max(lengths)}); {WORLD} ranks on gloo, one "
+               f"thread each, capacity {args.capacity} tokens per rank and microbatch; model dim {args.dim}, "
+               f"{args.heads} heads, {args.layers} layers, float32; median of {args.reps} steps after a "
+               f"warm-up. Machine load average: {load_before:.1f} at the start, {load_after:.1f} at the end.")
     print(summary)
     print(table)
-    print(f"cost model (fwd+bwd, fitted): {fits}")
-    write_json("hybrid_data_parallel", {"args": vars(args), "lengths": lengths, "calibration": calib,
+    write_json("hybrid_data_parallel", {"args": vars(args), "lengths": lengths, "cost": vars(cost),
                                         "results": results})
     if not args.no_write:
         body = (summary + "\n\n" + table + "\n\n"
-                f"- Cost model fitted on this machine before the run (fwd+bwd of single sequences): {fits}. "
-                f"It drives the HDP schedule and the estimated imbalance.\n"
+                f"- Cost model: `HDPCost.for_model` ({cost.linear:.0f} multiply-adds per token, "
+                f"{cost.attention:.0f} per causal query-key pair), as in `loom train --hdp`; it drives the "
+                f"HDP schedule and the estimated imbalance.\n"
                 "- *step s*: the slowest rank's step (forward, backward, gradient all-reduce), median; "
                 "*tokens/s* = batch tokens / step s. *tokens/busiest CPU s*: batch tokens / the largest "
                 "per-rank forward+backward CPU time, the throughput with a core per rank if waiting cost "
@@ -357,8 +328,13 @@ def main(argv=None):
                 "PyTorch's fused SDPA (HDP and pure DP; the training default), rings on the block kernel, "
                 "which on CPU is several times slower per pair than SDPA.\n"
                 "- Pure DP keeps sequences whole, so a rank must hold the longest sequence (capacity raised "
-                "to it); the static mesh packs 2 x capacity tokens per dp group and splits every sequence "
-                "zigzag over its 2 ranks. All three compute the same loss (last column).\n"
+                "to it: see *tokens/rank/microbatch*, the activation memory) and the rank with it does the "
+                "most work (est. max/mean); it needs no communication at all, which on 2 cores with SDPA "
+                "10x cheaper per pair than ring blocks makes it the fastest here -- where a long sequence "
+                "does not fit one device it is not an option. The static mesh packs 2 x capacity tokens per "
+                "dp group and splits every sequence zigzag over its 2 ranks, so every token pays ring "
+                "attention (K/V traffic, the block kernel, planning many short documents). All three "
+                "compute the same loss (last column).\n"
                 "- 4 ranks share 2 cores (oversubscribed 2:1) and other jobs ran on the machine: absolute "
                 "times are noisy, ratios less so.")
         update_results("hybrid_data_parallel", "Hybrid data parallelism (HDP vs static mesh vs pure DP)",
