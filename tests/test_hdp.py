@@ -393,3 +393,24 @@ def test_loom_train_hdp_end_to_end(tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
     assert "hdp = true" in (tmp_path / "hdp" / "config.toml").read_text()
+
+
+def _mismatched(lengths, schedules):
+    """Each rank passes its own schedule; returns the error each one raised."""
+    try:
+        hdp_forward_backward(_model(), _sequences(lengths), schedules[dist.get_rank()])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_ranks_with_different_or_invalid_schedules_all_raise(distributed):
+    lengths = [10, 4]
+    good = [[[Piece(0, 0, 5, (0, 1))], [Piece(0, 5, 10, (0, 1)), Piece(1, 0, 4, (1,))]]]
+    other = [[[Piece(0, 0, 10, (0,))], [Piece(1, 0, 4, (1,))]]]
+    broken = [[[Piece(0, 0, 5, (0, 1))], [Piece(0, 5, 10, (0, 1))]]]
+    errors = distributed(_mismatched, 2, lengths, [good, other], timeout=60)
+    assert all("ranks disagree on the schedule" in e for e in errors), errors
+    errors = distributed(_mismatched, 2, lengths, [good, broken], timeout=60)
+    assert "ranks [1] hold an invalid schedule" in errors[0] and "in no microbatch" in errors[1], errors
