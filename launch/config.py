@@ -50,6 +50,10 @@ class ParallelSection:
     sp_attention: str = _f("ring", "sequence-parallel attention when sp > 1: ring or ulysses")
     sp_layout: str = _f("auto", "sequence shards when sp > 1: zigzag (balanced causal ring), contiguous, "
                                 "or auto (zigzag for ring, contiguous for ulysses)")
+    hdp: bool = _f(False, "hybrid data parallelism (ByteScale): variable-length long-tail batches, each "
+                          "sequence on the ranks it needs (ring attention over per-batch rings), short ones "
+                          "packed whole; needs --sp 1 (world = --dp)")
+    hdp_capacity: int = _f(0, "with --hdp: tokens per rank per microbatch (0: --seq-len)")
 
 
 @dataclass
@@ -64,6 +68,10 @@ class TrainSection:
     seed: int = _f(0, "seed of the model initialisation and the synthetic data")
     dtype: str = _f("float32", "parameter dtype: float32, float64 or bfloat16")
     log_every: int = _f(1, "report metrics every N steps")
+    varlen_median: int = _f(0, "with --hdp: median length of the lognormal long-tail sequence lengths "
+                               "(0: seq_len // 4); --batch-size sequences per global batch")
+    varlen_sigma: float = _f(1.0, "with --hdp: lognormal sigma of the sequence lengths (larger: longer tail)")
+    varlen_max: int = _f(0, "with --hdp: longest sequence (0: world * capacity, what one microbatch holds)")
 
 
 @dataclass
@@ -236,9 +244,10 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
             problems.append(f"--ep={p.ep} needs MoE layers: add --moe standard or --moe llep")
         elif cfg.model.moe != "none" and cfg.model.num_experts % p.ep:
             problems.append(f"--num-experts={cfg.model.num_experts} must divide by --ep={p.ep}")
-        if t.batch_size % p.dp:
+        if t.batch_size % p.dp and not p.hdp:
             problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
         problems += _sequence_parallel_problems(cfg)
+        problems += _hdp_problems(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
                       ("warmup_steps", 0)):
         if getattr(t, name) < low:
@@ -276,6 +285,40 @@ def sp_layout(cfg: JobConfig) -> str:
     if p.sp_attention == "ulysses" or "linear" in cfg.model.layer_kinds:
         return "contiguous"
     return "zigzag"
+
+
+def hdp_capacity(cfg: JobConfig) -> int:
+    """Tokens per rank per microbatch under --hdp."""
+    return cfg.parallel.hdp_capacity or cfg.train.seq_len
+
+
+def varlen_options(cfg: JobConfig) -> dict:
+    """Keyword arguments of `SyntheticData.lengths` for --hdp batches."""
+    t = cfg.train
+    return {"median": t.varlen_median or max(1, t.seq_len // 4), "sigma": t.varlen_sigma,
+            "max_len": t.varlen_max or cfg.world_size * hdp_capacity(cfg)}
+
+
+def _hdp_problems(cfg: JobConfig) -> list[str]:
+    p, t = cfg.parallel, cfg.train
+    problems = [f"--{name.replace('_', '-')}={getattr(owner, name)} must be >= 0"
+                for owner, name in ((p, "hdp_capacity"), (t, "varlen_median"), (t, "varlen_max"))
+                if getattr(owner, name) < 0]
+    if not t.varlen_sigma >= 0:
+        problems.append(f"--varlen-sigma={t.varlen_sigma} must be >= 0")
+    if not p.hdp or problems:
+        return problems
+    if p.sp > 1:
+        problems.append(f"--hdp forms a ring per long sequence itself: use --sp 1 (got --sp={p.sp}); "
+                        f"the world is --dp")
+    if p.ep > 1 or cfg.model.moe != "none":
+        problems.append("--hdp does not support MoE layers (their load-balancing loss is a statistic of "
+                        "each forward, not a sum over tokens): use --moe none --ep 1")
+    most = cfg.world_size * hdp_capacity(cfg)
+    if t.varlen_max > most:
+        problems.append(f"--varlen-max={t.varlen_max} exceeds what one microbatch holds: world * "
+                        f"capacity = {cfg.world_size} * {hdp_capacity(cfg)} = {most}")
+    return problems
 
 
 def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:

@@ -7,11 +7,12 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import (ExpertParallelGradientSync, SyntheticData, Transformer, enable_sequence_parallel,
-                           moe_aux_loss, next_token_loss, sequence_parallel_core, shard_batch)
+from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, Transformer,
+                           enable_sequence_parallel, hdp_forward_backward, hdp_schedule, moe_aux_loss,
+                           next_token_loss, sequence_parallel_core, shard_batch)
 
 from .checkpointing import TrainingCheckpoints
-from .config import JobConfig, sp_layout
+from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,26 +59,33 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     local_batch = cfg.train.batch_size // cfg.parallel.dp
     first = mesh.dp_rank * local_batch
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    hdp_cost = HDPCost.for_model(cfg.model)
     ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter)
     start = ckpts.resume()
     losses: list[float] = []
+    tokens_done = 0
     t_loop = time.monotonic()
     for step in range(start, cfg.train.steps):
         t0 = time.monotonic()
         comms.set_step(step)
         if step_hook is not None:
             step_hook(step)
-        inputs, targets = data.batch(step, range(first, first + local_batch))
-        positions = None
-        if mesh.sp > 1:
-            inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-            positions = positions.to(device)
-        # every rank's loss is the mean over an equal share of the global
-        # batch's tokens, so gradients averaged over all ranks (dp and sp: ring
-        # attention already sent each rank's dK/dV home) are the global mean's
-        loss = next_token_loss(model(inputs.to(device), positions), targets.to(device)) + moe_aux_loss(model)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if cfg.parallel.hdp:
+            loss, tokens_per_step = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device)
+        else:
+            inputs, targets = data.batch(step, range(first, first + local_batch))
+            positions = None
+            if mesh.sp > 1:
+                inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
+                positions = positions.to(device)
+            # every rank's loss is the mean over an equal share of the global
+            # batch's tokens, so gradients averaged over all ranks (dp and sp: ring
+            # attention already sent each rank's dK/dV home) are the global mean's
+            logits = model(inputs.to(device), positions)
+            loss = next_token_loss(logits, targets.to(device)) + moe_aux_loss(model)
+            loss.backward()
+        tokens_done += tokens_per_step
         grads.sync()
         if cfg.train.grad_clip > 0:
             grads.clip_grad_norm_(cfg.train.grad_clip)
@@ -97,8 +105,20 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     nan = float("nan")
     summary = {"steps": cfg.train.steps, "first_loss": losses[0] if losses else nan,
                "final_loss": losses[-1] if losses else nan,
-               "tokens_per_s": tokens_per_step * len(losses) / loop_time,
+               "tokens_per_s": tokens_done / loop_time,
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
     return summary
+
+
+def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, cost, device):
+    """One --hdp step's forward and backward: a long-tail batch, scheduled over
+    every rank.  Returns (this rank's loss part, tokens in the global batch).
+    The loss parts are scaled by the world size because gradients (and the
+    reported loss) are averaged over ranks, and the parts sum to the batch's mean."""
+    lengths = data.lengths(step, cfg.train.batch_size, **varlen_options(cfg))
+    sequences = [data.sample(step, i, n) for i, n in enumerate(lengths)]
+    schedule = hdp_schedule(lengths, world, hdp_capacity(cfg), cost=cost)
+    loss = hdp_forward_backward(model, sequences, schedule, device=device, loss_scale=world)
+    return loss, sum(lengths)

@@ -1,6 +1,8 @@
 """loom.parallel: how the model's work is split across ranks."""
 from .data import SyntheticData
 from .data_parallel import GradientSync
+from .hdp import HDPAttention, attention_cores, hdp_forward_backward, pack_microbatch
+from .hdp_schedule import HDPCost, Piece, check_schedule, hdp_schedule
 from .expert_sync import ExpertParallelGradientSync, expert_parameters, moe_aux_loss
 from .linear_attention import linear_attention, local_linear_attention
 from .llep import LLEPConfig, LLEPPlan, llep_plan
@@ -12,7 +14,8 @@ from .sequence import shard_batch, shard_positions, shard_sequence, unshard_sequ
 from .sequence_parallel import sequence_parallel_core
 from .ulysses import ulysses_attention
 
-__all__ = ["ExpertParallelGradientSync", "GradientSync", "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
+__all__ = ["ExpertParallelGradientSync", "GradientSync", "HDPAttention", "HDPCost", "Piece", "attention_cores",
+           "check_schedule", "hdp_forward_backward", "hdp_schedule", "pack_microbatch", "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
            "ModelConfig", "SyntheticData", "Transformer", "enable_sequence_parallel", "expert_parameters",
            "linear_attention", "llep_plan", "local_attention", "local_linear_attention", "moe_aux_loss",
            "next_token_loss", "ring_attention", "sequence_parallel_core", "shard_batch", "shard_positions",
