@@ -391,7 +391,7 @@ def main(argv=None):
                 f"and a tiny all-reduce (a ring exchange for the slow link); monitor interval 0.1 s, default "
                 f"thresholds. Latency counts from the start of the first faulty step to the published fault "
                 f"(steps: faulty steps until the evidence was complete).\n\n" + lat_table +
-                f"\n\nRandomised stragglers (random rank, delay uniform in 10-100% of a step):\n\n" + loc_table +
+                "\n\nRandomised stragglers (random rank, delay uniform in 10-100% of a step):\n\n" + loc_table +
                 "\n\n" + summary + "\n\nWhat plain PyTorch offers, side by side:\n\n" + base_table +
                 "\n\nTargets: 100% localisation for delays >= 20% of a step; zero false positives; hang "
                 "detected <= 5 s; overhead <= 1% of step time. The machine is a shared 2-core box (other jobs "

@@ -67,20 +67,19 @@ def rank_faults(cfg, reporter=None, transport=None):
                 stack.enter_context(injector)
             yield injector or _NoFaults()
         return
-    aggregator = None
-    on_fatal = None
+    aggregator, stop_process = None, None  # under Ray the driver decides what to stop
     if transport is None:  # torchrun: an aggregator thread on rank 0, its address via the rendezvous store
         aggregator, transport = _store_aggregator(cfg, reporter, rank, dist.get_world_size())
         stop = stop_kinds(f)
 
-        def on_fatal(fault):
+        def stop_process(fault):
             if fault.kind in stop:
                 print(f"loom: rank {rank}: stopping: {fault.kind}: {fault.evidence}", file=sys.stderr,
                       flush=True)
                 if aggregator is not None:
                     aggregator.stop()
                 os._exit(1)
-    monitor = Monitor(transport, rank=rank, interval=f.monitor_interval, on_fatal=on_fatal)
+    monitor = Monitor(transport, rank=rank, interval=f.monitor_interval, on_fatal=stop_process)
     try:
         with monitor:
             if injector is None:

@@ -306,7 +306,7 @@ def test_ring_rejects_bad_rank_lists():
 
 
 def _mismatches():
-    rank, size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     errors = {}
 
     def attempt(name, fn):
