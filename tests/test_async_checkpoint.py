@@ -17,6 +17,8 @@ from loom.checkpoint import async_engine
 from loom.checkpoint.host_pool import ALIGN, HostBufferPool, PoolClosed
 from loom.checkpoint.store import CheckpointStore
 
+from helpers import die_after_write, sabotage_chunk_writes
+
 TIMEOUT = 240
 save_mod = importlib.import_module("loom.checkpoint.save")  # the module, not ckpt.save
 
@@ -420,28 +422,20 @@ def _two_ranks(root):
     out["loaded1"] = target
 
     # an injected failure on rank 1 fails the save everywhere; step 1 stays
-    save_mod = importlib.import_module("loom.checkpoint.save")
-    real_open = save_mod.open_array
-
-    class Failing:
-        def __init__(self, arr):
-            self.arr = arr
-
-        def __setitem__(self, sel, value):
-            raise OSError("injected write failure on rank 1")
+    def failing(arr, sel, value):
+        raise OSError("injected write failure on rank 1")
 
     url = f"{root}/fail"
     with ckpt.AsyncCheckpointer(url) as saver:
         state = {"w": ckpt.Shard(torch.full((2, 2), float(rank)), (4, 2), (2 * rank, 0)), "rep": torch.ones(3)}
         saver.save(state, step=1).result()
-        if rank == 1:
-            save_mod.open_array = lambda *a: Failing(real_open(*a))
+        undo = sabotage_chunk_writes(failing) if rank == 1 else (lambda: None)
         try:
             saver.save(state, step=2).result()
         except ckpt.CheckpointSaveError as exc:
             out["failure"] = str(exc)
         finally:
-            save_mod.open_array = real_open
+            undo()
         # ranks saving different steps at once: refused on both
         try:
             saver.save(state, step=3 + rank).result()
@@ -498,18 +492,7 @@ def _killed_mid_persist(url):
     with ckpt.AsyncCheckpointer(url) as saver:
         saver.save(state, step=1).result()
         if rank == 1:
-            save_mod = importlib.import_module("loom.checkpoint.save")
-            real_open = save_mod.open_array
-
-            class Dying:
-                def __init__(self, arr):
-                    self.arr = arr
-
-                def __setitem__(self, sel, value):
-                    self.arr[sel] = value
-                    os._exit(3)  # the whole process dies, from the persist thread
-
-            save_mod.open_array = lambda *a: Dying(real_open(*a))
+            sabotage_chunk_writes(die_after_write)  # the whole process dies, from the persist thread
         state["w"] = ckpt.Shard(torch.full((4, 3), -1.0), (8, 3), (4 * rank, 0))
         state["n"] = 2
         saver.save(state, step=2).result()

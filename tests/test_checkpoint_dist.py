@@ -2,7 +2,6 @@
 load at 1, 2, 3, 4 with other splits), one writer per chunk and minimal reads
 (checked through the store), PerRank, errors on every rank, and a process
 killed in the middle of a save."""
-import importlib
 import math
 import os
 
@@ -14,6 +13,8 @@ from loom import checkpoint as ckpt
 from loom.checkpoint import layout, zarr_io
 from loom.checkpoint.manifest import MARKER
 from loom.checkpoint.store import CheckpointStore, data_prefix
+
+from helpers import die_after_write, sabotage_chunk_writes
 
 TIMEOUT = 240
 
@@ -213,19 +214,8 @@ def _crash_mid_save(url, where):
     rank = dist.get_rank()
     state = {"w": ckpt.Shard(torch.full((4, 3), float(rank)), (8, 3), (4 * rank, 0)), "n": 1}
     ckpt.save(state, url, step=1)
-    save_mod = importlib.import_module("loom.checkpoint.save")  # the module, not ckpt.save
     if where == "chunks" and rank == 1:
-        real_open = save_mod.open_array
-
-        class Dying:
-            def __init__(self, arr):
-                self.arr = arr
-
-            def __setitem__(self, sel, value):
-                self.arr[sel] = value
-                os._exit(3)  # killed right after writing one chunk
-
-        save_mod.open_array = lambda *a: Dying(real_open(*a))
+        sabotage_chunk_writes(die_after_write)  # killed right after writing one chunk
     if where == "marker" and rank == 0:
         real_put = CheckpointStore.put
 

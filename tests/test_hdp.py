@@ -13,6 +13,8 @@ from loom.parallel import (GradientSync, HDPCost, ModelConfig, Piece, SyntheticD
 from loom.parallel.hdp import ZigzagRelayout
 from loom.parallel.hdp_schedule import imbalance, schedule_costs, split_sequence
 
+from helpers import train_losses
+
 
 # ------------------------------------------------------------- properties
 
@@ -327,13 +329,7 @@ _TRAIN = dict(steps=3, batch_size=12, seq_len=16, dim=16, heads=2, layers=2, voc
 
 
 def _train_hdp(runs):
-    from loom.launch.config import build_config, validate
-    from loom.launch.train import train
-    out = []
-    for overrides in runs:
-        cfg = validate(build_config(overrides={**_TRAIN, **overrides}), world_size=dist.get_world_size())
-        out.append(train(cfg)["losses"])
-    return out
+    return train_losses(_TRAIN, runs)
 
 
 @pytest.mark.timeout(300)

@@ -16,6 +16,8 @@ from loom.parallel import ring_attention, shard_sequence, ulysses_attention, uns
 from loom.parallel.attention_blocks import block_backward, block_forward, merge_partials
 from loom.parallel.ring_attention import make_spec, ring_work, run_ring
 
+from helpers import train_losses
+
 F64 = torch.float64
 ATOL = 1e-10
 
@@ -460,13 +462,7 @@ _TRAIN = dict(steps=3, batch_size=2, seq_len=16, dim=16, heads=2, layers=2, voca
 
 
 def _train_many(runs):
-    from loom.launch.config import build_config, validate
-    from loom.launch.train import train
-    out = []
-    for overrides in runs:
-        cfg = validate(build_config(overrides={**_TRAIN, **overrides}), world_size=dist.get_world_size())
-        out.append(train(cfg)["losses"])
-    return out
+    return train_losses(_TRAIN, runs)
 
 
 @pytest.mark.timeout(300)
