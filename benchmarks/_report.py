@@ -50,3 +50,17 @@ def update_results(name: str, title: str, command: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     with open(RESULTS_MD, "w") as fh:
         fh.write(text)
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the bytes allocated (and not yet freed) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

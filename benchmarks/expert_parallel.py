@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import markdown_table, peak_bytes, update_results, write_json  # noqa: E402
 
 from loom.comms.testing import run_distributed  # noqa: E402
 
@@ -196,20 +196,6 @@ def _rank():
     return dist.get_rank()
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of live torch CPU allocations made while ``fn`` runs (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def _memory_worker(args, methods, routings):
     """Per (routing, method): rank loads and every rank's peak memory of one fwd+bwd."""
     import gc
@@ -228,7 +214,7 @@ def _memory_worker(args, methods, routings):
             layers[method].step(x, gy)  # warm-up (lazy state, groups)
             gc.collect()
             box = {}
-            peak = _peak_bytes(lambda: box.update(layers[method].step(x, gy)))
+            peak = peak_bytes(lambda: box.update(layers[method].step(x, gy)))
             peaks = comms.all_gather(torch.tensor([peak], dtype=torch.int64)).tolist()
             out[(routing, method)] = {**box, "peak_bytes": peaks}
     return out

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import markdown_table, peak_bytes, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
@@ -68,20 +68,6 @@ class SilentRing:
 
     def shift(self, send, recv_into, channel=0):
         return _Done(send), _Done(send)
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the bytes allocated (and not yet freed) while ``fn`` runs."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _inputs(args, seed=0):
