@@ -1,18 +1,21 @@
-"""Chunk I/O.  Writes go through zarr-python; reads of whole chunks go
-straight from the chunk object into the caller's memory.
+"""Chunk I/O, straight between the chunk objects and the caller's memory.
 
 loom's arrays are uncompressed with the ``bytes`` codec (little-endian), so
 by the Zarr v3 spec a chunk object is exactly the C-order bytes of the full
-chunk shape.  Reading those bytes with ``readinto`` skips zarr-python's
-per-chunk buffer allocation and copy (which page-faults fresh memory for
-every large chunk); chunks whose valid region is not a prefix of the stored
-bytes (edge chunks cut along an inner dim) are read through zarr-python.
+chunk shape (edge chunks padded with the fill value, zero).  Writing and
+reading those bytes directly skips zarr-python's per-chunk encode buffers
+and copies (which page-fault fresh memory for every large chunk); chunks
+whose valid region is not a prefix of the stored bytes (edge chunks cut
+along an inner dim) go through zarr-python.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+
+_ZEROS = bytes(1 << 20)
 
 
 def open_array(store, path: str, document: dict):
@@ -33,6 +36,26 @@ def is_prefix(valid_shape, chunk_shape) -> bool:
     """Are the valid values of a chunk the first bytes of its stored object?
     (True unless an edge cuts the chunk along an inner dim.)"""
     return tuple(valid_shape[1:]) == tuple(chunk_shape[1:])
+
+
+def write_raw(store, key: str, data: np.ndarray, chunk_shape) -> None:
+    """Store a chunk whose valid values ``data`` (C-contiguous) are a prefix
+    of its bytes: those bytes, then zeros up to the full chunk shape."""
+    view = memoryview(data.reshape(-1).view(np.uint8))
+    pad = math.prod(chunk_shape) * data.itemsize - len(view)
+    if store.local:
+        path = os.path.join(store.root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fh = open(path, "wb", buffering=0)
+    else:
+        fh = store.fs.open(store.path(key), "wb")
+    with fh:
+        done = 0
+        while done < len(view):  # unbuffered writes may be partial
+            done += fh.write(view[done:])
+        while pad > 0:
+            done = fh.write(_ZEROS[:min(pad, len(_ZEROS))])
+            pad -= done
 
 
 def read_raw(store, key: str, dest: np.ndarray) -> int:

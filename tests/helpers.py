@@ -20,23 +20,28 @@ def train_losses(base: dict, runs: list[dict]) -> list[list[float]]:
 
 def sabotage_chunk_writes(on_write):
     """From now on, every checkpoint chunk this process writes goes through
-    ``on_write(array, selection, value)`` (to fail or kill it mid-save).
-    Returns the function that undoes it."""
+    ``on_write(write)``, where ``write()`` does the real write (to fail or
+    kill a save midway).  Returns the function that undoes it."""
     save_mod = importlib.import_module("loom.checkpoint.save")  # the module, not ckpt.save
-    real_open = save_mod.open_array
+    zarr_io = importlib.import_module("loom.checkpoint.zarr_io")
+    real_open, real_raw = save_mod.open_array, zarr_io.write_raw
 
-    class Sabotaged:
+    class Sabotaged:  # the chunks zarr-python lays out
         def __init__(self, arr):
             self.arr = arr
 
         def __setitem__(self, sel, value):
-            on_write(self.arr, sel, value)
+            on_write(lambda: self.arr.__setitem__(sel, value))
 
     save_mod.open_array = lambda *a: Sabotaged(real_open(*a))
-    return lambda: setattr(save_mod, "open_array", real_open)
+    zarr_io.write_raw = lambda *a: on_write(lambda: real_raw(*a))  # the chunks written as raw bytes
+
+    def undo():
+        save_mod.open_array, zarr_io.write_raw = real_open, real_raw
+    return undo
 
 
-def die_after_write(arr, sel, value):
+def die_after_write(write):
     """An `on_write` that writes one chunk, then kills the whole process."""
-    arr[sel] = value
+    write()
     os._exit(3)

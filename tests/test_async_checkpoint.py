@@ -263,21 +263,23 @@ def test_automatic_pool_grows_for_a_larger_state(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_injected_write_failure_surfaces_and_the_previous_step_loads(tmp_path, monkeypatch):
+def test_injected_write_failure_surfaces_and_the_previous_step_loads(tmp_path):
     url = str(tmp_path / "ck")
-    real_open = save_mod.open_array
     broken = {"on": False}
 
-    class Failing:
-        def __init__(self, arr):
-            self.arr = arr
+    def disk_full(write):
+        if broken["on"]:
+            raise OSError(28, "No space left on device")
+        write()
 
-        def __setitem__(self, sel, value):
-            if broken["on"]:
-                raise OSError(28, "No space left on device")
-            self.arr[sel] = value
+    undo = sabotage_chunk_writes(disk_full)
+    try:
+        _write_failures(url, broken)
+    finally:
+        undo()
 
-    monkeypatch.setattr(save_mod, "open_array", lambda *a: Failing(real_open(*a)))
+
+def _write_failures(url, broken):
     good = {"w": torch.arange(10.0), "n": 1}
     with ckpt.AsyncCheckpointer(url) as saver:
         saver.save(good, step=1).result()
@@ -422,7 +424,7 @@ def _two_ranks(root):
     out["loaded1"] = target
 
     # an injected failure on rank 1 fails the save everywhere; step 1 stays
-    def failing(arr, sel, value):
+    def failing(write):
         raise OSError("injected write failure on rank 1")
 
     url = f"{root}/fail"
