@@ -89,10 +89,21 @@ def contiguous(a) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
+# google_crc32c holds the GIL while it runs: checksum large chunks piece by
+# piece so a background save never blocks the training thread for long.
+_CRC_PIECE = 4 << 20
+
+
 def checksum(a: np.ndarray) -> int:
     """crc32c of the C-order little-endian bytes of ``a``."""
     a = contiguous(a)
-    return google_crc32c.value(a.reshape(-1).view(np.uint8)) if a.size else 0
+    if not a.size:
+        return 0
+    data = a.reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, len(data), _CRC_PIECE):
+        crc = google_crc32c.extend(crc, data[start:start + _CRC_PIECE])
+    return crc
 
 
 def zarr_metadata(storage_shape, chunks, sdtype: torch.dtype, attributes: dict) -> dict:

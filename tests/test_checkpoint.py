@@ -405,3 +405,17 @@ def test_loom_ckpt_cli(tmp_path, capsys):
     assert CheckpointStore(url).steps() == [1, 3]
     assert main(["ckpt", "inspect", str(tmp_path / "none")]) == 1
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_checksum_in_pieces_equals_one_crc32c():
+    """Large chunks are checksummed piece by piece (the GIL is let go in
+    between); the value is the crc32c of all the bytes."""
+    import google_crc32c
+    import numpy as np
+    from loom.checkpoint.manifest import _CRC_PIECE, checksum
+    rng = np.random.default_rng(0)
+    for n in (1, _CRC_PIECE - 1, _CRC_PIECE, 2 * _CRC_PIECE + 5):
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        assert checksum(a) == google_crc32c.value(a.tobytes())
+    assert checksum(np.empty((0, 3))) == 0
+    assert checksum(np.arange(12.0).reshape(3, 4).T) == google_crc32c.value(np.arange(12.0).reshape(3, 4).T.tobytes())
