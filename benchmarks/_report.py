@@ -64,3 +64,9 @@ def peak_bytes(fn) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def command_line(script: str, argv=None) -> str:
+    """How to re-run a benchmark: ``python benchmarks/<script> <its arguments>``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args])

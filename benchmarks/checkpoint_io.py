@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import checkpoint as ckpt  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
@@ -299,8 +299,8 @@ def main(argv=None):
              f"torch.save with one, DCP with its default (one). The 2→2 reshard loads column shards "
              f"from row chunks, so every rank reads every chunk (twice the bytes it keeps) for loom "
              f"and DCP alike. Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
-             f"the run on {os.cpu_count()} cores: the machine was shared with other jobs, so treat "
-             f"the ratios as indicative; the lead re-runs on a quiet machine.")
+             f"the run on {os.cpu_count()} cores (a load above the core count means other work shared "
+             f"them); the ratios come from one run.")
     print(table)
     print("\n" + checks)
     print(f"\n({elapsed:.0f} s)")
@@ -314,7 +314,7 @@ def main(argv=None):
                 f"process without a process group reading whole tensors. DeepSpeed's row saves its own "
                 f"bytes (module + fp32 master + Adam moments of a ZeRO-2 model of similar size).\n\n"
                 + table + "\n\n" + checks + "\n\n" + notes)
-        cmd = "python benchmarks/checkpoint_io.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line(__file__, argv)
         update_results("checkpoint_io", "Checkpoint I/O (loom vs torch.save vs DCP vs DeepSpeed)", cmd.strip(), body)
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import checkpoint as ckpt  # noqa: E402
 from loom import comms  # noqa: E402
@@ -565,10 +565,10 @@ def main(argv=None):
                 f"Page cache, no fsync.\n\n" + table + "\n\n" + ds_table + "\n\n" + "  \n".join(checks) +
                 "\n\n" + writer_note +
                 f"\n\nLoad average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run "
-                f"({elapsed:.0f} s) on {os.cpu_count()} cores shared with other jobs: the two ranks already "
-                f"use both cores, so every background copy and write competes with training for CPU; treat "
-                f"the numbers as indicative (the lead re-runs on a quiet machine).")
-        cmd = "python benchmarks/checkpoint_stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                f"({elapsed:.0f} s) on {os.cpu_count()} cores: the two ranks already use both cores, so every "
+                f"background copy, checksum and write competes with training for CPU, and step times vary "
+                f"by several % between runs.")
+        cmd = command_line(__file__, argv)
         update_results("checkpoint_stall", "Checkpoint stall (loom async vs torch.save vs DCP vs DeepSpeed)",
                        cmd.strip(), body)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms import trace  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None):
                 f"processes plus gloo's I/O threads inflates; at 4 ranks the spread between runs "
                 f"(±100 µs) exceeds the difference. Targets: ≤ 2% on a 1 MB all_reduce, ≤ 10 µs "
                 f"on a tiny one.")
-        cmd = "python benchmarks/comms_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line(__file__, argv)
         update_results("comms_overhead", "Tracing overhead (loom.comms vs raw torch.distributed)",
                        cmd.strip(), body)
 

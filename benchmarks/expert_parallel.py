@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, peak_bytes, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, peak_bytes, update_results, write_json  # noqa: E402
 
 from loom.comms.testing import run_distributed  # noqa: E402
 
@@ -308,7 +308,7 @@ def main(argv=None):
                    f"under {', '.join(same)}, so the time gap there is noise." if same else "")
                 + "\n\n"
                 + table + "\n\n" + _verdict(rows, header, args))
-        cmd = "python benchmarks/expert_parallel.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line(__file__, argv)
         update_results("expert_parallel", "Expert parallelism (standard EP vs LLEP vs DeepSpeed MoE)",
                        cmd.strip(), body)
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import WorkerError, run_distributed  # noqa: E402
@@ -375,7 +375,7 @@ def main(argv=None):
                f"{on * 1e3:.1f} ms monitored), while the CPU the monitor "
                f"thread used was **{monitor_cpu * 100:.2f}%** of each rank's time and the aggregator "
                f"{agg_cpu * 100:.1f}% of one core (in this process; a Ray actor or rank 0's thread in "
-               f"`loom train`) - on 2 cores shared by 4 ranks and other jobs, that CPU comes out of the "
+               f"`loom train`) - on 2 cores shared by 4 ranks, that CPU comes out of the "
                f"ranks' share.")
     print(lat_table, "\n")
     print(loc_table, "\n")
@@ -394,9 +394,9 @@ def main(argv=None):
                 "\n\nRandomised stragglers (random rank, delay uniform in 10-100% of a step):\n\n" + loc_table +
                 "\n\n" + summary + "\n\nWhat plain PyTorch offers, side by side:\n\n" + base_table +
                 "\n\nTargets: 100% localisation for delays >= 20% of a step; zero false positives; hang "
-                "detected <= 5 s; overhead <= 1% of step time. The machine is a shared 2-core box (other jobs "
-                "running): step-time differences of a few % are within its noise.")
-        cmd = "python benchmarks/fault_detection.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                "detected <= 5 s; overhead <= 1% of step time. On a 2-core box running 4 ranks, "
+                "step-time differences of a few % are within the noise.")
+        cmd = command_line(__file__, argv)
         update_results("fault_detection", "Fault detection (loom.faults vs plain PyTorch)", cmd.strip(), body)
 
 

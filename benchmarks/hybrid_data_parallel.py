@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
@@ -335,10 +335,9 @@ def main(argv=None):
                 "dp group and splits every sequence zigzag over its 2 ranks, so every token pays ring "
                 "attention (K/V traffic, the block kernel, planning many short documents). All three "
                 "compute the same loss (last column).\n"
-                "- 4 ranks share 2 cores (oversubscribed 2:1) and other jobs ran on the machine: absolute "
-                "times are noisy, ratios less so.")
+                "- 4 ranks share 2 cores (oversubscribed 2:1): absolute times are noisy, ratios less so.")
         update_results("hybrid_data_parallel", "Hybrid data parallelism (HDP vs static mesh vs pure DP)",
-                       "python benchmarks/hybrid_data_parallel.py", body)
+                       command_line(__file__, argv), body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
@@ -171,8 +171,7 @@ def main(argv=None):
                 f"(times are medians; the overhead is the median over rounds of the ratio to the ideal "
                 f"call in the same round):"
                 f"\n\n{layer_table}\n\n" + NOTES)
-        given = argv if argv is not None else sys.argv[1:]
-        cmd = "python benchmarks/linear_attention_sp.py " + " ".join(given)
+        cmd = command_line(__file__, argv)
         update_results("linear_attention_sp", "Sequence-parallel linear attention (All-Scan vs LASP-2 "
                        "all-gather vs LASP-1 serial)", cmd.strip(), body)
 

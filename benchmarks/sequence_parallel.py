@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _report import markdown_table, peak_bytes, update_results, write_json  # noqa: E402
+from _report import command_line, markdown_table, peak_bytes, update_results, write_json  # noqa: E402
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
@@ -283,7 +283,7 @@ def main(argv=None):
                 "fused flash kernel.\n"
                 "- P ranks share this machine's 2 cores; at P = 4 ranks are oversubscribed 2:1, so "
                 "absolute times there include waiting for a core.\n")
-        cmd = "python benchmarks/sequence_parallel.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line(__file__, argv)
         update_results("sequence_parallel", "Sequence-parallel attention (ring, Ulysses, peers)",
                        cmd.strip(), body)
 
