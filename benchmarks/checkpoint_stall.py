@@ -30,6 +30,7 @@ directory, removed at the end.  Each method gets one warm-up checkpoint
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import gc
 import os
@@ -118,7 +119,7 @@ class Trainer:
 
 # --------------------------------------------------------------- methods
 
-class Method:
+class Method(abc.ABC):
     """One way to checkpoint: ``checkpoint(step)``; ``later_stalls()``: what
     the loop lost afterwards, per checkpoint; ``finish()`` waits for
     outstanding saves and returns their persist times; ``close()``."""
@@ -128,8 +129,9 @@ class Method:
         self.t, self.root = trainer, root
         os.makedirs(root, exist_ok=True)
 
+    @abc.abstractmethod
     def checkpoint(self, step: int) -> None:
-        raise NotImplementedError
+        """Save (or start saving) the trainer's state as ``step``."""
 
     def later_stalls(self) -> list[float]:
         return []
@@ -487,6 +489,8 @@ def main(argv=None):
     ap.add_argument("--dir", default="/work", help="where the temporary data goes (default /work)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
+    if args.steps < 10:
+        ap.error(f"--steps {args.steps}: at least 10, so that checkpointing every 10 steps times one")
     free = shutil.disk_usage(args.dir).free / 1e9
     if free < args.size_gb * 8:
         sys.exit(f"{args.dir} has {free:.1f} GB free; this run needs about {args.size_gb * 8:.1f} GB")
