@@ -45,3 +45,23 @@ def die_after_write(write):
     """An `on_write` that writes one chunk, then kills the whole process."""
     write()
     os._exit(3)
+
+
+def single_process_losses(config, steps: int, batch: int, *, lr: float = 3e-3) -> list[float]:
+    """Train the reference model with ``config`` in this process on the
+    synthetic task (AdamW, seed 0); return the per-step losses."""
+    import torch
+    from loom.parallel import SyntheticData, Transformer, next_token_loss
+    torch.manual_seed(0)
+    model = Transformer(config)
+    data = SyntheticData(config.vocab, 64, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        x, y = data.batch(step, range(batch))
+        loss = next_token_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

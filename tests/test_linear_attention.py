@@ -10,6 +10,8 @@ from loom import comms
 from loom.parallel import (ModelConfig, Transformer, enable_sequence_parallel, linear_attention,
                            local_linear_attention, next_token_loss)
 
+from helpers import single_process_losses
+
 B, H, D_K, D_V = 2, 2, 4, 3
 
 
@@ -234,22 +236,10 @@ def test_model_layer_pattern():
 @pytest.mark.timeout(120)
 def test_linear_model_learns():
     """The synthetic task is learnable by a linear-attention model too."""
-    from loom.parallel import SyntheticData
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small ops: extra threads only contend on a busy machine
     try:
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(layers="linear,linear"))
-        data = SyntheticData(256, 64, seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for step in range(40):
-            x, y = data.batch(step, range(8))
-            loss = next_token_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = single_process_losses(ModelConfig(layers="linear,linear"), steps=40, batch=8)
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from loom.parallel import ModelConfig, SyntheticData, Transformer, next_token_loss
+from loom.parallel import ModelConfig, SyntheticData, Transformer
+
+from helpers import single_process_losses
 
 
 def test_data_is_a_pure_function_of_seed_step_index():
@@ -43,16 +45,5 @@ def test_model_config_rejects_bad_shapes():
 
 @pytest.mark.timeout(300)
 def test_loss_falls_clearly_within_a_hundred_steps():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig())
-    data = SyntheticData(256, 64, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(100):
-        x, y = data.batch(step, range(16))
-        loss = next_token_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = single_process_losses(ModelConfig(), steps=100, batch=16)
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
