@@ -278,6 +278,7 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
             data = views[key][layout.relative(cbox, _my_box(arr, me)[0])]
         tasks.append((key, index, cbox, data))
     paths = {key: f"{prefix}/{plan.entries[key]['array']}" for key in {t[0] for t in tasks}}
+    edge_arrays = {}
 
     def write(task):
         if len(task) == 2:  # a metadata document
@@ -289,8 +290,9 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
         if zarr_io.is_prefix(data.shape, chunks):
             zarr_io.write_raw(store, zarr_io.chunk_key(paths[key], index), data, chunks)
         else:  # an edge chunk cut along an inner dim: zarr-python lays it out
-            array = open_array(store, paths[key], array_document(key, plan.entries[key]))
-            array[tuple(slice(l, h) for l, h in zip(*cbox))] = data
+            if key not in edge_arrays:  # built once per array (two threads may race: same result)
+                edge_arrays[key] = open_array(store, paths[key], array_document(key, plan.entries[key]))
+            edge_arrays[key][tuple(slice(l, h) for l, h in zip(*cbox))] = data
         return key, layout.chunk_name(index), checksum(data)
 
     sums: dict = {}
