@@ -315,7 +315,7 @@ def main(argv=None):
                 f"bytes (module + fp32 master + Adam moments of a ZeRO-2 model of similar size).\n\n"
                 + table + "\n\n" + checks + "\n\n" + notes)
         cmd = command_line(__file__, argv)
-        update_results("checkpoint_io", "Checkpoint I/O (loom vs torch.save vs DCP vs DeepSpeed)", cmd.strip(), body)
+        update_results("checkpoint_io", "Checkpoint I/O (loom vs torch.save vs DCP vs DeepSpeed)", cmd, body)
 
 
 if __name__ == "__main__":

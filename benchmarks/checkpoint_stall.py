@@ -574,7 +574,7 @@ def main(argv=None):
                 f"by several % between runs.")
         cmd = command_line(__file__, argv)
         update_results("checkpoint_stall", "Checkpoint stall (loom async vs torch.save vs DCP vs DeepSpeed)",
-                       cmd.strip(), body)
+                       cmd, body)
 
 
 if __name__ == "__main__":

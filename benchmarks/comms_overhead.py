@@ -105,7 +105,7 @@ def main(argv=None):
                 f"≤ 10 µs on a tiny one.")
         cmd = command_line(__file__, argv)
         update_results("comms_overhead", "Tracing overhead (loom.comms vs raw torch.distributed)",
-                       cmd.strip(), body)
+                       cmd, body)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def main(argv=None):
                 + table + "\n\n" + _verdict(rows, header, args))
         cmd = command_line(__file__, argv)
         update_results("expert_parallel", "Expert parallelism (standard EP vs LLEP vs DeepSpeed MoE)",
-                       cmd.strip(), body)
+                       cmd, body)
 
 
 def _verdict(rows, header, args) -> str:

@@ -397,7 +397,7 @@ def main(argv=None):
                 "detected <= 5 s; overhead <= 1% of step time. On a 2-core box running 4 ranks, "
                 "step-time differences of a few % are within the noise.")
         cmd = command_line(__file__, argv)
-        update_results("fault_detection", "Fault detection (loom.faults vs plain PyTorch)", cmd.strip(), body)
+        update_results("fault_detection", "Fault detection (loom.faults vs plain PyTorch)", cmd, body)
 
 
 if __name__ == "__main__":

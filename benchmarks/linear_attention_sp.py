@@ -173,7 +173,7 @@ def main(argv=None):
                 f"\n\n{layer_table}\n\n" + NOTES)
         cmd = command_line(__file__, argv)
         update_results("linear_attention_sp", "Sequence-parallel linear attention (All-Scan vs LASP-2 "
-                       "all-gather vs LASP-1 serial)", cmd.strip(), body)
+                       "all-gather vs LASP-1 serial)", cmd, body)
 
 
 NOTES = """Targets (from ZeCO, on GPUs): All-Scan ≤ 0.5× all-gather and ≤ 0.35× serial at P = 8

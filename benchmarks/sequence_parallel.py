@@ -285,7 +285,7 @@ def main(argv=None):
                 "absolute times there include waiting for a core.\n")
         cmd = command_line(__file__, argv)
         update_results("sequence_parallel", "Sequence-parallel attention (ring, Ulysses, peers)",
-                       cmd.strip(), body)
+                       cmd, body)
 
 
 if __name__ == "__main__":
