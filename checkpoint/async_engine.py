@@ -476,19 +476,24 @@ class AsyncCheckpointer:
                 job.region = None
             job.fragments, job.chunks = {}, {}
         try:
-            location = commit(plan, sums, error)
+            return commit(plan, sums, error, on_committed=self._retain)
         except BaseException:
             if plan.group.rank == 0:
                 _discard_torn(plan.store, plan.step)
             raise
-        if plan.group.rank == 0 and (self.keep_last or self.keep_every):
-            try:
-                self._retain()
-            except Exception as exc:  # noqa: BLE001 - the step is committed; retention is best effort
-                warnings.warn(f"checkpoint retention at {self.url} failed: {exc}", stacklevel=2)
-        return location
 
     def _retain(self) -> None:
+        """Drop committed steps the retention policy no longer keeps (rank 0,
+        inside the commit, so every rank's ``wait()`` sees the pruned store);
+        best effort: the new step is committed whatever happens here."""
+        if not (self.keep_last or self.keep_every):
+            return
+        try:
+            self._drop_unretained()
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"checkpoint retention at {self.url} failed: {exc}", stacklevel=2)
+
+    def _drop_unretained(self) -> None:
         store = CheckpointStore(self.url)
         committed = store.committed_steps()
         keep = retained(committed, self.keep_last, self.keep_every)

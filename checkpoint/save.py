@@ -321,10 +321,14 @@ def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
 
 # ----------------------------------------------------------------- commit
 
-def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None) -> str:
+def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None,
+           on_committed=None) -> str:
     """Collective: once every rank has written (the exchange is the barrier),
     rank 0 writes the manifest, then the marker, then ``latest``.  A failure
-    on any rank (``error``) raises on every rank and commits nothing."""
+    on any rank (``error``) raises on every rank and commits nothing.
+    ``on_committed`` (rank 0, after the marker, before the closing agreement)
+    is housekeeping such as retention: every rank returns only after it, so
+    the store looks final to all of them; its errors do not undo the commit."""
     g = plan.group
     everyone = agree(g, error, checksums)
     failure = None
@@ -343,6 +347,8 @@ def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None) 
             plan.store.commit(plan.step, dumps(manifest).encode())
         except Exception as exc:  # noqa: BLE001
             failure = exc
+        if failure is None and on_committed is not None:
+            on_committed()
     agree(g, failure)
     return plan.location
 
