@@ -297,8 +297,10 @@ def main(argv=None):
     from loom.checkpoint.save import IO_THREADS
     notes = (f"loom writes and reads with {IO_THREADS} I/O threads per rank, the plain row with one, "
              f"torch.save with one, DCP with its default (one). The 2→2 reshard loads column shards "
-             f"from row chunks, so every rank reads every chunk (twice the bytes it keeps) for loom "
-             f"and DCP alike. Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
+             f"from row chunks, so every chunk holds bytes for both ranks: DCP has each rank read "
+             f"every chunk it touches (twice the bytes it keeps); loom has each chunk checksummed by "
+             f"one of its readers and the other copy only its columns from the memory-mapped chunk. "
+             f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
              f"the run on {os.cpu_count()} cores (a load above the core count means other work shared "
              f"them); the ratios come from one run.")
     print(table)

@@ -3,7 +3,8 @@
 Every rank asks only for the regions its own targets need, in the storage
 coordinates of each array, and reads only the chunks that intersect them, so
 a checkpoint saved by any world size / boxes / flat ranges loads into any
-other.  Every chunk read is checked against its crc32c from the manifest.
+other.  Every chunk read is checked against its crc32c from the manifest,
+once: by one of the ranks that read it, and a failure raises on every rank.
 Tensors are filled in place; plain values are replaced; a target whose
 container is empty (a fresh optimizer's ``state``) is rebuilt from the saved
 subtree.
@@ -53,7 +54,10 @@ class CheckpointInfo:
 # ------------------------------------------------------------ chunk reads
 
 class ChunkReader:
-    """Verified reads of boxes of one committed step, run in parallel."""
+    """Reads of boxes of one committed step, run in parallel, every chunk
+    checked against its crc32c.  In a collective load each chunk is checked
+    by one of the ranks that read it (``share_checks``); the others, on a
+    local store, copy only the part they need from the mapped object."""
 
     def __init__(self, store: CheckpointStore, manifest: dict):
         self.store, self.manifest = store, manifest
@@ -61,6 +65,7 @@ class ChunkReader:
         self._arrays: dict = {}
         self._tasks: list = []
         self._buffers = threading.local()  # one reusable staging buffer per I/O thread
+        self._checked_elsewhere: set = set()  # (key, chunk name) another rank checks
 
     def array(self, key: str):
         if key not in self._arrays:
@@ -77,6 +82,36 @@ class ChunkReader:
             cbox = layout.chunk_box(index, shape, chunks)
             self._tasks.append((key, index, cbox, layout.intersect(cbox, box), out, box[0]))
 
+    def claims(self) -> dict:
+        """The chunks the requests so far touch: ``{key: [chunk name, ...]}``."""
+        touched: dict = {}
+        for key, index, *_ in self._tasks:
+            touched.setdefault(key, set()).add(layout.chunk_name(index))
+        return {key: sorted(names) for key, names in touched.items()}
+
+    def share_checks(self, claims: list[dict], rank: int) -> None:
+        """Given every rank's ``claims()`` (group order), each chunk is checked
+        by one rank that reads it: the one with the fewest bytes to check so
+        far.  Deterministic, so every rank reaches the same split.  A chunk
+        read by several ranks (a reshard, a replicated tensor) is then
+        checked once, not once per reader."""
+        readers: dict = {}
+        for r, touched in enumerate(claims):
+            for key, names in touched.items():
+                for name in names:
+                    readers.setdefault((key, name), []).append(r)
+        to_check = [0] * len(claims)
+        self._checked_elsewhere = set()
+        for chunk, ranks in sorted(readers.items()):
+            checker = min(ranks, key=lambda r: (to_check[r], r))
+            to_check[checker] += self._chunk_bytes(chunk[0])
+            if checker != rank and rank in ranks:
+                self._checked_elsewhere.add(chunk)
+
+    def _chunk_bytes(self, key: str) -> int:
+        entry = self.manifest["tensors"][key]
+        return math.prod(entry["chunks"]) * np.dtype(entry["storage_dtype"]).itemsize
+
     def run(self, threads: int = IO_THREADS) -> None:
         tasks, self._tasks = self._tasks, []
         if not tasks:
@@ -85,25 +120,49 @@ class ChunkReader:
             for _ in pool.map(self._read, tasks):
                 pass
 
-    def read_chunk(self, key: str, index, cbox, dest: np.ndarray | None = None) -> np.ndarray:
-        """One whole chunk's valid values, checked against its checksum;
-        into ``dest`` (C-contiguous, the chunk's valid shape) when given."""
+    def read_chunk(self, key: str, index, cbox, dest: np.ndarray | None = None, *,
+                   check: bool = True) -> np.ndarray:
+        """One whole chunk's valid values, checked against its checksum
+        (``check=False``: another rank checks it).  Into ``dest``
+        (C-contiguous, the chunk's valid shape) when given; otherwise, on a
+        local store, a read-only view of the mapped chunk object."""
         entry = self.manifest["tensors"][key]
         valid = [h - l for l, h in zip(*cbox)]
-        if zarr_io.is_prefix(valid, entry["chunks"]):
-            if dest is None:
-                dest = self._staging(valid, entry["storage_dtype"])
+        if not zarr_io.is_prefix(valid, entry["chunks"]):
+            data = read_box(self.array(key), cbox, dest)  # an edge cut along an inner dim: zarr-python
+        elif self.store.local:
+            data = self._mapped(key, index, valid)
+            if check:  # before the copy: a bad chunk never reaches the target
+                self._verify(key, index, data)
+                check = False
+            if dest is not None:
+                np.copyto(dest, data)
+                data = dest
+        else:
+            data = self._staging(valid, entry["storage_dtype"]) if dest is None else dest
             try:
-                got = zarr_io.read_raw(self.store, zarr_io.chunk_key(f"{self.prefix}/{entry['array']}", index), dest)
+                got = zarr_io.read_raw(self.store, self._chunk_key(key, index), data)
             except FileNotFoundError:
                 got = 0
-            if got != dest.nbytes:
-                self._fail(key, index, f"its stored object is missing or truncated ({got} of {dest.nbytes} bytes)")
-            data = dest
-        else:  # an edge chunk cut along an inner dim: let zarr-python decode it
-            data = read_box(self.array(key), cbox, dest)
-        self._verify(key, index, data)
+            if got != data.nbytes:
+                self._truncated(key, index, got, data.nbytes)
+        if check:
+            self._verify(key, index, data)
         return data
+
+    def _chunk_key(self, key: str, index) -> str:
+        return zarr_io.chunk_key(f"{self.prefix}/{self.manifest['tensors'][key]['array']}", index)
+
+    def _mapped(self, key: str, index, valid) -> np.ndarray:
+        dtype = np.dtype(self.manifest["tensors"][key]["storage_dtype"])
+        nbytes = math.prod(valid) * dtype.itemsize
+        view, got = zarr_io.map_raw(self.store, self._chunk_key(key, index), nbytes)
+        if view is None:
+            self._truncated(key, index, got, nbytes)
+        return view.view(dtype).reshape(valid)
+
+    def _truncated(self, key: str, index, got: int, want: int):
+        self._fail(key, index, f"its stored object is missing or truncated ({got} of {want} bytes)")
 
     def _staging(self, shape, dtype) -> np.ndarray:
         size = math.prod(shape) * np.dtype(dtype).itemsize
@@ -115,10 +174,11 @@ class ChunkReader:
     def _read(self, task) -> None:
         key, index, cbox, part, out, origin = task
         dest = layout.view(out, part, origin)
+        check = (key, layout.chunk_name(index)) not in self._checked_elsewhere
         if part == cbox and dest.flags.c_contiguous:
-            self.read_chunk(key, index, cbox, dest)
-        else:
-            data = self.read_chunk(key, index, cbox)
+            self.read_chunk(key, index, cbox, dest, check=check)
+        else:  # a mapped chunk: only the pages of ``part`` are read (unless checked here)
+            data = self.read_chunk(key, index, cbox, check=check)
             dest[...] = layout.view(data, part, cbox[0])
 
     def _verify(self, key: str, index, data: np.ndarray) -> None:
@@ -252,14 +312,8 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
     touched: set = set()
     custom = {"ChecksumError": ChecksumError, "MissingKeysError": MissingKeysError}
     for n, s in enumerate(candidates):
-        error, info = None, None
         try:
-            manifest = store.read_manifest(s)
-            info = _load_step(state, store, manifest, g, strict, touched)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it
-            error = exc
-        try:
-            agree(g, error, custom=custom)
+            info = _load_candidate(state, store, s, g, strict, touched, custom)
         except ChecksumError as exc:
             if not fallback or n == len(candidates) - 1:
                 raise
@@ -270,7 +324,30 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_step(state, store, manifest, g, strict, touched: set) -> CheckpointInfo:
+def _load_candidate(state, store, step, g, strict, touched: set, custom: dict) -> CheckpointInfo:
+    """Load one step in two agreements: after planning (every rank's chunk
+    claims, so that each chunk is checked by one rank) and after reading.  An
+    error on any rank raises on every rank at one of them."""
+    error, reader, finish = None, None, None
+    try:
+        reader, finish = _plan_step(state, store, store.read_manifest(step), g, strict, touched)
+    except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+        error = exc
+    claims = agree(g, error, None if reader is None else reader.claims(), custom=custom)
+    error, info = None, None
+    try:
+        reader.share_checks(claims, g.rank)
+        info = finish()
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(g, error, custom=custom)
+    return info
+
+
+def _plan_step(state, store, manifest, g, strict, touched: set):
+    """Match ``state`` against a step's manifest and queue the reads;
+    returns the reader and a function that runs the reads and fills
+    ``state`` (returning the CheckpointInfo)."""
     tensors, values = manifest["tensors"], manifest["values"]
     saved = {**{k: ("tensor", e) for k, e in tensors.items()}, **{k: ("value", e) for k, e in values.items()}}
     by_path = {tuple(e["path"]): k for k, (_, e) in saved.items()}
@@ -362,17 +439,19 @@ def _load_step(state, store, manifest, g, strict, touched: set) -> CheckpointInf
                 options.append(value)
             resolved.append((node, lambda o=options, n=node: n.resolver(o, g.rank, g.size)))
 
-    reader.run()
-    for fin in finishers:
-        fin()
-    for path, value in replacements:
-        set_path(state, path, value)
-    for node, make in resolved:
-        node.value = make()
-    unexpected = sorted(set(saved) - consumed)
-    return CheckpointInfo(step=manifest["step"], world_size=saved_world, mesh=manifest.get("mesh"),
-                          location=store.location(manifest["step"]), missing=missing,
-                          unexpected=unexpected, created=manifest.get("created"))
+    def finish() -> CheckpointInfo:
+        reader.run()
+        for fin in finishers:
+            fin()
+        for path, value in replacements:
+            set_path(state, path, value)
+        for node, make in resolved:
+            node.value = make()
+        unexpected = sorted(set(saved) - consumed)
+        return CheckpointInfo(step=manifest["step"], world_size=saved_world, mesh=manifest.get("mesh"),
+                              location=store.location(manifest["step"]), missing=missing,
+                              unexpected=unexpected, created=manifest.get("created"))
+    return reader, finish
 
 
 def _check_compatible(leaf, entry: dict) -> None:

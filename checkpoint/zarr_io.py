@@ -11,6 +11,7 @@ along an inner dim) go through zarr-python.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 
 import numpy as np
@@ -72,6 +73,27 @@ def read_raw(store, key: str, dest: np.ndarray) -> int:
                 break
             total += n
     return total
+
+
+def map_raw(store, key: str, nbytes: int) -> tuple[np.ndarray | None, int]:
+    """The first ``nbytes`` of a chunk object of a local store, memory-mapped
+    read-only: ``(uint8 view, nbytes)``, or ``(None, size)`` when the object
+    is missing (size 0) or shorter.  Reading through the mapping copies
+    straight from the page cache into the destination, and touches only the
+    pages a partial read needs.  The mapping lives as long as the view."""
+    try:
+        fd = os.open(os.path.join(store.root, key), os.O_RDONLY)
+    except FileNotFoundError:
+        return None, 0
+    try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            return None, size
+        if nbytes == 0:
+            return np.empty(0, dtype=np.uint8), 0
+        return np.frombuffer(mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ), dtype=np.uint8), nbytes
+    finally:
+        os.close(fd)
 
 
 def read_box(array, box, out: np.ndarray | None = None) -> np.ndarray:

@@ -65,3 +65,18 @@ def single_process_losses(config, steps: int, batch: int, *, lr: float = 3e-3) -
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def chunk_file(root, step, array, chunk="0"):
+    """The file of one chunk of a local checkpoint (``chunk``: "0.1")."""
+    from loom.checkpoint.store import step_name
+    return os.path.join(str(root), step_name(step), "state", array, "c", *chunk.split("."))
+
+
+def flip_byte(path, offset=5):
+    """Damage a stored chunk in place."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x40]))

@@ -13,6 +13,8 @@ from loom.checkpoint.manifest import MANIFEST, MARKER
 from loom.checkpoint.state import digest
 from loom.checkpoint.store import CheckpointStore, step_name
 
+from helpers import chunk_file, flip_byte
+
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of a tensor, for bitwise comparison (NaN payloads, -0.0)."""
@@ -235,25 +237,13 @@ def test_unknown_placement_and_tampered_manifest(tmp_path):
 
 # --------------------------------------------------------------- integrity
 
-def _chunk_file(root, step, array, chunk="0"):
-    return os.path.join(root, step_name(step), "state", array, "c", *chunk.split("."))
-
-
-def _flip_byte(path, offset=5):
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        b = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([b[0] ^ 0x40]))
-
-
 def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_path):
     torch.manual_seed(0)
     old = {"w": torch.randn(64, 4), "b": torch.randn(3)}
     new = {"w": torch.randn(64, 4), "b": torch.randn(3)}
     ckpt.save(old, tmp_path, step=10)
     ckpt.save(new, tmp_path, step=20)
-    _flip_byte(_chunk_file(tmp_path, 20, "w", "0.0"))
+    flip_byte(chunk_file(tmp_path, 20, "w", "0.0"))
     target = {"w": torch.zeros(64, 4), "b": torch.zeros(3)}
     with pytest.raises(ckpt.ChecksumError, match=r"array 'w' chunk 0\.0 .*step-00000020"):
         ckpt.load(target, tmp_path)
@@ -265,8 +255,8 @@ def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_pa
     assert len(problems) == 1 and "array 'w' chunk 0.0" in problems[0]
     assert ckpt.verify(str(tmp_path), 10) == []
     # a truncated or deleted chunk object is damage too
-    os.truncate(_chunk_file(tmp_path, 10, "w", "0.0"), 10)
-    os.remove(_chunk_file(tmp_path, 10, "b", "0"))
+    os.truncate(chunk_file(tmp_path, 10, "w", "0.0"), 10)
+    os.remove(chunk_file(tmp_path, 10, "b", "0"))
     problems = ckpt.verify(str(tmp_path), 10)
     assert len(problems) == 2 and all("missing or truncated" in p for p in problems)
 
@@ -274,7 +264,7 @@ def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_pa
 def test_fallback_refuses_keys_a_rejected_step_overwrote(tmp_path):
     ckpt.save({"a": torch.ones(4)}, tmp_path, step=1)
     ckpt.save({"a": torch.ones(4), "b": torch.ones(4)}, tmp_path, step=2)
-    _flip_byte(_chunk_file(tmp_path, 2, "a"), 1)
+    flip_byte(chunk_file(tmp_path, 2, "a"), 1)
     target = {"a": torch.zeros(4), "b": torch.zeros(4)}
     # 'b' is read from step 2 before its bad 'a' chunk is found; step 1 has no 'b'
     with pytest.raises(ValueError, match=r"lacks keys \['b'\] that a rejected newer step"):
@@ -396,7 +386,7 @@ def test_loom_ckpt_cli(tmp_path, capsys):
     assert "per rank: [5]" in out and "epoch" in out
     assert main(["ckpt", "verify", url, "--all"]) == 0
     assert capsys.readouterr().out.splitlines() == ["step 1: ok", "step 3: ok"]
-    _flip_byte(_chunk_file(tmp_path, 3, "model/w", "0.0"), 3)
+    flip_byte(chunk_file(tmp_path, 3, "model/w", "0.0"), 3)
     assert main(["ckpt", "verify", url]) == 1
     assert "array 'model/w' chunk 0.0" in capsys.readouterr().out
     assert main(["ckpt", "gc", url, "--keep-last", "1", "--dry-run"]) == 0

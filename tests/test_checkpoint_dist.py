@@ -14,7 +14,7 @@ from loom.checkpoint import layout, zarr_io
 from loom.checkpoint.manifest import MARKER
 from loom.checkpoint.store import CheckpointStore, data_prefix
 
-from helpers import die_after_write, sabotage_chunk_writes
+from helpers import chunk_file, die_after_write, flip_byte, sabotage_chunk_writes
 
 TIMEOUT = 240
 
@@ -144,7 +144,7 @@ def _recording(fn):
             return await super().get(key, prototype, byte_range)
 
     real_zarr, real_put, real_raw = CheckpointStore.zarr_store, CheckpointStore.put, zarr_io.read_raw
-    real_write_raw = zarr_io.write_raw
+    real_write_raw, real_map = zarr_io.write_raw, zarr_io.map_raw
 
     def write_raw(store, key, data, chunk_shape):  # most chunks are written as raw bytes
         log["set"].append(key)
@@ -158,13 +158,18 @@ def _recording(fn):
         log["get"].append(key)
         return real_raw(store, key, dest)
 
+    def map_raw(store, key, nbytes):  # ... or mapped, on a local store
+        log["get"].append(key)
+        return real_map(store, key, nbytes)
+
     CheckpointStore.zarr_store = property(lambda self: Recording(real_zarr.fget(self)))
     CheckpointStore.put, zarr_io.read_raw, zarr_io.write_raw = put, read_raw, write_raw
+    zarr_io.map_raw = map_raw
     try:
         result = fn()
     finally:
         CheckpointStore.zarr_store, CheckpointStore.put = real_zarr, real_put
-        zarr_io.read_raw, zarr_io.write_raw = real_raw, real_write_raw
+        zarr_io.read_raw, zarr_io.write_raw, zarr_io.map_raw = real_raw, real_write_raw, real_map
     return result, log
 
 
@@ -236,7 +241,66 @@ def _crash_mid_save(url, where):
     return "finished"
 
 
+def _shared_chunks(url):
+    """Row shards saved, column shards loaded (plus a replicated tensor): both
+    ranks read every chunk.  Returns what this rank checked, whether the
+    values were right, and the error after another rank's chunk is damaged."""
+    import importlib
+    load_mod = importlib.import_module("loom.checkpoint.load")  # the module, not ckpt.load
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(7)
+    w, rep = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g)
+    ckpt.save({"w": ckpt.Shard(w[4 * rank:4 * rank + 4].clone(), (8, 6), (4 * rank, 0)), "rep": rep},
+              url, step=1)
+    checked, real_verify = [], load_mod.ChunkReader._verify
+
+    def verify(self, key, index, data):
+        checked.append((key, layout.chunk_name(index)))
+        real_verify(self, key, index, data)
+
+    def load():
+        target = {"w": ckpt.Shard(torch.zeros(8, 3, dtype=torch.float64), (8, 6), (0, 3 * rank)),
+                  "rep": torch.zeros(5, 3)}
+        ckpt.load(target, url)
+        return torch.equal(target["w"].tensor, w[:, 3 * rank:3 * rank + 3]) and torch.equal(target["rep"], rep)
+
+    load_mod.ChunkReader._verify = verify
+    try:
+        right = load()
+    finally:
+        load_mod.ChunkReader._verify = real_verify
+    everyone = [None, None]
+    dist.all_gather_object(everyone, sorted(checked))
+    victim = next(name for key, name in everyone[1] if key == "w")  # a chunk rank 1 checks
+    if rank == 0:
+        flip_byte(chunk_file(url, 1, "w", victim), offset=5)  # column 0: rank 0's half
+    dist.barrier()
+    try:
+        load()
+        error = None
+    except ckpt.ChecksumError as exc:
+        error = str(exc)
+    return sorted(checked), right, victim, error
+
+
 # ------------------------------------------------------------------- tests
+
+@pytest.mark.timeout(TIMEOUT)
+def test_chunks_read_by_several_ranks_are_checked_once_and_damage_fails_every_rank(distributed, tmp_path):
+    url = str(tmp_path / "ck")
+    (checked0, right0, victim, error0), (checked1, right1, _, error1) = \
+        distributed(_shared_chunks, 2, url, timeout=TIMEOUT)
+    assert right0 and right1
+    manifest = CheckpointStore(url).read_manifest(1)
+    every_chunk = sorted((key, layout.chunk_name(i)) for key, e in manifest["tensors"].items()
+                         for i in layout.chunk_indices(e["storage_shape"], e["chunks"]))
+    assert sorted(checked0 + checked1) == every_chunk  # each chunk checked by exactly one rank
+    assert any(k == "w" for k, _ in checked0) and any(k == "w" for k, _ in checked1)  # the work is shared
+    # rank 0 read the damaged bytes without checking them; it fails all the same, naming rank 1
+    assert error1 is not None and f"array 'w' chunk {victim}" in error1
+    assert error0 is not None and error0.startswith("rank 1: ChecksumError") and f"chunk {victim}" in error0
+
+
 
 def _check_plain_zarr(url, step):
     """Every global array reads back through zarr-python, bit for bit (the
