@@ -163,11 +163,13 @@ class AsyncCheckpointer:
     and a snapshot larger than it fails with a clear error).
     ``keep_last`` / ``keep_every``: retention after each commit (`retained`).
     ``writer``: "thread" or "process" (level 2 in a separate process).
-    ``mesh``: recorded in the manifest, as in `save`."""
+    ``mesh``: recorded in the manifest, as in `save`.  ``durable``: fsync
+    before the commit marker, as in `save` (a save counts as done only once
+    its step would survive a machine crash)."""
 
     def __init__(self, url: str, *, group=None, host_buffer_bytes: int | None = None,
                  keep_last: int | None = None, keep_every: int | None = None,
-                 writer: str = "thread", mesh=None):
+                 writer: str = "thread", mesh=None, durable: bool = False):
         CheckpointStore(url)  # checks the URL
         if host_buffer_bytes is not None and (isinstance(host_buffer_bytes, bool) or
                                               not isinstance(host_buffer_bytes, int) or host_buffer_bytes <= 0):
@@ -178,7 +180,7 @@ class AsyncCheckpointer:
         if writer == "process" and not CheckpointStore(url).local:
             raise ValueError(f"writer='process' needs a store that another process can reach; {url!r} is "
                              f"not a local path (memory:// lives inside one process)")
-        self.url, self.mesh = str(url), mesh
+        self.url, self.mesh, self.durable = str(url), mesh, bool(durable)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.writer_kind = writer
         self._capacity = host_buffer_bytes
@@ -409,7 +411,8 @@ class AsyncCheckpointer:
                              f"every rank must call save() with the same steps in the same order")
         self._wait_for_same_step(job)
         t0 = time.perf_counter()
-        job.plan = plan_save(job.state, self.url, step=job.step, group=self._plan_handle, mesh=self.mesh)
+        job.plan = plan_save(job.state, self.url, step=job.step, group=self._plan_handle, mesh=self.mesh,
+                             durable=self.durable)
         job.handle.stats["plan_s"] = time.perf_counter() - t0
         pieces = _pieces(job.plan)
         need = sum(aligned(_nbytes(src)) for _, _, src in pieces)

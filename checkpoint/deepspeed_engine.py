@@ -142,11 +142,13 @@ class LoomCheckpointEngine(CheckpointEngine):
     `AsyncCheckpointer`'s."""
 
     def __init__(self, ds_engine, url: str | None = None, *, host_buffer_bytes: int | None = None,
-                 keep_last: int | None = None, writer: str = "thread", config_params=None):
+                 keep_last: int | None = None, writer: str = "thread", config_params=None,
+                 durable: bool = False):
         super().__init__(config_params)
         self.name = "LoomCheckpointEngine"
         self.ds_engine, self.url = ds_engine, url
-        self._options = {"host_buffer_bytes": host_buffer_bytes, "keep_last": keep_last, "writer": writer}
+        self._options = {"host_buffer_bytes": host_buffer_bytes, "keep_last": keep_last, "writer": writer,
+                         "durable": durable}
         self.checkpointers: dict[str, AsyncCheckpointer] = {}
         self._info: CheckpointCommitInfo | None = None
         self._files: dict = {}

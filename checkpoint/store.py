@@ -93,6 +93,24 @@ class CheckpointStore:
         else:
             self.fs.pipe_file(path, data)
 
+    def sync(self, rels, *, files: bool = True, dirs: bool = True) -> None:
+        """Make files durable: fsync each of ``rels`` (``files``) and then
+        (``dirs``) every directory from theirs up to the root, so that their
+        names survive a machine crash too.  A no-op off local disks (an
+        object store's PUT is durable when it returns)."""
+        if not self.local:
+            return
+        folders = set()
+        for rel in rels:
+            if files:
+                _fsync(self.path(rel), os.O_RDONLY)
+            parts = rel.split("/")[:-1]
+            folders.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+        if dirs:
+            paths = [self.path(f) if f else self.root for f in sorted(folders, key=len, reverse=True)]
+            for path in paths + [os.path.dirname(self.root) or "."]:  # the root's own name too
+                _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
     def get(self, rel: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.path(rel))
@@ -173,15 +191,23 @@ class CheckpointStore:
             self.remove(f"{step_name(step)}/{MARKER}")
             self.remove(step_name(step), recursive=True)
 
-    def commit(self, step: int, manifest: bytes) -> None:
-        """Manifest, then marker, then ``latest``: the marker makes the step exist."""
+    def commit(self, step: int, manifest: bytes, *, durable: bool = False) -> None:
+        """Manifest, then marker, then ``latest``: the marker makes the step
+        exist.  ``durable``: each is fsynced (with its directories) before the
+        next is written, so the marker never outlives what it seals."""
         name = step_name(step)
         self.put(f"{name}/{MANIFEST}", manifest)
+        if durable:
+            self.sync([f"{name}/{MANIFEST}"])
         marker = {"step": step, "manifest_sha256": digest(manifest), "committed_at": time.time()}
         self.put(f"{name}/{MARKER}", json.dumps(marker).encode())
+        if durable:
+            self.sync([f"{name}/{MARKER}"])
         current = self.latest()
         if current is None or step >= current:
             self.put(LATEST, json.dumps({"step": step}).encode())
+            if durable:
+                self.sync([LATEST])
 
     def delete_step(self, step: int) -> None:
         """Remove a step; its marker goes first so a half-deleted step is invisible."""
@@ -199,6 +225,14 @@ class CheckpointStore:
                     self.remove(LATEST)
                 else:
                     self.put(LATEST, json.dumps({"step": newest}).encode())
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------- retention and gc

@@ -61,7 +61,8 @@ class TrainingCheckpoints:
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,
-                keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh)
+                keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh,
+                durable=self.c.ckpt_durable)
             self.saver.attach(optimizer)
 
     def state(self, next_step: int) -> dict:
@@ -99,7 +100,8 @@ class TrainingCheckpoints:
             self.saved += 1
             return
         t0 = time.monotonic()
-        location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh)
+        location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh,
+                                   durable=self.c.ckpt_durable)
         self.saved += 1
         if self.c.keep_last and self.mesh.rank == 0:
             checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last, keep_every=self.c.keep_every or None)

@@ -85,6 +85,9 @@ class CkptSection:
     ckpt_mode: str = _f("async", "async: copy to host memory while training runs and write in the "
                                  "background (the optimizer waits only for unfinished copies); "
                                  "sync: training waits until the checkpoint is on storage")
+    ckpt_durable: bool = _f(False, "fsync every checkpoint file and directory before its commit marker, "
+                                   "so the newest checkpoint survives a machine crash or power loss, "
+                                   "not only a killed process (slower saves)")
 
 
 @dataclass

@@ -313,6 +313,58 @@ def test_memory_store_commit_and_overwrite():
     assert CheckpointStore(url).committed_steps() == [0, 1]
 
 
+def _record_fsyncs_and_puts(monkeypatch) -> list:
+    """(event, real path) in order: every fsync loom makes, every small file it puts."""
+    events, real_fsync, real_put = [], os.fsync, CheckpointStore.put
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def put(self, rel, data):
+        events.append(("put", os.path.realpath(self.path(rel))))
+        real_put(self, rel, data)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(CheckpointStore, "put", put)
+    return events
+
+
+def _assert_durable_order(events, root, step):
+    """Every file and directory of the step (and the root) was fsynced before
+    the marker was written; the marker, then ``latest``, after theirs."""
+    root = os.path.realpath(root)
+    step_dir = os.path.join(root, step_name(step))
+    marker, latest = os.path.join(step_dir, MARKER), os.path.join(root, "latest")
+    at = {}
+    for i, (kind, path) in enumerate(events):
+        at.setdefault((kind, path), i)
+    before = at[("put", marker)]
+    for folder, dirs, files in os.walk(step_dir):
+        assert at.get(("fsync", folder), before) < before, folder
+        for name in files:
+            path = os.path.join(folder, name)
+            if path != marker:
+                assert at.get(("fsync", path), before) < before, path
+    assert at.get(("fsync", root), before) < before
+    assert before < at[("fsync", marker)] < at[("put", latest)] < at[("fsync", latest)]
+
+
+def test_durable_save_fsyncs_every_file_and_directory_before_the_marker(tmp_path, monkeypatch):
+    events = _record_fsyncs_and_puts(monkeypatch)
+    state = {"model": {"w": torch.randn(64, 5), "b": torch.randn(3)}, "n": 3}
+    ckpt.save(state, tmp_path / "fast", step=1)
+    assert not [e for e in events if e[0] == "fsync"]  # the default: the page cache
+    ckpt.save(state, tmp_path / "durable", step=1, durable=True)
+    _assert_durable_order(events, tmp_path / "durable", 1)
+    with ckpt.AsyncCheckpointer(str(tmp_path / "async"), durable=True) as saver:
+        saver.save(state, step=4).result()
+    _assert_durable_order(events, tmp_path / "async", 4)
+    target = {"model": {"w": torch.zeros(64, 5), "b": torch.zeros(3)}, "n": 0}
+    ckpt.load(target, tmp_path / "async")
+    assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["n"] == 3
+
+
 def test_retention_and_gc(tmp_path):
     url = str(tmp_path)
     for s in range(1, 8):

@@ -37,7 +37,7 @@ def test_resume_repeats_the_uninterrupted_losses_exactly(distributed, tmp_path):
     reference = distributed(_train, 2, {**TINY, "steps": 7}, timeout=240)[0][0]
     # interrupted after step 5 (checkpoints at 2 and 4), resumed from 4
     first, extra, events = distributed(_train, 2, {**TINY, "steps": 5, "ckpt_every": 2, "ckpt_url": url,
-                                                   "keep_last": 1}, timeout=240)[0]
+                                                   "keep_last": 1, "ckpt_durable": True}, timeout=240)[0]
     assert first == reference[:5] and (extra["start_step"], extra["checkpoints"]) == (0, 2)
     assert extra["ckpt_mode"] == "async" and extra["ckpt_stall_s"] >= 0 and extra["ckpt_persist_s"] > 0
     assert any("step-00000004" in e for e in events)
