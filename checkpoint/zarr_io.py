@@ -91,7 +91,17 @@ def map_raw(store, key: str, nbytes: int) -> tuple[np.ndarray | None, int]:
             return None, size
         if nbytes == 0:
             return np.empty(0, dtype=np.uint8), 0
-        return np.frombuffer(mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ), dtype=np.uint8), nbytes
+        try:
+            return np.frombuffer(mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ), dtype=np.uint8), nbytes
+        except OSError:  # a filesystem that cannot map files (some FUSE mounts): read instead
+            buf = np.empty(nbytes, dtype=np.uint8)
+            view, done = memoryview(buf), 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], done)
+                if not n:
+                    return None, done
+                done += n
+            return buf, nbytes
     finally:
         os.close(fd)
 

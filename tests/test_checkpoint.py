@@ -261,6 +261,23 @@ def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_pa
     assert len(problems) == 2 and all("missing or truncated" in p for p in problems)
 
 
+def test_filesystems_that_cannot_map_files_are_read_instead(tmp_path, monkeypatch):
+    import mmap
+
+    def cannot_map(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on some FUSE mounts
+
+    state = {"w": torch.randn(64, 4), "b": torch.randn(3)}
+    ckpt.save(state, tmp_path, step=1)
+    monkeypatch.setattr(mmap, "mmap", cannot_map)
+    target = {"w": torch.zeros(64, 4), "b": torch.zeros(3)}
+    ckpt.load(target, tmp_path)
+    assert_same(target, state)
+    flip_byte(chunk_file(tmp_path, 1, "w", "0.0"))
+    with pytest.raises(ckpt.ChecksumError, match=r"array 'w' chunk 0\.0"):
+        ckpt.load(target, tmp_path)
+
+
 def test_fallback_refuses_keys_a_rejected_step_overwrote(tmp_path):
     ckpt.save({"a": torch.ones(4)}, tmp_path, step=1)
     ckpt.save({"a": torch.ones(4), "b": torch.ones(4)}, tmp_path, step=2)
