@@ -65,7 +65,8 @@ class ChunkReader:
         self._arrays: dict = {}
         self._tasks: list = []
         self._buffers = threading.local()  # one reusable staging buffer per I/O thread
-        self._checked_elsewhere: set = set()  # (key, chunk name) another rank checks
+        self._checked_elsewhere: set = set()  # chunk numbers another rank checks
+        self._first, self._total = None, 0     # see _chunk_numbers
 
     def array(self, key: str):
         if key not in self._arrays:
@@ -82,35 +83,58 @@ class ChunkReader:
             cbox = layout.chunk_box(index, shape, chunks)
             self._tasks.append((key, index, cbox, layout.intersect(cbox, box), out, box[0]))
 
-    def claims(self) -> dict:
-        """The chunks the requests so far touch: ``{key: [chunk name, ...]}``."""
-        touched: dict = {}
+    def claims(self) -> str:
+        """The chunks the requests so far touch, compactly (a hex bitmap over
+        `_chunk_numbers`): what every rank sends every other in a load."""
+        first, total = self._chunk_numbers()
+        touched = np.zeros(total, dtype=bool)
         for key, index, *_ in self._tasks:
-            touched.setdefault(key, set()).add(layout.chunk_name(index))
-        return {key: sorted(names) for key, names in touched.items()}
+            touched[self._chunk_number(key, index)] = True
+        return np.packbits(touched).tobytes().hex()
 
-    def share_checks(self, claims: list[dict], rank: int) -> None:
+    def share_checks(self, claims: list[str], rank: int) -> None:
         """Given every rank's ``claims()`` (group order), each chunk is checked
-        by one rank that reads it: the one with the fewest bytes to check so
-        far.  Deterministic, so every rank reaches the same split.  A chunk
-        read by several ranks (a reshard, a replicated tensor) is then
+        by one rank that reads it: a chunk only one rank reads, by that rank;
+        the others, in chunk order, by the reader with the fewest bytes to
+        check so far.  Deterministic, so every rank reaches the same split.
+        A chunk read by several ranks (a reshard, a replicated tensor) is then
         checked once, not once per reader."""
-        readers: dict = {}
-        for r, touched in enumerate(claims):
-            for key, names in touched.items():
-                for name in names:
-                    readers.setdefault((key, name), []).append(r)
-        to_check = [0] * len(claims)
-        self._checked_elsewhere = set()
-        for chunk, ranks in sorted(readers.items()):
-            checker = min(ranks, key=lambda r: (to_check[r], r))
-            to_check[checker] += self._chunk_bytes(chunk[0])
-            if checker != rank and rank in ranks:
-                self._checked_elsewhere.add(chunk)
+        first, total = self._chunk_numbers()
+        readers = np.stack([np.unpackbits(np.frombuffer(bytes.fromhex(c), dtype=np.uint8), count=total)
+                            for c in claims]).astype(bool).T  # [chunk, rank]
+        sizes = np.zeros(total, dtype=np.int64)
+        for key, n in first.items():
+            entry = self.manifest["tensors"][key]
+            count = layout.num_chunks(entry["storage_shape"], entry["chunks"])
+            sizes[n:n + count] = math.prod(entry["chunks"]) * np.dtype(entry["storage_dtype"]).itemsize
+        shared = readers.sum(axis=1) > 1
+        to_check = (readers[~shared] * sizes[~shared, None]).sum(axis=0)  # the forced checks first
+        checked_elsewhere = set()
+        for number in np.flatnonzero(shared):
+            ranks = np.flatnonzero(readers[number])
+            checker = ranks[np.argmin(to_check[ranks])]  # ties: the lowest rank
+            to_check[checker] += sizes[number]
+            if checker != rank and readers[number, rank]:
+                checked_elsewhere.add(int(number))
+        self._checked_elsewhere = checked_elsewhere
 
-    def _chunk_bytes(self, key: str) -> int:
+    def _chunk_numbers(self) -> tuple[dict, int]:
+        """One numbering of every chunk of the step, the same on every rank:
+        arrays in key order, each array's chunks in C order.  Returns each
+        array's first number and the total."""
+        if self._first is None:
+            first, total = {}, 0
+            for key in sorted(self.manifest["tensors"]):
+                entry = self.manifest["tensors"][key]
+                first[key] = total
+                total += layout.num_chunks(entry["storage_shape"], entry["chunks"])
+            self._first, self._total = first, total
+        return self._first, self._total
+
+    def _chunk_number(self, key: str, index) -> int:
         entry = self.manifest["tensors"][key]
-        return math.prod(entry["chunks"]) * np.dtype(entry["storage_dtype"]).itemsize
+        grid = [-(-n // c) for n, c in zip(entry["storage_shape"], entry["chunks"])]
+        return self._chunk_numbers()[0][key] + (int(np.ravel_multi_index(index, grid)) if grid else 0)
 
     def run(self, threads: int = IO_THREADS) -> None:
         tasks, self._tasks = self._tasks, []
@@ -174,7 +198,7 @@ class ChunkReader:
     def _read(self, task) -> None:
         key, index, cbox, part, out, origin = task
         dest = layout.view(out, part, origin)
-        check = (key, layout.chunk_name(index)) not in self._checked_elsewhere
+        check = self._chunk_number(key, index) not in self._checked_elsewhere
         if part == cbox and dest.flags.c_contiguous:
             self.read_chunk(key, index, cbox, dest, check=check)
         else:  # a mapped chunk: only the pages of ``part`` are read (unless checked here)

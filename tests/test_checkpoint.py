@@ -261,6 +261,33 @@ def test_flipped_byte_raises_naming_array_and_chunk_and_fallback_recovers(tmp_pa
     assert len(problems) == 2 and all("missing or truncated" in p for p in problems)
 
 
+def test_chunks_several_ranks_read_are_checked_once_split_by_bytes():
+    import importlib
+    import numpy as np
+    ChunkReader = importlib.import_module("loom.checkpoint.load").ChunkReader
+    entry = {"storage_dtype": "float32"}
+    manifest = {"step": 1, "tensors": {"a": {**entry, "storage_shape": [6, 4], "chunks": [1, 4]},
+                                       "b": {**entry, "storage_shape": [2], "chunks": [2]},
+                                       "s": {**entry, "storage_shape": [], "chunks": []}}}
+    wants = [{"a": ((0, 0), (6, 4))}, {"a": ((0, 2), (6, 4)), "s": ((), ())}, {"b": ((0,), (2,))}]
+    readers = []
+    for want in wants:
+        reader = ChunkReader(None, manifest)
+        for key, box in want.items():
+            reader.request(key, box, np.empty([h - l for l, h in zip(*box)], dtype=np.float32))
+        readers.append(reader)
+    claims = [r.claims() for r in readers]
+    assert [len(c) for c in claims] == [2, 2, 2]  # 8 chunks: a one-byte bitmap per rank (hex)
+    for rank, reader in enumerate(readers):
+        reader.share_checks(claims, rank)
+    # 'a' is read by ranks 0 and 1: each checks 3 of its 6 chunks ('s' already counts for rank 1)
+    elsewhere = [sorted(r._checked_elsewhere) for r in readers]
+    assert len(elsewhere[0]) == 3 and len(elsewhere[1]) == 3 and elsewhere[2] == []
+    assert not set(elsewhere[0]) & set(elsewhere[1])
+    assert {readers[0]._chunk_number("s", ()), readers[0]._chunk_number("b", (0,))}.isdisjoint(
+        elsewhere[0] + elsewhere[1])
+
+
 def test_filesystems_that_cannot_map_files_are_read_instead(tmp_path, monkeypatch):
     import mmap
 
