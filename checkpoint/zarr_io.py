@@ -93,17 +93,13 @@ def map_raw(store, key: str, nbytes: int) -> tuple[np.ndarray | None, int]:
             return np.empty(0, dtype=np.uint8), 0
         try:
             return np.frombuffer(mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ), dtype=np.uint8), nbytes
-        except OSError:  # a filesystem that cannot map files (some FUSE mounts): read instead
-            buf = np.empty(nbytes, dtype=np.uint8)
-            view, done = memoryview(buf), 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], done)
-                if not n:
-                    return None, done
-                done += n
-            return buf, nbytes
+        except OSError:  # a filesystem that cannot map files (some FUSE mounts)
+            pass
     finally:
         os.close(fd)
+    buf = np.empty(nbytes, dtype=np.uint8)  # ... read instead
+    got = read_raw(store, key, buf)
+    return (buf, nbytes) if got == nbytes else (None, got)
 
 
 def read_box(array, box, out: np.ndarray | None = None) -> np.ndarray:
