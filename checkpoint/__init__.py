@@ -13,7 +13,7 @@ Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
 from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
-from .manifest import ChecksumError
+from .manifest import ChecksumError, InvalidCheckpointError
 from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
@@ -28,7 +28,7 @@ def install_deepspeed_engine(ds_engine, url=None, **options):
 
 __all__ = [
     "AsyncCheckpointer", "CheckpointInfo", "CheckpointSaveError", "CheckpointStore", "ChecksumError",
-    "Flat", "MissingKeysError", "NoCheckpointError", "PerRank", "SaveHandle", "SavePlan", "Shard",
+    "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank", "SaveHandle", "SavePlan", "Shard",
     "TARGET_CHUNK_BYTES", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
     "plan_save", "retained", "save", "verify", "write_chunks",
 ]

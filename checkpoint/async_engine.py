@@ -187,8 +187,8 @@ class AsyncCheckpointer:
         self._g = resolve(group)
         if self._g.distributed:
             ranks = list(self._g.ranks)
-            self._plan_handle = comms.new_group(ranks, name="ckpt-snapshot")
-            self._persist_handle = comms.new_group(ranks, name="ckpt-persist")
+            self._plan_handle = comms.new_group(ranks, name="ckpt-snapshot", background=True)
+            self._persist_handle = comms.new_group(ranks, name="ckpt-persist", background=True)
         else:
             self._plan_handle = self._persist_handle = None
         self._persist_g = dataclasses.replace(self._g, handle=self._persist_handle)

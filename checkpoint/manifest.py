@@ -46,7 +46,19 @@ _NATIVE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
 _BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
 
-class ChecksumError(ValueError):
+class InvalidCheckpointError(ValueError):
+    """A checkpoint store holds something loom did not write, or holds it
+    damaged: a manifest, marker or pointer that does not parse or whose
+    numbers disagree with each other or with the bytes really stored, a
+    path that leaves the store, a chunk of the wrong size.  ``file`` names
+    the object and ``field`` the offending entry (either may be None)."""
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.file, self.field = file, field
+
+
+class ChecksumError(InvalidCheckpointError):
     """Stored bytes do not match the checksum recorded at save time."""
 
 

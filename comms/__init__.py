@@ -12,11 +12,13 @@ from .ops import (
     all_reduce_with_grad,
     all_to_all_v,
     all_to_all_v_with_grad,
+    background_groups,
     barrier,
     broadcast,
     destroy_group,
     exchange_counts,
     group_ranks,
+    is_background,
     irecv,
     isend,
     new_group,
@@ -34,7 +36,7 @@ from .trace import CommRecord, TraceReader, records, reset_trace, set_step
 
 __all__ = [
     "CommRecord", "Mesh", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
-    "all_reduce_with_grad", "all_to_all_v", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
+    "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
     "Ring", "send", "set_send_hook", "set_step", "TraceReader", "wait_all", "world_ranks",

@@ -22,6 +22,9 @@ _REDUCE_OPS = {
 # ProcessGroup -> (name, ranks, own global rank).  Filled lazily; names come
 # from `register_group` (the mesh names its groups) or from the member ranks.
 _group_info: dict = {}
+# Names of groups that carry background work (checkpoint persistence, ...):
+# the fault detectors judge them apart from the training groups.
+_background: set = set()
 
 
 def register_group(group, name: str) -> None:
@@ -29,7 +32,8 @@ def register_group(group, name: str) -> None:
     _group_info[group] = (name, tuple(dist.get_process_group_ranks(group)), dist.get_rank())
 
 
-def new_group(ranks=None, name: str | None = None, timeout: float | None = None):
+def new_group(ranks=None, name: str | None = None, timeout: float | None = None, *,
+              background: bool = False):
     """A new process group over the global ``ranks`` (default: every rank),
     e.g. a dedicated group for background work so that its collectives
     never interleave with the training group's.
@@ -37,7 +41,10 @@ def new_group(ranks=None, name: str | None = None, timeout: float | None = None)
     Over the whole world every rank calls it (as torch.distributed requires);
     over a proper subset only the members do (local synchronisation), in the
     same order on each.  ``name`` labels the group in the trace; ``timeout``
-    (seconds) bounds each of its collectives (default: the world's)."""
+    (seconds) bounds each of its collectives (default: the world's).
+    ``background=True`` marks a group whose work runs beside training (a
+    checkpoint's persist stage): a slow operation there is not the job
+    hanging, so the fault detectors judge it apart (`is_background`)."""
     import datetime
     world = dist.get_world_size()
     members = sorted(range(world) if ranks is None else {int(r) for r in ranks})
@@ -49,19 +56,35 @@ def new_group(ranks=None, name: str | None = None, timeout: float | None = None)
     else:
         group = dist.new_group(members, use_local_synchronization=True, **kw)
     if dist.get_rank() in members:
-        register_group(group, f"{name or 'group'}[{','.join(map(str, members))}]")
+        label = f"{name or 'group'}[{','.join(map(str, members))}]"
+        register_group(group, label)
+        if background:
+            _background.add(label)
     return group
+
+
+def is_background(group_name: str) -> bool:
+    """Whether the group with this trace name was made with ``background=True``."""
+    return group_name in _background
+
+
+def background_groups() -> set[str]:
+    """The trace names of this process's background groups."""
+    return set(_background)
 
 
 def destroy_group(group) -> None:
     """Tear down a group made by `new_group` (not the default group)."""
-    _group_info.pop(group, None)
+    info = _group_info.pop(group, None)
+    if info is not None:
+        _background.discard(info[0])
     dist.destroy_process_group(group)
 
 
 def forget_groups() -> None:
     """Drop cached group names (after the process group is destroyed)."""
     _group_info.clear()
+    _background.clear()
 
 
 def group_ranks(group=None) -> list[int]:
