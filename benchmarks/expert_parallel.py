@@ -99,7 +99,7 @@ class Layer:
         torch.manual_seed(0)
         if method in ("standard", "llep"):
             from loom.parallel import LLEPConfig, MoE
-            self.layer = MoE(args.dim, args.hidden, args.experts, args.top_k, group=group,
+            self.layer = MoE(args.dim, args.hidden, args.experts, args.top_k, ep_group=group,
                              dispatcher=method, llep=LLEPConfig(min_chunk=args.min_chunk))
             router = self.layer.router.weight
         else:

@@ -14,6 +14,7 @@ from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError, InvalidCheckpointError
+from .optim import optimizer_state_dict
 from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
@@ -30,5 +31,5 @@ __all__ = [
     "AsyncCheckpointer", "CheckpointInfo", "CheckpointSaveError", "CheckpointStore", "ChecksumError",
     "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank", "SaveHandle", "SavePlan", "Shard",
     "TARGET_CHUNK_BYTES", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
-    "plan_save", "retained", "save", "verify", "write_chunks",
+    "optimizer_state_dict", "plan_save", "retained", "save", "verify", "write_chunks",
 ]

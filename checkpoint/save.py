@@ -28,6 +28,7 @@ from loom import comms
 
 from . import layout
 from .collective import Group, agree, resolve
+from .replicas import check_replicas, fingerprint
 from .manifest import (array_document, array_path, as_numpy, checksum, contiguous, dtype_name,
                        group_metadata, new_manifest, storage_dtype)
 from .state import digest, dumps, encode_value, flatten
@@ -100,6 +101,8 @@ def _describe(leaves, g: Group) -> list[dict]:
             shape, sshape, box = _storage(leaf, g)
             d.update(dtype=dtype_name(leaf.tensor.dtype), shape=list(shape), storage_shape=list(sshape),
                      box=[list(box[0]), list(box[1])])
+            if leaf.kind != "per_rank":  # replicas of a box must agree (the replica guard)
+                d["fingerprint"] = fingerprint(leaf.tensor)
         else:
             encoded = encode_value(leaf.obj, leaf.key)
             text = dumps(encoded)
@@ -184,6 +187,8 @@ def _build_plan(everyone: list[list[dict]], store, step, g: Group, mesh, target_
         sshape = tuple(first["storage_shape"])
         fragments = [(r, (tuple(d["box"][0]), tuple(d["box"][1]))) for r, d in items]
         layout.check_fragments(key, sshape, fragments)
+        if kind != "per_rank":
+            check_replicas(key, kind, [(r, box, d["fingerprint"]) for (r, box), (_, d) in zip(fragments, items)])
         dtype = getattr(torch, first["dtype"])
         itemsizes[key] = dtype.itemsize
         chunks = layout.choose_chunks(sshape, [b for _, b in fragments], dtype.itemsize, target_chunk_bytes)

@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 import torch
 
+from loom.comms import placement_of
+
 Path = tuple  # components: str (dict keys) or int (dict keys / list indices)
 
 
@@ -38,6 +40,24 @@ def _shape(value, what: str) -> tuple[int, ...]:
 def _check_tensor(tensor, what: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{what} needs a torch.Tensor, got {type(tensor).__name__}")
+
+
+def check_tensor_kind(t: torch.Tensor, key: str) -> None:
+    """Refuse, naming ``key``, the tensors a checkpoint cannot hold exactly:
+    only plain dense tensors with data are stored (bits and all)."""
+    if t.is_quantized:
+        why = (f"is quantized ({t.dtype}): its scale and zero point would be lost; save "
+               f"t.int_repr() with t.q_scale()/t.q_zero_point() (or t.dequantize())")
+    elif t.layout != torch.strided or t.is_nested:
+        why = f"has layout {t.layout}{' (nested)' if t.is_nested else ''}; save t.to_dense() (or its parts)"
+    elif t.device.type == "meta":
+        why = "is on the meta device and holds no data"
+    elif type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        why = (f"is a {type(t).__name__}, a tensor subclass a checkpoint does not know how to lay out; "
+               f"save its local data as a plain tensor (wrapped in Shard or Flat if it is a part)")
+    else:
+        return
+    raise TypeError(f"the tensor at key {key!r} {why}")
 
 
 @dataclass
@@ -169,9 +189,17 @@ def _walk(value, path: Path, containers: str, per_rank: bool, out: list[Leaf]) -
         if per_rank:
             raise TypeError(f"{type(value).__name__} at key {key!r} is inside a PerRank; per-rank "
                             f"tensors are stored whole, one per rank")
+        check_tensor_kind(value.tensor, key)
         out.append(Leaf(path, key, "shard" if isinstance(value, Shard) else "flat", value, containers))
     elif isinstance(value, torch.Tensor):
-        out.append(Leaf(path, key, "per_rank" if per_rank else "replicated", value, containers))
+        check_tensor_kind(value, key)
+        placement = None if per_rank else placement_of(value)
+        if placement is not None:  # split across ranks by the layer that made it
+            shape = tuple(value.shape)
+            out.append(Leaf(path, key, "shard", Shard(value, placement.global_shape(shape),
+                                                      placement.offsets(shape)), containers))
+        else:
+            out.append(Leaf(path, key, "per_rank" if per_rank else "replicated", value, containers))
     elif isinstance(value, (dict, list, tuple)) and path and not _contains_tensors(value):
         out.append(Leaf(path, key, plain, value, containers))
     elif isinstance(value, dict):

@@ -30,6 +30,7 @@ from .ops import (
     set_send_hook,
     wait_all,
 )
+from .placement import Sharded, placement_of, set_placement
 from .ring import Ring, world_ranks
 from .scan import all_scan
 from .trace import CommRecord, TraceReader, records, reset_trace, set_step
@@ -39,5 +40,5 @@ __all__ = [
     "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
-    "Ring", "send", "set_send_hook", "set_step", "TraceReader", "wait_all", "world_ranks",
+    "Ring", "Sharded", "placement_of", "send", "set_placement", "set_send_hook", "set_step", "TraceReader", "wait_all", "world_ranks",
 ]

@@ -8,6 +8,7 @@ synchronously, per ``--ckpt-mode``.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from loom import checkpoint
+
+log = logging.getLogger("loom.launch")
 
 
 def rng_state() -> dict:
@@ -65,8 +68,13 @@ class TrainingCheckpoints:
                 durable=self.c.ckpt_durable)
             self.saver.attach(optimizer)
 
-    def state(self, next_step: int) -> dict:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+    def state(self, next_step: int, *, for_load: bool = False) -> dict:
+        """What a checkpoint holds.  Parameters split across ranks (expert
+        parallelism) carry their placement through ``state_dict()``, and the
+        optimizer's moments follow their parameters; ``for_load`` creates the
+        optimizer's state first, so the load has tensors of this rank's shapes."""
+        return {"model": self.model.state_dict(),
+                "optim": checkpoint.optimizer_state_dict(self.optimizer, init=for_load),
                 "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
                 "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
 
@@ -74,12 +82,18 @@ class TrainingCheckpoints:
         """Restore the latest committed step (when --resume); the first step to run."""
         if not self.c.resume:
             return 0
-        state = self.state(0)
+        state = self.state(0, for_load=True)
         try:
-            info = checkpoint.load(state, self.c.ckpt_url)
+            info = checkpoint.load(state, self.c.ckpt_url, fallback=True)
         except checkpoint.NoCheckpointError:
+            self.optimizer.state.clear()  # as fresh as it was: no state made for the load
             self._event(f"no committed checkpoint at {self.c.ckpt_url}; starting from step 0")
             return 0
+        for skipped in info.skipped:  # a damaged newer step: say so loudly, then go on
+            text = (f"WARNING: checkpoint step {skipped['step']} at {self.c.ckpt_url} is damaged and was "
+                    f"skipped ({skipped['error']}); resuming from step {info.step}")
+            log.warning(text)
+            self._event(text)
         self.optimizer.load_state_dict(state["optim"])
         self.scheduler.load_state_dict(state["sched"])
         set_rng_state(state["rng"].value)

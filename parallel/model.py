@@ -183,7 +183,7 @@ def feed_forward(cfg: ModelConfig, moe_group=None) -> nn.Module:
     """A dense feed-forward, or an MoE layer expert-parallel over ``moe_group``."""
     if cfg.moe == "none":
         return FeedForward(cfg)
-    return MoE(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.num_experts, cfg.top_k, group=moe_group,
+    return MoE(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.num_experts, cfg.top_k, ep_group=moe_group,
                dispatcher=cfg.moe, llep=LLEPConfig(lam=cfg.llep_lam, min_chunk=cfg.llep_min_chunk),
                aux_loss_coef=cfg.moe_aux_coef)
 

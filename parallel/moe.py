@@ -20,6 +20,7 @@ layers and activation checkpointing cannot desynchronise the ranks.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,10 @@ import torch.nn.functional as F
 from loom import comms
 
 from .llep import LLEPConfig, LLEPPlan, llep_plan, standard_plan
+from .placement import declare_placements
 
 DISPATCHERS = ("standard", "llep")
+_UNSET = object()
 
 
 def _positive_int(name: str, value) -> int:
@@ -231,18 +234,29 @@ def _return_weight_grads(route: Route, grad_own, grad_borrowed, group, ranks) ->
 
 
 class MoE(nn.Module):
-    """Dropless top-k mixture of SwiGLU experts, expert-parallel over ``group``.
+    """Dropless top-k mixture of SwiGLU experts, expert-parallel over ``ep_group``.
 
-    ``group=None``: every expert lives on this process (no communication).
-    Otherwise the rank at position r of ``group`` owns experts
-    ``[r * E_local, (r + 1) * E_local)``.  Weights are initialised for all
+    ``ep_group=None``: no expert parallelism, every expert lives on this
+    process (no communication).  Otherwise the rank at position r of
+    ``ep_group`` owns experts ``[r * E_local, (r + 1) * E_local)``, and the
+    expert weights are declared `Sharded` along dim 0 over the group (their
+    ``state_dict()`` entries too), so checkpoints save them as parts of the
+    global ``[num_experts, ...]`` tensors.  Weights are initialised for all
     experts from the current RNG and sliced, so a model built with the same
-    seed holds the same experts whatever the group size.
+    seed holds the same experts whatever the group size.  (``group=`` is the
+    old name of ``ep_group`` and still accepted, with a DeprecationWarning.)
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *, group=None,
-                 dispatcher: str = "llep", llep: LLEPConfig | None = None, aux_loss_coef: float = 0.01):
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *, ep_group=None,
+                 dispatcher: str = "llep", llep: LLEPConfig | None = None, aux_loss_coef: float = 0.01,
+                 group=_UNSET):
         super().__init__()
+        if group is not _UNSET:
+            if ep_group is not None:
+                raise TypeError("MoE: pass ep_group= only (group= is its old name)")
+            warnings.warn("MoE(group=...) is now MoE(ep_group=...): None means no expert parallelism",
+                          DeprecationWarning, stacklevel=2)
+            ep_group = group
         for name, value in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts),
                             ("top_k", top_k)):
             _positive_int(name, value)
@@ -252,19 +266,19 @@ class MoE(nn.Module):
             raise ValueError(f"MoE dispatcher={dispatcher!r} must be one of {DISPATCHERS}")
         if llep is not None and not isinstance(llep, LLEPConfig):
             raise TypeError(f"MoE llep={llep!r} must be an LLEPConfig or None")
-        if group is None:
+        if ep_group is None:
             self.ranks, self.ep_rank = [0], 0
         else:
             import torch.distributed as dist  # only to learn this process's rank
-            self.ranks, me = comms.group_ranks(group), dist.get_rank()
+            self.ranks, me = comms.group_ranks(ep_group), dist.get_rank()
             if me not in self.ranks:
-                raise ValueError(f"MoE: this process (rank {me}) is not in the group {self.ranks}")
+                raise ValueError(f"MoE: this process (rank {me}) is not in the ep_group {self.ranks}")
             self.ep_rank = self.ranks.index(me)
         world = len(self.ranks)
         if num_experts % world:
-            raise ValueError(f"MoE num_experts={num_experts} must divide by the group size {world}")
+            raise ValueError(f"MoE num_experts={num_experts} must divide by the ep_group size {world}")
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
-        self.group, self.world, self.experts_per_rank = group, world, num_experts // world
+        self.ep_group, self.world, self.experts_per_rank = ep_group, world, num_experts // world
         self.dispatcher, self.llep = dispatcher, llep or LLEPConfig()
         self.aux_loss_coef = float(aux_loss_coef)
         self.router = nn.Linear(dim, num_experts, bias=False)
@@ -272,9 +286,18 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(self._init_all(dim, hidden)[mine].clone())
         self.w_up = nn.Parameter(self._init_all(dim, hidden)[mine].clone())
         self.w_down = nn.Parameter(self._init_all(hidden, dim)[mine].clone())
+        if world > 1:
+            name = "ep[" + ",".join(map(str, self.ranks)) + "]"
+            declare_placements(self, {w: comms.Sharded(0, self.ep_rank, world, name)
+                                      for w in ("w_gate", "w_up", "w_down")})
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: dict = {}
         self.last_plan: LLEPPlan | None = None
+
+    @property
+    def group(self):
+        """The old name of ``ep_group``."""
+        return self.ep_group
 
     def _init_all(self, fan_in: int, fan_out: int) -> torch.Tensor:
         bound = 1 / math.sqrt(fan_in)  # nn.Linear's default scale
@@ -311,7 +334,7 @@ class MoE(nn.Module):
         slot_expert = top_experts.reshape(-1)
         local = torch.bincount(slot_expert, minlength=self.num_experts)
         if self.world > 1:
-            counts = comms.all_gather(local, self.group).view(self.world, self.num_experts)
+            counts = comms.all_gather(local, self.ep_group).view(self.world, self.num_experts)
         else:
             counts = local.view(1, -1)
         loads = counts.sum(0)
@@ -325,7 +348,7 @@ class MoE(nn.Module):
         reps = torch.tensor([n for _, n in route.send_dest], dtype=torch.long, device=x.device)
         send_slots = by_expert[torch.argsort(torch.repeat_interleave(dests, reps), stable=True)]
         y_send = _ExpertParallel.apply(flat.index_select(0, send_slots // k), self.w_gate, self.w_up,
-                                       self.w_down, route, self.group, self.ranks)
+                                       self.w_down, route, self.ep_group, self.ranks)
         inverse = torch.empty_like(send_slots)
         inverse[send_slots] = torch.arange(send_slots.numel(), device=x.device)
         y = (y_send.index_select(0, inverse).view(-1, k, self.dim) * gates.unsqueeze(-1)).sum(1)

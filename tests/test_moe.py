@@ -62,7 +62,7 @@ def _inputs(routing, k, world, seed):
 
 def _layer(seed, k, group=None, dispatcher="standard", llep=None, aux=0.01):
     torch.manual_seed(seed)
-    layer = MoE(DIM, HIDDEN, E, k, group=group, dispatcher=dispatcher, llep=llep, aux_loss_coef=aux)
+    layer = MoE(DIM, HIDDEN, E, k, ep_group=group, dispatcher=dispatcher, llep=llep, aux_loss_coef=aux)
     layer.double()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -368,7 +368,7 @@ def test_training_loop_ep2_equals_one_process(distributed):
 def _bad_group_worker():
     mesh = comms.init_mesh(dp=len(comms.group_ranks(None)), ep=2)
     try:
-        MoE(DIM, HIDDEN, 3, 1, group=mesh.ep_group)
+        MoE(DIM, HIDDEN, 3, 1, ep_group=mesh.ep_group)
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -377,7 +377,7 @@ def _bad_group_worker():
 @pytest.mark.timeout(120)
 def test_experts_must_divide_by_group(distributed):
     for msg in distributed(_bad_group_worker, 2, timeout=100):
-        assert "num_experts=3 must divide by the group size 2" in msg
+        assert "num_experts=3 must divide by the ep_group size 2" in msg
 
 
 @pytest.mark.parametrize("kwargs,needle", [

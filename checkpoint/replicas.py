@@ -1,0 +1,76 @@
+"""The replica guard: a tensor saved as replicated must be equal on its ranks.
+
+Replicas share the writing (each writes some chunks), so replicas that differ
+would be saved as a silent mix of ranks' values - or, for state that differs
+by rank by design (an expert-parallel layer's experts, their optimizer
+moments), as one rank's part passed off as the whole.  Every rank therefore
+sends a cheap fingerprint of each tensor fragment with its save description,
+and the plan (the same on every rank) refuses a box whose holders disagree,
+naming the key and the ranks: every rank raises the same error.
+
+The fingerprint is a crc32c of the fragment's dtype, shape and of up to
+`SAMPLE` elements spread evenly over it (all of them for small tensors), read
+without copying the tensor: a few microseconds per tensor, whatever its size.
+It catches state that differs by rank (different everywhere, not in one
+element); it is not a checksum of the data, which the chunk checksums are.
+"""
+from __future__ import annotations
+
+import google_crc32c
+import torch
+
+from .manifest import as_numpy
+
+SAMPLE = 4096   # elements read from a large tensor
+WHOLE = 65536   # tensors up to this many elements are read whole
+
+
+def fingerprint(t: torch.Tensor) -> int:
+    """crc32c over ``t``'s dtype, shape and a deterministic sample of its
+    elements (their bits, so NaNs and -0.0 count as stored)."""
+    t = t.detach()
+    n = t.numel()
+    if n <= WHOLE:
+        sample = t.reshape(-1)
+    else:
+        index = torch.linspace(0, n - 1, SAMPLE, dtype=torch.float64).round().to(torch.int64)
+        if t.is_contiguous():
+            sample = t.view(-1).index_select(0, index.to(t.device))
+        else:  # gather the sampled elements by coordinates: no copy of the whole tensor
+            coords = torch.unravel_index(index.to(t.device), tuple(t.shape))
+            sample = t[coords]
+    crc = google_crc32c.value(f"{t.dtype}{tuple(t.shape)}".encode())
+    if sample.numel():
+        data = as_numpy(sample.cpu().contiguous()).reshape(-1).view("uint8")
+        crc = google_crc32c.extend(crc, data)
+    return crc
+
+
+def check_replicas(key: str, kind: str, holders: list[tuple[int, tuple, int]]) -> None:
+    """``holders``: (rank, box, fingerprint) of every rank holding a part of
+    ``key``.  Raises ValueError naming the key and ranks when two ranks hold
+    the same box with different fingerprints."""
+    by_box: dict = {}
+    for rank, box, fp in holders:
+        by_box.setdefault(box, []).append((rank, fp))
+    for box, items in by_box.items():
+        if len({fp for _, fp in items}) <= 1:
+            continue
+        ranks = [r for r, _ in items]
+        groups: dict = {}
+        for r, fp in items:
+            groups.setdefault(fp, []).append(r)
+        split = " vs ".join(f"ranks {rs}" if len(rs) > 1 else f"rank {rs[0]}" for rs in groups.values())
+        what = "replicated" if kind == "replicated" else \
+            f"the same part {_fmt(box)} (a {kind} held by several ranks)"
+        raise ValueError(
+            f"tensor {key!r} is saved as {what} on ranks {ranks}, but its values differ ({split} hold "
+            f"different values): saving it would keep one rank's values as everyone's.  State that "
+            f"differs by rank must say how it is split: a parallel layer declares its parameters "
+            f"(loom.comms.Sharded via loom.parallel.declare_placements), an optimizer's state follows "
+            f"its parameters with loom.checkpoint.optimizer_state_dict(optimizer), other values go in "
+            f"Shard / Flat / PerRank")
+
+
+def _fmt(box) -> str:
+    return "[" + ", ".join(f"{lo}:{hi}" for lo, hi in zip(*box)) + "]"
