@@ -55,11 +55,12 @@ def _compute(spec):
         time.sleep(spec["sleep"])
 
 
-def _trial(ctl, address, k, spec, group):
+def _trial(ctl, address, secret, k, spec, group):
     rank = dist.get_rank()
     comms.reset_trace()
     injector = Injector(spec.get("plan", ""), rank, group=group)
-    monitor = Monitor(address, on_fatal=lambda f: injector.release()).start() if spec["monitored"] else None
+    monitor = Monitor(address, secret=secret, on_fatal=lambda f: injector.release()).start() \
+        if spec["monitored"] else None
     grad = torch.ones(spec.get("grad", 4096))
     buf = torch.empty(1024)
     left, right = (rank - 1) % WORLD, (rank + 1) % WORLD
@@ -92,23 +93,24 @@ def _trial(ctl, address, k, spec, group):
     return {"times": times, "log": injector.log, "monitor_cpu_s": monitor.cpu_s if monitor else 0.0}
 
 
-def _worker(address, trials):
+def _worker(address, secret, ctl_port, trials):
     group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=120))
     comms.register_group(group, "job")
-    ctl = dist.TCPStore(address[0], address[1], is_master=False, timeout=datetime.timedelta(seconds=300))
+    ctl = dist.TCPStore("127.0.0.1", ctl_port, is_master=False, timeout=datetime.timedelta(seconds=300))
     # (no CPU pinning: on a shared machine a pinned rank can wait seconds for its core)
-    return [_trial(ctl, address, k, spec, group) for k, spec in enumerate(trials)]
+    return [_trial(ctl, address, secret, k, spec, group) for k, spec in enumerate(trials)]
 
 
 class Controller(threading.Thread):
     """Harvests each trial's faults, tells rank 0 to stop a trial once its
     fault is out, and resets the aggregator between trials."""
 
-    def __init__(self, agg: StoreAggregator, trials):
+    def __init__(self, agg: StoreAggregator, trials, ctl_port: int):
         super().__init__(daemon=True)
         self.agg, self.trials, self.results = agg, trials, []
         self.agg_cpu = []  # per trial: (aggregator CPU seconds, wall seconds)
-        self.store = dist.TCPStore(*agg.address, is_master=False, timeout=datetime.timedelta(seconds=600))
+        self.store = dist.TCPStore("127.0.0.1", ctl_port, is_master=False,
+                                   timeout=datetime.timedelta(seconds=600))
 
     def run(self):
         for k, spec in enumerate(self.trials):
@@ -209,10 +211,10 @@ def _quantile(xs, q):
 
 # ------------------------------------------------------------ lost rank
 
-def _kill_worker(address, mark):
+def _kill_worker(address, secret, mark):
     rank = dist.get_rank()
     group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=60))
-    monitor = Monitor(address).start()
+    monitor = Monitor(address, secret=secret).start()
     try:
         for step in range(40):
             comms.set_step(step)
@@ -230,7 +232,7 @@ def _lost_latency(tmp):
     mark = os.path.join(tmp, "killed_at")
     with StoreAggregator(WORLD) as agg:
         try:
-            run_distributed(_kill_worker, WORLD, agg.address, mark, timeout=300)
+            run_distributed(_kill_worker, WORLD, agg.address, agg.secret, mark, timeout=300)
         except WorkerError:
             pass
         deadline = time.monotonic() + 10
@@ -308,10 +310,13 @@ def main(argv=None):
     t_start = time.monotonic()
 
     trials = _plan_trials(args, rng)
+    # the trials' control channel (a TCPStore of its own: the aggregator's listener carries reports only)
+    ctl_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=600))
     with StoreAggregator(WORLD) as agg:
-        ctl = Controller(agg, trials)
+        ctl = Controller(agg, trials, ctl_store.port)
         ctl.start()
-        outs = run_distributed(_worker, WORLD, agg.address, trials, timeout=3600)
+        outs = run_distributed(_worker, WORLD, agg.address, agg.secret, ctl_store.port, trials, timeout=3600)
         ctl.join(30)
         busy = [c for c, spec in zip(ctl.agg_cpu, trials) if spec["kind"] == "overhead" and spec["monitored"]]
         agg_cpu = sum(c for c, _ in busy) / sum(w for _, w in busy)  # while the CPU-bound steps ran

@@ -19,6 +19,14 @@ how long a step took), compared with the other ranks' durations.
   signatures on different ranks.
 - lost_rank: a rank whose heartbeats stopped or whose process is gone (the
   caller measures that; see ``silent``).
+
+Background groups (``background``: made with ``loom.comms.new_group(...,
+background=True)``, e.g. a checkpoint's persist stage) are judged apart: an
+operation stuck there is a ``background_stall`` (same rule and threshold as a
+hang, never fatal: training may go on while a checkpoint writes slowly); their
+records take no part in the straggler, slow-link and per-step judgements; a
+mismatch there is still a mismatch.  If training stops too, the foreground
+groups show the hang, which is fatal as always.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from dataclasses import asdict, dataclass, fields
 
 from loom.comms import CommRecord
 
-KINDS = ("lost_rank", "hang", "mismatch", "slow_link", "straggler")  # most severe first
+KINDS = ("lost_rank", "hang", "mismatch", "slow_link", "straggler", "background_stall")  # most severe first
 FATAL_KINDS = ("hang", "lost_rank")
 
 
@@ -64,6 +72,8 @@ class Fault:
             return (self.kind, self.link)
         if self.kind == "mismatch":  # the first one in a group; later ones are its echoes
             return (self.kind, self.group, self.link)
+        if self.kind == "background_stall":  # each stuck operation once
+            return (self.kind, self.group, self.link, self.ranks, self.seqs)
         return (self.kind, self.ranks)
 
     @property
@@ -174,7 +184,7 @@ def _as_rank_map(records) -> dict[int, list[CommRecord]]:
 
 
 def detect(records, *, config: DetectConfig | None = None, now: dict | None = None,
-           silent: dict | None = None, first_step: int | None = None) -> list[Fault]:
+           silent: dict | None = None, first_step: int | None = None, background=()) -> list[Fault]:
     """Faults in ``records`` (``{rank: [CommRecord, ...]}`` from all ranks, or
     one flat list), most severe first.
 
@@ -184,20 +194,29 @@ def detect(records, *, config: DetectConfig | None = None, now: dict | None = No
     ``silent`` maps a rank to the seconds since its last heartbeat, ``math.inf``
     if its process is known to be gone (lost-rank detection).
     ``first_step`` is the step monitoring started at (warm-up counts from
-    there; default: the earliest step in the records)."""
-    return analyse(records, config=config, now=now, silent=silent, first_step=first_step)[0]
+    there; default: the earliest step in the records).
+    ``background`` names the groups whose work runs beside training
+    (`loom.comms.background_groups`): judged apart, never fatal (see the
+    module's docstring).  Raises TypeError for a config that is not a
+    `DetectConfig` or a ``background`` given as one string."""
+    return analyse(records, config=config, now=now, silent=silent, first_step=first_step,
+                   background=background)[0]
 
 
 def analyse(records, *, config: DetectConfig | None = None, now: dict | None = None,
             silent: dict | None = None, first_step: int | None = None,
-            ranks=None) -> tuple[list[Fault], "StepTable"]:
+            ranks=None, background=()) -> tuple[list[Fault], "StepTable"]:
     """`detect`, also returning the per-step `StepTable` it built (over
-    ``ranks``, default the members of the groups seen) for reports."""
+    ``ranks``, default the members of the groups seen; foreground records
+    only) for reports."""
     cfg = config or DetectConfig()
     if not isinstance(cfg, DetectConfig):
         raise TypeError(f"config must be a DetectConfig, not {type(cfg).__name__}")
+    background = _names(background)
     recs = _as_rank_map(records)
     idx = _Index(recs)
+    fg_recs = _foreground(recs, background)
+    fg_idx = _Index(fg_recs) if fg_recs is not recs else idx
     clocks = dict(idx.latest)
     clocks.update(now or {})
     if first_step is None:
@@ -205,10 +224,24 @@ def analyse(records, *, config: DetectConfig | None = None, now: dict | None = N
         first_step = min(steps) if steps else 0
     lost = lost_ranks(silent or {}, cfg, idx.last_step)
     gone = {r for f in lost for r in f.ranks}
-    table = StepTable(recs, ranks)
-    faults = lost + _hangs(idx, clocks, cfg, gone, first_step) + _mismatches(idx) + \
-        _slow_links(idx, cfg, first_step) + _stragglers(idx, table, cfg, first_step)
+    table = StepTable(fg_recs, ranks)
+    hangs, stalls = _hangs(idx, clocks, cfg, gone, first_step, background)
+    faults = lost + hangs + _mismatches(idx) + _slow_links(fg_idx, cfg, first_step) + \
+        _stragglers(fg_idx, table, cfg, first_step) + stalls
     return faults, table
+
+
+def _names(background) -> frozenset:
+    if isinstance(background, str):
+        raise TypeError(f"background must be a collection of group names, not the string {background!r}")
+    return frozenset(background or ())
+
+
+def _foreground(recs: dict[int, list[CommRecord]], background: frozenset) -> dict[int, list[CommRecord]]:
+    """``recs`` without the background groups' records (``recs`` itself if it has none)."""
+    if not background or not any(rec.group in background for rs in recs.values() for rec in rs):
+        return recs
+    return {r: [rec for rec in rs if rec.group not in background] for r, rs in recs.items()}
 
 
 # ------------------------------------------------------------------ lost rank
@@ -233,8 +266,12 @@ def lost_ranks(silent: dict, config: DetectConfig | None = None, last_step: dict
 
 # ----------------------------------------------------------------------- hang
 
-def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: int) -> list[Fault]:
+def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: int,
+           background: frozenset = frozenset()) -> tuple[list[Fault], list[Fault]]:
+    """Hangs in the foreground groups (the worst per set of missing ranks), and
+    ``background_stall``s: each stuck operation of a background group."""
     found: dict[tuple, Fault] = {}
+    stalls: list[Fault] = []
     for key, by_seq in idx.ops.items():
         group, edge = key
         members = idx.members[key]
@@ -260,7 +297,9 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
         if elapsed <= threshold:
             continue
         rec = entered[waiting[0]]
-        where = f"{rec.op} #{top} of {_where(group, edge)}" + (f" (step {step})" if step is not None else "")
+        stalled = group in background
+        where = f"{rec.op} #{top} of {'background ' if stalled else ''}{_where(group, edge)}" + \
+            (f" (step {step})" if step is not None else "")
         if missing:
             who = ", ".join(map(str, missing))
             many = len(waiting) > 1
@@ -270,11 +309,15 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
         else:
             text = (f"every rank entered {where} and none finished in {elapsed:.1f} s "
                     f"(threshold {threshold:.1f} s)")
+        if stalled:
+            stalls.append(Fault("background_stall", missing, edge, group, (top,), elapsed / threshold,
+                                text + " (background work: reported, not fatal)", step))
+            continue
         fault = Fault("hang", missing, edge, group, (top,), elapsed / threshold, text, step)
         old = found.get(missing)
         if old is None or fault.score > old.score:
             found[missing] = fault
-    return [found[k] for k in sorted(found)]
+    return [found[k] for k in sorted(found)], sorted(stalls, key=lambda f: (f.group, f.link or (), f.ranks))
 
 
 def _where(group: str, edge) -> str:
@@ -450,10 +493,11 @@ class StepTable:
             self.step_time[u] = {r: nxt[r] - first[u][r] for r in ranks if r in nxt}
 
 
-def step_waits(records) -> list[dict]:
+def step_waits(records, background=()) -> list[dict]:
     """Per complete step: each rank's time in communication and step length
-    (``{"step", "wait_s": {rank: s}, "step_s": {rank: s}}``), for reports."""
-    table = StepTable(_as_rank_map(records))
+    (``{"step", "wait_s": {rank: s}, "step_s": {rank: s}}``), for reports;
+    the ``background`` groups' records are left out."""
+    table = StepTable(_foreground(_as_rank_map(records), _names(background)))
     return [{"step": u, "wait_s": table.wait[u], "step_s": table.step_time[u]} for u in table.complete]
 
 

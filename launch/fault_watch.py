@@ -6,23 +6,30 @@ injection) and runs a `Monitor` that reports to the job's aggregator:
 - under Ray, an `AggregatorActor` the driver starts (`DriverWatch`); the
   driver prints faults live, writes ``faults.jsonl``/``waits.jsonl`` in the run
   directory, and on a stopping fault (hang, lost rank) kills every worker;
-- under torchrun, a `StoreAggregator` thread on rank 0 (its own TCPStore; the
-  address travels through the rendezvous store); on a stopping fault every
-  rank's monitor prints why and ends its process.
+- under torchrun, a `StoreAggregator` thread on rank 0, listening on
+  MASTER_ADDR only; rank 0 sends its address and the job's secret to the
+  other ranks over the default process group (`loom.comms.broadcast`), never
+  through the rendezvous store; on a stopping fault every rank's monitor
+  prints why and ends its process.
+
+Every report and verdict is authenticated with the job's secret
+(`loom.faults.wire`): ``LOOM_JOB_SECRET`` when set (at least 16 bytes), else
+a random one made by rank 0 (torchrun) or the driver (Ray).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import os
 import sys
 import time
 
-from loom.faults import DetectConfig, Fault, Injector, LogWriter, Monitor, StoreAggregator
+from loom import comms
+from loom.faults import DetectConfig, Fault, Injector, LogWriter, Monitor, StoreAggregator, wire
 from loom.faults.monitor import Aggregator
 
-_ADDRESS_KEY = "loom/faults/address"
+SECRET_ENV = "LOOM_JOB_SECRET"
+_CONTACT_BYTES = 1 + 1 + 255 + 2 + 1 + 255  # version, secret length, secret, port, host length, host
 _RENAMED = {"warmup_steps": "fault_warmup_steps"}  # DetectConfig field -> [faults] option
 
 
@@ -47,6 +54,20 @@ def describe(fault: Fault) -> str:
     return f"[fault] {fault.kind}: {fault.evidence}"
 
 
+def job_secret() -> bytes:
+    """The job's fault-monitor secret: ``LOOM_JOB_SECRET`` (UTF-8) when set,
+    else 32 fresh random bytes.  Raises ValueError if the variable is shorter
+    than 16 bytes."""
+    value = os.environ.get(SECRET_ENV)
+    if value is None:
+        return wire.new_secret()
+    try:
+        return wire.check_secret(value.encode())
+    except ValueError:
+        raise ValueError(f"{SECRET_ENV} has {len(value.encode())} bytes; it needs at least "
+                         f"{wire.MIN_SECRET_BYTES}") from None
+
+
 # ------------------------------------------------------------------ per rank
 
 class _NoFaults:
@@ -68,8 +89,9 @@ def rank_faults(cfg, reporter=None, transport=None):
             yield injector or _NoFaults()
         return
     aggregator, stop_process = None, None  # under Ray the driver decides what to stop
-    if transport is None:  # torchrun: an aggregator thread on rank 0, its address via the rendezvous store
-        aggregator, transport = _store_aggregator(cfg, reporter, rank, dist.get_world_size())
+    secret = None
+    if transport is None:  # torchrun: an aggregator thread on rank 0; its address and secret by broadcast
+        aggregator, transport, secret = _store_aggregator(cfg, reporter, rank, dist.get_world_size())
         stop = stop_kinds(f)
 
         def stop_process(fault):
@@ -79,7 +101,7 @@ def rank_faults(cfg, reporter=None, transport=None):
                 if aggregator is not None:
                     aggregator.stop()
                 os._exit(1)
-    monitor = Monitor(transport, rank=rank, interval=f.monitor_interval, on_fatal=stop_process)
+    monitor = Monitor(transport, rank=rank, interval=f.monitor_interval, on_fatal=stop_process, secret=secret)
     try:
         with monitor:
             if injector is None:
@@ -94,17 +116,63 @@ def rank_faults(cfg, reporter=None, transport=None):
 
 
 def _store_aggregator(cfg, reporter, rank: int, world: int):
-    import torch.distributed as dist
-    rdzv = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
-    aggregator = None
+    """Rank 0 starts the aggregator on MASTER_ADDR and broadcasts its address
+    and the job's secret; returns (aggregator or None, (host, port), secret)
+    on every rank.  If rank 0 cannot start it, every rank raises."""
+    aggregator, contact, error = None, bytes(_CONTACT_BYTES), None
     if rank == 0:
-        callbacks = [lambda fault: reporter.event(describe(fault))] if reporter is not None else []
-        aggregator = StoreAggregator(world, detect_config(cfg.faults), host=os.environ["MASTER_ADDR"],
-                                     log_dir=getattr(reporter, "run_dir", None), callbacks=callbacks).start()
-        rdzv.set(_ADDRESS_KEY, f"{aggregator.address[0]}:{aggregator.address[1]}")
-    host, _, port = rdzv.get(_ADDRESS_KEY).decode().rpartition(":")
-    return aggregator, (host, int(port))
+        try:
+            callbacks = [lambda fault: reporter.event(describe(fault))] if reporter is not None else []
+            aggregator = StoreAggregator(world, detect_config(cfg.faults), host=os.environ["MASTER_ADDR"],
+                                         log_dir=getattr(reporter, "run_dir", None), callbacks=callbacks,
+                                         secret=job_secret())
+            contact = pack_contact(*aggregator.address, aggregator.secret)
+        except (OSError, ValueError) as exc:  # the others must not wait for a contact that never comes
+            error = exc
+    contact = _broadcast_bytes(contact)
+    if error is not None:
+        raise error
+    try:
+        host, port, secret = unpack_contact(contact)
+    except ValueError as exc:
+        raise RuntimeError(f"rank {rank}: rank 0 could not start the fault aggregator ({exc})") from None
+    return (aggregator.start() if aggregator is not None else None), (host, port), secret
+
+
+def pack_contact(host: str, port: int, secret: bytes) -> bytes:
+    """The aggregator's address and the job's secret in a fixed layout of
+    ``_CONTACT_BYTES``: version 1, secret length, secret, port (2 bytes, big
+    endian), host length, host (UTF-8), zero padding.  Raises ValueError if
+    the secret or the host name is longer than 255 bytes."""
+    name, secret = host.encode(), wire.check_secret(secret)
+    if len(name) > 255 or len(secret) > 255:
+        raise ValueError(f"fault aggregator contact: host {host!r} ({len(name)} bytes) and secret "
+                         f"({len(secret)} bytes) must each fit in 255 bytes")
+    packed = bytes([1, len(secret)]) + secret + int(port).to_bytes(2, "big") + bytes([len(name)]) + name
+    return packed + bytes(_CONTACT_BYTES - len(packed))
+
+
+def unpack_contact(data: bytes) -> tuple[str, int, bytes]:
+    """``(host, port, secret)`` from `pack_contact`'s layout; raises ValueError
+    for anything else (all zeros: rank 0 failed to start the aggregator)."""
+    if len(data) != _CONTACT_BYTES or data[0] != 1:
+        raise ValueError("no aggregator contact was sent")
+    n = data[1]
+    secret, rest = data[2:2 + n], data[2 + n:]
+    port, m = int.from_bytes(rest[:2], "big"), rest[2]
+    return rest[3:3 + m].decode(), port, wire.check_secret(secret)
+
+
+def _broadcast_bytes(data: bytes) -> bytes:
+    """``data`` from rank 0 to every rank over the default process group."""
+    import torch
+    import torch.distributed as dist
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    comms.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist())
 
 
 def _await_departures(store_aggregator, timeout: float = 10.0) -> None:
@@ -116,13 +184,30 @@ def _await_departures(store_aggregator, timeout: float = 10.0) -> None:
 # -------------------------------------------------------------------- Ray
 
 class AggregatorActor:
-    """The job's aggregator inside a Ray actor: ranks `push`, the driver `poll`s."""
+    """The job's aggregator inside a Ray actor: ranks `push`, the driver `poll`s.
 
-    def __init__(self, world_size: int, config: dict):
+    ``secret`` is the job's (the driver's `job_secret`): a pushed report must
+    be sealed with it (`loom.faults.wire.seal`), or it is ignored and counted."""
+
+    def __init__(self, world_size: int, config: dict, secret: bytes):
+        self.secret = wire.check_secret(secret)
         self.aggregator = Aggregator(world_size, DetectConfig(**config))
 
-    def push(self, payload: bytes) -> None:
-        self.aggregator.ingest(payload)
+    def push(self, sealed: bytes) -> bool:
+        """Take one sealed report; False if it was refused (see ``rejected``)."""
+        if not isinstance(sealed, bytes) or len(sealed) > wire.MAX_FRAME:
+            self.aggregator.reject("oversize", "ignored a push that is not a report of at most "
+                                   f"{wire.MAX_FRAME} bytes")
+            return False
+        body = wire.unseal(self.secret, wire.REPORT, sealed)
+        if body is None:
+            self.aggregator.reject("auth", "ignored a report whose MAC is missing or wrong")
+            return False
+        return self.aggregator.ingest(body)
+
+    def rejected(self) -> dict:
+        """Refused pushes by kind (``auth``, ``oversize``, ``malformed``)."""
+        return dict(self.aggregator.rejected)
 
     def mark_gone(self, rank: int) -> None:
         self.aggregator.mark_gone(rank)
@@ -135,13 +220,16 @@ class AggregatorActor:
 
 
 class RayTransport:
-    """A rank's line to the `AggregatorActor` (fire-and-forget calls)."""
+    """A rank's line to the `AggregatorActor` (fire-and-forget calls), each
+    report sealed with the job's ``secret``."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    max_frame = wire.MAX_FRAME
+
+    def __init__(self, actor, secret: bytes):
+        self.actor, self.secret = actor, wire.check_secret(secret)
 
     def send(self, payload: bytes) -> None:
-        self._last = self.actor.push.remote(payload)
+        self._last = self.actor.push.remote(wire.seal(self.secret, wire.REPORT, payload))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until the last report arrived (before the worker may be killed)."""
@@ -158,7 +246,8 @@ class DriverWatch:
         import ray
         self.stop_on = stop_kinds(cfg.faults)
         config = dataclasses.asdict(detect_config(cfg.faults))
-        self.actor = ray.remote(num_cpus=0)(AggregatorActor).remote(cfg.world_size, config)
+        self.secret = job_secret()  # handed to each worker actor with its transport
+        self.actor = ray.remote(num_cpus=0)(AggregatorActor).remote(cfg.world_size, config, self.secret)
         self.log = LogWriter(run_dir) if run_dir else None
         self.printer = printer or (lambda text: print(text, flush=True))
         self.faults: list[Fault] = []
@@ -179,12 +268,13 @@ class DriverWatch:
                 self.stopping = fault
         return self.stopping
 
-    def explain(self, dead: int | None = None) -> Fault | None:
+    def explain(self, dead=()) -> Fault | None:
         """After a worker failed: give the monitor a moment to say why.
-        ``dead`` is a rank whose process Ray saw die (lost at once)."""
+        ``dead`` are ranks whose process Ray saw die (lost at once; one int or
+        several)."""
         import ray
-        if dead is not None:
-            ray.get(self.actor.mark_gone.remote(dead), timeout=30)
+        for rank in ([dead] if isinstance(dead, int) else dead or ()):
+            ray.get(self.actor.mark_gone.remote(rank), timeout=30)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             fault = self.poll()

@@ -36,11 +36,11 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, cfg: dict, env: dict, queue=None, fault_actor=None) -> dict:
+    def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None) -> dict:
         from .fault_watch import RayTransport
         from .worker import run_rank
         os.environ.update(env)
-        transport = RayTransport(fault_actor) if fault_actor is not None else None
+        transport = RayTransport(fault_actor, fault_secret) if fault_actor is not None else None
         return run_rank(cfg, QueueReporter(queue) if queue is not None else None, fault_transport=transport)
 
 
@@ -106,7 +106,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, start_timeout: float = 120.0) -
                    "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": master_addr,
                    "MASTER_PORT": str(master_port)}
             futures.append(actors[rank].run.remote(cfg.to_dict(), env, queue if rank == 0 else None,
-                                                   watch.actor if watch else None))
+                                                   watch.actor if watch else None,
+                                                   watch.secret if watch else None))
         return _supervise(futures, queue, recorder, watch)
     finally:
         for a in actors:

@@ -19,14 +19,14 @@ from loom.faults import Injector, Monitor, StoreAggregator
 WORLD = 4
 
 
-def _job(address, steps, plan, ring=False, mark=None):
+def _job(address, secret, steps, plan, ring=False, mark=None):
     """Run ``steps`` monitored steps with the injection ``plan``; a fatal fault
     published by the aggregator releases an injected hang."""
     rank = dist.get_rank()
     group = dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=60))
     comms.register_group(group, "job")
     injector = Injector(plan, rank, group=group)
-    monitor = Monitor(address, on_fatal=lambda fault: injector.release()).start()
+    monitor = Monitor(address, secret=secret, on_fatal=lambda fault: injector.release()).start()
     grad, loss = torch.ones(256), torch.ones(1)
     left, right = (rank - 1) % WORLD, (rank + 1) % WORLD
     buf = torch.empty(1024)
@@ -54,7 +54,7 @@ def _job(address, steps, plan, ring=False, mark=None):
 
 def _run(distributed, steps, plan, ring=False, timeout=120):
     with StoreAggregator(WORLD) as agg:
-        out = distributed(_job, WORLD, agg.address, steps, plan, ring, timeout=timeout)
+        out = distributed(_job, WORLD, agg.address, agg.secret, steps, plan, ring, timeout=timeout)
     return agg, out
 
 
@@ -114,7 +114,8 @@ def test_killed_rank_reported_lost_within_2s(tmp_path):
     mark = str(tmp_path / "killed_at")
     with StoreAggregator(WORLD) as agg:
         with pytest.raises(WorkerError, match="rank 3 died"):
-            run_distributed(_job, WORLD, agg.address, 30, "kill:rank=3,step=8", False, mark, timeout=240)
+            run_distributed(_job, WORLD, agg.address, agg.secret, 30, "kill:rank=3,step=8", False, mark,
+                            timeout=240)
         killed_at = float(open(mark).read())
         deadline = time.monotonic() + 10
         while not agg.faults and time.monotonic() < deadline:
