@@ -425,3 +425,107 @@ def test_aggregator_counts_silence_only_while_it_was_listening():
     assert agg.check() == []                  # so rank 0's 40 s of silence is not held against it
     agg._listening_since -= 40                # it was listening all along: rank 0 is lost
     assert kinds(agg.check()) == [("lost_rank", (0,))]
+
+
+# ---------------------------------------------------------- background groups
+
+PERSIST = "ckpt-persist[0,1]"
+
+
+def _training_beside_a_slow_write(sim, steps, stop_at=None):
+    """Training all-reduces every 60 ms on the world group; at step 10 rank 0
+    enters the persist group's all-reduce while rank 1 is still writing (it
+    never enters).  From ``stop_at`` on, rank 1 stops training too: rank 0
+    waits in the world group's next all-reduce."""
+    for u in range(steps):
+        if u == 10:
+            sim._rec(0, PERSIST, "all_reduce", 8, sim.t, None, u, ranks=(0, 1))
+        if u == stop_at:
+            sim._rec(0, "world", "all_reduce", 16, sim.t + 0.05, None, u)
+            return
+        sim.collective({r: 0.0595 for r in range(2)}, u)  # a 60 ms step
+
+
+def test_slow_background_write_is_reported_but_never_fatal_while_training_progresses():
+    sim = Sim(world=2)
+    _training_beside_a_slow_write(sim, 61)  # 3 s of training since rank 0 entered the persist all-reduce
+    faults = detect(sim.recs, now=sim.now(0.01), background={PERSIST})
+    assert kinds(faults) == [("background_stall", (1,))], faults
+    f = faults[0]
+    assert not f.fatal and f.group == PERSIST and f.step == 10 and f.seqs == (0,)
+    assert f.evidence.startswith(f"rank 1 never entered all_reduce #0 of background group {PERSIST} (step 10): "
+                                 "rank 0 has waited 3.")
+    # the stuck background op takes no part in the per-step judgements: every step completes
+    assert [w["step"] for w in step_waits(sim.recs, background={PERSIST})] == list(range(61))
+    # without the background mark, the same records would stop the job
+    assert [x.kind for x in detect(sim.recs, now=sim.now(0.01))] == ["hang"]
+    with pytest.raises(TypeError, match="not the string"):
+        detect(sim.recs, background=PERSIST)
+
+
+def _report(rank, recs, background=()):
+    groups = {}
+    for x in recs:
+        groups.setdefault(x.group, list(x.group_ranks))
+    return {"rank": rank, "pid": 1, "host": "h", "t": recs[-1].t_enter if recs[-1].t_exit is None else recs[-1].t_exit,
+            "groups": groups, "background": list(background),
+            "recs": [(x.group, x.seq, x.op, x.nbytes, x.peer, x.signature, x.t_enter, x.t_exit, x.step)
+                     for x in recs]}
+
+
+def test_aggregator_posts_no_verdict_for_a_slow_background_write():
+    import json
+    sim = Sim(world=2)
+    _training_beside_a_slow_write(sim, 61)
+    agg = Aggregator(2, check_pids=False)
+    for r, recs in sim.recs.items():  # only rank 0 has records of the persist group: it says it is background
+        assert agg.ingest(json.dumps(_report(r, recs, [PERSIST] if r == 0 else [])).encode())
+    published = agg.check(force=True)
+    assert kinds(published) == [("background_stall", (1,))] and agg.verdict is None
+    assert PERSIST in published[0].evidence and agg.background == {PERSIST}
+    assert [w["step"] for w in agg.drain()["waits"]] == list(range(61))
+
+
+def test_background_stall_and_stopped_training_is_a_fatal_hang():
+    import json
+    sim = Sim(world=2)
+    _training_beside_a_slow_write(sim, 61, stop_at=12)
+    sim.t += 3.0  # 3 s later: rank 0 still waits in both groups
+    faults = detect(sim.recs, now=sim.now(), background={PERSIST})
+    assert [(f.kind, f.ranks, f.group) for f in faults] == [("hang", (1,), "world"),
+                                                            ("background_stall", (1,), PERSIST)]
+    agg = Aggregator(2, check_pids=False)
+    for r, recs in sim.recs.items():
+        assert agg.ingest(_report(r, recs, [PERSIST] if r == 0 else []), received_at=None)
+    clocks = sim.now()
+    agg.heard = {r: (clocks[r], agg.heard[r][1]) for r in agg.heard}  # the ranks' clocks now
+    agg.check(force=True)
+    assert agg.verdict is not None and (agg.verdict.kind, agg.verdict.group) == ("hang", "world")
+    assert "rank 1 never entered all_reduce #12 of group world (step 12)" in agg.verdict.evidence
+
+
+def test_monitor_ships_which_groups_are_background(monkeypatch):
+    import json
+    from loom.comms import ops
+    from loom.faults import Monitor
+
+    class Capture:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, payload):
+            self.sent.append(json.loads(payload))
+
+    monkeypatch.setattr(ops, "_background", {PERSIST})  # as comms.new_group(..., background=True) marks it
+    trace.reset_trace()
+    link = Capture()
+    mon = Monitor(link, rank=0, interval=60).start()
+    trace.close_record(trace.open_record(0, "world", (0, 1), "barrier", 0))
+    trace.open_record(0, PERSIST, (0, 1), "all_reduce", 8)
+    mon.stop()
+    shipped = link.sent[-1]
+    assert shipped["groups"] == {"world": [0, 1], PERSIST: [0, 1]} and shipped["background"] == [PERSIST]
+    agg = Aggregator(2, check_pids=False)
+    assert all(agg.ingest(json.dumps(m).encode()) for m in link.sent)
+    assert agg.background == {PERSIST}
+    trace.reset_trace()
