@@ -7,6 +7,7 @@ torchrun environment contract and runs the shared worker entry.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
@@ -134,9 +135,11 @@ def _drain(queue, recorder) -> None:
         getattr(recorder, kind)(payload)
 
 
-def _supervise(futures, queue, recorder, watch=None) -> dict:
+def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict:
     """Stream rank 0's metrics while waiting; the first failing rank, or a
-    fault that stops the job (hang, lost rank), ends it."""
+    fault that stops the job (hang, lost rank), ends it.  When a rank fails,
+    the others get ``grace`` seconds to show whether one of them died first:
+    a dead rank is the cause of its peers' errors and is named first."""
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
@@ -147,15 +150,44 @@ def _supervise(futures, queue, recorder, watch=None) -> dict:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
-                rank = futures.index(ref)
-                cause = getattr(exc, "cause", None) or exc
-                died = isinstance(exc, ray.exceptions.ActorDiedError)
-                why = watch.explain(rank if died else None) if watch is not None else None
-                if why is not None:  # the monitor knows the cause of the failure
-                    raise LaunchError(_stopped(why, len(futures))) from exc
-                raise LaunchError(f"rank {rank} failed: {type(cause).__name__}: {cause}") from exc
+                raise _failure(futures, ref, exc, [r for r in pending if r is not ref], watch, grace) from exc
         time.sleep(0 if done else 0.01)
     _drain(queue, recorder)
     if watch is not None:
         watch.poll(final=True)  # the last steps' faults and waits, before the workers go
     return ray.get(futures[0])
+
+
+def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
+    """The error that ends the job after ``futures[ref]`` failed with ``exc``:
+    a rank whose actor died (now, or within ``grace`` s among ``pending``) or
+    that the monitor names lost comes first, then the failure seen."""
+    rank = futures.index(ref)
+    dead = {rank: exc} if isinstance(exc, ray.exceptions.ActorDiedError) else {}
+    deadline = time.monotonic() + grace
+    while not dead and pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for other in ready:
+            try:
+                ray.get(other, timeout=1)
+            except ray.exceptions.ActorDiedError as died:
+                dead[futures.index(other)] = died
+            except ray.exceptions.RayError:
+                pass  # another symptom
+    why = watch.explain(sorted(dead)) if watch is not None else None
+    parts, named = [], set()
+    if why is not None:  # the monitor knows the cause of the failure
+        parts.append(_stopped(why, len(futures)))
+        named.update(why.ranks)
+    parts += [f"rank {r} died: {_death(dead[r])}" for r in sorted(dead) if r not in named]
+    named.update(dead)
+    if rank not in named:
+        cause = getattr(exc, "cause", None) or exc
+        parts.append(f"rank {rank} failed: {type(cause).__name__}: {cause}")
+    return LaunchError("; then ".join(parts))
+
+
+def _death(exc) -> str:
+    """A short account of an `ActorDiedError` (its message runs to many lines)."""
+    pid = re.search(r"\bpid: (\d+)", str(exc))
+    return "its worker process ended" + (f" (pid {pid.group(1)})" if pid else "")

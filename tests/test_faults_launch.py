@@ -2,13 +2,16 @@
 and end-to-end runs with injected faults through Ray."""
 import datetime
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+from ray import exceptions as ray_exceptions
 
 from loom.faults import Fault, LogWriter
 from loom.launch.cli import main
@@ -115,3 +118,80 @@ def test_torchrun_ranks_stop_on_the_authenticated_verdict(tmp_path):
     assert (faults[0]["kind"], faults[0]["ranks"], faults[0]["step"]) == ("hang", [1], 10)
     waits = [json.loads(x) for x in (tmp_path / "tr" / "waits.jsonl").read_text().splitlines()]
     assert waits and all(set(w["wait_s"]) == {"0", "1"} for w in waits)  # rank 1's reports got through too
+
+
+class _Ref:
+    def __init__(self, after, outcome):
+        self.ready_at, self.outcome = time.monotonic() + after, outcome
+
+
+class _FakeRay:
+    """Just enough of `ray` for the driver's supervision: futures that settle
+    at set times with a value or an error."""
+    exceptions = ray_exceptions
+
+    @staticmethod
+    def wait(refs, num_returns=1, timeout=None):
+        deadline = time.monotonic() + (timeout or 0)
+        while True:
+            ready = [r for r in refs if time.monotonic() >= r.ready_at][:num_returns]
+            if ready or time.monotonic() >= deadline:
+                return ready, [r for r in refs if r not in ready]
+            time.sleep(0.005)
+
+    @staticmethod
+    def get(ref, timeout=None):
+        if isinstance(ref.outcome, BaseException):
+            raise ref.outcome
+        return ref.outcome
+
+
+class _Watch:
+    """A monitor that names rank 0 lost once told its process ended."""
+
+    def __init__(self):
+        self.told = None
+
+    def poll(self):
+        return None
+
+    def explain(self, dead=()):
+        self.told = list(dead)
+        return Fault("lost_rank", (0,), None, None, (), math.inf, "rank 0 lost: its process is gone") \
+            if 0 in self.told else None
+
+
+def test_a_dead_rank_is_named_before_the_peer_it_broke(monkeypatch):
+    from loom.launch import ray_driver
+    monkeypatch.setattr(ray_driver, "ray", _FakeRay)
+    closed = ray_exceptions.RayTaskError("run", "", ConnectionError("Connection closed by peer"))
+
+    def futures():  # rank 1's error arrives first; rank 0's death is seen 0.3 s later
+        return [_Ref(0.3, ray_exceptions.ActorDiedError()), _Ref(0.0, closed)]
+
+    with pytest.raises(ray_driver.LaunchError) as err:
+        ray_driver._supervise(futures(), None, None)
+    assert str(err.value) == ("rank 0 died: its worker process ended; "
+                              "then rank 1 failed: ConnectionError: Connection closed by peer")
+    watch = _Watch()
+    with pytest.raises(ray_driver.LaunchError) as err:
+        ray_driver._supervise(futures(), None, None, watch)
+    assert watch.told == [0]
+    assert str(err.value) == ("stopped all 2 workers after a lost rank: rank 0 lost: its process is gone; "
+                              "then rank 1 failed: ConnectionError: Connection closed by peer")
+    with pytest.raises(ray_driver.LaunchError, match=r"^rank 1 failed: ConnectionError"):  # nobody died
+        ray_driver._supervise([_Ref(5.0, {}), _Ref(0.0, closed)], None, None, grace=0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_loom_train_names_the_rank_that_died_first(tmp_path):
+    # without the monitor, so that the driver's own supervision must tell the
+    # dead rank from the peer whose connection it broke (with it, the monitor
+    # names rank 0 lost as well: the unit test above covers both)
+    proc = _loom("train", "--steps", "20", "--name", "kill0", "--runs-dir", str(tmp_path), "--no-progress",
+                 "--no-monitor", "--pg-timeout", "120", "--inject", "kill:rank=0,step=0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("loom train: "))
+    assert re.match(r"loom train: rank 0 died: its worker process ended \(pid \d+\)($|; then rank 1 failed: )",
+                    line), line
