@@ -9,13 +9,17 @@
 
 Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
+One job writes a store at a time (`claim_store`; `save` and
+`AsyncCheckpointer` claim it themselves); reads need no claim.
 """
 from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError, InvalidCheckpointError
 from .optim import optimizer_state_dict
-from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
+from .owner import (CheckpointOwnershipError, StoreNotSharedError, StoreOwnership, claim_store,
+                    read_owner)
+from .save import SavePlan, commit, discard_torn, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
 
@@ -28,8 +32,9 @@ def install_deepspeed_engine(ds_engine, url=None, **options):
 
 
 __all__ = [
-    "AsyncCheckpointer", "CheckpointInfo", "CheckpointSaveError", "CheckpointStore", "ChecksumError",
-    "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank", "SaveHandle", "SavePlan", "Shard",
-    "TARGET_CHUNK_BYTES", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
-    "optimizer_state_dict", "plan_save", "retained", "save", "verify", "write_chunks",
+    "AsyncCheckpointer", "CheckpointInfo", "CheckpointOwnershipError", "CheckpointSaveError", "CheckpointStore",
+    "ChecksumError", "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank",
+    "SaveHandle", "SavePlan", "Shard", "StoreNotSharedError", "StoreOwnership", "TARGET_CHUNK_BYTES",
+    "claim_store", "commit", "discard_torn", "exchange_parts", "gc", "install_deepspeed_engine", "load",
+    "optimizer_state_dict", "plan_save", "read_owner", "retained", "save", "verify", "write_chunks",
 ]

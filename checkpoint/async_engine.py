@@ -30,6 +30,12 @@ any rank fails that save on every rank; it surfaces as `CheckpointSaveError`
 (with the cause) from the next `save`, `wait` or the handle's `result`, and
 nothing of it is committed, so the previous committed step stays loadable.
 
+Ownership: the checkpointer claims its store when it is constructed
+(`loom.checkpoint.owner`; a store another job owns fails the constructor on
+every rank, naming it) and releases it at `close`; ranks that do not share
+the store fail the constructor too.  Every save checks the claim, so a job
+whose store was taken over fails its next save on every rank.
+
 Lazy consistency: tensors are read after `save` returns, until their
 snapshot completes.  The attached optimizer is covered; anything else that
 changes saved tensors in place (BatchNorm statistics in forward, manual
@@ -53,9 +59,10 @@ from . import layout
 from .collective import agree, resolve
 from .host_pool import HostBufferPool, aligned
 from .manifest import storage_dtype
-from .save import SavePlan, commit, exchange_parts, plan_save
+from .owner import LEASE_S, claim_store
+from .save import SavePlan, commit, discard_torn, exchange_parts, plan_save
 from .state import Flat, PerRank, Shard, _contains_tensors, decode_value, encode_value, flatten, key_of
-from .store import CheckpointStore, check_step, retained, step_name
+from .store import CheckpointStore, check_step, retained
 from .writers import ProcessWriter, ThreadWriter
 
 WRITERS = ("thread", "process")
@@ -165,11 +172,22 @@ class AsyncCheckpointer:
     ``writer``: "thread" or "process" (level 2 in a separate process).
     ``mesh``: recorded in the manifest, as in `save`.  ``durable``: fsync
     before the commit marker, as in `save` (a save counts as done only once
-    its step would survive a machine crash)."""
+    its step would survive a machine crash).
+
+    The store is claimed for the checkpointer's lifetime (collective, at
+    construction; released by `close`): ``job`` is the id recorded
+    (default `loom.checkpoint.owner.default_job`), ``lease_s`` how long its
+    heartbeat may go stale before another job may claim the store, and
+    ``takeover=True`` claims a store another job still owns (dangerous:
+    that job keeps writing until its next save fails).  Raises on every
+    rank: `CheckpointOwnershipError` naming the owner, `StoreNotSharedError`
+    naming the ranks that cannot see the store, ValueError for bad
+    arguments."""
 
     def __init__(self, url: str, *, group=None, host_buffer_bytes: int | None = None,
                  keep_last: int | None = None, keep_every: int | None = None,
-                 writer: str = "thread", mesh=None, durable: bool = False):
+                 writer: str = "thread", mesh=None, durable: bool = False, job: str | None = None,
+                 takeover: bool = False, lease_s: float = LEASE_S):
         CheckpointStore(url)  # checks the URL
         if host_buffer_bytes is not None and (isinstance(host_buffer_bytes, bool) or
                                               not isinstance(host_buffer_bytes, int) or host_buffer_bytes <= 0):
@@ -185,15 +203,20 @@ class AsyncCheckpointer:
         self.writer_kind = writer
         self._capacity = host_buffer_bytes
         self._g = resolve(group)
-        if self._g.distributed:
-            ranks = list(self._g.ranks)
-            self._plan_handle = comms.new_group(ranks, name="ckpt-snapshot", background=True)
-            self._persist_handle = comms.new_group(ranks, name="ckpt-persist", background=True)
-        else:
-            self._plan_handle = self._persist_handle = None
+        self.ownership = claim_store(self.url, group=self._g, job=job, takeover=takeover, lease_s=lease_s)
+        try:
+            if self._g.distributed:
+                ranks = list(self._g.ranks)
+                self._plan_handle = comms.new_group(ranks, name="ckpt-snapshot", background=True)
+                self._persist_handle = comms.new_group(ranks, name="ckpt-persist", background=True)
+            else:
+                self._plan_handle = self._persist_handle = None
+            self._writer = ThreadWriter() if writer == "thread" else ProcessWriter(self.url)
+        except BaseException:
+            self.ownership.release()
+            raise
         self._persist_g = dataclasses.replace(self._g, handle=self._persist_handle)
         self.pool: HostBufferPool | None = None
-        self._writer = ThreadWriter() if writer == "thread" else ProcessWriter(self.url)
         self._lock = threading.Condition()
         self._seq = 0
         self._snapshots_done = 0   # jobs (in order) whose snapshot finished
@@ -307,6 +330,7 @@ class AsyncCheckpointer:
                 self.pool.close()
             for h in {self._plan_handle, self._persist_handle} - {None}:
                 comms.destroy_group(h)
+            self.ownership.release()
 
     def __enter__(self):
         return self
@@ -411,8 +435,8 @@ class AsyncCheckpointer:
                              f"every rank must call save() with the same steps in the same order")
         self._wait_for_same_step(job)
         t0 = time.perf_counter()
-        job.plan = plan_save(job.state, self.url, step=job.step, group=self._plan_handle, mesh=self.mesh,
-                             durable=self.durable)
+        job.plan = plan_save(job.state, self.url, step=job.step, group=g, mesh=self.mesh,
+                             durable=self.durable, ownership=self.ownership)
         job.handle.stats["plan_s"] = time.perf_counter() - t0
         pieces = _pieces(job.plan)
         need = sum(aligned(_nbytes(src)) for _, _, src in pieces)
@@ -470,7 +494,9 @@ class AsyncCheckpointer:
                 agree(plan.group, error)  # nobody enters point-to-point with a failed peer
             if error is None:
                 parts = exchange_parts(plan, job.fragments)
-                sums = self._writer.write(plan, job.fragments, {**job.chunks, **parts}, job.pool)
+                # the writer needs no claim (and a writer process could not receive its thread)
+                portable = dataclasses.replace(plan, ownership=None, release_ownership=False)
+                sums = self._writer.write(portable, job.fragments, {**job.chunks, **parts}, job.pool)
         except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
             error = error or exc
         finally:
@@ -481,8 +507,7 @@ class AsyncCheckpointer:
         try:
             return commit(plan, sums, error, on_committed=self._retain)
         except BaseException:
-            if plan.group.rank == 0:
-                _discard_torn(plan.store, plan.step)
+            discard_torn(plan)
             raise
 
     def _retain(self) -> None:
@@ -497,9 +522,10 @@ class AsyncCheckpointer:
             warnings.warn(f"checkpoint retention at {self.url} failed: {exc}", stacklevel=2)
 
     def _drop_unretained(self) -> None:
+        """Retention in commit order (`CheckpointStore.retention`: after a
+        rollback the step just committed is the newest, whatever its number)."""
         store = CheckpointStore(self.url)
-        committed = store.committed_steps()
-        keep = retained(committed, self.keep_last, self.keep_every)
+        committed, keep = store.retention(self.keep_last, self.keep_every)
         with self._lock:
             busy = {j.step for j in self._inflight.values()}
         for step in committed:
@@ -514,16 +540,6 @@ def _resurface(error: CheckpointSaveError, handle: SaveHandle | None = None) -> 
     again.__cause__ = error.__cause__
     again.handle = handle
     return again
-
-
-def _discard_torn(store: CheckpointStore, step: int) -> None:
-    """Remove what a failed save left (every rank is past writing: the
-    commit agreement came first); never a committed step."""
-    try:
-        if store.marker(step) is None:
-            store.remove(step_name(step), recursive=True)
-    except Exception:  # noqa: BLE001 - invisible anyway (no marker); gc can remove it later
-        pass
 
 
 # ------------------------------------------------------------- capture

@@ -5,7 +5,11 @@
     sums = write_chunks(plan, plan.tensors, parts)  # no communication; any thread
     location = commit(plan, sums)                   # collective: barrier, manifest, marker, latest
 
-`save` runs them in order.  They are separate so that an asynchronous engine
+`save` runs them in order.  A save writes only into a store its job owns
+(`loom.checkpoint.owner`): `save` claims the store for the call (or shares
+the claim its process holds), `plan_save` checks the claim before the step
+is started and `commit` again before the manifest, so a job whose store was
+taken over fails on every rank instead of writing.  They are separate so that an asynchronous engine
 can snapshot tensors to host memory and call `write_chunks` on the copies from
 a background thread (passing them instead of ``plan.tensors``), then
 `commit`.  Every rank writes only the chunks it owns (replicated tensors are
@@ -32,7 +36,8 @@ from .replicas import check_replicas, fingerprint
 from .manifest import (array_document, array_path, as_numpy, checksum, contiguous, dtype_name,
                        group_metadata, new_manifest, storage_dtype)
 from .state import digest, dumps, encode_value, flatten
-from .store import CheckpointStore, check_step, data_prefix
+from .owner import ERRORS, StoreOwnership, claim_store
+from .store import CheckpointStore, check_step, data_prefix, step_name
 from . import zarr_io
 from .zarr_io import open_array
 
@@ -55,6 +60,8 @@ class SavePlan:
     groups: list            # Zarr group paths under the step, for rank 0 to create
     tensors: dict = field(default_factory=dict)  # key -> this rank's local tensor
     durable: bool = False   # fsync files and directories before the commit marker
+    ownership: StoreOwnership | None = None  # the job's claim on the store (checked by rank 0)
+    release_ownership: bool = False          # the claim was made by plan_save: commit releases it
 
     @property
     def location(self) -> str:
@@ -114,23 +121,53 @@ def _describe(leaves, g: Group) -> list[dict]:
 
 
 def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
-              target_chunk_bytes: int = layout.TARGET_CHUNK_BYTES, durable: bool = False) -> SavePlan:
+              target_chunk_bytes: int = layout.TARGET_CHUNK_BYTES, durable: bool = False,
+              ownership: StoreOwnership | None = None) -> SavePlan:
     """Collective: check ``state`` on every rank, gather the fragments, and
     decide the chunk grid and the writer of every chunk.  A previous
     (committed or torn) save of the same step is removed once every rank
-    has agreed to save.  ``durable``: see `save`."""
+    has agreed to save.  ``durable``: see `save`.
+
+    ``ownership``: this job's claim on the store (`claim_store` over the
+    same ranks); without it the store is claimed here (sharing a claim this
+    process already holds for the default job) and `commit` releases it.
+    Rank 0 checks the claim before anything is removed or written.
+
+    Raises on every rank: ValueError/TypeError for bad ``state``, ``step``
+    or ``mesh`` (naming the key and rank); `CheckpointOwnershipError` when
+    another job owns the store; `StoreNotSharedError` when the ranks do
+    not share it."""
     g = resolve(group)
     store = CheckpointStore(url)
+    made = ownership is None
+    if made:
+        ownership = claim_store(url, group=g, reuse=True)
+    elif ownership.holder != (g.rank == 0) or ownership.store.url != store.url:
+        raise ValueError(f"ownership={ownership!r} is not a claim on {store.url!r} made by this group's "
+                         f"rank 0 (group rank {g.rank}); pass the claim_store result of the same ranks")
+    try:
+        plan = _plan(state, store, step, g, mesh, target_chunk_bytes, ownership)
+    except BaseException:
+        if made:
+            ownership.release()
+        raise
+    plan.durable = bool(durable)
+    plan.ownership, plan.release_ownership = ownership, made
+    return plan
+
+
+def _plan(state, store, step, g: Group, mesh, target_chunk_bytes, ownership: StoreOwnership) -> SavePlan:
     error, described, leaves, mesh_desc, replacing = None, None, [], None, False
     try:
         check_step(step)
         mesh_desc = _mesh_description(mesh)
         leaves = flatten(state)
         described = _describe(leaves, g)
+        ownership.check()  # rank 0: nothing is removed or written for a job that lost the store
         replacing = g.rank == 0 and step in store.steps()
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
-    payloads = agree(g, error, {"described": described, "replacing": replacing})
+    payloads = agree(g, error, {"described": described, "replacing": replacing}, custom=ERRORS)
     # the same on every rank, so its checks raise everywhere alike
     plan = _build_plan([p["described"] for p in payloads], store, step, g, mesh_desc, target_chunk_bytes)
     if payloads[0]["replacing"]:
@@ -146,7 +183,6 @@ def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
     for leaf in leaves:
         if leaf.tensor is not None:
             plan.tensors[leaf.key] = leaf.tensor
-    plan.durable = bool(durable)
     return plan
 
 
@@ -342,16 +378,29 @@ def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
 def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None,
            on_committed=None) -> str:
     """Collective: once every rank has written (the exchange is the barrier),
-    rank 0 writes the manifest, then the marker, then ``latest``.  A failure
-    on any rank (``error``) raises on every rank and commits nothing.
-    ``on_committed`` (rank 0, after the marker, before the closing agreement)
-    is housekeeping such as retention: every rank returns only after it, so
-    the store looks final to all of them; its errors do not undo the commit."""
+    rank 0 checks that the job still owns the store, then writes the
+    manifest, the marker and ``latest``.  A failure on any rank (``error``,
+    or `CheckpointOwnershipError` when the store was taken over) raises on
+    every rank and commits nothing.  ``on_committed`` (rank 0, after the
+    marker, before the closing agreement) is housekeeping such as
+    retention: every rank returns only after it, so the store looks final
+    to all of them; its errors do not undo the commit.  A claim that
+    `plan_save` made is released here, whatever happens."""
+    try:
+        return _commit(plan, checksums, error, on_committed)
+    finally:
+        if plan.release_ownership and plan.ownership is not None:
+            plan.ownership.release()
+
+
+def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
     g = plan.group
     everyone = agree(g, error, checksums)
     failure = None
     if g.rank == 0:
         try:
+            if plan.ownership is not None:
+                plan.ownership.check()  # a job that lost the store commits nothing
             manifest = new_manifest(plan.step, g.size, plan.mesh, time.time())
             for key, entry in plan.entries.items():
                 sums = {}
@@ -367,23 +416,56 @@ def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None,
             failure = exc
         if failure is None and on_committed is not None:
             on_committed()
-    agree(g, failure)
+    agree(g, failure, custom=ERRORS)
     return plan.location
 
 
-def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bool = False) -> str:
+def discard_torn(plan: SavePlan) -> None:
+    """After a failed save of ``plan`` (every rank past writing: call it once
+    the commit has raised), rank 0 removes the step it started, unless the
+    step is committed or the job no longer owns the store (the step may
+    then be another job's).  Best effort: a torn step is invisible anyway,
+    and `gc` removes what is left."""
+    if plan.group.rank != 0:
+        return
+    try:
+        if plan.ownership is not None and plan.ownership.lost() is not None:
+            return
+        if plan.store.marker(plan.step) is None:
+            plan.store.remove(step_name(plan.step), recursive=True)
+    except Exception:  # noqa: BLE001 - invisible without its marker
+        pass
+
+
+def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bool = False,
+         job: str | None = None, takeover: bool = False) -> str:
     """Collective save of ``state`` as ``step`` under ``url``; returns the
     committed location.  Works with no process group (a single process).
     ``durable=True`` fsyncs every file and directory of the step before the
     commit marker (and the marker before ``latest``): the committed step then
     survives a machine crash or power loss, not only a killed process.
-    Without it the step is committed in the page cache (faster)."""
-    plan = plan_save(state, url, step=step, group=group, mesh=mesh, durable=durable)
-    error, sums = None, {}
-    try:
-        parts = exchange_parts(plan, plan.tensors)
-        sums = write_chunks(plan, plan.tensors, parts)
-    except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
-        error = exc
-    return commit(plan, sums, error)
+    Without it the step is committed in the page cache (faster).
+
+    The store is claimed for the call (`claim_store`; a claim this process
+    already holds on it for the same ``job`` is shared): a store another
+    job owns raises `CheckpointOwnershipError` on every rank, naming it;
+    ``takeover=True`` claims it anyway (dangerous: see `claim_store`).
+    Ranks that do not share the store (memory:// across processes) raise
+    `StoreNotSharedError` before anything is written.  A save that fails
+    on any rank raises on every rank and leaves no torn step behind.
+    Bad ``state`` raises ValueError/TypeError naming the key."""
+    g = resolve(group)
+    with claim_store(url, group=g, job=job, takeover=takeover, reuse=True) as ownership:
+        plan = plan_save(state, url, step=step, group=g, mesh=mesh, durable=durable, ownership=ownership)
+        error, sums = None, {}
+        try:
+            parts = exchange_parts(plan, plan.tensors)
+            sums = write_chunks(plan, plan.tensors, parts)
+        except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
+            error = exc
+        try:
+            return commit(plan, sums, error)
+        except BaseException:
+            discard_torn(plan)
+            raise
 

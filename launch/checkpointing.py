@@ -50,7 +50,12 @@ class TrainingCheckpoints:
     attached to the optimizer: the loop stalls only for `save` itself (the
     plain values) and for a host copy still running when the next optimizer
     step starts.  ``sync`` waits for `loom.checkpoint.save`.  Both record
-    the stall per checkpoint and the time to reach storage (persist)."""
+    the stall per checkpoint and the time to reach storage (persist).
+
+    A job that saves claims ``--ckpt-url`` for its whole run (one job writes
+    a store at a time; ``--ckpt-takeover`` claims a store another job owns):
+    the claim is made here, collectively, before the first step, and a store
+    another job owns stops the job on every rank, naming the owner."""
 
     def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None):
         self.cfg, self.c = cfg, cfg.ckpt
@@ -60,13 +65,18 @@ class TrainingCheckpoints:
         self.stalls: list[float] = []    # seconds the training loop lost per checkpoint
         self.persists: list[float] = []  # seconds from the save to its commit
         self.saver = None
+        self.ownership = None            # the claim on the store (sync mode; async: the saver's)
         self._pending: list = []         # async handles not reported yet
+        self.job = f"loom train {cfg.job.name}" if cfg.job.name else "loom train"
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,
                 keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh,
-                durable=self.c.ckpt_durable)
+                durable=self.c.ckpt_durable, job=self.job, takeover=self.c.ckpt_takeover)
             self.saver.attach(optimizer)
+        elif self.c.ckpt_every:
+            self.ownership = checkpoint.claim_store(self.c.ckpt_url, job=self.job,
+                                                    takeover=self.c.ckpt_takeover)
 
     def state(self, next_step: int, *, for_load: bool = False) -> dict:
         """What a checkpoint holds.  Parameters split across ranks (expert
@@ -115,7 +125,7 @@ class TrainingCheckpoints:
             return
         t0 = time.monotonic()
         location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh,
-                                   durable=self.c.ckpt_durable)
+                                   durable=self.c.ckpt_durable, job=self.job)  # shares self.ownership
         self.saved += 1
         if self.c.keep_last and self.mesh.rank == 0:
             checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last, keep_every=self.c.keep_every or None)
@@ -132,6 +142,8 @@ class TrainingCheckpoints:
                 self.saver.close()
             finally:
                 self._report_committed()
+        if self.ownership is not None:
+            self.ownership.release()
         out = {"checkpoints": self.saved}
         if self.saved:
             out.update(ckpt_mode=self.c.ckpt_mode,

@@ -88,6 +88,10 @@ class CkptSection:
     ckpt_durable: bool = _f(False, "fsync every checkpoint file and directory before its commit marker, "
                                    "so the newest checkpoint survives a machine crash or power loss, "
                                    "not only a killed process (slower saves)")
+    ckpt_takeover: bool = _f(False, "DANGEROUS: claim --ckpt-url even while another job owns it (one job "
+                                    "writes a store at a time); that job keeps writing until its next "
+                                    "save fails. Not needed after a crash: a dead owner's claim expires "
+                                    "by itself")
 
 
 @dataclass
@@ -273,6 +277,14 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append(f"--ckpt-mode={c.ckpt_mode!r} must be async or sync")
     if (c.ckpt_every > 0 or c.resume) and not c.ckpt_url:
         problems.append("--ckpt-every and --resume need --ckpt-url (a path or fsspec URL)")
+    if c.ckpt_takeover and not c.ckpt_every > 0:
+        problems.append("--ckpt-takeover claims the store for saving: it needs --ckpt-every")
+    workers = world_size or p.dp * p.sp
+    if (c.ckpt_every > 0 or c.resume) and c.ckpt_url.startswith("memory://") and workers > 1:
+        problems.append(f"--ckpt-url={c.ckpt_url} cannot be shared by {workers} workers: memory:// lives "
+                        f"inside one process, so each worker would save to (and resume from) a store of "
+                        f"its own; use a path on a filesystem every worker sees, or an object store "
+                        f"(s3://, gs://), or run one worker")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))

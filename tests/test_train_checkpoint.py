@@ -63,8 +63,21 @@ def test_ckpt_options_are_validated():
         validate(build_config(overrides={"ckpt_every": 5}))
     with pytest.raises(ConfigError, match="--keep-last=-1 must be >= 0"):
         validate(build_config(overrides={"keep_last": -1, "ckpt_url": "x"}))
-    cfg = validate(build_config(overrides={"ckpt_every": 5, "ckpt_url": "memory://x", "resume": "true"}))
+    cfg = validate(build_config(overrides={"ckpt_every": 5, "ckpt_url": "memory://x", "resume": "true",
+                                           "dp": 1}))
     assert (cfg.ckpt.ckpt_every, cfg.ckpt.ckpt_url, cfg.ckpt.resume) == (5, "memory://x", True)
+    # memory:// lives inside one process: several workers cannot share it (saving or resuming)
+    for option in ({"ckpt_every": 5}, {"resume": True}):
+        with pytest.raises(ConfigError, match="--ckpt-url=memory://x cannot be shared by 2 workers: "
+                                              "memory:// lives inside one process"):
+            validate(build_config(overrides={**option, "ckpt_url": "memory://x"}))
+    with pytest.raises(ConfigError, match="cannot be shared by 4 workers"):
+        validate(build_config(overrides={"ckpt_every": 5, "ckpt_url": "memory://x", "dp": 1}), world_size=4)
+    validate(build_config(overrides={"ckpt_every": 5, "ckpt_url": "runs/ck"}))  # a path is fine
+    with pytest.raises(ConfigError, match="--ckpt-takeover claims the store for saving: it needs --ckpt-every"):
+        validate(build_config(overrides={"ckpt_takeover": True, "ckpt_url": "x", "resume": True}))
+    assert validate(build_config(overrides={"ckpt_takeover": True, "ckpt_url": "x",
+                                            "ckpt_every": 2})).ckpt.ckpt_takeover
 
 
 @pytest.mark.e2e

@@ -1,0 +1,469 @@
+"""One writing job per checkpoint store: the owner record, and shared-store probes.
+
+A job that writes a store first claims it.  The claim is collective (rank 0
+of the saving group claims, every rank learns the result through an
+agreement) and leaves an owner record at the store root:
+
+    <url>/OWNER   {"format": "loom.owner", "version": 1, "job": "loom train run1",
+                   "host": "node7", "pid": 4242, "machine": "<boot id>/<pid namespace>",
+                   "token": "<random hex, one per claim>", "started": <unix time>,
+                   "heartbeat": <unix time>, "lease_s": 30.0}
+
+Rank 0 refreshes ``heartbeat`` from a background thread every ``lease_s / 3``
+seconds.  A claim on a store whose record is live fails at once, naming the
+owner.  A record is *gone* (claimable) when its heartbeat is older than its
+lease, or when it was written on this machine (same host, boot and pid
+namespace) by a process that no longer exists.  ``takeover=True`` claims
+regardless; the job that held the store then fails its next save on every
+rank (every save checks the record when it starts and again before its
+commit).  Reads (`load`, `verify`, `loom ckpt ls`) need no claim.
+
+Race safety, as far as the store allows.  Claims in one process are
+serialised by a lock.  On a local filesystem a claim of a store without a
+record is an atomic create (a hard link of a complete file, O_EXCL where
+links are not supported), then a re-read.  Replacing a record (gone, or a
+takeover) and every claim on an object store is a write, a pause of
+``CONFIRM_S`` and a re-read that must still show this claim; two claimants
+both succeed only if one of them took longer than ``CONFIRM_S`` between
+reading the old record and writing its own, and even then the loser fails at
+its next check (before it starts a step, and before it commits one).  The
+heartbeat and the release are a read then a write, so a takeover landing in
+that instant is undone; the taker's re-read then reports the conflict.
+Heartbeat ages compare wall clocks, so hosts need roughly synchronised
+clocks (well within the lease).
+
+Before a multi-rank save writes anything, rank 0 writes a probe object with
+a random name and every rank must read it back (`claim_store` does this), so
+stores the ranks do not share (``memory://``, which lives inside one
+process; a local path on several nodes) are refused with an error naming
+the ranks that could not see it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+
+from .collective import agree, resolve
+from .manifest import InvalidCheckpointError
+from .store import CheckpointStore
+
+log = logging.getLogger("loom.checkpoint")
+
+OWNER = "OWNER"
+FORMAT = "loom.owner"
+VERSION = 1
+LEASE_S = 30.0       # a record whose heartbeat is older than this is gone
+CONFIRM_S = 0.5      # pause between writing a claim and re-reading it (see the module docstring)
+PROBE_PREFIX = ".loom-probe-"
+
+
+class CheckpointOwnershipError(RuntimeError):
+    """Another job owns the store (or took it over from this one); the
+    message names it: job, host, pid, heartbeat age."""
+
+
+class StoreNotSharedError(ValueError):
+    """The ranks of a save do not see the same store (``memory://`` is per
+    process; a local path on several nodes is a different directory on each)."""
+
+
+ERRORS = {"CheckpointOwnershipError": CheckpointOwnershipError, "StoreNotSharedError": StoreNotSharedError,
+          "InvalidCheckpointError": InvalidCheckpointError}  # for `agree(..., custom=ERRORS)`
+
+_LOCK = threading.RLock()                 # claims, releases and the registry, in this process
+_HELD: dict[str, "StoreOwnership"] = {}   # store key -> the claim this process holds on it
+
+
+def default_job() -> str:
+    """The job id a claim records when none is given: $LOOM_JOB_ID, else
+    ``pid-<this process id>``."""
+    return os.environ.get("LOOM_JOB_ID") or f"pid-{os.getpid()}"
+
+
+def _machine() -> str:
+    """What must match for a pid in a record to be checkable here: the boot
+    and the pid namespace (empty parts where the system does not say)."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", lambda p: open(p).read().strip()),
+                       ("/proc/self/ns/pid", os.readlink)):
+        try:
+            parts.append(read(path))
+        except OSError:
+            parts.append("")
+    return "/".join(parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _key(store: CheckpointStore) -> str:
+    if store.local:
+        return "file://" + os.path.realpath(store.root)
+    protocol = store.fs.protocol
+    return f"{protocol[0] if isinstance(protocol, (tuple, list)) else protocol}://{store.root}"
+
+
+def _confirm_s(store: CheckpointStore) -> float:
+    """memory:// lives in this process, where `_LOCK` already serialises claims."""
+    return 0.0 if _key(store).startswith("memory://") else CONFIRM_S
+
+
+# ------------------------------------------------------------- the record
+
+def describe(record: dict, now: float | None = None) -> str:
+    """A record for people: job, host, pid, start, heartbeat age, lease."""
+    age = max(0.0, (time.time() if now is None else now) - record["heartbeat"])
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
+    return (f"job {record['job']!r} on host {record['host']} (pid {record['pid']}, started {started}, "
+            f"heartbeat {age:.1f} s ago, lease {record['lease_s']:g} s)")
+
+
+def _check_record(record, where: str) -> dict:
+    def bad(field, why):
+        raise InvalidCheckpointError(
+            f"{where}: not a loom owner record ({why}); if no job is writing this store, claim it with "
+            f"takeover=True (loom train --ckpt-takeover), which replaces the record", file=where, field=field)
+
+    if not isinstance(record, dict):
+        bad(None, f"a {type(record).__name__}, not a JSON object")
+    if record.get("format") != FORMAT or record.get("version") != VERSION:
+        bad("format", f"format {record.get('format')!r} version {record.get('version')!r}, "
+                      f"expected {FORMAT!r} version {VERSION}")
+    for name in ("job", "host", "machine", "token"):
+        if not isinstance(record.get(name), str):
+            bad(name, f"{name}={record.get(name)!r} must be a string")
+    pid = record.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        bad("pid", f"pid={pid!r} must be a positive int")
+    for name in ("started", "heartbeat", "lease_s"):
+        v = record.get(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad(name, f"{name}={v!r} must be a non-negative number")
+    if record["lease_s"] <= 0:
+        bad("lease_s", f"lease_s={record['lease_s']!r} must be > 0")
+    return record
+
+
+def _read(store: CheckpointStore) -> dict | None:
+    """The store's owner record, None when there is none; InvalidCheckpointError
+    when it is not one."""
+    raw = store.get(OWNER)
+    if raw is None:
+        return None
+    where = f"{store.url}/{OWNER}"
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise InvalidCheckpointError(f"{where}: not a loom owner record (not JSON); if no job is writing "
+                                     f"this store, claim it with takeover=True (loom train --ckpt-takeover)",
+                                     file=where) from None
+    return _check_record(record, where)
+
+
+def read_owner(url: str) -> dict | None:
+    """The owner record of the store at ``url`` (a dict, see the module
+    docstring), or None when no job holds it.  Raises InvalidCheckpointError
+    for a record loom did not write."""
+    return _read(CheckpointStore(url))
+
+
+def _gone(record: dict, now: float) -> str | None:
+    """Why ``record`` no longer holds its store, or None while it does."""
+    if record["host"] == socket.gethostname() and record["machine"] == _machine():
+        if record["pid"] == os.getpid():
+            with _LOCK:
+                if not any(h.token == record["token"] for h in _HELD.values()):
+                    return f"its process {record['pid']} is this one, which does not hold the claim"
+        elif not _pid_alive(record["pid"]):
+            return f"its process {record['pid']} on {record['host']} has exited"
+    age = now - record["heartbeat"]
+    if age > record["lease_s"]:
+        return f"its heartbeat is {age:.1f} s old, past its lease of {record['lease_s']:g} s"
+    return None
+
+
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def _create_exclusive(store: CheckpointStore, data: bytes) -> bool:
+    """Create the record on a local disk only if there is none: a hard link of
+    a complete temporary file (readers never see half a record); O_EXCL where
+    the filesystem has no links.  False when a record exists."""
+    path = store.path(OWNER)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.claim-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and SMB mounts)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _owned_error(url: str, record: dict) -> CheckpointOwnershipError:
+    return CheckpointOwnershipError(
+        f"checkpoint store {url} is owned by {describe(record)}; one job writes a store at a time. "
+        f"Wait for that job to end, save to another url, or, if it is gone, claim the store: that "
+        f"works by itself once its heartbeat is older than its lease (or at once on the same host when "
+        f"its process has exited), and takeover=True (loom train --ckpt-takeover) claims it regardless "
+        f"(dangerous: a job still running keeps writing until its next save fails)")
+
+
+def _claim(store: CheckpointStore, job: str, takeover: bool, lease_s: float) -> dict:
+    """Rank 0: write this process's record, or raise naming the live owner."""
+    with _LOCK:
+        for _ in range(3):
+            try:
+                current = _read(store)
+            except InvalidCheckpointError:
+                if not takeover:
+                    raise
+                current = {}  # replaced below
+            now = time.time()
+            if current and not takeover:
+                why = _gone(current, now)
+                if why is None:
+                    raise _owned_error(store.url, current)
+                log.warning("claiming checkpoint store %s from %s: %s", store.url, describe(current, now), why)
+            elif current and takeover:
+                log.warning("taking over checkpoint store %s from %s", store.url, describe(current, now))
+            mine = {"format": FORMAT, "version": VERSION, "job": job, "host": socket.gethostname(),
+                    "pid": os.getpid(), "machine": _machine(), "token": uuid.uuid4().hex,
+                    "started": now, "heartbeat": now, "lease_s": float(lease_s)}
+            if current is None and store.local:
+                if not _create_exclusive(store, _encode(mine)):
+                    continue  # another claim came first: look at it
+            else:
+                store.put(OWNER, _encode(mine))
+                time.sleep(_confirm_s(store))
+            try:
+                confirmed = _read(store)
+            except InvalidCheckpointError:
+                confirmed = None
+            if confirmed is not None and confirmed["token"] == mine["token"]:
+                return mine
+            if confirmed is not None:
+                raise CheckpointOwnershipError(
+                    f"checkpoint store {store.url} was claimed at the same moment by {describe(confirmed)}, "
+                    f"which won; one job writes a store at a time")
+        raise CheckpointOwnershipError(f"could not claim checkpoint store {store.url}: its owner record "
+                                       f"kept changing while claiming (other jobs are claiming it); "
+                                       f"try again once they are done")
+
+
+# ---------------------------------------------------------------- the hold
+
+class StoreOwnership:
+    """This job's hold on a checkpoint store, from `claim_store`.
+
+    On rank 0 of the claiming group (``holder``) it keeps the owner record
+    and its heartbeat thread; on the other ranks it only carries the claim's
+    token.  ``check()`` (rank 0) raises `CheckpointOwnershipError` once the
+    store has been taken over; ``release()`` ends the hold (a reused hold,
+    ``reused``, belongs to the claim it reuses and releases nothing).  Use
+    it as a context manager to release on exit."""
+
+    def __init__(self, store: CheckpointStore, job: str, token: str, lease_s: float, *, holder: bool,
+                 reused: bool = False):
+        self.store, self.url, self.job, self.token, self.lease_s = store, store.url, job, token, lease_s
+        self.holder, self.reused = holder, reused
+        self.released = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --------------------------------------------------------- checks
+    def lost(self) -> str | None:
+        """Rank 0: why this job no longer owns the store, or None while it does
+        (the other ranks: always None).  Reads the record."""
+        if not self.holder:
+            return None
+        if self.released:
+            return f"its claim on {self.url} was released"
+        return self._look()[1]
+
+    def _look(self) -> tuple[dict | None, str | None]:
+        """(the record, why it is not this claim's or None)."""
+        try:
+            record = _read(self.store)
+        except InvalidCheckpointError as exc:
+            return None, f"the owner record was replaced by something unreadable ({exc})"
+        if record is None:
+            return None, (f"the owner record {self.url}/{OWNER} is gone (removed, or released by a job "
+                          f"that took the store over and has ended)")
+        if record["token"] != self.token:
+            return record, f"the store was taken over by {describe(record)}"
+        return record, None
+
+    def check(self) -> None:
+        """Raise `CheckpointOwnershipError` (rank 0) when this job no longer
+        owns the store; nothing is written after it."""
+        why = self.lost()
+        if why is not None:
+            raise CheckpointOwnershipError(
+                f"job {self.job!r} (pid {os.getpid()}) no longer owns checkpoint store {self.url}: {why}; "
+                f"nothing more is written. Stop this job (the other one writes there now), or restart it "
+                f"with takeover=True (loom train --ckpt-takeover) if it is the one that should write")
+
+    # ------------------------------------------------------ heartbeat
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="loom-ckpt-owner", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                record, why = self._look()
+                if why is not None:
+                    log.error("checkpoint store %s: job %r lost its claim: %s", self.url, self.job, why)
+                    return
+                record["heartbeat"] = time.time()
+                self.store.put(OWNER, _encode(record))
+            except Exception as exc:  # noqa: BLE001 - a store hiccup; the lease allows a few
+                log.warning("checkpoint store %s: heartbeat failed: %s", self.url, exc)
+
+    # -------------------------------------------------------- release
+    def release(self) -> None:
+        """End the hold: stop the heartbeat and (rank 0) remove the record if
+        it is still this claim's.  Never raises (a record left behind is
+        claimable once this process has exited or its lease has passed)."""
+        if self.released:
+            return
+        self.released = True
+        if not self.holder or self.reused:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with _LOCK:
+            if _HELD.get(_key(self.store)) is self:
+                del _HELD[_key(self.store)]
+            try:
+                record = _read(self.store)
+                if record is not None and record["token"] == self.token:
+                    self.store.remove(OWNER)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("checkpoint store %s: could not remove its owner record: %s", self.url, exc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        state = "released" if self.released else "reused" if self.reused else "held"
+        return f"StoreOwnership({self.url!r}, job={self.job!r}, {state})"
+
+
+def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool = False,
+                lease_s: float = LEASE_S, reuse: bool = False) -> StoreOwnership:
+    """Collective over ``group`` (default: the world, or this process alone):
+    make this job the one writer of the store at ``url``, and prove that
+    every rank sees the same store.
+
+    ``job``: the id recorded (default `default_job()`).  ``lease_s``: how old
+    this claim's heartbeat may get before others may claim the store.
+    ``takeover``: claim even a live owner's store (dangerous: it keeps
+    writing until its next save fails).  ``reuse``: when this process
+    already holds the store for the same ``job``, share that claim (the
+    returned hold releases nothing) instead of failing.
+
+    Returns a `StoreOwnership` on every rank.  Raises on every rank:
+    `CheckpointOwnershipError` naming the live owner; `StoreNotSharedError`
+    naming the ranks that could not see rank 0's probe (nothing stays
+    claimed); InvalidCheckpointError for an owner record loom did not write
+    (``takeover`` replaces it); ValueError for bad arguments."""
+    g = resolve(group)
+    store = CheckpointStore(url)
+    job = default_job() if job is None else job
+    if not isinstance(job, str) or not job:
+        raise ValueError(f"job={job!r} must be a non-empty string")
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s < math.inf:
+        raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
+    mine, error, info = None, None, None
+    if g.rank == 0:
+        try:
+            mine = _hold(store, job, bool(takeover), float(lease_s), bool(reuse))
+            info = {"token": mine.token, "reused": mine.reused, "probe": None}
+            if g.size > 1:
+                name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex
+                store.put(name, content.encode())
+                info["probe"] = [name, content]
+        except Exception as exc:  # noqa: BLE001 - every rank raises it
+            error = exc
+    try:
+        info = agree(g, error, info, custom=ERRORS)[0]
+        if g.size > 1:
+            _prove_shared(store, g, info["probe"])
+    except BaseException:
+        if mine is not None:
+            mine.release()
+        raise
+    if mine is None:
+        mine = StoreOwnership(store, job, info["token"], float(lease_s), holder=False, reused=info["reused"])
+    return mine
+
+
+def _hold(store: CheckpointStore, job: str, takeover: bool, lease_s: float, reuse: bool) -> StoreOwnership:
+    """Rank 0: the claim this process holds (``reuse``), or a new one."""
+    with _LOCK:
+        held = _HELD.get(_key(store))
+        if reuse and held is not None and held.job == job:
+            return StoreOwnership(store, job, held.token, held.lease_s, holder=True, reused=True)
+        record = _claim(store, job, takeover, lease_s)
+        mine = StoreOwnership(store, job, record["token"], lease_s, holder=True)
+        _HELD[_key(store)] = mine
+    mine._start()
+    return mine
+
+
+def _prove_shared(store: CheckpointStore, g, probe: list) -> None:
+    """Every rank reads rank 0's probe back; rank 0 removes it; all raise
+    `StoreNotSharedError` if any rank could not see it."""
+    name, content = probe
+    why = None
+    if g.rank != 0:
+        try:
+            raw = store.get(name)
+            why = "not found" if raw is None else None if raw == content.encode() else "different content"
+        except Exception as exc:  # noqa: BLE001 - cannot read it: not shared either
+            why = f"{type(exc).__name__}: {exc}"
+    seen = agree(g, None, why)
+    if g.rank == 0:
+        try:
+            store.remove(name)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("checkpoint store %s: could not remove the probe %s: %s", store.url, name, exc)
+    blind = {r: w for r, w in enumerate(seen) if w is not None}
+    if blind:
+        detail = ", ".join(f"rank {r}: {w}" for r, w in blind.items())
+        raise StoreNotSharedError(
+            f"checkpoint store {store.url} is not shared by the {g.size} ranks: rank 0 wrote {name} there, "
+            f"but ranks {sorted(blind)} could not see it ({detail}). Every rank of a save must reach the "
+            f"same store: memory:// lives inside one process, and a local path on several nodes is a "
+            f"different directory on each; use a shared filesystem or an object store (s3://, gs://, ...)")
