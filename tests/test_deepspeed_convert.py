@@ -1,6 +1,11 @@
-"""`loom ckpt from-deepspeed` against DeepSpeed's own `ds_to_universal`, for a
-tiny model trained 2 steps with ZeRO stage 1 and 2 on 2 gloo (CPU) ranks."""
+"""`loom ckpt from-deepspeed` against DeepSpeed's own `ds_to_universal` and its
+own full-parameter accessors, for a tiny model trained 2 steps with ZeRO
+stage 1 and 2 (AdamW) and ZeRO-1 (SGD with momentum) on 2 gloo (CPU) ranks;
+directories saved through loom's DeepSpeed engine convert to the same state;
+hostile files are refused without running them."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -34,6 +39,10 @@ def _train_deepspeed(root):
             engine.backward(loss)
             engine.step()
         engine.save_checkpoint(os.path.join(root, f"stage{stage}"))
+        ckpt.install_deepspeed_engine(engine)      # the same state through loom's engine
+        engine.save_checkpoint(os.path.join(root, f"stage{stage}_loom"))
+        engine.checkpoint_engine.wait()
+        engine.destroy()
     return "ok"
 
 
@@ -47,7 +56,32 @@ def _universal(tag_dir, out):
 
 
 def _pt(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=False)  # files this test wrote itself
+
+
+def _assert_same_state(url_a, url_b):
+    """Two converted checkpoints hold the same tensors and values (but the source)."""
+    a, b = ({"model": None, "optim": None, "deepspeed": None} for _ in range(2))
+    ckpt.load(a, url_a, strict=False)
+    ckpt.load(b, url_b, strict=False)
+    a["deepspeed"].pop("source"), b["deepspeed"].pop("source")
+
+    def same(x, y, where):
+        assert type(x) is type(y), where
+        if torch.is_tensor(x):
+            assert x.dtype == y.dtype and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert list(x) == list(y), where
+            for k in x:
+                same(x[k], y[k], f"{where}/{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}/{i}")
+        else:
+            assert x == y, where
+    same(a, b, "state")
+    assert len(a["optim"]["state"]) == 4
 
 
 @pytest.mark.e2e
@@ -81,6 +115,13 @@ def test_from_deepspeed_matches_ds_to_universal(tmp_path):
         assert meta["deepspeed"]["zero_stage"] == stage and meta["deepspeed"]["dp_world_size"] == 2
         assert meta["deepspeed"]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
+        # the same state saved through install_deepspeed_engine (JSON pointers into a loom store)
+        assert (ds_dir.parent / f"stage{stage}_loom" / "global_step2" / "mp_rank_00_model_states.pt") \
+            .read_bytes().startswith(b'{"format": "loom.deepspeed-pointer"')
+        through = f"file://{tmp_path}/through_loom{stage}"
+        assert main(["ckpt", "from-deepspeed", str(tmp_path / f"stage{stage}_loom"), through]) == 0
+        _assert_same_state(url, through)
+
 
 def test_from_deepspeed_rejects_what_it_cannot_read(tmp_path):
     from loom.checkpoint.deepspeed_convert import from_deepspeed
@@ -90,3 +131,143 @@ def test_from_deepspeed_rejects_what_it_cannot_read(tmp_path):
     (tmp_path / "t" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="bf16 optimizer layout is not supported"):
         from_deepspeed(str(tmp_path), str(tmp_path / "out"), tag="t")
+
+
+# ------------------------------------------------------ SGD with momentum
+
+def _train_sgd(root):
+    """ZeRO-1 with SGD + momentum, 2 steps; saved by DeepSpeed and through
+    loom's engine.  Returns DeepSpeed's own full fp32 weights and momentum."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    model = _model()
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**6,
+              "optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9}}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    g = torch.Generator().manual_seed(dist_rank())
+    for _ in range(2):
+        loss = engine(torch.randn(2, 5, generator=g)).pow(2).sum()
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(os.path.join(root, "sgd"))
+    full = {name: (safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "momentum_buffer").clone())
+            for name, p in engine.module.named_parameters()}
+    ckpt.install_deepspeed_engine(engine)
+    engine.save_checkpoint(os.path.join(root, "sgd_loom"))
+    engine.checkpoint_engine.wait()
+    engine.destroy()
+    return full
+
+
+def dist_rank():
+    import torch.distributed as dist
+    return dist.get_rank()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_from_deepspeed_converts_sgd_momentum(tmp_path):
+    from loom.checkpoint.deepspeed_convert import from_deepspeed
+    full = run_distributed(_train_sgd, 2, str(tmp_path), timeout=400, env=ENV)[0]
+    url = f"file://{tmp_path}/loom_sgd"
+    assert from_deepspeed(str(tmp_path / "sgd"), url).endswith("step-00000002")
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    ckpt.load(state, url, strict=False)
+    opt.load_state_dict(state["optim"])
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["momentum"] == 0.9
+    for name, p in model.named_parameters():
+        weight, momentum = full[name]
+        assert torch.equal(p.detach(), weight), name
+        assert list(opt.state[p]) == ["momentum_buffer"]
+        assert torch.equal(opt.state[p]["momentum_buffer"], momentum), name
+    # the same state saved through loom's DeepSpeed engine
+    through = f"file://{tmp_path}/loom_sgd_through"
+    from_deepspeed(str(tmp_path / "sgd_loom"), through)
+    _assert_same_state(url, through)
+
+    # an optimizer state of a shape loom cannot place is refused by name
+    odd = tmp_path / "odd"
+    shutil.copytree(tmp_path / "sgd", odd)
+    f = odd / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    sd = _pt(f)
+    sd["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["trace"] = torch.zeros(3)
+    torch.save(sd, f)
+    sd = _pt(odd / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="rank 0 holds optimizer states .'momentum_buffer'. but rank 1 holds"):
+        from_deepspeed(str(odd), str(tmp_path / "out"))
+    sd["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["trace"] = torch.zeros(3)
+    torch.save(sd, odd / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match=r"optimizer state 'trace' on rank 0 is a tensor of shape \(3,\), "
+                                         r"neither a flat tensor of the partition's size"):
+        from_deepspeed(str(odd), str(tmp_path / "out"))
+
+    # a loom-engine directory whose pointers name another store is refused
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "sgd_loom", moved)
+    pointer = moved / "global_step2" / "mp_rank_00_model_states.pt"
+    assert json.loads(pointer.read_text())["url"] == str(tmp_path / "sgd_loom" / "loom")
+    with pytest.raises(ckpt.InvalidCheckpointError, match="names the store"):
+        from_deepspeed(str(moved), str(tmp_path / "out"))
+    from_deepspeed(str(moved), f"file://{tmp_path}/loom_moved", loom_url=str(tmp_path / "sgd_loom" / "loom"))
+    _assert_same_state(url, f"file://{tmp_path}/loom_moved")
+
+
+# --------------------------------------------------------- hostile files
+
+class _Opens:
+    """Unpickling this opens (creates) ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _DeepSpeedWriter(_Opens):
+    """Unpickling this calls DeepSpeed's PyFileWriter(path), which creates ``path``."""
+
+    def __reduce__(self):
+        from deepspeed.io.py_file_writer import PyFileWriter
+        return (PyFileWriter, (self.path,))
+
+
+@pytest.mark.parametrize("evil, named", [(_Opens, "io.open"),
+                                         (_DeepSpeedWriter, "deepspeed.io.py_file_writer.PyFileWriter")])
+def test_from_deepspeed_never_runs_a_hostile_pickle(tmp_path, capsys, evil, named):
+    from loom.launch.cli import main
+    victim = tmp_path / "created.txt"
+    tag = tmp_path / "ds" / "global_step1"
+    tag.mkdir(parents=True)
+    torch.save({"module": {}, "param_shapes": [], "x": evil(str(victim))}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (tmp_path / "ds" / "latest").write_text("global_step1")
+    assert main(["ckpt", "from-deepspeed", str(tmp_path / "ds"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"refers to {named}, which loom does not load" in err
+    assert not victim.exists()
+
+
+def test_from_deepspeed_errors_are_one_line_value_errors(tmp_path, capsys):
+    from loom.checkpoint.deepspeed_convert import from_deepspeed
+    from loom.launch.cli import main
+    tag = tmp_path / "ds" / "global_step1"
+    tag.mkdir(parents=True)
+    torch.save({"module": {}, "param_shapes": []}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"no": "optimizer"}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ckpt.InvalidCheckpointError, match="no 'optimizer_state_dict'") as err:
+        from_deepspeed(str(tag), str(tmp_path / "out"))
+    assert err.value.field == "optimizer_state_dict"
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\x80\x04 not a torch file")
+    assert main(["ckpt", "from-deepspeed", str(tag), str(tmp_path / "out")]) == 1
+    assert "is not a torch checkpoint file" in capsys.readouterr().err
+    (tmp_path / "ds" / "latest").write_text("../../elsewhere")
+    with pytest.raises(ckpt.InvalidCheckpointError, match="is not a directory name inside"):
+        from_deepspeed(str(tmp_path / "ds"), str(tmp_path / "out"))
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text('{"format": "loom.deepspeed-pointer"}')
+    assert main(["ckpt", "from-deepspeed", str(tag), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a loom pointer has the fields format, url, step, file" in err
