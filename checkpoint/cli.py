@@ -1,11 +1,17 @@
-"""What `loom ckpt ls|inspect|verify|gc` print (the parser lives in loom.launch.cli)."""
+"""What `loom ckpt ls|inspect|verify|gc` print (the parser lives in loom.launch.cli).
+
+A damaged or hostile store never gets a traceback out of these: `ls` and
+`verify` report each damaged step on its line (and say so in their ``ok``),
+`inspect` raises InvalidCheckpointError, which the CLI prints as one line.
+Keys and values from a store are printed escaped (no control characters
+reach the terminal)."""
 from __future__ import annotations
 
 import json
 import time
 
 from .load import verify
-from .manifest import ChecksumError
+from .manifest import InvalidCheckpointError
 from .state import decode_value
 from .store import CheckpointStore, gc
 
@@ -30,26 +36,37 @@ def _when(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def ls(url: str) -> str:
+def one_line(text) -> str:
+    """``text`` on one line, with anything unprintable escaped."""
+    text = " ".join(str(text).split())
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def ls(url: str) -> tuple[bool, str]:
+    """Every step under ``url`` as a table: committed or not, world size,
+    arrays, bytes, when, which one `latest()` picks.  Returns (ok, text):
+    ok is False when a step's marker or manifest is damaged (its row says
+    why)."""
     store = CheckpointStore(url)
     steps = store.steps()
     if not steps:
-        return f"no checkpoints at {url}"
+        return True, f"no checkpoints at {url}"
     latest = store.latest()
-    rows = []
+    rows, ok = [], True
     for step in steps:
-        if store.marker(step) is None:
-            rows.append([step, "no (torn or in progress)", "-", "-", "-", "-", ""])
-            continue
         try:
+            if store.read_marker(step) is None:
+                rows.append([step, "no (torn or in progress)", "-", "-", "-", "-", ""])
+                continue
             m = store.read_manifest(step)
-        except (ChecksumError, ValueError) as exc:
-            rows.append([step, f"yes, unreadable: {exc}", "-", "-", "-", "-", ""])
+        except InvalidCheckpointError as exc:
+            ok = False
+            rows.append([step, f"damaged: {one_line(exc)}", "-", "-", "-", "-", ""])
             continue
         nbytes = sum(e["nbytes"] for e in m["tensors"].values())
         rows.append([step, "yes", m["world_size"], len(m["tensors"]), human_bytes(nbytes),
                      _when(m.get("created")), "<- latest" if step == latest else ""])
-    return table(["step", "committed", "world", "tensors", "bytes", "saved", ""], rows)
+    return ok, table(["step", "committed", "world", "tensors", "bytes", "saved", ""], rows)
 
 
 def _resolve_step(store: CheckpointStore, step) -> int:
@@ -72,7 +89,7 @@ def inspect(url: str, step: int | None = None) -> str:
     rows = []
     for key, e in m["tensors"].items():
         pieces = len({(tuple(lo), tuple(hi)) for _, lo, hi in e["fragments"]})
-        rows.append([key, "x".join(map(str, e["shape"])) or "()", e["dtype"], e["placement"],
+        rows.append([one_line(key), "x".join(map(str, e["shape"])) or "()", e["dtype"], e["placement"],
                      f"{pieces} from {len(e['fragments'])} ranks",
                      "x".join(map(str, e["chunks"])) or "()", len(e["checksums"]),
                      human_bytes(e["nbytes"])])
@@ -85,23 +102,31 @@ def inspect(url: str, step: int | None = None) -> str:
                 text = f"per rank: {json.dumps([decode_value(x) for x in v['per_rank']], default=repr)}"
             else:
                 text = json.dumps(decode_value(v["value"]), default=repr)
-            vrows.append([key, text if len(text) <= 70 else text[:67] + "..."])
+            vrows.append([one_line(key), text if len(text) <= 70 else text[:67] + "..."])
         lines.append(table(["value", "JSON"], vrows))
     return "\n".join(lines)
 
 
 def verify_report(url: str, step: int | None = None, every: bool = False) -> tuple[bool, str]:
-    """Check chunk checksums of one step (default: latest) or ``every`` committed step."""
+    """Check one step (default: latest) or ``every`` committed step: chunk
+    objects and checksums (`verify`).  Returns (ok, text), one line per
+    step and one per problem; a step whose marker or manifest is damaged
+    is one line."""
     store = CheckpointStore(url)
     steps = store.committed_steps() if every else [_resolve_step(store, step)]
     if not steps:
         raise FileNotFoundError(f"no committed checkpoint at {url}")
     lines, ok = [], True
     for s in steps:
-        problems = verify(url, s)
+        try:
+            problems = verify(url, s)
+        except InvalidCheckpointError as exc:
+            ok = False
+            lines.append(f"step {s}: damaged: {one_line(exc)}")
+            continue
         ok &= not problems
         lines.append(f"step {s}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
-        lines += [f"  {p}" for p in problems]
+        lines += [f"  {one_line(p)}" for p in problems]
     return ok, "\n".join(lines)
 
 

@@ -8,6 +8,13 @@ once: by one of the ranks that read it, and a failure raises on every rank.
 Tensors are filled in place; plain values are replaced; a target whose
 container is empty (a fresh optimizer's ``state``) is rebuilt from the saved
 subtree.
+
+Nothing is allocated or read from a step before it is vetted: its manifest
+is checked (`check_manifest`) and one listing of its folder shows every
+chunk object the manifest names as a plain file of exactly its full-chunk
+size (`check_objects`).  In a collective load rank 0 vets while it picks
+the step and every rank learns its verdict in the same agreement, so memory
+and time are bounded by the bytes really stored plus the manifest's size.
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ import torch
 
 from . import layout, zarr_io
 from .collective import agree, resolve
-from .manifest import ChecksumError, array_document, as_numpy, checksum, contiguous, from_numpy, torch_dtype
+from .manifest import (ChecksumError, InvalidCheckpointError, array_document, as_numpy, checksum, contiguous,
+                       from_numpy, torch_dtype)
 from .save import IO_THREADS
 from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
-from .store import CheckpointStore, check_step, data_prefix
+from .store import CheckpointStore, check_step, data_prefix, step_name
 from .zarr_io import open_array, read_box
 
 
@@ -214,7 +222,61 @@ class ChunkReader:
         entry = self.manifest["tensors"][key]
         raise ChecksumError(
             f"checksum mismatch in array {key!r} chunk {layout.chunk_name(index)} (Zarr array "
-            f"{entry['array']!r}) of {self.store.location(self.manifest['step'])}: {why}")
+            f"{entry['array']!r}) of {self.store.location(self.manifest['step'])}: {why}",
+            file=self.store.url_of(self._chunk_key(key, index)), field=f"tensors[{key!r}].checksums")
+
+
+def check_objects(store: CheckpointStore, manifest: dict) -> dict:
+    """Are the chunk objects of a (checked) manifest really stored?  One
+    listing of the step's folder (not one request per chunk): each chunk
+    must be a plain file of exactly its full-chunk size (the ``bytes`` codec
+    stores whole chunks, edges padded), so a missing, shorter or longer
+    object is damage, and so is a link anywhere in the step (it may lead
+    out of the store).  Returns ``{(key, chunk index) or (None, path):
+    InvalidCheckpointError}``, empty when every object is right."""
+    step = manifest["step"]
+    try:
+        listing = store.fs.find(store.path(step_name(step)), detail=True, withdirs=True)
+    except (FileNotFoundError, NotADirectoryError):
+        listing = {}
+    problems, sizes = {}, {}
+    for path, info in listing.items():
+        if info.get("islink"):
+            rel = path[len(store.root) + 1:] if path.startswith(store.root + "/") else path
+            problems[(None, path)] = InvalidCheckpointError(
+                f"{store.url_of(rel)}: a link inside a step (loom writes none; it may lead out of the store)",
+                file=store.url_of(rel), field=None)
+        elif info.get("type") == "file":
+            sizes[path] = info.get("size")
+    prefix = data_prefix(step)
+    for key in sorted(manifest["tensors"]):
+        entry = manifest["tensors"][key]
+        want = math.prod(entry["chunks"]) * torch_dtype(entry["dtype"]).itemsize
+        for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
+            rel = zarr_io.chunk_key(f"{prefix}/{entry['array']}", index)
+            got = sizes.get(store.path(rel))
+            if got != want:
+                what = "missing (or not a plain file)" if got is None else f"{got} bytes"
+                problems[(key, index)] = InvalidCheckpointError(
+                    f"{store.url_of(rel)}: chunk {layout.chunk_name(index)} of array {key!r} is {what}, "
+                    f"not a full chunk of {want} bytes ({entry['chunks']} of {entry['dtype']})",
+                    file=store.url_of(rel), field=f"tensors[{key!r}].chunks")
+    return problems
+
+
+def vet(store: CheckpointStore, step: int) -> tuple[dict, str]:
+    """A committed step's checked manifest and its sha256, after
+    `check_objects` found every chunk object right.  Raises
+    InvalidCheckpointError (the first problem, with how many there are),
+    ChecksumError for a manifest the marker did not seal, FileNotFoundError
+    for a step that is not committed."""
+    manifest, sha = store.read_sealed(step)
+    problems = check_objects(store, manifest)
+    if problems:
+        first = next(iter(problems.values()))
+        more = f" (and {len(problems) - 1} more damaged objects)" if len(problems) > 1 else ""
+        raise InvalidCheckpointError(f"{first}{more}", file=first.file, field=first.field)
+    return manifest, sha
 
 
 # -------------------------------------------------------- region mapping
@@ -306,55 +368,104 @@ def read_whole(reader: ChunkReader, key: str, row: int | None = None):
 # ----------------------------------------------------------------- load
 
 def _candidates(store: CheckpointStore, step, fallback: bool) -> list[int]:
+    """The steps a load tries, in order: ``step`` (the one `latest()` picks
+    when None), then with ``fallback`` every lower committed step, highest
+    first (a rolled-back branch's higher steps are never fallbacks)."""
     committed = store.committed_steps()
     if step is None:
         if not committed:
             raise NoCheckpointError(f"no committed checkpoint at {store.url}")
-        newest = store.latest()
-        return [s for s in reversed(committed) if s <= newest] if fallback else [newest]
+        step = store.latest()
     check_step(step)
     return [step] + ([s for s in reversed(committed) if s < step] if fallback else [])
 
 
-def load(state: dict, url: str, *, step: int | None = None, group=None, strict: bool = True,
-         fallback: bool = False) -> CheckpointInfo:
-    """Collective: fill ``state`` from ``step`` (the latest committed when
-    None) under ``url``.  Tensors are filled in place, plain values replaced.
-    ``strict=False`` loads the keys present and reports the missing ones;
-    ``fallback=True`` moves to the newest earlier committed step when a
-    checksum fails.  Works with no process group (a single process)."""
-    g = resolve(group)
-    store = CheckpointStore(url)
-    error, candidates = None, None
-    if g.rank == 0:
-        try:
-            candidates = _candidates(store, step, fallback)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-    candidates = agree(g, error, candidates, custom={"NoCheckpointError": NoCheckpointError})[0]
-    skipped: list = []
-    touched: set = set()
-    custom = {"ChecksumError": ChecksumError, "MissingKeysError": MissingKeysError}
+def _choose(store: CheckpointStore, candidates: list[int], fallback: bool, vetted: dict) -> dict:
+    """Rank 0: vet candidates in order until one passes (``fallback``) or
+    the first (not).  Returns ``{"step", "sha", "rest", "skipped", "error"}``
+    where ``error`` is the last candidate's InvalidCheckpointError (as a
+    record every rank rebuilds with its file and field) when none passed.
+    Vetted manifests are kept in ``vetted`` (by sha) for this rank's load."""
+    skipped = []
     for n, s in enumerate(candidates):
         try:
-            info = _load_candidate(state, store, s, g, strict, touched, custom)
-        except ChecksumError as exc:
-            if not fallback or n == len(candidates) - 1:
+            manifest, sha = vet(store, s)
+        except InvalidCheckpointError as exc:
+            if fallback and n < len(candidates) - 1:
+                skipped.append({"step": s, "error": str(exc)})
+                continue
+            record = {"type": type(exc).__name__, "message": str(exc), "file": exc.file, "field": exc.field}
+            return {"step": s, "sha": None, "rest": [], "skipped": skipped, "error": record}
+        vetted[sha] = manifest
+        return {"step": s, "sha": sha, "rest": candidates[n + 1:], "skipped": skipped, "error": None}
+    raise AssertionError("no candidates")  # pragma: no cover - _candidates returns at least one
+
+
+def _agree_choice(g, store, candidates, fallback: bool, vetted: dict, custom: dict) -> dict:
+    """One agreement: rank 0 vets (`_choose`) the steps ``candidates()``
+    returns, every rank learns the verdict; when none passed, the same
+    InvalidCheckpointError (file and field included) raises everywhere."""
+    error, choice = None, None
+    if g.rank == 0:
+        try:
+            choice = _choose(store, candidates(), fallback, vetted)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+            error = exc
+    choice = agree(g, error, choice, custom=custom)[0]
+    record = choice["error"]
+    if record is not None:
+        cls = ChecksumError if record["type"] == "ChecksumError" else InvalidCheckpointError
+        raise cls(record["message"], file=record["file"], field=record["field"])
+    return choice
+
+
+def load(state: dict, url: str, *, step: int | None = None, group=None, strict: bool = True,
+         fallback: bool = False) -> CheckpointInfo:
+    """Collective: fill ``state`` from ``step`` (the one `latest()` picks
+    when None: the newest commit in time) under ``url``.  Tensors are filled
+    in place, plain values replaced.  ``strict=False`` loads the keys
+    present and reports the missing ones.  ``fallback=True`` moves on to the
+    next lower committed step when a step is damaged (a checksum mismatch, a
+    damaged manifest, a missing or wrong-sized chunk object: any
+    InvalidCheckpointError); ``info.skipped`` says which steps and why.
+    Works with no process group (a single process).
+
+    Raises NoCheckpointError when nothing is committed, FileNotFoundError
+    for a ``step`` that is not, InvalidCheckpointError (ChecksumError for a
+    checksum) for damage, MissingKeysError for target keys the step lacks
+    (``strict``), ValueError/TypeError for a target that does not match."""
+    g = resolve(group)
+    store = CheckpointStore(url)
+    custom = {"ChecksumError": ChecksumError, "InvalidCheckpointError": InvalidCheckpointError,
+              "MissingKeysError": MissingKeysError, "NoCheckpointError": NoCheckpointError}
+    vetted: dict = {}  # sha -> manifest, on rank 0
+    choice = _agree_choice(g, store, lambda: _candidates(store, step, fallback), fallback, vetted, custom)
+    skipped = list(choice["skipped"])
+    touched: set = set()
+    while True:
+        try:
+            info = _load_candidate(state, store, choice["step"], choice["sha"], vetted, g, strict,
+                                   touched, custom)
+        except InvalidCheckpointError as exc:
+            if not fallback or not choice["rest"]:
                 raise
-            skipped.append({"step": s, "error": str(exc)})
+            skipped.append({"step": choice["step"], "error": str(exc)})
+            choice = _agree_choice(g, store, lambda rest=choice["rest"]: rest, fallback, vetted, custom)
+            skipped += choice["skipped"]
             continue
         info.skipped = skipped
         return info
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _load_candidate(state, store, step, g, strict, touched: set, custom: dict) -> CheckpointInfo:
-    """Load one step in two agreements: after planning (every rank's chunk
-    claims, so that each chunk is checked by one rank) and after reading.  An
-    error on any rank raises on every rank at one of them."""
+def _load_candidate(state, store, step, sha, vetted: dict, g, strict, touched: set, custom: dict) -> CheckpointInfo:
+    """Load one vetted step (manifest ``sha``) in two agreements: after
+    planning (every rank's chunk claims, so that each chunk is checked by
+    one rank) and after reading.  An error on any rank raises on every rank
+    at one of them."""
     error, reader, finish = None, None, None
     try:
-        reader, finish = _plan_step(state, store, store.read_manifest(step), g, strict, touched)
+        manifest = vetted.get(sha) or store.read_manifest(step, expect_sha256=sha)
+        reader, finish = _plan_step(state, store, manifest, g, strict, touched)
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
     claims = agree(g, error, None if reader is None else reader.claims(), custom=custom)
@@ -516,25 +627,29 @@ def _materialize(reader, saved: dict, keys: list, depth: int, rank: int | None):
 # ---------------------------------------------------------------- verify
 
 def verify(url: str, step: int | None = None) -> list[str]:
-    """Read every chunk of a committed step and check its crc32c; returns
-    the problems found (empty when the step is intact).  One process."""
+    """Check a committed step (default: the one `latest()` picks): its
+    chunk objects (`check_objects`), then every chunk's crc32c.  Returns the
+    problems found (empty when the step is intact).  One process.  Raises
+    FileNotFoundError when there is no such committed step and
+    InvalidCheckpointError when its marker or manifest is damaged (nothing
+    can be checked against it)."""
     store = CheckpointStore(url)
     step = store.latest() if step is None else check_step(step)
     if step is None:
         raise FileNotFoundError(f"no committed checkpoint at {url}")
-    try:
-        manifest = store.read_manifest(step)
-    except ChecksumError as exc:
-        return [str(exc)]
-    problems = []
-    for key, entry in manifest["tensors"].items():
-        reader = ChunkReader(store, manifest)
+    manifest = store.read_manifest(step)
+    damaged = check_objects(store, manifest)
+    problems = [str(exc) for exc in damaged.values()]
+    reader = ChunkReader(store, manifest)
+    for key in sorted(manifest["tensors"]):
+        entry = manifest["tensors"][key]
         shape, chunks = tuple(entry["storage_shape"]), tuple(entry["chunks"])
         for index in layout.chunk_indices(shape, chunks):
-            cbox = layout.chunk_box(index, shape, chunks)
+            if (key, index) in damaged:
+                continue
             try:
-                reader.read_chunk(key, index, cbox)
+                reader.read_chunk(key, index, layout.chunk_box(index, shape, chunks))
             except Exception as exc:  # noqa: BLE001 - report every bad chunk
-                problems.append(str(exc) if isinstance(exc, ChecksumError) else
+                problems.append(str(exc) if isinstance(exc, InvalidCheckpointError) else
                                 f"array {key!r} chunk {layout.chunk_name(index)}: {type(exc).__name__}: {exc}")
     return problems

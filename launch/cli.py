@@ -28,10 +28,14 @@ def _train(args) -> int:
 
 
 def _ckpt(args) -> int:
+    """`loom ckpt ...`: exit 0 when all is well, 1 with one line on stderr
+    for any error (a damaged or hostile store included), never a traceback."""
     from loom.checkpoint import cli as ck
     try:
         if args.ckpt_command == "ls":
-            print(ck.ls(args.url))
+            ok, text = ck.ls(args.url)
+            print(text)
+            return 0 if ok else 1
         elif args.ckpt_command == "inspect":
             print(ck.inspect(args.url, args.step))
         elif args.ckpt_command == "verify":
@@ -44,7 +48,11 @@ def _ckpt(args) -> int:
             from loom.checkpoint.deepspeed_convert import from_deepspeed
             print(f"wrote {from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step)}")
     except (FileNotFoundError, ValueError) as exc:
-        print(f"loom ckpt {args.ckpt_command}: error: {exc}", file=sys.stderr)
+        print(f"loom ckpt {args.ckpt_command}: error: {ck.one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, not a traceback
+        print(f"loom ckpt {args.ckpt_command}: error: {type(exc).__name__}: {ck.one_line(exc)}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -376,14 +376,17 @@ def test_killed_mid_save_leaves_previous_step(distributed, tmp_path, where):
     with pytest.raises((WorkerError, RuntimeError)):
         distributed(_crash_mid_save, 2, url, where, timeout=TIMEOUT)
     store = CheckpointStore(url)
-    assert store.steps() == [1, 2] and store.committed_steps() == [1] and store.latest() == 1
+    # a surviving rank 0 removes the torn step (save discards it); a killed one cannot
+    torn = store.steps()[1:]
+    assert store.committed_steps() == [1] and store.latest() == 1 and torn in ([], [2])
+    assert torn == [2] or where == "chunks"
     target = {"w": torch.zeros(8, 3), "n": 0}
     info = ckpt.load(target, url)  # no process group here: world 1 reads both shards
     assert info.step == 1 and info.world_size == 2 and target["n"] == 1
     assert torch.equal(target["w"], torch.cat([torch.zeros(4, 3), torch.ones(4, 3)]))
-    with pytest.raises(FileNotFoundError, match="not committed"):
+    with pytest.raises(FileNotFoundError, match="not committed|no step 2"):
         ckpt.load(target, url, step=2)
     # newer than every commit, so possibly a save in progress: gc keeps it unless told
-    assert ckpt.gc(url)["uncommitted"] == [] and store.steps() == [1, 2]
-    assert ckpt.gc(url, include_newer=True)["uncommitted"] == [2] and store.steps() == [1]
+    assert ckpt.gc(url)["uncommitted"] == [] and store.steps() == [1, *torn]
+    assert ckpt.gc(url, include_newer=True)["uncommitted"] == torn and store.steps() == [1]
     assert math.isclose(float(target["w"].sum()), 12.0)
