@@ -53,6 +53,7 @@ def check_secret(secret) -> bytes:
 
 
 def mac(secret: bytes, tag: bytes, body: bytes) -> bytes:
+    """HMAC-SHA256 of ``tag + body`` under ``secret`` (32 bytes)."""
     return hmac.new(secret, tag + body, hashlib.sha256).digest()
 
 

@@ -529,3 +529,39 @@ def test_monitor_ships_which_groups_are_background(monkeypatch):
     assert all(agg.ingest(json.dumps(m).encode()) for m in link.sent)
     assert agg.background == {PERSIST}
     trace.reset_trace()
+
+
+def test_monitor_reports_fit_the_frame_and_the_backlog_is_bounded():
+    import json
+    from loom.faults import Monitor, wire
+
+    class Small:
+        max_frame = 1500  # bytes of a sealed report
+
+        def __init__(self):
+            self.sent, self.fail = [], False
+
+        def send(self, payload):
+            if self.fail:
+                raise ConnectionError("aggregator unreachable")
+            assert len(payload) + wire.MAC_BYTES <= self.max_frame
+            self.sent.append(json.loads(payload))
+
+    trace.reset_trace()
+    link = Small()
+    mon = Monitor(link, rank=0, interval=60, max_records=40, max_backlog=50).start()
+    link.fail = True
+    for _ in range(70):  # 70 records while the aggregator is away: the 20 oldest are let go
+        trace.close_record(trace.open_record(0, "world", (0, 1), "barrier", 0))
+    with pytest.raises(ConnectionError):
+        mon._ship()
+    link.fail = False
+    mon.stop()
+    reports = link.sent[1:]
+    assert len(reports) > 2 and all(len(m["recs"]) <= 40 for m in reports)  # a backlog over several reports
+    assert [r[1] for m in reports for r in m["recs"]] == list(range(20, 70))
+    assert reports[0]["groups"] == {"world": [0, 1]} and all(m["groups"] == {} for m in reports[1:])
+    assert reports[-1]["dropped"] == 20 and reports[-1]["bye"] and not any(m["bye"] for m in reports[:-1])
+    agg = Aggregator(2, check_pids=False)
+    assert all(agg.ingest(json.dumps(m).encode()) for m in link.sent) and 0 in agg.departed
+    trace.reset_trace()
