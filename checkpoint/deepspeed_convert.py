@@ -340,10 +340,6 @@ def read_deepspeed(ds_dir: str, tag: str | None = None, *, loom_url: str | None 
     first = ranks[0]
     param_shapes = _get(model_sd, "param_shapes", list, model_file, "")
     module = _get(model_sd, "module", dict, model_file, "") if model_sd.get("module") is not None else {}
-    if len(param_shapes) != len(first["single_partition_of_fp32_groups"]):
-        raise InvalidCheckpointError(f"{model_file}: {len(param_shapes)} parameter groups, but the optimizer "
-                                     f"files hold {len(first['single_partition_of_fp32_groups'])}",
-                                     file=model_file, field="param_shapes")
     for r, osd in enumerate(ranks):
         if len(osd["single_partition_of_fp32_groups"]) != len(param_shapes):
             raise InvalidCheckpointError(f"{optim_files[r]}: {len(osd['single_partition_of_fp32_groups'])} "
@@ -376,16 +372,19 @@ def read_deepspeed(ds_dir: str, tag: str | None = None, *, loom_url: str | None 
                 return torch.cat([source(r).detach().narrow(0, start, count) for r, start, count in pieces]) \
                     .reshape(shape).clone()
             weights[name] = gather(lambda r: ranks[r]["single_partition_of_fp32_groups"][g])
-            opt_state[index] = {
-                key: gather(lambda r: ranks[r]["base_optimizer_state"]["state"][g][key]) if key in flat_names
-                else _scalar(key, scalars[key]) for key in state_names}
+            if state_names:  # none before the first optimizer step, as in PyTorch
+                opt_state[index] = {
+                    key: gather(lambda r: ranks[r]["base_optimizer_state"]["state"][g][key]) if key in flat_names
+                    else _scalar(key, scalars[key]) for key in state_names}
         group = _get(groups_sd, g, dict, optim_files[0], "optimizer_state_dict/base_optimizer_state/param_groups")
         groups.append({**_json_group(group, optim_files[0], f"param_groups/{g}"), "params": indices})
     # buffers and frozen parameters as the module saved them, in the module's order
     model = {}
     for k, v in module.items():
-        model[k] = weights.pop(k) if k in weights else _get(module, k, torch.Tensor, model_file, "module") \
-            .detach().clone()
+        if not isinstance(k, str) or not torch.is_tensor(v):
+            raise InvalidCheckpointError(f"{model_file}: module entry {k!r} is not a tensor under a name",
+                                         file=model_file, field=f"module/{k}")
+        model[k] = weights.pop(k) if k in weights else v.detach().clone()
     model.update(weights)
     meta = {"param_names": names,
             "global_steps": _count(model_sd.get("global_steps", 0), model_file, "global_steps"),
