@@ -129,6 +129,8 @@ def _store_aggregator(cfg, reporter, rank: int, world: int):
             contact = pack_contact(*aggregator.address, aggregator.secret)
         except (OSError, ValueError) as exc:  # the others must not wait for a contact that never comes
             error = exc
+            if aggregator is not None:
+                aggregator.stop()
     contact = _broadcast_bytes(contact)
     if error is not None:
         raise error
