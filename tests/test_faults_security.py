@@ -237,3 +237,38 @@ def test_contact_layout_round_trip():
         unpack_contact(bytes(515))
     with pytest.raises(ValueError, match="255 bytes"):
         pack_contact("h" * 300, 1, SECRET)
+
+
+def _exchange(secret_env):
+    """Every rank runs the torchrun path's contact exchange; returns what it got."""
+    import torch.distributed as dist
+    from loom.launch.config import build_config
+    from loom.launch.fault_watch import _store_aggregator
+    rank = dist.get_rank()
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ.pop("LOOM_JOB_SECRET", None)
+    if secret_env is not None and rank == 0:  # only rank 0's environment counts
+        os.environ["LOOM_JOB_SECRET"] = secret_env
+    try:
+        agg, address, secret = _store_aggregator(build_config(), None, rank, dist.get_world_size())
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        os.environ.pop("LOOM_JOB_SECRET", None)
+    bound = agg._listener.sock.getsockname()[0] if agg is not None else None
+    if agg is not None:
+        agg.stop()
+    return address, secret, bound
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_contact_travels_by_broadcast(distributed):
+    (a0, s0, bound), (a1, s1, _) = distributed(_exchange, 2, None)
+    assert a0 == a1 and a0[0] == "127.0.0.1" and bound == "127.0.0.1"
+    assert s0 == s1 and len(s0) == 32
+    (_, s0, _), (_, s1, _) = distributed(_exchange, 2, "a-job-secret-of-some-length")
+    assert s0 == s1 == b"a-job-secret-of-some-length"
+    out = distributed(_exchange, 2, "short")  # rank 0 cannot start it: every rank raises, none waits
+    assert out == ["ValueError: LOOM_JOB_SECRET has 5 bytes; it needs at least 16",
+                   "RuntimeError: rank 1: rank 0 could not start the fault aggregator (no aggregator contact "
+                   "was sent)"]
