@@ -139,13 +139,14 @@ def _train_sgd(root):
     """ZeRO-1 with SGD + momentum, 2 steps; saved by DeepSpeed and through
     loom's engine.  Returns DeepSpeed's own full fp32 weights and momentum."""
     import deepspeed
+    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     model = _model()
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**6,
               "optimizer": {"type": "SGD", "params": {"lr": 1e-2, "momentum": 0.9}}}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    g = torch.Generator().manual_seed(dist_rank())
+    g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(2):
         loss = engine(torch.randn(2, 5, generator=g)).pow(2).sum()
         engine.backward(loss)
@@ -158,11 +159,6 @@ def _train_sgd(root):
     engine.checkpoint_engine.wait()
     engine.destroy()
     return full
-
-
-def dist_rank():
-    import torch.distributed as dist
-    return dist.get_rank()
 
 
 @pytest.mark.e2e

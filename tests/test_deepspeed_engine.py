@@ -7,6 +7,7 @@ import os
 import pickle
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -84,7 +85,7 @@ def test_skeleton_round_trips_what_deepspeed_saves():
 
 @pytest.mark.parametrize("state, where, what", [
     ({"client": {"x": [1, object()]}}, "client/x/1", "builtins.object"),
-    ({"client": {"n": __import__("numpy").float32(1.0)}}, "client/n", "numpy.float32"),
+    ({"client": {"n": np.float32(1.0)}}, "client/n", "numpy.float32"),
     ({"client": collections.defaultdict(int)}, "client", "collections.defaultdict"),
     ({"client": {torch.zeros(1): 1}}, "client/tensor([0.])", "a dict key"),
     ({"client": types.SimpleNamespace(a=1)}, "client", "types.SimpleNamespace"),
