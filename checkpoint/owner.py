@@ -50,7 +50,7 @@ import time
 import uuid
 
 from .collective import agree, resolve
-from .manifest import InvalidCheckpointError
+from .manifest import MAX_SMALL_JSON, InvalidCheckpointError, parse_json
 from .store import CheckpointStore
 
 log = logging.getLogger("loom.checkpoint")
@@ -159,17 +159,17 @@ def _check_record(record, where: str) -> dict:
 
 def _read(store: CheckpointStore) -> dict | None:
     """The store's owner record, None when there is none; InvalidCheckpointError
-    when it is not one."""
-    raw = store.get(OWNER)
-    if raw is None:
-        return None
+    when it is not one (also when it is too large, or not a regular file)."""
     where = f"{store.url}/{OWNER}"
     try:
-        record = json.loads(raw)
-    except ValueError:
-        raise InvalidCheckpointError(f"{where}: not a loom owner record (not JSON); if no job is writing "
-                                     f"this store, claim it with takeover=True (loom train --ckpt-takeover)",
-                                     file=where) from None
+        raw = store.get(OWNER, MAX_SMALL_JSON)
+        if raw is None:
+            return None
+        record = parse_json(raw, where)
+    except InvalidCheckpointError as exc:
+        raise InvalidCheckpointError(f"{exc} (not a loom owner record); if no job is writing this store, "
+                                     f"claim it with takeover=True (loom train --ckpt-takeover), which "
+                                     f"replaces it", file=where) from None
     return _check_record(record, where)
 
 
@@ -449,7 +449,7 @@ def _prove_shared(store: CheckpointStore, g, probe: list) -> None:
     why = None
     if g.rank != 0:
         try:
-            raw = store.get(name)
+            raw = store.get(name, MAX_SMALL_JSON)
             why = "not found" if raw is None else None if raw == content.encode() else "different content"
         except Exception as exc:  # noqa: BLE001 - cannot read it: not shared either
             why = f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from loom import checkpoint as ckpt
 from loom.checkpoint import owner
 from loom.checkpoint.collective import Group
-from loom.checkpoint.store import LATEST, CheckpointStore
+from loom.checkpoint.store import CheckpointStore
 
 from helpers import sabotage_chunk_writes
 
@@ -96,7 +96,7 @@ def test_a_gone_owner_is_claimed_and_a_live_one_is_not(tmp_path):
         saver.save(state(2), step=2).result()
     # a record loom did not write is refused (takeover replaces it)
     CheckpointStore(url).put(owner.OWNER, b"{not json")
-    with pytest.raises(ckpt.InvalidCheckpointError, match="not a loom owner record.*takeover=True"):
+    with pytest.raises(ckpt.InvalidCheckpointError, match="OWNER.*not a loom owner record.*takeover=True"):
         ckpt.save(state(3), url, step=3)
     ckpt.save(state(3), url, step=3, takeover=True)
     assert intact(url) == [1, 2, 3]
@@ -148,16 +148,15 @@ def test_a_failed_sync_save_leaves_no_torn_step(tmp_path, monkeypatch):
     assert store.steps() == [1]
 
     # a failure after the marker: the step is committed, so it stays
-    real_put = CheckpointStore.put
+    real_commit = CheckpointStore.commit
 
-    def put(self, rel, data):
-        if rel == LATEST:
-            raise OSError("latest could not be written")
-        real_put(self, rel, data)
-    monkeypatch.setattr(CheckpointStore, "put", put)
-    with pytest.raises(OSError, match="latest could not be written"):
+    def commit(self, *args, **kwargs):
+        real_commit(self, *args, **kwargs)
+        raise OSError("failed after the marker")
+    monkeypatch.setattr(CheckpointStore, "commit", commit)
+    with pytest.raises(OSError, match="failed after the marker"):
         ckpt.save(state(3), url, step=3)
-    monkeypatch.setattr(CheckpointStore, "put", real_put)
+    monkeypatch.setattr(CheckpointStore, "commit", real_commit)
     assert store.committed_steps() == [1, 3] and intact(url) == [1, 3]
 
     # taken over while writing: nothing is committed, and the step (now the

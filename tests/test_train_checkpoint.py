@@ -1,8 +1,10 @@
 """`loom train` checkpoints: a resumed run repeats the uninterrupted run's
 losses exactly (float64, deterministic data), in-process and through the CLI."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,3 +102,36 @@ def test_loom_train_cli_resume(distributed, tmp_path):
     out, metrics = run("second", "--steps", "6", "--resume")
     assert "resumed from" in out
     assert [m["step"] for m in metrics] == [4, 5] and [m["loss"] for m in metrics] == reference[4:]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_loom_train_twice_on_one_store_the_second_exits_naming_the_owner(tmp_path):
+    from loom import checkpoint
+    url = str(tmp_path / "ck")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"] + [
+        "--no-progress", "--runs-dir", str(tmp_path), "--ckpt-url", url, "--ckpt-every", "5", "--keep-last", "2"]
+    with open(tmp_path / "first.log", "w") as log:  # a file: a pipe nobody reads would fill up
+        first = subprocess.Popen([sys.executable, "-m", "loom", "train", "--name", "first", "--steps", "1000000",
+                                  *flags], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while (record := checkpoint.read_owner(url)) is None:
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.5)
+        assert record["job"] == "loom train first"
+        second = subprocess.run([sys.executable, "-m", "loom", "train", "--name", "second", "--steps", "10",
+                                 "--seed", "1", *flags], capture_output=True, text=True, timeout=280)
+        assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
+        assert "CheckpointOwnershipError" in second.stderr
+        assert f"is owned by job 'loom train first' on host {record['host']} (pid {record['pid']}" in second.stderr
+        assert first.poll() is None  # the owner is not disturbed
+    finally:
+        first.send_signal(signal.SIGINT)
+        try:
+            first.wait(120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait(30)
+    steps = checkpoint.CheckpointStore(url).committed_steps()
+    assert steps and all(checkpoint.verify(url, s) == [] for s in steps)
