@@ -3,6 +3,7 @@
 The only door to torch.distributed in loom.  Every op here appends a
 `CommRecord` to a per-process ring buffer (see `records`).
 """
+from .agree import Agreement, RemoteError, agree
 from .mesh import Mesh, init_mesh, mesh_layout
 from .ops import (
     Pending,
@@ -27,6 +28,7 @@ from .ops import (
     reduce_scatter_with_grad,
     register_group,
     send,
+    set_collective_checks,
     set_send_hook,
     wait_all,
 )
@@ -36,7 +38,7 @@ from .scan import all_scan
 from .trace import CommRecord, TraceReader, records, reset_trace, set_step
 
 __all__ = [
-    "CommRecord", "Mesh", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
+    "Agreement", "CommRecord", "Mesh", "RemoteError", "agree", "set_collective_checks", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",

@@ -1,10 +1,15 @@
 """Traced wrappers around torch.distributed: the only door to it in loom.
 
 Every call records a `CommRecord` (see trace.py).  Ranks are always *global*
-ranks; ``group=None`` means the default (world) group.  The ``*_with_grad``
-variants are autograd-aware for parallel code.
+ranks; ``group=None`` means the default (world) group, or a world of one when
+torch.distributed is not initialised (collectives then return at once).  On
+gloo, collectives first agree on their inputs (see "checked collectives"
+below), so a mismatch raises on every rank instead of hanging or aborting.
+The ``*_with_grad`` variants are autograd-aware for parallel code.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -18,6 +23,7 @@ _REDUCE_OPS = {
     "min": dist.ReduceOp.MIN,
     "product": dist.ReduceOp.PRODUCT,
 }
+_REDUCE_CODES = {name: i for i, name in enumerate(_REDUCE_OPS, start=1)}
 
 # ProcessGroup -> (name, ranks, own global rank).  Filled lazily; names come
 # from `register_group` (the mesh names its groups) or from the member ranks.
@@ -88,7 +94,10 @@ def forget_groups() -> None:
 
 
 def group_ranks(group=None) -> list[int]:
-    """The global ranks of ``group`` in group order."""
+    """The global ranks of ``group`` in group order (``[0]`` for ``group=None``
+    when torch.distributed is not initialised: a world of one)."""
+    if group is None and not dist.is_initialized():
+        return [0]
     return list(_info(group)[1][1])
 
 
@@ -125,22 +134,122 @@ def _dim0_chunks(t: torch.Tensor, parts: int, what: str) -> int:
     return t.shape[0] // parts
 
 
+# ------------------------------------------------------- checked collectives
+#
+# A collective whose ranks disagree (a shape, a dtype, one rank's invalid
+# input) does not fail cleanly on gloo: peers wait until the timeout, gloo
+# aborts the process on a size mismatch, and a broadcast of mismatched sizes
+# "succeeds" with garbage.  Checked collectives first agree (loom.comms.agree)
+# on what each rank is about to do, so a mismatch or a local validation error
+# raises the same ValueError on every rank, naming the ranks and values.  The
+# check is one tiny extra exchange; on NCCL it would also make the host wait
+# for the device, so "auto" checks gloo groups only.
+
+CHECK_MODES = ("auto", "on", "off")
+_checks = {"mode": os.environ.get("LOOM_CHECK_COLLECTIVES", "auto")}
+_OPCODES = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 3, "all_to_all_v": 4, "all_to_all_counts": 5,
+            "broadcast": 6, "barrier": 7}
+_DTYPES = {d: i for i, d in enumerate((torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                                       torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                                       torch.complex64, torch.complex128), start=1)}
+_DIMS = 11  # dims described one by one; more go into one checksum field
+
+
+def set_collective_checks(mode: str) -> None:
+    """Whether collectives agree on their inputs first: ``"auto"`` (the
+    default; gloo groups only), ``"on"`` or ``"off"``.  Also from the
+    environment: ``LOOM_CHECK_COLLECTIVES``.  Raises ValueError for another mode."""
+    if mode not in CHECK_MODES:
+        raise ValueError(f"collective checks mode {mode!r} must be one of {CHECK_MODES}")
+    _checks["mode"] = mode
+
+
+def _checked(pg) -> bool:
+    mode = _checks["mode"]
+    if mode == "auto":
+        return "gloo" in str(dist.get_backend(pg))
+    return mode == "on"
+
+
+def _prepare(name: str, group, t: torch.Tensor, arg: int = 0, validate=None, rows_may_differ=False):
+    """Validate this rank's call; in checked mode agree with the group first
+    (raising on every rank).  Returns (pg, validate's result)."""
+    pg = _info(group)[0]
+    result, error = None, None
+    try:
+        result = validate() if validate is not None else None
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if _checked(pg):
+        _agree_call(name, group, t, arg, error, rows_may_differ)
+    elif error is not None:
+        raise error
+    return pg, result
+
+
+def _agree_call(name, group, t, arg, error, rows_may_differ) -> None:
+    from .agree import agree, checksum_ints
+    shape = list(t.shape)
+    described = shape[1:] if rows_may_differ else shape
+    fields = [_OPCODES[name], _DTYPES.get(t.dtype, 99), int(arg), len(described),
+              *described[:_DIMS], checksum_ints(described[_DIMS:]) if len(described) > _DIMS else 0]
+    table = agree(error, fields, group=group, device=t.device if t.device.type == "cuda" else None)
+    ranks, rows = table.ranks, table.fields
+    where = f"{name} on group {_info(group)[1][0]}"
+    if len({row[0] for row in rows}) > 1:
+        ops = {v: k for k, v in _OPCODES.items()}
+        raise ValueError(f"{where}: ranks are in different collectives: "
+                         + ", ".join(f"rank {r}: {ops.get(row[0], row[0])}" for r, row in zip(ranks, rows)))
+    names = {1: "dtype", 2: {"broadcast": "src", "all_reduce": "reduce op", "reduce_scatter": "reduce op"}
+             .get(name, "")}
+    dtypes = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
+    for col, label in names.items():
+        if label and len({row[col] for row in rows}) > 1:
+            shown = [dtypes.get(row[col], row[col]) if col == 1 else row[col] for row in rows]
+            raise ValueError(f"{where}: {label} differs across ranks {list(ranks)}: "
+                             + ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, shown)))
+    shapes = [tuple(row[4:4 + min(row[3], _DIMS)]) + (("...",) if row[3] > _DIMS else ()) for row in rows]
+    if len({tuple(row[3:]) for row in rows}) > 1:
+        what = "shape without dim 0" if rows_may_differ else "shape"
+        raise ValueError(f"{where}: {what} differs across ranks {list(ranks)}: "
+                         + ", ".join(f"rank {r}: {s}" for r, s in zip(ranks, shapes)))
+
+
+def _alone(group) -> bool:
+    """No process group at all: ``group=None`` is a world of one."""
+    return group is None and not dist.is_initialized()
+
+
 # ---------------------------------------------------------------- collectives
+#
+# ``group=None`` means the default group, or - when torch.distributed is not
+# initialised - a world of one: every collective then returns what it would
+# return on one rank, without communicating (and records nothing).
 
 def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In-place all-reduce; returns ``t``."""
-    rop = _reduce_op(op)
-    pg, rec = _open("all_reduce", group, t)
+    if _alone(group):
+        _reduce_op(op)
+        return t
+    pg, rop = _prepare("all_reduce", group, t, _REDUCE_CODES.get(op, -1), lambda: _reduce_op(op))
+    _, rec = _open("all_reduce", group, t)
     dist.all_reduce(t, op=rop, group=pg)
     trace.close_record(rec)
     return t
 
 
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape((-1,) + tuple(t.shape[1:])) if t.dim() else t.reshape(1)
+
+
 def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (same shape everywhere), concatenated on dim 0 in group order."""
-    pg, rec = _open("all_gather", group, t)
+    if _alone(group):
+        return _as_rows(t).clone()
+    pg, _ = _prepare("all_gather", group, t)
+    _, rec = _open("all_gather", group, t)
     size = len(_group_info[pg][1])
-    src = t.contiguous().reshape((-1,) + tuple(t.shape[1:])) if t.dim() else t.reshape(1)
+    src = _as_rows(t)
     out = src.new_empty((size * src.shape[0],) + tuple(src.shape[1:]))
     dist.all_gather_single(out, src, group=pg)
     trace.close_record(rec)
@@ -149,9 +258,16 @@ def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
 
 def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """Reduce ``t`` over the group and return this rank's dim-0 slice of the result."""
-    rop = _reduce_op(op)
-    pg, rec = _open("reduce_scatter", group, t)
-    rows = _dim0_chunks(t, len(_group_info[pg][1]), "reduce_scatter")
+    if _alone(group):
+        _reduce_op(op)
+        _dim0_chunks(t, 1, "reduce_scatter")
+        return t.clone()
+    size = len(_info(group)[1][1])
+
+    def validate():
+        return _reduce_op(op), _dim0_chunks(t, size, "reduce_scatter")
+    pg, (rop, rows) = _prepare("reduce_scatter", group, t, _REDUCE_CODES.get(op, -1), validate)
+    _, rec = _open("reduce_scatter", group, t)
     out = t.new_empty((rows,) + tuple(t.shape[1:]))
     dist.reduce_scatter_single(out, t.contiguous(), op=rop, group=pg)
     trace.close_record(rec)
@@ -169,17 +285,24 @@ def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> 
     """Exchange uneven dim-0 slices: ``send_splits[i]`` rows of ``x`` go to the
     i-th rank of the group.  When ``recv_splits`` is None the counts are
     exchanged first (one extra small all-to-all)."""
-    size = len(_info(group)[1][1])
-    send_splits = _check_splits("send_splits", send_splits, size)
-    rows = x.shape[0] if x.dim() else 1
-    if sum(send_splits) != rows:
-        raise ValueError(f"all_to_all_v: send_splits sum to {sum(send_splits)} but x has {rows} rows")
-    if recv_splits is None:
-        recv_splits = exchange_counts(send_splits, group)
-    recv_splits = _check_splits("recv_splits", recv_splits, size)
-    pg, rec = _open("all_to_all_v", group, x)
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=pg)
+    size = 1 if _alone(group) else len(_info(group)[1][1])
+
+    def validate():
+        splits = _check_splits("send_splits", send_splits, size)
+        rows = x.shape[0] if x.dim() else 1
+        if sum(splits) != rows:
+            raise ValueError(f"all_to_all_v: send_splits sum to {sum(splits)} but x has {rows} rows")
+        if recv_splits is not None:
+            _check_splits("recv_splits", recv_splits, size)
+        return splits
+    if _alone(group):
+        validate()
+        return x.clone()
+    pg, sends = _prepare("all_to_all_v", group, x, 0, validate, rows_may_differ=True)
+    recvs = exchange_counts(sends, group) if recv_splits is None else _check_splits("recv_splits", recv_splits, size)
+    _, rec = _open("all_to_all_v", group, x)
+    out = x.new_empty((sum(recvs), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recvs, sends, group=pg)
     trace.close_record(rec)
     return out
 
@@ -187,7 +310,13 @@ def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> 
 def exchange_counts(send_counts, group=None) -> list[int]:
     """All-to-all of one integer per peer: returns what each peer will send here."""
     counts = torch.tensor([int(c) for c in send_counts], dtype=torch.int64)
-    pg, rec = _open("all_to_all_counts", group, counts)
+    if _alone(group):
+        _check_splits("send_counts", counts.tolist(), 1)
+        return counts.tolist()
+    size = len(_info(group)[1][1])
+    pg, _ = _prepare("all_to_all_counts", group, counts, 0,
+                     lambda: _check_splits("send_counts", counts.tolist(), size))
+    _, rec = _open("all_to_all_counts", group, counts)
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts, group=pg)
     trace.close_record(rec)
@@ -196,13 +325,25 @@ def exchange_counts(send_counts, group=None) -> list[int]:
 
 def broadcast(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
     """In-place broadcast from global rank ``src``; returns ``t``."""
-    pg, rec = _open("broadcast", group, t, peer=src)
+    members = [0] if _alone(group) else _info(group)[1][1]
+
+    def validate():
+        if src not in members:
+            raise ValueError(f"broadcast: src={src!r} is not a global rank of the group {list(members)}")
+    if _alone(group):
+        validate()
+        return t
+    pg, _ = _prepare("broadcast", group, t, src if isinstance(src, int) else -1, validate)
+    _, rec = _open("broadcast", group, t, peer=src)
     dist.broadcast(t, src=src, group=pg)
     trace.close_record(rec)
     return t
 
 
 def barrier(group=None) -> None:
+    if _alone(group):
+        return
+    _prepare("barrier", group, _EMPTY)
     pg, rec = _open("barrier", group, _EMPTY, nbytes=0)
     dist.barrier(group=pg)
     trace.close_record(rec)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import ops
 
-CHANNELS = 4  # channels per ring: wire tag = tag * CHANNELS + channel
+CHANNELS = 4  # channels per ring: wire tag = tag * CHANNELS + channel; the last is `agree`'s
 
 
 def _check_ranks(ranks) -> tuple[int, ...]:
@@ -41,8 +41,6 @@ def _check_ranks(ranks) -> tuple[int, ...]:
 def world_ranks(group=None) -> list[int]:
     """The global ranks of ``group`` (default: the world); ``[0]`` when
     torch.distributed is not initialised (a single process is a ring of one)."""
-    if group is None and not dist.is_initialized():
-        return [0]
     return ops.group_ranks(group)
 
 

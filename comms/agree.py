@@ -1,0 +1,203 @@
+"""Agree, or all raise: how every distributed entry point fails together.
+
+A rank whose input is bad must not simply raise: its peers would wait in the
+next message until the process-group timeout (gloo may even abort the process
+on a size mismatch).  So before any data moves, every rank of the group takes
+part in one small exchange, `agree`: whether its input is valid, a few
+integers describing its call, and optionally a JSON payload.  If any rank
+failed, every rank raises - the failing rank its own exception, the others one
+of the same type (for common types) naming the failing rank and its message.
+The callers then compare the descriptions with `Agreement.same`, which raises
+the same error on every rank too, because every rank holds the same table.
+
+Over a process group (``group``; None: the default group) the exchange is an
+all-gather; over an ordered list of global ranks (``ranks``; rings formed per
+batch, no process group) it goes round the ring point to point on the
+default group.  With no process group at all (one process) nothing is sent.
+
+Wire: round 1 is a fixed int64 row per rank ``[ok, payload bytes, WIDTH
+description integers]``; round 2, only when some rank failed or sent a
+payload, carries each rank's JSON (its error or its payload).  The common
+case costs one tiny exchange.  Nothing received is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import ops, trace
+from .ring import CHANNELS, Ring
+
+WIDTH = 16                  # description integers per rank (fewer are zero-padded)
+AGREE_CHANNEL = CHANNELS - 1  # the ring channel agreements use (see ring.py)
+_NO_PAYLOAD = object()
+
+
+class RemoteError(RuntimeError):
+    """A peer failed with an error of a type that is not rebuilt; the message
+    names the rank, the type and the message."""
+
+
+# The exception types rebuilt on the other ranks (a peer's error of another
+# type arrives as RemoteError).  No class named by a peer is ever looked up.
+_TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, KeyError, IndexError, FileNotFoundError,
+                                        RuntimeError, NotImplementedError, TimeoutError)}
+
+
+@dataclass
+class Agreement:
+    """What every rank said, in group (or ring) order: ``fields[i]`` the
+    description integers of position i, ``payloads[i]`` its payload (None
+    when it sent none), ``ranks[i]`` its global rank."""
+    fields: list
+    payloads: list
+    ranks: tuple
+
+    def column(self, i: int) -> list[int]:
+        return [row[i] for row in self.fields]
+
+    def same(self, names: Sequence[str], what: str, *, show: Sequence[str] = ()) -> None:
+        """Raise ValueError (on every rank alike) when a described field
+        differs across ranks.  ``names[i]`` names description integer i (None
+        or "" to skip it); the values of the fields in ``show`` are printed,
+        the others only said to differ."""
+        for i, name in enumerate(names):
+            if not name:
+                continue
+            values = self.column(i)
+            if len(set(values)) > 1:
+                detail = (", ".join(f"rank {r}: {v}" for r, v in zip(self.ranks, values)) if name in show
+                          else "(differs)")
+                raise ValueError(f"{what}: {name} differs across ranks {list(self.ranks)}: {detail}")
+
+
+def agree(error: BaseException | None = None, fields: Sequence[int] = (), payload=_NO_PAYLOAD, *,
+          group=None, ranks=None, tag: int = 0, device=None, types: dict | None = None) -> Agreement:
+    """Exchange (valid?, description, payload) with every rank of ``group``
+    (default: the world) or of the ring ``ranks``; raise on every rank if any
+    rank passed an ``error``.
+
+    ``fields``: at most `WIDTH` integers describing this rank's call (ignored
+    when ``error`` is given).  ``payload``: any JSON value (dicts, lists,
+    strings, numbers), sent only when given.  ``tag`` separates concurrent
+    rings that share an edge (as `Ring`'s tag).  ``device``: where the wire
+    tensors live (default: CUDA for an NCCL group, else CPU).  ``types``:
+    extra exception classes, by name, to rebuild peers' errors as.
+
+    The local error is re-raised as itself; a peer's arrives as its type
+    when that is a common one (ValueError, TypeError, KeyError, ...) or in
+    ``types``, else as `RemoteError`, with the message ``"rank R: Type:
+    message"`` (R a global rank).  Returns the `Agreement`."""
+    fields = [] if error is not None else [int(f) for f in fields]
+    if len(fields) > WIDTH:
+        raise ValueError(f"agree: {len(fields)} description fields; at most {WIDTH}")
+    data = b""
+    if error is not None:
+        data = json.dumps(error_record(error)).encode()
+    elif payload is not _NO_PAYLOAD:
+        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    wire = _Wire.build(group, ranks, tag, device)
+    row = torch.zeros(2 + WIDTH, dtype=torch.int64)
+    row[0], row[1] = int(error is None), len(data)
+    if fields:
+        row[2:2 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    table = wire.gather(row).tolist()
+    failed = [i for i, r in enumerate(table) if not r[0]]
+    texts: list = [None] * len(table)
+    if failed or any(r[1] for r in table):
+        texts = wire.gather_bytes(data, [r[1] for r in table])
+    if failed:
+        if error is not None:
+            raise error
+        raise _rebuild(wire.ranks, failed, texts, {**_TYPES, **(types or {})})
+    payloads = [json.loads(t) if t else None for t in texts]
+    return Agreement([r[2:] for r in table], payloads, wire.ranks)
+
+
+def error_record(exc: BaseException) -> dict:
+    """The JSON form of an error (type name and message; no traceback, no pickle)."""
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return {"type": type(exc).__name__, "message": message}
+
+
+def _rebuild(ranks, failed: list[int], texts: list, types: dict) -> BaseException:
+    first = failed[0]
+    try:
+        record = json.loads(texts[first])
+        kind, message = str(record["type"]), str(record["message"])
+    except (ValueError, KeyError, TypeError):
+        kind, message = "RemoteError", "(its error could not be read)"
+    others = [ranks[i] for i in failed[1:]]
+    tail = f" (ranks {others} failed too)" if others else ""
+    return types.get(kind, RemoteError)(f"rank {ranks[first]}: {kind}: {message}{tail}")
+
+
+def float_bits(x: float) -> int:
+    """A float as the int64 of its bits, for a description field."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def checksum_ints(values) -> int:
+    """A 62-bit fingerprint of a sequence of ints, for a description field."""
+    import hashlib
+    digest = hashlib.blake2b(",".join(map(str, values)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+# ------------------------------------------------------------------ wire
+
+class _Wire:
+    """The exchange: an all-gather on a group, or a ring all-gather over
+    global ranks; a world of one when there is nobody to talk to."""
+
+    def __init__(self, ranks: tuple, pg, ring: Ring | None, device):
+        self.ranks, self.pg, self.ring, self.device = ranks, pg, ring, device
+
+    @classmethod
+    def build(cls, group, ranks, tag: int, device):
+        if ranks is not None:
+            ring = Ring(list(ranks), tag=tag)
+            if ring.size == 1:
+                return cls(ring.ranks, None, None, None)
+            return cls(ring.ranks, None, ring, device or _default_device(None))
+        if group is None and not dist.is_initialized():
+            return cls((0,), None, None, None)
+        members = tuple(ops.group_ranks(group))
+        if len(members) == 1:
+            return cls(members, None, None, None)
+        pg = dist.group.WORLD if group is None else group
+        return cls(members, pg, None, device or _default_device(pg))
+
+    def gather(self, row: torch.Tensor) -> torch.Tensor:
+        """Every position's ``row`` stacked in order (row: 1-D int64)."""
+        if self.pg is None and self.ring is None:
+            return row.unsqueeze(0)
+        row = row.to(self.device)
+        if self.ring is not None:
+            return self.ring.all_gather(row, channel=AGREE_CHANNEL).cpu()
+        pg, rec = ops._open("agree", self.pg, row)
+        out = row.new_empty(len(self.ranks) * row.numel())
+        dist.all_gather_into_tensor(out, row, group=pg)
+        trace.close_record(rec)
+        return out.view(len(self.ranks), row.numel()).cpu()
+
+    def gather_bytes(self, data: bytes, lengths: list[int]) -> list[str]:
+        """Every position's bytes (of the announced ``lengths``), decoded."""
+        width = max(lengths)
+        buf = torch.zeros(width, dtype=torch.uint8)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        rows = self.gather(buf)
+        return [bytes(rows[i, :n].numpy()).decode("utf-8", "replace") for i, n in enumerate(lengths)]
+
+
+def _default_device(pg) -> torch.device:
+    backend = dist.get_backend(pg)
+    if "nccl" in str(backend) and "gloo" not in str(backend) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
