@@ -239,11 +239,11 @@ def check_objects(store: CheckpointStore, manifest: dict) -> dict:
         listing = store.fs.find(store.path(step_name(step)), detail=True, withdirs=True)
     except (FileNotFoundError, NotADirectoryError):
         listing = {}
-    problems, sizes = {}, {}
+    problems, sizes, links = {}, {}, {}
     for path, info in listing.items():
         if info.get("islink"):
             rel = path[len(store.root) + 1:] if path.startswith(store.root + "/") else path
-            problems[(None, path)] = InvalidCheckpointError(
+            links[path] = InvalidCheckpointError(
                 f"{store.url_of(rel)}: a link inside a step (loom writes none; it may lead out of the store)",
                 file=store.url_of(rel), field=None)
         elif info.get("type") == "file":
@@ -255,12 +255,15 @@ def check_objects(store: CheckpointStore, manifest: dict) -> dict:
         for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
             rel = zarr_io.chunk_key(f"{prefix}/{entry['array']}", index)
             got = sizes.get(store.path(rel))
-            if got != want:
+            if store.path(rel) in links:
+                problems[(key, index)] = links.pop(store.path(rel))
+            elif got != want:
                 what = "missing (or not a plain file)" if got is None else f"{got} bytes"
                 problems[(key, index)] = InvalidCheckpointError(
                     f"{store.url_of(rel)}: chunk {layout.chunk_name(index)} of array {key!r} is {what}, "
                     f"not a full chunk of {want} bytes ({entry['chunks']} of {entry['dtype']})",
                     file=store.url_of(rel), field=f"tensors[{key!r}].chunks")
+    problems.update({(None, path): exc for path, exc in links.items()})
     return problems
 
 

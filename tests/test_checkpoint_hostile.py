@@ -1,0 +1,538 @@
+"""Damaged and hostile checkpoint stores (single process, a few KB each):
+paths stay inside the store, every manifest number is checked against the
+rest of the manifest and against the bytes really stored before anything is
+allocated, JSON is size- and depth-limited, `loom ckpt` prints one line;
+any string key round-trips; rollback and `latest` semantics; a full disk
+while writing `latest`."""
+import errno
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from loom import checkpoint as ckpt
+from loom.checkpoint import store as store_mod
+from loom.checkpoint.manifest import MANIFEST, MARKER, array_path, checksum
+from loom.checkpoint.state import digest
+from loom.checkpoint.store import CheckpointStore, step_name
+
+from helpers import chunk_file
+
+load_mod = __import__("importlib").import_module("loom.checkpoint.load")
+
+
+def manifest_of(root, step) -> dict:
+    return json.loads((root / step_name(step) / MANIFEST).read_bytes())
+
+
+def reseal(root, step, manifest) -> str:
+    """Write ``manifest`` (a dict or raw bytes) as ``step``'s manifest and a
+    marker that seals it: what a hostile store can do.  Returns its URL."""
+    raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+    folder = root / step_name(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).write_bytes(raw)
+    (folder / MARKER).write_text(json.dumps({"step": step, "manifest_sha256": digest(raw),
+                                             "committed_at": time.time()}))
+    return f"{root}/{step_name(step)}/{MANIFEST}"
+
+
+def edited(root, step, edit) -> str:
+    m = manifest_of(root, step)
+    edit(m)
+    return reseal(root, step, m)
+
+
+def raises_invalid(fn, file, field):
+    """``fn()`` raises InvalidCheckpointError naming ``file`` and ``field``."""
+    with pytest.raises(ckpt.InvalidCheckpointError) as err:
+        fn()
+    assert err.value.file == file and err.value.field == field, (err.value.file, err.value.field, err.value)
+    return err.value
+
+
+def ckpt_cli(capsys, *argv):
+    """Run `loom ckpt ...`; returns (exit code, stdout, stderr lines)."""
+    from loom.launch.cli import main
+    code = main(["ckpt", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err.splitlines()
+
+
+# ------------------------------------------------------ 1. paths stay inside
+
+def test_a_manifest_cannot_make_load_read_outside_the_store(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "store"
+    ckpt.save({"w": torch.zeros(4)}, root, step=1)
+    # a planted array outside the store, laid out as the manifest says, checksum and all
+    planted = tmp_path / "outside" / "secret"
+    (planted / "c").mkdir(parents=True)
+    secret = np.full(4, 7.0, dtype=np.float32)
+    (planted / "c" / "0").write_bytes(secret.tobytes())
+    (planted / "zarr.json").write_bytes((root / step_name(1) / "state" / "w" / "zarr.json").read_bytes())
+
+    def escape(m):
+        m["tensors"]["w"]["array"] = "../../../outside/secret"
+        m["tensors"]["w"]["checksums"] = {"0": checksum(secret)}
+    file = edited(root, 1, escape)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    target = {"w": torch.zeros(4)}
+    raises_invalid(lambda: ckpt.load(target, root), file, "tensors['w'].array")
+    raises_invalid(lambda: ckpt.verify(str(root), 1), file, "tensors['w'].array")
+    assert torch.equal(target["w"], torch.zeros(4))
+    assert not [p for p in opened if "outside" in p]
+    code, out, lines = ckpt_cli(capsys, "verify", str(root))
+    assert code == 1 and "tensors['w'].array" in out and lines == []
+
+
+def test_the_step_a_manifest_names_is_the_step_of_its_folder(tmp_path):
+    ckpt.save({"w": torch.arange(4.0)}, tmp_path, step=1)
+    # a manifest copied into another step's folder, resealed there
+    file = reseal(tmp_path, 2, manifest_of(tmp_path, 1))
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(4)}, tmp_path, step=2), file, "step")
+    # a marker that names another step does not commit its folder
+    (tmp_path / step_name(3)).mkdir()
+    (tmp_path / step_name(3) / MARKER).write_text(json.dumps({"step": 1, "manifest_sha256": "0" * 64}))
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(4)}, tmp_path, step=3),
+                   f"{tmp_path}/{step_name(3)}/{MARKER}", "step")
+    assert CheckpointStore(str(tmp_path)).committed_steps() == [1, 2]
+
+
+@pytest.mark.parametrize("path, field", [
+    ([["w"]], "path[0]"),            # a component of the wrong type
+    ([True], "path[0]"),
+    (["w", "x"], "containers"),      # containers no longer match the path
+    (["v"], "path"),                 # not the path of key 'w'
+])
+def test_path_components_are_of_the_allowed_types(tmp_path, path, field):
+    ckpt.save({"w": torch.zeros(2)}, tmp_path, step=1)
+    file = edited(tmp_path, 1, lambda m: m["tensors"]["w"].update(path=path))
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(2)}, tmp_path), file, f"tensors['w'].{field}")
+
+
+# ----------------------------------------- 2. bounded time and memory, clear
+
+def _one_tensor(tmp_path, t=None):
+    ckpt.save({"w": torch.arange(8.0).reshape(2, 4) if t is None else t}, tmp_path, step=1)
+    return manifest_of(tmp_path, 1)
+
+
+def test_a_small_manifest_declaring_a_hundred_million_chunks_fails_at_once(tmp_path, capsys):
+    _one_tensor(tmp_path, torch.zeros(4))
+
+    def huge(m):
+        m["tensors"]["w"].update(shape=[10 ** 8], storage_shape=[10 ** 8], chunks=[1], nbytes=4 * 10 ** 8)
+    file = edited(tmp_path, 1, huge)
+    assert os.path.getsize(file) < 1000
+    t0 = time.perf_counter()
+    err = raises_invalid(lambda: ckpt.load({"w": torch.zeros(4)}, tmp_path, strict=False), file,
+                         "tensors['w'].checksums")
+    assert "100000000 chunks" in str(err)
+    code, out, lines = ckpt_cli(capsys, "verify", str(tmp_path))
+    assert code == 1 and len(lines) + len(out.splitlines()) == 1 and "checksums" in (out + "".join(lines))
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_huge_world_size_is_checked_against_the_per_rank_entries(tmp_path):
+    ckpt.save({"r": ckpt.PerRank(torch.ones(3)), "v": ckpt.PerRank(5)}, tmp_path, step=1)
+
+    def world(m, sshape=True):
+        m["world_size"] = 10 ** 7
+        if sshape:
+            m["tensors"]["r"]["storage_shape"] = [10 ** 7, 3]
+            m["tensors"]["r"]["nbytes"] = 12 * 10 ** 7
+    file = edited(tmp_path, 1, world)
+    t0 = time.perf_counter()
+    raises_invalid(lambda: ckpt.load({"r": ckpt.PerRank(None), "v": ckpt.PerRank(None)}, tmp_path), file,
+                   "tensors['r'].checksums")
+    # with the grid made consistent, the fragments (one per rank) still disagree
+    file = edited(tmp_path, 1, lambda m: m["tensors"]["r"].update(chunks=[10 ** 7, 3]))
+    raises_invalid(lambda: ckpt.load({"r": ckpt.PerRank(None)}, tmp_path, strict=False), file,
+                   "tensors['r'].fragments")
+    assert time.perf_counter() - t0 < 2.0
+    # a per-rank value list of the wrong length
+    ckpt.save({"v": ckpt.PerRank(5)}, tmp_path, step=2)
+    file = edited(tmp_path, 2, lambda m: m.update(world_size=2))
+    raises_invalid(lambda: ckpt.load({"v": ckpt.PerRank(None)}, tmp_path, step=2), file, "values['v'].per_rank")
+
+
+@pytest.mark.parametrize("chunks, field", [([-1, -1], "chunks[0]"), ([0, 32], "chunks[0]"),
+                                           ([2, 0], "chunks[1]"), ([2, 8], "chunks[1]"),
+                                           ([2], "chunks"), ([2, 4.0], "chunks[1]")])
+def test_chunk_shapes_must_be_positive_and_fit_the_array(tmp_path, chunks, field):
+    _one_tensor(tmp_path)
+    file = edited(tmp_path, 1, lambda m: m["tensors"]["w"].update(chunks=chunks))
+    target = {"w": torch.full((2, 4), -1.0)}
+    raises_invalid(lambda: ckpt.load(target, tmp_path), file, f"tensors['w'].{field}")
+    assert torch.equal(target["w"], torch.full((2, 4), -1.0))  # not filled, not "loaded"
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda e: e.update(checksums={"0.0": 1, "9.9": 2}), "checksums"),      # names off the grid
+    (lambda e: e.update(checksums={"0.0": -1}), "checksums['0.0']"),
+    (lambda e: e.update(storage_shape=[4, 2]), "storage_shape"),            # not the placement's
+    (lambda e: e.update(placement="flat"), "storage_shape"),
+    (lambda e: e.update(storage_dtype="int32"), "storage_dtype"),
+    (lambda e: e.update(dtype="O"), "dtype"),
+    (lambda e: e.update(dtype="Tensor"), "dtype"),
+    (lambda e: e.update(nbytes=1), "nbytes"),
+    (lambda e: e.update(shape=[2, -4], storage_shape=[2, -4]), "shape[1]"),
+    (lambda e: e.update(fragments=[[1, [0, 0], [2, 4]]]), "fragments[0][0]"),  # rank out of range
+    (lambda e: e.update(fragments=[[0, [0, 0], [3, 4]]]), "fragments[0]"),     # outside the array
+    (lambda e: e.update(fragments=[]), "fragments"),
+    (lambda e: e.update(extra=1), None),
+])
+def test_every_field_is_checked_against_the_rest_of_the_manifest(tmp_path, edit, field):
+    _one_tensor(tmp_path)
+    file = edited(tmp_path, 1, lambda m: edit(m["tensors"]["w"]))
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(2, 4)}, tmp_path), file,
+                   "tensors['w']" + (f".{field}" if field else ""))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(step=-1), "step"),
+    (lambda m: m.update(world_size=0), "world_size"),
+    (lambda m: m.update(world_size=True), "world_size"),
+    (lambda m: m.update(mesh={"dp": "x"}), "mesh"),
+    (lambda m: m.update(created="yesterday"), "created"),
+    (lambda m: m.update(tensors=[]), "tensors"),
+    (lambda m: m["values"]["n"].update(value={"__loom__": "bogus"}), "values['n'].value"),
+    (lambda m: m["values"]["n"].update(value={"__loom__": "dict", "items": [[{"a": 1}, 2]]}), "values['n'].value"),
+    (lambda m: m["values"].update(w=m["values"]["n"]), "values"),  # a key both a tensor and a value
+    (lambda m: m["values"].update({"w/x": {"path": ["w", "x"], "containers": "dd", "value": 1}}),
+     "values['w/x'].path"),                                            # inside tensor 'w'
+    (lambda m: m["values"].update({"z/0": {"path": ["z", 0], "containers": "dl", "value": 1},
+                                   "z/a": {"path": ["z", "a"], "containers": "dd", "value": 2}}),
+     "values['z/a'].containers"),                                      # 'z' both a list and a dict
+])
+def test_the_manifest_as_a_whole_is_checked(tmp_path, edit, field):
+    ckpt.save({"w": torch.zeros(2), "n": 3}, tmp_path, step=1)
+    file = edited(tmp_path, 1, edit)
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(2), "n": 0}, tmp_path, strict=False), file, field)
+
+
+@pytest.mark.parametrize("damage, what", [("append", "33 bytes"), ("truncate", "31 bytes"),
+                                          ("remove", "missing"), ("link", "a link")])
+def test_chunk_objects_of_the_wrong_size_are_found_before_anything_is_allocated(tmp_path, monkeypatch,
+                                                                                damage, what):
+    _one_tensor(tmp_path)
+    path = chunk_file(tmp_path, 1, "w", "0.0")
+    if damage == "append":  # longer than a chunk is damage too
+        with open(path, "ab") as fh:
+            fh.write(b"\0")
+    elif damage == "truncate":
+        os.truncate(path, 31)
+    elif damage == "remove":
+        os.remove(path)
+    else:  # a link (to a file of the right size outside the store)
+        outside = tmp_path.parent / f"{tmp_path.name}-outside"
+        outside.write_bytes(open(path, "rb").read())
+        os.remove(path)
+        os.symlink(outside, path)
+    planned = []
+    monkeypatch.setattr(load_mod, "_plan_step", lambda *a: planned.append(a))
+    with pytest.raises(ckpt.InvalidCheckpointError, match=what) as err:
+        ckpt.load({"model": {}}, tmp_path, strict=False)  # a fresh container: allocates from the manifest
+    assert planned == [] and err.value.file.startswith(str(tmp_path))
+    problems = ckpt.verify(str(tmp_path), 1)
+    assert len(problems) == 1 and what in problems[0]
+
+
+def test_a_manifest_of_a_huge_tensor_over_a_small_object_allocates_nothing(tmp_path, monkeypatch):
+    _one_tensor(tmp_path, torch.zeros(4))
+    n = 1 << 32  # 16 GiB of float32, one chunk, declared over a 16-byte object
+
+    def big(m):
+        m["tensors"]["w"].update(shape=[n], storage_shape=[n], chunks=[n], nbytes=4 * n,
+                                 fragments=[[0, [0], [n]]])
+    edited(tmp_path, 1, big)
+    empties = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empties.append(a) or real_empty(*a, **k))
+    with pytest.raises(ckpt.InvalidCheckpointError, match=f"16 bytes, not a full chunk of {4 * n} bytes"):
+        ckpt.load({"w": {}}, tmp_path, strict=False)
+    assert empties == []
+
+
+def test_deep_or_large_json_is_refused_without_a_crash(tmp_path, capsys, caplog):
+    _one_tensor(tmp_path)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    file = reseal(tmp_path, 1, deep)
+    raises_invalid(lambda: ckpt.load({"w": torch.zeros(2, 4)}, tmp_path), file, None)
+    code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
+    assert code == 1 and "damaged" in out and "nested deeper" in out and lines == []
+    code, out, lines = ckpt_cli(capsys, "inspect", str(tmp_path))
+    assert code == 1 and out == "" and len(lines) == 1 and "nested deeper" in lines[0]
+    # nesting the parser accepts but loom does not (its own limit, checked without recursion)
+    reseal(tmp_path, 1, b'{"a":' * 600 + b"1" + b"}" * 600)
+    with pytest.raises(ckpt.InvalidCheckpointError, match="nested deeper than 512"):
+        CheckpointStore(str(tmp_path)).read_manifest(1)
+    # NaN is not JSON
+    _one_tensor(tmp_path)
+    raw = (tmp_path / step_name(1) / MANIFEST).read_bytes()
+    assert b'"created":' in raw
+    reseal(tmp_path, 1, raw.replace(b'"created":', b'"created":NaN,"x":'))
+    with pytest.raises(ckpt.InvalidCheckpointError, match="not valid JSON"):
+        CheckpointStore(str(tmp_path)).read_manifest(1)
+    # a deep or huge `latest` is ignored (a warning): the commits decide
+    _one_tensor(tmp_path)
+    for bad in (deep, b'{"step": 1' + b" " * (70 << 10) + b"}", b'{"step": true}'):
+        (tmp_path / "latest").write_bytes(bad)
+        with caplog.at_level(logging.WARNING, logger="loom.checkpoint"):
+            assert CheckpointStore(str(tmp_path)).latest() == 1
+        assert "ignoring" in caplog.text
+        caplog.clear()
+    # a marker too large, too deep, or a FIFO (which would block a read forever)
+    marker = tmp_path / step_name(1) / MARKER
+    for bad in (b" " * (70 << 10), deep, None):
+        marker.unlink()
+        if bad is None:
+            os.mkfifo(marker)
+        else:
+            marker.write_bytes(bad)
+        raises_invalid(lambda: ckpt.load({"w": torch.zeros(2, 4)}, tmp_path, step=1), str(marker), None)
+        code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
+        assert code == 1 and f"{MARKER}:" in out and lines == []
+
+
+def test_a_manifest_larger_than_the_limit_is_not_read(tmp_path, monkeypatch):
+    _one_tensor(tmp_path)
+    edited(tmp_path, 1, lambda m: m["values"].update(pad={"path": ["pad"], "containers": "d",
+                                                                  "value": "x" * 5000}))
+    monkeypatch.setattr(store_mod, "MAX_MANIFEST", 4096)
+    with pytest.raises(ckpt.InvalidCheckpointError, match="more than 4096 bytes"):
+        ckpt.load({"w": torch.zeros(2, 4)}, tmp_path)
+    monkeypatch.undo()
+    target = {"w": torch.zeros(2, 4), "pad": None}
+    assert ckpt.load(target, tmp_path).step == 1 and target["pad"] == "x" * 5000
+
+
+@pytest.mark.parametrize("damage", ["manifest", "chunk size", "checksum"])
+def test_fallback_moves_on_from_any_damage(tmp_path, damage):
+    old, new = {"w": torch.arange(8.0).reshape(2, 4)}, {"w": -torch.arange(8.0).reshape(2, 4)}
+    ckpt.save(old, tmp_path, step=10)
+    ckpt.save(new, tmp_path, step=20)
+    if damage == "manifest":
+        edited(tmp_path, 20, lambda m: m["tensors"]["w"].update(chunks=[0, 4]))
+    elif damage == "chunk size":
+        os.truncate(chunk_file(tmp_path, 20, "w", "0.0"), 3)
+    else:
+        from helpers import flip_byte
+        flip_byte(chunk_file(tmp_path, 20, "w", "0.0"), 1)
+    target = {"w": torch.zeros(2, 4)}
+    with pytest.raises(ckpt.InvalidCheckpointError):
+        ckpt.load(target, tmp_path)
+    info = ckpt.load(target, tmp_path, fallback=True)
+    assert info.step == 10 and torch.equal(target["w"], old["w"])
+    assert [s["step"] for s in info.skipped] == [20]
+    assert {"manifest": "chunks[0]", "chunk size": "3 bytes", "checksum": "checksum mismatch"}[damage] \
+        in info.skipped[0]["error"]
+
+
+def test_loom_ckpt_prints_one_line_for_any_error(tmp_path, capsys, monkeypatch):
+    _one_tensor(tmp_path)
+    edited(tmp_path, 1, lambda m: m["tensors"]["w"].update(chunks=[-1, -1]))
+    for argv in (["inspect", str(tmp_path)], ["verify", str(tmp_path)], ["verify", str(tmp_path), "--all"],
+                 ["from-deepspeed", str(tmp_path / "no-such-dir"), str(tmp_path / "out")]):
+        code, out, lines = ckpt_cli(capsys, *argv)
+        assert code == 1 and len(out.splitlines()) + len(lines) == 1, (argv, out, lines)
+        assert "Traceback" not in out + "".join(lines)
+    code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
+    assert code == 1 and "tensors['w'].chunks[0]" in out
+    from loom.checkpoint import cli as ck
+    for exc in (MemoryError(), RecursionError("deep"), RuntimeError("two\nlines")):
+        monkeypatch.setattr(ck, "gc_report", lambda *a, exc=exc: (_ for _ in ()).throw(exc))
+        code, out, lines = ckpt_cli(capsys, "gc", str(tmp_path))
+        assert code == 1 and out == "" and len(lines) == 1 and type(exc).__name__ in lines[0]
+
+
+# --------------------------------------------------- 3. any string key round-trips
+
+ODD = ["zarr.json", "ZARR.JSON", ".zgroup", ".zarray", ".zattrs", "c", "k" * 300, "k" * 299 + "j",
+       "ü" * 200, "日本語", "..", ".", "", "a/b", "%", "%25", "%2E", "__x", "7", "-1", "sp ace", "new\nline"]
+
+
+def odd_state() -> dict:
+    state = {"model": {k: torch.full((2, 3), float(i)) for i, k in enumerate(ODD)},
+             7: torch.arange(3.0), "7": {"c": torch.arange(4.0)},  # int 7 and str "7" side by side
+             "deep": {"k" * 300: {"ü" * 100: [torch.ones(2), {"zarr.json": torch.zeros(1)}]}},
+             "v": {k: i for i, k in enumerate(ODD)}}
+    return state
+
+
+def _zeros(state):
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    if isinstance(state, dict):
+        return {k: _zeros(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_zeros(v) for v in state]
+    return None
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_any_string_key_round_trips_and_zarr_python_opens_it(tmp_path, mode):
+    import zarr
+    from zarr.storage import LocalStore
+    state = odd_state()
+    if mode == "sync":
+        ckpt.save(state, tmp_path, step=1)
+    else:
+        with ckpt.AsyncCheckpointer(str(tmp_path)) as saver:
+            saver.save(state, step=1).result()
+    target = _zeros(state)
+    info = ckpt.load(target, tmp_path)
+    assert info.step == 1 and info.unexpected == [] and _same(target, state)
+    names = set()
+    group = zarr.open_group(LocalStore(str(tmp_path / step_name(1) / "state"), read_only=True), mode="r")
+    for key, entry in manifest_of(tmp_path, 1)["tensors"].items():
+        arr = group[entry["array"]]
+        names.update(entry["array"].split("/"))
+        assert arr.attrs["loom"]["key"] == key
+        assert entry["array"] == array_path(entry["path"])
+    assert np.array_equal(group[array_path(["model", "zarr.json"])][...], np.zeros((2, 3), np.float32))
+    assert np.array_equal(group[array_path(["7", "c"])][...], np.arange(4.0, dtype=np.float32))
+    assert all(0 < len(n.encode()) <= 255 and n not in (".", "..") for n in names)
+    assert not {n.lower() for n in names} & {"zarr.json", ".zgroup", ".zarray", ".zattrs"}
+
+
+def test_array_names_are_injective_and_deterministic():
+    comps = ODD + [7, -1, 0, "0", "07", "k" * 255, "k" * 256, "%%", "%7Aarr.json"]
+    names = [array_path([c]) for c in comps]
+    assert len(set(names)) == len(comps)
+    assert names == [array_path([c]) for c in comps]
+    assert array_path([7]) == "7" and array_path(["w", 0, "exp_avg"]) == "w/0/exp_avg"  # the common names stay
+    assert array_path(["7"]) != "7" and array_path(["zarr.json"]) != "zarr.json"
+    assert len(array_path(["k" * 256])) < 255 and array_path(["k" * 255]) == "k" * 255
+
+
+# ---------------------------------------------------------- 4. rollback and latest
+
+def _val(x):
+    return {"w": torch.full((3,), float(x))}
+
+
+def test_after_a_rollback_latest_and_retention_follow_commit_time(tmp_path, caplog):
+    url = str(tmp_path)
+    ckpt.save(_val(50), url, step=50)
+    ckpt.save(_val(100), url, step=100)
+    target = _val(0)
+    assert ckpt.load(target, url, step=50).step == 50
+    ckpt.save(_val(60), url, step=60)  # training went on from 50
+    store = CheckpointStore(url)
+    assert store.commit_order() == [50, 100, 60] and store.pointer() == 60 and store.latest() == 60
+    assert "committed_at" in json.loads((tmp_path / step_name(60) / MARKER).read_text())
+    assert ckpt.load(target, url).step == 60 and target["w"][0] == 60
+    # fallback from 60 goes back along its own line, never to the abandoned 100
+    assert load_mod._candidates(store, None, True) == [60, 50]
+    # without `latest` (or with a damaged one) the newest commit in time decides
+    os.remove(tmp_path / "latest")
+    assert store.latest() == 60
+    (tmp_path / "latest").write_text('{"step": 7}')  # names no commit
+    assert store.latest() == 60
+    (tmp_path / "latest").write_text('{"step": 60}')
+    assert ckpt.gc(url, keep_last=1, dry_run=True) == {"uncommitted": [], "committed": [50, 100], "kept": [60]}
+    assert ckpt.gc(url, keep_last=2, dry_run=True)["kept"] == [60, 100]
+    # a `latest` an operator points at an older step is trusted, and never collected
+    (tmp_path / "latest").write_text('{"step": 50}')
+    assert store.latest() == 50 and ckpt.load(target, url).step == 50
+    assert ckpt.gc(url, keep_last=1) == {"uncommitted": [], "committed": [100], "kept": [50, 60]}
+    (tmp_path / "latest").write_text('{"step": 60}')
+    ckpt.gc(url, keep_last=1)
+    assert store.committed_steps() == [60] and store.latest() == 60 and store.pointer() == 60
+
+
+def test_async_retention_after_a_rollback_keeps_the_step_just_committed(tmp_path):
+    url = str(tmp_path)
+    ckpt.save(_val(50), url, step=50)
+    ckpt.save(_val(100), url, step=100)
+    with ckpt.AsyncCheckpointer(url, keep_last=1) as saver:
+        saver.save(_val(60), step=60).result()
+        saver.wait()
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [60] and store.latest() == 60
+
+
+def test_deleting_the_step_latest_names_moves_latest_to_the_newest_commit_in_time(tmp_path):
+    url = str(tmp_path)
+    for s in (50, 100, 60):
+        ckpt.save(_val(s), url, step=s)
+    store = CheckpointStore(url)
+    store.delete_step(60)
+    assert store.pointer() == 100 and store.latest() == 100
+    store.delete_step(50)
+    assert store.pointer() == 100
+    store.delete_step(100)
+    assert store.pointer() is None and store.latest() is None and not (tmp_path / "latest").exists()
+
+
+class _FullFile:
+    """A file being written on a full disk: created, but every write fails."""
+
+    def __init__(self, path):
+        self.fh = open(path, "wb")
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_a_full_disk_while_writing_latest_leaves_the_save_committed(tmp_path, monkeypatch, caplog, where):
+    url = str(tmp_path)
+    ckpt.save(_val(1), url, step=1)
+    if where == "write":
+        real_open = open
+        monkeypatch.setattr(store_mod, "open", lambda path, mode="r", *a, **k: _FullFile(path)
+                            if os.path.basename(path).startswith("latest.tmp-") else real_open(path, mode, *a, **k),
+                            raising=False)
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst, *a, **k):
+            if os.path.basename(str(dst)) == "latest":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(src, dst, *a, **k)
+        monkeypatch.setattr(os, "replace", replace)
+    with caplog.at_level(logging.WARNING, logger="loom.checkpoint"):
+        assert ckpt.save(_val(2), url, step=2).endswith(step_name(2))
+    assert "step 2" in caplog.text and "No space left" in caplog.text
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # put left no temporary file
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [1, 2] and store.pointer() is None and store.latest() == 2
+    target = _val(0)
+    assert ckpt.load(target, url).step == 2 and target["w"][0] == 2
+
+
+def test_put_removes_its_temporary_file_when_the_write_fails(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path))
+    real_open = open
+    monkeypatch.setattr(store_mod, "open", lambda path, mode="r", *a, **k: _FullFile(path), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        store.put("x/doc", b"data")
+    monkeypatch.setattr(store_mod, "open", real_open, raising=False)
+    assert os.listdir(tmp_path / "x") == []
+    store.put("x/doc", b"data")
+    assert os.listdir(tmp_path / "x") == ["doc"]
