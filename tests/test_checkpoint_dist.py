@@ -302,6 +302,50 @@ def test_chunks_read_by_several_ranks_are_checked_once_and_damage_fails_every_ra
 
 
 
+def _damaged_step_in_a_collective_load(url):
+    """Step 2 has a short chunk object: every rank learns it from rank 0's
+    check before anything is planned or allocated, and raises the same
+    error (file and field); fallback moves every rank to step 1."""
+    import importlib
+    load_mod = importlib.import_module("loom.checkpoint.load")
+    rank = dist.get_rank()
+
+    def state(v):
+        return {"w": ckpt.Shard(torch.full((4, 3), float(v + rank)), (8, 3), (4 * rank, 0))}
+    ckpt.save(state(10), url, step=1)
+    ckpt.save(state(20), url, step=2)
+    if rank == 0:
+        manifest = CheckpointStore(url).read_manifest(2)
+        last = max(manifest["tensors"]["w"]["checksums"])  # a chunk rank 1 holds
+        os.truncate(chunk_file(url, 2, "w", last), 4)
+    dist.barrier()
+    planned, real_plan = [], load_mod._plan_step
+    load_mod._plan_step = lambda *a: planned.append(a[2]["step"]) or real_plan(*a)
+    target = {"w": torch.zeros(8, 3)}
+    try:
+        try:
+            ckpt.load(target, url)
+            error = None
+        except ckpt.InvalidCheckpointError as exc:
+            error = (type(exc).__name__, exc.file, exc.field, str(exc))
+        info = ckpt.load(target, url, fallback=True)
+    finally:
+        load_mod._plan_step = real_plan
+    right = torch.equal(target["w"], torch.cat([torch.full((4, 3), 10.0), torch.full((4, 3), 11.0)]))
+    return error, planned, info.step, info.skipped, right
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_damaged_step_fails_every_rank_alike_before_any_allocation(distributed, tmp_path):
+    url = str(tmp_path / "ck")
+    (e0, p0, s0, k0, r0), (e1, p1, s1, k1, r1) = distributed(_damaged_step_in_a_collective_load, 2, url,
+                                                            timeout=TIMEOUT)
+    assert e0 is not None and e0 == e1 and e0[0] == "InvalidCheckpointError"
+    assert e0[1].startswith(f"{url}/step-00000002/state/w/c/") and e0[2] == "tensors['w'].chunks"
+    assert p0 == p1 == [1]  # step 2 was never planned (nothing sized by its manifest was allocated)
+    assert s0 == s1 == 1 and k0 == k1 and [k["step"] for k in k0] == [2] and r0 and r1
+
+
 def _check_plain_zarr(url, step):
     """Every global array reads back through zarr-python, bit for bit (the
     chunks loom writes as raw bytes, edge chunks included, follow the spec)."""
