@@ -311,26 +311,28 @@ class AsyncCheckpointer:
 
     def close(self) -> None:
         """Wait for every save, stop the threads, free the pool, detach the
-        hooks.  Raises a failure not reported yet."""
+        hooks, release the store.  Raises a failure not reported yet."""
         if self._closed:
             return
         try:
             self.wait()
         finally:
             self._closed = True
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks.clear()
-            self._snap_q.put(_STOP)
-            for t in self._threads:
-                t.join()
-            if self._writer is not None:
-                self._writer.close()
-            if self.pool is not None:
-                self.pool.close()
-            for h in {self._plan_handle, self._persist_handle} - {None}:
-                comms.destroy_group(h)
-            self.ownership.release()
+            try:
+                for hook in self._hooks:
+                    hook.remove()
+                self._hooks.clear()
+                self._snap_q.put(_STOP)
+                for t in self._threads:
+                    t.join()
+                if self._writer is not None:
+                    self._writer.close()
+                if self.pool is not None:
+                    self.pool.close()
+                for h in {self._plan_handle, self._persist_handle} - {None}:
+                    comms.destroy_group(h)
+            finally:
+                self.ownership.release()  # after the threads: no save of this job is running
 
     def __enter__(self):
         return self

@@ -225,13 +225,14 @@ def _create_exclusive(store: CheckpointStore, data: bytes) -> bool:
         os.unlink(tmp)
 
 
-def _owned_error(url: str, record: dict) -> CheckpointOwnershipError:
+def _owned_error(url: str, record: dict, now: float) -> CheckpointOwnershipError:
+    lapse = max(0.0, record["heartbeat"] + record["lease_s"] - now)
     return CheckpointOwnershipError(
-        f"checkpoint store {url} is owned by {describe(record)}; one job writes a store at a time. "
-        f"Wait for that job to end, save to another url, or, if it is gone, claim the store: that "
-        f"works by itself once its heartbeat is older than its lease (or at once on the same host when "
-        f"its process has exited), and takeover=True (loom train --ckpt-takeover) claims it regardless "
-        f"(dangerous: a job still running keeps writing until its next save fails)")
+        f"checkpoint store {url} is owned by {describe(record, now)}; one job writes a store at a time. "
+        f"Wait for that job to end, or save to another url. If that job is gone, its claim lapses in "
+        f"{lapse:.0f} s (its lease after its last heartbeat; for a claim from its own host, as soon as "
+        f"its process has exited); takeover=True (loom train --ckpt-takeover) claims the store "
+        f"regardless (dangerous: a job still running keeps writing until its next save fails)")
 
 
 def _claim(store: CheckpointStore, job: str, takeover: bool, lease_s: float) -> dict:
@@ -248,7 +249,7 @@ def _claim(store: CheckpointStore, job: str, takeover: bool, lease_s: float) -> 
             if current and not takeover:
                 why = _gone(current, now)
                 if why is None:
-                    raise _owned_error(store.url, current)
+                    raise _owned_error(store.url, current, now)
                 log.warning("claiming checkpoint store %s from %s: %s", store.url, describe(current, now), why)
             elif current and takeover:
                 log.warning("taking over checkpoint store %s from %s", store.url, describe(current, now))

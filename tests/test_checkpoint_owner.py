@@ -289,6 +289,33 @@ def test_a_taken_over_job_fails_its_next_save_on_every_rank(distributed, tmp_pat
     assert ckpt.read_owner(url) is None
 
 
+def _fails_on_rank_1(url):
+    """Rank 1's chunk writes fail: both ranks raise, rank 0 removes the torn step."""
+    rank = dist.get_rank()
+    shard = ckpt.Shard(torch.full((2, 3), float(rank)), (4, 3), (2 * rank, 0))
+    ckpt.save({"w": shard}, url, step=1)
+
+    def failing(write):
+        raise OSError("injected write failure on rank 1")
+    undo = sabotage_chunk_writes(failing) if rank == 1 else (lambda: None)
+    try:
+        ckpt.save({"w": shard}, url, step=2)
+    except (OSError, RuntimeError) as exc:
+        error = str(exc)
+    finally:
+        undo()
+    dist.barrier()
+    return error, CheckpointStore(url).steps()
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_sync_save_that_fails_on_one_rank_leaves_no_torn_step(distributed, tmp_path):
+    url = str(tmp_path / "ck")
+    for error, steps in distributed(_fails_on_rank_1, 2, url, timeout=TIMEOUT):
+        assert "injected write failure on rank 1" in error and steps == [1]
+    assert intact(url) == [1]
+
+
 def _memory_store(url):
     rank = dist.get_rank()
     out = {}
