@@ -40,9 +40,9 @@ the ranks that could not see it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -61,6 +61,7 @@ VERSION = 1
 LEASE_S = 30.0       # a record whose heartbeat is older than this is gone
 CONFIRM_S = 0.5      # pause between writing a claim and re-reading it (see the module docstring)
 PROBE_PREFIX = ".loom-probe-"
+_MAX_TIME = 253402300799.0  # 9999-12-31: later times in a record are damage
 
 
 class CheckpointOwnershipError(RuntimeError):
@@ -86,16 +87,20 @@ def default_job() -> str:
     return os.environ.get("LOOM_JOB_ID") or f"pid-{os.getpid()}"
 
 
+@functools.lru_cache(maxsize=1)
 def _machine() -> str:
     """What must match for a pid in a record to be checkable here: the boot
     and the pid namespace (empty parts where the system does not say)."""
     parts = []
-    for path, read in (("/proc/sys/kernel/random/boot_id", lambda p: open(p).read().strip()),
-                       ("/proc/self/ns/pid", os.readlink)):
-        try:
-            parts.append(read(path))
-        except OSError:
-            parts.append("")
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            parts.append(fh.read().strip())
+    except OSError:
+        parts.append("")
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("")
     return "/".join(parts)
 
 
@@ -127,7 +132,7 @@ def describe(record: dict, now: float | None = None) -> str:
     """A record for people: job, host, pid, start, heartbeat age, lease."""
     age = max(0.0, (time.time() if now is None else now) - record["heartbeat"])
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
-    return (f"job {record['job']!r} on host {record['host']} (pid {record['pid']}, started {started}, "
+    return (f"job {record['job']!r} on host {record['host']!r} (pid {record['pid']}, started {started}, "
             f"heartbeat {age:.1f} s ago, lease {record['lease_s']:g} s)")
 
 
@@ -150,8 +155,8 @@ def _check_record(record, where: str) -> dict:
         bad("pid", f"pid={pid!r} must be a positive int")
     for name in ("started", "heartbeat", "lease_s"):
         v = record.get(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            bad(name, f"{name}={v!r} must be a non-negative number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= _MAX_TIME:
+            bad(name, f"{name}={v!r} must be a number of seconds from 0 to {_MAX_TIME:.0f}")
     if record["lease_s"] <= 0:
         bad("lease_s", f"lease_s={record['lease_s']!r} must be > 0")
     return record
@@ -404,7 +409,7 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
     job = default_job() if job is None else job
     if not isinstance(job, str) or not job:
         raise ValueError(f"job={job!r} must be a non-empty string")
-    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s < math.inf:
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= _MAX_TIME:
         raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
     mine, error, info = None, None, None
     if g.rank == 0:

@@ -58,7 +58,7 @@ def test_second_writer_in_one_process_fails_at_once_naming_the_first(tmp_path):
         assert (record["job"], record["pid"], record["host"]) == ("first", os.getpid(), socket.gethostname())
         t0 = time.monotonic()
         with pytest.raises(ckpt.CheckpointOwnershipError,
-                           match=rf"owned by job 'first' on host {socket.gethostname()} \(pid {os.getpid()}, "
+                           match=rf"owned by job 'first' on host '{socket.gethostname()}' \(pid {os.getpid()}, "
                                  r"started .*, heartbeat \d+\.\d s ago, lease 30 s\)"):
             ckpt.AsyncCheckpointer(url, job="second")
         with pytest.raises(ckpt.CheckpointOwnershipError, match="owned by job 'first'"):
@@ -79,7 +79,7 @@ def test_a_gone_owner_is_claimed_and_a_live_one_is_not(tmp_path):
     url = str(tmp_path / "ck")
     # a live owner elsewhere: refused; once its heartbeat is older than its lease: claimed
     hand_written(url, heartbeat=time.time() - 0.5, lease_s=3.0)
-    with pytest.raises(ckpt.CheckpointOwnershipError, match="job 'other' on host elsewhere"):
+    with pytest.raises(ckpt.CheckpointOwnershipError, match="job 'other' on host 'elsewhere'"):
         ckpt.save(state(1), url, step=1)
     hand_written(url, heartbeat=time.time() - 5.0, lease_s=3.0)
     ckpt.save(state(1), url, step=1)
@@ -97,6 +97,9 @@ def test_a_gone_owner_is_claimed_and_a_live_one_is_not(tmp_path):
     # a record loom did not write is refused (takeover replaces it)
     CheckpointStore(url).put(owner.OWNER, b"{not json")
     with pytest.raises(ckpt.InvalidCheckpointError, match="OWNER.*not a loom owner record.*takeover=True"):
+        ckpt.save(state(3), url, step=3)
+    hand_written(url, started=1e300)  # fields are checked before use
+    with pytest.raises(ckpt.InvalidCheckpointError, match="started=1e[+]300 must be a number of seconds"):
         ckpt.save(state(3), url, step=3)
     ckpt.save(state(3), url, step=3, takeover=True)
     assert intact(url) == [1, 2, 3]
@@ -210,7 +213,7 @@ def test_second_writer_in_another_process_fails_at_once_naming_the_first(distrib
     first, second = distributed(_second_process_writer, 2, url, timeout=TIMEOUT)
     assert len(second["errors"]) == 2 and second["seconds"] < 10
     for text in second["errors"]:
-        assert f"owned by job 'job-0' on host {socket.gethostname()} (pid {first['pid']}" in text
+        assert f"owned by job 'job-0' on host '{socket.gethostname()}' (pid {first['pid']}" in text
         assert "heartbeat" in text and "takeover=True" in text
     assert intact(url) == [1] and ckpt.read_owner(url) is None
 

@@ -124,7 +124,7 @@ def test_loom_train_twice_on_one_store_the_second_exits_naming_the_owner(tmp_pat
                                  "--seed", "1", *flags], capture_output=True, text=True, timeout=280)
         assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
         assert "CheckpointOwnershipError" in second.stderr
-        assert f"is owned by job 'loom train first' on host {record['host']} (pid {record['pid']}" in second.stderr
+        assert f"is owned by job 'loom train first' on host '{record['host']}' (pid {record['pid']}" in second.stderr
         assert first.poll() is None  # the owner is not disturbed
     finally:
         first.send_signal(signal.SIGINT)
