@@ -29,6 +29,10 @@ def manifest_of(root, step) -> dict:
     return json.loads((root / step_name(step) / MANIFEST).read_bytes())
 
 
+def manifest_of_store(store, step) -> dict:
+    return json.loads(store.get(f"{step_name(step)}/{MANIFEST}"))
+
+
 def reseal(root, step, manifest) -> str:
     """Write ``manifest`` (a dict or raw bytes) as ``step``'s manifest and a
     marker that seals it: what a hostile store can do.  Returns its URL."""
@@ -242,6 +246,27 @@ def test_chunk_objects_of_the_wrong_size_are_found_before_anything_is_allocated(
     assert planned == [] and err.value.file.startswith(str(tmp_path))
     problems = ckpt.verify(str(tmp_path), 1)
     assert len(problems) == 1 and what in problems[0]
+
+
+def test_an_object_store_step_is_checked_with_one_listing(monkeypatch):
+    url = f"memory://hostile-{os.getpid()}"
+    plan = ckpt.plan_save({"w": torch.arange(64.0).reshape(8, 8)}, url, step=1, target_chunk_bytes=32)
+    ckpt.commit(plan, ckpt.write_chunks(plan, plan.tensors))  # 8 chunks of one row
+    store = CheckpointStore(url)
+    fs_cls = type(store.fs)
+    calls = []
+    for name in ("find", "info", "size", "exists"):
+        real = getattr(fs_cls, name)
+        monkeypatch.setattr(fs_cls, name, lambda self, *a, real=real, name=name, **k:
+                            calls.append(name) or real(self, *a, **k))
+    target = {"w": torch.zeros(8, 8)}
+    assert ckpt.load(target, url).step == 1 and calls.count("find") == 1
+    assert len(manifest_of_store(store, 1)["tensors"]["w"]["checksums"]) == 8
+    assert len(calls) < 8  # not one request per chunk
+    store.fs.pipe_file(store.path(f"{step_name(1)}/state/w/c/3/0"), b"\0" * 33)
+    with pytest.raises(ckpt.InvalidCheckpointError, match="33 bytes, not a full chunk of 32 bytes"):
+        ckpt.load(target, url)
+    store.fs.rm(store.path(step_name(1)), recursive=True)
 
 
 def test_a_manifest_of_a_huge_tensor_over_a_small_object_allocates_nothing(tmp_path, monkeypatch):
