@@ -33,7 +33,10 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def _when(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds (a hostile manifest)
+        return "?"
 
 
 def one_line(text) -> str:

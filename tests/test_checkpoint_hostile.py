@@ -370,6 +370,10 @@ def test_loom_ckpt_prints_one_line_for_any_error(tmp_path, capsys, monkeypatch):
         assert "Traceback" not in out + "".join(lines)
     code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
     assert code == 1 and "tensors['w'].chunks[0]" in out
+    _one_tensor(tmp_path)
+    edited(tmp_path, 1, lambda m: m.update(created=1e300))  # valid, but no calendar holds it
+    code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
+    assert code == 0 and out.splitlines()[-1].split()[:2] == ["1", "yes"] and lines == []
     from loom.checkpoint import cli as ck
     for exc in (MemoryError(), RecursionError("deep"), RuntimeError("two\nlines")):
         monkeypatch.setattr(ck, "gc_report", lambda *a, exc=exc: (_ for _ in ()).throw(exc))
