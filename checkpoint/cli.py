@@ -81,6 +81,9 @@ def _resolve_step(store: CheckpointStore, step) -> int:
 
 
 def inspect(url: str, step: int | None = None) -> str:
+    """The arrays and values of ``step`` (default: latest) as tables.
+    Raises FileNotFoundError when there is no such committed step and
+    InvalidCheckpointError when its marker or manifest is damaged."""
     store = CheckpointStore(url)
     step = _resolve_step(store, step)
     m = store.read_manifest(step)

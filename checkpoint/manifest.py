@@ -16,7 +16,9 @@ One JSON document per step (``manifest.json``), written after every chunk:
 ``path`` holds the typed keys (str or int) and ``containers`` the kind of
 container each key indexes (d/l/t: dict, list, tuple), so a load can rebuild
 structure the target lacks.  Arrays live in the step's ``state/`` Zarr group
-at ``array`` (keys made valid node names).
+at ``array``, which must equal `array_path` of ``path`` (one escaped node
+name per key: any string key round-trips, and no manifest can name a path
+outside the step).
 
 Every tensor is one Zarr v3 array holding the consolidated global tensor:
 its global shape for replicated and sharded tensors, one flat dim for
@@ -207,6 +209,8 @@ def array_path(path) -> str:
 # --------------------------------------------------------------- manifest
 
 def new_manifest(step: int, world_size: int, mesh, created: float) -> dict:
+    """An empty manifest of ``step`` saved by ``world_size`` ranks (tensors
+    and values are added by the save)."""
     return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
             "mesh": mesh, "created": created, "tensors": {}, "values": {}}
 
@@ -282,6 +286,8 @@ def _is_int(v) -> bool:
 
 
 def new_manifest(step: int, world_size: int, mesh, created: float) -> dict:
+    """An empty manifest of ``step`` saved by ``world_size`` ranks (tensors
+    and values are added by the save)."""
     return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
             "mesh": mesh, "created": created, "tensors": {}, "values": {}}
 
