@@ -19,7 +19,7 @@ from .manifest import ChecksumError, InvalidCheckpointError
 from .optim import optimizer_state_dict
 from .owner import (CheckpointOwnershipError, StoreNotSharedError, StoreOwnership, claim_store,
                     read_owner)
-from .save import SavePlan, commit, discard_torn, exchange_parts, plan_save, save, write_chunks
+from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
 from .store import CheckpointStore, gc, retained
 
@@ -35,6 +35,6 @@ __all__ = [
     "AsyncCheckpointer", "CheckpointInfo", "CheckpointOwnershipError", "CheckpointSaveError", "CheckpointStore",
     "ChecksumError", "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank",
     "SaveHandle", "SavePlan", "Shard", "StoreNotSharedError", "StoreOwnership", "TARGET_CHUNK_BYTES",
-    "claim_store", "commit", "discard_torn", "exchange_parts", "gc", "install_deepspeed_engine", "load",
+    "claim_store", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
     "optimizer_state_dict", "plan_save", "read_owner", "retained", "save", "verify", "write_chunks",
 ]

@@ -60,7 +60,7 @@ from .collective import agree, resolve
 from .host_pool import HostBufferPool, aligned
 from .manifest import storage_dtype
 from .owner import LEASE_S, claim_store
-from .save import SavePlan, commit, discard_torn, exchange_parts, plan_save
+from .save import SavePlan, commit, exchange_parts, plan_save
 from .state import Flat, PerRank, Shard, _contains_tensors, decode_value, encode_value, flatten, key_of
 from .store import CheckpointStore, check_step, retained
 from .writers import ProcessWriter, ThreadWriter
@@ -506,11 +506,7 @@ class AsyncCheckpointer:
                 job.pool.release(job.region)
                 job.region = None
             job.fragments, job.chunks = {}, {}
-        try:
-            return commit(plan, sums, error, on_committed=self._retain)
-        except BaseException:
-            discard_torn(plan)
-            raise
+        return commit(plan, sums, error, on_committed=self._retain)  # a failure removes the torn step
 
     def _retain(self) -> None:
         """Drop committed steps the retention policy no longer keeps (rank 0,

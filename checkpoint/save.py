@@ -381,13 +381,18 @@ def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None,
     rank 0 checks that the job still owns the store, then writes the
     manifest, the marker and ``latest``.  A failure on any rank (``error``,
     or `CheckpointOwnershipError` when the store was taken over) raises on
-    every rank and commits nothing.  ``on_committed`` (rank 0, after the
-    marker, before the closing agreement) is housekeeping such as
-    retention: every rank returns only after it, so the store looks final
-    to all of them; its errors do not undo the commit.  A claim that
-    `plan_save` made is released here, whatever happens."""
+    every rank, commits nothing and leaves no torn step (rank 0 removes
+    the step this save started, unless it is committed or the job no
+    longer owns the store).  ``on_committed`` (rank 0, after the marker,
+    before the closing agreement) is housekeeping such as retention: every
+    rank returns only after it, so the store looks final to all of them;
+    its errors do not undo the commit.  A claim that `plan_save` made is
+    released here, whatever happens."""
     try:
         return _commit(plan, checksums, error, on_committed)
+    except BaseException:
+        _discard_torn(plan)  # every rank is past writing: each entered the commit's agreement
+        raise
     finally:
         if plan.release_ownership and plan.ownership is not None:
             plan.ownership.release()
@@ -420,12 +425,11 @@ def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
     return plan.location
 
 
-def discard_torn(plan: SavePlan) -> None:
-    """After a failed save of ``plan`` (every rank past writing: call it once
-    the commit has raised), rank 0 removes the step it started, unless the
-    step is committed or the job no longer owns the store (the step may
-    then be another job's).  Best effort: a torn step is invisible anyway,
-    and `gc` removes what is left."""
+def _discard_torn(plan: SavePlan) -> None:
+    """After a failed commit of ``plan``, rank 0 removes the step the save
+    started, unless the step is committed or the job no longer owns the
+    store (the step may then be another job's).  Best effort: a torn step
+    is invisible anyway, and `gc` removes what is left."""
     if plan.group.rank != 0:
         return
     try:
@@ -463,9 +467,5 @@ def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bo
             sums = write_chunks(plan, plan.tensors, parts)
         except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
             error = exc
-        try:
-            return commit(plan, sums, error)
-        except BaseException:
-            discard_torn(plan)
-            raise
+        return commit(plan, sums, error)  # a failure removes the torn step
 
