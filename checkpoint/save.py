@@ -5,16 +5,18 @@
     sums = write_chunks(plan, plan.tensors, parts)  # no communication; any thread
     location = commit(plan, sums)                   # collective: barrier, manifest, marker, latest
 
-`save` runs them in order.  A save writes only into a store its job owns
-(`loom.checkpoint.owner`): `save` claims the store for the call (or shares
-the claim its process holds), `plan_save` checks the claim before the step
-is started and `commit` again before the manifest, so a job whose store was
-taken over fails on every rank instead of writing.  They are separate so that an asynchronous engine
+`save` runs them in order.  They are separate so that an asynchronous engine
 can snapshot tensors to host memory and call `write_chunks` on the copies from
 a background thread (passing them instead of ``plan.tensors``), then
 `commit`.  Every rank writes only the chunks it owns (replicated tensors are
 divided among their replicas), so the data moves in parallel and no chunk has
 two writers.
+
+One job writes a store at a time (`loom.checkpoint.owner`): `save` claims
+the store for the call (or shares the claim its process holds), `plan_save`
+checks the claim before the step is started and `commit` again before the
+manifest, so a job whose store was taken over fails on every rank instead
+of writing.  A failed commit removes the step its save started.
 """
 from __future__ import annotations
 
