@@ -2,15 +2,13 @@
 
 Everything also works with no process group at all (one process in a
 notebook): the group is then a world of one and nothing is sent.  Metadata
-travels as JSON in uint8 tensors; errors travel the same way, so a failure
-on one rank raises on every rank instead of leaving peers in a collective.
+and errors travel as JSON through `loom.comms.agree`, so a failure on one
+rank raises on every rank instead of leaving peers in a collective.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from loom import comms
@@ -51,51 +49,21 @@ def resolve(group=None) -> Group:
     return Group(ranks.index(me), len(ranks), ranks, group, True)
 
 
-def exchange(obj, g: Group) -> list:
-    """All-gather one JSON-able object per rank, in group order."""
-    if not g.distributed or g.size == 1:
-        return [obj]
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    length = torch.tensor([len(data)], dtype=torch.int64)
-    lengths = comms.all_gather(length, g.handle).tolist()
-    buf = torch.zeros(max(lengths), dtype=torch.uint8)
-    if data:
-        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    rows = comms.all_gather(buf.reshape(1, -1), g.handle)
-    return [json.loads(bytes(rows[r, :n].numpy())) for r, n in enumerate(lengths)]
-
-
 def barrier(g: Group) -> None:
     if g.distributed and g.size > 1:
         comms.barrier(g.handle)
 
 
-class RemoteError(RuntimeError):
-    """A peer failed; the message names the rank and its error."""
-
-
-_TYPES = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError,
-          "FileNotFoundError": FileNotFoundError}
-
-
-def error_record(exc: BaseException) -> dict:
-    return {"type": type(exc).__name__, "message": str(exc.args[0]) if isinstance(exc, KeyError)
-            and exc.args else str(exc)}
-
-
 def agree(g: Group, error: BaseException | None, payload=None, *, custom: dict | None = None) -> list:
-    """Exchange (error, payload) and raise on every rank if any rank failed.
+    """Exchange (error, payload) and raise on every rank if any rank failed
+    (`loom.comms.agree` over the group's process group); returns every
+    rank's payload in group order.
 
-    The local exception is re-raised as itself; a peer's is rebuilt with its
+    The local error is re-raised as itself; a peer's is rebuilt with its
     type when it is a common one (or one in ``custom``), naming the rank."""
-    mine = {"error": error_record(error) if error is not None else None, "payload": payload}
-    everyone = exchange(mine, g)
-    failed = [(r, e["error"]) for r, e in enumerate(everyone) if e["error"] is not None]
-    if failed:
+    if not g.distributed or g.size == 1:
         if error is not None:
             raise error
-        rank, rec = failed[0]
-        types = {**_TYPES, **(custom or {})}
-        cls = types.get(rec["type"], RemoteError)
-        raise cls(f"rank {rank}: {rec['type']}: {rec['message']}")
-    return [e["payload"] for e in everyone]
+        return [payload]
+    kwargs = {} if payload is None else {"payload": payload}
+    return comms.agree(error, group=g.handle, types=custom, **kwargs).payloads

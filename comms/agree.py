@@ -93,15 +93,24 @@ def agree(error: BaseException | None = None, fields: Sequence[int] = (), payloa
     when that is a common one (ValueError, TypeError, KeyError, ...) or in
     ``types``, else as `RemoteError`, with the message ``"rank R: Type:
     message"`` (R a global rank).  Returns the `Agreement`."""
-    fields = [] if error is not None else [int(f) for f in fields]
-    if len(fields) > WIDTH:
-        raise ValueError(f"agree: {len(fields)} description fields; at most {WIDTH}")
     data = b""
+    if error is None:  # a description that cannot be sent fails this rank, not the exchange
+        try:
+            fields = [int(f) for f in fields]
+            if len(fields) > WIDTH:
+                raise ValueError(f"agree: {len(fields)} description fields; at most {WIDTH}")
+            if any(not -2**63 <= f < 2**63 for f in fields):
+                raise OverflowError(f"agree: description fields {fields} must fit in int64")
+            if payload is not _NO_PAYLOAD:
+                data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError, OverflowError) as exc:
+            error = exc
     if error is not None:
-        data = json.dumps(error_record(error)).encode()
-    elif payload is not _NO_PAYLOAD:
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-    wire = _Wire.build(group, ranks, tag, device)
+        fields, data = [], json.dumps(error_record(error)).encode()
+    try:
+        wire = _Wire.build(group, ranks, tag, device)
+    except (TypeError, ValueError) as exc:  # the rank list itself is wrong here: nobody to tell
+        raise (error if error is not None else exc) from None
     row = torch.zeros(2 + WIDTH, dtype=torch.int64)
     row[0], row[1] = int(error is None), len(data)
     if fields:
@@ -137,6 +146,22 @@ def _rebuild(ranks, failed: list[int], texts: list, types: dict) -> BaseExceptio
     return types.get(kind, RemoteError)(f"rank {ranks[first]}: {kind}: {message}{tail}")
 
 
+_DTYPE_CODES = {d: i for i, d in enumerate(
+    (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+     torch.uint8, torch.bool, torch.complex64, torch.complex128, torch.uint16, torch.uint32, torch.uint64,
+     torch.float8_e4m3fn, torch.float8_e5m2), start=1)}
+_DTYPE_NAMES = {i: str(d).removeprefix("torch.") for d, i in _DTYPE_CODES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A dtype as a description field (`dtype_name` reads it back)."""
+    return _DTYPE_CODES.get(dtype, 0)
+
+
+def dtype_name(code: int) -> str:
+    return _DTYPE_NAMES.get(code, f"dtype #{code}")
+
+
 def float_bits(x: float) -> int:
     """A float as the int64 of its bits, for a description field."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
@@ -162,6 +187,9 @@ class _Wire:
     def build(cls, group, ranks, tag: int, device):
         if ranks is not None:
             ring = Ring(list(ranks), tag=tag)
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if max(ring.ranks) >= world:
+                raise ValueError(f"agree: ranks {list(ring.ranks)} are not all in [0, {world})")
             if ring.size == 1:
                 return cls(ring.ranks, None, None, None)
             return cls(ring.ranks, None, ring, device or _default_device(None))

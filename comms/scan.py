@@ -28,19 +28,39 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .agree import agree, dtype_code
 
 METHODS = ("allscan", "serial", "allgather")
 
 
 def all_scan(decay: torch.Tensor, state: torch.Tensor, *, group=None, ranks=None, blocks: int = 4,
-             reverse: bool = False, method: str = "allscan") -> torch.Tensor:
+             reverse: bool = False, method: str = "allscan", check: bool = True) -> torch.Tensor:
     """The exclusive scan of (decay, state) pairs over the ring ``ranks`` (global
-    ranks in chain order; default: the ranks of ``group``, default world).
+    ranks in chain order; default: the ranks of ``group``, default world; a
+    chain of one without a process group).
 
     ``blocks`` (allscan only) is capped at d_k; it need not divide d_k.
-    Returns a tensor shaped like ``state``: this position's incoming state."""
-    chain = _Chain.build(decay, state, group, ranks, blocks, method)
+    Returns a tensor shaped like ``state``: this position's incoming state.
+    Every rank first agrees (`loom.comms.agree`) on the shapes, dtype and
+    options, so a bad or mismatched call raises ValueError/TypeError on every
+    rank of the chain; ``check=False`` skips that when the caller has already
+    agreed on its inputs (`loom.parallel.linear_attention` does)."""
+    error, chain = None, None
+    try:
+        chain = _Chain.build(decay, state, group, ranks, blocks, method)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if check:
+        fields = () if chain is None else chain.description(state, reverse)
+        agree(error, fields, group=group if ranks is None else None, ranks=ranks,
+              device=state.device if state.is_cuda else None).same(_FIELDS, "all_scan", show=_SHOWN)
+    elif error is not None:
+        raise error
     return _AllScan.apply(decay, state, chain, bool(reverse))
+
+
+_FIELDS = ("dtype", "method", "blocks", "reverse", "state dims", *(f"state dim {i}" for i in range(11)))
+_SHOWN = _FIELDS[4:]
 
 
 class _Chain:
@@ -63,11 +83,12 @@ class _Chain:
         if decay.dtype != state.dtype:
             raise ValueError(f"all_scan: decay dtype {decay.dtype} != state dtype {state.dtype}")
         self = cls()
-        me = dist.get_rank()
+        alone = not dist.is_initialized()
+        me = 0 if alone else dist.get_rank()
         group_members = ops.group_ranks(group) if (group is not None or ranks is None) else None
         if ranks is None:
             ranks = group_members
-        ranks = _check_ranks(ranks, dist.get_world_size(), me)
+        ranks = _check_ranks(ranks, 1 if alone else dist.get_world_size(), me)
         if group is not None and sorted(ranks) != sorted(group_members):
             raise ValueError(f"all_scan: ranks={ranks} must be an ordering of the group's ranks "
                              f"{group_members} when both are given")
@@ -76,6 +97,12 @@ class _Chain:
         # allgather uses a collective whenever a group names the ring's members
         self.collective = method == "allgather" and group_members is not None
         return self
+
+    def description(self, state, reverse: bool) -> list[int]:
+        """What every position of the chain must agree on (see `all_scan`)."""
+        shape = list(state.shape)[:11]
+        return [dtype_code(state.dtype), METHODS.index(self.method), self.blocks, int(reverse),
+                state.dim(), *shape]
 
     def neighbours(self, reverse: bool):
         """(predecessor, successor) along the scan direction; None at the ends."""

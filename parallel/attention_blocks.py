@@ -24,6 +24,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def empty_attention(q, k, v):
+    """The output of attention over no tokens (batch or seq_local 0): an empty
+    tensor like q that is still in q's, k's and v's graph, so backward reaches
+    them (with empty gradients) as it would with tokens."""
+    return q + (k.sum() + v.sum()) * 0
+
+
 def check_qkv(q, k, v, scale, who: str) -> float:
     """Check q ``[b, s, hq, d]`` and k, v ``[b, s, hkv, d]``; return the scale
     (default ``head_dim ** -0.5``)."""
@@ -45,8 +52,8 @@ def check_qkv(q, k, v, scale, who: str) -> float:
         raise ValueError(f"{who}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"{who}: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    if min(b, s, hq, k.shape[2], d) < 1:
-        raise ValueError(f"{who}: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if min(hq, k.shape[2], d) < 1:  # no tokens (batch or seq_local 0) is fine: see empty_attention
+        raise ValueError(f"{who}: heads and head_dim must be >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if hq % k.shape[2]:
         raise ValueError(f"{who}: heads_q={hq} must divide by heads_kv={k.shape[2]}")
     if scale is None:

@@ -298,20 +298,16 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     lengths = [len(s) - 1 for s in sequences]
+    error, mine = None, ()
     try:
         check_schedule(schedule, lengths, world)
-        mine, error = fingerprint(schedule, lengths), None
+        mine = [fingerprint(schedule, lengths)]
     except ValueError as exc:
-        mine, error = -1, exc
-    if distributed:  # every rank learns whether all hold the same valid schedule, then all raise alike
-        table = comms.all_gather(torch.tensor([mine], dtype=torch.int64, device=device)).tolist()
-        if error is None and len(set(table)) > 1:
-            bad = [r for r, fp in enumerate(table) if fp == -1]
-            error = ValueError(f"hdp: ranks {bad} hold an invalid schedule (they raise why)" if bad else
-                               f"hdp: ranks disagree on the schedule (fingerprints by rank: {table}); "
-                               f"every rank must schedule the same batch with the same options")
-    if error is not None:
-        raise error
+        error = exc
+    # every rank learns whether all hold the same valid schedule, then all raise alike
+    comms.agree(error, mine, device=device if device is not None and torch.device(device).type == "cuda"
+                else None).same(["schedule fingerprint"], "hdp: ranks disagree on the schedule (every rank "
+                                                          "must schedule the same batch with the same options)")
     total = sum(lengths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:

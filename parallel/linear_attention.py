@@ -23,7 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loom.comms import all_scan
+from loom.comms import agree, all_scan
+from loom.comms.agree import dtype_code, float_bits
+from loom.comms.scan import METHODS
+
+_FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale")
 
 
 def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str = "allscan",
@@ -35,11 +39,26 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
     output [batch, seq_local, heads, d_v] in q's dtype and, with
     ``return_final_state``, also the state after this rank's last token
     [batch, heads, d_k, d_v] (float32, or float64)."""
-    qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
+    error, mine = None, ()
+    try:
+        qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
+        if method not in METHODS:
+            raise ValueError(f"linear_attention: method={method!r} must be one of {METHODS}")
+        mine = [q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype_code(q.dtype), METHODS.index(method),
+                float_bits(1.0 if scale is None else scale)]
+    except (TypeError, ValueError) as exc:
+        error = exc
+    # every rank of the chain learns of a bad or mismatched call before the scan
+    # (seq_local may differ: shards of any length, empty ones too)
+    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
+    agree(error, mine, group=group if ranks is None else None, ranks=ranks,
+          device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4])
     out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
     cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start
-    decay = cum[:, :, -1].exp() if cum.shape[2] else torch.ones_like(local_state[..., 0])
-    initial = all_scan(decay, local_state, group=group, ranks=ranks, method=method)
+    # an empty shard's decay is 1, still computed from log_decay so the scan's
+    # node is in this rank's backward graph: every rank must run the reverse scan
+    decay = cum[:, :, -1].exp() if cum.shape[2] else gh.sum(2).exp()
+    initial = all_scan(decay, local_state, group=group, ranks=ranks, method=method, check=False)
     out = out + (qh * cum.exp()) @ initial
     return _finish(out, q.dtype, return_final_state, decay[..., None] * initial + local_state)
 
@@ -83,6 +102,8 @@ def _finish(out, dtype, return_final_state, state):
 def _chunked(q, k, v, g, chunk_size):
     """Outputs and final state from a zero initial state; all [b, h, s, d]."""
     b, h, s, d_k = k.shape
+    if s == 0:  # an empty shard: no outputs and a zero state, still in k's and v's graph
+        return v[:, :, :0], k.transpose(-1, -2) @ v
     state = q.new_zeros(b, h, d_k, v.shape[-1])
     outs = []
     for lo in range(0, s, chunk_size):

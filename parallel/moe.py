@@ -27,12 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loom import comms
+from loom.comms.agree import dtype_code
 
 from .llep import LLEPConfig, LLEPPlan, llep_plan, standard_plan
 from .placement import declare_placements
 
 DISPATCHERS = ("standard", "llep")
 _UNSET = object()
+_FIELDS = ("dim", "hidden", "num_experts", "top_k", "dispatcher", "dtype", "weight dtype")
+
+
+
+def _kind(x) -> str:
+    return f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _positive_int(name: str, value) -> int:
@@ -324,8 +331,21 @@ class MoE(nn.Module):
         return standard_plan(loads, self.world, self.experts_per_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE expected input [..., {self.dim}], got shape {tuple(x.shape)}")
+        error, mine = None, ()
+        try:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"MoE expected a floating-point tensor, got {_kind(x)}")
+            if x.dim() < 1 or x.shape[-1] != self.dim:
+                raise ValueError(f"MoE expected input [..., {self.dim}], got shape {tuple(x.shape)}")
+            mine = [self.dim, self.hidden, self.num_experts, self.top_k, DISPATCHERS.index(self.dispatcher),
+                    dtype_code(x.dtype), dtype_code(self.w_gate.dtype)]
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if self.world > 1:  # every rank of the group learns of a bad call before any token moves
+            comms.agree(error, mine, group=self.ep_group, device=x.device if x.is_cuda else None) \
+                .same(_FIELDS, "MoE", show=_FIELDS[:4])
+        elif error is not None:
+            raise error
         shape, k = x.shape, self.top_k
         flat = x.reshape(-1, self.dim)
         logits = self.router(flat)

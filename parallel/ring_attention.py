@@ -8,25 +8,25 @@ dK/dV accumulator travels with it (P shifts, so it arrives home); dQ stays
 local.  Every block's gradient is computed from the *rotated* K/V it arrived
 with and the forward's merged output and LSE.
 
-Point-to-point messages per call and rank (P = ring size): P-1 tiny shape
-checks + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV accumulators
-backward.
+Point-to-point messages per call and rank (P = ring size): P-1 tiny
+agreement messages (`loom.comms.agree`: every position's shapes and options,
+or its error) + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV
+accumulators backward.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from loom.comms import Ring, world_ranks
+from loom.comms import Ring, agree, world_ranks
+from loom.comms.agree import checksum_ints, dtype_code, float_bits
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
-    check_qkv, merge_partials, plan_area, plan_block, tile_rows_for
+    check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
 from .sequence import check_layout, shard_segments
 
-_KV, _ACC, _CHECK = 0, 1, 2  # ring channels (message kinds that are in flight together)
-_DTYPES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_KV, _ACC = 0, 1  # ring channels (message kinds that are in flight together)
 
 
 @dataclass(frozen=True)
@@ -87,42 +87,18 @@ def _check_cu_seqlens(cu, batch: int, total: int) -> None:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
 
 
-def _checksum(values) -> int:
-    h = 0
-    for x in values:
-        h = (h * 1000003 + int(x) + 1) % (2**61 - 1)
-    return h
 
 
-_FIELDS = ("valid input", "batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout",
-           "causal", "scale", "ring ranks", "cu_seqlens")
+_FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
+           "ring ranks", "cu_seqlens")
+_SHOWN = _FIELDS[:5]
 
 
 def _description(q, k, layout, causal, scale, cu_seqlens, ring) -> list[int]:
-    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
-    return [1, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], _DTYPES.get(q.dtype, 9),
-            layout == "zigzag", causal, scale_bits, _checksum(ring.ranks),
-            -1 if cu_seqlens is None else _checksum(cu_seqlens.tolist())]
-
-
-def _check_ring_agrees(ring: Ring, mine: list[int] | None, device) -> None:
-    """All-gather a small description of the call round the ring and raise the
-    same ValueError on every rank if any position disagrees or found its own
-    input invalid (``mine`` is None): a mismatched seq_local would otherwise
-    make the K/V exchange fail on one rank and hang the others."""
-    mine = [0] * len(_FIELDS) if mine is None else mine
-    table = ring.all_gather(torch.tensor(mine, dtype=torch.int64, device=device), channel=_CHECK)
-    bad = [i for i, ok in enumerate(table[:, 0].tolist()) if not ok]
-    if bad:
-        raise ValueError(f"ring_attention: invalid input at ring positions {bad} (ranks "
-                         f"{[ring.ranks[i] for i in bad]}) of the ring {list(ring.ranks)}; "
-                         f"those ranks raised the reason")
-    for col, name in enumerate(_FIELDS):
-        values = table[:, col].tolist()
-        if len(set(values)) > 1:
-            shown = values if name in _FIELDS[1:6] else "(differs)"
-            raise ValueError(f"ring_attention: {name} differs across the ring {list(ring.ranks)}: "
-                             f"{shown} by ring position")
+    """What every position of the ring must agree on (see `comms.agree`)."""
+    return [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype_code(q.dtype),
+            layout == "zigzag", causal, float_bits(scale), checksum_ints(ring.ranks),
+            -1 if cu_seqlens is None else checksum_ints(cu_seqlens.tolist())]
 
 
 # ------------------------------------------------------------------ the ring
@@ -199,18 +175,20 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     Returns ``out`` like q, plus ``lse [batch, heads_q, seq_local]`` (float32,
     float64 for float64 inputs) when ``return_lse``."""
     ring = Ring(list(ranks) if ranks is not None else world_ranks(group))
+    error, mine = None, ()
     try:
         scale = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens, size=ring.size)
-    except (TypeError, ValueError):
-        if ring.size > 1:  # tell the rest of the ring before raising, so no one hangs
-            try:
-                _check_ring_agrees(ring, None, q.device if isinstance(q, torch.Tensor) else None)
-            except ValueError:
-                pass  # it names this rank; the reason raised below is the useful error
-        raise
-    if ring.size > 1:
         mine = _description(q, k, layout, bool(causal), scale, cu_seqlens, ring)
-        _check_ring_agrees(ring, mine, q.device)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    # every position learns of a bad or mismatched call before any K/V moves
+    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
+    agree(error, mine, ranks=ring.ranks, tag=ring.tag, device=device).same(_FIELDS, "ring_attention",
+                                                                           show=_SHOWN)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the ring agreed on seq_local)
+        out = empty_attention(q, k, v)
+        lse = out.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))
+        return (out, lse) if return_lse else out
     spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
                      device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]))
     out, lse = run_ring(q, k, v, ring, spec)

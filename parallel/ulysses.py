@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from loom import comms
+from loom.comms.agree import dtype_code, float_bits
 
-from .attention_blocks import check_qkv
+from .attention_blocks import check_qkv, empty_attention
+
 
 
 def _seq_to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
@@ -41,20 +43,8 @@ def _attend(q, k, v, causal: bool, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _check_group_agrees(mine: list[int] | None, group, device) -> None:
-    """All ranks must call with the same shapes; a mismatch (or a rank whose
-    input was invalid: ``mine`` is None) raises on every rank."""
-    mine = [0] * 8 if mine is None else mine
-    table = comms.all_gather(torch.tensor([mine], dtype=torch.int64, device=device), group)
-    if not all(table[:, 0].tolist()):
-        bad = [i for i, ok in enumerate(table[:, 0].tolist()) if not ok]
-        raise ValueError(f"ulysses_attention: invalid input at group positions {bad}; those ranks "
-                         f"raised the reason")
-    names = ("valid", "batch", "seq_local", "heads_q", "head_dim", "heads_kv", "causal", "scale")
-    for col, name in enumerate(names):
-        values = table[:, col].tolist()
-        if len(set(values)) > 1:
-            raise ValueError(f"ulysses_attention: {name} differs across the group: {values} by rank")
+_FIELDS = ("batch", "seq_local", "heads_q", "head_dim", "heads_kv", "dtype", "causal", "scale")
+_SHOWN = _FIELDS[:5]
 
 
 def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float | None = None):
@@ -62,21 +52,22 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
     (q ``[batch, seq_local, heads_q, head_dim]``, k/v ``[.., heads_kv, ..]``),
     by two all-to-alls.  Returns the output shard, like q."""
     size = len(comms.world_ranks(group))
+    error, mine = None, ()
     try:
         scale = check_qkv(q, k, v, scale, "ulysses_attention")
         if q.shape[2] % size:
             raise ValueError(f"ulysses_attention: heads_q={q.shape[2]} must divide by the group "
                              f"size {size}")
-    except (TypeError, ValueError):
-        if size > 1:
-            try:  # tell the group first, so no one hangs in the all-to-all
-                _check_group_agrees(None, group, q.device if isinstance(q, torch.Tensor) else None)
-            except ValueError:
-                pass
-        raise
+        mine = [*q.shape, k.shape[2], dtype_code(q.dtype), int(causal), float_bits(scale)]
+    except (TypeError, ValueError) as exc:
+        error = exc
+    # every rank learns of a bad or mismatched call before the all-to-all
+    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
+    comms.agree(error, mine, group=group, device=device).same(_FIELDS, "ulysses_attention", show=_SHOWN)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
+        return empty_attention(q, k, v)
     if size == 1:
         return _attend(q, k, v, causal, scale)
-    _check_group_agrees([1, *q.shape, k.shape[2], int(causal), round(scale * 2**40)], group, q.device)
     expand = size // math.gcd(k.shape[2], size)
     if expand > 1:  # MQA/GQA with fewer K/V heads than ranks: give every rank its own copy
         k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)

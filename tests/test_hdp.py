@@ -409,4 +409,4 @@ def test_ranks_with_different_or_invalid_schedules_all_raise(distributed):
     errors = distributed(_mismatched, 2, lengths, [good, other], timeout=60)
     assert all("ranks disagree on the schedule" in e for e in errors), errors
     errors = distributed(_mismatched, 2, lengths, [good, broken], timeout=60)
-    assert "ranks [1] hold an invalid schedule" in errors[0] and "in no microbatch" in errors[1], errors
+    assert errors[0].startswith("rank 1: ValueError:") and all("in no microbatch" in e for e in errors), errors

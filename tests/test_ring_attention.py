@@ -336,13 +336,14 @@ def _mismatches():
 def test_mismatches_raise_on_every_rank(distributed):
     results = distributed(_mismatches, 4, timeout=120)
     for rank, errors in enumerate(results):
-        assert "seq_local differs across the ring" in errors["seq_local"] and "[6, 8, 6, 6]" in errors["seq_local"]
-        if rank == 2:
-            assert "seq_local=5 must be even for layout='zigzag'" in errors["one invalid"]
-        else:
-            assert "invalid input at ring positions [2]" in errors["one invalid"]
+        assert errors["seq_local"] == ("ring_attention: seq_local differs across ranks [0, 1, 2, 3]: "
+                                       "rank 0: 6, rank 1: 8, rank 2: 6, rank 3: 6")
+        # the rank with the bad input raises its reason; the others raise it too, naming it
+        assert errors["one invalid"].endswith("seq_local=5 must be even for layout='zigzag'")
+        assert rank == 2 or errors["one invalid"].startswith("rank 2: ValueError: ring_attention:")
         assert "heads_q=6 must divide by the group size 4" in errors["ulysses heads"]
-        assert "seq_local differs across the group" in errors["ulysses seq_local"]
+        assert errors["ulysses seq_local"].startswith("ulysses_attention: seq_local differs across ranks "
+                                                      "[0, 1, 2, 3]: rank 0: 5, rank 1: 4")
         assert errors["after"] is None
 
 

@@ -1,0 +1,112 @@
+"""Fail together, everywhere: ranks with no tokens take part correctly, and one
+rank's bad input makes every rank raise at once, naming it (float64 against
+one process; bounded time instead of a hang until the process-group timeout)."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from loom import comms
+from loom.parallel import MoE, linear_attention, local_linear_attention, ring_attention, ulysses_attention
+
+F64 = torch.float64
+LENGTHS = [5, 0, 1, 4]  # per-rank shard lengths of one 10-token sequence, one rank empty
+
+
+def _whole(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(LENGTHS)
+    q, k = (torch.randn(2, n, 2, 3, generator=gen, dtype=F64) for _ in range(2))
+    v = torch.randn(2, n, 2, 4, generator=gen, dtype=F64)
+    g = -torch.rand(2, n, 2, 3, generator=gen, dtype=F64)
+    w = torch.randn(2, n, 2, 4, generator=gen, dtype=F64)
+    return q, k, v, g, w
+
+
+def _empty_rank_linear(method):
+    rank = dist.get_rank()
+    q, k, v, g, w = _whole()
+    lo = sum(LENGTHS[:rank])
+    sl = slice(lo, lo + LENGTHS[rank])
+    mine = [t[:, sl].clone().requires_grad_() for t in (q, k, v, g)]
+    out = linear_attention(*mine, method=method, chunk_size=4)
+    (out * w[:, sl]).sum().backward()
+    return out.detach(), [t.grad for t in mine]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["allscan", "serial", "allgather"])
+def test_linear_attention_with_an_empty_rank_matches_one_process(distributed, method):
+    q, k, v, g, w = _whole()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+    ref = local_linear_attention(*leaves, chunk_size=4)
+    (ref * w).sum().backward()
+    lo = 0
+    for n, (out, grads) in zip(LENGTHS, distributed(_empty_rank_linear, 4, method, timeout=60)):
+        sl = slice(lo, lo + n)
+        assert out.shape[1] == n
+        torch.testing.assert_close(out, ref[:, sl].detach(), rtol=0, atol=1e-12)
+        for got, leaf in zip(grads, leaves):
+            torch.testing.assert_close(got, leaf.grad[:, sl], rtol=0, atol=1e-12)
+        lo += n
+
+
+def _empty_everywhere():
+    """A batch with no tokens at all: ring attention and Ulysses return empty shards."""
+    q = torch.randn(1, 0, 2, 4, dtype=F64, requires_grad=True)
+    out = ring_attention(q, q, q, causal=True)
+    out.sum().backward()
+    u = ulysses_attention(q, q, q, causal=True)
+    return tuple(out.shape), tuple(u.shape), tuple(q.grad.shape)
+
+
+def test_ring_and_ulysses_with_no_tokens(distributed):
+    for shapes in distributed(_empty_everywhere, 2, timeout=60):
+        assert shapes == ((1, 0, 2, 4), (1, 0, 2, 4), (1, 0, 2, 4))
+
+
+def _one_bad_rank(case):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bad = rank == 2
+    t0 = time.monotonic()
+    try:
+        if case == "linear_attention shape":
+            q = torch.randn(1, 3, 2, 4 if not bad else 5, dtype=F64)
+            k = torch.randn(1, 3, 2, 4, dtype=F64)
+            linear_attention(q, k, k, -k.abs())
+        elif case == "linear_attention heads":
+            q = torch.randn(1, 3, 2 + bad, 4, dtype=F64)
+            linear_attention(q, q, q, -q.abs())
+        elif case == "all_scan":
+            state = torch.zeros(2, 3, 4 + bad, dtype=F64)
+            comms.all_scan(torch.ones(2, 3, dtype=F64), state)
+        elif case == "moe input":
+            mesh = comms.init_mesh(dp=world, ep=world)
+            layer = MoE(8, 16, 4, 2, ep_group=mesh.ep_group)
+            layer(torch.randn(5, 8 if not bad else 7))
+        elif case == "moe dtype":
+            mesh = comms.init_mesh(dp=world, ep=world)
+            layer = MoE(8, 16, 4, 2, ep_group=mesh.ep_group).to(F64 if bad else torch.float32)
+            layer(torch.randn(5, 8, dtype=F64 if bad else torch.float32))
+        return "no error"
+    except (ValueError, TypeError) as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case,reason", [
+    ("linear_attention shape", "shapes disagree"),
+    ("linear_attention heads", "heads differs across ranks [0, 1, 2, 3]: rank 0: 2, rank 1: 2, rank 2: 3"),
+    ("all_scan", "state dim 2 differs across ranks [0, 1, 2, 3]: rank 0: 4, rank 1: 4, rank 2: 5"),
+    ("moe input", "MoE expected input [..., 8], got shape (5, 7)"),
+    ("moe dtype", "dtype differs"),
+])
+def test_one_bad_rank_fails_every_rank_at_once(distributed, case, reason):
+    for rank, result in enumerate(distributed(_one_bad_rank, 4, case, timeout=120)):
+        assert result != "no error", (case, rank)
+        kind, message, seconds = result
+        assert reason in message, (rank, message)
+        assert seconds < 10, seconds
+        if "differs" not in reason and rank != 2:  # the others name the rank that failed
+            assert message.startswith("rank 2: ValueError:"), message
