@@ -149,9 +149,6 @@ CHECK_MODES = ("auto", "on", "off")
 _checks = {"mode": os.environ.get("LOOM_CHECK_COLLECTIVES", "auto")}
 _OPCODES = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 3, "all_to_all_v": 4, "all_to_all_counts": 5,
             "broadcast": 6, "barrier": 7}
-_DTYPES = {d: i for i, d in enumerate((torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-                                       torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-                                       torch.complex64, torch.complex128), start=1)}
 _DIMS = 11  # dims described one by one; more go into one checksum field
 
 
@@ -188,10 +185,10 @@ def _prepare(name: str, group, t: torch.Tensor, arg: int = 0, validate=None, row
 
 
 def _agree_call(name, group, t, arg, error, rows_may_differ) -> None:
-    from .agree import agree, checksum_ints
+    from .agree import agree, checksum_ints, dtype_code, dtype_name
     shape = list(t.shape)
     described = shape[1:] if rows_may_differ else shape
-    fields = [_OPCODES[name], _DTYPES.get(t.dtype, 99), int(arg), len(described),
+    fields = [_OPCODES[name], dtype_code(t.dtype), int(arg), len(described),
               *described[:_DIMS], checksum_ints(described[_DIMS:]) if len(described) > _DIMS else 0]
     table = agree(error, fields, group=group, device=t.device if t.device.type == "cuda" else None)
     ranks, rows = table.ranks, table.fields
@@ -202,10 +199,9 @@ def _agree_call(name, group, t, arg, error, rows_may_differ) -> None:
                          + ", ".join(f"rank {r}: {ops.get(row[0], row[0])}" for r, row in zip(ranks, rows)))
     names = {1: "dtype", 2: {"broadcast": "src", "all_reduce": "reduce op", "reduce_scatter": "reduce op"}
              .get(name, "")}
-    dtypes = {v: str(k).removeprefix("torch.") for k, v in _DTYPES.items()}
     for col, label in names.items():
         if label and len({row[col] for row in rows}) > 1:
-            shown = [dtypes.get(row[col], row[col]) if col == 1 else row[col] for row in rows]
+            shown = [dtype_name(row[col]) if col == 1 else row[col] for row in rows]
             raise ValueError(f"{where}: {label} differs across ranks {list(ranks)}: "
                              + ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, shown)))
     shapes = [tuple(row[4:4 + min(row[3], _DIMS)]) + (("...",) if row[3] > _DIMS else ()) for row in rows]
