@@ -57,7 +57,8 @@ def test_ep_run_resumes_at_any_ep_degree_with_the_uninterrupted_losses(distribut
                and e["placement"] == "shard"]
     assert len(moments) == 2 * 3 * 2  # 2 layers x (w_gate, w_up, w_down) x 2 moments
 
-    cases = [(2, {"ep": 2}), (2, {"ep": 1}), (1, {"ep": 1}), (4, {"ep": 4}), (4, {"ep": 2})]
+    cases = [(2, {"ep": 2}), (2, {"ep": 1}), (1, {"ep": 1}), (4, {"ep": 4}), (4, {"ep": 2}),
+             (4, {"ep": 2, "dp": 2, "sp": 2})]  # experts folded over a dp x sp mesh
     for world, layout in cases:
         resumed, extra, events = distributed(
             _train, world, {**MOE, **layout, "steps": 6, "ckpt_url": url, "resume": True}, timeout=300)[0]
