@@ -32,13 +32,15 @@ def fingerprint(t: torch.Tensor) -> int:
     n = t.numel()
     if n <= WHOLE:
         sample = t.reshape(-1)
-    else:
-        index = torch.linspace(0, n - 1, SAMPLE, dtype=torch.float64).round().to(torch.int64)
-        if t.is_contiguous():
-            sample = t.view(-1).index_select(0, index.to(t.device))
-        else:  # gather the sampled elements by coordinates: no copy of the whole tensor
-            coords = torch.unravel_index(index.to(t.device), tuple(t.shape))
-            sample = t[coords]
+    else:  # SAMPLE evenly spaced elements, in logical (C) order, read where they lie in memory
+        index = torch.arange(SAMPLE, dtype=torch.int64) * (n - 1) // (SAMPLE - 1)
+        offsets = torch.zeros(SAMPLE, dtype=torch.int64)
+        for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+            offsets += (index % size) * stride
+            index //= size
+        span = int(offsets.max()) + 1
+        memory = t.as_strided((span,), (1,), t.storage_offset())  # inside t's storage: no copy
+        sample = memory.index_select(0, offsets.to(t.device))
     crc = google_crc32c.value(f"{t.dtype}{tuple(t.shape)}".encode())
     if sample.numel():
         data = as_numpy(sample.cpu().contiguous()).reshape(-1).view("uint8")
