@@ -468,12 +468,12 @@ class LoomCheckpointEngine(CheckpointEngine):
 
     def __init__(self, ds_engine, url: str | None = None, *, host_buffer_bytes: int | None = None,
                  keep_last: int | None = None, writer: str = "thread", config_params=None,
-                 durable: bool = False):
+                 durable: bool = False, job: str | None = None, takeover: bool = False, lease_s: float = 30.0):
         super().__init__(config_params)
         self.name = "LoomCheckpointEngine"
         self.ds_engine, self.url = ds_engine, url
         self._options = {"host_buffer_bytes": host_buffer_bytes, "keep_last": keep_last, "writer": writer,
-                         "durable": durable}
+                         "durable": durable, "job": job, "takeover": takeover, "lease_s": lease_s}
         self.checkpointers: dict[str, AsyncCheckpointer] = {}
         self._info: CheckpointCommitInfo | None = None
         self._files: dict | None = {}

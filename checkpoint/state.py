@@ -262,8 +262,18 @@ def set_path(container, path: Path, value):
 _TAG = "__loom__"
 
 
-def encode_value(value, key: str = "") -> Any:
-    """A JSON-able form of a plain value; TypeError naming ``key`` otherwise."""
+# Values nested deeper than this are refused at save: loom reads JSON with a
+# depth limit (manifest.MAX_JSON_DEPTH = 512); a tagged tuple or dict takes up to
+# three JSON levels per level of the value.
+MAX_VALUE_DEPTH = 100
+
+
+def encode_value(value, key: str = "", _depth: int = 0) -> Any:
+    """A JSON-able form of a plain value; TypeError naming ``key`` otherwise
+    (also for values nested more than `MAX_VALUE_DEPTH` levels deep)."""
+    if _depth > MAX_VALUE_DEPTH:
+        raise TypeError(f"the value at key {key!r} is nested more than {MAX_VALUE_DEPTH} levels deep "
+                        f"(a cycle?); a checkpoint stores plain JSON values of bounded depth")
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
@@ -272,13 +282,13 @@ def encode_value(value, key: str = "") -> Any:
         f = float(value)
         return f if math.isfinite(f) else {_TAG: "float", "value": repr(f)}
     if isinstance(value, tuple):
-        return {_TAG: "tuple", "items": [encode_value(v, key) for v in value]}
+        return {_TAG: "tuple", "items": [encode_value(v, key, _depth + 1) for v in value]}
     if isinstance(value, list):
-        return [encode_value(v, key) for v in value]
+        return [encode_value(v, key, _depth + 1) for v in value]
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and _TAG not in value:
-            return {k: encode_value(v, f"{key}/{k}") for k, v in value.items()}
-        return {_TAG: "dict", "items": [[encode_value(k, key), encode_value(v, f"{key}/{k}")]
+            return {k: encode_value(v, f"{key}/{k}", _depth + 1) for k, v in value.items()}
+        return {_TAG: "dict", "items": [[encode_value(k, key, _depth + 1), encode_value(v, f"{key}/{k}", _depth + 1)]
                                          for k, v in value.items()]}
     raise TypeError(f"the value at key {key!r} has type {type(value).__name__}, which a checkpoint "
                     f"cannot store: tensors go to Zarr arrays and everything else must be JSON "

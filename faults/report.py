@@ -64,10 +64,11 @@ def timeline(run_dir: str, width: int = 60) -> str:
     lines = [f"fault report for {run_dir}: {len(series)} ranks, {span}, "
              f"{len(faults)} fault{'s' if len(faults) != 1 else ''}", ""]
     if faults:
-        lines.append(f"{'time':>9}  {'step':>5}  {'fault':<10} {'culprit':<12} evidence")
+        width = max(10, *(len(str(e["kind"])) for e in faults))
+        lines.append(f"{'time':>9}  {'step':>5}  {'fault':<{width}} {'culprit':<12} evidence")
         for e in sorted(faults, key=lambda e: e.get("t", 0.0)):
             step = e.get("step")
-            lines.append(f"{e.get('t', 0.0):>+8.2f}s  {'-' if step is None else step:>5}  {e['kind']:<10} "
+            lines.append(f"{e.get('t', 0.0):>+8.2f}s  {'-' if step is None else step:>5}  {e['kind']:<{width}} "
                          f"{_culprit(e):<12} {e['evidence']}")
     else:
         lines.append("no faults detected")

@@ -46,7 +46,9 @@ def _ckpt(args) -> int:
             print(ck.gc_report(args.url, args.keep_last, args.keep_every, args.include_newer, args.dry_run))
         elif args.ckpt_command == "from-deepspeed":
             from loom.checkpoint.deepspeed_convert import from_deepspeed
-            print(f"wrote {from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step)}")
+            location = from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step,
+                                      loom_url=args.loom_url)
+            print(f"wrote {location}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"loom ckpt {args.ckpt_command}: error: {ck.one_line(exc)}", file=sys.stderr)
         return 1
@@ -79,12 +81,17 @@ def _add_ckpt_parser(sub) -> None:
                    help="also delete uncommitted steps newer than the newest commit (saves in progress!)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     p = ck.add_parser("from-deepspeed", help="convert a DeepSpeed ZeRO-1/2 checkpoint",
-                      description="Convert a DeepSpeed ZeRO stage 1/2 checkpoint (fp32 master weights, "
-                                  "Adam exp_avg / exp_avg_sq, step) into a loom checkpoint.")
+                      description="Convert a DeepSpeed ZeRO stage 1/2 checkpoint (fp32 master weights and "
+                                  "every per-parameter optimizer state: Adam exp_avg / exp_avg_sq, SGD "
+                                  "momentum_buffer, step, ...) into a loom checkpoint. A directory saved "
+                                  "through loom's DeepSpeed engine is read through its pointers.")
     p.add_argument("ds_dir", help="the DeepSpeed save_dir (with 'latest') or one tag directory")
     p.add_argument("url")
     p.add_argument("--tag", default=None, help="tag under DS_DIR (default: DS_DIR/latest)")
     p.add_argument("--step", type=int, default=None, help="loom step (default: DeepSpeed's global step)")
+    p.add_argument("--loom-url", default=None,
+                   help="for a directory saved through loom's DeepSpeed engine: its loom store "
+                        "(default: DS_DIR/loom)")
     ckpt.set_defaults(func=_ckpt)
 
 

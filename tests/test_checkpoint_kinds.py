@@ -45,3 +45,22 @@ def test_a_quantized_tensor_saved_by_its_parts_round_trips(tmp_path):
     ckpt.load(back, str(tmp_path / "q"))
     again = torch._make_per_tensor_quantized_tensor(back["q"]["int"], back["q"]["scale"], back["q"]["zero_point"])
     assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def _nested(depth, leaf):
+    value = leaf
+    for i in range(depth):
+        value = {i: (value,)}  # a tagged dict around a tagged tuple: the deepest JSON per level
+    return value
+
+
+def test_values_nested_too_deep_for_loading_are_refused_at_save(tmp_path):
+    """A saved value must be loadable: its JSON stays within the reader's depth limit."""
+    from loom.checkpoint.state import MAX_VALUE_DEPTH
+    with pytest.raises(TypeError, match=r"key 'cfg/99/98/.*nested more than 100 levels"):
+        ckpt.save({"cfg": _nested(MAX_VALUE_DEPTH, 1)}, str(tmp_path / "deep"), step=0)
+    ok = _nested(MAX_VALUE_DEPTH // 2 - 1, 7)
+    ckpt.save({"cfg": ok, "w": torch.ones(1)}, str(tmp_path / "fine"), step=0)
+    back = {"cfg": None, "w": torch.zeros(1)}
+    ckpt.load(back, str(tmp_path / "fine"))
+    assert back["cfg"] == ok
