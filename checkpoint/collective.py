@@ -66,4 +66,4 @@ def agree(g: Group, error: BaseException | None, payload=None, *, custom: dict |
             raise error
         return [payload]
     kwargs = {} if payload is None else {"payload": payload}
-    return comms.agree(error, group=g.handle, types=custom, **kwargs).payloads
+    return comms.agree(error, group=g.handle, types=custom, what="checkpoint", **kwargs).payloads

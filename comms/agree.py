@@ -77,7 +77,8 @@ class Agreement:
 
 
 def agree(error: BaseException | None = None, fields: Sequence[int] = (), payload=_NO_PAYLOAD, *,
-          group=None, ranks=None, tag: int = 0, device=None, types: dict | None = None) -> Agreement:
+          group=None, ranks=None, tag: int = 0, device=None, types: dict | None = None,
+          what: str = "") -> Agreement:
     """Exchange (valid?, description, payload) with every rank of ``group``
     (default: the world) or of the ring ``ranks``; raise on every rank if any
     rank passed an ``error``.
@@ -88,6 +89,9 @@ def agree(error: BaseException | None = None, fields: Sequence[int] = (), payloa
     rings that share an edge (as `Ring`'s tag).  ``device``: where the wire
     tensors live (default: CUDA for an NCCL group, else CPU).  ``types``:
     extra exception classes, by name, to rebuild peers' errors as.
+    ``what`` names the call being agreed on in the trace (a group's
+    exchange is recorded as op ``"agree:<what>"``, so a rank that never
+    arrives shows up as never entering it).
 
     The local error is re-raised as itself; a peer's arrives as its type
     when that is a common one (ValueError, TypeError, KeyError, ...) or in
@@ -108,7 +112,7 @@ def agree(error: BaseException | None = None, fields: Sequence[int] = (), payloa
     if error is not None:
         fields, data = [], json.dumps(error_record(error)).encode()
     try:
-        wire = _Wire.build(group, ranks, tag, device)
+        wire = _Wire.build(group, ranks, tag, device, f"agree:{what}" if what else "agree")
     except (TypeError, ValueError) as exc:  # the rank list itself is wrong here: nobody to tell
         raise (error if error is not None else exc) from None
     row = torch.zeros(2 + WIDTH, dtype=torch.int64)
@@ -180,11 +184,11 @@ class _Wire:
     """The exchange: an all-gather on a group, or a ring all-gather over
     global ranks; a world of one when there is nobody to talk to."""
 
-    def __init__(self, ranks: tuple, pg, ring: Ring | None, device):
-        self.ranks, self.pg, self.ring, self.device = ranks, pg, ring, device
+    def __init__(self, ranks: tuple, pg, ring: Ring | None, device, label: str = "agree"):
+        self.ranks, self.pg, self.ring, self.device, self.label = ranks, pg, ring, device, label
 
     @classmethod
-    def build(cls, group, ranks, tag: int, device):
+    def build(cls, group, ranks, tag: int, device, label: str = "agree"):
         if ranks is not None:
             ring = Ring(list(ranks), tag=tag)
             world = dist.get_world_size() if dist.is_initialized() else 1
@@ -192,14 +196,14 @@ class _Wire:
                 raise ValueError(f"agree: ranks {list(ring.ranks)} are not all in [0, {world})")
             if ring.size == 1:
                 return cls(ring.ranks, None, None, None)
-            return cls(ring.ranks, None, ring, device or _default_device(None))
+            return cls(ring.ranks, None, ring, device or _default_device(None), label)
         if group is None and not dist.is_initialized():
             return cls((0,), None, None, None)
         members = tuple(ops.group_ranks(group))
         if len(members) == 1:
             return cls(members, None, None, None)
         pg = dist.group.WORLD if group is None else group
-        return cls(members, pg, None, device or _default_device(pg))
+        return cls(members, pg, None, device or _default_device(pg), label)
 
     def gather(self, row: torch.Tensor) -> torch.Tensor:
         """Every position's ``row`` stacked in order (row: 1-D int64)."""
@@ -208,9 +212,9 @@ class _Wire:
         row = row.to(self.device)
         if self.ring is not None:
             return self.ring.all_gather(row, channel=AGREE_CHANNEL).cpu()
-        pg, rec = ops._open("agree", self.pg, row)
+        pg, rec = ops._open(self.label, self.pg, row)
         out = row.new_empty(len(self.ranks) * row.numel())
-        dist.all_gather_into_tensor(out, row, group=pg)
+        dist.all_gather_single(out, row, group=pg)
         trace.close_record(rec)
         return out.view(len(self.ranks), row.numel()).cpu()
 

@@ -190,7 +190,7 @@ def _agree_call(name, group, t, arg, error, rows_may_differ) -> None:
     described = shape[1:] if rows_may_differ else shape
     fields = [_OPCODES[name], dtype_code(t.dtype), int(arg), len(described),
               *described[:_DIMS], checksum_ints(described[_DIMS:]) if len(described) > _DIMS else 0]
-    table = agree(error, fields, group=group, device=t.device if t.device.type == "cuda" else None)
+    table = agree(error, fields, group=group, device=t.device if t.device.type == "cuda" else None, what=name)
     ranks, rows = table.ranks, table.fields
     where = f"{name} on group {_info(group)[1][0]}"
     if len({row[0] for row in rows}) > 1:
@@ -295,7 +295,7 @@ def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> 
         validate()
         return x.clone()
     pg, sends = _prepare("all_to_all_v", group, x, 0, validate, rows_may_differ=True)
-    recvs = exchange_counts(sends, group) if recv_splits is None else _check_splits("recv_splits", recv_splits, size)
+    recvs = _exchange_counts(sends, group) if recv_splits is None else _check_splits("recv_splits", recv_splits, size)
     _, rec = _open("all_to_all_v", group, x)
     out = x.new_empty((sum(recvs), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recvs, sends, group=pg)
@@ -310,9 +310,14 @@ def exchange_counts(send_counts, group=None) -> list[int]:
         _check_splits("send_counts", counts.tolist(), 1)
         return counts.tolist()
     size = len(_info(group)[1][1])
-    pg, _ = _prepare("all_to_all_counts", group, counts, 0,
-                     lambda: _check_splits("send_counts", counts.tolist(), size))
-    _, rec = _open("all_to_all_counts", group, counts)
+    _prepare("all_to_all_counts", group, counts, 0, lambda: _check_splits("send_counts", counts.tolist(), size))
+    return _exchange_counts(counts.tolist(), group)
+
+
+def _exchange_counts(send_counts: list[int], group) -> list[int]:
+    """The counts all-to-all itself (callers have checked and agreed)."""
+    counts = torch.tensor(send_counts, dtype=torch.int64)
+    pg, rec = _open("all_to_all_counts", group, counts)
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts, group=pg)
     trace.close_record(rec)

@@ -52,7 +52,7 @@ def all_scan(decay: torch.Tensor, state: torch.Tensor, *, group=None, ranks=None
         error = exc
     if check:
         fields = () if chain is None else chain.description(state, reverse)
-        agree(error, fields, group=group if ranks is None else None, ranks=ranks,
+        agree(error, fields, group=group if ranks is None else None, ranks=ranks, what="all_scan",
               device=state.device if state.is_cuda else None).same(_FIELDS, "all_scan", show=_SHOWN)
     elif error is not None:
         raise error

@@ -305,7 +305,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     except ValueError as exc:
         error = exc
     # every rank learns whether all hold the same valid schedule, then all raise alike
-    comms.agree(error, mine, device=device if device is not None and torch.device(device).type == "cuda"
+    comms.agree(error, mine, what="hdp", device=device if device is not None and torch.device(device).type == "cuda"
                 else None).same(["schedule fingerprint"], "hdp: ranks disagree on the schedule (every rank "
                                                           "must schedule the same batch with the same options)")
     total = sum(lengths)

@@ -51,7 +51,7 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
     # every rank of the chain learns of a bad or mismatched call before the scan
     # (seq_local may differ: shards of any length, empty ones too)
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    agree(error, mine, group=group if ranks is None else None, ranks=ranks,
+    agree(error, mine, group=group if ranks is None else None, ranks=ranks, what="linear_attention",
           device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4])
     out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
     cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start

@@ -342,7 +342,7 @@ class MoE(nn.Module):
         except (TypeError, ValueError) as exc:
             error = exc
         if self.world > 1:  # every rank of the group learns of a bad call before any token moves
-            comms.agree(error, mine, group=self.ep_group, device=x.device if x.is_cuda else None) \
+            comms.agree(error, mine, group=self.ep_group, device=x.device if x.is_cuda else None, what="MoE") \
                 .same(_FIELDS, "MoE", show=_FIELDS[:4])
         elif error is not None:
             raise error

@@ -188,7 +188,7 @@ def _message_counts():
         comms.all_scan(d, s, check=False, **kw).sum().backward()  # the scan's own messages only
         counts = collections.defaultdict(lambda: [0, 0])
         for rec in comms.records():
-            if rec.op == "agree":  # the checked all_gather's agreement (gloo)
+            if rec.op.startswith("agree"):  # the checked all_gather's agreement (gloo)
                 continue
             key = (rec.op, rec.peer)
             counts[key][0] += 1
