@@ -1,8 +1,10 @@
 """Helpers shared by test modules.  Worker processes import them too (spawned
 workers inherit the parent's sys.path, which holds this folder)."""
 import importlib
+import math
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -80,3 +82,37 @@ def flip_byte(path, offset=5):
         b = fh.read(1)
         fh.seek(offset)
         fh.write(bytes([b[0] ^ 0x40]))
+
+
+def bits(t):
+    """The raw bytes of a tensor, for bitwise comparison (NaN payloads, -0.0)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same(a, b) -> bool:
+    """Two tensors of one dtype and shape, equal bit for bit."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def assert_same(a, b, where="", *, exact_types=False):
+    """Bitwise equality of nested states: tensors by bits, NaN floats as NaN,
+    objects without their own ``==`` field by field, the rest by ``==``;
+    container types kept (any two dicts match unless ``exact_types``)."""
+    dicts = isinstance(a, dict) and isinstance(b, dict) and not exact_types
+    assert type(a) is type(b) or dicts, (where, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert same(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k!r}", exact_types=exact_types)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}/{i}", exact_types=exact_types)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    elif hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:
+        assert_same(vars(a), vars(b), where, exact_types=exact_types)
+    else:
+        assert a == b, (where, a, b)

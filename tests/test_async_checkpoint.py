@@ -17,18 +17,12 @@ from loom.checkpoint import async_engine
 from loom.checkpoint.host_pool import ALIGN, HostBufferPool, PoolClosed
 from loom.checkpoint.store import CheckpointStore
 
-from helpers import die_after_write, sabotage_chunk_writes
+from helpers import die_after_write, sabotage_chunk_writes, same
 
 TIMEOUT = 240
 save_mod = importlib.import_module("loom.checkpoint.save")  # the module, not ckpt.save
 
 
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def model_and_optimizer(seed=0, dtype=torch.float64):

@@ -13,32 +13,7 @@ from loom.checkpoint.manifest import MANIFEST, MARKER
 from loom.checkpoint.state import digest
 from loom.checkpoint.store import CheckpointStore, step_name
 
-from helpers import chunk_file, flip_byte
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor, for bitwise comparison (NaN payloads, -0.0)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(a, b, where=""):
-    """Bitwise equality of nested states (tensors by bits, values by ==, types kept)."""
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (where, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(bits(a), bits(b)), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}/{i}")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, where
+from helpers import assert_same, bits, chunk_file, flip_byte
 
 
 def special(dtype, n=64, seed=0):

@@ -14,7 +14,7 @@ from loom.checkpoint import layout, zarr_io
 from loom.checkpoint.manifest import MARKER
 from loom.checkpoint.store import CheckpointStore, data_prefix
 
-from helpers import chunk_file, die_after_write, flip_byte, sabotage_chunk_writes
+from helpers import bits, chunk_file, die_after_write, flip_byte, sabotage_chunk_writes, same
 
 TIMEOUT = 240
 
@@ -40,12 +40,6 @@ def cuts(n: int, parts: int, skew: float) -> list[int]:
     return [round(n * (i / parts) ** skew) for i in range(parts + 1)]
 
 
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def saved_layout(rank: int) -> dict:

@@ -13,6 +13,8 @@ import torch
 from loom import checkpoint as ckpt
 from loom.comms.testing import run_distributed
 
+from helpers import assert_same
+
 ENV = {"DS_ACCELERATOR": "cpu"}
 
 
@@ -66,21 +68,7 @@ def _assert_same_state(url_a, url_b):
     ckpt.load(b, url_b, strict=False)
     a["deepspeed"].pop("source"), b["deepspeed"].pop("source")
 
-    def same(x, y, where):
-        assert type(x) is type(y), where
-        if torch.is_tensor(x):
-            assert x.dtype == y.dtype and torch.equal(x, y), where
-        elif isinstance(x, dict):
-            assert list(x) == list(y), where
-            for k in x:
-                same(x[k], y[k], f"{where}/{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                same(u, v, f"{where}/{i}")
-        else:
-            assert x == y, where
-    same(a, b, "state")
+    assert_same(a, b, "state", exact_types=True)
     assert len(a["optim"]["state"]) == 4
 
 

@@ -16,33 +16,14 @@ from loom import checkpoint as ckpt
 from loom.checkpoint import InvalidCheckpointError
 from loom.checkpoint.store import CheckpointStore
 
-ds_engine = pytest.importorskip("loom.checkpoint.deepspeed_engine")
+from helpers import assert_same
+
+from loom.checkpoint import deepspeed_engine as ds_engine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-
-
-def _same(a, b, where="root"):
-    """Equal values of exactly the same types, objects field by field."""
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _same(a[k], b[k], f"{where}/{k!r}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}/{i}")
-    elif type(a) in ds_engine.OBJECT_FIELDS:
-        _same(vars(a), vars(b), where)
-    elif isinstance(a, float) and a != a:
-        assert b != b, where
-    else:
-        assert a == b, (where, a, b)
 
 
 def _skeleton(doc) -> dict:
@@ -77,7 +58,7 @@ def test_skeleton_round_trips_what_deepspeed_saves():
     doc = json.loads(packed["skeleton_json"].numpy().tobytes())  # plain JSON: no pickle anywhere
     assert doc["format"] == "loom.deepspeed-skeleton" and doc["version"] == 1
     back = ds_engine.unpack(packed, FILE)
-    _same(state, back)
+    assert_same(state, back, exact_types=True)
     assert back["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
     assert back["optimizer_state_dict"]["dynamic"].dtype is torch.half
     assert back["odd"]["dtype"] is torch.bfloat16
