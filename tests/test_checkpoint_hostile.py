@@ -20,7 +20,7 @@ from loom.checkpoint.manifest import MANIFEST, MARKER, array_path, checksum
 from loom.checkpoint.state import digest
 from loom.checkpoint.store import CheckpointStore, step_name
 
-from helpers import chunk_file
+from helpers import assert_same, chunk_file
 
 load_mod = __import__("importlib").import_module("loom.checkpoint.load")
 
@@ -405,16 +405,6 @@ def _zeros(state):
     return None
 
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_any_string_key_round_trips_and_zarr_python_opens_it(tmp_path, mode):
     import zarr
@@ -427,7 +417,8 @@ def test_any_string_key_round_trips_and_zarr_python_opens_it(tmp_path, mode):
             saver.save(state, step=1).result()
     target = _zeros(state)
     info = ckpt.load(target, tmp_path)
-    assert info.step == 1 and info.unexpected == [] and _same(target, state)
+    assert info.step == 1 and info.unexpected == []
+    assert_same(target, state)
     names = set()
     group = zarr.open_group(LocalStore(str(tmp_path / step_name(1) / "state"), read_only=True), mode="r")
     for key, entry in manifest_of(tmp_path, 1)["tensors"].items():
