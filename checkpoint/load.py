@@ -434,17 +434,24 @@ def _choose(store: CheckpointStore, candidates: list[int], fallback: bool, vette
     raise AssertionError("no candidates")  # pragma: no cover - _candidates returns at least one
 
 
-def _agree_choice(g, store, candidates, fallback: bool, vetted: dict, custom: dict) -> dict:
+def _agree_choice(g, store, candidates, fallback: bool, vetted: dict, custom: dict, asked=None) -> dict:
     """One agreement: rank 0 vets (`_choose`) the steps ``candidates()``
     returns, every rank learns the verdict; when none passed, the same
-    InvalidCheckpointError (file and field included) raises everywhere."""
+    InvalidCheckpointError (file and field included) raises everywhere.
+    ``asked``: the step each rank's caller asked for, which must be the same
+    on every rank (a ValueError on every rank otherwise)."""
     error, choice = None, None
     if g.rank == 0:
         try:
             choice = _choose(store, candidates(), fallback, vetted)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it
             error = exc
-    choice = agree(g, error, choice, custom=custom)[0]
+    everyone = agree(g, error, {"choice": choice, "asked": asked}, custom=custom)
+    asks = [p["asked"] for p in everyone]
+    if len(set(map(str, asks))) > 1:
+        shown = ", ".join(f"rank {r}: {'latest' if a is None else a}" for r, a in enumerate(asks))
+        raise ValueError(f"load: ranks ask for different steps ({shown}); every rank must load the same step")
+    choice = everyone[0]["choice"]
     record = choice["error"]
     if record is not None:
         cls = ChecksumError if record["type"] == "ChecksumError" else InvalidCheckpointError
@@ -472,7 +479,8 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
     custom = {"ChecksumError": ChecksumError, "InvalidCheckpointError": InvalidCheckpointError,
               "MissingKeysError": MissingKeysError, "NoCheckpointError": NoCheckpointError}
     vetted: dict = {}  # sha -> manifest, on rank 0
-    choice = _agree_choice(g, store, lambda: _candidates(store, step, fallback), fallback, vetted, custom)
+    choice = _agree_choice(g, store, lambda: _candidates(store, step, fallback), fallback, vetted, custom,
+                           asked=step)
     skipped = list(choice["skipped"])
     touched: set = set()
     while True:

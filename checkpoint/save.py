@@ -169,8 +169,12 @@ def _plan(state, store, step, g: Group, mesh, target_chunk_bytes, ownership: Sto
         replacing = g.rank == 0 and step in store.steps()
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
-    payloads = agree(g, error, {"described": described, "replacing": replacing}, custom=ERRORS)
+    payloads = agree(g, error, {"described": described, "replacing": replacing, "step": step}, custom=ERRORS)
     # the same on every rank, so its checks raise everywhere alike
+    steps = [p["step"] for p in payloads]
+    if len(set(steps)) > 1:
+        shown = ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps))
+        raise ValueError(f"save: ranks are saving different steps ({shown}); every rank must save the same step")
     plan = _build_plan([p["described"] for p in payloads], store, step, g, mesh_desc, target_chunk_bytes)
     if payloads[0]["replacing"]:
         # an earlier (committed or torn) save of this step goes first, marker

@@ -110,3 +110,34 @@ def test_one_bad_rank_fails_every_rank_at_once(distributed, case, reason):
         assert seconds < 10, seconds
         if "differs" not in reason and rank != 2:  # the others name the rank that failed
             assert message.startswith("rank 2: ValueError:"), message
+
+
+def _different_steps(url, what):
+    from loom import checkpoint as ckpt
+    rank = dist.get_rank()
+    t = torch.arange(8.0).reshape(2, 4)
+    state = {"w": ckpt.Shard(t[rank:rank + 1], (2, 4), (rank, 0))}
+    try:
+        if what == "save":
+            ckpt.save(state, url, step=1 + rank)
+        else:
+            ckpt.save(state, url, step=1)
+            ckpt.save(state, url, step=2)
+            ckpt.load({"w": ckpt.Shard(torch.zeros(1, 4), (2, 4), (rank, 0))}, url, step=None if rank else 1)
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("what,expect", [
+    ("save", "save: ranks are saving different steps (rank 0: 1, rank 1: 2)"),
+    ("load", "load: ranks ask for different steps (rank 0: 1, rank 1: latest)"),
+])
+def test_ranks_that_pass_different_steps_all_raise(distributed, tmp_path, what, expect):
+    from loom import checkpoint as ckpt
+    url = str(tmp_path / what)
+    for message in distributed(_different_steps, 2, url, what, timeout=90):
+        assert expect in message, message
+    if what == "save":  # nothing half-saved
+        assert ckpt.CheckpointStore(url).committed_steps() == []
