@@ -9,6 +9,7 @@ The ``*_with_grad`` variants are autograd-aware for parallel code.
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -149,7 +150,7 @@ CHECK_MODES = ("auto", "on", "off")
 _checks = {"mode": os.environ.get("LOOM_CHECK_COLLECTIVES", "auto")}
 _OPCODES = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 3, "all_to_all_v": 4, "all_to_all_counts": 5,
             "broadcast": 6, "barrier": 7}
-_DIMS = 11  # dims described one by one; more go into one checksum field
+_DIMS = 9  # dims described one by one; more go into one checksum field
 
 
 def set_collective_checks(mode: str) -> None:
@@ -168,47 +169,100 @@ def _checked(pg) -> bool:
     return mode == "on"
 
 
-def _prepare(name: str, group, t: torch.Tensor, arg: int = 0, validate=None, rows_may_differ=False):
+def _check_tensor(name: str, t) -> None:
+    """What any collective needs of its tensor: plain, dense, with data."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: needs a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested or t.is_quantized or t.device.type == "meta":
+        kind = "on the meta device" if t.device.type == "meta" else \
+            "quantized" if t.is_quantized else f"of layout {t.layout}{' (nested)' if t.is_nested else ''}"
+        raise TypeError(f"{name}: the tensor is {kind}; collectives move plain dense tensors")
+
+
+def _prepare(name: str, group, t, arg: int = 0, validate=None, rows_may_differ=False, splits=None):
     """Validate this rank's call; in checked mode agree with the group first
-    (raising on every rank).  Returns (pg, validate's result)."""
+    (raising on every rank).  Returns (pg, validate's result).  ``splits``
+    (all_to_all_v with given recv_splits): a function of validate's result
+    returning (send_splits, recv_splits), checked against the peers'."""
     pg = _info(group)[0]
     result, error = None, None
     try:
+        _check_tensor(name, t)
         result = validate() if validate is not None else None
     except (TypeError, ValueError) as exc:
         error = exc
     if _checked(pg):
-        _agree_call(name, group, t, arg, error, rows_may_differ)
+        _agree_call(name, group, t, arg, error, rows_may_differ, None if error or splits is None
+                    else splits(result))
     elif error is not None:
         raise error
     return pg, result
 
 
-def _agree_call(name, group, t, arg, error, rows_may_differ) -> None:
+def _edge_weight(src: int, dst: int) -> int:
+    """A fixed pseudo-random weight per (source, destination) position pair."""
+    from .agree import checksum_ints
+    return checksum_ints((src, dst, 0x5EED)) % _PRIME
+
+
+_PRIME = (1 << 61) - 1
+
+
+def _agree_call(name, group, t, arg, error, rows_may_differ, splits) -> None:
     from .agree import agree, checksum_ints, dtype_code, dtype_name
-    shape = list(t.shape)
-    described = shape[1:] if rows_may_differ else shape
-    fields = [_OPCODES[name], dtype_code(t.dtype), int(arg), len(described),
-              *described[:_DIMS], checksum_ints(described[_DIMS:]) if len(described) > _DIMS else 0]
-    table = agree(error, fields, group=group, device=t.device if t.device.type == "cuda" else None, what=name)
+    fields = []
+    if error is None:
+        shape = list(t.shape)
+        described = shape[1:] if rows_may_differ else shape
+        fields = [_OPCODES[name], dtype_code(t.dtype), int(arg), len(described), *described[:_DIMS],
+                  checksum_ints(described[_DIMS:]) if len(described) > _DIMS else 0]
+        fields += [0] * (4 + _DIMS + 1 - len(fields))
+        if splits is not None:
+            # rank r's send_splits[j] must be rank j's recv_splits[r]: compare one random
+            # linear combination of each side, summed over ranks (a mismatch shows whp)
+            me, (send, recv) = _info(group)[1][1].index(_info(group)[1][2]), splits
+            fields += [sum(n * _edge_weight(me, j) for j, n in enumerate(send)) % _PRIME,
+                       sum(n * _edge_weight(j, me) for j, n in enumerate(recv)) % _PRIME]
+    device = t.device if isinstance(t, torch.Tensor) and t.device.type == "cuda" else None
+    table = agree(error, fields, group=group, device=device, what=name)
     ranks, rows = table.ranks, table.fields
     where = f"{name} on group {_info(group)[1][0]}"
     if len({row[0] for row in rows}) > 1:
         ops = {v: k for k, v in _OPCODES.items()}
         raise ValueError(f"{where}: ranks are in different collectives: "
                          + ", ".join(f"rank {r}: {ops.get(row[0], row[0])}" for r, row in zip(ranks, rows)))
-    names = {1: "dtype", 2: {"broadcast": "src", "all_reduce": "reduce op", "reduce_scatter": "reduce op"}
-             .get(name, "")}
-    for col, label in names.items():
+    reduce_names = {v: k for k, v in _REDUCE_CODES.items()}
+    labels = {1: ("dtype", dtype_name),
+              2: {"broadcast": ("src", str), "all_reduce": ("reduce op", reduce_names.get),
+                  "reduce_scatter": ("reduce op", reduce_names.get),
+                  "all_to_all_v": ("recv_splits given", bool)}.get(name)}
+    for col, label in labels.items():
         if label and len({row[col] for row in rows}) > 1:
-            shown = [dtype_name(row[col]) if col == 1 else row[col] for row in rows]
-            raise ValueError(f"{where}: {label} differs across ranks {list(ranks)}: "
-                             + ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, shown)))
-    shapes = [tuple(row[4:4 + min(row[3], _DIMS)]) + (("...",) if row[3] > _DIMS else ()) for row in rows]
-    if len({tuple(row[3:]) for row in rows}) > 1:
+            what, show = label
+            raise ValueError(f"{where}: {what} differs across ranks {list(ranks)}: "
+                             + ", ".join(f"rank {r}: {show(row[col])}" for r, row in zip(ranks, rows)))
+    end = 4 + _DIMS + 1
+    if len({tuple(row[3:end]) for row in rows}) > 1:
+        shapes = [tuple(row[4:4 + min(row[3], _DIMS)]) + (("...",) if row[3] > _DIMS else ()) for row in rows]
         what = "shape without dim 0" if rows_may_differ else "shape"
         raise ValueError(f"{where}: {what} differs across ranks {list(ranks)}: "
                          + ", ".join(f"rank {r}: {s}" for r, s in zip(ranks, shapes)))
+    if splits is not None and sum(r[end] for r in rows) % _PRIME != sum(r[end + 1] for r in rows) % _PRIME:
+        _name_split_mismatch(where, group, splits)
+
+
+def _name_split_mismatch(where: str, group, splits) -> None:
+    """The splits disagree: exchange them whole (only now) and say where."""
+    from .agree import agree
+    table = agree(None, payload=[list(splits[0]), list(splits[1])], group=group, what="all_to_all_v splits")
+    ranks = table.ranks
+    for i, (send, _) in enumerate(table.payloads):
+        for j, n in enumerate(send):
+            expected = table.payloads[j][1][i]
+            if n != expected:
+                raise ValueError(f"{where}: rank {ranks[i]} sends {n} rows to rank {ranks[j]}, whose "
+                                 f"recv_splits expect {expected} from it")
+    raise ValueError(f"{where}: send_splits and recv_splits do not match across ranks")  # pragma: no cover
 
 
 def _alone(group) -> bool:
@@ -225,6 +279,7 @@ def _alone(group) -> bool:
 def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In-place all-reduce; returns ``t``."""
     if _alone(group):
+        _check_tensor("all_reduce", t)
         _reduce_op(op)
         return t
     pg, rop = _prepare("all_reduce", group, t, _REDUCE_CODES.get(op, -1), lambda: _reduce_op(op))
@@ -241,6 +296,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (same shape everywhere), concatenated on dim 0 in group order."""
     if _alone(group):
+        _check_tensor("all_gather", t)
         return _as_rows(t).clone()
     pg, _ = _prepare("all_gather", group, t)
     _, rec = _open("all_gather", group, t)
@@ -255,6 +311,7 @@ def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
 def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """Reduce ``t`` over the group and return this rank's dim-0 slice of the result."""
     if _alone(group):
+        _check_tensor("reduce_scatter", t)
         _reduce_op(op)
         _dim0_chunks(t, 1, "reduce_scatter")
         return t.clone()
@@ -271,31 +328,47 @@ def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor
 
 
 def _check_splits(name: str, splits, size: int) -> list[int]:
-    splits = list(map(int, splits))
-    if len(splits) != size or (splits and min(splits) < 0):
-        raise ValueError(f"all_to_all_v: {name} {splits} must be {size} non-negative counts")
-    return splits
+    """``size`` non-negative integers (never truncated floats)."""
+    try:
+        values = list(splits)
+    except TypeError:
+        raise ValueError(f"all_to_all_v: {name}={splits!r} must be a sequence of {size} counts") from None
+    out = []
+    for n in values:
+        if isinstance(n, torch.Tensor) and n.numel() == 1 and not (n.is_floating_point() or n.is_complex()):
+            n = n.item()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ValueError(f"all_to_all_v: {name} {values!r} must be integers; {n!r} is not")
+        out.append(int(n))
+    if len(out) != size or (out and min(out) < 0):
+        raise ValueError(f"all_to_all_v: {name} {out} must be {size} non-negative counts")
+    return out
 
 
 def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> torch.Tensor:
     """Exchange uneven dim-0 slices: ``send_splits[i]`` rows of ``x`` go to the
     i-th rank of the group.  When ``recv_splits`` is None the counts are
-    exchanged first (one extra small all-to-all)."""
+    exchanged first (one extra small all-to-all); when given, checked
+    collectives also verify that they match what the peers send."""
     size = 1 if _alone(group) else len(_info(group)[1][1])
+    given = recv_splits is not None
 
     def validate():
-        splits = _check_splits("send_splits", send_splits, size)
+        sends = _check_splits("send_splits", send_splits, size)
         rows = x.shape[0] if x.dim() else 1
-        if sum(splits) != rows:
-            raise ValueError(f"all_to_all_v: send_splits sum to {sum(splits)} but x has {rows} rows")
-        if recv_splits is not None:
-            _check_splits("recv_splits", recv_splits, size)
-        return splits
+        if sum(sends) != rows:
+            raise ValueError(f"all_to_all_v: send_splits sum to {sum(sends)} but x has {rows} rows")
+        return sends, _check_splits("recv_splits", recv_splits, size) if given else None
     if _alone(group):
-        validate()
+        _check_tensor("all_to_all_v", x)
+        sends, recvs = validate()
+        if given and recvs != sends:
+            raise ValueError(f"all_to_all_v: recv_splits {recvs} must equal send_splits {sends} on one rank")
         return x.clone()
-    pg, sends = _prepare("all_to_all_v", group, x, 0, validate, rows_may_differ=True)
-    recvs = _exchange_counts(sends, group) if recv_splits is None else _check_splits("recv_splits", recv_splits, size)
+    pg, (sends, recvs) = _prepare("all_to_all_v", group, x, int(given), validate, rows_may_differ=True,
+                                  splits=(lambda checked: checked) if given else None)
+    if recvs is None:
+        recvs = _exchange_counts(sends, group)
     _, rec = _open("all_to_all_v", group, x)
     out = x.new_empty((sum(recvs), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recvs, sends, group=pg)
@@ -305,13 +378,12 @@ def all_to_all_v(x: torch.Tensor, send_splits, recv_splits=None, group=None) -> 
 
 def exchange_counts(send_counts, group=None) -> list[int]:
     """All-to-all of one integer per peer: returns what each peer will send here."""
-    counts = torch.tensor([int(c) for c in send_counts], dtype=torch.int64)
     if _alone(group):
-        _check_splits("send_counts", counts.tolist(), 1)
-        return counts.tolist()
+        return _check_splits("send_counts", send_counts, 1)
     size = len(_info(group)[1][1])
-    _prepare("all_to_all_counts", group, counts, 0, lambda: _check_splits("send_counts", counts.tolist(), size))
-    return _exchange_counts(counts.tolist(), group)
+    wire = torch.empty(size, dtype=torch.int64)  # what every rank sends: one count per peer
+    _, counts = _prepare("all_to_all_counts", group, wire, 0, lambda: _check_splits("send_counts", send_counts, size))
+    return _exchange_counts(counts, group)
 
 
 def _exchange_counts(send_counts: list[int], group) -> list[int]:
@@ -332,6 +404,7 @@ def broadcast(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
         if src not in members:
             raise ValueError(f"broadcast: src={src!r} is not a global rank of the group {list(members)}")
     if _alone(group):
+        _check_tensor("broadcast", t)
         validate()
         return t
     pg, _ = _prepare("broadcast", group, t, src if isinstance(src, int) else -1, validate)

@@ -158,3 +158,53 @@ def test_group_none_is_a_world_of_one_without_a_process_group():
     with pytest.raises(ValueError, match="src=1"):
         comms.broadcast(t, src=1)
     assert comms.records() == []  # nothing was sent
+
+
+def _more_mismatches(case):
+    rank = dist.get_rank()
+    t0 = time.monotonic()
+    try:
+        if case == "meta":
+            comms.all_reduce(torch.ones(4, device="meta") if rank else torch.ones(4))
+        elif case == "sparse":
+            comms.all_reduce(torch.ones(2, 2).to_sparse() if rank else torch.ones(2, 2))
+        elif case == "not a tensor":
+            comms.all_reduce([1.0, 2.0] if rank else torch.ones(2))
+        elif case == "recv_splits":  # rank 0 sends 1 row to rank 1, which expects 2
+            comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank == 0 else [2, 1])
+        elif case == "float splits":
+            comms.all_to_all_v(torch.ones(2, 3), [1.5, 0.5] if rank else [1, 1])
+        elif case == "recv given on one rank":
+            comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank else None)
+        return "no error"
+    except (ValueError, TypeError) as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case,expect", [
+    ("meta", "all_reduce: the tensor is on the meta device"),
+    ("sparse", "all_reduce: the tensor is of layout torch.sparse_coo"),
+    ("not a tensor", "all_reduce: needs a torch.Tensor, got list"),
+    ("recv_splits", "rank 0 sends 1 rows to rank 1, whose recv_splits expect 2 from it"),
+    ("float splits", "send_splits [1.5, 0.5] must be integers"),
+    ("recv given on one rank", "recv_splits given differs across ranks [0, 1]: rank 0: False, rank 1: True"),
+])
+def test_more_bad_collective_inputs_fail_together(distributed, case, expect):
+    for rank, r in enumerate(distributed(_more_mismatches, 2, case, timeout=120)):
+        assert r != "no error", (case, rank)
+        kind, message, seconds = r
+        assert expect in message and seconds < 10, (rank, message)
+
+
+def test_reduce_op_mismatch_names_the_ops(distributed):
+    for r in distributed(_mismatch_ops, 2):
+        assert "reduce op differs across ranks [0, 1]: rank 0: sum, rank 1: max" in r, r
+
+
+def _mismatch_ops():
+    try:
+        comms.all_reduce(torch.ones(2), op="max" if dist.get_rank() else "sum")
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
