@@ -11,9 +11,11 @@ The callers then compare the descriptions with `Agreement.same`, which raises
 the same error on every rank too, because every rank holds the same table.
 
 Over a process group (``group``; None: the default group) the exchange is an
-all-gather; over an ordered list of global ranks (``ranks``; rings formed per
-batch, no process group) it goes round the ring point to point on the
-default group.  With no process group at all (one process) nothing is sent.
+all-gather; over a list of global ranks (``ranks``; rings formed per batch,
+no process group) it is point to point on the default group, every member
+sending straight to every other (so members that list the ranks in
+different orders still meet, then see that they differ).  With no process
+group at all (one process) nothing is sent.
 
 Wire: round 1 is a fixed int64 row per rank ``[ok, payload bytes, WIDTH
 description integers]``; round 2, only when some rank failed or sent a
@@ -31,10 +33,9 @@ import torch
 import torch.distributed as dist
 
 from . import ops, trace
-from .ring import CHANNELS, Ring
+from .ring import Ring
 
 WIDTH = 16                  # description integers per rank (fewer are zero-padded)
-AGREE_CHANNEL = CHANNELS - 1  # the ring channel agreements use (see ring.py)
 _NO_PAYLOAD = object()
 
 
@@ -180,43 +181,53 @@ def checksum_ints(values) -> int:
 
 # ------------------------------------------------------------------ wire
 
-class _Wire:
-    """The exchange: an all-gather on a group, or a ring all-gather over
-    global ranks; a world of one when there is nobody to talk to."""
+_TAG_BASE = 1 << 20  # point-to-point tags of agreements over rank lists (+ the caller's tag)
 
-    def __init__(self, ranks: tuple, pg, ring: Ring | None, device, label: str = "agree"):
-        self.ranks, self.pg, self.ring, self.device, self.label = ranks, pg, ring, device, label
+
+class _Wire:
+    """The exchange: an all-gather on a group, or over a list of global
+    ranks every member sending its row straight to every other (so members
+    that list the ranks in different orders still meet, and then see that
+    they differ); a world of one when there is nobody to talk to."""
+
+    def __init__(self, ranks: tuple, pg=None, device=None, label: str = "agree", tag: int | None = None):
+        self.ranks, self.pg, self.device, self.label, self.tag = ranks, pg, device, label, tag
 
     @classmethod
     def build(cls, group, ranks, tag: int, device, label: str = "agree"):
         if ranks is not None:
-            ring = Ring(list(ranks), tag=tag)
+            members = Ring(list(ranks), tag=tag).ranks  # validates the list and that this rank is in it
             world = dist.get_world_size() if dist.is_initialized() else 1
-            if max(ring.ranks) >= world:
-                raise ValueError(f"agree: ranks {list(ring.ranks)} are not all in [0, {world})")
-            if ring.size == 1:
-                return cls(ring.ranks, None, None, None)
-            return cls(ring.ranks, None, ring, device or _default_device(None), label)
+            if max(members) >= world:
+                raise ValueError(f"agree: ranks {list(members)} are not all in [0, {world})")
+            if len(members) == 1:
+                return cls(members)
+            return cls(members, None, device or _default_device(None), label, _TAG_BASE + tag)
         if group is None and not dist.is_initialized():
-            return cls((0,), None, None, None)
+            return cls((0,))
         members = tuple(ops.group_ranks(group))
         if len(members) == 1:
-            return cls(members, None, None, None)
+            return cls(members)
         pg = dist.group.WORLD if group is None else group
-        return cls(members, pg, None, device or _default_device(pg), label)
+        return cls(members, pg, device or _default_device(pg), label)
 
     def gather(self, row: torch.Tensor) -> torch.Tensor:
-        """Every position's ``row`` stacked in order (row: 1-D int64)."""
-        if self.pg is None and self.ring is None:
+        """Every position's ``row`` stacked in order (row: 1-D)."""
+        if len(self.ranks) == 1:
             return row.unsqueeze(0)
         row = row.to(self.device)
-        if self.ring is not None:
-            return self.ring.all_gather(row, channel=AGREE_CHANNEL).cpu()
+        out = row.new_empty((len(self.ranks), row.numel()))
+        if self.tag is not None:  # point to point, every member to every other
+            me = dist.get_rank()
+            out[self.ranks.index(me)] = row
+            pending = [ops.isend(row, r, tag=self.tag) for r in self.ranks if r != me]
+            pending += [ops.irecv(out[i], r, tag=self.tag) for i, r in enumerate(self.ranks) if r != me]
+            ops.wait_all(pending)
+            return out.cpu()
         pg, rec = ops._open(self.label, self.pg, row)
-        out = row.new_empty(len(self.ranks) * row.numel())
-        dist.all_gather_single(out, row, group=pg)
+        dist.all_gather_single(out.view(-1), row, group=pg)
         trace.close_record(rec)
-        return out.view(len(self.ranks), row.numel()).cpu()
+        return out.cpu()
 
     def gather_bytes(self, data: bytes, lengths: list[int]) -> list[str]:
         """Every position's bytes (of the announced ``lengths``), decoded."""

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import ops
 
-CHANNELS = 4  # channels per ring: wire tag = tag * CHANNELS + channel; the last is `agree`'s
+CHANNELS = 4  # channels per ring: wire tag = tag * CHANNELS + channel
 
 
 def _check_ranks(ranks) -> tuple[int, ...]:

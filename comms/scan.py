@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .agree import agree, dtype_code
+from .agree import agree, checksum_ints, dtype_code
 
 METHODS = ("allscan", "serial", "allgather")
 
@@ -52,15 +52,23 @@ def all_scan(decay: torch.Tensor, state: torch.Tensor, *, group=None, ranks=None
         error = exc
     if check:
         fields = () if chain is None else chain.description(state, reverse)
-        agree(error, fields, group=group if ranks is None else None, ranks=ranks, what="all_scan",
-              device=state.device if state.is_cuda else None).same(_FIELDS, "all_scan", show=_SHOWN)
+        # over the chain's ranks, however the caller named them (group or list)
+        agree(error, fields, ranks=chain_ranks(group, ranks), what="all_scan",
+              device=state.device if isinstance(state, torch.Tensor) and state.is_cuda else None) \
+            .same(_FIELDS, "all_scan", show=_SHOWN)
     elif error is not None:
         raise error
     return _AllScan.apply(decay, state, chain, bool(reverse))
 
 
-_FIELDS = ("dtype", "method", "blocks", "reverse", "state dims", *(f"state dim {i}" for i in range(11)))
-_SHOWN = _FIELDS[4:]
+def chain_ranks(group=None, ranks=None) -> list:
+    """The global ranks of a chain named by ``ranks`` or ``group`` (default:
+    the world; a chain of one without a process group)."""
+    return list(ranks) if ranks is not None else ops.group_ranks(group)
+
+
+_FIELDS = ("dtype", "method", "blocks", "reverse", "chain", "state dims", *(f"state dim {i}" for i in range(10)))
+_SHOWN = _FIELDS[5:]
 
 
 class _Chain:
@@ -100,9 +108,9 @@ class _Chain:
 
     def description(self, state, reverse: bool) -> list[int]:
         """What every position of the chain must agree on (see `all_scan`)."""
-        shape = list(state.shape)[:11]
+        shape = list(state.shape)[:10]
         return [dtype_code(state.dtype), METHODS.index(self.method), self.blocks, int(reverse),
-                state.dim(), *shape]
+                checksum_ints(self.ranks), state.dim(), *shape]
 
     def neighbours(self, reverse: bool):
         """(predecessor, successor) along the scan direction; None at the ends."""

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from loom.comms import agree, all_scan
-from loom.comms.agree import dtype_code, float_bits
-from loom.comms.scan import METHODS
+from loom.comms.agree import checksum_ints, dtype_code, float_bits
+from loom.comms.scan import METHODS, chain_ranks
 
-_FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale")
+_FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale", "chain (ranks in order)")
 
 
 def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str = "allscan",
@@ -45,13 +45,13 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
         if method not in METHODS:
             raise ValueError(f"linear_attention: method={method!r} must be one of {METHODS}")
         mine = [q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype_code(q.dtype), METHODS.index(method),
-                float_bits(1.0 if scale is None else scale)]
+                float_bits(1.0 if scale is None else scale), checksum_ints(chain_ranks(group, ranks))]
     except (TypeError, ValueError) as exc:
         error = exc
     # every rank of the chain learns of a bad or mismatched call before the scan
     # (seq_local may differ: shards of any length, empty ones too)
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    agree(error, mine, group=group if ranks is None else None, ranks=ranks, what="linear_attention",
+    agree(error, mine, ranks=chain_ranks(group, ranks), what="linear_attention",
           device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4])
     out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
     cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start

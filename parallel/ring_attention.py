@@ -9,8 +9,8 @@ local.  Every block's gradient is computed from the *rotated* K/V it arrived
 with and the forward's merged output and LSE.
 
 Point-to-point messages per call and rank (P = ring size): P-1 tiny
-agreement messages (`loom.comms.agree`: every position's shapes and options,
-or its error) + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV
+agreement messages (`loom.comms.agree`, one to every other member: shapes and
+options, or the error) + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV
 accumulators backward.
 """
 from __future__ import annotations

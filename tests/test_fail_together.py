@@ -141,3 +141,24 @@ def test_ranks_that_pass_different_steps_all_raise(distributed, tmp_path, what, 
         assert expect in message, message
     if what == "save":  # nothing half-saved
         assert ckpt.CheckpointStore(url).committed_steps() == []
+
+
+def _chain_named_two_ways(case):
+    rank = dist.get_rank()
+    q = torch.randn(1, 3, 2, 4, dtype=F64)
+    try:
+        if case == "group or list":  # the same chain: rank 0 names it by list, rank 1 by the default group
+            out = linear_attention(q, q, q, -q.abs(), ranks=[0, 1] if rank == 0 else None)
+            return "ok", tuple(out.shape)
+        if case == "orders differ":
+            linear_attention(q, q, q, -q.abs(), ranks=[0, 1, 2] if rank else [0, 2, 1])
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.timeout(120)
+def test_a_chain_named_by_group_or_by_list_is_the_same_chain(distributed):
+    assert distributed(_chain_named_two_ways, 2, "group or list", timeout=60) == [("ok", (1, 3, 2, 4))] * 2
+    for message in distributed(_chain_named_two_ways, 3, "orders differ", timeout=60):
+        assert "chain (ranks in order) differs across ranks" in message, message

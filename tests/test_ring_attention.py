@@ -253,8 +253,13 @@ def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
     kv_bytes = 2 * (2 * 4 * 2 * 3) * 8          # K and V, un-expanded (2 heads), float64
     for rank, (_, _, fwd, bwd) in enumerate(results):
         nxt, prev = (rank + 1) % 4, (rank - 1) % 4
+        agree_bytes = (2 + 16) * 8                  # comms.agree: one row to and from every other member
+        agreement = [x for x in fwd if x[2] == agree_bytes]
+        assert sorted(agreement) == sorted([("send", r, agree_bytes) for r in range(4) if r != rank] +
+                                           [("recv", r, agree_bytes) for r in range(4) if r != rank])
+        fwd = [x for x in fwd if x[2] != agree_bytes]
         sends = [x for x in fwd if x[0] == "send"]
-        assert len(fwd) == 2 * 2 * 3 and all(x[0] in ("send", "recv") for x in fwd)
+        assert len(fwd) == 2 * 3 and all(x[0] in ("send", "recv") for x in fwd)
         assert [x[2] for x in sends].count(kv_bytes) == 3          # P-1 K/V blocks
         assert all(x[1] == nxt for x in sends)
         assert all(x[1] == prev for x in fwd if x[0] == "recv")
