@@ -24,6 +24,7 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -247,6 +248,29 @@ class PackedShard:
     attention: HDPAttention
 
 
+def _checked_sequences(sequences):
+    """Every sequence a 1-D tensor of non-negative integer token ids."""
+    if isinstance(sequences, torch.Tensor) or not isinstance(sequences, (list, tuple)):
+        raise TypeError(f"hdp: sequences must be a list of 1-D token tensors, got {type(sequences).__name__}")
+    for i, s in enumerate(sequences):
+        if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.dtype.is_floating_point or s.is_complex() \
+                or s.dtype == torch.bool:
+            what = f"a {s.dtype} tensor of shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"hdp: sequences[{i}] must be a 1-D integer tensor of token ids, got {what}")
+        if s.numel() and int(s.min()) < 0:
+            raise ValueError(f"hdp: sequences[{i}] holds a negative token id ({int(s.min())})")
+    return sequences
+
+
+def _tokens_fingerprint(sequences) -> int:
+    """A 62-bit fingerprint of the batch's tokens (the same batch on every rank)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for s in sequences:
+        digest.update(s.numel().to_bytes(8, "little"))
+        digest.update(s.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 2
+
+
 def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method: str = "allscan",
                     local_kernel: str = "sdpa") -> PackedShard | None:
     """``rank``'s pieces of ``microbatch`` (a schedule entry: pieces per rank)
@@ -297,17 +321,18 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     of linear-attention layers along rings; ``local_kernel``: see `HDPAttention`."""
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    lengths = [len(s) - 1 for s in sequences]
-    error, mine = None, ()
+    error, mine, lengths = None, (), []
     try:
+        lengths = [len(s) - 1 for s in _checked_sequences(sequences)]
         check_schedule(schedule, lengths, world)
-        mine = [fingerprint(schedule, lengths)]
-    except ValueError as exc:
+        mine = [fingerprint(schedule, lengths), _tokens_fingerprint(sequences)]
+    except (TypeError, ValueError) as exc:
         error = exc
-    # every rank learns whether all hold the same valid schedule, then all raise alike
+    # every rank learns whether all hold the same valid batch and schedule, then all raise alike
     comms.agree(error, mine, what="hdp", device=device if device is not None and torch.device(device).type == "cuda"
-                else None).same(["schedule fingerprint"], "hdp: ranks disagree on the schedule (every rank "
-                                                          "must schedule the same batch with the same options)")
+                else None).same(["schedule fingerprint", "tokens fingerprint"],
+                                "hdp: ranks disagree on the batch or its schedule (every rank must pass the "
+                                "same sequences and schedule them with the same options)")
     total = sum(lengths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:

@@ -162,3 +162,31 @@ def test_a_chain_named_by_group_or_by_list_is_the_same_chain(distributed):
     assert distributed(_chain_named_two_ways, 2, "group or list", timeout=60) == [("ok", (1, 3, 2, 4))] * 2
     for message in distributed(_chain_named_two_ways, 3, "orders differ", timeout=60):
         assert "chain (ranks in order) differs across ranks" in message, message
+
+
+def _hdp_bad(case):
+    from loom.parallel import ModelConfig, Transformer, hdp_forward_backward, hdp_schedule
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab=32, dim=16, layers=1, heads=2)).double()
+    lengths = [12, 5, 3]
+    seqs = [torch.arange(n + 1) % 32 for n in lengths]
+    if case == "float tokens" and rank == 1:
+        seqs[1] = seqs[1].double()
+    if case == "different batch" and rank == 1:
+        seqs[0] = seqs[0].flip(0)
+    try:
+        hdp_forward_backward(model, seqs, hdp_schedule(lengths, 2, 8))
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case,expect", [
+    ("float tokens", "sequences[1] must be a 1-D integer tensor of token ids, got a torch.float64 tensor"),
+    ("different batch", "tokens fingerprint differs across ranks"),
+])
+def test_hdp_agrees_on_the_batch(distributed, case, expect):
+    for message in distributed(_hdp_bad, 2, case, timeout=90):
+        assert expect in message, message
