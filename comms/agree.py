@@ -62,17 +62,21 @@ class Agreement:
     def column(self, i: int) -> list[int]:
         return [row[i] for row in self.fields]
 
-    def same(self, names: Sequence[str], what: str, *, show: Sequence[str] = ()) -> None:
+    def same(self, names: Sequence[str], what: str, *, show: Sequence[str] = (),
+             formats: dict | None = None) -> None:
         """Raise ValueError (on every rank alike) when a described field
         differs across ranks.  ``names[i]`` names description integer i (None
-        or "" to skip it); the values of the fields in ``show`` are printed,
-        the others only said to differ."""
+        or "" to skip it); the values of the fields in ``show`` are printed
+        as they are, those in ``formats`` through their function (say
+        `dtype_name`), the others (checksums) only said to differ."""
+        formats = {**{n: str for n in show}, **(formats or {})}
         for i, name in enumerate(names):
             if not name:
                 continue
             values = self.column(i)
             if len(set(values)) > 1:
-                detail = (", ".join(f"rank {r}: {v}" for r, v in zip(self.ranks, values)) if name in show
+                shown = formats.get(name)
+                detail = (", ".join(f"rank {r}: {shown(v)}" for r, v in zip(self.ranks, values)) if shown
                           else "(differs)")
                 raise ValueError(f"{what}: {name} differs across ranks {list(self.ranks)}: {detail}")
 
@@ -170,6 +174,11 @@ def dtype_name(code: int) -> str:
 def float_bits(x: float) -> int:
     """A float as the int64 of its bits, for a description field."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def bits_float(bits: int) -> float:
+    """The float whose bits `float_bits` gave."""
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
 
 
 def checksum_ints(values) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .agree import agree, checksum_ints, dtype_code
+from .agree import agree, checksum_ints, dtype_code, dtype_name
 
 METHODS = ("allscan", "serial", "allgather")
 
@@ -55,7 +55,9 @@ def all_scan(decay: torch.Tensor, state: torch.Tensor, *, group=None, ranks=None
         # over the chain's ranks, however the caller named them (group or list)
         agree(error, fields, ranks=chain_ranks(group, ranks), what="all_scan",
               device=state.device if isinstance(state, torch.Tensor) and state.is_cuda else None) \
-            .same(_FIELDS, "all_scan", show=_SHOWN)
+            .same(_FIELDS, "all_scan", show=_SHOWN,
+                                                  formats={"dtype": dtype_name, "method": METHODS.__getitem__,
+                                                           "blocks": str, "reverse": bool})
     elif error is not None:
         raise error
     return _AllScan.apply(decay, state, chain, bool(reverse))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.comms import agree, all_scan
-from loom.comms.agree import checksum_ints, dtype_code, float_bits
+from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 from loom.comms.scan import METHODS, chain_ranks
 
 _FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale", "chain (ranks in order)")
@@ -52,7 +52,9 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
     # (seq_local may differ: shards of any length, empty ones too)
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
     agree(error, mine, ranks=chain_ranks(group, ranks), what="linear_attention",
-          device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4])
+          device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4],
+                                           formats={"dtype": dtype_name, "method": METHODS.__getitem__,
+                                                    "scale": bits_float})
     out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
     cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start
     # an empty shard's decay is 1, still computed from log_decay so the scan's

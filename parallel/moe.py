@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loom import comms
-from loom.comms.agree import dtype_code
+from loom.comms.agree import dtype_code, dtype_name
 
 from .llep import LLEPConfig, LLEPPlan, llep_plan, standard_plan
 from .placement import declare_placements
@@ -343,7 +343,9 @@ class MoE(nn.Module):
             error = exc
         if self.world > 1:  # every rank of the group learns of a bad call before any token moves
             comms.agree(error, mine, group=self.ep_group, device=x.device if x.is_cuda else None, what="MoE") \
-                .same(_FIELDS, "MoE", show=_FIELDS[:4])
+                .same(_FIELDS, "MoE", show=_FIELDS[:4],
+                                                         formats={"dispatcher": DISPATCHERS.__getitem__,
+                                                                  "dtype": dtype_name, "weight dtype": dtype_name})
         elif error is not None:
             raise error
         shape, k = x.shape, self.top_k

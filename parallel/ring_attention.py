@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.comms import Ring, agree, world_ranks
-from loom.comms.agree import checksum_ints, dtype_code, float_bits
+from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
     check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
@@ -92,6 +92,8 @@ def _check_cu_seqlens(cu, batch: int, total: int) -> None:
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
            "ring ranks", "cu_seqlens")
 _SHOWN = _FIELDS[:5]
+_FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contiguous", "causal": bool,
+            "scale": bits_float}
 
 
 def _description(q, k, layout, causal, scale, cu_seqlens, ring) -> list[int]:
@@ -184,7 +186,7 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     # every position learns of a bad or mismatched call before any K/V moves
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
     agree(error, mine, ranks=ring.ranks, tag=ring.tag, device=device, what="ring_attention").same(_FIELDS, "ring_attention",
-                                                                           show=_SHOWN)
+                                                                           show=_SHOWN, formats=_FORMATS)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the ring agreed on seq_local)
         out = empty_attention(q, k, v)
         lse = out.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))

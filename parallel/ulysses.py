@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loom import comms
-from loom.comms.agree import dtype_code, float_bits
+from loom.comms.agree import bits_float, dtype_code, dtype_name, float_bits
 
 from .attention_blocks import check_qkv, empty_attention
 
@@ -45,6 +45,7 @@ def _attend(q, k, v, causal: bool, scale: float) -> torch.Tensor:
 
 _FIELDS = ("batch", "seq_local", "heads_q", "head_dim", "heads_kv", "dtype", "causal", "scale")
 _SHOWN = _FIELDS[:5]
+_FORMATS = {"dtype": dtype_name, "causal": bool, "scale": bits_float}
 
 
 def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float | None = None):
@@ -63,7 +64,8 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
         error = exc
     # every rank learns of a bad or mismatched call before the all-to-all
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    comms.agree(error, mine, group=group, device=device, what="ulysses_attention").same(_FIELDS, "ulysses_attention", show=_SHOWN)
+    comms.agree(error, mine, group=group, device=device, what="ulysses_attention").same(_FIELDS, "ulysses_attention", show=_SHOWN,
+                                                                          formats=_FORMATS)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
         return empty_attention(q, k, v)
     if size == 1:

@@ -190,3 +190,24 @@ def _hdp_bad(case):
 def test_hdp_agrees_on_the_batch(distributed, case, expect):
     for message in distributed(_hdp_bad, 2, case, timeout=90):
         assert expect in message, message
+
+
+def _named_values():
+    rank = dist.get_rank()
+    q = torch.randn(1, 4, 2, 4, dtype=F64 if rank else torch.float32)
+    out = {}
+    for name, call in {"ring": lambda: ring_attention(q, q, q, causal=bool(rank)),
+                       "ulysses": lambda: ulysses_attention(q, q, q),
+                       "linear": lambda: linear_attention(q, q, q, -q.abs(), method="serial" if rank else "allscan")}.items():
+        try:
+            call()
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_mismatches_name_the_values(distributed):
+    for got in distributed(_named_values, 2, timeout=60):
+        assert got["ring"].endswith("dtype differs across ranks [0, 1]: rank 0: float32, rank 1: float64"), got
+        assert got["ulysses"].endswith("rank 0: float32, rank 1: float64"), got
+        assert "dtype differs across ranks [0, 1]: rank 0: float32, rank 1: float64" in got["linear"], got
