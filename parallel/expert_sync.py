@@ -31,24 +31,54 @@ def moe_aux_loss(model: torch.nn.Module):
     return sum(losses) if losses else 0.0
 
 
+def _expert_data_parallel(ranks: list, ep_group, edp_group):
+    """(edp_group, alone): the group that holds replicas of this rank's
+    experts, checked against ``ep_group``; ``alone`` when no other rank
+    holds them (EP over the whole group).  Raises ValueError for an
+    edp_group that shares ranks with ep_group, or a missing one."""
+    if ep_group is None or len(comms.group_ranks(ep_group)) == 1:
+        return edp_group, False  # no expert parallelism: experts are replicated like dense weights
+    ep = comms.group_ranks(ep_group)
+    if edp_group is None:
+        if sorted(ep) == sorted(ranks):
+            return None, True
+        raise ValueError(f"ExpertParallelGradientSync: ep_group {ep} does not cover the group {ranks}, so "
+                         f"other ranks hold replicas of these experts: pass edp_group (the ranks with the "
+                         f"same experts, one per EP group: mesh.edp_group)")
+    edp = comms.group_ranks(edp_group)
+    if len(set(ep) & set(edp)) != 1:
+        raise ValueError(f"ExpertParallelGradientSync: edp_group {edp} shares ranks {sorted(set(ep) & set(edp))} "
+                         f"with ep_group {ep}; it must join the ranks holding the same experts, one per EP "
+                         f"group (mesh.edp_group)")
+    return edp_group, False
+
+
 class ExpertParallelGradientSync:
     """Dense gradients averaged over ``group``; expert gradients summed over
-    ``edp_group`` and divided by the size of ``group``."""
+    ``edp_group`` and divided by the size of ``group``.  With ``ep_group``
+    over the whole group no rank shares this rank's experts and
+    ``edp_group`` may be None; otherwise it is required (mesh.edp_group),
+    and one that shares ranks with ``ep_group`` (which would sum different
+    experts' gradients) raises ValueError."""
 
     def __init__(self, model: torch.nn.Module, group=None, *, ep_group=None, edp_group=None,
                  bucket_bytes: int = 25 * 2**20):
         experts = {id(p) for p in expert_parameters(model)}
         self.expert = [p for p in model.parameters() if id(p) in experts and p.requires_grad]
         self.dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
-        self.world = len(comms.group_ranks(group))
+        ranks = comms.group_ranks(group)
+        self.world = len(ranks)
         self.ep_group = ep_group
         self.dense_sync = GradientSync(self.dense, group, bucket_bytes=bucket_bytes)
-        self.expert_sync = GradientSync(self.expert, edp_group, bucket_bytes=bucket_bytes, average=False)
+        edp_group, alone = _expert_data_parallel(ranks, ep_group, edp_group)
+        self.expert_sync = None if alone else GradientSync(self.expert, edp_group, bucket_bytes=bucket_bytes,
+                                                            average=False)
 
     @torch.no_grad()
     def sync(self) -> None:
         self.dense_sync.sync()
-        self.expert_sync.sync()
+        if self.expert_sync is not None:
+            self.expert_sync.sync()
         for p in self.expert:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -548,3 +548,27 @@ def test_loom_train_with_expert_parallel_llep(tmp_path):
     assert "ep=2" in proc.stdout and "final loss" in proc.stdout
     metrics = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2] and all(m["loss"] > 0 for m in metrics)
+
+
+def _edp_checks():
+    from loom.parallel import ExpertParallelGradientSync, ModelConfig, Transformer
+    world = len(comms.group_ranks(None))
+    mesh = comms.init_mesh(dp=world, ep=2)
+    model = Transformer(ModelConfig(vocab=32, dim=16, layers=1, heads=2, moe="standard", num_experts=4),
+                        mesh.ep_group)
+    out = {}
+    for name, edp in (("none", None), ("ep", mesh.ep_group), ("mesh", mesh.edp_group)):
+        try:
+            ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=edp)
+            out[name] = "ok"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_expert_gradient_sync_refuses_an_edp_group_that_would_mix_experts(distributed):
+    for got in distributed(_edp_checks, 4, timeout=100):  # ep=2 over 4 ranks: experts have replicas
+        assert "pass edp_group" in got["none"] and "shares ranks" in got["ep"] and got["mesh"] == "ok", got
+    for got in distributed(_edp_checks, 2, timeout=100):  # ep over the whole world: nobody shares them
+        assert got["none"] == "ok" and got["mesh"] == "ok" and "shares ranks" in got["ep"], got
