@@ -9,8 +9,9 @@
 
 Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
-One job writes a store at a time (`claim_store`; `save` and
-`AsyncCheckpointer` claim it themselves); reads need no claim.
+One job writes a store at a time (`claim_store`; `save`, `gc` and
+`AsyncCheckpointer` claim it themselves, and a process that has saved keeps
+its claim until `release_store` or exit); reads need no claim.
 """
 from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
@@ -18,10 +19,11 @@ from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, ver
 from .manifest import ChecksumError, InvalidCheckpointError
 from .optim import optimizer_state_dict
 from .owner import (CheckpointOwnershipError, StoreNotSharedError, StoreOwnership, claim_store,
-                    read_owner)
+                    read_owner, release_store)
+from .retention import gc
 from .save import SavePlan, commit, exchange_parts, plan_save, save, write_chunks
 from .state import Flat, PerRank, Shard
-from .store import CheckpointStore, gc, retained
+from .store import CheckpointStore, retained
 
 
 def install_deepspeed_engine(ds_engine, url=None, **options):
@@ -36,5 +38,6 @@ __all__ = [
     "ChecksumError", "Flat", "InvalidCheckpointError", "MissingKeysError", "NoCheckpointError", "PerRank",
     "SaveHandle", "SavePlan", "Shard", "StoreNotSharedError", "StoreOwnership", "TARGET_CHUNK_BYTES",
     "claim_store", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",
-    "optimizer_state_dict", "plan_save", "read_owner", "retained", "save", "verify", "write_chunks",
+    "optimizer_state_dict", "plan_save", "read_owner", "release_store", "retained", "save", "verify",
+    "write_chunks",
 ]

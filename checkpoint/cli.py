@@ -7,13 +7,13 @@ Keys and values from a store are printed escaped (no control characters
 reach the terminal)."""
 from __future__ import annotations
 
-import json
 import time
 
 from .load import verify
 from .manifest import InvalidCheckpointError
 from .state import decode_value
-from .store import CheckpointStore, gc
+from .retention import gc
+from .store import CheckpointStore
 
 
 def human_bytes(n: float) -> str:
@@ -104,25 +104,40 @@ def inspect(url: str, step: int | None = None) -> str:
         lines.append("")
         vrows = []
         for key, v in m["values"].items():
-            if "per_rank" in v:
-                text = f"per rank: {json.dumps([decode_value(x) for x in v['per_rank']], default=repr)}"
+            if "per_rank" in v:  # Python's repr: any value a checkpoint holds (tuple keys too)
+                text = f"per rank: {[decode_value(x) for x in v['per_rank']]!r}"
             else:
-                text = json.dumps(decode_value(v["value"]), default=repr)
+                text = repr(decode_value(v["value"]))
+            text = one_line(text)
             vrows.append([one_line(key), text if len(text) <= 70 else text[:67] + "..."])
-        lines.append(table(["value", "JSON"], vrows))
+        lines.append(table(["value", "contents"], vrows))
     return "\n".join(lines)
 
 
 def verify_report(url: str, step: int | None = None, every: bool = False) -> tuple[bool, str]:
-    """Check one step (default: latest) or ``every`` committed step: chunk
-    objects and checksums (`verify`).  Returns (ok, text), one line per
-    step and one per problem; a step whose marker or manifest is damaged
-    is one line."""
+    """Check one step (default: latest) or ``every`` step with a marker:
+    chunk objects and checksums (`verify`).  Returns (ok, text), one line
+    per step and one per problem; a step whose marker or manifest is
+    damaged is one line.  By default the steps whose damaged marker may be
+    newer than the latest sound commit (`CheckpointStore.damaged_newer`)
+    are reported first; ``every`` includes every step with a damaged
+    marker.  Raises ValueError for ``step`` with ``every``."""
+    if every and step is not None:
+        raise ValueError(f"step={step} and every=True (--step and --all) exclude each other")
     store = CheckpointStore(url)
-    steps = store.committed_steps() if every else [_resolve_step(store, step)]
-    if not steps:
-        raise FileNotFoundError(f"no committed checkpoint at {url}")
     lines, ok = [], True
+    if every:
+        steps = sorted({*store.committed_steps(), *store.damaged_markers()})
+    elif step is None:
+        step = store.latest()
+        for s, exc in store.damaged_newer(step):
+            ok = False
+            lines.append(f"step {s}: damaged: {one_line(exc)}")
+        steps = [] if step is None else [step]
+    else:
+        steps = [step]
+    if not steps and not lines:
+        raise FileNotFoundError(f"no committed checkpoint at {url}")
     for s in steps:
         try:
             problems = verify(url, s)
@@ -136,9 +151,15 @@ def verify_report(url: str, step: int | None = None, every: bool = False) -> tup
     return ok, "\n".join(lines)
 
 
-def gc_report(url: str, keep_last=None, keep_every=None, include_newer=False, dry_run=False) -> str:
+def gc_report(url: str, keep_last=None, keep_every=None, include_newer=False, dry_run=False,
+              verify=False) -> str:
+    """`gc` in words: what was (would be) removed and kept, then one line
+    per damaged step found (not counted toward ``keep_last``, left in place)."""
     result = gc(url, keep_last=keep_last, keep_every=keep_every, include_newer=include_newer,
-                dry_run=dry_run)
+                dry_run=dry_run, verify=verify)
     verb = "would remove" if dry_run else "removed"
-    return (f"{verb} uncommitted steps {result['uncommitted'] or 'none'}; "
-            f"{verb} committed steps {result['committed'] or 'none'}; kept {result['kept'] or 'none'}")
+    lines = [f"{verb} uncommitted steps {result['uncommitted'] or 'none'}; "
+             f"{verb} committed steps {result['committed'] or 'none'}; kept {result['kept'] or 'none'}"]
+    lines += [f"damaged (left in place, not counted toward keep-last): step {s}: {one_line(why)}"
+              for s, why in result["damaged"].items()]
+    return "\n".join(lines)

@@ -19,7 +19,6 @@ and time are bounded by the bytes really stored plus the manifest's size.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from .manifest import (ChecksumError, InvalidCheckpointError, array_document, as
                        from_numpy, torch_dtype)
 from .save import IO_THREADS
 from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
-from .store import CheckpointStore, check_step, data_prefix, step_name
+from .store import CheckpointStore, check_objects, check_step, data_prefix, vet
 from .zarr_io import open_array, read_box
 
 
@@ -227,91 +226,6 @@ class ChunkReader:
             file=self.store.url_of(self._chunk_key(key, index)), field=f"tensors[{key!r}].checksums")
 
 
-def check_objects(store: CheckpointStore, manifest: dict) -> dict:
-    """Are the chunk objects of a (checked) manifest really stored?  One
-    listing of the step's folder (not one request per chunk): each chunk
-    must be a plain file of exactly its full-chunk size (the ``bytes`` codec
-    stores whole chunks, edges padded), so a missing, shorter or longer
-    object is damage, and so is a link anywhere in the step (it may lead
-    out of the store).  Returns ``{(key, chunk index) or (None, path):
-    InvalidCheckpointError}``, empty when every object is right."""
-    step = manifest["step"]
-    sizes, links = _listing(store, store.path(step_name(step)))
-    links = {path: InvalidCheckpointError(
-        f"{store.url_of(rel)}: a link inside a step (loom writes none; it may lead out of the store)",
-        file=store.url_of(rel), field=None) for path, rel in links.items()}
-    problems = {}
-    prefix = data_prefix(step)
-    for key in sorted(manifest["tensors"]):
-        entry = manifest["tensors"][key]
-        want = math.prod(entry["chunks"]) * torch_dtype(entry["dtype"]).itemsize
-        for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
-            rel = zarr_io.chunk_key(f"{prefix}/{entry['array']}", index)
-            path = store.path(rel)
-            got = sizes.get(path)
-            if path in links:
-                problems[(key, index)] = links.pop(path)
-            elif got != want:
-                what = "missing (or not a plain file)" if got is None else f"{got} bytes"
-                problems[(key, index)] = InvalidCheckpointError(
-                    f"{store.url_of(rel)}: chunk {layout.chunk_name(index)} of array {key!r} is {what}, "
-                    f"not a full chunk of {want} bytes ({entry['chunks']} of {entry['dtype']})",
-                    file=store.url_of(rel), field=f"tensors[{key!r}].chunks")
-    problems.update({(None, path): exc for path, exc in links.items()})
-    return problems
-
-
-def _listing(store: CheckpointStore, top: str) -> tuple[dict, dict]:
-    """Every object under ``top``: ({path: size} of plain files, {path:
-    path relative to the root} of links), in one listing (os.scandir on a
-    local disk, which needs no stat per folder; fsspec's find elsewhere)."""
-    sizes, links = {}, {}
-    if store.local:
-        folders = [top]
-        while folders:
-            folder = folders.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for entry in entries:
-                if entry.is_symlink():
-                    links[entry.path] = entry.path
-                elif entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    sizes[entry.path] = entry.stat(follow_symlinks=False).st_size
-        if os.path.islink(top):
-            links[top] = top
-    else:
-        try:
-            listing = store.fs.find(top, detail=True, withdirs=True)
-        except (FileNotFoundError, NotADirectoryError):
-            listing = {}
-        for path, info in listing.items():
-            if info.get("islink"):
-                links[path] = path
-            elif info.get("type") == "file":
-                sizes[path] = info.get("size")
-    root = store.root + "/"
-    return sizes, {path: path[len(root):] if path.startswith(root) else path for path in links}
-
-
-def vet(store: CheckpointStore, step: int) -> tuple[dict, str]:
-    """A committed step's checked manifest and its sha256, after
-    `check_objects` found every chunk object right.  Raises
-    InvalidCheckpointError (the first problem, with how many there are),
-    ChecksumError for a manifest the marker did not seal, FileNotFoundError
-    for a step that is not committed."""
-    manifest, sha = store.read_sealed(step)
-    problems = check_objects(store, manifest)
-    if problems:
-        first = next(iter(problems.values()))
-        more = f" (and {len(problems) - 1} more damaged objects)" if len(problems) > 1 else ""
-        raise InvalidCheckpointError(f"{first}{more}", file=first.file, field=first.field)
-    return manifest, sha
-
-
 # -------------------------------------------------------- region mapping
 
 def _is_flat_storage(entry: dict) -> bool:
@@ -401,16 +315,22 @@ def read_whole(reader: ChunkReader, key: str, row: int | None = None):
 # ----------------------------------------------------------------- load
 
 def _candidates(store: CheckpointStore, step, fallback: bool) -> list[int]:
-    """The steps a load tries, in order: ``step`` (the one `latest()` picks
-    when None), then with ``fallback`` every lower committed step, highest
-    first (a rolled-back branch's higher steps are never fallbacks)."""
+    """The steps a load tries, in order: ``step`` (when None: first the
+    steps whose damaged marker may be a newer commit, `damaged_newer`, which
+    fail to vet, then the one `latest()` picks), then with ``fallback``
+    every lower committed step, highest first (a rolled-back branch's
+    higher steps are never fallbacks)."""
     committed = store.committed_steps()
+    damaged = []
     if step is None:
-        if not committed:
-            raise NoCheckpointError(f"no committed checkpoint at {store.url}")
         step = store.latest()
+        damaged = [s for s, _ in store.damaged_newer(step)]
+        if step is None:
+            if not damaged:
+                raise NoCheckpointError(f"no committed checkpoint at {store.url}")
+            return damaged  # nothing sound: the newest one's damage is raised
     check_step(step)
-    return [step] + ([s for s in reversed(committed) if s < step] if fallback else [])
+    return damaged + [step] + ([s for s in reversed(committed) if s < step] if fallback else [])
 
 
 def _choose(store: CheckpointStore, candidates: list[int], fallback: bool, vetted: dict) -> dict:
@@ -668,14 +588,22 @@ def _materialize(reader, saved: dict, keys: list, depth: int, rank: int | None):
 # ---------------------------------------------------------------- verify
 
 def verify(url: str, step: int | None = None) -> list[str]:
-    """Check a committed step (default: the one `latest()` picks): its
-    chunk objects (`check_objects`), then every chunk's crc32c.  Returns the
-    problems found (empty when the step is intact).  One process.  Raises
-    FileNotFoundError when there is no such committed step and
-    InvalidCheckpointError when its marker or manifest is damaged (nothing
-    can be checked against it)."""
+    """Check a committed step (default: the newest, the one `load` tries
+    first): its chunk objects (`check_objects`), then every chunk's crc32c.
+    Returns the problems found (empty when the step is intact).  One
+    process.  Raises FileNotFoundError when there is no such committed step
+    and InvalidCheckpointError when its marker or manifest is damaged
+    (nothing can be checked against it) -- by default also when a step
+    whose marker is damaged may be newer than the one `latest()` picks
+    (`CheckpointStore.damaged_newer`)."""
     store = CheckpointStore(url)
-    step = store.latest() if step is None else check_step(step)
+    if step is None:
+        step = store.latest()
+        newer = store.damaged_newer(step)
+        if newer:
+            raise newer[0][1]
+    else:
+        check_step(step)
     if step is None:
         raise FileNotFoundError(f"no committed checkpoint at {url}")
     manifest = store.read_manifest(step)

@@ -16,7 +16,18 @@ lease, or when it was written on this machine (same host, boot and pid
 namespace) by a process that no longer exists.  ``takeover=True`` claims
 regardless; the job that held the store then fails its next save on every
 rank (every save checks the record when it starts and again before its
-commit).  Reads (`load`, `verify`, `loom ckpt ls`) need no claim.
+commit).  Reads (`load`, `verify`, `loom ckpt ls`) need no claim; `gc`
+deletes, so it claims too (sharing its own process's claim).
+
+A claim that `save` or `plan_save` makes is *kept* by the process
+(``keep=True``): it lasts, heartbeat and all, until `release_store` or the
+end of the process (released at interpreter exit; a process that dies
+without that leaves a record whose pid is gone or whose lease lapses), so
+a job saving with one-shot `save` calls holds the store from its first
+save on, and no other job can write between them.  An explicit
+`claim_store` (an `AsyncCheckpointer`) of the same job adopts a kept claim.
+Each claim counts the steps its process is writing (`StoreOwnership.writing`),
+which `gc` leaves alone.
 
 Race safety, as far as the store allows.  Claims in one process are
 serialised by a lock.  On a local filesystem a claim of a store without a
@@ -40,6 +51,8 @@ the ranks that could not see it.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import functools
 import json
 import logging
@@ -62,6 +75,10 @@ LEASE_S = 30.0       # a record whose heartbeat is older than this is gone
 CONFIRM_S = 0.5      # pause between writing a claim and re-reading it (see the module docstring)
 PROBE_PREFIX = ".loom-probe-"
 _MAX_TIME = 253402300799.0  # 9999-12-31: later times in a record are damage
+MAX_LEASE_S = 86400.0       # a lease longer than a day is not one loom writes
+_MAX_AHEAD_S = 86400.0      # a record's time more than a day ahead of this clock is damage
+_MAX_PID = 2**31 - 1        # pid_t: larger pids cannot be checked (os.kill overflows)
+_MAX_TEXT = 4096            # characters of a record's job, host, machine and token
 
 
 class CheckpointOwnershipError(RuntimeError):
@@ -136,29 +153,46 @@ def describe(record: dict, now: float | None = None) -> str:
             f"heartbeat {age:.1f} s ago, lease {record['lease_s']:g} s)")
 
 
+_FIELDS = {"format", "version", "job", "host", "pid", "machine", "token", "started", "heartbeat", "lease_s"}
+
+
 def _check_record(record, where: str) -> dict:
+    """``record`` when every field is in range; InvalidCheckpointError
+    naming ``where`` and the field otherwise."""
     def bad(field, why):
         raise InvalidCheckpointError(
-            f"{where}: not a loom owner record ({why}); if no job is writing this store, claim it with "
-            f"takeover=True (loom train --ckpt-takeover), which replaces the record", file=where, field=field)
+            f"{f'{where}: {field}' if field else where}: not a loom owner record ({why}); if no job is writing this "
+            f"store, claim it with takeover=True (loom train --ckpt-takeover), which replaces the record",
+            file=where, field=field)
+
+    def number(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float))
 
     if not isinstance(record, dict):
         bad(None, f"a {type(record).__name__}, not a JSON object")
-    if record.get("format") != FORMAT or record.get("version") != VERSION:
-        bad("format", f"format {record.get('format')!r} version {record.get('version')!r}, "
-                      f"expected {FORMAT!r} version {VERSION}")
+    if record.get("format") != FORMAT:
+        bad("format", f"format={record.get('format')!r:.80}, expected {FORMAT!r}")
+    if isinstance(record.get("version"), bool) or record.get("version") != VERSION:
+        bad("version", f"version={record.get('version')!r:.80}, expected {VERSION}")
+    if set(record) != _FIELDS:
+        bad(None, f"fields {sorted(set(record) ^ _FIELDS)!r:.200} missing or unknown; expected "
+                  f"{sorted(_FIELDS)}")
     for name in ("job", "host", "machine", "token"):
-        if not isinstance(record.get(name), str):
-            bad(name, f"{name}={record.get(name)!r} must be a string")
-    pid = record.get("pid")
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        bad("pid", f"pid={pid!r} must be a positive int")
-    for name in ("started", "heartbeat", "lease_s"):
-        v = record.get(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= _MAX_TIME:
-            bad(name, f"{name}={v!r} must be a number of seconds from 0 to {_MAX_TIME:.0f}")
-    if record["lease_s"] <= 0:
-        bad("lease_s", f"lease_s={record['lease_s']!r} must be > 0")
+        v = record[name]
+        if not isinstance(v, str) or not 0 < len(v) <= _MAX_TEXT:
+            bad(name, f"{name}={v!r:.80} must be a string of 1 to {_MAX_TEXT} characters")
+    pid = record["pid"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _MAX_PID:
+        bad("pid", f"pid={pid!r:.80} must be an int from 1 to {_MAX_PID}")
+    latest = min(time.time() + _MAX_AHEAD_S, _MAX_TIME)
+    for name in ("started", "heartbeat"):
+        v = record[name]
+        if not number(v) or not 0 <= v <= latest:
+            bad(name, f"{name}={v!r:.80} must be a time in seconds from 0 to at most a day ahead of "
+                      f"this host's clock ({latest:.0f})")
+    if not number(record["lease_s"]) or not 0 < record["lease_s"] <= MAX_LEASE_S:
+        bad("lease_s", f"lease_s={record['lease_s']!r:.80} must be a number of seconds above 0 and at "
+                       f"most {MAX_LEASE_S:g}")
     return record
 
 
@@ -232,8 +266,12 @@ def _create_exclusive(store: CheckpointStore, data: bytes) -> bool:
 
 def _owned_error(url: str, record: dict, now: float) -> CheckpointOwnershipError:
     lapse = max(0.0, record["heartbeat"] + record["lease_s"] - now)
+    mine = ""
+    if (record["pid"], record["host"], record["machine"]) == (os.getpid(), socket.gethostname(), _machine()):
+        mine = (" (this process: a job that saved keeps the store until loom.checkpoint.release_store(url), "
+                "an AsyncCheckpointer until close())")
     return CheckpointOwnershipError(
-        f"checkpoint store {url} is owned by {describe(record, now)}; one job writes a store at a time. "
+        f"checkpoint store {url} is owned by {describe(record, now)}{mine}; one job writes a store at a time. "
         f"Wait for that job to end, or save to another url. If that job is gone, its claim lapses in "
         f"{lapse:.0f} s (its lease after its last heartbeat; for a claim from its own host, as soon as "
         f"its process has exited); takeover=True (loom train --ckpt-takeover) claims the store "
@@ -291,16 +329,47 @@ class StoreOwnership:
     and its heartbeat thread; on the other ranks it only carries the claim's
     token.  ``check()`` (rank 0) raises `CheckpointOwnershipError` once the
     store has been taken over; ``release()`` ends the hold (a reused hold,
-    ``reused``, belongs to the claim it reuses and releases nothing).  Use
-    it as a context manager to release on exit."""
+    ``reused``, belongs to the claim it reuses and releases nothing; so does
+    the one a ``keep=True`` claim returns: `release_store` ends that).  Use
+    it as a context manager to release on exit.
+
+    ``writing`` counts the steps this process is saving under the claim
+    (`plan_save` to `commit`, rank 0; shared by every hold on the same
+    claim), which `gc` never deletes."""
 
     def __init__(self, store: CheckpointStore, job: str, token: str, lease_s: float, *, holder: bool,
-                 reused: bool = False):
+                 reused: bool = False, writing: collections.Counter | None = None):
         self.store, self.url, self.job, self.token, self.lease_s = store, store.url, job, token, lease_s
         self.holder, self.reused = holder, reused
         self.released = False
+        self.kept = False  # held by the process until release_store() or exit (see claim_store's keep)
+        self.writing = collections.Counter() if writing is None else writing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def shared(self) -> "StoreOwnership":
+        """Another hold on this claim that releases nothing (``reused``)."""
+        return StoreOwnership(self.store, self.job, self.token, self.lease_s, holder=self.holder,
+                              reused=True, writing=self.writing)
+
+    # ------------------------------------------------- steps in flight
+    def begin_step(self, step: int) -> None:
+        """``step`` is being written under this claim (until `end_step`)."""
+        with _LOCK:
+            self.writing[step] += 1
+
+    def end_step(self, step) -> None:
+        """One `begin_step` of ``step`` is over (anything else is ignored)."""
+        if isinstance(step, int):
+            with _LOCK:
+                self.writing[step] -= 1
+                if self.writing[step] <= 0:
+                    del self.writing[step]
+
+    def in_flight(self) -> set[int]:
+        """The steps this process is writing under the claim now."""
+        with _LOCK:
+            return set(self.writing)
 
     # --------------------------------------------------------- checks
     def lost(self) -> str | None:
@@ -345,12 +414,30 @@ class StoreOwnership:
             try:
                 record, why = self._look()
                 if why is not None:
-                    log.error("checkpoint store %s: job %r lost its claim: %s", self.url, self.job, why)
+                    if self.kept and record is None:  # the store was removed: nothing to hold
+                        log.info("checkpoint store %s: its owner record is gone; heartbeat stopped", self.url)
+                    else:
+                        log.error("checkpoint store %s: job %r lost its claim: %s", self.url, self.job, why)
                     return
                 record["heartbeat"] = time.time()
                 self.store.put(OWNER, _encode(record))
             except Exception as exc:  # noqa: BLE001 - a store hiccup; the lease allows a few
                 log.warning("checkpoint store %s: heartbeat failed: %s", self.url, exc)
+
+    def _set_lease(self, lease_s: float) -> None:
+        """Rank 0: record a new lease (and beat at its pace from now on)."""
+        if lease_s == self.lease_s:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record, why = self._look()
+        if why is not None:
+            raise CheckpointOwnershipError(f"job {self.job!r} no longer owns checkpoint store {self.url}: {why}")
+        record.update(lease_s=lease_s, heartbeat=time.time())
+        self.store.put(OWNER, _encode(record))
+        self.lease_s, self._stop = lease_s, threading.Event()
+        self._start()
 
     # -------------------------------------------------------- release
     def release(self) -> None:
@@ -382,12 +469,13 @@ class StoreOwnership:
         self.release()
 
     def __repr__(self):
-        state = "released" if self.released else "reused" if self.reused else "held"
+        state = ("released" if self.released else "reused" if self.reused else
+                 "kept" if self.kept else "held")
         return f"StoreOwnership({self.url!r}, job={self.job!r}, {state})"
 
 
 def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool = False,
-                lease_s: float = LEASE_S, reuse: bool = False) -> StoreOwnership:
+                lease_s: float = LEASE_S, reuse: bool = False, keep: bool = False) -> StoreOwnership:
     """Collective over ``group`` (default: the world, or this process alone):
     make this job the one writer of the store at ``url``, and prove that
     every rank sees the same store.
@@ -396,8 +484,13 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
     this claim's heartbeat may get before others may claim the store.
     ``takeover``: claim even a live owner's store (dangerous: it keeps
     writing until its next save fails).  ``reuse``: when this process
-    already holds the store for the same ``job``, share that claim (the
-    returned hold releases nothing) instead of failing.
+    already holds the store for the same ``job`` (for any job when ``job``
+    is None), share that claim (the returned hold releases nothing) instead
+    of failing.  ``keep`` (what `save` does): reuse, and keep a new claim
+    in this process until `release_store` or exit; the returned hold
+    releases nothing.  Without ``reuse``/``keep``, a claim this process
+    keeps for the same job is adopted: the returned hold owns it (its
+    ``release()`` ends it).
 
     Returns a `StoreOwnership` on every rank.  Raises on every rank:
     `CheckpointOwnershipError` naming the live owner; `StoreNotSharedError`
@@ -406,15 +499,17 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
     (``takeover`` replaces it); ValueError for bad arguments."""
     g = resolve(group)
     store = CheckpointStore(url)
+    any_job = job is None and (reuse or keep)
     job = default_job() if job is None else job
-    if not isinstance(job, str) or not job:
-        raise ValueError(f"job={job!r} must be a non-empty string")
-    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= _MAX_TIME:
-        raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
-    mine, error, info = None, None, None
+    if not isinstance(job, str) or not 0 < len(job) <= _MAX_TEXT:
+        raise ValueError(f"job={job!r:.80} must be a non-empty string of at most {_MAX_TEXT} characters")
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
+        raise ValueError(f"lease_s={lease_s!r} must be a number of seconds above 0 and at most {MAX_LEASE_S:g}")
+    mine, fresh, error, info = None, None, None, None
     if g.rank == 0:
         try:
-            mine = _hold(store, job, bool(takeover), float(lease_s), bool(reuse))
+            mine, fresh = _hold(store, job, bool(takeover), float(lease_s), bool(reuse or keep), bool(keep),
+                                any_job)
             info = {"token": mine.token, "reused": mine.reused, "probe": None}
             if g.size > 1:
                 name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex
@@ -427,25 +522,98 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
         if g.size > 1:
             _prove_shared(store, g, info["probe"])
     except BaseException:
-        if mine is not None:
-            mine.release()
+        if fresh is not None:
+            fresh.release()  # a claim made here, kept or not
         raise
     if mine is None:
         mine = StoreOwnership(store, job, info["token"], float(lease_s), holder=False, reused=info["reused"])
     return mine
 
 
-def _hold(store: CheckpointStore, job: str, takeover: bool, lease_s: float, reuse: bool) -> StoreOwnership:
-    """Rank 0: the claim this process holds (``reuse``), or a new one."""
+def release_store(url: str) -> bool:
+    """End the claim on the store at ``url`` that this process keeps (the
+    one `save`, `plan_save` or `gc` made; see `claim_store`'s ``keep``):
+    heartbeat stopped, owner record removed.  True when there was one,
+    False when this process keeps none (call it on every rank: only rank 0
+    of a save holds the claim).  Raises ValueError for a claim made by
+    `claim_store` or an `AsyncCheckpointer`: release or close that one."""
+    with _LOCK:
+        held = _HELD.get(_key(CheckpointStore(url)))
+    if held is None:
+        return False
+    if not held.kept:
+        raise ValueError(f"checkpoint store {url} is held by {held!r}, which claim_store (or an "
+                         f"AsyncCheckpointer) made: release it with its release() (or close())")
+    held.release()
+    return True
+
+
+def held_claim(url: str) -> StoreOwnership | None:
+    """A hold on the claim this process has on the store at ``url`` (one
+    that releases nothing), or None when it has none."""
+    with _LOCK:
+        held = _HELD.get(_key(CheckpointStore(url)))
+        return None if held is None else held.shared()
+
+
+def check_writable(url: str) -> None:
+    """Raise `CheckpointOwnershipError` naming the owner when another live
+    job owns the store at ``url`` (what a claim would raise), without
+    writing anything; InvalidCheckpointError for a record loom did not write."""
+    store = CheckpointStore(url)
+    with _LOCK:
+        if _key(store) in _HELD:
+            return
+        record = _read(store)
+        now = time.time()
+        if record is not None and _gone(record, now) is None:
+            raise _owned_error(store.url, record, now)
+
+
+def _hold(store: CheckpointStore, job: str, takeover: bool, lease_s: float, reuse: bool, keep: bool,
+          any_job: bool) -> tuple[StoreOwnership, StoreOwnership | None]:
+    """Rank 0: (the hold to return, the claim made here or None): a share
+    of the claim this process holds (``reuse``), that claim itself when it
+    is kept for the same job and this is an explicit claim (adopted), or a
+    new claim."""
     with _LOCK:
         held = _HELD.get(_key(store))
-        if reuse and held is not None and held.job == job:
-            return StoreOwnership(store, job, held.token, held.lease_s, holder=True, reused=True)
+        if held is not None and held.kept and held.lost() is not None:
+            held.release()  # removed or taken over since: claim afresh (or fail naming the new owner)
+            held = None
+        if held is not None and (held.job == job or reuse and any_job):
+            if reuse:
+                return held.shared(), None
+            if held.kept:
+                held._set_lease(lease_s)
+                held.kept = False  # adopted: its release() now ends the claim
+                return held, None
         record = _claim(store, job, takeover, lease_s)
         mine = StoreOwnership(store, job, record["token"], lease_s, holder=True)
+        mine.kept = keep
         _HELD[_key(store)] = mine
     mine._start()
-    return mine
+    return (mine.shared() if keep else mine), mine
+
+
+@atexit.register
+def _release_kept() -> None:
+    """At interpreter exit, every claim this process still holds ends."""
+    with _LOCK:
+        held = list(_HELD.values())
+    for h in held:
+        h.release()
+
+
+def _forget_after_fork() -> None:
+    """A forked child holds none of its parent's claims (its pid differs)."""
+    global _LOCK
+    _LOCK = threading.RLock()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _prove_shared(store: CheckpointStore, g, probe: list) -> None:

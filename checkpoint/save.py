@@ -13,7 +13,8 @@ divided among their replicas), so the data moves in parallel and no chunk has
 two writers.
 
 One job writes a store at a time (`loom.checkpoint.owner`): `save` claims
-the store for the call (or shares the claim its process holds), `plan_save`
+the store and its process keeps the claim until `release_store` or exit
+(or shares the claim its process holds), `plan_save`
 checks the claim before the step is started and `commit` again before the
 manifest, so a job whose store was taken over fails on every rank instead
 of writing.  A failed commit removes the step its save started.
@@ -131,9 +132,10 @@ def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
     has agreed to save.  ``durable``: see `save`.
 
     ``ownership``: this job's claim on the store (`claim_store` over the
-    same ranks); without it the store is claimed here (sharing a claim this
-    process already holds for the default job) and `commit` releases it.
-    Rank 0 checks the claim before anything is removed or written.
+    same ranks); without it the store is claimed here and kept by the
+    process, as `save` does (sharing a claim this process already holds).
+    Rank 0 checks the claim before anything is removed or written, and
+    counts the step as in flight (`gc` leaves it alone) until `commit`.
 
     Raises on every rank: ValueError/TypeError for bad ``state``, ``step``
     or ``mesh`` (naming the key and rank); `CheckpointOwnershipError` when
@@ -143,13 +145,14 @@ def plan_save(state: dict, url: str, *, step: int, group=None, mesh=None,
     store = CheckpointStore(url)
     made = ownership is None
     if made:
-        ownership = claim_store(url, group=g, reuse=True)
+        ownership = claim_store(url, group=g, keep=True)  # kept until release_store() or exit
     elif ownership.holder != (g.rank == 0) or ownership.store.url != store.url:
         raise ValueError(f"ownership={ownership!r} is not a claim on {store.url!r} made by this group's "
                          f"rank 0 (group rank {g.rank}); pass the claim_store result of the same ranks")
     try:
         plan = _plan(state, store, step, g, mesh, target_chunk_bytes, ownership)
     except BaseException:
+        ownership.end_step(step)
         if made:
             ownership.release()
         raise
@@ -166,6 +169,7 @@ def _plan(state, store, step, g: Group, mesh, target_chunk_bytes, ownership: Sto
         leaves = flatten(state)
         described = _describe(leaves, g)
         ownership.check()  # rank 0: nothing is removed or written for a job that lost the store
+        ownership.begin_step(step)  # until commit: gc in this process leaves it alone
         replacing = g.rank == 0 and step in store.steps()
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
@@ -400,6 +404,8 @@ def commit(plan: SavePlan, checksums: dict, error: BaseException | None = None,
         _discard_torn(plan)  # every rank is past writing: each entered the commit's agreement
         raise
     finally:
+        if plan.ownership is not None:
+            plan.ownership.end_step(plan.step)
         if plan.release_ownership and plan.ownership is not None:
             plan.ownership.release()
 
@@ -456,22 +462,25 @@ def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bo
     survives a machine crash or power loss, not only a killed process.
     Without it the step is committed in the page cache (faster).
 
-    The store is claimed for the call (`claim_store`; a claim this process
-    already holds on it for the same ``job`` is shared): a store another
-    job owns raises `CheckpointOwnershipError` on every rank, naming it;
-    ``takeover=True`` claims it anyway (dangerous: see `claim_store`).
-    Ranks that do not share the store (memory:// across processes) raise
+    The store is claimed by the first save and the claim is kept by the
+    process (rank 0) until `release_store` or exit, so no other job can
+    write between this job's saves (`claim_store` with ``keep``; a claim
+    this process already holds for the same ``job``, or for any job when
+    ``job`` is None, is shared): a store another job owns raises
+    `CheckpointOwnershipError` on every rank, naming it; ``takeover=True``
+    claims it anyway (dangerous: see `claim_store`).  Ranks that do not
+    share the store (memory:// across processes) raise
     `StoreNotSharedError` before anything is written.  A save that fails
     on any rank raises on every rank and leaves no torn step behind.
     Bad ``state`` raises ValueError/TypeError naming the key."""
     g = resolve(group)
-    with claim_store(url, group=g, job=job, takeover=takeover, reuse=True) as ownership:
-        plan = plan_save(state, url, step=step, group=g, mesh=mesh, durable=durable, ownership=ownership)
-        error, sums = None, {}
-        try:
-            parts = exchange_parts(plan, plan.tensors)
-            sums = write_chunks(plan, plan.tensors, parts)
-        except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
-            error = exc
-        return commit(plan, sums, error)  # a failure removes the torn step
+    ownership = claim_store(url, group=g, job=job, takeover=takeover, keep=True)
+    plan = plan_save(state, url, step=step, group=g, mesh=mesh, durable=durable, ownership=ownership)
+    error, sums = None, {}
+    try:
+        parts = exchange_parts(plan, plan.tensors)
+        sums = write_chunks(plan, plan.tensors, parts)
+    except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
+        error = exc
+    return commit(plan, sums, error)  # a failure removes the torn step
 

@@ -2,7 +2,7 @@
 
     <url>/step-00000010/state/          Zarr v3 group, one array per tensor
     <url>/step-00000010/manifest.json   written after every chunk
-    <url>/step-00000010/COMMITTED       written last: {"step", "manifest_sha256", "committed_at"}
+    <url>/step-00000010/COMMITTED       written last: {"step", "manifest_sha256", "committed_at", "seq"}
     <url>/latest                        {"step": N}: removed before the marker, rewritten after
 
 A step exists for `load` only when its marker is present, parses, and names
@@ -13,17 +13,28 @@ the order of writes, not on renames.  On local disks small files are also
 written to a temporary name and renamed, so no reader ever sees half a file;
 a torn ``latest`` is only a hint anyway (it is checked against the markers).
 
-``latest`` names the newest commit in *time*, which after a rollback (load
-step 50 of 50 and 100, save 60) is not the highest step: every commit points
-it at the step it commits.  `latest()` trusts a ``latest`` that names a
-committed step and otherwise picks the newest commit by the markers'
-``committed_at``; a commit removes ``latest`` before writing its marker, so
-a save that dies (or finds the disk full) between its marker and the new
-``latest`` still ends up as the step `latest()` picks.
+``latest`` names the newest commit, which after a rollback (load step 50 of
+50 and 100, save 60) is not the highest step: every commit points it at the
+step it commits.  Commits are ordered by the marker's ``seq``, a commit
+sequence number the committing rank 0 assigns (one more than the largest in
+the store), so the order does not depend on any host's clock; markers
+without one (older stores) come first, by their ``committed_at``.
+`latest()` trusts a ``latest`` that names a committed step and otherwise
+picks the newest commit; a commit removes ``latest`` before writing its
+marker, so a save that dies (or finds the disk full) between its marker and
+the new ``latest`` still ends up as the step `latest()` picks.
+
+A marker is written whole (a temporary file and a rename on local disks,
+one PUT on object stores), so a marker that exists but does not check out
+is damage, not a save in progress: `damaged_markers` lists such steps and
+`damaged_newer` the ones that may be newer than the step `latest()` picks.
 
 What a store holds is read as hostile: markers and ``latest`` are read
 within a size limit, every JSON document within a depth limit, and damage
-raises `InvalidCheckpointError` naming the file and the field.
+raises `InvalidCheckpointError` naming the file and the field.  `vet` is
+the cheap soundness check of a committed step (its manifest, and one
+listing showing every chunk object at its full size), which `load` and
+retention use.
 """
 from __future__ import annotations
 
@@ -38,8 +49,9 @@ import uuid
 
 import fsspec
 
+from . import layout, zarr_io
 from .manifest import (MANIFEST, MARKER, MAX_MANIFEST, MAX_SMALL_JSON, ChecksumError, InvalidCheckpointError,
-                       check_manifest, invalid, parse_json)
+                       check_manifest, invalid, parse_json, torch_dtype)
 from .state import digest
 
 log = logging.getLogger("loom.checkpoint")
@@ -205,6 +217,9 @@ class CheckpointStore:
         at = marker.get("committed_at", 0.0)
         if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at) or at < 0:
             raise invalid(file, "committed_at", f"{at!r:.40} must be a time in seconds")
+        seq = marker.get("seq", 1)
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= _MAX_SEQ:
+            raise invalid(file, "seq", f"{seq!r:.40} must be a commit number from 1 to {_MAX_SEQ}")
         return marker
 
     def marker(self, step: int) -> dict | None:
@@ -215,23 +230,55 @@ class CheckpointStore:
         except InvalidCheckpointError:
             return None
 
-    def _commits(self) -> list[tuple[float, int]]:
-        """(committed_at, step) of every committed step, oldest commit first
-        (markers without a time, from hand-made stores, first by step)."""
-        found = []
+    def _scan(self) -> tuple[list[int], dict[int, InvalidCheckpointError], int]:
+        """One read of every marker: (the committed steps, oldest commit
+        first; {step: the error} of markers that exist but are damaged; the
+        largest ``seq``, 0 when none).  Commits are ordered by ``seq``;
+        markers without one (older stores, hand-made) come first, by
+        ``committed_at``, then by step."""
+        found, damaged, top = [], {}, 0
         for step in self.steps():
-            marker = self.marker(step)
-            if marker is not None:
-                found.append((float(marker.get("committed_at", 0.0)), step))
-        return sorted(found)
+            try:
+                marker = self.read_marker(step)
+            except InvalidCheckpointError as exc:
+                damaged[step] = exc
+                continue
+            if marker is None:
+                continue
+            seq = marker.get("seq")
+            top = max(top, seq or 0)
+            found.append(((0, float(marker.get("committed_at", 0.0))) if seq is None else (1, seq), step))
+        return [s for _, s in sorted(found)], damaged, top
 
     def committed_steps(self) -> list[int]:
         """Every committed step, ascending."""
-        return sorted(s for _, s in self._commits())
+        return sorted(self._scan()[0])
 
     def commit_order(self) -> list[int]:
-        """Every committed step, oldest commit first (by ``committed_at``)."""
-        return [s for _, s in self._commits()]
+        """Every committed step, oldest commit first (by the markers' ``seq``;
+        see `_scan`)."""
+        return self._scan()[0]
+
+    def damaged_markers(self) -> dict[int, InvalidCheckpointError]:
+        """{step: InvalidCheckpointError} of the steps whose marker exists but
+        is damaged (not a save in progress: markers are written whole)."""
+        return self._scan()[1]
+
+    def damaged_newer(self, step: int | None) -> list[tuple[int, InvalidCheckpointError]]:
+        """The steps with a damaged marker that may be newer commits than
+        ``step`` (the one `latest()` picks; None: nothing is committed),
+        newest first: none when ``latest`` names a sound commit (every
+        commit rewrites it, so nothing was committed after it); otherwise
+        the one ``latest`` names and every one above ``step``."""
+        damaged = self.damaged_markers()
+        if not damaged:
+            return []
+        pointed = self.pointer()
+        if pointed is not None and pointed not in damaged and self.marker(pointed) is not None:
+            return []
+        newer = sorted((s for s in damaged if step is None or s > step or s == pointed),
+                       key=lambda s: (s == pointed, s), reverse=True)  # what `latest` names first
+        return [(s, damaged[s]) for s in newer]
 
     def pointer(self) -> int | None:
         """The step ``latest`` names, or None when it is absent or damaged
@@ -251,8 +298,8 @@ class CheckpointStore:
 
     def latest(self) -> int | None:
         """The step to resume from: the one ``latest`` names when it names a
-        committed step, otherwise the newest commit in time (None when
-        nothing is committed).  After a rollback this is the step saved
+        committed step, otherwise the newest commit (`commit_order`; None
+        when nothing is committed).  After a rollback this is the step saved
         last, not the highest step."""
         pointed = self.pointer()
         if pointed is not None and self.marker(pointed) is not None:
@@ -301,12 +348,13 @@ class CheckpointStore:
 
     def commit(self, step: int, manifest: bytes, *, durable: bool = False) -> None:
         """Manifest, then marker, then ``latest`` (always pointed at ``step``:
-        the newest commit in time).  The marker makes the step exist, so a
-        failure to write ``latest`` after it is a warning, not a failed
-        commit; ``latest`` is removed before the marker, so readers then
-        pick this step by its commit time.  ``durable``: each is fsynced
-        (with its directories) before the next is written, so the marker
-        never outlives what it seals."""
+        the newest commit).  The marker records the commit's ``seq`` (one
+        more than any in the store: the store has one writer).  The marker
+        makes the step exist, so a failure to write ``latest`` after it is a
+        warning, not a failed commit; ``latest`` is removed before the
+        marker, so readers then pick this step by its ``seq``.  ``durable``:
+        each is fsynced (with its directories) before the next is written,
+        so the marker never outlives what it seals."""
         name = step_name(step)
         self.put(f"{name}/{MANIFEST}", manifest)
         if durable:
@@ -314,7 +362,10 @@ class CheckpointStore:
         self.remove(LATEST)
         if durable:
             self.sync([LATEST], files=False)
-        marker = {"step": step, "manifest_sha256": digest(manifest), "committed_at": time.time()}
+        seq = self._scan()[2] + 1
+        if seq > _MAX_SEQ:
+            raise invalid(self.url, "seq", f"the store's commit numbers are exhausted ({_MAX_SEQ})")
+        marker = {"step": step, "manifest_sha256": digest(manifest), "committed_at": time.time(), "seq": seq}
         self.put(f"{name}/{MARKER}", json.dumps(marker).encode())
         if durable:
             self.sync([f"{name}/{MARKER}"])
@@ -341,19 +392,130 @@ class CheckpointStore:
             if newest is not None:
                 self.put(LATEST, json.dumps({"step": newest}).encode())
 
-    def retention(self, keep_last: int | None, keep_every: int | None) -> tuple[list[int], set[int]]:
+    def retention(self, keep_last: int | None, keep_every: int | None, *, check=None,
+                  damaged: dict | None = None) -> tuple[list[int], set[int]]:
         """(every committed step, oldest commit first; the steps a retention
-        policy keeps): `retained` over the commit order, plus the step
-        `latest()` picks, which is never dropped."""
+        policy keeps): `retained` over the commit order, counting only sound
+        steps toward ``keep_last``, plus the step `latest()` picks, which is
+        never dropped.
+
+        ``check(step)`` decides soundness by raising InvalidCheckpointError
+        (default: `vet`, the manifest and one listing of the chunk objects;
+        `gc` can pass a full checksum check); it is asked newest commit
+        first, only until ``keep_last`` sound steps are found.  A damaged
+        step among them is kept, not counted (so retention never leaves
+        fewer sound steps than it keeps), logged, and put in ``damaged``
+        ({step: error}) when given."""
         order = self.commit_order()
-        keep = retained(order, keep_last, keep_every)
+        check = check or (lambda step: vet(self, step))
+
+        def sound(step: int) -> bool:
+            try:
+                check(step)
+                return True
+            except (InvalidCheckpointError, FileNotFoundError) as exc:
+                log.warning("checkpoint retention at %s: step %d is damaged and does not count toward "
+                            "keep_last (%s)", self.url, step, exc)
+                if damaged is not None:
+                    damaged[step] = exc
+                return False
+
+        keep = retained(order, keep_last, keep_every, sound)
         newest = self.latest()
         if newest is not None:
             keep.add(newest)
         return order, keep
 
 
-_MARKER_FIELDS = {"step", "manifest_sha256", "committed_at"}
+_MARKER_FIELDS = {"step", "manifest_sha256", "committed_at", "seq"}
+_MAX_SEQ = 2**53  # commit numbers stay exact in every JSON reader
+
+
+# ------------------------------------------------------ vetting a step
+
+def check_objects(store: CheckpointStore, manifest: dict) -> dict:
+    """Are the chunk objects of a (checked) manifest really stored?  One
+    listing of the step's folder (not one request per chunk): each chunk
+    must be a plain file of exactly its full-chunk size (the ``bytes`` codec
+    stores whole chunks, edges padded), so a missing, shorter or longer
+    object is damage, and so is a link anywhere in the step (it may lead
+    out of the store).  Returns ``{(key, chunk index) or (None, path):
+    InvalidCheckpointError}``, empty when every object is right."""
+    step = manifest["step"]
+    sizes, links = _listing(store, store.path(step_name(step)))
+    links = {path: InvalidCheckpointError(
+        f"{store.url_of(rel)}: a link inside a step (loom writes none; it may lead out of the store)",
+        file=store.url_of(rel), field=None) for path, rel in links.items()}
+    problems = {}
+    prefix = data_prefix(step)
+    for key in sorted(manifest["tensors"]):
+        entry = manifest["tensors"][key]
+        want = math.prod(entry["chunks"]) * torch_dtype(entry["dtype"]).itemsize
+        for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
+            rel = zarr_io.chunk_key(f"{prefix}/{entry['array']}", index)
+            path = store.path(rel)
+            got = sizes.get(path)
+            if path in links:
+                problems[(key, index)] = links.pop(path)
+            elif got != want:
+                what = "missing (or not a plain file)" if got is None else f"{got} bytes"
+                problems[(key, index)] = InvalidCheckpointError(
+                    f"{store.url_of(rel)}: chunk {layout.chunk_name(index)} of array {key!r} is {what}, "
+                    f"not a full chunk of {want} bytes ({entry['chunks']} of {entry['dtype']})",
+                    file=store.url_of(rel), field=f"tensors[{key!r}].chunks")
+    problems.update({(None, path): exc for path, exc in links.items()})
+    return problems
+
+
+def _listing(store: CheckpointStore, top: str) -> tuple[dict, dict]:
+    """Every object under ``top``: ({path: size} of plain files, {path:
+    path relative to the root} of links), in one listing (os.scandir on a
+    local disk, which needs no stat per folder; fsspec's find elsewhere)."""
+    sizes, links = {}, {}
+    if store.local:
+        folders = [top]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    links[entry.path] = entry.path
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    sizes[entry.path] = entry.stat(follow_symlinks=False).st_size
+        if os.path.islink(top):
+            links[top] = top
+    else:
+        try:
+            listing = store.fs.find(top, detail=True, withdirs=True)
+        except (FileNotFoundError, NotADirectoryError):
+            listing = {}
+        for path, info in listing.items():
+            if info.get("islink"):
+                links[path] = path
+            elif info.get("type") == "file":
+                sizes[path] = info.get("size")
+    root = store.root + "/"
+    return sizes, {path: path[len(root):] if path.startswith(root) else path for path in links}
+
+
+def vet(store: CheckpointStore, step: int) -> tuple[dict, str]:
+    """A committed step's checked manifest and its sha256, after
+    `check_objects` found every chunk object right.  Raises
+    InvalidCheckpointError (the first problem, with how many there are),
+    ChecksumError for a manifest the marker did not seal, FileNotFoundError
+    for a step that is not committed."""
+    manifest, sha = store.read_sealed(step)
+    problems = check_objects(store, manifest)
+    if problems:
+        first = next(iter(problems.values()))
+        more = f" (and {len(problems) - 1} more damaged objects)" if len(problems) > 1 else ""
+        raise InvalidCheckpointError(f"{first}{more}", file=first.file, field=first.field)
+    return manifest, sha
 
 
 class _NotRegular(OSError):
@@ -397,42 +559,27 @@ def _fsync(path: str, flags: int) -> None:
 
 # ------------------------------------------------------- retention and gc
 
-def retained(steps: list[int], keep_last: int | None, keep_every: int | None) -> set[int]:
+def retained(steps: list[int], keep_last: int | None, keep_every: int | None, sound=None) -> set[int]:
     """Committed steps a retention policy keeps.  ``steps``: committed steps
     in commit order, oldest first (`CheckpointStore.commit_order`; after a
     rollback the newest commit is not the highest step).  Keeps the newest
-    ``keep_last`` commits (all when None or 0), plus multiples of
-    ``keep_every``; the newest commit always.  Raises ValueError for a
-    negative or non-int ``keep_last``/``keep_every``."""
+    commits back to the ``keep_last``-th one that ``sound(step)`` accepts
+    (all when None or 0, or when fewer are sound; ``sound`` is asked newest
+    first, and None accepts every step), plus multiples of ``keep_every``;
+    the newest commit always.  Raises ValueError for a negative or non-int
+    ``keep_last``/``keep_every``."""
     for name, v in (("keep_last", keep_last), ("keep_every", keep_every)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"{name}={v!r} must be a non-negative int")
     steps = list(steps)
     if not keep_last:
         return set(steps)
-    keep = set(steps[-keep_last:])
+    keep, counted = set(), 0
+    for step in reversed(steps):
+        keep.add(step)
+        counted += sound is None or sound(step)
+        if counted == keep_last:
+            break
     if keep_every:
         keep |= {s for s in steps if s % keep_every == 0}
     return keep
-
-
-def gc(url: str, *, keep_last: int | None = None, keep_every: int | None = None,
-       include_newer: bool = False, dry_run: bool = False) -> dict:
-    """Delete uncommitted steps and the committed ones retention drops
-    (`CheckpointStore.retention`: counted in commit order, never the step
-    `latest()` picks).
-
-    Uncommitted steps above the step `latest()` picks may be saves in
-    progress; they are kept unless ``include_newer``.  Returns what was
-    (or, with ``dry_run``, would be) removed: ``{"uncommitted", "committed",
-    "kept"}``, each ascending.  Raises ValueError for a bad policy."""
-    store = CheckpointStore(url)
-    order, keep = store.retention(keep_last, keep_every)
-    committed = set(order)
-    newest = store.latest()
-    torn = [s for s in store.steps() if s not in committed and (include_newer or s < (-1 if newest is None else newest))]
-    dropped = [s for s in order if s not in keep]
-    if not dry_run:
-        for step in torn + dropped:
-            store.delete_step(step)
-    return {"uncommitted": torn, "committed": sorted(dropped), "kept": sorted(committed - set(dropped))}

@@ -43,7 +43,8 @@ def _ckpt(args) -> int:
             print(text)
             return 0 if ok else 1
         elif args.ckpt_command == "gc":
-            print(ck.gc_report(args.url, args.keep_last, args.keep_every, args.include_newer, args.dry_run))
+            print(ck.gc_report(args.url, args.keep_last, args.keep_every, args.include_newer, args.dry_run,
+                               args.verify))
         elif args.ckpt_command == "from-deepspeed":
             from loom.checkpoint.deepspeed_convert import from_deepspeed
             location = from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step,
@@ -70,16 +71,25 @@ def _add_ckpt_parser(sub) -> None:
     p.add_argument("--step", type=int, default=None, help="default: the latest committed step")
     p = ck.add_parser("verify", help="read every chunk and check its checksum (exit 1 on damage)")
     p.add_argument("url")
-    p.add_argument("--step", type=int, default=None, help="default: the latest committed step")
-    p.add_argument("--all", action="store_true", help="verify every committed step")
-    p = ck.add_parser("gc", help="delete uncommitted steps and what retention drops")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None,
+                       help="default: the latest committed step (and any newer step with a damaged marker)")
+    which.add_argument("--all", action="store_true", help="verify every step with a marker")
+    p = ck.add_parser("gc", help="delete uncommitted steps and what retention drops",
+                      description="Delete torn steps and the committed steps retention drops. Claims the "
+                                  "store: fails naming the owner while another job writes it. Damaged steps "
+                                  "do not count toward --keep-last and are left in place (reported).")
     p.add_argument("url")
-    p.add_argument("--keep-last", type=int, default=None, help="keep the newest N committed steps")
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="keep the newest commits back to the N-th sound one")
     p.add_argument("--keep-every", type=int, default=None,
                    help="with --keep-last, also keep steps that are multiples of K")
     p.add_argument("--include-newer", action="store_true",
                    help="also delete uncommitted steps newer than the newest commit (saves in progress!)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p.add_argument("--verify", action="store_true",
+                   help="count a step as sound only if every chunk matches its checksum (reads every byte; "
+                        "default: its manifest and the sizes of its chunk objects)")
     p = ck.add_parser("from-deepspeed", help="convert a DeepSpeed ZeRO-1/2 checkpoint",
                       description="Convert a DeepSpeed ZeRO stage 1/2 checkpoint (fp32 master weights and "
                                   "every per-parameter optimizer state: Adam exp_avg / exp_avg_sq, SGD "

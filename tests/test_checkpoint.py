@@ -396,7 +396,7 @@ def test_retention_and_gc(tmp_path):
     os.makedirs(tmp_path / step_name(9) / "state")     # newer than the newest commit: maybe in progress
     assert ckpt.retained([1, 2, 3, 4, 6, 7], keep_last=2, keep_every=3) == {3, 6, 7}
     dry = ckpt.gc(url, keep_last=2, keep_every=3, dry_run=True)
-    assert dry == {"uncommitted": [5], "committed": [1, 2, 4], "kept": [3, 6, 7]}
+    assert dry == {"uncommitted": [5], "committed": [1, 2, 4], "kept": [3, 6, 7], "damaged": {}}
     assert store.steps() == [1, 2, 3, 4, 5, 6, 7, 9]
     ckpt.gc(url, keep_last=2, keep_every=3)
     assert store.steps() == [3, 6, 7, 9] and store.committed_steps() == [3, 6, 7]

@@ -457,7 +457,7 @@ def test_after_a_rollback_latest_and_retention_follow_commit_time(tmp_path, capl
     ckpt.save(_val(60), url, step=60)  # training went on from 50
     store = CheckpointStore(url)
     assert store.commit_order() == [50, 100, 60] and store.pointer() == 60 and store.latest() == 60
-    assert "committed_at" in json.loads((tmp_path / step_name(60) / MARKER).read_text())
+    assert json.loads((tmp_path / step_name(60) / MARKER).read_text())["seq"] == 3  # the third commit
     assert ckpt.load(target, url).step == 60 and target["w"][0] == 60
     # fallback from 60 goes back along its own line, never to the abandoned 100
     assert load_mod._candidates(store, None, True) == [60, 50]
@@ -467,12 +467,13 @@ def test_after_a_rollback_latest_and_retention_follow_commit_time(tmp_path, capl
     (tmp_path / "latest").write_text('{"step": 7}')  # names no commit
     assert store.latest() == 60
     (tmp_path / "latest").write_text('{"step": 60}')
-    assert ckpt.gc(url, keep_last=1, dry_run=True) == {"uncommitted": [], "committed": [50, 100], "kept": [60]}
+    assert ckpt.gc(url, keep_last=1, dry_run=True) == {"uncommitted": [], "committed": [50, 100], "kept": [60],
+                                                        "damaged": {}}
     assert ckpt.gc(url, keep_last=2, dry_run=True)["kept"] == [60, 100]
     # a `latest` an operator points at an older step is trusted, and never collected
     (tmp_path / "latest").write_text('{"step": 50}')
     assert store.latest() == 50 and ckpt.load(target, url).step == 50
-    assert ckpt.gc(url, keep_last=1) == {"uncommitted": [], "committed": [100], "kept": [50, 60]}
+    assert ckpt.gc(url, keep_last=1) == {"uncommitted": [], "committed": [100], "kept": [50, 60], "damaged": {}}
     (tmp_path / "latest").write_text('{"step": 60}')
     ckpt.gc(url, keep_last=1)
     assert store.committed_steps() == [60] and store.latest() == 60 and store.pointer() == 60

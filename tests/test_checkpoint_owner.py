@@ -6,6 +6,7 @@ rank; ranks that do not share the store are refused; a failed synchronous
 save leaves no torn step."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_a_gone_owner_is_claimed_and_a_live_one_is_not(tmp_path):
         ckpt.save(state(1), url, step=1)
     hand_written(url, heartbeat=time.time() - 5.0, lease_s=3.0)
     ckpt.save(state(1), url, step=1)
-    assert ckpt.read_owner(url) is None
+    assert ckpt.read_owner(url)["job"] == owner.default_job()  # kept by this process after the save
+    assert ckpt.release_store(url) and ckpt.read_owner(url) is None and not ckpt.release_store(url)
     # an owner on this host whose process has exited: claimed at once (its lease is long)
     code = ("import os, sys; from loom.checkpoint import owner; "
             "owner.claim_store(sys.argv[1], job='crashed'); os._exit(0)")
@@ -99,10 +101,11 @@ def test_a_gone_owner_is_claimed_and_a_live_one_is_not(tmp_path):
     with pytest.raises(ckpt.InvalidCheckpointError, match="OWNER.*not a loom owner record.*takeover=True"):
         ckpt.save(state(3), url, step=3)
     hand_written(url, started=1e300)  # fields are checked before use
-    with pytest.raises(ckpt.InvalidCheckpointError, match="started=1e[+]300 must be a number of seconds"):
+    with pytest.raises(ckpt.InvalidCheckpointError, match="started=1e[+]300 must be a time in seconds"):
         ckpt.save(state(3), url, step=3)
     ckpt.save(state(3), url, step=3, takeover=True)
     assert intact(url) == [1, 2, 3]
+    ckpt.release_store(url)
 
 
 @pytest.mark.timeout(TIMEOUT)
@@ -164,6 +167,7 @@ def test_a_failed_sync_save_leaves_no_torn_step(tmp_path, monkeypatch):
 
     # taken over while writing: nothing is committed, and the step (now the
     # other job's to write) is not removed
+    ckpt.release_store(url)  # this process kept its claim for the default job since the first save
     thief, lock = [], threading.Lock()
 
     def taken_over(write):
@@ -219,34 +223,51 @@ def test_second_writer_in_another_process_fails_at_once_naming_the_first(distrib
 
 
 def _save_in_a_loop(url, rounds):
-    """Each rank is its own job, saving steps 1 and 2 over and over."""
+    """Each rank is its own job (a group of one) calling ckpt.save on one
+    store over and over (/tmp/attack/twojobs.py); then the one that saved
+    releases the store and the other one saves."""
     rank, alone = dist.get_rank(), Group.alone()
-    saved = refused = 0
+    saved, refused = [], set()
     dist.barrier()  # both start together
     for i in range(rounds):
         for step in (1, 2):
             try:
                 ckpt.save(state(1000 * rank + i), url, step=step, group=alone, job=f"loop-{rank}")
-                saved += 1
-            except ckpt.CheckpointOwnershipError:
-                refused += 1
-            time.sleep(0.005)  # a training step between saves: the other job gets its turns
-    return saved, refused
+                saved.append(step)
+            except ckpt.CheckpointOwnershipError as exc:
+                refused.add(re.search(r"owned by job '([^']*)'", str(exc)).group(1))
+            time.sleep(0.005)  # a training step between saves
+    dist.barrier()
+    holder = ckpt.read_owner(url)["job"]  # the job that saved still holds the store between its saves
+    latest = CheckpointStore(url).latest()
+    dist.barrier()
+    released = ckpt.release_store(url)
+    dist.barrier()
+    after = None
+    if not saved:  # the store is free now
+        after = ckpt.save(state(7), url, step=3, group=alone, job=f"loop-{rank}")
+        ckpt.release_store(url)
+    return {"saved": saved, "refused": sorted(refused), "holder": holder, "latest": latest,
+            "released": released, "after": after}
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_two_processes_saving_the_same_steps_leave_only_intact_commits(distributed, tmp_path):
+def test_a_job_that_saved_keeps_the_store_until_it_releases_it(distributed, tmp_path):
     url = str(tmp_path / "ck")
-    results = distributed(_save_in_a_loop, 2, url, 40, timeout=TIMEOUT)
-    assert all(saved > 0 for saved, _ in results) and any(refused > 0 for _, refused in results)
-    assert intact(url) == [1, 2]
-    store = CheckpointStore(url)
-    assert store.steps() == [1, 2] and ckpt.read_owner(url) is None
-    for step in (1, 2):  # each step is one save's, whole: its values match its tensors
+    results = distributed(_save_in_a_loop, 2, url, 20, timeout=TIMEOUT)
+    winner = next(r for r, out in enumerate(results) if out["saved"])
+    loser = 1 - winner
+    assert results[winner]["saved"] == [1, 2] * 20 and results[winner]["refused"] == []
+    assert results[loser]["saved"] == [] and results[loser]["refused"] == [f"loop-{winner}"]  # every time
+    assert all(out["holder"] == f"loop-{winner}" and out["latest"] == 2 for out in results)
+    assert results[winner]["released"] and not results[loser]["released"]
+    assert results[loser]["after"].endswith("step-00000003")
+    assert intact(url) == [1, 2, 3] and ckpt.read_owner(url) is None
+    for step, seed in ((1, 1000 * winner + 19), (2, 1000 * winner + 19), (3, 7)):  # whole saves of one job
         target = {f"w{i}": torch.zeros(256, dtype=torch.float64) for i in range(6)} | {"seed": None}
         ckpt.load(target, url, step=step)
-        expected = state(target["seed"])
-        assert all(torch.equal(target[k], expected[k]) for k in expected if k != "seed")
+        assert target["seed"] == seed
+        assert all(torch.equal(target[k], v) for k, v in state(seed).items() if k != "seed")
 
 
 def _taken_over(url):
@@ -308,6 +329,7 @@ def _fails_on_rank_1(url):
     finally:
         undo()
     dist.barrier()
+    ckpt.release_store(url)  # this worker process lives on: it would keep its claim
     return error, CheckpointStore(url).steps()
 
 
