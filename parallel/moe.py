@@ -250,13 +250,17 @@ class MoE(nn.Module):
     ``state_dict()`` entries too), so checkpoints save them as parts of the
     global ``[num_experts, ...]`` tensors.  Weights are initialised for all
     experts from the current RNG and sliced, so a model built with the same
-    seed holds the same experts whatever the group size.  (``group=`` is the
-    old name of ``ep_group`` and still accepted, with a DeprecationWarning.)
+    seed holds the same experts whatever the group size.  The load-balancing
+    loss (``aux_loss``) uses the slot fractions of the whole batch, counted
+    over ``aux_group`` (default: the default group: every rank that trains
+    on one global batch), so averaged over the ranks it is the one-process
+    loss at any EP degree.  (``group=`` is the old name of ``ep_group`` and
+    still accepted, with a DeprecationWarning.)
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *, ep_group=None,
                  dispatcher: str = "llep", llep: LLEPConfig | None = None, aux_loss_coef: float = 0.01,
-                 group=_UNSET):
+                 aux_group=None, group=_UNSET):
         super().__init__()
         if group is not _UNSET:
             if ep_group is not None:
@@ -288,6 +292,7 @@ class MoE(nn.Module):
         self.ep_group, self.world, self.experts_per_rank = ep_group, world, num_experts // world
         self.dispatcher, self.llep = dispatcher, llep or LLEPConfig()
         self.aux_loss_coef = float(aux_loss_coef)
+        self.aux_group, self.aux_ranks = aux_group, sorted(comms.group_ranks(aux_group))
         self.router = nn.Linear(dim, num_experts, bias=False)
         mine = slice(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
         self.w_gate = nn.Parameter(self._init_all(dim, hidden)[mine].clone())
@@ -305,6 +310,13 @@ class MoE(nn.Module):
     def group(self):
         """The old name of ``ep_group``."""
         return self.ep_group
+
+    def _batch_loads(self, local: torch.Tensor, ep_loads: torch.Tensor) -> torch.Tensor:
+        """Slots per expert over the whole batch: summed over ``aux_group``
+        (the EP group's sum already is that when both hold the same ranks)."""
+        if not self.aux_loss_coef or self.aux_ranks == sorted(self.ranks):
+            return ep_loads
+        return comms.all_reduce(local.clone(), "sum", self.aux_group)
 
     def _init_all(self, fan_in: int, fan_out: int) -> torch.Tensor:
         bound = 1 / math.sqrt(fan_in)  # nn.Linear's default scale
@@ -375,10 +387,13 @@ class MoE(nn.Module):
         inverse[send_slots] = torch.arange(send_slots.numel(), device=x.device)
         y = (y_send.index_select(0, inverse).view(-1, k, self.dim) * gates.unsqueeze(-1)).sum(1)
 
-        # Switch-style balance loss: global slot fractions x this rank's mean router probability
+        # Switch-style balance loss: the whole batch's slot fractions (every rank of
+        # aux_group) x this rank's mean router probability; averaged over the ranks
+        # it is the one-process loss, at any EP degree
         probs = torch.softmax(logits, dim=-1)
         mean_prob = probs.sum(0) / max(flat.shape[0], 1)
-        fraction = loads.to(probs.dtype) / max(int(loads.sum()), 1)
+        batch_loads = self._batch_loads(local, loads)
+        fraction = batch_loads.to(probs.dtype) / max(int(batch_loads.sum()), 1)
         self.aux_loss = self.aux_loss_coef * self.num_experts * (fraction * mean_prob).sum()
         self.last_stats = {
             "tokens_per_expert": loads,

@@ -12,11 +12,10 @@ from loom import checkpoint as ckpt
 from loom import comms
 from loom.launch.config import build_config, validate
 
-# aux loss off: with ep < world it is a per-EP-group statistic by design, so
-# only then are losses comparable across ep degrees
+# the load-balancing loss on (its default): its slot fractions are the whole batch's at every ep degree
 MOE = {"vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
        "lr": 1e-2, "warmup_steps": 2, "progress": False, "moe": "standard", "num_experts": 4, "top_k": 2,
-       "moe_aux_coef": 0.0, "monitor": False}
+       "monitor": False}
 
 
 def _train(overrides):
@@ -64,6 +63,14 @@ def test_ep_run_resumes_at_any_ep_degree_with_the_uninterrupted_losses(distribut
             _train, world, {**MOE, **layout, "steps": 6, "ckpt_url": url, "resume": True}, timeout=300)[0]
         assert extra["start_step"] == 3 and "resumed from" in events[0], (world, layout, events)
         assert resumed == pytest.approx(reference[3:], rel=1e-9, abs=0), (world, layout)
+
+    # LLEP (weights borrowed across ranks), synchronous saves, resumed at dp=4 x ep=2
+    llep = {**MOE, "moe": "llep", "llep_lam": 1.0, "llep_min_chunk": 4, "ckpt_mode": "sync"}
+    reference_llep = distributed(_train, 2, {**llep, "ep": 2, "steps": 6}, timeout=300)[0][0]
+    distributed(_train, 2, {**llep, "ep": 2, "steps": 3, "ckpt_every": 3, "ckpt_url": url + "-llep"}, timeout=300)
+    resumed = distributed(_train, 4, {**llep, "ep": 2, "steps": 6, "ckpt_url": url + "-llep", "resume": True},
+                          timeout=300)[0][0]
+    assert resumed == pytest.approx(reference_llep[3:], rel=1e-9, abs=0)
 
     # the other way: saved by one process (ep=1), resumed expert-parallel
     distributed(_train, 1, {**MOE, "steps": 3, "ckpt_every": 3, "ckpt_url": url1}, timeout=300)

@@ -318,12 +318,12 @@ def _model_step_worker(ep, aux, batch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("ep,aux", [(4, 0.01), (2, 0.0), (1, 0.0)])
+@pytest.mark.parametrize("ep,aux", [(4, 0.01), (2, 0.01), (1, 0.01), (2, 0.0)])
 def test_model_step_with_ep_equals_single_process(distributed, ep, aux):
     """One clipped AdamW step of the MoE transformer over 4 ranks (dense grads
     over all ranks, expert grads over the edp group) equals one process on the
-    whole batch.  (The aux loss counts slots per EP group, so with ep < world
-    it differs from the whole-batch one by design; it is off there.)"""
+    whole batch, load-balancing loss included (its slot fractions are the
+    whole batch's at every EP degree)."""
     from loom.parallel import SyntheticData, Transformer
     torch.manual_seed(0)
     model = Transformer(_model_cfg(aux)).double()
