@@ -42,6 +42,15 @@ def _check_tensor(tensor, what: str) -> None:
         raise TypeError(f"{what} needs a torch.Tensor, got {type(tensor).__name__}")
 
 
+def _storable(dtype: torch.dtype) -> bool:
+    from .manifest import storage_dtype  # manifest imports this module
+    try:
+        storage_dtype(dtype)
+    except TypeError:
+        return False
+    return True
+
+
 def check_tensor_kind(t: torch.Tensor, key: str) -> None:
     """Refuse, naming ``key``, the tensors a checkpoint cannot hold exactly:
     only plain dense tensors with data are stored (bits and all)."""
@@ -52,6 +61,10 @@ def check_tensor_kind(t: torch.Tensor, key: str) -> None:
         why = f"has layout {t.layout}{' (nested)' if t.is_nested else ''}; save t.to_dense() (or its parts)"
     elif t.device.type == "meta":
         why = "is on the meta device and holds no data"
+    elif t.is_conj() or t.is_neg():
+        why = "is a lazy conjugate/negative view; save t.resolve_conj().resolve_neg()"
+    elif not _storable(t.dtype):
+        why = f"has dtype {t.dtype}, which a checkpoint cannot store"
     elif type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         why = (f"is a {type(t).__name__}, a tensor subclass a checkpoint does not know how to lay out; "
                f"save its local data as a plain tensor (wrapped in Shard or Flat if it is a part)")
@@ -157,10 +170,27 @@ def _contains_tensors(value) -> bool:
     return False
 
 
+# What a loader accepts of a state path (manifest.MAX_PATH, manifest._INDEX_LIMIT):
+# a key the loader would refuse is refused at save instead.
+MAX_KEY_DEPTH = 256
+KEY_INT_LIMIT = 1 << 62
+
+
 def _check_component(c, path) -> None:
+    where = key_of(path) or "<root>"
     if isinstance(c, bool) or not isinstance(c, (str, int)):
-        raise TypeError(f"state key {c!r} under {key_of(path) or '<root>'!r} must be a str or an "
+        raise TypeError(f"state key {c!r} under {where!r} must be a str or an "
                         f"int (dicts that hold tensors are flattened into keys)")
+    if isinstance(c, int) and not -KEY_INT_LIMIT <= c <= KEY_INT_LIMIT:
+        raise TypeError(f"state key {c} under {where!r} is outside the int keys a checkpoint holds "
+                        f"(|key| <= 2**62)")
+    if isinstance(c, str):
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(f"state key {c!r} under {where!r} is not valid unicode (a lone surrogate?)") from None
+    if len(path) >= MAX_KEY_DEPTH:
+        raise TypeError(f"state key {c!r} under {where!r} is nested more than {MAX_KEY_DEPTH} levels deep")
 
 
 def flatten(state: dict) -> list[Leaf]:
