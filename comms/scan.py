@@ -92,6 +92,9 @@ class _Chain:
                              f"without its last dim ([..., d_k] and [..., d_k, d_v])")
         if decay.dtype != state.dtype:
             raise ValueError(f"all_scan: decay dtype {decay.dtype} != state dtype {state.dtype}")
+        if decay.numel() and not bool(((decay >= 0) & (decay <= 1)).all()):  # also refuses NaN
+            bad = decay[~((decay >= 0) & (decay <= 1))][0].item()
+            raise ValueError(f"all_scan: decay must be in [0, 1] everywhere (found {bad})")
         self = cls()
         alone = not dist.is_initialized()
         me = 0 if alone else dist.get_rank()

@@ -235,6 +235,8 @@ def _bad_inputs():
         "shape": lambda: comms.all_scan(d[:, :3], s),
         "state_dim": lambda: comms.all_scan(d[0, 0], s[0, 0, 0]),
         "dtype": lambda: comms.all_scan(d.float(), s),
+        "decay_range": lambda: comms.all_scan(d + 1.5, s),
+        "decay_nan": lambda: comms.all_scan(torch.full_like(d, float("nan")), s),
         "not_member": lambda: comms.all_scan(d, s, ranks=[1 - rank]),
         "duplicate": lambda: comms.all_scan(d, s, ranks=[0, 1, 0]),
         "out_of_range": lambda: comms.all_scan(d, s, ranks=[0, 1, 2]),
@@ -257,8 +259,9 @@ def _bad_inputs():
 @pytest.mark.timeout(120)
 def test_bad_input_raises_before_any_message(distributed):
     for rank, msgs in enumerate(distributed(_bad_inputs, 2)):
-        assert set(msgs) == {"method", "blocks", "shape", "state_dim", "dtype", "not_member",
-                             "duplicate", "out_of_range", "group_mismatch", "type"}, msgs
+        assert set(msgs) == {"method", "blocks", "shape", "state_dim", "dtype", "decay_range", "decay_nan",
+                             "not_member", "duplicate", "out_of_range", "group_mismatch", "type"}, msgs
+        assert "decay must be in [0, 1] everywhere (found nan)" in msgs["decay_nan"]
         assert "method='tree'" in msgs["method"] and "blocks=0" in msgs["blocks"]
         assert "(2, 3)" in msgs["shape"] and f"this rank ({rank}) is not in" in msgs["not_member"]
         assert "float32" in msgs["dtype"] and "[0, 1, 0]" in msgs["duplicate"]
