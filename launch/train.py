@@ -62,6 +62,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     hdp_cost = HDPCost.for_model(cfg.model)
     ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter)
     start = ckpts.resume()
+    if start >= cfg.train.steps and reporter is not None:
+        reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
+                       f"nothing to train (raise --steps to continue)")
     losses: list[float] = []
     tokens_done = 0
     t_loop = time.monotonic()

@@ -64,6 +64,11 @@ def test_ep_run_resumes_at_any_ep_degree_with_the_uninterrupted_losses(distribut
         assert extra["start_step"] == 3 and "resumed from" in events[0], (world, layout, events)
         assert resumed == pytest.approx(reference[3:], rel=1e-9, abs=0), (world, layout)
 
+    # resuming with --steps not above the checkpoint's step trains nothing, and says so
+    nothing, extra, events = distributed(_train, 2, {**MOE, "ep": 2, "steps": 3, "ckpt_url": url, "resume": True},
+                                         timeout=300)[0]
+    assert nothing == [] and any("nothing to train" in e for e in events), events
+
     # LLEP (weights borrowed across ranks), synchronous saves, resumed at dp=4 x ep=2
     llep = {**MOE, "moe": "llep", "llep_lam": 1.0, "llep_min_chunk": 4, "ckpt_mode": "sync"}
     reference_llep = distributed(_train, 2, {**llep, "ep": 2, "steps": 6}, timeout=300)[0][0]
