@@ -10,9 +10,11 @@ naming the key and the ranks: every rank raises the same error.
 
 The fingerprint is a crc32c of the fragment's dtype, shape and of up to
 `SAMPLE` elements spread evenly over it (all of them for small tensors), read
-without copying the tensor: a few microseconds per tensor, whatever its size.
-It catches state that differs by rank (different everywhere, not in one
-element); it is not a checksum of the data, which the chunk checksums are.
+without copying the tensor: tens of microseconds per tensor, whatever its
+size.  It catches state that differs by rank (different everywhere); for a
+large tensor the sampled elements move with the step, so replicas that stay
+apart in a few rows are caught over a run, not at every save.  It is not a
+checksum of the data, which the chunk checksums are.
 """
 from __future__ import annotations
 
@@ -25,15 +27,18 @@ SAMPLE = 4096   # elements read from a large tensor
 WHOLE = 65536   # tensors up to this many elements are read whole
 
 
-def fingerprint(t: torch.Tensor) -> int:
+def fingerprint(t: torch.Tensor, salt: int = 0) -> int:
     """crc32c over ``t``'s dtype, shape and a deterministic sample of its
-    elements (their bits, so NaNs and -0.0 count as stored)."""
+    elements (their bits, so NaNs and -0.0 count as stored).  ``salt`` (the
+    step being saved) shifts which elements a large tensor's sample reads,
+    so replicas that stay apart in a few elements are caught over a run."""
     t = t.detach()
     n = t.numel()
     if n <= WHOLE:
         sample = t.reshape(-1)
     else:  # SAMPLE evenly spaced elements, in logical (C) order, read where they lie in memory
-        index = torch.arange(SAMPLE, dtype=torch.int64) * (n - 1) // (SAMPLE - 1)
+        shift = (int(salt) * 2654435761) % n  # a multiplicative hash: spreads consecutive steps
+        index = (torch.arange(SAMPLE, dtype=torch.int64) * (n - 1) // (SAMPLE - 1) + shift) % n
         offsets = torch.zeros(SAMPLE, dtype=torch.int64)
         for size, stride in zip(reversed(t.shape), reversed(t.stride())):
             offsets += (index % size) * stride

@@ -102,7 +102,7 @@ def _storage(leaf, g: Group):
     return shape, (g.size, *shape), ((g.rank, *(0 for _ in shape)), (g.rank + 1, *shape))
 
 
-def _describe(leaves, g: Group) -> list[dict]:
+def _describe(leaves, g: Group, salt: int = 0) -> list[dict]:
     out = []
     for leaf in leaves:
         d = {"key": leaf.key, "path": list(leaf.path), "containers": leaf.containers, "kind": leaf.kind}
@@ -112,7 +112,7 @@ def _describe(leaves, g: Group) -> list[dict]:
             d.update(dtype=dtype_name(leaf.tensor.dtype), shape=list(shape), storage_shape=list(sshape),
                      box=[list(box[0]), list(box[1])])
             if leaf.kind != "per_rank":  # replicas of a box must agree (the replica guard)
-                d["fingerprint"] = fingerprint(leaf.tensor)
+                d["fingerprint"] = fingerprint(leaf.tensor, salt)
         else:
             encoded = encode_value(leaf.obj, leaf.key)
             text = dumps(encoded)
@@ -167,7 +167,7 @@ def _plan(state, store, step, g: Group, mesh, target_chunk_bytes, ownership: Sto
         check_step(step)
         mesh_desc = _mesh_description(mesh)
         leaves = flatten(state)
-        described = _describe(leaves, g)
+        described = _describe(leaves, g, step)
         ownership.check()  # rank 0: nothing is removed or written for a job that lost the store
         ownership.begin_step(step)  # until commit: gc in this process leaves it alone
         replacing = g.rank == 0 and step in store.steps()

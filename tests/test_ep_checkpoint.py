@@ -167,3 +167,24 @@ def test_replica_guard_names_the_key(distributed, tmp_path):
     out = distributed(_replica_worker, 2, str(tmp_path / "r"), index, timeout=120)
     assert all("'bad/w'" in m and "ranks [0, 1]" in m and "values differ" in m for m in out), out
     assert ckpt.CheckpointStore(str(tmp_path / "r")).committed_steps() == []
+
+
+def _row_apart_worker(url, steps):
+    """Replicas of a large tensor one row apart, saved at several steps."""
+    rank = dist.get_rank()
+    emb = torch.zeros(50_000, 64)
+    emb[123] += rank  # one row of 64 elements in 3.2M
+    caught = []
+    for step in steps:
+        try:
+            ckpt.save({"emb": emb}, url, step=step)
+        except ValueError as exc:
+            caught.append((step, "'emb'" in str(exc)))
+    return caught
+
+
+def test_replica_guard_samples_move_with_the_step(distributed, tmp_path):
+    """A few elements apart is missed by one save's sample, but the sampled
+    positions move with the step: over 60 saves the guard catches it."""
+    out = distributed(_row_apart_worker, 2, str(tmp_path / "rows"), list(range(60)), timeout=200)
+    assert out[0] == out[1] and out[0] and all(named for _, named in out[0]), out
