@@ -20,7 +20,7 @@ from loom.checkpoint.manifest import MANIFEST, MARKER, array_path, checksum
 from loom.checkpoint.state import digest
 from loom.checkpoint.store import CheckpointStore, step_name
 
-from helpers import assert_same, chunk_file
+from helpers import assert_same, chunk_file, flip_byte
 
 load_mod = __import__("importlib").import_module("loom.checkpoint.load")
 
@@ -448,7 +448,7 @@ def _val(x):
     return {"w": torch.full((3,), float(x))}
 
 
-def test_after_a_rollback_latest_and_retention_follow_commit_time(tmp_path, caplog):
+def test_after_a_rollback_latest_and_retention_follow_commit_order(tmp_path, caplog):
     url = str(tmp_path)
     ckpt.save(_val(50), url, step=50)
     ckpt.save(_val(100), url, step=100)
@@ -557,3 +557,167 @@ def test_put_removes_its_temporary_file_when_the_write_fails(tmp_path, monkeypat
     assert os.listdir(tmp_path / "x") == []
     store.put("x/doc", b"data")
     assert os.listdir(tmp_path / "x") == ["doc"]
+
+
+# ------------------------------------------ 5. commit order without clocks
+
+def _seq(root, step):
+    return json.loads((root / step_name(step) / MARKER).read_text()).get("seq")
+
+
+def _rewrite_marker(root, step, **change):
+    path = root / step_name(step) / MARKER
+    marker = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({k: v for k, v in marker.items() if v is not None}))
+
+
+def test_commits_are_ordered_by_their_seq_not_by_clocks(tmp_path):
+    """/tmp/attack/skew.py: steps committed by a host whose clock ran an hour ahead."""
+    url = str(tmp_path)
+    for s in (10, 20):
+        ckpt.save(_val(s), url, step=s)
+    for s in (10, 20):
+        _rewrite_marker(tmp_path, s, committed_at=time.time() + 3600)
+    with ckpt.AsyncCheckpointer(url, keep_last=2) as saver:
+        for s in (30, 40, 50):
+            saver.save(_val(s), step=s).result()
+    store = CheckpointStore(url)
+    assert store.commit_order() == [40, 50] and [_seq(tmp_path, s) for s in (40, 50)] == [4, 5]
+    os.remove(tmp_path / "latest")  # say its write failed: the newest commit decides
+    target = _val(0)
+    assert store.latest() == 50 and ckpt.load(target, url).step == 50 and target["w"][0] == 50
+    # markers without a seq (older stores) come first, by committed_at; a new commit continues the seq
+    _rewrite_marker(tmp_path, 40, seq=None, committed_at=time.time() + 10)
+    _rewrite_marker(tmp_path, 50, seq=None, committed_at=time.time())
+    assert store.commit_order() == [50, 40]
+    ckpt.save(_val(5), url, step=5)
+    assert _seq(tmp_path, 5) == 1 and store.commit_order() == [50, 40, 5]
+    ckpt.save(_val(6), url, step=6)
+    assert _seq(tmp_path, 6) == 2 and store.latest() == 6
+    for bad in (True, 0, -1, "3", 1.0, 2**60):
+        _rewrite_marker(tmp_path, 6, seq=bad)
+        raises_invalid(lambda: store.read_marker(6), str(tmp_path / step_name(6) / MARKER), "seq")
+    ckpt.release_store(url)
+
+
+# ----------------------------------------- 6. retention counts sound steps
+
+def _damage(root, kind):
+    """Damage step 2 of a store of steps 1 and 2 the way /tmp/attack/fz/* does."""
+    chunk = chunk_file(root, 2, "w", "0")
+    if kind == "bitflip":
+        flip_byte(chunk, 3)
+    elif kind == "chunk_missing":
+        os.remove(chunk)
+    elif kind in ("chunk_short", "chunk_long"):
+        data = open(chunk, "rb").read()
+        open(chunk, "wb").write(data[:5] if kind == "chunk_short" else data + b"x" * 100)
+    elif kind == "manifest_fifo":
+        os.remove(root / step_name(2) / MANIFEST)
+        os.mkfifo(root / step_name(2) / MANIFEST)
+    elif kind == "manifest_deep":
+        seq = _seq(root, 2)
+        reseal(root, 2, b"[" * 600 + b"]" * 600)
+        _rewrite_marker(root, 2, seq=seq)
+
+
+@pytest.mark.parametrize("kind", ["bitflip", "chunk_missing", "chunk_short", "chunk_long", "manifest_fifo",
+                                  "manifest_deep"])
+def test_retention_never_leaves_fewer_sound_steps_than_it_keeps(tmp_path, capsys, kind):
+    """`loom ckpt gc --keep-last 1` deleted the only sound step when the newest was damaged."""
+    for s in (1, 2):
+        ckpt.save(_val(s), tmp_path, step=s)
+    ckpt.release_store(tmp_path)
+    _damage(tmp_path, kind)
+    store = CheckpointStore(str(tmp_path))
+    if kind == "bitflip":  # only the checksums see it: --verify
+        code, out, err = ckpt_cli(capsys, "gc", str(tmp_path), "--keep-last", "1", "--verify", "--dry-run")
+        assert code == 0 and "would remove committed steps none; kept [1, 2]" in out
+        assert "damaged (left in place, not counted toward keep-last): step 2:" in out and "chunk 0" in out
+        assert ckpt.gc(tmp_path, keep_last=1, verify=True)["kept"] == [1, 2]
+        assert ckpt.gc(tmp_path, keep_last=1)["committed"] == [1]  # the cheap checks pass a bit flip
+        return
+    code, out, err = ckpt_cli(capsys, "gc", str(tmp_path), "--keep-last", "1")
+    assert code == 0 and "removed committed steps none; kept [1, 2]" in out
+    assert f"step 2: {tmp_path}/{step_name(2)}/" in out
+    assert store.steps() == [1, 2] and ckpt.load(_val(0), tmp_path, fallback=True).step == 1
+    # the AsyncCheckpointer's retention too: the new step and the sound one before the damage stay
+    with ckpt.AsyncCheckpointer(str(tmp_path), keep_last=2) as saver:
+        saver.save(_val(3), step=3).result()
+    assert store.committed_steps() == [1, 2, 3]
+    with ckpt.AsyncCheckpointer(str(tmp_path), keep_last=2) as saver:
+        saver.save(_val(4), step=4).result()
+    assert store.committed_steps() == [3, 4]  # older than the sound steps kept: the damage goes too
+
+
+def test_retained_counts_only_sound_steps():
+    assert ckpt.retained([1, 2, 3, 4], 2, None, lambda s: s != 4) == {2, 3, 4}
+    assert ckpt.retained([1, 2, 3, 4], 2, None, lambda s: s == 4) == {1, 2, 3, 4}  # too few: all stay
+    assert ckpt.retained([1, 2, 3, 4], 1, 2, lambda s: s < 4) == {2, 3, 4}
+
+
+# ------------------------------------------------ 7. damaged newest marker
+
+@pytest.mark.parametrize("marker", ["garbage", "fifo", "folder", "other_step"])
+def test_a_damaged_newest_marker_is_damage_not_a_save_in_progress(tmp_path, capsys, marker):
+    """`echo garbage > STORE/step-00000008/COMMITTED`: `--resume` fell back to
+    step 4 without a word, and `loom ckpt verify [--all]` exited 0."""
+    url = str(tmp_path)
+    for s in (4, 8):
+        ckpt.save(_val(s), url, step=s)
+    ckpt.release_store(url)
+    path = tmp_path / step_name(8) / MARKER
+    os.remove(path)
+    if marker == "fifo":
+        os.mkfifo(path)
+    elif marker == "folder":
+        os.mkdir(path)
+    else:
+        path.write_text("garbage\n" if marker == "garbage" else
+                        json.dumps({"step": 7, "manifest_sha256": "0" * 64, "seq": 9}))
+    info = ckpt.load(_val(0), url, fallback=True)
+    assert info.step == 4 and [s["step"] for s in info.skipped] == [8] and str(path) in info.skipped[0]["error"]
+    raises_invalid(lambda: ckpt.load(_val(0), url), str(path), "step" if marker == "other_step" else None)
+    with pytest.raises(ckpt.InvalidCheckpointError, match="COMMITTED"):
+        ckpt.verify(url)
+    code, out, _ = ckpt_cli(capsys, "verify", url)
+    assert code == 1 and out.splitlines()[0].startswith(f"step 8: damaged: {path}") and out.splitlines()[1] == "step 4: ok"
+    code, out, _ = ckpt_cli(capsys, "verify", url, "--all")
+    assert code == 1 and out.splitlines()[0] == "step 4: ok" and out.splitlines()[1].startswith("step 8: damaged")
+    code, out, _ = ckpt_cli(capsys, "ls", url)
+    assert code == 1 and "damaged" in out
+    result = ckpt.gc(url, keep_last=1, include_newer=True)  # left in place: it cannot be placed in time
+    assert result["kept"] == [4] and list(result["damaged"]) == [8] and CheckpointStore(url).steps() == [4, 8]
+
+
+def test_verify_all_with_a_step_is_refused(tmp_path, capsys):
+    ckpt.save(_val(1), tmp_path, step=1)
+    with pytest.raises(SystemExit) as exit_:
+        ckpt_cli(capsys, "verify", str(tmp_path), "--all", "--step", "1")
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    from loom.checkpoint.cli import verify_report
+    with pytest.raises(ValueError, match="exclude each other"):
+        verify_report(str(tmp_path), 1, every=True)
+
+
+def test_a_damaged_marker_on_an_abandoned_branch_is_not_newer(tmp_path):
+    url = str(tmp_path)
+    for s in (50, 100):
+        ckpt.save(_val(s), url, step=s)
+    ckpt.load(_val(0), url, step=50)
+    ckpt.save(_val(60), url, step=60)  # `latest` names 60: nothing was committed after it
+    ckpt.release_store(url)
+    (tmp_path / step_name(100) / MARKER).write_text("garbage")
+    info = ckpt.load(_val(0), url, fallback=True)
+    assert info.step == 60 and info.skipped == [] and ckpt.verify(url) == []
+
+
+# ------------------------------------------------ 8. inspect any value
+
+def test_inspect_shows_values_json_cannot_hold(tmp_path, capsys):
+    """/tmp/attack/s/tk: tuple dict keys made `loom ckpt inspect` fail."""
+    ckpt.save({"w": torch.ones(2), "cfg": {(1, 2): "a", None: 3, 1.5: 2}, "pr": ckpt.PerRank({(0, 1): 1})},
+              tmp_path, step=1)
+    code, out, err = ckpt_cli(capsys, "inspect", str(tmp_path))
+    assert code == 0 and err == []
+    assert "cfg    {(1, 2): 'a', None: 3, 1.5: 2}" in out and "pr     per rank: [{(0, 1): 1}]" in out

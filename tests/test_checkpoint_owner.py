@@ -368,3 +368,107 @@ def test_a_store_the_ranks_do_not_share_is_refused_on_every_rank(distributed):
             assert f"checkpoint store {url} is not shared by the 2 ranks" in text
             assert "ranks [1] could not see it (rank 1: not found)" in text and "memory://" in text
         assert out["left"] == []  # no probe, no owner record, no step
+
+
+# ------------------------------------------------- kept claims (one-shot saves)
+
+CHILD = ("import sys, torch; from loom import checkpoint as ckpt; "
+         "ckpt.save({'w': torch.ones(2)}, sys.argv[1], step=9, job='child')")
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_process_that_saved_keeps_the_store_until_release_or_exit(tmp_path):
+    url = str(tmp_path / "ck")
+    ckpt.save(state(1), url, step=1, job="first")
+    record = ckpt.read_owner(url)
+    assert (record["job"], record["pid"]) == ("first", os.getpid())
+    for attempt in (lambda: ckpt.save(state(2), url, step=2, job="second"),
+                    lambda: ckpt.claim_store(url, job="second"),
+                    lambda: ckpt.AsyncCheckpointer(url, job="second")):
+        with pytest.raises(ckpt.CheckpointOwnershipError,
+                           match=r"owned by job 'first' .*\(this process: .*release_store"):
+            attempt()
+    ckpt.save(state(2), url, step=2, job="first")  # its own saves share the claim
+    ckpt.save(state(3), url, step=3)               # job=None: whatever claim this process holds
+    assert ckpt.read_owner(url)["token"] == record["token"]
+    # an explicit claim of the same job adopts the kept claim (with its own lease); its close ends it
+    with ckpt.AsyncCheckpointer(url, job="first", lease_s=5.0) as saver:
+        adopted = ckpt.read_owner(url)
+        assert adopted["token"] == record["token"] and adopted["lease_s"] == 5.0
+        with pytest.raises(ValueError, match=r"close\(\)"):
+            ckpt.release_store(url)
+        saver.save(state(4), step=4).result()
+    assert ckpt.read_owner(url) is None and not ckpt.release_store(url)
+    ckpt.save(state(5), url, step=5, job="again")
+    assert ckpt.read_owner(url)["job"] == "again" and ckpt.release_store(url) and ckpt.read_owner(url) is None
+    # a process that exits releases its claim; one that is killed leaves a record claimable at once
+    subprocess.run([sys.executable, "-c", CHILD, url], check=True, timeout=60)
+    assert ckpt.read_owner(url) is None
+    killed = subprocess.run([sys.executable, "-c", CHILD + "; import os; os.kill(os.getpid(), 9)", url],
+                            timeout=60)
+    assert killed.returncode == -9 and ckpt.read_owner(url)["job"] == "child"
+    t0 = time.monotonic()
+    ckpt.save(state(6), url, step=6)
+    assert time.monotonic() - t0 < 5 and ckpt.read_owner(url)["pid"] == os.getpid()
+    ckpt.release_store(url)
+    assert intact(url) == [1, 2, 3, 4, 5, 6, 9]
+
+
+# ------------------------------------------------------------ gc is a writer
+
+def _val(x):
+    return {"w": torch.full((4,), float(x))}
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_gc_claims_the_store_and_never_deletes_a_step_in_flight(tmp_path):
+    """/tmp/attack/rollback_gc.py: a job rolled back to 50 (of 50 and 100) is
+    writing 60, which looks torn (uncommitted, below the newest commit)."""
+    url = str(tmp_path / "rb")
+    for s in (50, 100):
+        ckpt.save(_val(s), url, step=s)
+    ckpt.load(_val(0), url, step=50)
+    own = ckpt.claim_store(url)  # adopts the claim its saves kept
+    plan = ckpt.plan_save(_val(60), url, step=60, ownership=own)
+    sums = ckpt.write_chunks(plan, plan.tensors)
+    # another process: gc (a dry run too) fails at once naming the owner; nothing is deleted
+    job = owner.default_job()
+    code = "import sys; from loom import checkpoint as ckpt; ckpt.gc(sys.argv[1], include_newer=True)"
+    runs = [subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60)]
+    for extra in ([], ["--dry-run"]):
+        runs.append(subprocess.run([sys.executable, "-m", "loom", "ckpt", "gc", url, "--include-newer", *extra],
+                                   capture_output=True, text=True, timeout=60))
+    for run in runs:
+        assert run.returncode == 1 and f"CheckpointOwnershipError: checkpoint store {url} is owned by job " \
+                                       f"'{job}' on host '{socket.gethostname()}' (pid {os.getpid()}" in run.stderr
+    assert len(runs[1].stderr.splitlines()) == 1 and CheckpointStore(url).steps() == [50, 60, 100]
+    # the owning process's gc shares its claim and leaves the step it is writing
+    assert ckpt.gc(url, include_newer=True) == {"uncommitted": [], "committed": [], "kept": [50, 100],
+                                                "damaged": {}}
+    assert ckpt.commit(plan, sums).endswith("step-00000060")
+    store = CheckpointStore(url)
+    assert ckpt.verify(url) == [] and store.latest() == 60
+    assert ckpt.gc(url, keep_last=1)["committed"] == [50, 100] and intact(url) == [60]
+    assert ckpt.read_owner(url)["token"] == own.token
+    own.release()
+    # a store nobody holds: gc claims it for the call only
+    os.makedirs(os.path.join(url, "step-00000070"))
+    assert ckpt.gc(url, include_newer=True)["uncommitted"] == [70] and ckpt.read_owner(url) is None
+
+
+# --------------------------------------------------------- hostile records
+
+@pytest.mark.parametrize("field, value", [
+    ("pid", 2**31), ("pid", 2**63 - 1), ("pid", 2**70), ("pid", 0), ("pid", True), ("pid", 1.5),
+    ("heartbeat", 253402300799.0), ("started", -1.0), ("lease_s", 0), ("lease_s", 1e9), ("lease_s", "30"),
+    ("version", True), ("job", ""), ("host", 7), ("token", "t" * 5000), ("surplus", 1)])
+def test_an_owner_record_out_of_range_is_invalid_naming_the_field(tmp_path, field, value):
+    """/tmp/attack/owner_attack.py: a record of this host and machine whose pid
+    overflowed os.kill; every field is range-checked before it is used."""
+    url = str(tmp_path)
+    hand_written(url, **{"host": socket.gethostname(), "machine": owner._machine(), field: value})
+    for attempt in (lambda: ckpt.save(state(1), url, step=1), lambda: ckpt.gc(url)):
+        with pytest.raises(ckpt.InvalidCheckpointError, match="not a loom owner record") as err:
+            attempt()
+        assert err.value.file == f"{url}/OWNER" and err.value.field == (None if field == "surplus" else field)
+    assert CheckpointStore(url).steps() == []
