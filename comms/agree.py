@@ -120,10 +120,7 @@ def agree(error: BaseException | None = None, fields: Sequence[int] = (), payloa
         wire = _Wire.build(group, ranks, tag, device, f"agree:{what}" if what else "agree")
     except (TypeError, ValueError) as exc:  # the rank list itself is wrong here: nobody to tell
         raise (error if error is not None else exc) from None
-    row = torch.zeros(2 + WIDTH, dtype=torch.int64)
-    row[0], row[1] = int(error is None), len(data)
-    if fields:
-        row[2:2 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    row = torch.tensor([int(error is None), len(data), *fields, *[0] * (WIDTH - len(fields))], dtype=torch.int64)
     table = wire.gather(row).tolist()
     failed = [i for i, r in enumerate(table) if not r[0]]
     texts: list = [None] * len(table)
