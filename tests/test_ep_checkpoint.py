@@ -188,3 +188,30 @@ def test_replica_guard_samples_move_with_the_step(distributed, tmp_path):
     positions move with the step: over 60 saves the guard catches it."""
     out = distributed(_row_apart_worker, 2, str(tmp_path / "rows"), list(range(60)), timeout=200)
     assert out[0] == out[1] and out[0] and all(named for _, named in out[0]), out
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_loom_train_ep_resumes_at_another_ep_with_the_monitor_on(distributed, tmp_path):
+    """Through the CLI (Ray workers, the fault monitor on, asynchronous saves):
+    saved at --ep 2, resumed at --ep 1, the uninterrupted losses."""
+    import json
+    import subprocess
+    import sys
+    url = str(tmp_path / "ck")
+    opts = {k: v for k, v in MOE.items() if k not in ("progress", "monitor")}
+    reference = distributed(_train, 2, {**MOE, "ep": 2, "steps": 6}, timeout=300)[0][0]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()] + ["--no-progress", "--ckpt-url", url]
+
+    def run(name, *extra):
+        proc = subprocess.run([sys.executable, "-m", "loom", "train", "--name", name, "--runs-dir", str(tmp_path),
+                               *flags, *extra], capture_output=True, text=True, timeout=280)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return proc.stdout, [m["loss"] for m in metrics]
+
+    out, first = run("first", "--ep", "2", "--steps", "3", "--ckpt-every", "3")
+    assert first == pytest.approx(reference[:3], rel=1e-12, abs=0)
+    out, resumed = run("second", "--ep", "1", "--steps", "6", "--resume")
+    assert "resumed from" in out and "[fault]" not in out
+    assert resumed == pytest.approx(reference[3:], rel=1e-9, abs=0)
