@@ -44,6 +44,7 @@ edits, a second optimizer not attached) must call `wait_snapshot()` first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -280,14 +281,18 @@ class AsyncCheckpointer:
     def wait_snapshot(self) -> None:
         """Until every save made so far has finished reading the live
         tensors (copied into the pool, or failed).  Call it before changing
-        saved tensors by any means other than the attached optimizer."""
+        saved tensors by any means other than the attached optimizer.
+        While it blocks, the trace shows it (``wait:snapshot`` on the
+        snapshot group, `loom.comms.background_wait`): peers waiting for
+        this rank meanwhile are held up by the checkpoint, not by a hang."""
         with self._lock:
             target = self._seq
             if self._snapshots_done >= target:
                 return
             t0 = time.perf_counter()
-            while self._snapshots_done < target:
-                self._lock.wait(1.0)
+            with self._waiting(self._plan_handle, "snapshot"):
+                while self._snapshots_done < target:
+                    self._lock.wait(1.0)
             blocked = time.perf_counter() - t0
             newest = self._inflight.get(target)
             handle = newest.handle if newest is not None else self.history[-1]
@@ -299,12 +304,13 @@ class AsyncCheckpointer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             pending = [job.handle for job in self._inflight.values()]
-        for handle in pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                handle._future.result(left)
-            except CheckpointSaveError:
-                pass
+        with self._waiting(self._persist_handle if pending else None, "commit"):
+            for handle in pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    handle._future.result(left)
+                except CheckpointSaveError:
+                    pass
         earlier = self._take_unreported()
         if earlier is not None:
             raise _resurface(earlier)
@@ -333,6 +339,12 @@ class AsyncCheckpointer:
                     comms.destroy_group(h)
             finally:
                 self.ownership.release()  # after the threads: no save of this job is running
+
+    @staticmethod
+    def _waiting(handle, what: str):
+        """A trace record of this thread waiting for the background group
+        ``handle``'s work (nothing without a process group)."""
+        return contextlib.nullcontext() if handle is None else comms.background_wait(handle, what)
 
     def __enter__(self):
         return self

@@ -13,6 +13,7 @@ so the sequence counters need no lock.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -65,6 +66,34 @@ def open_record(rank, group, group_ranks, op, nbytes, dtype=None, shape=(), peer
 
 def close_record(entry: list) -> None:
     entry[_T_EXIT] = _clock()
+
+
+WAIT_PREFIX = "wait:"  # the op of a record that says "this thread waits for background work"
+
+
+def is_wait(rec: CommRecord) -> bool:
+    """Whether ``rec`` is a `background_wait` record (not a message)."""
+    return rec.op.startswith(WAIT_PREFIX)
+
+
+@contextlib.contextmanager
+def background_wait(group, what: str):
+    """Record that this thread waits for the work of background ``group``
+    (made with ``new_group(..., background=True)``, e.g. a checkpoint's):
+    an in-flight record with op ``wait:<what>`` on that group for as long as
+    the block runs.  It is not a message (no peer enters it; its sequence
+    numbers are its own), so the fault detectors can tell a rank that is busy
+    with background work from a hung one.  Raises ValueError if ``group`` is
+    not a background group."""
+    from .ops import _info, is_background
+    _, (name, ranks, rank) = _info(group)
+    if not is_background(name):
+        raise ValueError(f"background_wait: group {name!r} was not made with new_group(..., background=True)")
+    entry = open_record(rank, name, ranks, WAIT_PREFIX + what, 0, channel=(WAIT_PREFIX, name))
+    try:
+        yield
+    finally:
+        close_record(entry)
 
 
 def _to_record(e: list) -> CommRecord:

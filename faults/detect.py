@@ -27,6 +27,16 @@ hang, never fatal: training may go on while a checkpoint writes slowly); their
 records take no part in the straggler, slow-link and per-step judgements; a
 mismatch there is still a mismatch.  If training stops too, the foreground
 groups show the hang, which is fatal as always.
+
+A rank can also hold training up *for* background work: its optimizer step
+waits for a checkpoint's snapshot (backpressure), or it runs a synchronous
+save.  Such a wait is a record of its own (`loom.comms.background_wait`: op
+``wait:<what>`` on the background group, not a message).  A foreground hang
+whose missing ranks are all inside such a wait - begun after their last
+record on the hung group, on their own clocks - or left one less than the
+hang threshold ago, is that background work showing: a ``background_stall``
+naming the ranks and what they wait for, never fatal.  A missing rank that
+is in no such wait is hung, as always.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
 from loom.comms import CommRecord
+from loom.comms.trace import is_wait
 
 KINDS = ("lost_rank", "hang", "mismatch", "slow_link", "straggler", "background_stall")  # most severe first
 FATAL_KINDS = ("hang", "lost_rank")
@@ -155,14 +166,18 @@ class _Index:
         self.members: dict = {}
         self.latest: dict[int, float] = {}  # each rank's latest timestamp (its own clock)
         self.last_step: dict[int, int] = {}
+        self.waits: dict[int, list[CommRecord]] = defaultdict(list)  # background waits (not messages)
         for rank, recs in records.items():
             latest, last_step = -math.inf, None
             for rec in recs:
-                edge = edge_of(rec)
-                key = (rec.group, edge)
-                self.ops[key][rec.seq][rank] = rec
-                if key not in self.members:
-                    self.members[key] = edge if edge is not None else tuple(rec.group_ranks)
+                if is_wait(rec):
+                    self.waits[rank].append(rec)
+                else:
+                    edge = edge_of(rec)
+                    key = (rec.group, edge)
+                    self.ops[key][rec.seq][rank] = rec
+                    if key not in self.members:
+                        self.members[key] = edge if edge is not None else tuple(rec.group_ranks)
                 t = rec.t_enter if rec.t_exit is None else rec.t_exit
                 if t > latest:
                     latest = t
@@ -238,10 +253,13 @@ def _names(background) -> frozenset:
 
 
 def _foreground(recs: dict[int, list[CommRecord]], background: frozenset) -> dict[int, list[CommRecord]]:
-    """``recs`` without the background groups' records (``recs`` itself if it has none)."""
-    if not background or not any(rec.group in background for rs in recs.values() for rec in rs):
+    """``recs`` without the background groups' records and the background
+    waits (``recs`` itself if it has none)."""
+    def keep(rec):
+        return rec.group not in background and not is_wait(rec)
+    if all(keep(rec) for rs in recs.values() for rec in rs):
         return recs
-    return {r: [rec for rec in rs if rec.group not in background] for r, rs in recs.items()}
+    return {r: [rec for rec in rs if keep(rec)] for r, rs in recs.items()}
 
 
 # ------------------------------------------------------------------ lost rank
@@ -269,7 +287,8 @@ def lost_ranks(silent: dict, config: DetectConfig | None = None, last_step: dict
 def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: int,
            background: frozenset = frozenset()) -> tuple[list[Fault], list[Fault]]:
     """Hangs in the foreground groups (the worst per set of missing ranks), and
-    ``background_stall``s: each stuck operation of a background group."""
+    ``background_stall``s: each stuck operation of a background group, and
+    each foreground one whose missing ranks wait for background work (`_busy`)."""
     found: dict[tuple, Fault] = {}
     stalls: list[Fault] = []
     for key, by_seq in idx.ops.items():
@@ -313,11 +332,42 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
             stalls.append(Fault("background_stall", missing, edge, group, (top,), elapsed / threshold,
                                 text + " (background work: reported, not fatal)", step))
             continue
+        busy = {r: _busy(idx, r, key, clocks, background) for r in missing}
+        if missing and all(b is not None and b[1] <= threshold for b in busy.values()):
+            # each missing rank is (or was until just now) waiting for background work
+            why = "; ".join(_busy_text(r, w, free, clocks) for r, (w, free) in busy.items())
+            stalls.append(Fault("background_stall", missing, edge, group, (top,), elapsed / threshold,
+                                f"{text}; {why} (background work: reported, not fatal)", step))
+            continue
         fault = Fault("hang", missing, edge, group, (top,), elapsed / threshold, text, step)
         old = found.get(missing)
         if old is None or fault.score > old.score:
             found[missing] = fault
     return [found[k] for k in sorted(found)], sorted(stalls, key=lambda f: (f.group, f.link or (), f.ranks))
+
+
+def _busy(idx: _Index, rank: int, key: tuple, clocks: dict, background: frozenset):
+    """The background wait that keeps ``rank`` from the next op of ``key``:
+    its waits in background groups begun after its last record on ``key``
+    (its own clock).  ``(the wait, 0.0)`` while one lasts, else ``(the last
+    to end, seconds since it ended)``; None without such a wait."""
+    after = max((recs[rank].t_enter for recs in idx.ops[key].values() if rank in recs), default=-math.inf)
+    waits = [w for w in idx.waits.get(rank, ()) if w.group in background and w.t_enter >= after]
+    if not waits:
+        return None
+    open_ = [w for w in waits if w.t_exit is None]
+    if open_:
+        return min(open_, key=lambda w: w.t_enter), 0.0
+    last = max(waits, key=lambda w: w.t_exit)
+    return last, max(0.0, clocks.get(rank, last.t_exit) - last.t_exit)
+
+
+def _busy_text(rank: int, wait: CommRecord, free: float, clocks: dict) -> str:
+    what = f"{wait.op} on background group {wait.group}"
+    if wait.t_exit is None:
+        return (f"rank {rank} is waiting for background work ({what}) for "
+                f"{clocks.get(rank, wait.t_enter) - wait.t_enter:.1f} s")
+    return f"rank {rank} waited {wait.duration:.1f} s for background work ({what}) until {free:.1f} s ago"
 
 
 def _where(group: str, edge) -> str:

@@ -31,6 +31,7 @@ import threading
 import time
 
 from loom.comms import CommRecord, TraceReader, is_background, trace
+from loom.comms.trace import is_wait
 
 from . import wire
 from .detect import DetectConfig, Fault, StepTable, analyse, edge_of, lost_ranks
@@ -375,7 +376,7 @@ class Aggregator:
         for group, seq, op, nbytes, peer, sig, t_enter, t_exit, step in msg["recs"]:
             group = self._names[group]  # one string per group, however many records name it
             rec = CommRecord(rank, group, known[group], seq, op, nbytes, peer, sig, t_enter, t_exit, step)
-            key = (group, edge_of(rec), seq)
+            key = (group, "wait" if is_wait(rec) else edge_of(rec), seq)  # waits count apart from messages
             win[key] = rec
             win.move_to_end(key)
             if step is not None and (self.first_step is None or step < self.first_step):

@@ -8,14 +8,16 @@ synchronously, per ``--ckpt-mode``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from loom import checkpoint
+from loom import checkpoint, comms
 
 log = logging.getLogger("loom.launch")
 
@@ -49,8 +51,12 @@ class TrainingCheckpoints:
     ``--ckpt-mode async`` (the default) saves through an `AsyncCheckpointer`
     attached to the optimizer: the loop stalls only for `save` itself (the
     plain values) and for a host copy still running when the next optimizer
-    step starts.  ``sync`` waits for `loom.checkpoint.save`.  Both record
-    the stall per checkpoint and the time to reach storage (persist).
+    step starts.  ``sync`` waits for `loom.checkpoint.save`, whose
+    collectives run on a background group of their own (``ckpt-sync[...]``,
+    made once), so that the fault monitor judges a slow save as background
+    work, not as a hang.  Both record the stall per checkpoint and the time
+    to reach storage (persist); while the loop waits for either, the trace
+    shows it (`loom.comms.background_wait`).
 
     A job that saves claims ``--ckpt-url`` for its whole run (one job writes
     a store at a time; ``--ckpt-takeover`` claims a store another job owns):
@@ -66,6 +72,7 @@ class TrainingCheckpoints:
         self.persists: list[float] = []  # seconds from the save to its commit
         self.saver = None
         self.ownership = None            # the claim on the store (sync mode; async: the saver's)
+        self.group = None                # sync mode: the background group the saves run on
         self._pending: list = []         # async handles not reported yet
         self.job = f"loom train {cfg.job.name}" if cfg.job.name else "loom train"
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
@@ -75,7 +82,9 @@ class TrainingCheckpoints:
                 durable=self.c.ckpt_durable, job=self.job, takeover=self.c.ckpt_takeover)
             self.saver.attach(optimizer)
         elif self.c.ckpt_every:
-            self.ownership = checkpoint.claim_store(self.c.ckpt_url, job=self.job,
+            if dist.is_initialized():
+                self.group = comms.new_group(name="ckpt-sync", background=True)
+            self.ownership = checkpoint.claim_store(self.c.ckpt_url, group=self.group, job=self.job,
                                                     takeover=self.c.ckpt_takeover)
 
     def state(self, next_step: int, *, for_load: bool = False) -> dict:
@@ -124,11 +133,14 @@ class TrainingCheckpoints:
             self.saved += 1
             return
         t0 = time.monotonic()
-        location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, mesh=self.mesh,
-                                   durable=self.c.ckpt_durable, job=self.job)  # shares self.ownership
-        self.saved += 1
-        if self.c.keep_last and self.mesh.rank == 0:
-            checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last, keep_every=self.c.keep_every or None)
+        with self._busy():
+            location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, group=self.group,
+                                       mesh=self.mesh, durable=self.c.ckpt_durable,
+                                       job=self.job)  # shares self.ownership
+            self.saved += 1
+            if self.c.keep_last and self.mesh.rank == 0:
+                checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last,
+                              keep_every=self.c.keep_every or None)
         elapsed = time.monotonic() - t0
         self.stalls.append(elapsed)
         self.persists.append(elapsed)
@@ -144,6 +156,9 @@ class TrainingCheckpoints:
                 self._report_committed()
         if self.ownership is not None:
             self.ownership.release()
+        if self.group is not None:
+            comms.destroy_group(self.group)
+            self.group = None
         out = {"checkpoints": self.saved}
         if self.saved:
             out.update(ckpt_mode=self.c.ckpt_mode,
@@ -151,6 +166,11 @@ class TrainingCheckpoints:
                        ckpt_stall_max_s=round(max(self.stalls), 6) if self.stalls else None,
                        ckpt_persist_s=round(sum(self.persists) / len(self.persists), 6) if self.persists else None)
         return out
+
+    def _busy(self):
+        """A synchronous save, seen in the trace as this rank waiting for
+        checkpoint work (``wait:checkpoint`` on the save's group)."""
+        return contextlib.nullcontext() if self.group is None else comms.background_wait(self.group, "checkpoint")
 
     def _report_committed(self) -> None:
         """Events for asynchronous saves that finished (their stall is final

@@ -1,5 +1,6 @@
 """`loom.faults.detect` on synthetic record sets, the injection plan parser and
 the incremental trace reader (no processes)."""
+import dataclasses
 import math
 import random
 
@@ -565,3 +566,122 @@ def test_monitor_reports_fit_the_frame_and_the_backlog_is_bounded():
     agg = Aggregator(2, check_pids=False)
     assert all(agg.ingest(json.dumps(m).encode()) for m in link.sent) and 0 in agg.departed
     trace.reset_trace()
+
+
+# ------------------------------------------- waiting for background work
+
+SNAPSHOT, SYNC = "ckpt-snapshot[0,1]", "ckpt-sync[0,1]"
+
+
+def _wait(sim, rank, group, what, t0, t1, step):
+    """A `comms.background_wait` record: op wait:<what>, its own sequence numbers."""
+    return sim._rec(rank, group, f"wait:{what}", 0, t0, t1, step, channel=("wait:", rank, group), ranks=(0, 1))
+
+
+def _backpressure(sim, wait_from=20, wait_s=None, hung_from=None):
+    """60 ms steps on the world group.  At step ``wait_from`` rank 1's
+    optimizer step waits for its snapshot (the host pool is full: a slow
+    write), for ``wait_s`` seconds (None: still waiting), while rank 0 waits
+    in the loss all-reduce; ``hung_from``: instead rank 1 simply stops."""
+    for u in range(wait_from):
+        sim.collective({0: 0.0595, 1: 0.0595}, u)
+    for r in range(2):  # the snapshot threads agree on the save of the step before
+        sim._rec(r, SNAPSHOT, "agree:checkpoint", 8, sim.t, sim.t + 0.001, wait_from - 1, ranks=(0, 1))
+    sim.collective({0: 0.05, 1: 0.05}, wait_from)  # the gradient all-reduce of the step
+    sim._rec(0, "world", "all_reduce", 16, sim.t + 0.005, None, wait_from)
+    if hung_from is None:
+        _wait(sim, 1, SNAPSHOT, "snapshot", sim.t + 0.001, None if wait_s is None else sim.t + wait_s, wait_from)
+
+
+def test_a_rank_waiting_for_its_snapshot_is_a_background_stall_not_a_hang():
+    sim = Sim(world=2)
+    _backpressure(sim)
+    assert detect(sim.recs, now=sim.now(1.5), background={SNAPSHOT}) == []
+    faults = detect(sim.recs, now=sim.now(20.0), background={SNAPSHOT})  # a 20 s write
+    assert kinds(faults) == [("background_stall", (1,))], faults
+    f = faults[0]
+    assert not f.fatal and f.group == "world" and f.step == 20
+    assert f.evidence.startswith("rank 1 never entered all_reduce #21 of group world (step 20): rank 0 has waited "
+                                 "20.0 s (threshold 2.0 s); rank 1 is waiting for background work (wait:snapshot "
+                                 f"on background group {SNAPSHOT}) for 20.0 s"), f.evidence
+    # the wait is no message: no rank is named for "never entering" it, and every step before it is complete
+    assert [w["step"] for w in step_waits(sim.recs, background={SNAPSHOT})] == list(range(20))
+    # a wait on a group not known to be background excuses nothing
+    assert kinds(detect(sim.recs, now=sim.now(20.0))) == [("hang", (1,))]
+
+
+def test_a_truly_hung_rank_is_still_a_hang():
+    sim = Sim(world=2)
+    _backpressure(sim, hung_from=20)
+    faults = detect(sim.recs, now=sim.now(2.5), background={SNAPSHOT})
+    assert kinds(faults) == [("hang", (1,))] and faults[0].fatal
+    # nor does a wait that began before its last training op (another thread's): it did not hold it up
+    sim = Sim(world=2)
+    _wait(sim, 1, SNAPSHOT, "snapshot", 0.001, None, 0)
+    _backpressure(sim, hung_from=20)
+    assert kinds(detect(sim.recs, now=sim.now(2.5), background={SNAPSHOT})) == [("hang", (1,))]
+
+
+def test_a_rank_just_out_of_its_wait_is_excused_for_the_threshold_only():
+    sim = Sim(world=2)
+    _backpressure(sim, wait_s=20.0)
+    # out of its wait 0.5 s ago (the optimizer step runs): still the checkpoint's doing
+    faults = detect(sim.recs, now=sim.now(20.5), background={SNAPSHOT})
+    assert kinds(faults) == [("background_stall", (1,))]
+    assert "rank 1 waited 20.0 s for background work (wait:snapshot on background group " in faults[0].evidence
+    assert "until 0.5 s ago" in faults[0].evidence
+    # out of it for longer than the hang threshold and still missing: hung
+    faults = detect(sim.recs, now=sim.now(22.5), background={SNAPSHOT})
+    assert kinds(faults) == [("hang", (1,))] and faults[0].fatal
+
+
+def _slow_sync_save(sim, group):
+    """20 steps, then a synchronous save over ``group``: planned together,
+    then rank 1 writes for long while rank 0 waits in the commit's agreement."""
+    for u in range(20):
+        sim.collective({0: 0.0595, 1: 0.0595}, u)
+    for r in range(2):
+        _wait(sim, r, SYNC, "checkpoint", sim.t, None, 19)
+        sim._rec(r, group, "agree:checkpoint", 8, sim.t + 0.01, sim.t + 0.02, 19, ranks=(0, 1))
+    sim.t += 0.02
+    sim._rec(0, group, "agree:checkpoint", 8, sim.t + 0.01, None, 19, ranks=(0, 1))
+
+
+def test_a_slow_synchronous_save_on_its_background_group_is_not_a_hang():
+    sim = Sim(world=2)
+    _slow_sync_save(sim, SYNC)
+    faults = detect(sim.recs, now=sim.now(8.0), background={SYNC})  # an 8 s write
+    assert kinds(faults) == [("background_stall", (1,))] and faults[0].group == SYNC
+    assert faults[0].evidence.startswith(f"rank 1 never entered agree:checkpoint #1 of background group {SYNC}")
+    # the same save on the training group (as before) stopped the job
+    sim = Sim(world=2)
+    _slow_sync_save(sim, "world")
+    assert kinds(detect(sim.recs, now=sim.now(8.0), background={SYNC})) == [("hang", (1,))]
+
+
+def test_a_rank_still_in_its_synchronous_save_holds_up_the_next_step_as_background_work():
+    # rank 0 applies retention after the commit; rank 1 is already in the next step's all-reduce
+    sim = Sim(world=2)
+    for u in range(20):
+        sim.collective({0: 0.0595, 1: 0.0595}, u)
+    _wait(sim, 0, SYNC, "checkpoint", sim.t, None, 19)
+    _wait(sim, 1, SYNC, "checkpoint", sim.t, sim.t + 0.05, 19)
+    sim._rec(1, "world", "all_reduce", 16, sim.t + 0.1, None, 20)
+    faults = detect(sim.recs, now=sim.now(5.0), background={SYNC})
+    assert kinds(faults) == [("background_stall", (0,))], faults
+    assert "rank 0 is waiting for background work (wait:checkpoint on background group ckpt-sync[0,1])" in \
+        faults[0].evidence
+
+
+def test_aggregator_posts_no_verdict_while_a_rank_waits_for_its_snapshot():
+    import json
+    sim = Sim(world=2)
+    _backpressure(sim)
+    agg = Aggregator(2, check_pids=False)
+    for r, recs in sim.recs.items():  # rank 1's wait and its agreement are both #0 of the snapshot group
+        assert agg.ingest(json.dumps(_report(r, recs, [SNAPSHOT])).encode())
+    clocks = sim.now(20.0)
+    agg.heard = {r: (clocks[r], agg.heard[r][1]) for r in agg.heard}
+    published = agg.check(force=True)
+    assert kinds(published) == [("background_stall", (1,))] and agg.verdict is None
+    assert sorted(x.op for x in agg.snapshot()[1] if x.group == SNAPSHOT) == ["agree:checkpoint", "wait:snapshot"]

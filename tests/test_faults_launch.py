@@ -195,3 +195,62 @@ def test_loom_train_names_the_rank_that_died_first(tmp_path):
     line = next(x for x in proc.stderr.splitlines() if x.startswith("loom train: "))
     assert re.match(r"loom train: rank 0 died: its worker process ended \(pid \d+\)($|; then rank 1 failed: )",
                     line), line
+
+
+_SLOW_WRITE = '''\
+import os, sys
+if os.environ.get("LOOM_TEST_SLOW_WRITE"):  # "rank,seconds": that rank's first chunk write sleeps
+    import importlib.abc, importlib.util, time
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "loom.checkpoint.zarr_io":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+
+            def exec_module(mod):
+                run(mod)
+                real, slept = mod.write_raw, []
+                rank, secs = os.environ["LOOM_TEST_SLOW_WRITE"].split(",")
+
+                def write_raw(*args):
+                    if not slept and os.environ.get("RANK") == rank:
+                        slept.append(1)
+                        time.sleep(float(secs))
+                    return real(*args)
+                mod.write_raw = write_raw
+            spec.loader.exec_module = exec_module
+            return spec
+    sys.meta_path.insert(0, _Hook())
+'''
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_loom_train_survives_a_slow_checkpoint_write_as_a_background_stall(tmp_path):
+    """Rank 1's first chunk write takes 6 s: the host pool (two snapshots)
+    fills, rank 1's optimizer step waits for its snapshot while rank 0 waits
+    in the loss all-reduce.  That is the checkpoint holding training up, not
+    a hang: reported, and the job completes."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(_SLOW_WRITE)
+    env = dict(os.environ, LOOM_TEST_SLOW_WRITE="1,6",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(patch), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "loom", "train", "--steps", "30", "--name", "slow",
+                           "--runs-dir", str(tmp_path), "--no-progress", "--ckpt-every", "5",
+                           "--ckpt-url", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    faults = [json.loads(x) for x in (tmp_path / "slow" / "faults.jsonl").read_text().splitlines()]
+    assert not [f for f in faults if f["kind"] in ("hang", "lost_rank")], faults
+    held = [f for f in faults if f["kind"] == "background_stall" and f["group"] == "world"]
+    assert held and held[0]["ranks"] == [1], faults
+    assert re.search(r"rank 1 never entered \S+ #\d+ of group world \(step 1\d\): rank 0 has waited \d+\.\d s "
+                     r"\(threshold \d+\.\d s\); rank 1 (is waiting|waited \d+\.\d s) for background work "
+                     r"\(wait:snapshot on background group ckpt-snapshot\[0,1\]\)", held[0]["evidence"]), held
+    assert "[fault] background_stall: rank 1 never entered" in proc.stdout
+    assert (tmp_path / "ckpt" / "step-00000030").is_dir()
+
