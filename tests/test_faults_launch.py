@@ -254,3 +254,70 @@ def test_loom_train_survives_a_slow_checkpoint_write_as_a_background_stall(tmp_p
     assert "[fault] background_stall: rank 1 never entered" in proc.stdout
     assert (tmp_path / "ckpt" / "step-00000030").is_dir()
 
+
+def _lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_faults_report_skips_malformed_lines_and_escapes_what_it_prints(tmp_path, capsys):
+    evil = "rank 1 \x1b[2J\x1b]0;pwned\x07late\nforged line \u202egnp.exe \x9b31m"
+    good = {**Fault("straggler", (1,), None, "world", (5,), 2.0, evil, 7).to_dict(), "t": 1.0}
+    _lines(tmp_path / "faults.jsonl", [
+        {"kind": "hang"},                              # no evidence
+        "not json",
+        "[" * 100_000,                                 # too deep for the parser
+        '"a string"',
+        {**good, "ranks": "1"},
+        {**good, "kind": "\x1b[31mhang"},              # not a fault kind
+        {**good, "t": "soon"},
+        good,
+    ])
+    _lines(tmp_path / "waits.jsonl", [
+        {"step": 1},                                   # no wait_s
+        {"step": 2, "wait_s": {"a": 0.1}},
+        {"step": 3, "wait_s": {"0": "slow"}},
+        {"step": 9, "wait_s": {"0": 0.3, "1": 0.1}},   # out of order, with a gap
+        {"step": 4, "wait_s": {"0": 0.1, "1": 0.1}},
+        {"step": 4, "wait_s": {"0": 0.2, "1": 0.1}},   # repeated: the last one counts
+    ])
+    assert main(["faults", "report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\x9b" not in out
+    assert "2 ranks, steps 4-9, 1 fault" in out
+    assert "skipped 11 malformed lines: faults.jsonl:1: no 'evidence' text; faults.jsonl:2: not JSON" in out
+    row = next(x for x in out.splitlines() if "straggler" in x)
+    assert row.endswith("rank 1 \\x1b[2J\\x1b]0;pwned\\x07late\\nforged line \\u202egnp.exe \\x9b31m")
+    assert "forged line" not in out.replace(row, "")  # the evidence stays on its own line
+    from loom.faults.report import read_run
+    log = read_run(str(tmp_path))
+    assert [w["step"] for w in log.waits] == [4, 9] and log.waits[0]["wait_s"] == {0: 0.2, 1: 0.1}
+    assert log.skipped[2] == "faults.jsonl:3: JSON nested too deeply"
+    assert log.skipped[5].startswith("faults.jsonl:6: kind '\\x1b[31mhang' is not one of ")
+    assert log.skipped[-1] == "waits.jsonl: step 4 repeated (the last line kept)"
+    png = tmp_path / "w.png"
+    assert main(["faults", "report", str(tmp_path), "--png", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.write_text("x"), "is not a directory"),
+    (lambda d: (d.mkdir(), (d / "faults.jsonl").mkdir()), "faults.jsonl: not a regular file"),
+    (lambda d: (d.mkdir(), os.mkfifo(d / "waits.jsonl")), "waits.jsonl: not a regular file"),
+    (lambda d: d.mkdir(), "has no faults.jsonl or waits.jsonl"),
+])
+@pytest.mark.timeout(30)  # an unguarded FIFO would block the read for good
+def test_faults_report_says_in_one_line_why_it_cannot_read_a_run(tmp_path, capsys, make, needle):
+    run = tmp_path / "run\x1b[31m"
+    make(run)
+    assert main(["faults", "report", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "\x1b" not in captured.err and "Traceback" not in captured.err
+
+
+def test_faults_report_cannot_write_its_png_in_one_line(tmp_path, capsys):
+    LogWriter(str(tmp_path)).close()  # empty logs: a report with no steps
+    assert main(["faults", "report", str(tmp_path), "--png", str(tmp_path / "no" / "such" / "w.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and err.count("\n") == 1
