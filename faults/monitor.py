@@ -303,7 +303,9 @@ class Aggregator:
     (`mark_gone`) - or when it has been silent for ``lost_after_s``.
     Groups any rank reported as background (``background``) are judged apart:
     a stuck operation there is a non-fatal ``background_stall``.
-    Memory is bounded: ``window`` records and `wire.MAX_GROUPS` groups per rank."""
+    Memory is bounded: ``window`` records and `wire.MAX_GROUPS` groups per rank
+    (a full window lets its oldest *finished* records go first, so an
+    operation in flight stays visible however much training goes on beside it)."""
 
     def __init__(self, world_size: int, config: DetectConfig | None = None, *, log_dir: str | None = None,
                  callbacks=(), window: int = 256, check_pids: bool = True, check_every_s: float = 0.1,
@@ -382,8 +384,12 @@ class Aggregator:
             if step is not None and (self.first_step is None or step < self.first_step):
                 self.first_step = step
             self._dirty = True
-        while len(win) > self.window:
-            win.popitem(last=False)
+        if len(win) > self.window:  # the oldest finished records go; ops in flight stay while they can
+            done = [k for k, rec in win.items() if rec.t_exit is not None][:len(win) - self.window]
+            for key in done:
+                del win[key]
+            while len(win) > self.window:  # (all in flight)
+                win.popitem(last=False)
         if msg["bye"]:
             self.departed.add(rank)
         return True

@@ -685,3 +685,18 @@ def test_aggregator_posts_no_verdict_while_a_rank_waits_for_its_snapshot():
     published = agg.check(force=True)
     assert kinds(published) == [("background_stall", (1,))] and agg.verdict is None
     assert sorted(x.op for x in agg.snapshot()[1] if x.group == SNAPSHOT) == ["agree:checkpoint", "wait:snapshot"]
+
+
+def test_aggregator_keeps_an_operation_in_flight_while_newer_records_pass_it():
+    # training goes on beside a slow write: far more than a window of newer records follow the open one
+    sim = Sim(world=2)
+    _training_beside_a_slow_write(sim, 61)
+    agg = Aggregator(2, check_pids=False, window=16)
+    for r, recs in sim.recs.items():
+        for i in range(0, len(recs), 4):  # reports of a few records each, as a monitor sends them
+            part = recs[i:i + 4]
+            assert agg.ingest(_report(r, part, [PERSIST] if any(x.group == PERSIST for x in part) else []))
+    assert all(len(w) <= 16 for w in agg.windows.values())
+    clocks = sim.now(0.01)
+    agg.heard = {r: (clocks[r], agg.heard[r][1]) for r in agg.heard}
+    assert kinds(agg.check(force=True)) == [("background_stall", (1,))] and agg.verdict is None
