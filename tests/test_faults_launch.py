@@ -90,7 +90,7 @@ def test_loom_train_stops_every_worker_on_a_hang_naming_the_rank(tmp_path):
     ended = datetime.datetime.now()
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     # (the op is whichever collective of the step rank 1 never reached: all_reduce, agree, ...)
-    assert re.search(r"loom train: stopped all 2 workers after a hang: rank 1 never entered \w+ #\d+ of group "
+    assert re.search(r"loom train: stopped all 2 workers after a hang: rank 1 never entered [\w:]+ #\d+ of group "
                      r"world \(step 15\)", proc.stderr), proc.stderr[-3000:]
     faults = [json.loads(x) for x in (tmp_path / "hang" / "faults.jsonl").read_text().splitlines()]
     assert [(f["kind"], f["ranks"], f["step"]) for f in faults] == [("hang", [1], 15)]
@@ -112,7 +112,7 @@ def test_torchrun_ranks_stop_on_the_authenticated_verdict(tmp_path):
                           capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode != 0
     # (the first rank to stop ends the job: torchrun then terminates the other)
-    assert re.search(r"loom: rank \d: stopping: hang: rank 1 never entered \w+ #\d+ of group world \(step 10\)",
+    assert re.search(r"loom: rank \d: stopping: hang: rank 1 never entered [\w:]+ #\d+ of group world \(step 10\)",
                      proc.stderr), proc.stderr[-3000:]
     faults = [json.loads(x) for x in (tmp_path / "tr" / "faults.jsonl").read_text().splitlines()]
     assert (faults[0]["kind"], faults[0]["ranks"], faults[0]["step"]) == ("hang", [1], 10)
