@@ -32,11 +32,12 @@ A rank can also hold training up *for* background work: its optimizer step
 waits for a checkpoint's snapshot (backpressure), or it runs a synchronous
 save.  Such a wait is a record of its own (`loom.comms.background_wait`: op
 ``wait:<what>`` on the background group, not a message).  A foreground hang
-whose missing ranks are all inside such a wait - begun after their last
-record on the hung group, on their own clocks - or left one less than the
+whose missing ranks are all inside such a wait (begun after their last
+record on the hung group, on their own clocks), or left it less than the
 hang threshold ago, is that background work showing: a ``background_stall``
 naming the ranks and what they wait for, never fatal.  A missing rank that
-is in no such wait is hung, as always.
+is in no such wait is hung, as always; one whose process dies or falls
+silent is a lost rank.
 """
 from __future__ import annotations
 
