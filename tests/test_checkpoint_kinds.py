@@ -66,13 +66,13 @@ def test_values_nested_too_deep_for_loading_are_refused_at_save(tmp_path):
     assert back["cfg"] == ok
 
 
-@pytest.mark.parametrize("state,match", [
-    ({"m": {2**70: torch.ones(1)}}, r"state key 1180591620717411303424 under 'm' is outside"),
-    ({"m": {"\ud800": torch.ones(1)}}, r"under 'm' is not valid unicode"),
-    ({"c": torch.tensor([1 + 2j]).conj()}, r"key 'c' is a lazy conjugate/negative view"),
-    ({"h": torch.zeros(2, dtype=torch.complex32)}, r"key 'h' has dtype torch.complex32"),
+@pytest.mark.parametrize("make,match", [
+    (lambda: {"m": {2**70: torch.ones(1)}}, r"state key 1180591620717411303424 under 'm' is outside"),
+    (lambda: {"m": {"\ud800": torch.ones(1)}}, r"under 'm' is not valid unicode"),
+    (lambda: {"c": torch.tensor([1 + 2j]).conj()}, r"key 'c' is a lazy conjugate/negative view"),
+    (lambda: {"h": torch.zeros(2, dtype=torch.complex32)}, r"key 'h' has dtype torch.complex32"),
 ])
-def test_keys_and_tensors_a_loader_would_refuse_are_refused_at_save(tmp_path, state, match):
+def test_keys_and_tensors_a_loader_would_refuse_are_refused_at_save(tmp_path, make, match):
     with pytest.raises(TypeError, match=match):
-        ckpt.save(state, str(tmp_path / "k"), step=0)
+        ckpt.save(make(), str(tmp_path / "k"), step=0)
     assert ckpt.CheckpointStore(str(tmp_path / "k")).steps() == []
