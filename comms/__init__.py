@@ -6,6 +6,7 @@ The only door to torch.distributed in loom.  Every op here appends a
 from .agree import Agreement, RemoteError, agree
 from .mesh import Mesh, init_mesh, mesh_layout
 from .ops import (
+    agreed,
     Pending,
     all_gather,
     all_gather_with_grad,
@@ -38,7 +39,7 @@ from .scan import all_scan
 from .trace import CommRecord, TraceReader, background_wait, records, reset_trace, set_step
 
 __all__ = [
-    "Agreement", "CommRecord", "background_wait", "Mesh", "RemoteError", "agree", "set_collective_checks", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
+    "Agreement", "CommRecord", "agreed", "background_wait", "Mesh", "RemoteError", "agree", "set_collective_checks", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",

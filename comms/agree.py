@@ -178,6 +178,12 @@ def bits_float(bits: int) -> float:
     return struct.unpack("<d", struct.pack("<q", int(bits)))[0]
 
 
+def hash_text(text: str) -> int:
+    """A 62-bit fingerprint of a string, for a description field."""
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
 def checksum_ints(values) -> int:
     """A 62-bit fingerprint of a sequence of ints, for a description field."""
     import hashlib

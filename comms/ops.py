@@ -9,8 +9,10 @@ The ``*_with_grad`` variants are autograd-aware for parallel code.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -162,9 +164,32 @@ def set_collective_checks(mode: str) -> None:
     _checks["mode"] = mode
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def agreed():
+    """Collectives issued by this thread inside the block skip the per-op
+    check: the caller has already agreed with its peers on what follows (a
+    layer's entry agreement covers the fixed sequence of collectives it then
+    issues; `GradientSync` agrees on its buckets once).  The autograd-aware
+    ops carry it into their backward."""
+    depth = getattr(_local, "agreed", 0)
+    _local.agreed = depth + 1
+    try:
+        yield
+    finally:
+        _local.agreed = depth
+
+
+def in_agreed() -> bool:
+    """Whether this thread is inside `agreed()`."""
+    return bool(getattr(_local, "agreed", 0))
+
+
 def _checked(pg) -> bool:
-    if len(_group_info[pg][1]) == 1:
-        return False  # nobody to disagree with
+    if len(_group_info[pg][1]) == 1 or in_agreed():
+        return False  # nobody to disagree with, or the caller agreed already
     mode = _checks["mode"]
     if mode == "auto":
         return "gloo" in str(dist.get_backend(pg))
@@ -493,49 +518,58 @@ def wait_all(pending) -> None:
 
 # ------------------------------------------------------- autograd-aware ops
 
+def _as_agreed(ctx):
+    """Re-enter `agreed()` in backward when the forward ran inside it."""
+    return agreed() if ctx.agreed else contextlib.nullcontext()
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
-        ctx.group = group
+        ctx.group, ctx.agreed = group, in_agreed()
         return all_reduce(t.clone(), "sum", group)
 
     @staticmethod
     def backward(ctx, g):
-        return all_reduce(g.clone(), "sum", ctx.group), None
+        with _as_agreed(ctx):
+            return all_reduce(g.clone(), "sum", ctx.group), None
 
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
-        ctx.group, ctx.shape = group, t.shape
+        ctx.group, ctx.shape, ctx.agreed = group, t.shape, in_agreed()
         return all_gather(t, group)
 
     @staticmethod
     def backward(ctx, g):
-        return reduce_scatter(g.contiguous(), "sum", ctx.group).reshape(ctx.shape), None
+        with _as_agreed(ctx):
+            return reduce_scatter(g.contiguous(), "sum", ctx.group).reshape(ctx.shape), None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
-        ctx.group = group
+        ctx.group, ctx.agreed = group, in_agreed()
         return reduce_scatter(t, "sum", group)
 
     @staticmethod
     def backward(ctx, g):
-        return all_gather(g.contiguous(), ctx.group), None
+        with _as_agreed(ctx):
+            return all_gather(g.contiguous(), ctx.group), None
 
 
 class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send_splits, recv_splits, group):
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        ctx.splits, ctx.group, ctx.agreed = (send_splits, recv_splits), group, in_agreed()
         return all_to_all_v(x, send_splits, recv_splits, group)
 
     @staticmethod
     def backward(ctx, g):
         send_splits, recv_splits = ctx.splits
-        return all_to_all_v(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None
+        with _as_agreed(ctx):
+            return all_to_all_v(g.contiguous(), recv_splits, send_splits, ctx.group), None, None, None
 
 
 def all_reduce_with_grad(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -24,6 +24,8 @@ backward (each rank's output must reach its loss).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -60,7 +62,10 @@ def all_scan(decay: torch.Tensor, state: torch.Tensor, *, group=None, ranks=None
                                                            "blocks": str, "reverse": bool})
     elif error is not None:
         raise error
-    return _AllScan.apply(decay, state, chain, bool(reverse))
+    if not check:
+        return _AllScan.apply(decay, state, chain, bool(reverse))
+    with ops.agreed():  # its messages follow from what the chain just agreed on
+        return _AllScan.apply(decay, state, chain, bool(reverse))
 
 
 def chain_ranks(group=None, ranks=None) -> list:
@@ -180,7 +185,7 @@ class _AllScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, decay, state, chain, reverse):
         out = chain.scan(decay.detach(), state.detach(), reverse)
-        ctx.chain, ctx.reverse = chain, reverse
+        ctx.chain, ctx.reverse, ctx.agreed = chain, reverse, ops.in_agreed()
         ctx.save_for_backward(decay, out)
         return out
 
@@ -191,7 +196,8 @@ class _AllScan(torch.autograd.Function):
         # The adjoint runs the mirror scan over the output gradient:
         # grad state_p is what arrives from the other direction, and
         # grad decay_p pairs it with this position's incoming state.
-        grad_state = ctx.chain.scan(decay, grad_out.contiguous(), not ctx.reverse)
+        with ops.agreed() if ctx.agreed else contextlib.nullcontext():
+            grad_state = ctx.chain.scan(decay, grad_out.contiguous(), not ctx.reverse)
         grad_decay = (grad_state * out).sum(-1)
         return grad_decay, grad_state, None, None
 

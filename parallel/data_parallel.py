@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from loom import comms
+from loom.comms.agree import checksum_ints, hash_text
 
 
 def bucket_parameters(params, bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
@@ -35,11 +36,28 @@ class GradientSync:
         self.group, self.average = group, average
         self.size = len(comms.group_ranks(group))
         self.buckets = bucket_parameters(self.params, bucket_bytes)
+        self._agreed = False
+
+    def _agree_on_buckets(self) -> None:
+        """Once: every rank holds the same buckets (sizes and dtypes), so the
+        all-reduces that follow need no per-op check (`comms.agreed`)."""
+        layout = [(sum(p.numel() for p in b), str(b[0].dtype)) for b in self.buckets]
+        comms.agree(None, [len(layout), checksum_ints(x for n, d in layout for x in (n, hash_text(d)))],
+                    group=self.group, what="gradient buckets").same(
+            ["buckets", "bucket sizes and dtypes"], "GradientSync: the ranks hold different parameters",
+            show=["buckets"])
+        self._agreed = True
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.size == 1:
             return
+        if not self._agreed:
+            self._agree_on_buckets()
+        with comms.agreed():
+            self._sync()
+
+    def _sync(self) -> None:
         for bucket in self.buckets:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                               for p in bucket])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.comms import agree, all_scan
+from loom.comms import agreed as comms_agreed
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 from loom.comms.scan import METHODS, chain_ranks
 
@@ -60,7 +61,8 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
     # an empty shard's decay is 1, still computed from log_decay so the scan's
     # node is in this rank's backward graph: every rank must run the reverse scan
     decay = cum[:, :, -1].exp() if cum.shape[2] else gh.sum(2).exp()
-    initial = all_scan(decay, local_state, group=group, ranks=ranks, method=method, check=False)
+    with comms_agreed():  # the scan's messages follow from what the chain just agreed on
+        initial = all_scan(decay, local_state, group=group, ranks=ranks, method=method, check=False)
     out = out + (qh * cum.exp()) @ initial
     return _finish(out, q.dtype, return_final_state, decay[..., None] * initial + local_state)
 

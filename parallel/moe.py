@@ -139,6 +139,11 @@ class _ExpertParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_send):
+        with comms.agreed():  # the layer's entry agreement covers its backward messages too
+            return _ExpertParallel._backward(ctx, grad_send)
+
+    @staticmethod
+    def _backward(ctx, grad_send):
         route, group, ranks = ctx.route, ctx.group, ctx.ranks
         xs, hg, hu, order, w_gate, w_up, w_down, *borrowed = ctx.saved_tensors
         own = (w_gate, w_up, w_down)
@@ -360,6 +365,10 @@ class MoE(nn.Module):
                                                                   "dtype": dtype_name, "weight dtype": dtype_name})
         elif error is not None:
             raise error
+        with comms.agreed():  # the fixed sequence of this layer's collectives, agreed on above
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, k = x.shape, self.top_k
         flat = x.reshape(-1, self.dim)
         logits = self.router(flat)

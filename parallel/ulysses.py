@@ -73,5 +73,6 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
     expand = size // math.gcd(k.shape[2], size)
     if expand > 1:  # MQA/GQA with fewer K/V heads than ranks: give every rank its own copy
         k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
-    qh, kh, vh = (_seq_to_heads(t, size, group) for t in (q, k, v))
-    return _heads_to_seq(_attend(qh, kh, vh, causal, scale), size, group)
+    with comms.agreed():  # the all-to-alls' shapes follow from what the ranks just agreed on
+        qh, kh, vh = (_seq_to_heads(t, size, group) for t in (q, k, v))
+        return _heads_to_seq(_attend(qh, kh, vh, causal, scale), size, group)
