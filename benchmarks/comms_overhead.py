@@ -79,6 +79,34 @@ def _worker(calls):
     return out
 
 
+def _train_rate(mode: str, overrides: dict, steps: int) -> float:
+    """Tokens/s of `loom train`'s loop on this process group with the
+    collective checks ``mode`` (the reference job, or ``overrides``)."""
+    from loom.launch.config import build_config, validate
+    from loom.launch.train import train
+    comms.set_collective_checks(mode)
+    try:
+        cfg = validate(build_config(overrides={"steps": steps, "progress": False, **overrides}),
+                       world_size=dist.get_world_size())
+        return train(cfg)["tokens_per_s"]
+    finally:
+        comms.set_collective_checks("auto")
+
+
+def _training(steps: int, rounds: int) -> dict:
+    """Median tokens/s, checks off vs on (alternating rounds), of the default
+    dp=2 job and an ep=2 MoE job."""
+    jobs = {"dp=2 (default job)": {}, "dp=2 ep=2 MoE": {"ep": 2, "moe": "standard"}}
+    out = {}
+    for name, overrides in jobs.items():
+        rates = {"off": [], "on": []}
+        for _ in range(rounds):
+            for mode in rates:
+                rates[mode].append(run_distributed(_train_rate, 2, mode, overrides, steps, timeout=900)[0])
+        out[name] = {mode: statistics.median(r) for mode, r in rates.items()}
+    return out
+
+
 def _recorder_cost(iters=200000):
     x = torch.ones(4)
     t0 = time.perf_counter()
@@ -91,6 +119,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--calls", type=int, default=1000, help="alternating calls per case")
+    ap.add_argument("--train-steps", type=int, default=60, help="steps per training round (0: skip)")
+    ap.add_argument("--train-rounds", type=int, default=3, help="alternating off/on training rounds")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -108,9 +138,16 @@ def main(argv=None):
                          "checked_s": checked})
     table = markdown_table(["ranks", "op", "size", "raw µs", "traced µs", "checked µs", "traced/raw",
                             "checked/raw", "traced added µs", "checked added µs"], rows)
+    training = _training(args.train_steps, args.train_rounds) if args.train_steps else {}
+    train_table = markdown_table(
+        ["job (2 gloo ranks, loom train's loop)", "tok/s checks off", "tok/s checks on", "on / off"],
+        [[name, f"{r['off']:.0f}", f"{r['on']:.0f}", f"{r['on'] / r['off']:.3f}"] for name, r in training.items()])
     print(table)
     print(f"\nrecorder alone (open + close one record): {rec_us:.2f} µs per op")
-    write_json("comms_overhead", {"rows": data, "recorder_us": rec_us, "calls": args.calls})
+    if training:
+        print("\n" + train_table)
+    write_json("comms_overhead", {"rows": data, "recorder_us": rec_us, "calls": args.calls, "training": training,
+                                  "train_steps": args.train_steps})
     if not args.no_write:
         body = (table + f"\n\nThe recorder alone (open + close of one record, no communication) costs "
                 f"**{rec_us:.2f} µs** per op. One rank (the same gloo ops, no peer) shows the "
@@ -120,7 +157,12 @@ def main(argv=None):
                 f"≤ 10 µs on a tiny one (traced). 'traced' is loom.comms with the collective checks "
                 f"off (as on NCCL); 'checked' with them on, the gloo default: every collective first "
                 f"agrees on its op, dtype, shape and arguments (one tiny extra exchange), so a "
-                f"mismatch raises on every rank instead of hanging or aborting the process.")
+                f"mismatch raises on every rank instead of hanging or aborting the process. Code that "
+                f"has agreed already skips the per-op check (`comms.agreed()`: MoE, Ulysses, All-Scan, "
+                f"GradientSync), so what a training step pays is one small exchange per layer call:"
+                + ("\n\n" + train_table + f"\n\nMedian of {args.train_rounds} alternating rounds of "
+                   f"{args.train_steps} steps each (2 processes on 2 cores: ±10% between rounds)."
+                   if training else ""))
         cmd = command_line(__file__, argv)
         update_results("comms_overhead", "Tracing overhead (loom.comms vs raw torch.distributed)",
                        cmd, body)
