@@ -338,19 +338,20 @@ class StoreOwnership:
     claim), which `gc` never deletes."""
 
     def __init__(self, store: CheckpointStore, job: str, token: str, lease_s: float, *, holder: bool,
-                 reused: bool = False, writing: collections.Counter | None = None):
+                 reused: bool = False, writing: collections.Counter | None = None, proven: set | None = None):
         self.store, self.url, self.job, self.token, self.lease_s = store, store.url, job, token, lease_s
         self.holder, self.reused = holder, reused
         self.released = False
         self.kept = False  # held by the process until release_store() or exit (see claim_store's keep)
         self.writing = collections.Counter() if writing is None else writing
+        self.proven = set() if proven is None else proven  # rank lists that proved they share the store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def shared(self) -> "StoreOwnership":
         """Another hold on this claim that releases nothing (``reused``)."""
         return StoreOwnership(self.store, self.job, self.token, self.lease_s, holder=self.holder,
-                              reused=True, writing=self.writing)
+                              reused=True, writing=self.writing, proven=self.proven)
 
     # ------------------------------------------------- steps in flight
     def begin_step(self, step: int) -> None:
@@ -478,7 +479,8 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
                 lease_s: float = LEASE_S, reuse: bool = False, keep: bool = False) -> StoreOwnership:
     """Collective over ``group`` (default: the world, or this process alone):
     make this job the one writer of the store at ``url``, and prove that
-    every rank sees the same store.
+    every rank sees the same store (once per claim and set of ranks: a
+    kept claim reused by the next save of the same ranks skips the probe).
 
     ``job``: the id recorded (default `default_job()`).  ``lease_s``: how old
     this claim's heartbeat may get before others may claim the store.
@@ -511,7 +513,7 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
             mine, fresh = _hold(store, job, bool(takeover), float(lease_s), bool(reuse or keep), bool(keep),
                                 any_job)
             info = {"token": mine.token, "reused": mine.reused, "probe": None}
-            if g.size > 1:
+            if g.size > 1 and tuple(g.ranks) not in mine.proven:  # once per claim and ranks
                 name, content = f"{PROBE_PREFIX}{uuid.uuid4().hex}", uuid.uuid4().hex
                 store.put(name, content.encode())
                 info["probe"] = [name, content]
@@ -519,8 +521,10 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
             error = exc
     try:
         info = agree(g, error, info, custom=ERRORS)[0]
-        if g.size > 1:
+        if info["probe"] is not None:
             _prove_shared(store, g, info["probe"])
+            if mine is not None:
+                mine.proven.add(tuple(g.ranks))
     except BaseException:
         if fresh is not None:
             fresh.release()  # a claim made here, kept or not
