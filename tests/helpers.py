@@ -3,6 +3,7 @@ workers inherit the parent's sys.path, which holds this folder)."""
 import importlib
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -116,3 +117,15 @@ def assert_same(a, b, where="", *, exact_types=False):
         assert_same(vars(a), vars(b), where, exact_types=exact_types)
     else:
         assert a == b, (where, a, b)
+
+
+def outcome(call):
+    """``"no error"``, or (exception type name, message, seconds taken) of the
+    ValueError/TypeError ``call()`` raised: what a rank reports in the
+    fail-together tests."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except (ValueError, TypeError) as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return "no error"

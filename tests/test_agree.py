@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from loom import comms
 
+from helpers import outcome
+
 
 def _agree_cases():
     rank = dist.get_rank()
@@ -68,30 +70,17 @@ def test_agree_alone_and_limits():
 
 def _mismatch(case):
     rank = dist.get_rank()
-    t0 = time.monotonic()
-    try:
-        if case == "all_reduce shape":
-            comms.all_reduce(torch.ones(4 + rank))           # gloo alone aborts the process
-        elif case == "broadcast shape":
-            comms.broadcast(torch.ones(4 + rank), src=0)      # gloo alone "succeeds" with garbage
-        elif case == "dtype":
-            comms.all_reduce(torch.ones(4, dtype=torch.float64 if rank else torch.float32))
-        elif case == "reduce op":
-            comms.all_reduce(torch.ones(4), op="sum" if rank else "bogus")
-        elif case == "reduce_scatter rows":
-            comms.reduce_scatter(torch.ones(4 if rank else 3, 2))
-        elif case == "splits":
-            comms.all_to_all_v(torch.ones(3, 2), [1, 2] if rank else [1, -1])
-        elif case == "different ops":
-            if rank:
-                comms.barrier()
-            else:
-                comms.all_gather(torch.ones(2))
-        elif case == "all_gather shape":
-            comms.all_gather(torch.ones(2, 3 + rank))
-        return "no error"
-    except ValueError as exc:
-        return str(exc), time.monotonic() - t0
+    calls = {
+        "all_reduce shape": lambda: comms.all_reduce(torch.ones(4 + rank)),        # gloo alone aborts the process
+        "broadcast shape": lambda: comms.broadcast(torch.ones(4 + rank), src=0),   # ... "succeeds" with garbage
+        "dtype": lambda: comms.all_reduce(torch.ones(4, dtype=torch.float64 if rank else torch.float32)),
+        "reduce op": lambda: comms.all_reduce(torch.ones(4), op="sum" if rank else "bogus"),
+        "reduce_scatter rows": lambda: comms.reduce_scatter(torch.ones(4 if rank else 3, 2)),
+        "splits": lambda: comms.all_to_all_v(torch.ones(3, 2), [1, 2] if rank else [1, -1]),
+        "different ops": lambda: comms.barrier() if rank else comms.all_gather(torch.ones(2)),
+        "all_gather shape": lambda: comms.all_gather(torch.ones(2, 3 + rank)),
+    }
+    return outcome(calls[case])
 
 
 @pytest.mark.timeout(180)
@@ -109,14 +98,14 @@ def test_checked_collectives_fail_together(distributed, case, expect):
     res = distributed(_mismatch, 2, case, timeout=120)
     for rank, r in enumerate(res):
         assert r != "no error", (case, rank)
-        message, seconds = r
+        _, message, seconds = r
         assert all(e in message for e in expect), (rank, message)
         assert seconds < 10
     # a rank that did not fail itself names the one that did
     if case in ("reduce op", "splits"):
-        assert res[1][0].startswith("rank 0: ValueError:")
+        assert res[1][1].startswith("rank 0: ValueError:")
     if case == "reduce_scatter rows":
-        assert res[1][0].startswith("rank 0: ValueError:")
+        assert res[1][1].startswith("rank 0: ValueError:")
 
 
 def _unchecked_records():
@@ -162,23 +151,16 @@ def test_group_none_is_a_world_of_one_without_a_process_group():
 
 def _more_mismatches(case):
     rank = dist.get_rank()
-    t0 = time.monotonic()
-    try:
-        if case == "meta":
-            comms.all_reduce(torch.ones(4, device="meta") if rank else torch.ones(4))
-        elif case == "sparse":
-            comms.all_reduce(torch.ones(2, 2).to_sparse() if rank else torch.ones(2, 2))
-        elif case == "not a tensor":
-            comms.all_reduce([1.0, 2.0] if rank else torch.ones(2))
-        elif case == "recv_splits":  # rank 0 sends 1 row to rank 1, which expects 2
-            comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank == 0 else [2, 1])
-        elif case == "float splits":
-            comms.all_to_all_v(torch.ones(2, 3), [1.5, 0.5] if rank else [1, 1])
-        elif case == "recv given on one rank":
-            comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank else None)
-        return "no error"
-    except (ValueError, TypeError) as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - t0
+    calls = {
+        "meta": lambda: comms.all_reduce(torch.ones(4, device="meta") if rank else torch.ones(4)),
+        "sparse": lambda: comms.all_reduce(torch.ones(2, 2).to_sparse() if rank else torch.ones(2, 2)),
+        "not a tensor": lambda: comms.all_reduce([1.0, 2.0] if rank else torch.ones(2)),
+        # rank 0 sends 1 row to rank 1, which expects 2
+        "recv_splits": lambda: comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank == 0 else [2, 1]),
+        "float splits": lambda: comms.all_to_all_v(torch.ones(2, 3), [1.5, 0.5] if rank else [1, 1]),
+        "recv given on one rank": lambda: comms.all_to_all_v(torch.ones(2, 3), [1, 1], [1, 1] if rank else None),
+    }
+    return outcome(calls[case])
 
 
 @pytest.mark.timeout(180)

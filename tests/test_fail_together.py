@@ -1,7 +1,6 @@
 """Fail together, everywhere: ranks with no tokens take part correctly, and one
 rank's bad input makes every rank raise at once, naming it (float64 against
 one process; bounded time instead of a hang until the process-group timeout)."""
-import time
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch.distributed as dist
 
 from loom import comms
 from loom.parallel import MoE, linear_attention, local_linear_attention, ring_attention, ulysses_attention
+
+from helpers import outcome
 
 F64 = torch.float64
 LENGTHS = [5, 0, 1, 4]  # per-rank shard lengths of one 10-token sequence, one rank empty
@@ -69,29 +70,21 @@ def test_ring_and_ulysses_with_no_tokens(distributed):
 def _one_bad_rank(case):
     rank, world = dist.get_rank(), dist.get_world_size()
     bad = rank == 2
-    t0 = time.monotonic()
-    try:
-        if case == "linear_attention shape":
-            q = torch.randn(1, 3, 2, 4 if not bad else 5, dtype=F64)
-            k = torch.randn(1, 3, 2, 4, dtype=F64)
-            linear_attention(q, k, k, -k.abs())
-        elif case == "linear_attention heads":
-            q = torch.randn(1, 3, 2 + bad, 4, dtype=F64)
-            linear_attention(q, q, q, -q.abs())
-        elif case == "all_scan":
-            state = torch.zeros(2, 3, 4 + bad, dtype=F64)
-            comms.all_scan(torch.ones(2, 3, dtype=F64), state)
-        elif case == "moe input":
-            mesh = comms.init_mesh(dp=world, ep=world)
-            layer = MoE(8, 16, 4, 2, ep_group=mesh.ep_group)
-            layer(torch.randn(5, 8 if not bad else 7))
-        elif case == "moe dtype":
-            mesh = comms.init_mesh(dp=world, ep=world)
-            layer = MoE(8, 16, 4, 2, ep_group=mesh.ep_group).to(F64 if bad else torch.float32)
-            layer(torch.randn(5, 8, dtype=F64 if bad else torch.float32))
-        return "no error"
-    except (ValueError, TypeError) as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - t0
+
+    def moe(width=8, dtype=torch.float32):
+        mesh = comms.init_mesh(dp=world, ep=world)
+        MoE(8, 16, 4, 2, ep_group=mesh.ep_group).to(dtype)(torch.randn(5, width, dtype=dtype))
+
+    q3 = torch.randn(1, 3, 2 + bad, 4, dtype=F64)
+    k = torch.randn(1, 3, 2, 4, dtype=F64)
+    calls = {
+        "linear_attention shape": lambda: linear_attention(torch.randn(1, 3, 2, 4 + bad, dtype=F64), k, k, -k.abs()),
+        "linear_attention heads": lambda: linear_attention(q3, q3, q3, -q3.abs()),
+        "all_scan": lambda: comms.all_scan(torch.ones(2, 3, dtype=F64), torch.zeros(2, 3, 4 + bad, dtype=F64)),
+        "moe input": lambda: moe(width=7 if bad else 8),
+        "moe dtype": lambda: moe(dtype=F64 if bad else torch.float32),
+    }
+    return outcome(calls[case])
 
 
 @pytest.mark.timeout(180)
