@@ -162,7 +162,8 @@ def _check_record(record, where: str) -> dict:
     def bad(field, why):
         raise InvalidCheckpointError(
             f"{f'{where}: {field}' if field else where}: not a loom owner record ({why}); if no job is writing this "
-            f"store, claim it with takeover=True (loom train --ckpt-takeover), which replaces the record",
+            f"store, claim it with takeover=True (loom train --ckpt-takeover), which replaces the record, "
+            f"or remove {where} by hand",
             file=where, field=field)
 
     def number(v) -> bool:
@@ -208,7 +209,7 @@ def _read(store: CheckpointStore) -> dict | None:
     except InvalidCheckpointError as exc:
         raise InvalidCheckpointError(f"{exc} (not a loom owner record); if no job is writing this store, "
                                      f"claim it with takeover=True (loom train --ckpt-takeover), which "
-                                     f"replaces it", file=where) from None
+                                     f"replaces it, or remove {where} by hand", file=where) from None
     return _check_record(record, where)
 
 

@@ -146,9 +146,9 @@ def _wait_row(row) -> dict:
         raise ValueError("no 'wait_s' object")
     out = {}
     for r, w in waits.items():
-        if not (r.isdecimal() and r.isascii() and len(r) <= 10 and _rank(int(r))) or not _number(w):
+        if not (r.isdecimal() and r.isascii() and len(r) <= 10 and _rank(int(r))) or not _number(w) or w < 0:
             raise ValueError(f"wait_s entry {printable(repr(r))[:40]}: {printable(repr(w))[:40]} is not "
-                             f"rank: seconds")
+                             f"rank: seconds (>= 0)")
         out[int(r)] = float(w)
     return {"step": row["step"], "wait_s": out}
 

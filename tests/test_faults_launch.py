@@ -276,6 +276,7 @@ def test_faults_report_skips_malformed_lines_and_escapes_what_it_prints(tmp_path
         {"step": 1},                                   # no wait_s
         {"step": 2, "wait_s": {"a": 0.1}},
         {"step": 3, "wait_s": {"0": "slow"}},
+        {"step": 5, "wait_s": {"0": -1, "1": 0.1}},    # a negative wait
         {"step": 9, "wait_s": {"0": 0.3, "1": 0.1}},   # out of order, with a gap
         {"step": 4, "wait_s": {"0": 0.1, "1": 0.1}},
         {"step": 4, "wait_s": {"0": 0.2, "1": 0.1}},   # repeated: the last one counts
@@ -284,7 +285,7 @@ def test_faults_report_skips_malformed_lines_and_escapes_what_it_prints(tmp_path
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\x9b" not in out
     assert "2 ranks, steps 4-9, 1 fault" in out
-    assert "skipped 11 malformed lines: faults.jsonl:1: no 'evidence' text; faults.jsonl:2: not JSON" in out
+    assert "skipped 12 malformed lines: faults.jsonl:1: no 'evidence' text; faults.jsonl:2: not JSON" in out
     row = next(x for x in out.splitlines() if "straggler" in x)
     assert row.endswith("rank 1 \\x1b[2J\\x1b]0;pwned\\x07late\\nforged line \\u202egnp.exe \\x9b31m")
     assert "forged line" not in out.replace(row, "")  # the evidence stays on its own line
