@@ -39,13 +39,19 @@ class GradientSync:
         self._agreed = False
 
     def _agree_on_buckets(self) -> None:
-        """Once: every rank holds the same buckets (sizes and dtypes), so the
-        all-reduces that follow need no per-op check (`comms.agreed`)."""
+        """Once: every rank holds the same buckets (sizes and dtypes) of the
+        same slices of its parameters (`comms.placement_of`: a rank must not
+        sum another slice's gradient into its own), so the all-reduces that
+        follow need no per-op check (`comms.agreed`)."""
         layout = [(sum(p.numel() for p in b), str(b[0].dtype)) for b in self.buckets]
-        comms.agree(None, [len(layout), checksum_ints(x for n, d in layout for x in (n, hash_text(d)))],
+        slices = [(pl.dim, pl.index, pl.parts) if (pl := comms.placement_of(p)) is not None else (-1,)
+                  for p in self.params]
+        comms.agree(None, [len(layout), checksum_ints(x for n, d in layout for x in (n, hash_text(d))),
+                           checksum_ints(x for sl in slices for x in sl)],
                     group=self.group, what="gradient buckets").same(
-            ["buckets", "bucket sizes and dtypes"], "GradientSync: the ranks hold different parameters",
-            show=["buckets"])
+            ["buckets", "bucket sizes and dtypes", "parameter slices"],
+            "GradientSync: the ranks hold different parameters (or different slices of them: expert weights "
+            "sync over the ranks holding the same experts, mesh.edp_group)", show=["buckets"])
         self._agreed = True
 
     @torch.no_grad()

@@ -31,6 +31,16 @@ def moe_aux_loss(model: torch.nn.Module):
     return sum(losses) if losses else 0.0
 
 
+def _model_ep_group(model: torch.nn.Module):
+    """The EP group of ``model``'s expert-parallel MoE layers (None without
+    any); ValueError when they use different groups."""
+    groups = {id(m.ep_group): m.ep_group for m in model.modules() if isinstance(m, MoE) and m.world > 1}
+    if len(groups) > 1:
+        raise ValueError("ExpertParallelGradientSync: the model's MoE layers use different ep groups; "
+                         "pass ep_group (and edp_group) explicitly")
+    return next(iter(groups.values()), None)
+
+
 def _expert_data_parallel(ranks: list, ep_group, edp_group):
     """(edp_group, alone): the group that holds replicas of this rank's
     experts, checked against ``ep_group``; ``alone`` when no other rank
@@ -55,11 +65,14 @@ def _expert_data_parallel(ranks: list, ep_group, edp_group):
 
 class ExpertParallelGradientSync:
     """Dense gradients averaged over ``group``; expert gradients summed over
-    ``edp_group`` and divided by the size of ``group``.  With ``ep_group``
+    ``edp_group`` and divided by the size of ``group``.  ``ep_group``
+    defaults to the one the model's MoE layers were built with.  With it
     over the whole group no rank shares this rank's experts and
     ``edp_group`` may be None; otherwise it is required (mesh.edp_group),
-    and one that shares ranks with ``ep_group`` (which would sum different
-    experts' gradients) raises ValueError."""
+    and one that shares ranks with ``ep_group``, or whose ranks hold other
+    experts than this one (checked at the first sync: the placements of the
+    expert weights must match), raises ValueError instead of summing
+    different experts' gradients."""
 
     def __init__(self, model: torch.nn.Module, group=None, *, ep_group=None, edp_group=None,
                  bucket_bytes: int = 25 * 2**20):
@@ -68,6 +81,8 @@ class ExpertParallelGradientSync:
         self.dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
         ranks = comms.group_ranks(group)
         self.world = len(ranks)
+        if ep_group is None:  # the model's own: its MoE layers know their group
+            ep_group = _model_ep_group(model)
         self.ep_group = ep_group
         self.dense_sync = GradientSync(self.dense, group, bucket_bytes=bucket_bytes)
         edp_group, alone = _expert_data_parallel(ranks, ep_group, edp_group)

@@ -572,3 +572,34 @@ def test_expert_gradient_sync_refuses_an_edp_group_that_would_mix_experts(distri
         assert "pass edp_group" in got["none"] and "shares ranks" in got["ep"] and got["mesh"] == "ok", got
     for got in distributed(_edp_checks, 2, timeout=100):  # ep over the whole world: nobody shares them
         assert got["none"] == "ok" and got["mesh"] == "ok" and "shares ranks" in got["ep"], got
+
+
+def _edp_misuse(case):
+    """The tester's inputs: the sync left to guess the EP group, and an edp
+    group whose ranks hold other experts (each shares one rank with its EP group)."""
+    import torch.distributed as dist
+    from loom.parallel import ExpertParallelGradientSync, ModelConfig, Transformer
+    rank = dist.get_rank()
+    mesh = comms.init_mesh(dp=4, ep=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab=32, dim=16, layers=1, heads=2, moe="standard", num_experts=4),
+                        mesh.ep_group).double()
+    x = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(rank))
+    model(x).sum().backward()
+    try:
+        if case == "no groups":
+            ExpertParallelGradientSync(model, None).sync()
+        else:  # [0, 3] and [1, 2]: rank 0 holds experts 0-1, rank 3 experts 2-3
+            wrong = comms.new_group([0, 3]) if rank in (0, 3) else comms.new_group([1, 2])
+            ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=wrong).sync()
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.timeout(120)
+def test_expert_gradient_sync_cannot_mix_experts(distributed):
+    for message in distributed(_edp_misuse, 4, "no groups", timeout=100):
+        assert "pass edp_group" in message, message  # the model's ep group is found, the edp one is needed
+    for message in distributed(_edp_misuse, 4, "wrong edp", timeout=100):
+        assert "parameter slices differs across ranks" in message, message
