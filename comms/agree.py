@@ -52,9 +52,10 @@ _TYPES = {cls.__name__: cls for cls in (ValueError, TypeError, KeyError, IndexEr
 
 @dataclass
 class Agreement:
-    """What every rank said, in group (or ring) order: ``fields[i]`` the
-    description integers of position i, ``payloads[i]`` its payload (None
-    when it sent none), ``ranks[i]`` its global rank."""
+    """What every rank said, in group order (for a rank list: ascending
+    global ranks): ``fields[i]`` the description integers of position i,
+    ``payloads[i]`` its payload (None when it sent none), ``ranks[i]`` its
+    global rank."""
     fields: list
     payloads: list
     ranks: tuple
@@ -208,7 +209,9 @@ class _Wire:
     @classmethod
     def build(cls, group, ranks, tag: int, device, label: str = "agree"):
         if ranks is not None:
-            members = Ring(list(ranks), tag=tag).ranks  # validates the list and that this rank is in it
+            # validates the list and that this rank is in it; the table is in rank order, so
+            # members that list the ranks in different orders still see (and say) the same
+            members = tuple(sorted(Ring(list(ranks), tag=tag).ranks))
             world = dist.get_world_size() if dist.is_initialized() else 1
             if max(members) >= world:
                 raise ValueError(f"agree: ranks {list(members)} are not all in [0, {world})")
