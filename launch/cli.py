@@ -19,7 +19,7 @@ def _train(args) -> int:
           f"ep={cfg.parallel.ep}), {cfg.train.steps} steps -> {run_dir}", flush=True)
     recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress)
     try:
-        summary = launch_ray(cfg, recorder)
+        summary = launch_ray(cfg, recorder)[0]  # rank 0's summary
     except LaunchError as exc:
         print(f"loom train: {exc}", file=sys.stderr)
         return 1
@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train", help="run a training job on Ray workers (local Ray by default)",
-        description="Run a training job: one Ray actor per rank (a local Ray instance unless "
-                    "--address names a cluster). Options come from --config FILE and flags; "
-                    "flags win. Writes runs/<name>/config.toml and metrics.jsonl.")
+        description="Run a training job: one Ray actor per rank (a local Ray instance of the job's own "
+                    "unless --address names a cluster; RAY_ADDRESS is used only with --address auto). "
+                    "Options come from --config FILE and flags; flags win. Writes runs/<name>/config.toml "
+                    "and metrics.jsonl.")
     add_config_arguments(train)
     train.set_defaults(func=_train)
     _add_ckpt_parser(sub)

@@ -33,12 +33,23 @@ def _f(default, help: str, **kw):
 class JobSection:
     name: str = _f("", "run name; runs/<name>/ holds config.toml and metrics.jsonl (default: a timestamp)")
     runs_dir: str = _f("runs", "directory that holds run directories")
-    address: str = _f("", "Ray cluster address to join (default: start a local Ray instance)")
+    address: str = _f("", "Ray cluster to join: host:port (its GCS, as `ray start --head` prints), "
+                          "ray://host:10001 (Ray Client: needs loom-train[cluster]) or auto (RAY_ADDRESS, else "
+                          "the cluster last started on this machine); default: start a local Ray instance of "
+                          "the job's own (RAY_ADDRESS is ignored)")
     device: str = _f("auto", "cpu, cuda, or auto (cuda when every worker can get a GPU)")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker actor")
     threads_per_worker: int = _f(1, "torch intra-op threads per worker")
     pg_timeout: float = _f(300.0, "process-group timeout in seconds")
     progress: bool = _f(True, "show a progress bar")
+    env: str = _f("", "environment variables for every worker, comma-separated: KEY (copied from this "
+                      "environment, e.g. AWS_SECRET_ACCESS_KEY: its value is not written to the run "
+                      "directory) or KEY=VALUE")
+    working_dir: str = _f("", "with --address: a directory shipped to every worker (Ray runtime_env "
+                              "working_dir; the workers run in it and import from it); loom itself is "
+                              "always shipped to a cluster")
+    start_timeout: float = _f(120.0, "seconds to wait for a cluster's busy resources before giving up (a "
+                                     "cluster too small for the job fails at once)")
 
 
 @dataclass
@@ -263,12 +274,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append(f"--lr={t.lr} must be > 0")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
-    if j.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device={j.device!r} must be auto, cpu or cuda")
-    if j.cpus_per_worker <= 0 or j.threads_per_worker < 1:
-        problems.append("--cpus-per-worker must be > 0 and --threads-per-worker >= 1")
-    if j.pg_timeout <= 0 or p.bucket_mb <= 0:
-        problems.append("--pg-timeout and --bucket-mb must be > 0")
+    problems += _job_problems(j)
+    if p.bucket_mb <= 0:
+        problems.append("--bucket-mb must be > 0")
     c = cfg.ckpt
     for name in ("ckpt_every", "keep_last", "keep_every"):
         if getattr(c, name) < 0:
@@ -289,6 +297,57 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _job_problems(j: JobSection) -> list[str]:
+    from .cluster import client_problem
+    problems = []
+    if j.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device={j.device!r} must be auto, cpu or cuda")
+    if j.cpus_per_worker <= 0 or j.threads_per_worker < 1:
+        problems.append("--cpus-per-worker must be > 0 and --threads-per-worker >= 1")
+    if j.pg_timeout <= 0 or j.start_timeout <= 0:
+        problems.append("--pg-timeout and --start-timeout must be > 0")
+    try:
+        parse_env(j.env, resolve=False)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if client_problem(j.address):
+        problems.append(client_problem(j.address))
+    return problems
+
+
+def validate_launch(cfg: JobConfig, world_size: int) -> JobConfig:
+    """Check only what launching needs (``[job]`` and ``[faults]``), for a
+    job that runs the user's own loop on ``world_size`` workers."""
+    problems = _job_problems(cfg.job) + _fault_problems(cfg.faults, world_size)
+    if problems:
+        raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def parse_env(spec: str, resolve: bool = True, environ=None) -> dict[str, str]:
+    """``--env`` as a dict: comma-separated ``KEY`` (its value from
+    ``environ``, default ``os.environ``) or ``KEY=VALUE`` entries.  Raises
+    ConfigError for a malformed entry, or (``resolve``) a KEY that is not set."""
+    import os
+    import re
+    environ = os.environ if environ is None else environ
+    out = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"--env: {item!r} must be KEY or KEY=VALUE with KEY a variable name")
+        if not eq and resolve:
+            if key not in environ:
+                raise ConfigError(f"--env: {key} is not set in this environment; set it, or give "
+                                  f"{key}=VALUE")
+            value = environ[key]
+        out[key] = value
+    return out
 
 
 def sp_layout(cfg: JobConfig) -> str:

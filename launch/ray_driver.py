@@ -1,13 +1,16 @@
 """Run a job on Ray: one actor per rank, placed by a placement group.
 
-A local Ray instance sized to the job is started unless ``address`` names an
-existing cluster.  Rank 0's node hosts the rendezvous; every actor gets the
-torchrun environment contract and runs the shared worker entry.
+`launch_ray` is the one path both `loom train` (the built-in loop) and
+`loom.launch.run` (the user's ``train_fn``) take: reach Ray (`cluster`), check
+the cluster can hold the job, place one `RankWorker` per rank, hand each the
+torchrun environment contract (rendezvous on rank 0's node) and the shared
+worker entry (`worker.run_rank`), and supervise them with the fault monitor.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import time
 
@@ -16,13 +19,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import JobConfig
+from . import cluster
+from .cluster import LaunchError
+from .config import JobConfig, parse_env
 from .fault_watch import DriverWatch
 from .report import QueueReporter
 
-
-class LaunchError(RuntimeError):
-    """The job could not start or a worker failed; the message names the rank."""
+__all__ = ["LaunchError", "RankWorker", "launch_ray"]
 
 
 class RankWorker:
@@ -37,12 +40,16 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None) -> dict:
+    def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None,
+            train_fn=None, config=None):
+        """This rank's part of the job: ``worker.run_rank`` with the built-in
+        loop (``train_fn`` None) or the user's ``train_fn(config)``."""
         from .fault_watch import RayTransport
         from .worker import run_rank
         os.environ.update(env)
         transport = RayTransport(fault_actor, fault_secret) if fault_actor is not None else None
-        return run_rank(cfg, QueueReporter(queue) if queue is not None else None, fault_transport=transport)
+        return run_rank(cfg, QueueReporter(queue) if queue is not None else None, fault_transport=transport,
+                        train_fn=train_fn, config=config)
 
 
 def _want_gpus(cfg: JobConfig) -> bool:
@@ -63,33 +70,45 @@ def _local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
     return [(lr, seen[node]) for lr, node in zip(local, node_ids)]
 
 
-def launch_ray(cfg: JobConfig, recorder=None, *, start_timeout: float = 120.0) -> dict:
-    """Run the job; rank 0's metrics stream to ``recorder``; returns rank 0's summary."""
+def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, runtime_env: dict | None = None,
+               env: dict | None = None, start_timeout: float | None = None) -> list:
+    """Run the job on ``cfg.world_size`` Ray actors; returns every rank's
+    result in rank order (the built-in loop's summary, or what ``train_fn``
+    returned).  Rank 0's metrics and events stream to ``recorder``.  Every
+    rank gets ``cfg.job.env`` (`parse_env`) and ``env`` in its environment.
+
+    Ray: the job's own local instance unless ``cfg.job.address`` names a
+    cluster (see `loom.launch.cluster`); when Ray is already initialised in
+    this process, that connection is used and left up (``runtime_env`` must
+    then be None).  ``start_timeout`` (default ``cfg.job.start_timeout``)
+    bounds the wait for free resources; a cluster too small for the job
+    fails at once.  Raises LaunchError naming the rank that failed (and its
+    exception), or the fault that stopped the job."""
     world = cfg.world_size
+    start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
+    env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
     started_here = not ray.is_initialized()
     if started_here:
-        if cfg.job.address:
-            ray.init(address=cfg.job.address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=max(1, int(round(world * cfg.job.cpus_per_worker))),
-                     include_dashboard=False, log_to_driver=True)
-    gpus = 1 if _want_gpus(cfg) else 0
-    have = ray.cluster_resources().get("GPU", 0)
-    if gpus and have < world and not cfg.job.address:
-        if started_here:
-            ray.shutdown()
-        raise LaunchError(f"--device=cuda needs {world} GPUs but this machine has {have:.0f}; "
-                          f"use --device cpu (or auto)")
-    bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    pg = placement_group([bundle] * world, strategy="SPREAD")
-    actors = []
-    watch = None
-    try:
+        shipped, staging = cluster.runtime_env(cfg.job.address, cfg.job.working_dir, runtime_env)
         try:
-            ray.get(pg.ready(), timeout=start_timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise LaunchError(f"Ray could not place {world} workers with {bundle} each within "
-                              f"{start_timeout:.0f}s; cluster has {ray.cluster_resources()}") from None
+            cluster.connect(cfg.job.address, world * cfg.job.cpus_per_worker, shipped)
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
+    elif runtime_env or cfg.job.working_dir:
+        raise LaunchError("Ray is already initialised in this process: its runtime_env is the job's; pass "
+                          "runtime_env (or working_dir) to ray.init, or call ray.shutdown() first")
+    pg, actors, watch = None, [], None
+    try:
+        gpus = 1 if _want_gpus(cfg) else 0
+        have = ray.cluster_resources().get("GPU", 0)
+        if gpus and have < world and cluster.is_local(cfg.job.address) and started_here:
+            raise LaunchError(f"--device=cuda needs {world} GPUs but this machine has {have:.0f}; "
+                              f"use --device cpu (or auto)")
+        bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        cluster.check_capacity(bundle, world)
+        pg = placement_group([bundle] * world, strategy="SPREAD")
+        cluster.wait_placed(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
         worker_cls = ray.remote(RankWorker)
         actors = [worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -102,20 +121,22 @@ def launch_ray(cfg: JobConfig, recorder=None, *, start_timeout: float = 120.0) -
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
         futures = []
+        fn_ref = ray.put(train_fn) if train_fn is not None else None
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
-            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-                   "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": master_addr,
-                   "MASTER_PORT": str(master_port)}
-            futures.append(actors[rank].run.remote(cfg.to_dict(), env, queue if rank == 0 else None,
+            rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+                        "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": master_addr,
+                        "MASTER_PORT": str(master_port)}
+            futures.append(actors[rank].run.remote(cfg.to_dict(), rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
-                                                   watch.secret if watch else None))
+                                                   watch.secret if watch else None, fn_ref, config))
         return _supervise(futures, queue, recorder, watch)
     finally:
         for a in actors:
             ray.kill(a)
         if watch is not None:
             watch.close()
-        remove_placement_group(pg)
+        if pg is not None:
+            remove_placement_group(pg)
         if started_here:
             ray.shutdown()
 
@@ -145,17 +166,18 @@ def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
         _drain(queue, recorder)
         if watch is not None and watch.poll() is not None:
-            raise LaunchError(_stopped(watch.stopping, len(futures)))
+            raise LaunchError(_stopped(watch.stopping, len(futures)), rank=min(watch.stopping.ranks, default=None))
         for ref in done:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise _failure(futures, ref, exc, [r for r in pending if r is not ref], watch, grace) from exc
+                raise _failure(futures, ref, exc, [r for r in pending if r is not ref], watch, grace) \
+                    from (getattr(exc, "cause", None) or exc)
         time.sleep(0 if done else 0.01)
     _drain(queue, recorder)
     if watch is not None:
         watch.poll(final=True)  # the last steps' faults and waits, before the workers go
-    return ray.get(futures[0])
+    return ray.get(futures)
 
 
 def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
@@ -184,7 +206,8 @@ def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
     if rank not in named:
         cause = getattr(exc, "cause", None) or exc
         parts.append(f"rank {rank} failed: {type(cause).__name__}: {cause}")
-    return LaunchError("; then ".join(parts))
+    first = sorted(why.ranks) if why is not None and why.ranks else sorted(dead)
+    return LaunchError("; then ".join(parts), rank=first[0] if first else rank)
 
 
 def _death(exc) -> str:

@@ -34,10 +34,10 @@ def _human(x: float) -> str:
 class ProgressBar:
     """A one-line bar on a terminal; a line per ~10% of the run elsewhere."""
 
-    def __init__(self, total: int, stream=None, enabled: bool = True):
+    def __init__(self, total: int | None, stream=None, enabled: bool = True):
         self.total, self.stream, self.enabled = total, stream or sys.stderr, enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = max(1, total // 10)
+        self.every = max(1, (total or 100) // 10)  # unknown length: a line every 10 steps
         self.start: float | None = None  # the first step's report starts the clock
 
     def update(self, step: int, text: str) -> None:
@@ -48,9 +48,12 @@ class ProgressBar:
         if self.start is None:
             self.start, self.first = now, done
         rate = (done - self.first) / (now - self.start) if now > self.start else 0.0
-        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
-        filled = int(30 * done / self.total)
-        line = f"[{'#' * filled}{'.' * (30 - filled)}] step {done}/{self.total} {text} eta {eta}"
+        if self.total is None:  # a run of unknown length: no bar, no ETA
+            line = f"step {done} {text}"
+        else:
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+            filled = int(30 * done / self.total)
+            line = f"[{'#' * filled}{'.' * (30 - filled)}] step {done}/{self.total} {text} eta {eta}"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done == self.total else ""))
         elif done % self.every == 0 or done == self.total or done == 1:
@@ -86,11 +89,10 @@ class RunRecorder:
 
 
 def format_summary(summary: dict) -> str:
-    rows = [("steps", f"{summary['steps']}"),
-            ("first loss", f"{summary['first_loss']:.4f}"),
-            ("final loss", f"{summary['final_loss']:.4f}"),
-            ("tokens/s", _human(summary["tokens_per_s"])),
-            ("wall time", f"{summary['wall_time_s']:.1f} s")]
+    rows = [(label, fmt(summary[key])) for key, label, fmt in (  # what the summary has of these
+        ("steps", "steps", str), ("first_loss", "first loss", "{:.4f}".format),
+        ("final_loss", "final loss", "{:.4f}".format), ("tokens_per_s", "tokens/s", _human),
+        ("wall_time_s", "wall time", "{:.1f} s".format)) if key in summary]
     rows += [(k.replace("_", " "), str(v)) for k, v in summary.get("extra", {}).items()]
     width = max(len(k) for k, _ in rows)
     inner = width + 3 + max(len(v) for _, v in rows)

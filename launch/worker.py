@@ -15,7 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate
+from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
+                     validate_launch)
 from .fault_watch import rank_faults
 from .report import RunRecorder, make_run_dir
 from .train import resolve_device, train
@@ -37,20 +38,44 @@ def init_distributed(cfg: JobConfig) -> None:
                             timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
 
 
-def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None) -> dict:
-    """Join, train, leave.  Returns the training summary.
+def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None):
+    """Join, train, leave.  Returns the built-in loop's summary, or what
+    ``train_fn`` returned (``train_fn(config)``, or ``train_fn()`` when it
+    takes no argument; `loom.launch.report` works inside it).
 
     ``fault_transport`` carries this rank's fault-monitor reports (the Ray
     driver passes one); without it rank 0 hosts the aggregator (torchrun)."""
+    from .api import rank_session
     if isinstance(cfg, dict):
         cfg = JobConfig.from_dict(cfg)
-    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", cfg.world_size)))
+    world = int(os.environ.get("WORLD_SIZE", cfg.world_size))
+    if train_fn is None:
+        validate(cfg, world_size=world)
+    else:
+        validate_launch(cfg, world)
     init_distributed(cfg)
     try:
         with rank_faults(cfg, reporter, fault_transport) as faults:
-            return train(cfg, reporter, step_hook=faults.at_step)
+            if train_fn is None:
+                return train(cfg, reporter, step_hook=faults.at_step)
+            with rank_session(reporter, faults.at_step, cfg.job.device):
+                return train_fn(config) if takes_config(train_fn) else train_fn()
     finally:
         dist.destroy_process_group()
+
+
+def takes_config(train_fn) -> bool:
+    """Whether ``train_fn`` is called with the config (it has a first
+    parameter) or without (it has none), as Ray Train decides; TypeError when
+    it needs more than one argument."""
+    import inspect
+    params = list(inspect.signature(train_fn).parameters.values())
+    needed = [p.name for p in params[1:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                                    p.VAR_KEYWORD)]
+    if needed:
+        raise TypeError(f"train_fn {getattr(train_fn, '__qualname__', train_fn)!r} also needs {needed}; "
+                        f"it must take one argument (config) or none")
+    return bool(params)
 
 
 def main(argv=None) -> int:
