@@ -146,7 +146,8 @@ def test_capacity_check_counts_bundles_per_node():
 
 def test_ray_client_address_needs_the_cluster_extra(monkeypatch):
     real = cluster.importlib.util.find_spec
-    monkeypatch.setattr(cluster.importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    monkeypatch.setattr(cluster.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "grpc" else real(name, *a))
     with pytest.raises(ConfigError, match=r"--address=ray://head:10001 connects through Ray Client, which needs "
                                           r"the ray\[client\] extra \(grpcio\): pip install 'loom-train\[cluster\]'"):
         validate(build_config(overrides={"address": "ray://head:10001"}))

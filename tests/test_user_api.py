@@ -220,3 +220,17 @@ def test_loom_ships_itself_whole(tmp_path):
         assert os.path.exists(os.path.join(root, sub, "__init__.py")), sub
     assert os.path.exists(os.path.join(root, "launch", "api.py"))
     assert not any("__pycache__" in d for d, _, _ in os.walk(root))
+
+
+def test_readme_shows_the_example_file():
+    """The README's block is examples/user_loop.py (less its docstring), which the test above runs."""
+    import ast
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    section = readme[readme.index("## Your own training loop (`loom.launch.run`)"):]
+    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    with open(EXAMPLE) as fh:
+        source = fh.read()
+    docstring_end = source.index('"""', 3) + 3
+    assert block.strip() == source[docstring_end:].strip()
+    ast.parse(block)
