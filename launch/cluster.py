@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -48,10 +49,16 @@ def is_local(address: str | None) -> bool:
     return (address or "") in LOCAL
 
 
-def client_problem(address: str | None) -> str | None:
-    """Why ``address`` cannot be used from here, or None: a ``ray://``
-    address needs Ray Client (the ``ray[client]`` extra, i.e. grpcio)."""
-    if address and address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+def address_problem(address: str | None) -> str | None:
+    """What is wrong with ``address`` before anything starts, or None: not
+    host:port, ray://host:port, auto or empty; or a ``ray://`` address
+    without Ray Client (the ``ray[client]`` extra, i.e. grpcio)."""
+    if is_local(address) or address == "auto":
+        return None
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or ("://" in address and not address.startswith("ray://")):
+        return f"--address={address!r} must be host:port, ray://host:port or auto"
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
         return (f"--address={address} connects through Ray Client, which needs the ray[client] extra "
                 f"(grpcio): {CLIENT_EXTRA}; or use the cluster's GCS address host:6379 from a node "
                 f"of the cluster")
@@ -127,7 +134,7 @@ def connect(address: str | None, num_cpus: float, runtime_env_: dict | None = No
         ray.init(address="local", num_cpus=max(1, math.ceil(num_cpus)), include_dashboard=False,
                  log_to_driver=True, runtime_env=runtime_env_)
         return
-    problem = client_problem(address)
+    problem = address_problem(address) or unreachable(address)
     if problem:
         raise LaunchError(problem)
     enable_token_auth()
@@ -140,6 +147,21 @@ def connect(address: str | None, num_cpus: float, runtime_env_: dict | None = No
         raise LaunchError(f"could not join the Ray cluster at {address}: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Is it running "
                           f"(`ray status --address {address}` on a node)?{token}") from None
+
+
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at ``address`` (host:port or ray://host:port), or
+    None; "auto" is left to Ray.  Ray itself retries a dead address for
+    minutes: this answers in at most ``timeout`` seconds."""
+    if address == "auto":
+        return None
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return (f"nothing answers at --address={address} ({exc.strerror or exc}): is the cluster's head "
+                f"running there (`ray start --head --port {port}` prints its address)?")
+    return None
 
 
 def _fits(node: dict, bundle: dict) -> int:

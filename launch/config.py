@@ -300,7 +300,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
 
 
 def _job_problems(j: JobSection) -> list[str]:
-    from .cluster import client_problem
+    from .cluster import address_problem
     problems = []
     if j.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device={j.device!r} must be auto, cpu or cuda")
@@ -312,8 +312,8 @@ def _job_problems(j: JobSection) -> list[str]:
         parse_env(j.env, resolve=False)
     except ConfigError as exc:
         problems.append(str(exc))
-    if client_problem(j.address):
-        problems.append(client_problem(j.address))
+    if address_problem(j.address):
+        problems.append(address_problem(j.address))
     return problems
 
 

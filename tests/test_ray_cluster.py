@@ -152,3 +152,16 @@ def test_ray_client_address_needs_the_cluster_extra(monkeypatch):
                                           r"the ray\[client\] extra \(grpcio\): pip install 'loom-train\[cluster\]'"):
         validate(build_config(overrides={"address": "ray://head:10001"}))
     validate(build_config(overrides={"address": "head:6379"}))  # a GCS address needs no extra
+
+
+def test_bad_or_dead_addresses_fail_at_once():
+    for address in ("localhost", "http://head:8265", "head:port"):
+        with pytest.raises(ConfigError, match="must be host:port, ray://host:port or auto"):
+            validate(build_config(overrides={"address": address}))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(cluster.LaunchError, match=f"nothing answers at --address=127.0.0.1:{port}"):
+        cluster.connect(f"127.0.0.1:{port}", 2)
+    assert time.monotonic() - start < 30  # Ray alone retries for minutes
