@@ -42,10 +42,11 @@ def head(tmp_path_factory):
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     port = _free_port()
+    temp_dir = tmp_path_factory.mktemp("ray")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head",
          f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir={tmp_path_factory.mktemp('ray')}", "--block"],
+         f"--temp-dir={temp_dir}", "--block"],
         env=_clean_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -56,10 +57,10 @@ def head(tmp_path_factory):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
         yield {"address": f"127.0.0.1:{port}", "home": home}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # this head's processes only
+    finally:  # this head's processes only: its process group (Ray would drain for 30 s after SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.communicate(timeout=60)
+            proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
