@@ -44,10 +44,9 @@ class ModelConfig:
     num_experts: int = field(default=8, metadata={"help": "experts per MoE layer (divides by --ep)"})
     top_k: int = field(default=2, metadata={"help": "experts per token in MoE layers"})
     moe_aux_coef: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
-    llep_lam: float = field(default=1.3, metadata={
-        "help": "LLEP switches on when the busiest rank has this many times the mean load"})
-    llep_min_chunk: int = field(default=1024, metadata={
-        "help": "LLEP: fewest token slots worth moving an expert's weights for"})
+    llep: LLEPConfig = field(default_factory=LLEPConfig, metadata={
+        "help": "the llep dispatcher's settings (loom train: each an llep_ option, e.g. --llep-lam)",
+        "prefix": "llep_"})
 
     def __post_init__(self):
         self.layers = _normalise_layers(self.layers)
@@ -64,7 +63,8 @@ class ModelConfig:
             raise ValueError(f"moe={self.moe!r} must be none, standard or llep")
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"need 1 <= top_k={self.top_k} <= num_experts={self.num_experts}")
-        LLEPConfig(lam=self.llep_lam, min_chunk=self.llep_min_chunk)  # validates them
+        if not isinstance(self.llep, LLEPConfig):
+            raise TypeError(f"model llep={self.llep!r} must be an LLEPConfig")
 
     @property
     def head_dim(self) -> int:
@@ -184,7 +184,7 @@ def feed_forward(cfg: ModelConfig, moe_group=None) -> nn.Module:
     if cfg.moe == "none":
         return FeedForward(cfg)
     return MoE(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.num_experts, cfg.top_k, ep_group=moe_group,
-               dispatcher=cfg.moe, llep=LLEPConfig(lam=cfg.llep_lam, min_chunk=cfg.llep_min_chunk),
+               dispatcher=cfg.moe, llep=cfg.llep,
                aux_loss_coef=cfg.moe_aux_coef)
 
 
