@@ -285,13 +285,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def new_manifest(step: int, world_size: int, mesh, created: float) -> dict:
-    """An empty manifest of ``step`` saved by ``world_size`` ranks (tensors
-    and values are added by the save)."""
-    return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-            "mesh": mesh, "created": created, "tensors": {}, "values": {}}
-
-
 class _Checker:
     """The checks of one manifest (``file``), raising at the first problem."""
 

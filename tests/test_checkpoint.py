@@ -252,7 +252,7 @@ def test_chunks_several_ranks_read_are_checked_once_split_by_bytes():
     for want in wants:
         reader = ChunkReader(None, manifest)
         for key, box in want.items():
-            reader.request(key, box, np.empty([h - l for l, h in zip(*box)], dtype=np.float32))
+            reader.request(key, box, np.empty([stop - start for start, stop in zip(*box)], dtype=np.float32))
         readers.append(reader)
     claims = [r.claims() for r in readers]
     assert [len(c) for c in claims] == [2, 2, 2]  # 8 chunks: a one-byte bitmap per rank (hex)
