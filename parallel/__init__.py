@@ -16,7 +16,8 @@ from .sequence_parallel import sequence_parallel_core
 from .ulysses import ulysses_attention
 
 __all__ = ["ExpertParallelGradientSync", "GradientSync", "HDPAttention", "HDPCost", "Piece", "attention_cores",
-           "check_schedule", "declare_placements", "hdp_forward_backward", "hdp_schedule", "pack_microbatch", "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
+           "check_schedule", "declare_placements", "hdp_forward_backward", "hdp_schedule", "pack_microbatch",
+           "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
            "ModelConfig", "SyntheticData", "Transformer", "enable_sequence_parallel", "expert_parameters",
            "linear_attention", "llep_plan", "local_attention", "local_linear_attention", "moe_aux_loss",
            "next_token_loss", "ring_attention", "sequence_parallel_core", "shard_batch", "shard_positions",

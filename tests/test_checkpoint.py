@@ -201,7 +201,8 @@ def _rewrite_manifest(url, step, edit):
 def test_unknown_placement_and_tampered_manifest(tmp_path):
     ckpt.save({"w": torch.zeros(2)}, tmp_path, step=1)
     _rewrite_manifest(tmp_path, 1, lambda m: m["tensors"]["w"].update(placement="diagonal"))
-    with pytest.raises(ckpt.InvalidCheckpointError, match=r"tensors\['w'\].placement: unknown placement 'diagonal'") as err:
+    with pytest.raises(ckpt.InvalidCheckpointError,
+                       match=r"tensors\['w'\].placement: unknown placement 'diagonal'") as err:
         ckpt.load({"w": torch.zeros(2)}, tmp_path)
     assert err.value.file.endswith(f"{step_name(1)}/{MANIFEST}") and err.value.field == "tensors['w'].placement"
     ckpt.save({"w": torch.zeros(2)}, tmp_path, step=2)
