@@ -69,6 +69,13 @@ class ParallelSection:
 
 @dataclass
 class TrainSection:
+    model: str = _f("", "your own model: MODULE:FACTORY or path/to/file.py:FACTORY, where FACTORY(config) returns "
+                        "a torch.nn.Module mapping token ids [batch, seq] to logits [batch, seq, vocab] (config: "
+                        "this job's JobConfig; see loom.launch.user_model). Default: loom's reference "
+                        "transformer, shaped by [model]", metavar="MODULE:FACTORY")
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "your model's own settings, given to FACTORY as config.train.model_args: KEY=VALUE ... "
+                "(VALUE read as TOML: 3, 0.5, true, \"text\"; else a string), or a [train.model_args] table"})
     steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(16, "global batch size in sequences (divides by dp)")
     seq_len: int = _f(64, "tokens per sequence")
@@ -380,6 +387,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"its own; use a path on a filesystem every worker sees, or an object store "
                         f"(s3://, gs://), or run one worker")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
+    if t.model:  # the user's own model (--model MODULE:FACTORY)
+        from .user_model import user_model_problems
+        problems += user_model_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
