@@ -1,9 +1,19 @@
 """Job configuration: dataclasses, loadable from TOML, every field a CLI flag.
 
-A TOML file has one table per section (``[model]``, ``[parallel]``, ...).  Field
+A TOML file has one table per section (``[model]``, ``[parallel]``, ...).  Option
 names are unique across sections, so each is also a flat flag
 (``--steps 200 --dp 2``).  `validate` rejects bad combinations before any
 worker starts, saying what to change.
+
+Every setting is written once, in the dataclass of the component that owns it
+(its default and its help text, in the field's metadata); the flags are made
+from those fields.  A section may embed an owner's dataclass: a field whose
+``default_factory`` is a dataclass contributes that dataclass's fields as
+options of the section, named with the field's metadata ``prefix`` and
+``rename`` (``[faults]`` embeds `loom.faults.DetectConfig`, ``warmup_steps``
+renamed ``fault_warmup_steps``; `ModelConfig` embeds `LLEPConfig` with the
+prefix ``llep_``).  An embedded owner takes a ``names`` argument (field ->
+flag), so its own validation names the flag that set a bad value.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import difflib
 import sys
 from dataclasses import dataclass, field, fields
 
+from loom.faults.detect import DetectConfig
 from loom.parallel.model import ModelConfig
 
 if sys.version_info >= (3, 11):
@@ -58,6 +69,13 @@ class ParallelSection:
 
 @dataclass
 class TrainSection:
+    model: str = _f("", "your own model: MODULE:FACTORY or path/to/file.py:FACTORY, where FACTORY(config) returns "
+                        "a torch.nn.Module mapping token ids [batch, seq] to logits [batch, seq, vocab] (config: "
+                        "this job's JobConfig; see loom.launch.user_model). Default: loom's reference "
+                        "transformer, shaped by [model]", metavar="MODULE:FACTORY")
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "your model's own settings, given to FACTORY as config.train.model_args: KEY=VALUE ... "
+                "(VALUE read as TOML: 3, 0.5, true, \"text\"; else a string), or a [train.model_args] table"})
     steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(16, "global batch size in sequences (divides by dp)")
     seq_len: int = _f(64, "tokens per sequence")
@@ -102,15 +120,9 @@ class FaultsSection:
                          "hang, kill, slow_link, mismatch; ';' joins several (see loom.faults.inject)")
     stop_on: str = _f("hang,lost_rank", "fault kinds that stop every worker (comma-separated; '' = none)")
     monitor_interval: float = _f(0.1, "seconds between a rank's reports to the fault monitor")
-    fault_warmup_steps: int = _f(5, "first steps the straggler and hang detectors ignore")
-    straggler_k: int = _f(3, "a straggler is late in at least k ...")
-    straggler_n: int = _f(4, "... of the last n steps")
-    straggler_rel: float = _f(0.1, "late = behind the others by this fraction of a step ...")
-    straggler_min_s: float = _f(0.03, "... and by at least this many seconds")
-    hang_floor_s: float = _f(2.0, "a hang is a collective some ranks have waited in this long ...")
-    hang_factor: float = _f(10.0, "... or this many times its typical duration, if longer")
-    slow_link_factor: float = _f(4.0, "a slow link's time per byte is this many times the others'")
-    lost_after_s: float = _f(30.0, "a rank silent this long is lost (one whose process is gone, at once)")
+    detect: DetectConfig = field(default_factory=DetectConfig, metadata={
+        "help": "the detectors' thresholds (loom.faults.DetectConfig)",
+        "rename": {"warmup_steps": "fault_warmup_steps"}})
 
 
 @dataclass
@@ -127,7 +139,10 @@ class JobConfig:
         return self.parallel.dp * self.parallel.sp
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """``{section: {option: value}}``, the shape of a TOML job file."""
+        return {section: {opt.key: opt.get(getattr(self, section)) for opt in OPTIONS.values()
+                          if opt.section == section}
+                for section in SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobConfig":
@@ -137,37 +152,85 @@ class JobConfig:
 SECTIONS = {f.name: f.default_factory for f in fields(JobConfig)}
 
 
-def _section_fields():
-    """(section, field) for every option, in declaration order."""
-    for section, factory in SECTIONS.items():
-        for f in fields(factory):
-            yield section, f
+@dataclass(frozen=True)
+class Option:
+    """One setting as a job file and the command line see it: ``[section] key``
+    and the flag ``--key`` (dashes for underscores).  ``field`` is the owner's
+    dataclass field (type, default, help); ``path`` the attribute names from
+    the section's object down to it (``("detect", "warmup_steps")``)."""
+
+    section: str
+    key: str
+    field: dataclasses.Field
+    path: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def default(self):
+        if self.field.default is not dataclasses.MISSING:
+            return self.field.default
+        if self.field.default_factory is not dataclasses.MISSING:
+            return self.field.default_factory()
+        return None
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+    def get(self, section_object):
+        value = section_object
+        for name in self.path:
+            value = getattr(value, name)
+        return value
 
 
-_OWNER = {}
-for _section, _field in _section_fields():
-    assert _field.name not in _OWNER, f"option {_field.name} appears in two sections"
-    _OWNER[_field.name] = _section
+def _embedded(f: dataclasses.Field) -> type | None:
+    """The owner dataclass a field embeds (its ``default_factory``), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _options_of(section: str, cls: type, prefix: str = "", rename=None, path=()):
+    for f in fields(cls):
+        owner = _embedded(f)
+        if owner is not None:
+            yield from _options_of(section, owner, prefix + f.metadata.get("prefix", ""),
+                                   f.metadata.get("rename", {}), path + (f.name,))
+        else:
+            yield Option(section, prefix + (rename or {}).get(f.name, f.name), f, path + (f.name,))
+
+
+OPTIONS: dict[str, Option] = {}
+for _section, _factory in SECTIONS.items():
+    for _opt in _options_of(_section, _factory):
+        assert _opt.key not in OPTIONS, f"option {_opt.key} appears twice"
+        OPTIONS[_opt.key] = _opt
+_BY_PATH = {(opt.section, opt.path): opt for opt in OPTIONS.values()}
 
 
 def _field_type(f) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if t.replace(" ", "") in ("int|str", "str|int"):
         return str  # a count or a pattern (model layers); the dataclass parses and checks it
-    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str), ("dict", dict)):
         if t.startswith(name):
             return typ
     raise TypeError(f"unsupported option type {f.type!r} for {f.name}")
 
 
-def _coerce(section: str, f, value):
-    typ = _field_type(f)
+def _coerce(opt: Option, value):
+    f, typ = opt.field, _field_type(opt.field)
     optional = "None" in str(f.type)
-    where = f"[{section}] {f.name}"
+    where = f"[{opt.section}] {opt.key}"
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{where} cannot be empty")
+    if typ is dict:
+        return _coerce_table(where, value)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -184,6 +247,26 @@ def _coerce(section: str, f, value):
         raise ConfigError(f"{where}={value!r} must be {typ.__name__}") from None
 
 
+def _coerce_table(where: str, value) -> dict:
+    """A table option: a TOML table, or ``KEY=VALUE`` strings from the command
+    line (each VALUE read as a TOML value -- 3, 0.5, true, [1, 2] -- else kept
+    as a string)."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        value = [value]
+    table = {}
+    for item in value:
+        key, eq, text = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{where}: {item!r} must be KEY=VALUE")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = text
+    return table
+
+
 def _unknown(name: str, known) -> ConfigError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -191,32 +274,50 @@ def _unknown(name: str, known) -> ConfigError:
 
 
 def build_config(data: dict | None = None, overrides: dict | None = None) -> JobConfig:
-    """A JobConfig from nested TOML-like ``data`` plus flat ``overrides``."""
+    """A JobConfig from nested TOML-like ``data`` plus flat ``overrides``
+    (option names, ``-`` or ``_``).  Raises ConfigError naming the option."""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     for section, table in (data or {}).items():
         if section not in SECTIONS:
             raise _unknown(section, SECTIONS)
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table of options")
-        names = {f.name: f for f in fields(SECTIONS[section])}
         for key, value in table.items():
-            if key not in names:
-                raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
-            values[section][key] = _coerce(section, names[key], value)
+            opt = OPTIONS.get(key)
+            if opt is None or opt.section != section:
+                raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k, o in OPTIONS.items()
+                                                    if o.section == section])
+            values[section][key] = _coerce(opt, value)
     for key, value in (overrides or {}).items():
         key = key.replace("-", "_")
-        if key not in _OWNER:
-            raise _unknown(key, _OWNER)
-        section = _OWNER[key]
-        f = next(f for f in fields(SECTIONS[section]) if f.name == key)
-        values[section][key] = _coerce(section, f, value)
-    built = {}
-    for section, factory in SECTIONS.items():
-        try:
-            built[section] = factory(**values[section])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return JobConfig(**built)
+        if key not in OPTIONS:
+            raise _unknown(key, OPTIONS)
+        opt = OPTIONS[key]
+        value = _coerce(opt, value)
+        if isinstance(value, dict):  # a table from flags adds to (or replaces keys of) the file's
+            value = {**values[opt.section].get(key, {}), **value}
+        values[opt.section][key] = value
+    try:
+        return JobConfig(**{section: _construct(section, factory, values[section])
+                            for section, factory in SECTIONS.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _construct(section: str, cls: type, values: dict, path: tuple = (), names: dict | None = None):
+    """``cls`` from the given options (``values``: key -> value) of ``section``;
+    the others keep their defaults.  An embedded owner is told its fields'
+    flags (``names``), so its own validation names the flag of a bad value."""
+    kwargs = {}
+    for f in fields(cls):
+        sub = path + (f.name,)
+        owner = _embedded(f)
+        if owner is not None:
+            flags = {o.path[-1]: o.flag for o in OPTIONS.values() if o.section == section and o.path[:-1] == sub}
+            kwargs[f.name] = _construct(section, owner, values, sub, flags)
+        elif _BY_PATH[section, sub].key in values:
+            kwargs[f.name] = values[_BY_PATH[section, sub].key]
+    return cls(**kwargs) if names is None else cls(**kwargs, names=names)
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> JobConfig:
@@ -286,6 +387,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"its own; use a path on a filesystem every worker sees, or an object store "
                         f"(s3://, gs://), or run one worker")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
+    if t.model:  # the user's own model (--model MODULE:FACTORY)
+        from .user_model import user_model_problems
+        problems += user_model_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -358,7 +462,6 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
 
 def _fault_problems(f: FaultsSection, world: int) -> list[str]:
     from loom.faults import KINDS, inject
-    from loom.launch.fault_watch import detect_config
     problems = []
     try:
         inject.validate_plan(inject.parse(f.inject), max(world, 1))
@@ -369,33 +472,30 @@ def _fault_problems(f: FaultsSection, world: int) -> list[str]:
         problems.append(f"--stop-on: unknown fault kind(s) {unknown}; expected some of {list(KINDS)}")
     if f.monitor_interval <= 0:
         problems.append(f"--monitor-interval={f.monitor_interval} must be > 0")
-    try:
-        detect_config(f)
-    except ValueError as exc:
-        problems.append(str(exc).replace("DetectConfig.", "--").replace("DetectConfig: ", ""))
-    return problems
+    return problems  # the detectors' thresholds were checked by DetectConfig itself, when built
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per option, grouped by section, defaulting to 'not given'."""
+    """One flag per option, grouped by section, defaulting to 'not given'.
+    The help text and default are the owning dataclass field's."""
     parser.add_argument("--config", metavar="FILE", help="TOML job file; flags override its values")
-    for section, factory in SECTIONS.items():
-        group = parser.add_argument_group(f"[{section}]")
-        for f in fields(factory):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = f.metadata.get("help", "")
-            flag = "--" + f.name.replace("_", "-")
-            if _field_type(f) is bool:
-                group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                   help=f"{help_text} (default: {default})")
-            else:
-                metavar = f.metadata.get("metavar", _field_type(f).__name__.upper())
-                group.add_argument(flag, dest=f.name, default=None, metavar=metavar,
-                                   help=f"{help_text} (default: {default})")
+    groups = {section: parser.add_argument_group(f"[{section}]") for section in SECTIONS}
+    for key, opt in OPTIONS.items():
+        group, typ = groups[opt.section], _field_type(opt.field)
+        help_text = opt.help if "default:" in opt.help else f"{opt.help} (default: {opt.default})"
+        if typ is bool:
+            group.add_argument(opt.flag, dest=key, default=None, action=argparse.BooleanOptionalAction,
+                               help=help_text)
+        elif typ is dict:
+            group.add_argument(opt.flag, dest=key, default=None, nargs="+", action="extend",
+                               metavar="KEY=VALUE", help=help_text)
+        else:
+            metavar = opt.field.metadata.get("metavar", typ.__name__.upper())
+            group.add_argument(opt.flag, dest=key, default=None, metavar=metavar, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    overrides = {name: getattr(args, name) for name in _OWNER if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
     return load_config(getattr(args, "config", None), overrides)
 
 
@@ -420,4 +520,6 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")

@@ -30,20 +30,11 @@ from loom.faults.monitor import Aggregator
 
 SECRET_ENV = "LOOM_JOB_SECRET"
 _CONTACT_BYTES = 1 + 1 + 255 + 2 + 1 + 255  # version, secret length, secret, port, host length, host
-_RENAMED = {"warmup_steps": "fault_warmup_steps"}  # DetectConfig field -> [faults] option
 
 
 def detect_config(section) -> DetectConfig:
-    """The detector thresholds from a job's ``[faults]`` section."""
-    names = {f.name for f in dataclasses.fields(DetectConfig)}
-    values = {n: getattr(section, _RENAMED.get(n, n)) for n in names if hasattr(section, _RENAMED.get(n, n))}
-    try:
-        return DetectConfig(**values)
-    except ValueError as exc:
-        msg = str(exc).replace("DetectConfig: ", "").replace("DetectConfig.", "")
-        for n in names:
-            msg = msg.replace(f"{n}=", f"--{_RENAMED.get(n, n).replace('_', '-')}=")
-        raise ValueError(msg) from None
+    """The detector thresholds of a job's ``[faults]`` section (it embeds them)."""
+    return section.detect
 
 
 def stop_kinds(section) -> set[str]:

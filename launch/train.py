@@ -23,8 +23,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model(cfg: JobConfig, device: torch.device, moe_group=None) -> torch.nn.Module:
+    """The job's model on ``device`` in ``--dtype``: the user's own (``--model
+    MODULE:FACTORY``, `loom.launch.user_model`) or loom's reference transformer
+    (MoE layers expert-parallel over ``moe_group``)."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    return Transformer(cfg.model, moe_group).to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    if cfg.train.model:
+        from .user_model import build_user_model
+        model = build_user_model(cfg)
+    else:
+        model = Transformer(cfg.model, moe_group)
+    return model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
 
 
 def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
