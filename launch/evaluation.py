@@ -35,9 +35,10 @@ def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mes
              layout: str = "contiguous") -> dict:
     """Held-out loss of ``model`` over ``batches`` global batches of
     ``batch_size`` sequences of ``data`` (a `SyntheticData`, normally the
-    ``split="val"`` one), sequence shards in ``layout`` when ``mesh.sp > 1``.  Collective over the whole job (every rank calls it
-    at the same step).  Returns ``eval_loss`` (mean cross-entropy per token,
-    nats), ``eval_ppl`` (its exp), ``eval_tokens`` and ``eval_time_s``.
+    ``split="val"`` one), sequence shards in ``layout`` when ``mesh.sp > 1``.
+    Collective over the whole job (every rank calls it at the same step).
+    Returns ``eval_loss`` (mean cross-entropy per token, nats), ``eval_ppl``
+    (its exp), ``eval_tokens`` and ``eval_time_s``.
     The model is put in eval mode for the passes and back afterwards."""
     t0 = time.monotonic()
     was_training = model.training

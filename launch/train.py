@@ -13,9 +13,9 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, T
                            next_token_loss, sequence_parallel_core, shard_batch)
 
 from .checkpointing import TrainingCheckpoints
+from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
 from .evaluation import evaluate
 from .metrics import StepMetrics
-from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
 from .schedule import LRSchedule, lambda_lr
 
 

@@ -118,7 +118,8 @@ def test_evaluate_is_the_mean_over_every_heldout_token(distributed):
     ({"dp": 1, "sp": 2}, {"dp": 1}),
     ({"dp": 1, "sp": 2, "sp_attention": "ulysses"}, {"dp": 1}),
     ({"dp": 2, "ep": 2, "moe": "standard", "num_experts": 4}, {"dp": 1, "moe": "standard", "num_experts": 4}),
-    ({"dp": 2, "hdp": True, "batch_size": 5, "varlen_max": 8}, {"dp": 1, "hdp": True, "batch_size": 5, "varlen_max": 8}),
+    ({"dp": 2, "hdp": True, "batch_size": 5, "varlen_max": 8},
+     {"dp": 1, "hdp": True, "batch_size": 5, "varlen_max": 8}),
 ], ids=["dp", "sp-ring", "sp-ulysses", "ep", "hdp"])
 def test_eval_loss_in_every_layout_equals_one_process(distributed, layout, reference):
     (want, train_want, _), = distributed(_eval_rows, 1, reference, timeout=200)

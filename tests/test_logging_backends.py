@@ -3,6 +3,7 @@ TensorBoard event files read back with TensorBoard's EventAccumulator, a
 Weights & Biases offline run read back from its .wandb file, the errors for
 missing packages, and library logging shown by the CLI."""
 import glob
+import io
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ def tensorboard_scalars(log_dir: str) -> dict:
 
 def test_tensorboard_event_files_hold_every_metric(tmp_path):
     sink = lb.TensorBoardSink(str(tmp_path / "tensorboard"))
-    recorder = RunRecorder(str(tmp_path), 2, progress=False, stream=open(os.devnull, "w"), sinks=[sink])
+    recorder = RunRecorder(str(tmp_path), 2, progress=False, stream=io.StringIO(), sinks=[sink])
     recorder.step(TRAIN_ROW)
     recorder.step({**TRAIN_ROW, "step": 1, "loss": 2.25})
     recorder.step(EVAL_ROW)
@@ -94,17 +95,16 @@ class Broken:
 
 def test_a_failing_backend_is_dropped_not_fatal(tmp_path, caplog):
     broken = Broken()
-    recorder = RunRecorder(str(tmp_path), 2, progress=False, stream=open(os.devnull, "w"), sinks=[broken])
+    recorder = RunRecorder(str(tmp_path), 2, progress=False, stream=io.StringIO(), sinks=[broken])
     with caplog.at_level(logging.WARNING, logger="loom.launch"):
         recorder.step(TRAIN_ROW)
         recorder.step({**TRAIN_ROW, "step": 1})
     assert recorder.sinks == [] and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    assert [r.getMessage() for r in caplog.records] == ["logging backend Broken failed and is dropped: OSError: "
-                                                        "disk full"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "logging backend Broken failed and is dropped: OSError: disk full"]
 
 
 def test_progress_line_and_eval_line(tmp_path):
-    import io
     out, err = io.StringIO(), io.StringIO()
     recorder = RunRecorder(str(tmp_path), 1, stream=out)
     recorder.bar.stream = err
@@ -128,7 +128,8 @@ def wandb_records(path: str):
     [crc32c:4][length:2][type:1][payload]; types 1 full, 2 first, 3 middle,
     4 last) as wandb_internal_pb2.Record protobufs."""
     from wandb.proto import wandb_internal_pb2
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     assert data[:4] == b":W&B"
     pos, block, buf = 7, 32768, b""
     while pos + 7 <= len(data):

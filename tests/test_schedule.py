@@ -132,7 +132,7 @@ class Rows:
 def _train(overrides):
     from loom.launch.train import train
     rows = Rows()
-    summary = train(validate(build_config(overrides=overrides)), rows)
+    train(validate(build_config(overrides=overrides)), rows)
     return [(r["step"], r["lr"], r["loss"]) for r in rows.rows if "lr" in r], rows.lines
 
 
