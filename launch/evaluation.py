@@ -16,6 +16,7 @@ The MoE load-balancing loss is not part of the evaluation loss.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -32,14 +33,16 @@ def _share(total: int, parts: int, index: int) -> range:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mesh, device: torch.device,
-             layout: str = "contiguous") -> dict:
+             layout: str = "contiguous", autocast=None) -> dict:
     """Held-out loss of ``model`` over ``batches`` global batches of
     ``batch_size`` sequences of ``data`` (a `SyntheticData`, normally the
     ``split="val"`` one), sequence shards in ``layout`` when ``mesh.sp > 1``.
     Collective over the whole job (every rank calls it at the same step).
     Returns ``eval_loss`` (mean cross-entropy per token, nats), ``eval_ppl``
     (its exp), ``eval_tokens`` and ``eval_time_s``.
-    The model is put in eval mode for the passes and back afterwards."""
+    The model is put in eval mode for the passes and back afterwards.
+    ``autocast``: a factory of the context the forward runs in (under mixed
+    precision, the training step's `torch.autocast`); default none."""
     t0 = time.monotonic()
     was_training = model.training
     model.eval()
@@ -54,7 +57,8 @@ def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mes
                 inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
                 positions = positions.to(device)
             if targets.numel():
-                logits = model(inputs.to(device), positions)
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    logits = model(inputs.to(device), positions)
                 total[0] += next_token_loss(logits, targets.to(device), reduction="sum").double()
                 total[1] += targets.numel()
         comms.all_reduce(total, "sum")

@@ -183,3 +183,18 @@ def test_step_metrics(distributed):
     flops = batch_flops(counts, [8] * 4) / first["step_time_s"]
     assert first["model_tflops_per_device"] == pytest.approx(flops / 1e12, rel=1e-12)
     assert first["mfu"] == pytest.approx(flops / 2e12, rel=1e-12)
+
+
+def test_evaluate_runs_the_forward_in_the_given_autocast():
+    """Without a process group (a world of one); mixed precision passes its autocast."""
+    from types import SimpleNamespace
+
+    from loom.launch.evaluation import evaluate
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab=32, dim=16, layers=1, heads=2))
+    data = SyntheticData(32, 8).heldout()
+    mesh = SimpleNamespace(dp=1, dp_rank=0, sp=1)
+    kw = dict(batches=2, batch_size=4, mesh=mesh, device=torch.device("cpu"))
+    plain = evaluate(model, data, **kw)["eval_loss"]
+    low = evaluate(model, data, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), **kw)["eval_loss"]
+    assert low != plain and low == pytest.approx(plain, rel=2e-2)
