@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 
 from loom.parallel.model import ModelConfig
 
+from .schedule import LRSchedule
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -377,7 +379,6 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
 
 def _train_extras_problems(cfg: JobConfig) -> list[str]:
     """Schedules, evaluation and metrics options."""
-    from loom.launch.schedule import LRSchedule
     t, j, problems = cfg.train, cfg.job, []
     if t.steps >= 1 and t.lr > 0 and t.warmup_steps >= 0:  # reported above otherwise
         try:
