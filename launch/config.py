@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from loom.faults.detect import DetectConfig
 from loom.parallel.model import ModelConfig
 
+from .schedule import LRSchedule
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -50,6 +52,14 @@ class JobSection:
     threads_per_worker: int = _f(1, "torch intra-op threads per worker")
     pg_timeout: float = _f(300.0, "process-group timeout in seconds")
     progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool | None = _f(None, "write TensorBoard event files to <run dir>/tensorboard (default: on when "
+                                        "the tensorboard package is installed: pip install 'loom-train[tensorboard]')")
+    wandb: str = _f("", "log metrics to this Weights & Biases project (needs pip install 'loom-train[wandb]')",
+                    metavar="PROJECT")
+    wandb_mode: str = _f("auto", "with --wandb: online, offline (no network; `wandb sync` later) or auto "
+                                 "(WANDB_MODE from the environment, else online)")
+    peak_tflops: float = _f(0.0, "peak dense TFLOP/s of one device in the training precision, for model FLOPs "
+                                 "utilisation (mfu) in the metrics (0: mfu not reported)")
 
 
 @dataclass
@@ -90,6 +100,16 @@ class TrainSection:
                                "(0: seq_len // 4); --batch-size sequences per global batch")
     varlen_sigma: float = _f(1.0, "with --hdp: lognormal sigma of the sequence lengths (larger: longer tail)")
     varlen_max: int = _f(0, "with --hdp: longest sequence (0: world * capacity, what one microbatch holds)")
+    lr_schedule: str = _f("constant", "learning rate after the warm-up: constant, cosine or linear (to --min-lr "
+                                      "at the last step), or wsd (warmup-stable-decay: constant, then a linear "
+                                      "decay to --min-lr over the last --wsd-decay-frac of the steps)")
+    min_lr: float = _f(0.0, "the learning rate cosine, linear and wsd schedules end at")
+    wsd_decay_frac: float = _f(0.1, "with --lr-schedule wsd: the fraction of --steps in the final decay")
+    allow_lr_schedule_change: bool = _f(False, "with --resume: continue with this run's schedule when the "
+                                               "checkpoint's differs (--lr-schedule, --lr, --warmup-steps, "
+                                               "--min-lr, --steps, --wsd-decay-frac), instead of refusing")
+    eval_every: int = _f(0, "evaluate on held-out data every N steps and after the last (0: never)")
+    eval_batches: int = _f(4, "global batches (of --batch-size sequences) per evaluation")
 
 
 @dataclass
@@ -390,6 +410,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     if t.model:  # the user's own model (--model MODULE:FACTORY)
         from .user_model import user_model_problems
         problems += user_model_problems(cfg)
+    problems += _train_extras_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -457,6 +478,25 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
             problems.append(f"--seq-len={t.seq_len} must divide by {what}={parts} for {layout} sharding")
         if p.sp_attention == "ulysses" and cfg.model.heads % p.sp:
             problems.append(f"--heads={cfg.model.heads} must divide by --sp={p.sp} for ulysses attention")
+    return problems
+
+
+def _train_extras_problems(cfg: JobConfig) -> list[str]:
+    """Schedules, evaluation and metrics options."""
+    t, j, problems = cfg.train, cfg.job, []
+    if t.steps >= 1 and t.lr > 0 and t.warmup_steps >= 0:  # reported above otherwise
+        try:
+            LRSchedule.from_config(t)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if t.eval_every < 0:
+        problems.append(f"--eval-every={t.eval_every} must be >= 0 (0: no evaluation)")
+    if t.eval_batches < 1:
+        problems.append(f"--eval-batches={t.eval_batches} must be >= 1")
+    if j.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        problems.append(f"--wandb-mode={j.wandb_mode!r} must be auto, online, offline or disabled")
+    if not j.peak_tflops >= 0:
+        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 (0: no mfu)")
     return problems
 
 

@@ -1,6 +1,7 @@
 """The training loop every rank runs (under Ray or torchrun)."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -13,6 +14,9 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, T
 
 from .checkpointing import TrainingCheckpoints
 from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
+from .evaluation import evaluate
+from .metrics import StepMetrics
+from .schedule import LRSchedule, lambda_lr
 
 
 def resolve_device(device: str) -> torch.device:
@@ -36,11 +40,10 @@ def build_model(cfg: JobConfig, device: torch.device, moe_group=None) -> torch.n
 
 
 def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
+    """AdamW and a `LambdaLR` running ``--lr-schedule`` (`loom.launch.schedule`)."""
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    warm = max(1, t.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    return opt, sched
+    return opt, lambda_lr(opt, LRSchedule.from_config(t))
 
 
 def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
@@ -69,6 +72,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     hdp_cost = HDPCost.for_model(cfg.model)
     ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter)
+    metrics = StepMetrics(model, device, world, cfg.job.peak_tflops)
+    heldout = data.heldout()
+    eval_time, last_eval = 0.0, None
     start = ckpts.resume()
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
@@ -82,8 +88,10 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         if step_hook is not None:
             step_hook(step)
         opt.zero_grad(set_to_none=True)
+        lengths = [cfg.train.seq_len] * cfg.train.batch_size
         if cfg.parallel.hdp:
-            loss, tokens_per_step = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device)
+            loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device)
+            tokens_per_step = sum(lengths)
         else:
             inputs, targets = data.batch(step, range(first, first + local_batch))
             positions = None
@@ -98,20 +106,30 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             loss.backward()
         tokens_done += tokens_per_step
         grads.sync()
-        if cfg.train.grad_clip > 0:
-            grads.clip_grad_norm_(cfg.train.grad_clip)
+        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps - 1
+        grad_norm = None
+        if cfg.train.grad_clip > 0 or log_now:  # the norm before clipping; max_norm=inf only measures it
+            grad_norm = grads.clip_grad_norm_(cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+        lr = opt.param_groups[0]["lr"]  # this step's
         opt.step()
         sched.step()
         # the mean over every rank's equal share of the global batch
         mean_loss = comms.all_reduce(loss.detach().double().reshape(1), "sum").item() / world
         losses.append(mean_loss)
-        if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-            dt = time.monotonic() - t0
-            reporter.step({"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
-                           "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+        if log_now:  # collective (the peak memory over all ranks)
+            row = metrics.row(step, loss=mean_loss, lr=lr, grad_norm=grad_norm,
+                              step_time_s=time.monotonic() - t0, lengths=lengths)
+            if reporter is not None:
+                reporter.step(row)
+        if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step == cfg.train.steps - 1):
+            last_eval = evaluate(model, heldout, batches=cfg.train.eval_batches, batch_size=cfg.train.batch_size,
+                                 mesh=mesh, device=device, layout=layout)
+            eval_time += last_eval["eval_time_s"]
+            if reporter is not None:
+                reporter.step({"step": step, "split": "eval", **last_eval})
         ckpts.after_step(step)
     comms.set_step(None)
-    loop_time = time.monotonic() - t_loop
+    loop_time = time.monotonic() - t_loop - eval_time  # training only
     ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
     nan = float("nan")
     summary = {"steps": cfg.train.steps, "first_loss": losses[0] if losses else nan,
@@ -120,16 +138,19 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
+    if last_eval is not None:
+        summary.setdefault("extra", {}).update(eval_loss=round(last_eval["eval_loss"], 6),
+                                               eval_ppl=round(last_eval["eval_ppl"], 4))
     return summary
 
 
 def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, cost, device):
     """One --hdp step's forward and backward: a long-tail batch, scheduled over
-    every rank.  Returns (this rank's loss part, tokens in the global batch).
+    every rank.  Returns (this rank's loss part, the global batch's sequence lengths).
     The loss parts are scaled by the world size because gradients (and the
     reported loss) are averaged over ranks, and the parts sum to the batch's mean."""
     lengths = data.lengths(step, cfg.train.batch_size, **varlen_options(cfg))
     sequences = [data.sample(step, i, n) for i, n in enumerate(lengths)]
     schedule = hdp_schedule(lengths, world, hdp_capacity(cfg), cost=cost)
     loss = hdp_forward_backward(model, sequences, schedule, device=device, loss_scale=world)
-    return loss, sum(lengths)
+    return loss, lengths
