@@ -206,3 +206,98 @@ def test_fp16_loss_scale_is_part_of_the_checkpoint(distributed, tmp_path):
 def test_mixed_precision_is_validated(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(build_config(overrides=overrides))
+
+
+def _train_with_events(overrides):
+    from loom.launch.train import train
+
+    class Events:
+        lines: list = []
+
+        def step(self, metrics):
+            pass
+
+        def event(self, text):
+            self.lines.append(text)
+
+    events = Events()
+    losses = train(validate(build_config(overrides={**TINY, "dtype": "float32", **overrides})), events)["losses"]
+    return losses, events.lines
+
+
+@pytest.mark.timeout(120)
+def test_fp16_resumes_a_checkpoint_saved_without_a_scaler(distributed, tmp_path):
+    url = str(tmp_path / "ck")
+    distributed(_train_with_events, 2, dict(steps=2, ckpt_every=2, ckpt_url=url))
+    losses, events = distributed(_train_with_events, 2, dict(steps=4, ckpt_url=url, resume=True,
+                                                             mixed_precision="fp16"))[0]
+    assert len(losses) == 2 and any("holds no fp16 loss scaler" in e for e in events), events
+
+
+# ------------------------------------------------------ activation checkpointing
+
+def _losses_and_grads(runs):
+    """Per run: the losses and the last step's (synchronised) gradients."""
+    from loom.launch import train as launch_train
+    out, build = [], launch_train.build_optimizer
+    for overrides in runs:
+        models = []
+
+        def capture(cfg, model):
+            models.append(model)
+            return build(cfg, model)
+
+        launch_train.build_optimizer = capture
+        try:
+            (losses,) = train_losses(TINY, [overrides])
+        finally:
+            launch_train.build_optimizer = build
+        out.append((losses, {n: p.grad.clone() for n, p in models[0].named_parameters()}))
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_activation_checkpointing_keeps_losses_and_gradients_float64(distributed):
+    modes = [m for name, m in MODES if name != "ep standard"] + [
+        dict(moe="llep", ep=2), dict(HDP, layers="linear,softmax"), dict(grad_accum=2, dp=1, sp=2)]
+    runs = [dict(m, activation_checkpointing=ac) for m in modes for ac in (False, True)]
+    for rank_runs in distributed(_losses_and_grads, 2, runs, timeout=200):
+        for i, mode in enumerate(modes):
+            (plain, plain_grads), (ckpt, ckpt_grads) = rank_runs[2 * i:2 * i + 2]
+            assert _close(plain, ckpt), (mode, plain, ckpt)
+            assert plain_grads.keys() == ckpt_grads.keys() and sum(g.abs().sum() for g in ckpt_grads.values()) > 0
+            for name, g in plain_grads.items():
+                assert (g - ckpt_grads[name]).abs().max() < 1e-10, (mode, name)
+
+
+def _saved_bytes(model, tokens) -> int:
+    """Bytes of the tensors the autograd graph keeps for the backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens).float().pow(2).mean()
+    loss.backward()
+    return sum(saved)
+
+
+def test_activation_checkpointing_keeps_fewer_activations():
+    """Deterministic: the tensors saved for the backward outside the blocks
+    (embedding, final norm, head) are all that stays; each block keeps only
+    its input."""
+    from loom.parallel import ModelConfig, Transformer, apply_activation_checkpointing
+    cfg = ModelConfig(vocab=64, dim=32, heads=4, layers=4)
+    tokens = torch.randint(64, (2, 32))
+    torch.manual_seed(0)
+    plain = _saved_bytes(Transformer(cfg), tokens)
+    torch.manual_seed(0)
+    model = apply_activation_checkpointing(Transformer(cfg))
+    ckpt = _saved_bytes(model, tokens)
+    assert ckpt < plain / 4, (ckpt, plain)
+    with pytest.raises(ValueError, match="already checkpointed"):
+        apply_activation_checkpointing(model)
+    with pytest.raises(ValueError, match="has no 'blocks' list of modules; pass blocks="):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2))
