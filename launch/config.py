@@ -83,8 +83,9 @@ class TrainSection:
     activation_checkpointing: bool = _f(False, "recompute each transformer block's activations during the "
                                                "backward instead of keeping them (less memory, about one "
                                                "more forward per step)")
-    compile: bool = _f(False, "wrap the model in torch.compile (graph breaks at loom's collectives); CPU "
-                              "needs a C compiler for the default inductor backend")
+    compile: bool = _f(False, "compile the model with torch.compile (inductor) in place; works with dp, sp "
+                              "(ring, ulysses, linear), ep and hdp, breaking graphs at loom's collectives "
+                              "(LLEP and hdp recompile often); on CPU it needs a C++ compiler (g++ or $CXX)")
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The training loop every rank runs (under Ray or torchrun)."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import torch
@@ -12,7 +14,7 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, T
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core, shard_batch)
 
 from .checkpointing import TrainingCheckpoints
-from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
+from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
 from .precision import MixedPrecision
 
 
@@ -114,8 +116,23 @@ def apply_training_essentials(cfg: JobConfig, model: torch.nn.Module, amp: Mixed
         apply_activation_checkpointing(model)
     amp.apply(model)
     if cfg.train.compile:
+        problem = compile_problem(amp.device.type)
+        if problem:
+            raise ConfigError(problem)
         model.compile()  # in place: parameter names (and checkpoints) stay as they are
     return model
+
+
+def compile_problem(device_type: str, which=shutil.which) -> str | None:
+    """Why --compile cannot work here, or None: on CPU, torch.compile's
+    default (inductor) backend builds C++ kernels with ``$CXX`` or ``g++``."""
+    if device_type != "cpu":
+        return None
+    compiler = os.environ.get("CXX") or "g++"
+    if which(compiler) is None:
+        return (f"--compile on CPU needs a C++ compiler for torch.compile's inductor backend: {compiler!r} "
+                f"is not on PATH (install g++, or set CXX to one), or drop --compile")
+    return None
 
 
 def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str, device,

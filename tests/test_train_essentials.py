@@ -301,3 +301,30 @@ def test_activation_checkpointing_keeps_fewer_activations():
         apply_activation_checkpointing(model)
     with pytest.raises(ValueError, match="has no 'blocks' list of modules; pass blocks="):
         apply_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------- torch.compile
+
+def _compiled_run():
+    from torch._dynamo.utils import counters
+    counters.clear()
+    plain, compiled = train_losses(dict(TINY, layers=1, steps=2, dp=1), [dict(), dict(compile=True)])
+    return plain, compiled, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.timeout(240)
+def test_compile_trains_the_same_float64_losses(distributed):
+    """One rank (whole-model graph; sp/ep break graphs at loom's collectives:
+    see the README); inductor's C++ build takes most of the time."""
+    plain, compiled, graphs = distributed(_compiled_run, 1, timeout=200)[0]
+    assert graphs >= 1 and _close(plain, compiled), (plain, compiled)
+
+
+def test_compile_without_a_cpu_compiler_says_what_to_do(monkeypatch):
+    from loom.launch.train import compile_problem
+    monkeypatch.delenv("CXX", raising=False)
+    assert compile_problem("cpu") is None or "needs a C++ compiler" in compile_problem("cpu")
+    assert "'g++' is not on PATH" in compile_problem("cpu", which=lambda name: None)
+    monkeypatch.setenv("CXX", "clang++-99")
+    assert "'clang++-99' is not on PATH (install g++, or set CXX" in compile_problem("cpu", which=lambda name: None)
+    assert compile_problem("cuda", which=lambda name: None) is None
