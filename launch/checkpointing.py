@@ -68,9 +68,10 @@ class TrainingCheckpoints:
     the claim is made here, collectively, before the first step, and a store
     another job owns stops the job on every rank, naming the owner."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None):
+    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None, precision=None):
         self.cfg, self.c = cfg, cfg.ckpt
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.precision = precision       # a MixedPrecision: its fp16 loss scaler is saved too
         self.mesh, self.reporter = mesh, reporter
         self.schedule = LRSchedule.from_config(cfg.train)  # what the scheduler runs (train.build_optimizer)
         self.saved = 0
@@ -97,12 +98,17 @@ class TrainingCheckpoints:
         """What a checkpoint holds.  Parameters split across ranks (expert
         parallelism) carry their placement through ``state_dict()``, and the
         optimizer's moments follow their parameters; ``for_load`` creates the
-        optimizer's state first, so the load has tensors of this rank's shapes."""
-        return {"model": self.model.state_dict(),
-                "optim": checkpoint.optimizer_state_dict(self.optimizer, init=for_load),
-                "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
-                "schedule": {} if for_load else self.schedule.settings(),
-                "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
+        optimizer's state first, so the load has tensors of this rank's shapes.
+        An fp16 run's loss scaler (the same on every rank) is saved as ``scaler``."""
+        state = {"model": self.model.state_dict(),
+                 "optim": checkpoint.optimizer_state_dict(self.optimizer, init=for_load),
+                 "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
+                 "schedule": {} if for_load else self.schedule.settings(),
+                 "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
+        scaler = self.precision.state_dict() if self.precision is not None else {}
+        if scaler:
+            state["scaler"] = scaler
+        return state
 
     def resume(self) -> int:
         """Restore the latest committed step (when --resume); the first step to run."""
@@ -110,7 +116,8 @@ class TrainingCheckpoints:
             return 0
         state = self.state(0, for_load=True)
         try:
-            # not strict: a checkpoint from before schedules were saved lacks "schedule" (checked below)
+            # not strict: a checkpoint from before schedules were saved lacks "schedule", one saved
+            # without fp16 lacks "scaler" (both handled below); any other missing key raises
             info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False)
         except checkpoint.NoCheckpointError:
             self.optimizer.state.clear()  # as fresh as it was: no state made for the load
@@ -121,12 +128,14 @@ class TrainingCheckpoints:
                     f"skipped ({skipped['error']}); resuming from step {info.step}")
             log.warning(text)
             self._event(text)
-        lacking = [key for key in info.missing if key != "schedule"]
+        lacking = [key for key in info.missing if key != "schedule" and key.split("/")[0] != "scaler"]
         if lacking:
             raise checkpoint.MissingKeysError(f"checkpoint {info.location} lacks keys {lacking}")
         self.optimizer.load_state_dict(state["optim"])
         self.scheduler.load_state_dict(state["sched"])
         self._continue_schedule(state["schedule"], info.location)
+        if "scaler" in state:
+            self._resume_scaler(info, state["scaler"])
         set_rng_state(state["rng"].value)
         start = int(state["progress"]["step"])
         self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
@@ -158,6 +167,15 @@ class TrainingCheckpoints:
             log.warning(text)
             self._event(text)
         restore(self.scheduler, self.schedule)
+
+    def _resume_scaler(self, info, saved: dict) -> None:
+        """The fp16 loss scaler from ``info``'s checkpoint, or a fresh one when
+        it was saved without (every other key must be there)."""
+        if any(k.split("/")[0] == "scaler" for k in info.missing):
+            self._event(f"the checkpoint at {info.location} holds no fp16 loss scaler (saved without "
+                        f"--mixed-precision fp16): starting with a fresh one")
+        else:
+            self.precision.load_state_dict(saved)
 
     def after_step(self, step: int) -> None:
         """Called after step ``step`` (0-based) completes."""

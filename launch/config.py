@@ -110,6 +110,20 @@ class TrainSection:
                                                "--min-lr, --steps, --wsd-decay-frac), instead of refusing")
     eval_every: int = _f(0, "evaluate on held-out data every N steps and after the last (0: never)")
     eval_batches: int = _f(4, "global batches (of --batch-size sequences) per evaluation")
+    grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimizer step, each 1/N of every "
+                            "rank's share of --batch-size (the global batch is unchanged), gradients "
+                            "synchronised once per step; MoE: the load-balancing loss is taken per "
+                            "micro-batch and averaged (not the whole batch's)")
+    mixed_precision: str = _f("none", "none, bf16 or fp16: compute in that dtype (torch.autocast) with float32 "
+                                      "parameters, gradient reduction and optimizer state; fp16 adds a "
+                                      "gradient scaler whose skip-on-inf/NaN is agreed by every rank; needs "
+                                      "--dtype float32")
+    activation_checkpointing: bool = _f(False, "recompute each transformer block's activations during the "
+                                               "backward instead of keeping them (less memory, about one "
+                                               "more forward per step)")
+    compile: bool = _f(False, "compile the model with torch.compile (inductor) in place; works with dp, sp "
+                              "(ring, ulysses, linear), ep and hdp, breaking graphs at loom's collectives "
+                              "(LLEP and hdp recompile often); on CPU it needs a C++ compiler (g++ or $CXX)")
 
 
 @dataclass
@@ -374,6 +388,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
             problems.append(f"--num-experts={cfg.model.num_experts} must divide by --ep={p.ep}")
         if t.batch_size % p.dp and not p.hdp:
             problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
+        problems += _accumulation_problems(cfg)
         problems += _sequence_parallel_problems(cfg)
         problems += _hdp_problems(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
@@ -384,6 +399,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append(f"--lr={t.lr} must be > 0")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
+    if t.mixed_precision not in ("none", "bf16", "fp16"):
+        problems.append(f"--mixed-precision={t.mixed_precision!r} must be none, bf16 or fp16")
+    elif t.mixed_precision != "none" and t.dtype != "float32":
+        problems.append(f"--mixed-precision={t.mixed_precision} keeps float32 master weights: it needs "
+                        f"--dtype float32 (got --dtype {t.dtype}; --dtype {t.dtype} alone trains purely in "
+                        f"{t.dtype})")
     if j.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device={j.device!r} must be auto, cpu or cuda")
     if j.cpus_per_worker <= 0 or j.threads_per_worker < 1:
@@ -437,6 +458,25 @@ def varlen_options(cfg: JobConfig) -> dict:
     t = cfg.train
     return {"median": t.varlen_median or max(1, t.seq_len // 4), "sigma": t.varlen_sigma,
             "max_len": t.varlen_max or cfg.world_size * hdp_capacity(cfg)}
+
+
+def _accumulation_problems(cfg: JobConfig) -> list[str]:
+    """--grad-accum N splits each rank's share of the global batch (under
+    --hdp: the global batch's sequences) into N equal micro-batches."""
+    p, t = cfg.parallel, cfg.train
+    n = t.grad_accum
+    if n < 1:
+        return [f"--grad-accum={n} must be >= 1"]
+    if p.hdp:
+        if t.batch_size % n:
+            return [f"--batch-size={t.batch_size} must divide by --grad-accum={n} (with --hdp each "
+                    f"micro-batch is batch-size/grad-accum sequences of the global batch)"]
+        return []
+    if t.batch_size % p.dp == 0 and (t.batch_size // p.dp) % n:
+        return [f"--batch-size={t.batch_size} / --dp={p.dp} = {t.batch_size // p.dp} sequences per rank "
+                f"must divide by --grad-accum={n}: pick a --grad-accum that divides it, or a --batch-size "
+                f"that is a multiple of dp*grad-accum={p.dp * n}"]
+    return []
 
 
 def _hdp_problems(cfg: JobConfig) -> list[str]:

@@ -1,4 +1,5 @@
 """loom.parallel: how the model's work is split across ranks."""
+from .activation_checkpointing import apply_activation_checkpointing
 from .data import SyntheticData
 from .data_parallel import GradientSync
 from .hdp import HDPAttention, attention_cores, hdp_forward_backward, pack_microbatch
@@ -15,7 +16,8 @@ from .sequence import shard_batch, shard_positions, shard_sequence, unshard_sequ
 from .sequence_parallel import sequence_parallel_core
 from .ulysses import ulysses_attention
 
-__all__ = ["ExpertParallelGradientSync", "GradientSync", "HDPAttention", "HDPCost", "Piece", "attention_cores",
+__all__ = ["apply_activation_checkpointing", "ExpertParallelGradientSync", "GradientSync", "HDPAttention",
+           "HDPCost", "Piece", "attention_cores",
            "check_schedule", "declare_placements", "hdp_forward_backward", "hdp_schedule", "pack_microbatch",
            "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
            "ModelConfig", "SyntheticData", "Transformer", "enable_sequence_parallel", "expert_parameters",
