@@ -85,7 +85,7 @@ def _run_block(block: Block, workdir: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)      # loom is installed; the example must not rely on the checkout
     try:
-        return subprocess.run([sys.executable, script.name], cwd=workdir, env=env, capture_output=True,
+        return subprocess.run([sys.executable, script.name], check=False, cwd=workdir, env=env, capture_output=True,
                               text=True, timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
