@@ -194,7 +194,8 @@ def _check_columns(columns, rank, half, local_rows):
         g = torch.Generator().manual_seed(owner)
         for k, t in columns.items():
             rows = torch.rand(local_rows, t.shape[1] * WORLD, generator=g)
-            assert torch.equal(t[owner * local_rows:(owner + 1) * local_rows], rows[:, rank * half:(rank + 1) * half]), k
+            assert torch.equal(t[owner * local_rows:(owner + 1) * local_rows],
+                               rows[:, rank * half:(rank + 1) * half]), k
 
 
 def _deepspeed(root: str, size_gb: float, repeats: int, sync: bool) -> dict:
@@ -291,7 +292,8 @@ def main(argv=None):
     gb = res["bytes"] / 1e9
     rows = []
     plain = res["plain"]
-    for name, label in (("plain", "plain sequential write/read (the limit)"), ("torch_save", "torch.save / torch.load per rank"),
+    for name, label in (("plain", "plain sequential write/read (the limit)"),
+                        ("torch_save", "torch.save / torch.load per rank"),
                         ("loom", "loom.checkpoint"), ("dcp", "PyTorch DCP (DTensor shards)"),
                         ("deepspeed", "DeepSpeed ZeRO-2 save/load_checkpoint")):
         r = res.get(name)
@@ -314,7 +316,8 @@ def main(argv=None):
     loom, dcp = res["loom"], res["dcp"]
     checks = (f"Targets: loom save ≥ 70% of the plain write: **{(gb / loom['save']) / (gb / plain['save']):.0%}**; "
               f"loom load at least as fast as DCP: **{dcp['load'] / loom['load']:.2f}×** DCP's speed; "
-              f"resharded load ≤ 1.2× same-layout load (time per byte): 2→2 **{loom['reshard_2to2'] / loom['load']:.2f}×**, "
+              f"resharded load ≤ 1.2× same-layout load (time per byte): "
+              f"2→2 **{loom['reshard_2to2'] / loom['load']:.2f}×**, "
               f"2→1 **{one['loom'] / (2 * loom['load']):.2f}×** (one process reads both ranks' bytes, so its "
               f"time is compared with twice the 2-rank time). "
               f"Safety checks (timed on their own, inside the save and load times above): the replica "

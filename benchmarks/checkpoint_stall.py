@@ -524,7 +524,8 @@ def main(argv=None):
             ds_table = f"DeepSpeed failed: {ds['error']}"
         else:
             dts = {e: ds["save_checkpoint"][e]["stall_s"] for e in (1, 10)}
-            ds_labels = {"none": "DeepSpeed, no checkpointing", "save_checkpoint": "DeepSpeed `save_checkpoint` (torch engine)",
+            ds_labels = {"none": "DeepSpeed, no checkpointing",
+                         "save_checkpoint": "DeepSpeed `save_checkpoint` (torch engine)",
                          "loom_engine": "DeepSpeed + **loom engine** (`install_deepspeed_engine`)"}
             ds_rows = _rows(ds, ds["none"], dts, ds_labels)
             ds_rows.append(["DeepSpeed decoupled engine (`writer: {decoupled: true}`)"] +
@@ -545,8 +546,10 @@ def main(argv=None):
         if every in ts:
             text += f"**{m['stall_s'] / ts[every]:.3f}×** torch.save's (target ≤ 0.05)"
         if ok("dcp_async_save", every):
-            text += f", **{m['stall_s'] / max(res['dcp_async_save'][every]['stall_s'], 1e-9):.3f}×** DCP async_save's (target ≤ 0.33)"
-        text += f"; end-to-end overhead **{overhead('loom_async_thread', every):+.1%}** (target ≤ {'25' if every == 1 else '5'}%)"
+            dcp_stall = max(res['dcp_async_save'][every]['stall_s'], 1e-9)
+            text += f", **{m['stall_s'] / dcp_stall:.3f}×** DCP async_save's (target ≤ 0.33)"
+        text += (f"; end-to-end overhead **{overhead('loom_async_thread', every):+.1%}** "
+                 f"(target ≤ {'25' if every == 1 else '5'}%)")
         checks.append(text)
     writer_note = ""
     if all(ok(n, e) for n in ("loom_async_thread", "loom_async_process") for e in (1, 10)):
@@ -555,7 +558,8 @@ def main(argv=None):
                        f"{_ms(p[1]['stall_s'])} ms (every step), {_ms(t[10]['stall_s'])} vs {_ms(p[10]['stall_s'])} ms "
                        f"(every 10); overhead {overhead('loom_async_thread', 1):+.1%} vs "
                        f"{overhead('loom_async_process', 1):+.1%} (every step), "
-                       f"{overhead('loom_async_thread', 10):+.1%} vs {overhead('loom_async_process', 10):+.1%} (every 10).")
+                       f"{overhead('loom_async_thread', 10):+.1%} vs "
+                       f"{overhead('loom_async_process', 10):+.1%} (every 10).")
     gb = res["bytes"] / 1e9
     print(table + "\n\n" + ds_table + "\n\n" + "\n".join(checks) + "\n\n" + writer_note + f"\n\n({elapsed:.0f} s)")
     write_json("checkpoint_stall", {"size_gb": args.size_gb, "batch": args.batch, "steps": args.steps,

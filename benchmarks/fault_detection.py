@@ -392,8 +392,9 @@ def main(argv=None):
     print(f"\nwall time {time.monotonic() - t_start:.0f} s")
     write_json("fault_detection", {
         "args": vars(args), "latency": latency, "localisation": localise, "clean_faults": clean_faults,
-        "overhead_s": overhead, "aggregator_cpu": agg_cpu, "baselines": {"pg_timeout": pg[0], "monitored_barrier": mb[0],
-                                              "detail": {"cost_s": detail_cost, "mismatch": detail[0][1]}}})
+        "overhead_s": overhead, "aggregator_cpu": agg_cpu,
+        "baselines": {"pg_timeout": pg[0], "monitored_barrier": mb[0],
+                      "detail": {"cost_s": detail_cost, "mismatch": detail[0][1]}}})
     if not args.no_write:
         body = (f"4 gloo ranks; steps of {args.step * 1e3:.0f} ms simulated compute (sleep) plus a 16 KiB "
                 f"and a tiny all-reduce (a ring exchange for the slow link); monitor interval 0.1 s, default "

@@ -35,7 +35,7 @@ _MAX_EXTRA_CHUNKS = 64
 
 def volume(box: Box) -> int:
     lo, hi = box
-    return math.prod(h - l for l, h in zip(lo, hi))
+    return math.prod(stop - start for start, stop in zip(lo, hi))
 
 
 def full_box(shape) -> Box:
@@ -45,14 +45,14 @@ def full_box(shape) -> Box:
 def intersect(a: Box, b: Box) -> Box | None:
     lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
     hi = tuple(min(x, y) for x, y in zip(a[1], b[1]))
-    if any(l >= h for l, h in zip(lo, hi)):
+    if any(start >= stop for start, stop in zip(lo, hi)):
         return None
     return (lo, hi)
 
 
 def relative(box: Box, origin) -> tuple[slice, ...]:
     """Slices selecting ``box`` inside an array whose first element is at ``origin``."""
-    return tuple(slice(l - o, h - o) for l, h, o in zip(box[0], box[1], origin))
+    return tuple(slice(start - o, stop - o) for start, stop, o in zip(box[0], box[1], origin))
 
 
 def view(a, box: Box, origin):
@@ -118,7 +118,7 @@ def chunk_indices(shape, chunks):
 
 def chunk_box(index, shape, chunks) -> Box:
     lo = tuple(i * c for i, c in zip(index, chunks))
-    hi = tuple(min(l + c, n) for l, c, n in zip(lo, chunks, shape))
+    hi = tuple(min(start + c, n) for start, c, n in zip(lo, chunks, shape))
     return (lo, hi)
 
 
@@ -126,7 +126,7 @@ def chunks_touching(box: Box, shape, chunks):
     """Indices of the chunks that intersect ``box``."""
     if volume(box) == 0:
         return iter(())
-    ranges = [range(l // c, -(-h // c)) for l, h, c in zip(box[0], box[1], chunks)]
+    ranges = [range(start // c, -(-stop // c)) for start, stop, c in zip(box[0], box[1], chunks)]
     return itertools.product(*ranges)
 
 
@@ -176,7 +176,7 @@ def check_fragments(key: str, shape, fragments) -> None:
 
 
 def _fmt(box: Box) -> str:
-    return "[" + ", ".join(f"{l}:{h}" for l, h in zip(*box)) + "]"
+    return "[" + ", ".join(f"{start}:{stop}" for start, stop in zip(*box)) + "]"
 
 
 def assign(arrays: list[ArrayPlan], world: int, itemsizes: dict) -> list[Transfer]:

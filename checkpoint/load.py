@@ -159,7 +159,7 @@ class ChunkReader:
         (C-contiguous, the chunk's valid shape) when given; otherwise, on a
         local store, a read-only view of the mapped chunk object."""
         entry = self.manifest["tensors"][key]
-        valid = [h - l for l, h in zip(*cbox)]
+        valid = [stop - start for start, stop in zip(*cbox)]
         if not zarr_io.is_prefix(valid, entry["chunks"]):
             data = read_box(self.array(key), cbox, dest)  # an edge cut along an inner dim: zarr-python
         elif self.store.local:
@@ -263,7 +263,7 @@ def schedule(reader: ChunkReader, key: str, entry: dict, region, target: torch.T
         # flat storage, box target: read the rows that cover the box
         lo0, hi0 = (box[0][0], box[1][0]) if shape else (0, 1)
         rows = ((lo0 * row,), (hi0 * row,))
-        inner = (slice(None),) + tuple(slice(l, h) for l, h in zip(box[0][1:], box[1][1:]))
+        inner = (slice(None),) + tuple(slice(start, stop) for start, stop in zip(box[0][1:], box[1][1:]))
         return _fill(reader, key, rows, target, False,
                      lambda a: a.reshape((hi0 - lo0, *shape[1:]))[inner] if shape else a.reshape(()))
     a, b = region[1], region[2]
@@ -285,10 +285,10 @@ def _fill(reader, key, box, target, direct: bool, select):
     entry = reader.manifest["tensors"][key]
     if direct:
         view = as_numpy(target)
-        view = view.reshape([h - l for l, h in zip(*box)])
+        view = view.reshape([stop - start for start, stop in zip(*box)])
         reader.request(key, box, view)
         return None
-    buf = np.empty([h - l for l, h in zip(*box)], dtype=np.dtype(entry["storage_dtype"]))
+    buf = np.empty([stop - start for start, stop in zip(*box)], dtype=np.dtype(entry["storage_dtype"]))
     reader.request(key, box, buf)
 
     def finish():

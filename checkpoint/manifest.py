@@ -285,13 +285,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def new_manifest(step: int, world_size: int, mesh, created: float) -> dict:
-    """An empty manifest of ``step`` saved by ``world_size`` ranks (tensors
-    and values are added by the save)."""
-    return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-            "mesh": mesh, "created": created, "tensors": {}, "values": {}}
-
-
 class _Checker:
     """The checks of one manifest (``file``), raising at the first problem."""
 
@@ -427,12 +420,12 @@ class _Checker:
             node = 0
             for c, kind in zip(path, containers):
                 if node in leaves:
-                    self.fail(f"{field}.path", f"lies inside another entry's path")
+                    self.fail(f"{field}.path", "lies inside another entry's path")
                 if kinds.setdefault(node, kind) != kind:
-                    self.fail(f"{field}.containers", f"disagrees with another entry about a container's kind")
+                    self.fail(f"{field}.containers", "disagrees with another entry about a container's kind")
                 node = ids.setdefault((node, type(c).__name__, c), len(ids))
             if node in kinds or node in leaves:
-                self.fail(f"{field}.path", f"is another entry's path or contains another entry")
+                self.fail(f"{field}.path", "is another entry's path or contains another entry")
             leaves.add(node)
 
 

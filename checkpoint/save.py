@@ -289,12 +289,12 @@ def exchange_parts(plan: SavePlan, tensors: dict) -> dict:
         if tr.dst == me:
             cbox = layout.chunk_box(tr.chunk, arr.shape, arr.chunks)
             if (tr.key, tr.chunk) not in assembled:
-                buf = np.empty([h - l for l, h in zip(*cbox)], dtype=view(tr.key).dtype)
+                buf = np.empty([stop - start for start, stop in zip(*cbox)], dtype=view(tr.key).dtype)
                 own = layout.intersect(_my_box(arr, me), cbox)
                 if own is not None:
                     buf[layout.relative(own, cbox[0])] = view(tr.key)[layout.relative(own, _my_box(arr, me)[0])]
                 assembled[(tr.key, tr.chunk)] = buf
-            part = np.empty([h - l for l, h in zip(*tr.box)], dtype=view(tr.key).dtype)
+            part = np.empty([stop - start for start, stop in zip(*tr.box)], dtype=view(tr.key).dtype)
             raw = torch.from_numpy(part.reshape(-1).view(np.uint8))
             pending.append((comms.irecv(raw, g.global_rank(tr.src), g.handle), part, tr, cbox))
         elif tr.src == me:
@@ -351,7 +351,7 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
         else:  # an edge chunk cut along an inner dim: zarr-python lays it out
             if key not in edge_arrays:  # built once per array (two threads may race: same result)
                 edge_arrays[key] = open_array(store, paths[key], array_document(key, plan.entries[key]))
-            edge_arrays[key][tuple(slice(l, h) for l, h in zip(*cbox))] = data
+            edge_arrays[key][tuple(slice(start, stop) for start, stop in zip(*cbox))] = data
         if plan.durable:
             store.sync([where], dirs=False)  # in parallel; the directories once, below
         written.append(where)

@@ -104,7 +104,7 @@ def map_raw(store, key: str, nbytes: int) -> tuple[np.ndarray | None, int]:
 
 def read_box(array, box, out: np.ndarray | None = None) -> np.ndarray:
     """The values of ``box`` through zarr-python; into ``out`` when given."""
-    selection = tuple(slice(l, h) for l, h in zip(*box))
+    selection = tuple(slice(start, stop) for start, stop in zip(*box))
     if out is not None and out.ndim and out.flags.c_contiguous:  # zarr ignores out= for 0-d
         from zarr.core.buffer.cpu import NDBuffer
         array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))

@@ -39,9 +39,12 @@ from .scan import all_scan
 from .trace import CommRecord, TraceReader, background_wait, records, reset_trace, set_step
 
 __all__ = [
-    "Agreement", "CommRecord", "agreed", "background_wait", "Mesh", "RemoteError", "agree", "set_collective_checks", "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
-    "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier", "broadcast", "destroy_group",
+    "Agreement", "CommRecord", "agreed", "background_wait", "Mesh", "RemoteError", "agree", "set_collective_checks",
+    "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
+    "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier",
+    "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
-    "Ring", "Sharded", "placement_of", "send", "set_placement", "set_send_hook", "set_step", "TraceReader", "wait_all", "world_ranks",
+    "Ring", "Sharded", "placement_of", "send", "set_placement", "set_send_hook", "set_step", "TraceReader", "wait_all",
+    "world_ranks",
 ]

@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import InitVar, asdict, dataclass, field, fields
 
 from loom.comms import CommRecord
 from loom.comms.trace import is_wait
@@ -113,40 +114,63 @@ class Fault:
         return f"{self.kind}: {self.evidence}"
 
 
+def _setting(default, help: str):
+    """A threshold with its one default and help text (loom train's flags are made from them)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class DetectConfig:
-    """Thresholds of `detect`.  Defaults suit steps of ~10 ms to seconds."""
+    """Thresholds of `detect`.  Defaults suit steps of ~10 ms to seconds.
 
-    warmup_steps: int = 5           # steps (or untagged collectives) ignored at the start
-    straggler_k: int = 3            # late in at least k ...
-    straggler_n: int = 4            # ... of the last n steps
-    straggler_rel: float = 0.1      # late = arrived >= rel x the typical step time after the others
-    straggler_min_s: float = 0.03   # ... and >= this many seconds (scheduler noise floor)
-    hang_floor_s: float = 2.0       # stuck for > max(floor, factor x typical op duration)
-    hang_factor: float = 10.0
-    hang_warmup_s: float = 30.0     # the floor during warm-up (start-up skew is not a hang)
-    slow_link_factor: float = 4.0   # time per byte >= factor x the other links'
-    slow_link_min_s: float = 0.005  # ... and >= this many seconds slower per message
-    slow_link_k: int = 3            # in at least k of the edge's last n messages
-    slow_link_n: int = 5
-    lost_after_s: float = 30.0      # silent this long = lost (a process known gone is lost at once;
-                                    # a CPU op holding the GIL, or an overloaded machine, can mute a
-                                    # healthy rank's heartbeats for seconds; a dead rank that others
-                                    # wait for shows as a hang within hang_floor_s anyway)
+    ``names`` (not stored) says how errors name the fields, e.g. by the flags
+    that set them (``{"warmup_steps": "--fault-warmup-steps", ...}``); by
+    default they are ``DetectConfig: <field>``.  Raises ValueError naming the
+    first bad value."""
 
-    def __post_init__(self):
-        for name in ("warmup_steps",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DetectConfig.{name}={getattr(self, name)} must be >= 0")
+    warmup_steps: int = _setting(5, "first steps (or untagged collectives) the straggler and hang "
+                                    "detectors ignore")
+    straggler_k: int = _setting(3, "a straggler is late in at least k ...")
+    straggler_n: int = _setting(4, "... of the last n steps")
+    straggler_rel: float = _setting(0.1, "late = arrived at least this fraction of the typical step "
+                                         "time after the others ...")
+    straggler_min_s: float = _setting(0.03, "... and at least this many seconds after them (the "
+                                            "scheduler's noise floor)")
+    hang_floor_s: float = _setting(2.0, "a hang is a collective some ranks have waited in this many "
+                                        "seconds ...")
+    hang_factor: float = _setting(10.0, "... or this many times its typical duration, if longer")
+    hang_warmup_s: float = _setting(30.0, "the hang floor during the warm-up steps (start-up skew is "
+                                          "not a hang)")
+    slow_link_factor: float = _setting(4.0, "a slow link's time per byte is at least this many times "
+                                            "the other links' ...")
+    slow_link_min_s: float = _setting(0.005, "... and it is at least this many seconds slower per "
+                                             "message ...")
+    slow_link_k: int = _setting(3, "... in at least k ...")
+    slow_link_n: int = _setting(5, "... of the link's last n messages")
+    # A CPU op holding the GIL, or an overloaded machine, can mute a healthy
+    # rank's heartbeats for seconds; a dead rank that others wait for shows as
+    # a hang within hang_floor_s anyway.
+    lost_after_s: float = _setting(30.0, "a rank silent this many seconds is lost (one whose process "
+                                         "is known gone, at once)")
+    names: InitVar[Mapping[str, str] | None] = None
+
+    def __post_init__(self, names=None):
+        where = "" if names else "DetectConfig: "
+
+        def named(field_name: str) -> str:  # "name=value", the name as the caller knows it
+            return f"{(names or {}).get(field_name, field_name)}={getattr(self, field_name)}"
+
+        if self.warmup_steps < 0:
+            raise ValueError(f"{where}{named('warmup_steps')} must be >= 0")
         for k, n in (("straggler_k", "straggler_n"), ("slow_link_k", "slow_link_n")):
             if not 1 <= getattr(self, k) <= getattr(self, n):
-                raise ValueError(f"DetectConfig: need 1 <= {k}={getattr(self, k)} <= {n}={getattr(self, n)}")
-        for name in ("straggler_rel", "straggler_min_s", "hang_floor_s", "hang_factor", "hang_warmup_s",
-                     "slow_link_min_s", "lost_after_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"DetectConfig.{name}={getattr(self, name)} must be >= 0")
+                raise ValueError(f"{where}need 1 <= {named(k)} <= {named(n)}")
+        for field_name in ("straggler_rel", "straggler_min_s", "hang_floor_s", "hang_factor",
+                           "hang_warmup_s", "slow_link_min_s", "lost_after_s"):
+            if not getattr(self, field_name) >= 0:
+                raise ValueError(f"{where}{named(field_name)} must be >= 0")
         if not self.slow_link_factor > 1:
-            raise ValueError(f"DetectConfig.slow_link_factor={self.slow_link_factor} must be > 1")
+            raise ValueError(f"{where}{named('slow_link_factor')} must be > 1")
 
 
 def edge_of(rec: CommRecord) -> tuple[int, int] | None:

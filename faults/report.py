@@ -18,7 +18,6 @@ import json
 import math
 import os
 import stat
-import unicodedata
 from dataclasses import dataclass, field
 
 from .detect import KINDS

@@ -214,7 +214,8 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
         and ETA (None: a bar of unknown length); ``progress=False`` hides it.
     options: any other ``loom train`` option of the ``[job]`` and ``[faults]``
         sections by name, e.g. ``{"pg_timeout": 60, "hang_floor_s": 5,
-        "inject": "hang:rank=1,step=8", "monitor": False}``.
+        "inject": "hang:rank=1,step=8", "monitor": False, "wandb": "proj"}``
+        (logging backends: TensorBoard on when installed, W&B with ``wandb``).
 
     Returns a `Result` (every rank's return value, rank 0's reported
     metrics, the run directory).  Raises `LaunchError` when a rank fails
@@ -224,6 +225,7 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     too small for it fails at once); ConfigError for bad options, TypeError
     for a ``train_fn`` that is not callable with one argument or none.
     """
+    from .logging_backends import check_backends, open_sinks
     from .ray_driver import launch_ray
     from .report import RunRecorder, make_run_dir
     from .worker import takes_config
@@ -237,6 +239,7 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     cfg = _job_config(workers, {**(options or {}), "address": address or "", "device": device,
                                 "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads_per_worker,
                                 "name": name or "", "runs_dir": runs_dir, "progress": progress})
+    check_backends(cfg.job)  # a missing tensorboard/wandb package: ConfigError before anything starts
     env_vars = {**parse_env(cfg.job.env), **_env(env)}
     run_dir = make_run_dir(runs_dir, name or "")
     with open(os.path.join(run_dir, "config.json"), "w") as fh:
@@ -244,7 +247,7 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
         job["job"]["env"] = sorted(env_vars)  # names only: values may be credentials
         json.dump({"train_fn": f"{getattr(train_fn, '__module__', '?')}:{getattr(train_fn, '__qualname__', '?')}",
                    "workers": workers, "config": config, "launch": job}, fh, indent=2, default=repr)
-    recorder = RunRecorder(run_dir, steps, progress)
+    recorder = RunRecorder(run_dir, steps, progress, sinks=open_sinks(cfg, run_dir))
     collect = _Collect(recorder)
     t0 = time.monotonic()
     try:
@@ -252,6 +255,7 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
                              env=env_vars)
     except BaseException:
         recorder.metrics.close()
+        recorder.close_sinks()
         raise
     last = collect.history[-1] if collect.history else {}
     extra = {"workers": workers, **{f"last {k}": (f"{v:.6g}" if isinstance(v, float) else v)

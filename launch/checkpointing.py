@@ -9,6 +9,7 @@ synchronously, per ``--ckpt-mode``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -19,7 +20,11 @@ import torch.distributed as dist
 
 from loom import checkpoint, comms
 
+from .config import ConfigError
+from .schedule import LRSchedule, restore
+
 log = logging.getLogger("loom.launch")
+_SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(LRSchedule)}
 
 
 def rng_state() -> dict:
@@ -63,10 +68,12 @@ class TrainingCheckpoints:
     the claim is made here, collectively, before the first step, and a store
     another job owns stops the job on every rank, naming the owner."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None):
+    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None, precision=None):
         self.cfg, self.c = cfg, cfg.ckpt
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.precision = precision       # a MixedPrecision: its fp16 loss scaler is saved too
         self.mesh, self.reporter = mesh, reporter
+        self.schedule = LRSchedule.from_config(cfg.train)  # what the scheduler runs (train.build_optimizer)
         self.saved = 0
         self.stalls: list[float] = []    # seconds the training loop lost per checkpoint
         self.persists: list[float] = []  # seconds from the save to its commit
@@ -91,11 +98,17 @@ class TrainingCheckpoints:
         """What a checkpoint holds.  Parameters split across ranks (expert
         parallelism) carry their placement through ``state_dict()``, and the
         optimizer's moments follow their parameters; ``for_load`` creates the
-        optimizer's state first, so the load has tensors of this rank's shapes."""
-        return {"model": self.model.state_dict(),
-                "optim": checkpoint.optimizer_state_dict(self.optimizer, init=for_load),
-                "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
-                "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
+        optimizer's state first, so the load has tensors of this rank's shapes.
+        An fp16 run's loss scaler (the same on every rank) is saved as ``scaler``."""
+        state = {"model": self.model.state_dict(),
+                 "optim": checkpoint.optimizer_state_dict(self.optimizer, init=for_load),
+                 "sched": self.scheduler.state_dict(), "progress": {"step": next_step},
+                 "schedule": {} if for_load else self.schedule.settings(),
+                 "rng": checkpoint.PerRank(rng_state(), resolver=_same_or_wrapped_rank)}
+        scaler = self.precision.state_dict() if self.precision is not None else {}
+        if scaler:
+            state["scaler"] = scaler
+        return state
 
     def resume(self) -> int:
         """Restore the latest committed step (when --resume); the first step to run."""
@@ -103,7 +116,9 @@ class TrainingCheckpoints:
             return 0
         state = self.state(0, for_load=True)
         try:
-            info = checkpoint.load(state, self.c.ckpt_url, fallback=True)
+            # not strict: a checkpoint from before schedules were saved lacks "schedule", one saved
+            # without fp16 lacks "scaler" (both handled below); any other missing key raises
+            info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False)
         except checkpoint.NoCheckpointError:
             self.optimizer.state.clear()  # as fresh as it was: no state made for the load
             self._event(f"no committed checkpoint at {self.c.ckpt_url}; starting from step 0")
@@ -113,12 +128,54 @@ class TrainingCheckpoints:
                     f"skipped ({skipped['error']}); resuming from step {info.step}")
             log.warning(text)
             self._event(text)
+        lacking = [key for key in info.missing if key != "schedule" and key.split("/")[0] != "scaler"]
+        if lacking:
+            raise checkpoint.MissingKeysError(f"checkpoint {info.location} lacks keys {lacking}")
         self.optimizer.load_state_dict(state["optim"])
         self.scheduler.load_state_dict(state["sched"])
+        self._continue_schedule(state["schedule"], info.location)
+        if "scaler" in state:
+            self._resume_scaler(info, state["scaler"])
         set_rng_state(state["rng"].value)
         start = int(state["progress"]["step"])
         self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
         return start
+
+    def _continue_schedule(self, saved: dict, location: str) -> None:
+        """The learning-rate schedule is part of the checkpoint: a resumed run
+        whose schedule settings differ from the saved ones raises ConfigError
+        (on every rank alike: the settings and the checkpoint are the same
+        everywhere) unless ``--allow-lr-schedule-change``, which continues
+        with this run's schedule after a loud warning.  Either way the
+        optimizer's lr is set from this run's schedule at the resumed step."""
+        step = self.scheduler.last_epoch
+        changes = self.schedule.changes(saved) if saved else []
+        if changes:
+            old = LRSchedule(**{k: v for k, v in saved.items() if k in _SCHEDULE_FIELDS})
+            what = (f"the checkpoint at {location} was trained with another learning-rate schedule "
+                    f"({'; '.join(changes)}): at step {step} it gives lr {old.lr_at(step):.6g}, this run's "
+                    f"gives {self.schedule.lr_at(step):.6g}")
+            if not self.cfg.train.allow_lr_schedule_change:
+                raise ConfigError(f"{what}. Pass the checkpoint's values again to continue its schedule, "
+                                  f"or --allow-lr-schedule-change to continue with this run's")
+            text = f"WARNING: {what}; continuing with this run's schedule (--allow-lr-schedule-change)"
+            log.warning(text)
+            self._event(text)
+        elif not saved:
+            text = (f"WARNING: the checkpoint at {location} does not record its learning-rate schedule "
+                    f"(saved before loom kept it); continuing with this run's")
+            log.warning(text)
+            self._event(text)
+        restore(self.scheduler, self.schedule)
+
+    def _resume_scaler(self, info, saved: dict) -> None:
+        """The fp16 loss scaler from ``info``'s checkpoint, or a fresh one when
+        it was saved without (every other key must be there)."""
+        if any(k.split("/")[0] == "scaler" for k in info.missing):
+            self._event(f"the checkpoint at {info.location} holds no fp16 loss scaler (saved without "
+                        f"--mixed-precision fp16): starting with a fresh one")
+        else:
+            self.precision.load_state_dict(saved)
 
     def after_step(self, step: int) -> None:
         """Called after step ``step`` (0-based) completes."""

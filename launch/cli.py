@@ -9,20 +9,26 @@ from .config import ConfigError, add_config_arguments, config_from_args, to_toml
 
 
 def _train(args) -> int:
+    from .logging_backends import check_backends, open_sinks
     from .ray_driver import LaunchError, launch_ray
     from .report import RunRecorder, make_run_dir
     cfg = validate(config_from_args(args))
+    check_backends(cfg.job)  # a missing tensorboard/wandb package: ConfigError before anything starts
     run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
     with open(os.path.join(run_dir, "config.toml"), "w") as fh:
         fh.write(to_toml(cfg))
     print(f"loom train: {cfg.world_size} workers (dp={cfg.parallel.dp} sp={cfg.parallel.sp} "
           f"ep={cfg.parallel.ep}), {cfg.train.steps} steps -> {run_dir}", flush=True)
-    recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress)
+    recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))
     try:
         summary = launch_ray(cfg, recorder)[0]  # rank 0's summary
     except LaunchError as exc:
+        recorder.close_sinks()
         print(f"loom train: {exc}", file=sys.stderr)
         return 1
+    except BaseException:
+        recorder.close_sinks()
+        raise
     recorder.finish({k: v for k, v in summary.items() if k != "losses"})
     return 0
 
@@ -148,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .report import configure_logging
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()  # library code logs through logging.getLogger("loom..."); show it here
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -1,9 +1,19 @@
 """Job configuration: dataclasses, loadable from TOML, every field a CLI flag.
 
-A TOML file has one table per section (``[model]``, ``[parallel]``, ...).  Field
+A TOML file has one table per section (``[model]``, ``[parallel]``, ...).  Option
 names are unique across sections, so each is also a flat flag
 (``--steps 200 --dp 2``).  `validate` rejects bad combinations before any
 worker starts, saying what to change.
+
+Every setting is written once, in the dataclass of the component that owns it
+(its default and its help text, in the field's metadata); the flags are made
+from those fields.  A section may embed an owner's dataclass: a field whose
+``default_factory`` is a dataclass contributes that dataclass's fields as
+options of the section, named with the field's metadata ``prefix`` and
+``rename`` (``[faults]`` embeds `loom.faults.DetectConfig`, ``warmup_steps``
+renamed ``fault_warmup_steps``; `ModelConfig` embeds `LLEPConfig` with the
+prefix ``llep_``).  An embedded owner takes a ``names`` argument (field ->
+flag), so its own validation names the flag that set a bad value.
 """
 from __future__ import annotations
 
@@ -13,7 +23,10 @@ import difflib
 import sys
 from dataclasses import dataclass, field, fields
 
+from loom.faults.detect import DetectConfig
 from loom.parallel.model import ModelConfig
+
+from .schedule import LRSchedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,6 +63,14 @@ class JobSection:
                               "always shipped to a cluster")
     start_timeout: float = _f(120.0, "seconds to wait for a cluster's busy resources before giving up (a "
                                      "cluster too small for the job fails at once)")
+    tensorboard: bool | None = _f(None, "write TensorBoard event files to <run dir>/tensorboard (default: on when "
+                                        "the tensorboard package is installed: pip install 'loom-train[tensorboard]')")
+    wandb: str = _f("", "log metrics to this Weights & Biases project (needs pip install 'loom-train[wandb]')",
+                    metavar="PROJECT")
+    wandb_mode: str = _f("auto", "with --wandb: online, offline (no network; `wandb sync` later) or auto "
+                                 "(WANDB_MODE from the environment, else online)")
+    peak_tflops: float = _f(0.0, "peak dense TFLOP/s of one device in the training precision, for model FLOPs "
+                                 "utilisation (mfu) in the metrics (0: mfu not reported)")
 
 
 @dataclass
@@ -69,6 +90,13 @@ class ParallelSection:
 
 @dataclass
 class TrainSection:
+    model: str = _f("", "your own model: MODULE:FACTORY or path/to/file.py:FACTORY, where FACTORY(config) returns "
+                        "a torch.nn.Module mapping token ids [batch, seq] to logits [batch, seq, vocab] (config: "
+                        "this job's JobConfig; see loom.launch.user_model). Default: loom's reference "
+                        "transformer, shaped by [model]", metavar="MODULE:FACTORY")
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "your model's own settings, given to FACTORY as config.train.model_args: KEY=VALUE ... "
+                "(VALUE read as TOML: 3, 0.5, true, \"text\"; else a string), or a [train.model_args] table"})
     steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(16, "global batch size in sequences (divides by dp)")
     seq_len: int = _f(64, "tokens per sequence")
@@ -83,6 +111,30 @@ class TrainSection:
                                "(0: seq_len // 4); --batch-size sequences per global batch")
     varlen_sigma: float = _f(1.0, "with --hdp: lognormal sigma of the sequence lengths (larger: longer tail)")
     varlen_max: int = _f(0, "with --hdp: longest sequence (0: world * capacity, what one microbatch holds)")
+    lr_schedule: str = _f("constant", "learning rate after the warm-up: constant, cosine or linear (to --min-lr "
+                                      "at the last step), or wsd (warmup-stable-decay: constant, then a linear "
+                                      "decay to --min-lr over the last --wsd-decay-frac of the steps)")
+    min_lr: float = _f(0.0, "the learning rate cosine, linear and wsd schedules end at")
+    wsd_decay_frac: float = _f(0.1, "with --lr-schedule wsd: the fraction of --steps in the final decay")
+    allow_lr_schedule_change: bool = _f(False, "with --resume: continue with this run's schedule when the "
+                                               "checkpoint's differs (--lr-schedule, --lr, --warmup-steps, "
+                                               "--min-lr, --steps, --wsd-decay-frac), instead of refusing")
+    eval_every: int = _f(0, "evaluate on held-out data every N steps and after the last (0: never)")
+    eval_batches: int = _f(4, "global batches (of --batch-size sequences) per evaluation")
+    grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimizer step, each 1/N of every "
+                            "rank's share of --batch-size (the global batch is unchanged), gradients "
+                            "synchronised once per step; MoE: the load-balancing loss is taken per "
+                            "micro-batch and averaged (not the whole batch's)")
+    mixed_precision: str = _f("none", "none, bf16 or fp16: compute in that dtype (torch.autocast) with float32 "
+                                      "parameters, gradient reduction and optimizer state; fp16 adds a "
+                                      "gradient scaler whose skip-on-inf/NaN is agreed by every rank; needs "
+                                      "--dtype float32")
+    activation_checkpointing: bool = _f(False, "recompute each transformer block's activations during the "
+                                               "backward instead of keeping them (less memory, about one "
+                                               "more forward per step)")
+    compile: bool = _f(False, "compile the model with torch.compile (inductor) in place; works with dp, sp "
+                              "(ring, ulysses, linear), ep and hdp, breaking graphs at loom's collectives "
+                              "(LLEP and hdp recompile often); on CPU it needs a C++ compiler (g++ or $CXX)")
 
 
 @dataclass
@@ -113,15 +165,9 @@ class FaultsSection:
                          "hang, kill, slow_link, mismatch; ';' joins several (see loom.faults.inject)")
     stop_on: str = _f("hang,lost_rank", "fault kinds that stop every worker (comma-separated; '' = none)")
     monitor_interval: float = _f(0.1, "seconds between a rank's reports to the fault monitor")
-    fault_warmup_steps: int = _f(5, "first steps the straggler and hang detectors ignore")
-    straggler_k: int = _f(3, "a straggler is late in at least k ...")
-    straggler_n: int = _f(4, "... of the last n steps")
-    straggler_rel: float = _f(0.1, "late = behind the others by this fraction of a step ...")
-    straggler_min_s: float = _f(0.03, "... and by at least this many seconds")
-    hang_floor_s: float = _f(2.0, "a hang is a collective some ranks have waited in this long ...")
-    hang_factor: float = _f(10.0, "... or this many times its typical duration, if longer")
-    slow_link_factor: float = _f(4.0, "a slow link's time per byte is this many times the others'")
-    lost_after_s: float = _f(30.0, "a rank silent this long is lost (one whose process is gone, at once)")
+    detect: DetectConfig = field(default_factory=DetectConfig, metadata={
+        "help": "the detectors' thresholds (loom.faults.DetectConfig)",
+        "rename": {"warmup_steps": "fault_warmup_steps"}})
 
 
 @dataclass
@@ -138,7 +184,10 @@ class JobConfig:
         return self.parallel.dp * self.parallel.sp
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """``{section: {option: value}}``, the shape of a TOML job file."""
+        return {section: {opt.key: opt.get(getattr(self, section)) for opt in OPTIONS.values()
+                          if opt.section == section}
+                for section in SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobConfig":
@@ -148,37 +197,85 @@ class JobConfig:
 SECTIONS = {f.name: f.default_factory for f in fields(JobConfig)}
 
 
-def _section_fields():
-    """(section, field) for every option, in declaration order."""
-    for section, factory in SECTIONS.items():
-        for f in fields(factory):
-            yield section, f
+@dataclass(frozen=True)
+class Option:
+    """One setting as a job file and the command line see it: ``[section] key``
+    and the flag ``--key`` (dashes for underscores).  ``field`` is the owner's
+    dataclass field (type, default, help); ``path`` the attribute names from
+    the section's object down to it (``("detect", "warmup_steps")``)."""
+
+    section: str
+    key: str
+    field: dataclasses.Field
+    path: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def default(self):
+        if self.field.default is not dataclasses.MISSING:
+            return self.field.default
+        if self.field.default_factory is not dataclasses.MISSING:
+            return self.field.default_factory()
+        return None
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+    def get(self, section_object):
+        value = section_object
+        for name in self.path:
+            value = getattr(value, name)
+        return value
 
 
-_OWNER = {}
-for _section, _field in _section_fields():
-    assert _field.name not in _OWNER, f"option {_field.name} appears in two sections"
-    _OWNER[_field.name] = _section
+def _embedded(f: dataclasses.Field) -> type | None:
+    """The owner dataclass a field embeds (its ``default_factory``), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _options_of(section: str, cls: type, prefix: str = "", rename=None, path=()):
+    for f in fields(cls):
+        owner = _embedded(f)
+        if owner is not None:
+            yield from _options_of(section, owner, prefix + f.metadata.get("prefix", ""),
+                                   f.metadata.get("rename", {}), path + (f.name,))
+        else:
+            yield Option(section, prefix + (rename or {}).get(f.name, f.name), f, path + (f.name,))
+
+
+OPTIONS: dict[str, Option] = {}
+for _section, _factory in SECTIONS.items():
+    for _opt in _options_of(_section, _factory):
+        assert _opt.key not in OPTIONS, f"option {_opt.key} appears twice"
+        OPTIONS[_opt.key] = _opt
+_BY_PATH = {(opt.section, opt.path): opt for opt in OPTIONS.values()}
 
 
 def _field_type(f) -> type:
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if t.replace(" ", "") in ("int|str", "str|int"):
         return str  # a count or a pattern (model layers); the dataclass parses and checks it
-    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str), ("dict", dict)):
         if t.startswith(name):
             return typ
     raise TypeError(f"unsupported option type {f.type!r} for {f.name}")
 
 
-def _coerce(section: str, f, value):
-    typ = _field_type(f)
+def _coerce(opt: Option, value):
+    f, typ = opt.field, _field_type(opt.field)
     optional = "None" in str(f.type)
-    where = f"[{section}] {f.name}"
+    where = f"[{opt.section}] {opt.key}"
     if value is None:
         if optional:
             return None
         raise ConfigError(f"{where} cannot be empty")
+    if typ is dict:
+        return _coerce_table(where, value)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -195,6 +292,26 @@ def _coerce(section: str, f, value):
         raise ConfigError(f"{where}={value!r} must be {typ.__name__}") from None
 
 
+def _coerce_table(where: str, value) -> dict:
+    """A table option: a TOML table, or ``KEY=VALUE`` strings from the command
+    line (each VALUE read as a TOML value -- 3, 0.5, true, [1, 2] -- else kept
+    as a string)."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        value = [value]
+    table = {}
+    for item in value:
+        key, eq, text = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{where}: {item!r} must be KEY=VALUE")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = text
+    return table
+
+
 def _unknown(name: str, known) -> ConfigError:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -202,32 +319,50 @@ def _unknown(name: str, known) -> ConfigError:
 
 
 def build_config(data: dict | None = None, overrides: dict | None = None) -> JobConfig:
-    """A JobConfig from nested TOML-like ``data`` plus flat ``overrides``."""
+    """A JobConfig from nested TOML-like ``data`` plus flat ``overrides``
+    (option names, ``-`` or ``_``).  Raises ConfigError naming the option."""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     for section, table in (data or {}).items():
         if section not in SECTIONS:
             raise _unknown(section, SECTIONS)
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table of options")
-        names = {f.name: f for f in fields(SECTIONS[section])}
         for key, value in table.items():
-            if key not in names:
-                raise _unknown(f"{section}.{key}", [f"{section}.{n}" for n in names])
-            values[section][key] = _coerce(section, names[key], value)
+            opt = OPTIONS.get(key)
+            if opt is None or opt.section != section:
+                raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k, o in OPTIONS.items()
+                                                    if o.section == section])
+            values[section][key] = _coerce(opt, value)
     for key, value in (overrides or {}).items():
         key = key.replace("-", "_")
-        if key not in _OWNER:
-            raise _unknown(key, _OWNER)
-        section = _OWNER[key]
-        f = next(f for f in fields(SECTIONS[section]) if f.name == key)
-        values[section][key] = _coerce(section, f, value)
-    built = {}
-    for section, factory in SECTIONS.items():
-        try:
-            built[section] = factory(**values[section])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return JobConfig(**built)
+        if key not in OPTIONS:
+            raise _unknown(key, OPTIONS)
+        opt = OPTIONS[key]
+        value = _coerce(opt, value)
+        if isinstance(value, dict):  # a table from flags adds to (or replaces keys of) the file's
+            value = {**values[opt.section].get(key, {}), **value}
+        values[opt.section][key] = value
+    try:
+        return JobConfig(**{section: _construct(section, factory, values[section])
+                            for section, factory in SECTIONS.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _construct(section: str, cls: type, values: dict, path: tuple = (), names: dict | None = None):
+    """``cls`` from the given options (``values``: key -> value) of ``section``;
+    the others keep their defaults.  An embedded owner is told its fields'
+    flags (``names``), so its own validation names the flag of a bad value."""
+    kwargs = {}
+    for f in fields(cls):
+        sub = path + (f.name,)
+        owner = _embedded(f)
+        if owner is not None:
+            flags = {o.path[-1]: o.flag for o in OPTIONS.values() if o.section == section and o.path[:-1] == sub}
+            kwargs[f.name] = _construct(section, owner, values, sub, flags)
+        elif _BY_PATH[section, sub].key in values:
+            kwargs[f.name] = values[_BY_PATH[section, sub].key]
+    return cls(**kwargs) if names is None else cls(**kwargs, names=names)
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> JobConfig:
@@ -264,6 +399,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
             problems.append(f"--num-experts={cfg.model.num_experts} must divide by --ep={p.ep}")
         if t.batch_size % p.dp and not p.hdp:
             problems.append(f"--batch-size={t.batch_size} must divide by --dp={p.dp}")
+        problems += _accumulation_problems(cfg)
         problems += _sequence_parallel_problems(cfg)
         problems += _hdp_problems(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
@@ -274,6 +410,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append(f"--lr={t.lr} must be > 0")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
+    if t.mixed_precision not in ("none", "bf16", "fp16"):
+        problems.append(f"--mixed-precision={t.mixed_precision!r} must be none, bf16 or fp16")
+    elif t.mixed_precision != "none" and t.dtype != "float32":
+        problems.append(f"--mixed-precision={t.mixed_precision} keeps float32 master weights: it needs "
+                        f"--dtype float32 (got --dtype {t.dtype}; --dtype {t.dtype} alone trains purely in "
+                        f"{t.dtype})")
     problems += _job_problems(j)
     if p.bucket_mb <= 0:
         problems.append("--bucket-mb must be > 0")
@@ -294,6 +436,10 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"its own; use a path on a filesystem every worker sees, or an object store "
                         f"(s3://, gs://), or run one worker")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
+    if t.model:  # the user's own model (--model MODULE:FACTORY)
+        from .user_model import user_model_problems
+        problems += user_model_problems(cfg)
+    problems += _train_extras_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
@@ -373,6 +519,25 @@ def varlen_options(cfg: JobConfig) -> dict:
             "max_len": t.varlen_max or cfg.world_size * hdp_capacity(cfg)}
 
 
+def _accumulation_problems(cfg: JobConfig) -> list[str]:
+    """--grad-accum N splits each rank's share of the global batch (under
+    --hdp: the global batch's sequences) into N equal micro-batches."""
+    p, t = cfg.parallel, cfg.train
+    n = t.grad_accum
+    if n < 1:
+        return [f"--grad-accum={n} must be >= 1"]
+    if p.hdp:
+        if t.batch_size % n:
+            return [f"--batch-size={t.batch_size} must divide by --grad-accum={n} (with --hdp each "
+                    f"micro-batch is batch-size/grad-accum sequences of the global batch)"]
+        return []
+    if t.batch_size % p.dp == 0 and (t.batch_size // p.dp) % n:
+        return [f"--batch-size={t.batch_size} / --dp={p.dp} = {t.batch_size // p.dp} sequences per rank "
+                f"must divide by --grad-accum={n}: pick a --grad-accum that divides it, or a --batch-size "
+                f"that is a multiple of dp*grad-accum={p.dp * n}"]
+    return []
+
+
 def _hdp_problems(cfg: JobConfig) -> list[str]:
     p, t = cfg.parallel, cfg.train
     problems = [f"--{name.replace('_', '-')}={getattr(owner, name)} must be >= 0"
@@ -415,9 +580,27 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def _train_extras_problems(cfg: JobConfig) -> list[str]:
+    """Schedules, evaluation and metrics options."""
+    t, j, problems = cfg.train, cfg.job, []
+    if t.steps >= 1 and t.lr > 0 and t.warmup_steps >= 0:  # reported above otherwise
+        try:
+            LRSchedule.from_config(t)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if t.eval_every < 0:
+        problems.append(f"--eval-every={t.eval_every} must be >= 0 (0: no evaluation)")
+    if t.eval_batches < 1:
+        problems.append(f"--eval-batches={t.eval_batches} must be >= 1")
+    if j.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        problems.append(f"--wandb-mode={j.wandb_mode!r} must be auto, online, offline or disabled")
+    if not j.peak_tflops >= 0:
+        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 (0: no mfu)")
+    return problems
+
+
 def _fault_problems(f: FaultsSection, world: int) -> list[str]:
     from loom.faults import KINDS, inject
-    from loom.launch.fault_watch import detect_config
     problems = []
     try:
         inject.validate_plan(inject.parse(f.inject), max(world, 1))
@@ -428,33 +611,30 @@ def _fault_problems(f: FaultsSection, world: int) -> list[str]:
         problems.append(f"--stop-on: unknown fault kind(s) {unknown}; expected some of {list(KINDS)}")
     if f.monitor_interval <= 0:
         problems.append(f"--monitor-interval={f.monitor_interval} must be > 0")
-    try:
-        detect_config(f)
-    except ValueError as exc:
-        problems.append(str(exc).replace("DetectConfig.", "--").replace("DetectConfig: ", ""))
-    return problems
+    return problems  # the detectors' thresholds were checked by DetectConfig itself, when built
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per option, grouped by section, defaulting to 'not given'."""
+    """One flag per option, grouped by section, defaulting to 'not given'.
+    The help text and default are the owning dataclass field's."""
     parser.add_argument("--config", metavar="FILE", help="TOML job file; flags override its values")
-    for section, factory in SECTIONS.items():
-        group = parser.add_argument_group(f"[{section}]")
-        for f in fields(factory):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = f.metadata.get("help", "")
-            flag = "--" + f.name.replace("_", "-")
-            if _field_type(f) is bool:
-                group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                   help=f"{help_text} (default: {default})")
-            else:
-                metavar = f.metadata.get("metavar", _field_type(f).__name__.upper())
-                group.add_argument(flag, dest=f.name, default=None, metavar=metavar,
-                                   help=f"{help_text} (default: {default})")
+    groups = {section: parser.add_argument_group(f"[{section}]") for section in SECTIONS}
+    for key, opt in OPTIONS.items():
+        group, typ = groups[opt.section], _field_type(opt.field)
+        help_text = opt.help if "default:" in opt.help else f"{opt.help} (default: {opt.default})"
+        if typ is bool:
+            group.add_argument(opt.flag, dest=key, default=None, action=argparse.BooleanOptionalAction,
+                               help=help_text)
+        elif typ is dict:
+            group.add_argument(opt.flag, dest=key, default=None, nargs="+", action="extend",
+                               metavar="KEY=VALUE", help=help_text)
+        else:
+            metavar = opt.field.metadata.get("metavar", typ.__name__.upper())
+            group.add_argument(opt.flag, dest=key, default=None, metavar=metavar, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    overrides = {name: getattr(args, name) for name in _OWNER if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
     return load_config(getattr(args, "config", None), overrides)
 
 
@@ -479,4 +659,6 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")

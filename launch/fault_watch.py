@@ -4,13 +4,13 @@ Per rank, `rank_faults` gives the training loop its step hook (fault
 injection) and runs a `Monitor` that reports to the job's aggregator:
 
 - under Ray, an `AggregatorActor` the driver starts (`DriverWatch`); the
-  driver prints faults live, writes ``faults.jsonl``/``waits.jsonl`` in the run
+  driver reports faults live, writes ``faults.jsonl``/``waits.jsonl`` in the run
   directory, and on a stopping fault (hang, lost rank) kills every worker;
 - under torchrun, a `StoreAggregator` thread on rank 0, listening on
   MASTER_ADDR only; rank 0 sends its address and the job's secret to the
   other ranks over the default process group (`loom.comms.broadcast`), never
   through the rendezvous store; on a stopping fault every rank's monitor
-  prints why and ends its process.
+  logs why (logger ``loom.launch``) and ends its process.
 
 Every report and verdict is authenticated with the job's secret
 (`loom.faults.wire`): ``LOOM_JOB_SECRET`` when set (at least 16 bytes), else
@@ -20,30 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
-import sys
 import time
 
 from loom import comms
 from loom.faults import DetectConfig, Fault, Injector, LogWriter, Monitor, StoreAggregator, wire
 from loom.faults.monitor import Aggregator
 
+log = logging.getLogger("loom.launch")
 SECRET_ENV = "LOOM_JOB_SECRET"
 _CONTACT_BYTES = 1 + 1 + 255 + 2 + 1 + 255  # version, secret length, secret, port, host length, host
-_RENAMED = {"warmup_steps": "fault_warmup_steps"}  # DetectConfig field -> [faults] option
 
 
 def detect_config(section) -> DetectConfig:
-    """The detector thresholds from a job's ``[faults]`` section."""
-    names = {f.name for f in dataclasses.fields(DetectConfig)}
-    values = {n: getattr(section, _RENAMED.get(n, n)) for n in names if hasattr(section, _RENAMED.get(n, n))}
-    try:
-        return DetectConfig(**values)
-    except ValueError as exc:
-        msg = str(exc).replace("DetectConfig: ", "").replace("DetectConfig.", "")
-        for n in names:
-            msg = msg.replace(f"{n}=", f"--{_RENAMED.get(n, n).replace('_', '-')}=")
-        raise ValueError(msg) from None
+    """The detector thresholds of a job's ``[faults]`` section (it embeds them)."""
+    return section.detect
 
 
 def stop_kinds(section) -> set[str]:
@@ -96,8 +88,7 @@ def rank_faults(cfg, reporter=None, transport=None):
 
         def stop_process(fault):
             if fault.kind in stop:
-                print(f"loom: rank {rank}: stopping: {fault.kind}: {fault.evidence}", file=sys.stderr,
-                      flush=True)
+                log.error("loom: rank %d: stopping: %s: %s", rank, fault.kind, fault.evidence)
                 if aggregator is not None:
                     aggregator.stop()
                 os._exit(1)
@@ -251,7 +242,7 @@ class DriverWatch:
         self.secret = job_secret()  # handed to each worker actor with its transport
         self.actor = ray.remote(num_cpus=0)(AggregatorActor).remote(cfg.world_size, config, self.secret)
         self.log = LogWriter(run_dir) if run_dir else None
-        self.printer = printer or (lambda text: print(text, flush=True))
+        self.printer = printer or log.warning
         self.faults: list[Fault] = []
         self.stopping: Fault | None = None
 

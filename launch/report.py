@@ -1,15 +1,26 @@
-"""Where a run's progress goes: a progress bar, metrics.jsonl, a summary table.
+"""Where a run's progress goes: a progress bar, metrics.jsonl, a summary
+table, and the logging backends (TensorBoard, W&B: `loom.launch.logging_backends`).
 
 The `RunRecorder` lives wherever the user is watching (the Ray driver, or
 rank 0 under torchrun); rank 0 of the job reports to it directly or through a
-queue (`QueueReporter`).
+queue (`QueueReporter`).  A metrics row is a dict with ``step``; training
+rows carry ``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ``tokens_per_s``,
+``model_tflops_per_device``, ``mfu`` (with ``--peak-tflops``) and
+``peak_cuda_mem_bytes`` or ``peak_rss_bytes``; evaluation rows carry
+``"split": "eval"`` and ``eval_loss``, ``eval_ppl``, ``eval_tokens``,
+``eval_time_s``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+
+from .logging_backends import scalars
+
+log = logging.getLogger("loom.launch")
 
 
 def make_run_dir(runs_dir: str, name: str) -> str:
@@ -61,19 +72,84 @@ class ProgressBar:
         self.stream.flush()
 
 
-class RunRecorder:
-    """Writes metrics.jsonl and summary.json into the run directory, shows progress."""
+def progress_text(metrics: dict) -> str:
+    """The progress line's words for a training metrics row (what it has of
+    loss, lr, gradient norm, tokens/s, mfu, peak memory)."""
+    parts = []
+    for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3g}")):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(fmt.format(metrics[key]))
+    if isinstance(metrics.get("tokens_per_s"), (int, float)):
+        parts.append(f"tok/s {_human(metrics['tokens_per_s'])}")
+    if isinstance(metrics.get("mfu"), (int, float)):
+        parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    for key in ("peak_cuda_mem_bytes", "peak_rss_bytes"):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(f"mem {metrics[key] / 2**30:.2f}G")
+    return " ".join(parts)
 
-    def __init__(self, run_dir: str, total_steps: int, progress: bool = True, stream=None):
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """For the CLI: show the ``loom`` loggers' records on stderr, one
+    message a line (library code logs; only the CLI prints).  Idempotent."""
+    logger = logging.getLogger("loom")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+class RunRecorder:
+    """Writes metrics.jsonl and summary.json into the run directory, shows
+    progress, and passes every metrics row to ``sinks`` (`MetricsSink`s,
+    e.g. from `loom.launch.logging_backends.open_sinks`; closed by `finish`).
+    A sink that raises is reported once (logger ``loom.launch``) and dropped:
+    a logging backend never stops the training."""
+
+    def __init__(self, run_dir: str, total_steps: int, progress: bool = True, stream=None, sinks=None):
         self.run_dir = run_dir
         self.stream = stream or sys.stdout
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = ProgressBar(total_steps, enabled=progress)
+        self.sinks = list(sinks or [])
 
     def step(self, metrics: dict) -> None:
+        """One metrics row (training, or evaluation with ``"split": "eval"``)."""
         self.metrics.write(json.dumps(metrics) + "\n")
-        text = f"loss {metrics['loss']:.4f} tok/s {_human(metrics.get('tokens_per_s', 0.0))}"
-        self.bar.update(metrics["step"], text)
+        self._to_sinks(metrics)
+        if metrics.get("split", "train") == "eval":
+            text = f"eval after step {metrics['step'] + 1}: " + " ".join(
+                f"{k.removeprefix('eval_')} {v:.4g}" for k, v in metrics.items()
+                if k in ("eval_loss", "eval_ppl") and isinstance(v, (int, float)))
+            self.event(text)
+            return
+        self.bar.update(metrics["step"], progress_text(metrics))
+
+    def _to_sinks(self, metrics: dict) -> None:
+        values = scalars(metrics)
+        for sink in list(self.sinks):
+            try:
+                sink.log(int(metrics["step"]), values)
+            except Exception as exc:  # noqa: BLE001 - a backend must not end the run
+                log.warning("logging backend %s failed and is dropped: %s: %s", type(sink).__name__,
+                            type(exc).__name__, exc)
+                self.sinks.remove(sink)
 
     def event(self, text: str) -> None:
         """A line of news during the run (a checkpoint, a fault)."""
@@ -82,10 +158,22 @@ class RunRecorder:
 
     def finish(self, summary: dict) -> None:
         self.metrics.close()
+        self.close_sinks()
         with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         self.stream.write(format_summary(summary) + f"\nrun directory: {self.run_dir}\n")
         self.stream.flush()
+
+
+    def close_sinks(self) -> None:
+        """Close every logging backend (also when the run failed)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("logging backend %s failed to close: %s: %s", type(sink).__name__,
+                            type(exc).__name__, exc)
 
 
 def format_summary(summary: dict) -> str:

@@ -1,6 +1,9 @@
 """The training loop every rank runs (under Ray or torchrun)."""
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import time
 
 import torch
@@ -8,11 +11,15 @@ import torch.distributed as dist
 
 from loom import comms
 from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, Transformer,
-                           enable_sequence_parallel, hdp_forward_backward, hdp_schedule, moe_aux_loss,
-                           next_token_loss, sequence_parallel_core, shard_batch)
+                           apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
+                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core, shard_batch)
 
 from .checkpointing import TrainingCheckpoints
-from .config import JobConfig, hdp_capacity, sp_layout, varlen_options
+from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
+from .evaluation import evaluate
+from .metrics import StepMetrics
+from .precision import MixedPrecision
+from .schedule import LRSchedule, lambda_lr
 
 
 def resolve_device(device: str) -> torch.device:
@@ -23,16 +30,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model(cfg: JobConfig, device: torch.device, moe_group=None) -> torch.nn.Module:
+    """The job's model on ``device`` in ``--dtype``: the user's own (``--model
+    MODULE:FACTORY``, `loom.launch.user_model`) or loom's reference transformer
+    (MoE layers expert-parallel over ``moe_group``)."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    return Transformer(cfg.model, moe_group).to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    if cfg.train.model:
+        from .user_model import build_user_model
+        model = build_user_model(cfg)
+    else:
+        model = Transformer(cfg.model, moe_group)
+    return model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
 
 
 def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
+    """AdamW and a `LambdaLR` running ``--lr-schedule`` (`loom.launch.schedule`)."""
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    warm = max(1, t.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    return opt, sched
+    return opt, lambda_lr(opt, LRSchedule.from_config(t))
 
 
 def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
@@ -51,16 +65,19 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
                                       layout=layout)
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
+    amp = MixedPrecision(cfg.train.mixed_precision, device)
+    model = apply_training_essentials(cfg, model, amp)
     opt, sched = build_optimizer(cfg, model)
     # dense gradients averaged over all ranks, expert gradients over the edp group
     grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                                        bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
     data = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed)
-    local_batch = cfg.train.batch_size // cfg.parallel.dp
-    first = mesh.dp_rank * local_batch
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     hdp_cost = HDPCost.for_model(cfg.model)
-    ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter)
+    ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter, precision=amp)
+    metrics = StepMetrics(model, device, world, cfg.job.peak_tflops)
+    heldout = data.heldout()
+    eval_time, last_eval = 0.0, None
     start = ckpts.resume()
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
@@ -74,36 +91,39 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         if step_hook is not None:
             step_hook(step)
         opt.zero_grad(set_to_none=True)
+        lengths = [cfg.train.seq_len] * cfg.train.batch_size
         if cfg.parallel.hdp:
-            loss, tokens_per_step = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device)
+            loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device, amp)
+            tokens_per_step = sum(lengths)
         else:
-            inputs, targets = data.batch(step, range(first, first + local_batch))
-            positions = None
-            if mesh.sp > 1:
-                inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-                positions = positions.to(device)
-            # every rank's loss is the mean over an equal share of the global
-            # batch's tokens, so gradients averaged over all ranks (dp and sp: ring
-            # attention already sent each rank's dK/dV home) are the global mean's
-            logits = model(inputs.to(device), positions)
-            loss = next_token_loss(logits, targets.to(device)) + moe_aux_loss(model)
-            loss.backward()
+            loss = _forward_backward(cfg, model, data, step, mesh, layout, device, amp)
         tokens_done += tokens_per_step
-        grads.sync()
-        if cfg.train.grad_clip > 0:
-            grads.clip_grad_norm_(cfg.train.grad_clip)
-        opt.step()
+        grads.sync()  # once per step, after every micro-batch's backward
+        amp.unscale_(opt)  # fp16: true-scale gradients, inf/NaN agreed by every rank
+        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps - 1
+        grad_norm = None
+        if cfg.train.grad_clip > 0 or log_now:  # the norm before clipping; max_norm=inf only measures it
+            grad_norm = grads.clip_grad_norm_(cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+        lr = opt.param_groups[0]["lr"]  # this step's
+        amp.step(opt)
         sched.step()
         # the mean over every rank's equal share of the global batch
         mean_loss = comms.all_reduce(loss.detach().double().reshape(1), "sum").item() / world
         losses.append(mean_loss)
-        if reporter is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-            dt = time.monotonic() - t0
-            reporter.step({"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
-                           "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+        if log_now:  # collective (the peak memory over all ranks)
+            row = metrics.row(step, loss=mean_loss, lr=lr, grad_norm=grad_norm,
+                              step_time_s=time.monotonic() - t0, lengths=lengths)
+            if reporter is not None:
+                reporter.step(row)
+        if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step == cfg.train.steps - 1):
+            last_eval = evaluate(model, heldout, batches=cfg.train.eval_batches, batch_size=cfg.train.batch_size,
+                                 mesh=mesh, device=device, layout=layout)
+            eval_time += last_eval["eval_time_s"]
+            if reporter is not None:
+                reporter.step({"step": step, "split": "eval", **last_eval})
         ckpts.after_step(step)
     comms.set_step(None)
-    loop_time = time.monotonic() - t_loop
+    loop_time = time.monotonic() - t_loop - eval_time  # training only
     ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
     nan = float("nan")
     summary = {"steps": cfg.train.steps, "first_loss": losses[0] if losses else nan,
@@ -112,16 +132,89 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
+    if last_eval is not None:
+        summary.setdefault("extra", {}).update(eval_loss=round(last_eval["eval_loss"], 6),
+                                               eval_ppl=round(last_eval["eval_ppl"], 4))
     return summary
 
 
-def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, cost, device):
+def apply_training_essentials(cfg: JobConfig, model: torch.nn.Module, amp: MixedPrecision) -> torch.nn.Module:
+    """Activation checkpointing, mixed precision and torch.compile, applied
+    from outside the model (after its parallel plans), in that order."""
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    amp.apply(model)
+    if cfg.train.compile:
+        problem = compile_problem(amp.device.type)
+        if problem:
+            raise ConfigError(problem)
+        model.compile()  # in place: parameter names (and checkpoints) stay as they are
+    return model
+
+
+def compile_problem(device_type: str, which=shutil.which) -> str | None:
+    """Why --compile cannot work here, or None: on CPU, torch.compile's
+    default (inductor) backend builds C++ kernels with ``$CXX`` or ``g++``."""
+    if device_type != "cpu":
+        return None
+    compiler = os.environ.get("CXX") or "g++"
+    if which(compiler) is None:
+        return (f"--compile on CPU needs a C++ compiler for torch.compile's inductor backend: {compiler!r} "
+                f"is not on PATH (install g++, or set CXX to one), or drop --compile")
+    return None
+
+
+def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str, device,
+                      amp: MixedPrecision) -> torch.Tensor:
+    """This rank's share of the global batch, forward and backward in
+    --grad-accum equal micro-batches, their gradients summed in ``.grad``.
+    Returns this rank's loss (the mean over its share; detached).
+
+    Every rank's loss is the mean over an equal share of the global batch's
+    tokens, so gradients averaged over all ranks (dp and sp: ring attention
+    already sent each rank's dK/dV home) are the global mean's; each
+    micro-batch's mean is weighted 1/N so that the N sum to it.  The MoE
+    load-balancing loss is a statistic of one forward: each micro-batch's is
+    weighted 1/N too (their mean, not the whole batch's)."""
+    n = cfg.train.grad_accum
+    local_batch = cfg.train.batch_size // cfg.parallel.dp
+    micro = local_batch // n
+    first = mesh.dp_rank * local_batch
+    total = None
+    for k in range(n):
+        start = first + k * micro
+        inputs, targets = data.batch(step, range(start, start + micro))
+        positions = None
+        if mesh.sp > 1:
+            inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
+            positions = positions.to(device)
+        logits = model(inputs.to(device), positions)
+        loss = next_token_loss(logits, targets.to(device)) + moe_aux_loss(model)
+        if n > 1:
+            loss = loss / n
+        amp.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, cost, device,
+                          amp: MixedPrecision):
     """One --hdp step's forward and backward: a long-tail batch, scheduled over
-    every rank.  Returns (this rank's loss part, tokens in the global batch).
+    every rank.  Returns (this rank's loss part, the global batch's sequence lengths).
     The loss parts are scaled by the world size because gradients (and the
-    reported loss) are averaged over ranks, and the parts sum to the batch's mean."""
+    reported loss) are averaged over ranks, and the parts sum to the batch's mean.
+    With --grad-accum N the batch's sequences go in N equal groups, each
+    scheduled and run on its own; a group's loss is the per-token mean over
+    its tokens, so it is weighted by its share of the batch's tokens."""
     lengths = data.lengths(step, cfg.train.batch_size, **varlen_options(cfg))
     sequences = [data.sample(step, i, n) for i, n in enumerate(lengths)]
-    schedule = hdp_schedule(lengths, world, hdp_capacity(cfg), cost=cost)
-    loss = hdp_forward_backward(model, sequences, schedule, device=device, loss_scale=world)
-    return loss, sum(lengths)
+    total, per = sum(lengths), len(lengths) // cfg.train.grad_accum
+    loss = None
+    for k in range(cfg.train.grad_accum):
+        part = slice(k * per, (k + 1) * per)
+        schedule = hdp_schedule(lengths[part], world, hdp_capacity(cfg), cost=cost)
+        share = world * sum(lengths[part]) / total  # world (exactly) without accumulation
+        part_loss = hdp_forward_backward(model, sequences[part], schedule, device=device,
+                                         loss_scale=share * amp.loss_scale) / amp.loss_scale
+        loss = part_loss if loss is None else loss + part_loss
+    return loss, lengths

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
-from .report import RunRecorder, make_run_dir
+from .logging_backends import check_backends, open_sinks
+from .report import RunRecorder, configure_logging, make_run_dir
 from .train import resolve_device, train
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -83,17 +84,26 @@ def main(argv=None) -> int:
                                      description="loom's per-rank worker (run it under torchrun)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    configure_logging()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = validate(config_from_args(args), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if rank0:  # only rank 0 logs to the backends
+            check_backends(cfg.job)
     except ConfigError as exc:
         parser.error(str(exc))
     recorder = None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
         with open(os.path.join(run_dir, "config.toml"), "w") as fh:
             fh.write(to_toml(cfg))
-        recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress)
-    summary = run_rank(cfg, recorder)
+        recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))
+    try:
+        summary = run_rank(cfg, recorder)
+    except BaseException:
+        if recorder is not None:
+            recorder.close_sinks()
+        raise
     if recorder is not None:
         recorder.finish({k: v for k, v in summary.items() if k != "losses"})
     return 0

@@ -291,7 +291,10 @@ def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method
         else:
             documents.append((row, row + p.tokens))
         row += p.tokens
-    cat = (lambda parts: torch.cat(parts).to(device))
+
+    def cat(parts):
+        return torch.cat(parts).to(device)
+
     return PackedShard(cat(inputs)[None], cat(targets)[None], cat(positions),
                        HDPAttention(rank, relayout, documents, linear_method, local_kernel))
 

@@ -22,32 +22,45 @@ same plan without talking.  Ranks in a plan are positions in the EP group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field
 from typing import NamedTuple
+
+
+def _setting(default, help: str):
+    """A setting with its one default and help text (loom train's flags are made from them)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class LLEPConfig:
-    """When and how the least-loaded plan replaces plain EP."""
+    """When and how the least-loaded plan replaces plain EP.
 
-    lam: float = 1.3
-    """switch LLEP on when the busiest rank's standard-EP load is at least
-    ``lam`` times the mean (below it, plain EP: no weights move)"""
-    alpha: float = 1.0
-    """capacity factor: a rank is filled up to ``alpha * total / P`` slots"""
-    min_chunk: int = 1024
-    """smallest number of slots worth moving an expert's weights for"""
-    max_borrowed_experts: int | None = None
-    """at most this many foreign experts' weights on any rank (None: no limit)"""
+    ``names`` (not stored) says how errors name the fields, e.g. by the flags
+    that set them (``{"lam": "--llep-lam", ...}``); by default they are
+    ``LLEPConfig: <field>``.  Raises ValueError naming the first bad value."""
 
-    def __post_init__(self):
+    lam: float = _setting(1.3, "switch LLEP on when the busiest rank's standard-EP load is at least "
+                               "this many times the mean (below it, plain EP: no weights move)")
+    alpha: float = _setting(1.0, "capacity factor: a rank is filled up to alpha * total / P token slots")
+    min_chunk: int = _setting(1024, "fewest token slots worth moving an expert's weights for")
+    max_borrowed_experts: int | None = _setting(None, "at most this many foreign experts' weights on any "
+                                                      "rank (default: no limit)")
+    names: InitVar[Mapping[str, str] | None] = None
+
+    def __post_init__(self, names=None):
+        where = "" if names else "LLEPConfig: "
+
+        def name(field_name: str) -> str:
+            return where + (names or {}).get(field_name, field_name)
+
         if not self.lam >= 1.0:
-            raise ValueError(f"LLEPConfig.lam={self.lam!r} must be >= 1")
+            raise ValueError(f"{name('lam')}={self.lam!r} must be >= 1")
         if not self.alpha > 0:
-            raise ValueError(f"LLEPConfig.alpha={self.alpha!r} must be > 0")
-        _check_int("LLEPConfig.min_chunk", self.min_chunk, 1)
+            raise ValueError(f"{name('alpha')}={self.alpha!r} must be > 0")
+        _check_int(name("min_chunk"), self.min_chunk, 1)
         if self.max_borrowed_experts is not None:
-            _check_int("LLEPConfig.max_borrowed_experts", self.max_borrowed_experts, 0)
+            _check_int(name("max_borrowed_experts"), self.max_borrowed_experts, 0)
 
 
 class LLEPPlan(NamedTuple):

@@ -12,6 +12,7 @@ so a sequence shard computes exactly what the whole sequence would.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,9 @@ class ModelConfig:
     num_experts: int = field(default=8, metadata={"help": "experts per MoE layer (divides by --ep)"})
     top_k: int = field(default=2, metadata={"help": "experts per token in MoE layers"})
     moe_aux_coef: float = field(default=0.01, metadata={"help": "weight of the MoE load-balancing loss"})
-    llep_lam: float = field(default=1.3, metadata={
-        "help": "LLEP switches on when the busiest rank has this many times the mean load"})
-    llep_min_chunk: int = field(default=1024, metadata={
-        "help": "LLEP: fewest token slots worth moving an expert's weights for"})
+    llep: LLEPConfig = field(default_factory=LLEPConfig, metadata={
+        "help": "the llep dispatcher's settings (loom train: each an llep_ option, e.g. --llep-lam)",
+        "prefix": "llep_"})
 
     def __post_init__(self):
         self.layers = _normalise_layers(self.layers)
@@ -64,7 +64,8 @@ class ModelConfig:
             raise ValueError(f"moe={self.moe!r} must be none, standard or llep")
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"need 1 <= top_k={self.top_k} <= num_experts={self.num_experts}")
-        LLEPConfig(lam=self.llep_lam, min_chunk=self.llep_min_chunk)  # validates them
+        if not isinstance(self.llep, LLEPConfig):
+            raise TypeError(f"model llep={self.llep!r} must be an LLEPConfig")
 
     @property
     def head_dim(self) -> int:
@@ -184,7 +185,7 @@ def feed_forward(cfg: ModelConfig, moe_group=None) -> nn.Module:
     if cfg.moe == "none":
         return FeedForward(cfg)
     return MoE(cfg.dim, cfg.ffn_hidden or 4 * cfg.dim, cfg.num_experts, cfg.top_k, ep_group=moe_group,
-               dispatcher=cfg.moe, llep=LLEPConfig(lam=cfg.llep_lam, min_chunk=cfg.llep_min_chunk),
+               dispatcher=cfg.moe, llep=cfg.llep,
                aux_loss_coef=cfg.moe_aux_coef)
 
 
@@ -221,6 +222,48 @@ class Transformer(nn.Module):
         return self.head(self.norm(x))
 
 
+def core_kind(module: nn.Module) -> str | None:
+    """``"softmax"`` or ``"linear"`` when ``module`` is an attention layer
+    whose core sequence parallelism can swap, else None.
+
+    loom's `Attention` and `LinearAttention` are; so is any module with a
+    ``core`` attribute that calls it as loom's do -- ``core(q, k, v,
+    causal=...)`` for softmax, ``core(q, k, v, log_decay, scale=...)`` for
+    linear attention, q/k/v ``[batch, seq, heads, head_dim]`` -- and says
+    which: its ``core`` is `local_attention` / `local_linear_attention`, or
+    its ``core_kind`` attribute is ``"softmax"`` / ``"linear"``."""
+    if isinstance(module, LinearAttention):
+        return "linear"
+    if isinstance(module, Attention):
+        return "softmax"
+    if not callable(getattr(module, "core", None)):
+        return None
+    kind = getattr(module, "core_kind", None)
+    if kind in LAYER_KINDS:
+        return kind
+    return {local_attention: "softmax", local_linear_attention: "linear"}.get(module.core)
+
+
+def sequence_parallel_gaps(model: nn.Module) -> str | None:
+    """What ``model`` lacks for sequence parallelism (None: nothing): attention
+    layers with swappable cores (`core_kind`) and a ``positions`` argument of
+    its forward (global token indices of its shard)."""
+    name = type(model).__name__
+    if not any(core_kind(m) for m in model.modules()):
+        return (f"{name} has no swappable attention cores: sequence parallelism replaces the `core` of each "
+                f"attention module, so each needs a `core` attribute that it calls as core(q, k, v, causal=True) "
+                f"(q, k, v [batch, seq, heads, head_dim]), set to loom.parallel.local_attention (or with "
+                f"core_kind = 'softmax'; linear attention: local_linear_attention)")
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: trust the model
+        return None
+    if "positions" not in parameters:
+        return (f"{name}.forward takes no `positions` argument: a sequence shard needs the global index of "
+                f"each of its tokens (forward(tokens, positions), positions [seq] or [batch, seq])")
+    return None
+
+
 def enable_sequence_parallel(model: nn.Module, ranks=None, *, group=None, linear_method: str = "allscan",
                              softmax_core=None) -> nn.Module:
     """Make ``model`` run on a contiguous sequence shard (rank position p of
@@ -230,20 +273,27 @@ def enable_sequence_parallel(model: nn.Module, ranks=None, *, group=None, linear
     Linear-attention layers scan their states over the ranks with
     ``linear_method``; softmax layers need a sequence-parallel ``softmax_core``
     (e.g. ring attention over the same ranks in the contiguous layout), which
-    is required when the model has any.  Swaps cores in place; returns ``model``."""
+    is required when the model has any.  Any model whose attention layers
+    follow `core_kind`'s protocol works, loom's `Transformer` or a user's own.
+    Swaps cores in place; returns ``model``.  Raises ValueError when the model
+    lacks what sequence parallelism needs (`sequence_parallel_gaps`)."""
     if linear_method not in SCAN_METHODS:
         raise ValueError(f"enable_sequence_parallel: linear_method={linear_method!r} must be one of "
                          f"{SCAN_METHODS}")
+    gaps = sequence_parallel_gaps(model)
+    if gaps is not None:
+        raise ValueError(f"enable_sequence_parallel: {gaps}")
     count = len(ranks) if ranks is not None else len(comms.group_ranks(group))
-    has_softmax = any(isinstance(m, Attention) for m in model.modules())
+    layers = [(m, core_kind(m)) for m in model.modules()]
+    has_softmax = any(kind == "softmax" for _, kind in layers)
     if has_softmax and softmax_core is None and count > 1:
         raise ValueError("enable_sequence_parallel: the model has softmax attention layers; pass a "
                          "sequence-parallel softmax_core (ring attention in the contiguous layout)")
     linear_core = functools.partial(linear_attention, group=group, ranks=ranks, method=linear_method)
-    for m in model.modules():
-        if isinstance(m, LinearAttention):
+    for m, kind in layers:
+        if kind == "linear":
             m.core = linear_core
-        elif isinstance(m, Attention) and softmax_core is not None:
+        elif kind == "softmax" and softmax_core is not None:
             m.core = softmax_core
     return model
 

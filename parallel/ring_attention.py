@@ -185,8 +185,8 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
         error = exc
     # every position learns of a bad or mismatched call before any K/V moves
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    agree(error, mine, ranks=ring.ranks, tag=ring.tag, device=device, what="ring_attention").same(_FIELDS, "ring_attention",
-                                                                           show=_SHOWN, formats=_FORMATS)
+    agreement = agree(error, mine, ranks=ring.ranks, tag=ring.tag, device=device, what="ring_attention")
+    agreement.same(_FIELDS, "ring_attention", show=_SHOWN, formats=_FORMATS)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the ring agreed on seq_local)
         out = empty_attention(q, k, v)
         lse = out.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))

@@ -64,8 +64,8 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
         error = exc
     # every rank learns of a bad or mismatched call before the all-to-all
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    comms.agree(error, mine, group=group, device=device, what="ulysses_attention").same(_FIELDS, "ulysses_attention", show=_SHOWN,
-                                                                          formats=_FORMATS)
+    agreement = comms.agree(error, mine, group=group, device=device, what="ulysses_attention")
+    agreement.same(_FIELDS, "ulysses_attention", show=_SHOWN, formats=_FORMATS)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
         return empty_attention(q, k, v)
     if size == 1:

@@ -467,7 +467,8 @@ def test_two_ranks_lazy_failure_and_retention(distributed, tmp_path):
             assert same(loaded["model"][k], v), (rank, k)
         assert torch.equal(loaded["frag"], torch.cat([results[0]["frag1"], results[1]["frag1"]]))
         assert torch.equal(loaded["rows"], torch.cat([results[0]["rows1"], results[1]["rows1"]]))
-        assert loaded["rng"].value["rank"] == rank and torch.equal(loaded["rng"].value["t"], torch.full((2,), float(rank)))
+        assert loaded["rng"].value["rank"] == rank
+        assert torch.equal(loaded["rng"].value["t"], torch.full((2,), float(rank)))
         assert "step 2" in out["failure"] and ("injected write failure on rank 1" in out["failure"])
         assert "different steps" in out["mismatch"]
         assert out["fail_committed"] == [1]

@@ -201,7 +201,8 @@ def _rewrite_manifest(url, step, edit):
 def test_unknown_placement_and_tampered_manifest(tmp_path):
     ckpt.save({"w": torch.zeros(2)}, tmp_path, step=1)
     _rewrite_manifest(tmp_path, 1, lambda m: m["tensors"]["w"].update(placement="diagonal"))
-    with pytest.raises(ckpt.InvalidCheckpointError, match=r"tensors\['w'\].placement: unknown placement 'diagonal'") as err:
+    with pytest.raises(ckpt.InvalidCheckpointError,
+                       match=r"tensors\['w'\].placement: unknown placement 'diagonal'") as err:
         ckpt.load({"w": torch.zeros(2)}, tmp_path)
     assert err.value.file.endswith(f"{step_name(1)}/{MANIFEST}") and err.value.field == "tensors['w'].placement"
     ckpt.save({"w": torch.zeros(2)}, tmp_path, step=2)
@@ -252,7 +253,7 @@ def test_chunks_several_ranks_read_are_checked_once_split_by_bytes():
     for want in wants:
         reader = ChunkReader(None, manifest)
         for key, box in want.items():
-            reader.request(key, box, np.empty([h - l for l, h in zip(*box)], dtype=np.float32))
+            reader.request(key, box, np.empty([stop - start for start, stop in zip(*box)], dtype=np.float32))
         readers.append(reader)
     claims = [r.claims() for r in readers]
     assert [len(c) for c in claims] == [2, 2, 2]  # 8 chunks: a one-byte bitmap per rank (hex)

@@ -323,7 +323,10 @@ def test_deep_or_large_json_is_refused_without_a_crash(tmp_path, capsys, caplog)
             marker.write_bytes(bad)
         raises_invalid(lambda: ckpt.load({"w": torch.zeros(2, 4)}, tmp_path, step=1), str(marker), None)
         code, out, lines = ckpt_cli(capsys, "ls", str(tmp_path))
-        assert code == 1 and f"{MARKER}:" in out and lines == []
+        # no traceback: the damaged marker is a row of the table; the bad `latest`
+        # left by the loop above is a warning line (the CLI shows loom's log records)
+        assert code == 1 and f"{MARKER}:" in out
+        assert all(line.startswith("ignoring ") and "latest" in line for line in lines), lines
 
 
 def test_a_manifest_larger_than_the_limit_is_not_read(tmp_path, monkeypatch):
@@ -681,7 +684,8 @@ def test_a_damaged_newest_marker_is_damage_not_a_save_in_progress(tmp_path, caps
     with pytest.raises(ckpt.InvalidCheckpointError, match="COMMITTED"):
         ckpt.verify(url)
     code, out, _ = ckpt_cli(capsys, "verify", url)
-    assert code == 1 and out.splitlines()[0].startswith(f"step 8: damaged: {path}") and out.splitlines()[1] == "step 4: ok"
+    assert code == 1 and out.splitlines()[0].startswith(f"step 8: damaged: {path}")
+    assert out.splitlines()[1] == "step 4: ok"
     code, out, _ = ckpt_cli(capsys, "verify", url, "--all")
     assert code == 1 and out.splitlines()[0] == "step 4: ok" and out.splitlines()[1].startswith("step 8: damaged")
     code, out, _ = ckpt_cli(capsys, "ls", url)

@@ -17,11 +17,15 @@ def _ops_vs_torch():
     x = torch.randn(4, 3, generator=g, dtype=torch.float64)
     out = {}
 
-    a = x.clone(); comms.all_reduce(a)
-    b = x.clone(); dist.all_reduce(b)
+    a = x.clone()
+    comms.all_reduce(a)
+    b = x.clone()
+    dist.all_reduce(b)
     out["all_reduce"] = torch.equal(a, b)
-    a = x.clone(); comms.all_reduce(a, "max")
-    b = x.clone(); dist.all_reduce(b, op=dist.ReduceOp.MAX)
+    a = x.clone()
+    comms.all_reduce(a, "max")
+    b = x.clone()
+    dist.all_reduce(b, op=dist.ReduceOp.MAX)
     out["all_reduce_max"] = torch.equal(a, b)
 
     gathered = comms.all_gather(x)
@@ -32,7 +36,8 @@ def _ops_vs_torch():
 
     big = torch.randn(world * 2, 3, generator=g, dtype=torch.float64)
     rs = comms.reduce_scatter(big)
-    full = big.clone(); dist.all_reduce(full)
+    full = big.clone()
+    dist.all_reduce(full)
     out["reduce_scatter"] = torch.allclose(rs, full[rank * 2:(rank + 1) * 2], rtol=0, atol=1e-12)
 
     send = _splits(rank, world)

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 import time
@@ -5,7 +6,8 @@ import time
 import pytest
 
 from loom.launch.cli import build_parser
-from loom.launch.config import ConfigError, build_config, load_config, to_toml, validate
+from loom.launch.config import (OPTIONS, ConfigError, build_config, config_from_args, load_config, to_toml,
+                                validate)
 
 
 def test_toml_file_and_flag_overrides(tmp_path):
@@ -80,3 +82,98 @@ def test_bad_config_fails_fast_without_starting_workers(tmp_path):
 def test_cli_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "loom", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+# ------------------------------------------------- settings owned by components
+
+def _owned():
+    """(owner dataclass, its section, field name -> option key) of every embedded owner."""
+    from loom.faults import DetectConfig
+    from loom.parallel import LLEPConfig
+    detect = {f.name: f.name for f in dataclasses.fields(DetectConfig)}
+    detect["warmup_steps"] = "fault_warmup_steps"
+    llep = {f.name: "llep_" + f.name for f in dataclasses.fields(LLEPConfig)}
+    return [(DetectConfig, "faults", detect, lambda cfg: cfg.faults.detect),
+            (LLEPConfig, "model", llep, lambda cfg: cfg.model.llep)]
+
+
+def _train_actions():
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    return {opt: action for action in parser._actions for opt in action.option_strings}
+
+
+def test_every_owned_setting_is_a_flag_with_the_owners_default_and_help():
+    actions = _train_actions()
+    for owner, section, keys, _ in _owned():
+        for f in dataclasses.fields(owner):
+            flag = "--" + keys[f.name].replace("_", "-")
+            help_text = f.metadata.get("help")
+            assert help_text, f"{owner.__name__}.{f.name} has no help text"
+            assert flag in actions, f"{owner.__name__}.{f.name} has no flag {flag}"
+            assert actions[flag].help.startswith(help_text)
+            assert f"default: {f.default}" in actions[flag].help or "default:" in help_text
+            assert OPTIONS[keys[f.name]].section == section and OPTIONS[keys[f.name]].default == f.default
+    # the flags that existed before they were generated keep their names
+    for flag in ("--fault-warmup-steps", "--straggler-k", "--straggler-n", "--straggler-rel",
+                 "--straggler-min-s", "--hang-floor-s", "--hang-factor", "--slow-link-factor",
+                 "--lost-after-s", "--llep-lam", "--llep-min-chunk"):
+        assert flag in actions
+
+
+def _changed(f):
+    """A valid value other than the default, of the field's type."""
+    if f.name == "max_borrowed_experts":
+        return 3
+    if "int" in str(f.type):
+        return f.default + 1 if not f.name.endswith("_k") else f.default - 1
+    return f.default * 2 + 0.5
+
+
+def test_owned_settings_come_from_toml_and_from_flags(tmp_path):
+    from loom.launch.cli import build_parser as parser
+    for owner, section, keys, get in _owned():
+        want = {f.name: _changed(f) for f in dataclasses.fields(owner)}
+        path = tmp_path / f"{section}.toml"
+        path.write_text(f"[{section}]\n" + "".join(f"{keys[n]} = {v!r}\n" for n, v in want.items()))
+        from_file = get(load_config(str(path)))
+        argv = ["train"] + [a for n, v in want.items() for a in ("--" + keys[n].replace("_", "-"), str(v))]
+        from_flags = get(config_from_args(parser().parse_args(argv)))
+        assert dataclasses.asdict(from_file) == dataclasses.asdict(from_flags) == want
+        assert type(from_flags) is owner
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"hang_warmup_s": -1}, r"^--hang-warmup-s=-1.0 must be >= 0$"),
+    ({"slow_link_k": 6}, r"^need 1 <= --slow-link-k=6 <= --slow-link-n=5$"),
+    ({"fault_warmup_steps": -2}, r"^--fault-warmup-steps=-2 must be >= 0$"),
+    ({"slow_link_factor": 1}, r"^--slow-link-factor=1.0 must be > 1$"),
+    ({"llep_lam": 0.5}, r"^--llep-lam=0.5 must be >= 1$"),
+    ({"llep_alpha": 0}, r"^--llep-alpha=0.0 must be > 0$"),
+    ({"llep_max_borrowed_experts": -1}, r"^--llep-max-borrowed-experts=-1 must be an integer >= 0$"),
+])
+def test_a_bad_owned_value_is_named_by_its_flag(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build_config(overrides=overrides)
+
+
+def test_a_bad_owned_value_from_the_command_line(capsys, tmp_path):
+    from loom.launch.cli import main
+    assert main(["train", "--slow-link-min-s", "-0.5", "--runs-dir", str(tmp_path)]) == 2
+    assert "error: --slow-link-min-s=-0.5 must be >= 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_owners_used_directly_name_their_fields():
+    from loom.faults import DetectConfig
+    from loom.parallel import LLEPConfig
+    with pytest.raises(ValueError, match=r"^DetectConfig: hang_warmup_s=-1 must be >= 0$"):
+        DetectConfig(hang_warmup_s=-1)
+    with pytest.raises(ValueError, match=r"^LLEPConfig: alpha=0 must be > 0$"):
+        LLEPConfig(alpha=0)
+
+
+def test_a_bad_owned_value_in_a_job_file_is_named_by_its_flag(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("[model]\nllep_min_chunk = 0\n")
+    with pytest.raises(ConfigError, match=r"^--llep-min-chunk=0 must be an integer >= 1$"):
+        load_config(str(path))

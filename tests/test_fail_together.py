@@ -192,7 +192,8 @@ def _named_values():
     out = {}
     for name, call in {"ring": lambda: ring_attention(q, q, q, causal=bool(rank)),
                        "ulysses": lambda: ulysses_attention(q, q, q),
-                       "linear": lambda: linear_attention(q, q, q, -q.abs(), method="serial" if rank else "allscan")}.items():
+                       "linear": lambda: linear_attention(q, q, q, -q.abs(),
+                                                          method="serial" if rank else "allscan")}.items():
         try:
             call()
         except ValueError as exc:

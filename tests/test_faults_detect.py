@@ -1,6 +1,5 @@
 """`loom.faults.detect` on synthetic record sets, the injection plan parser and
 the incremental trace reader (no processes)."""
-import dataclasses
 import math
 import random
 
@@ -488,7 +487,6 @@ def test_aggregator_posts_no_verdict_for_a_slow_background_write():
 
 
 def test_background_stall_and_stopped_training_is_a_fatal_hang():
-    import json
     sim = Sim(world=2)
     _training_beside_a_slow_write(sim, 61, stop_at=12)
     sim.t += 3.0  # 3 s later: rank 0 still waits in both groups

@@ -289,9 +289,9 @@ def test_stacked_layers_with_activation_checkpointing(distributed, P):
 # --------------------------------------------------- a model's optimizer step
 
 def _model_cfg(aux):
-    from loom.parallel import ModelConfig
+    from loom.parallel import LLEPConfig, ModelConfig
     return ModelConfig(vocab=32, dim=16, layers=2, heads=2, ffn_hidden=12, moe="llep", num_experts=4,
-                       top_k=2, moe_aux_coef=aux, llep_lam=1.0, llep_min_chunk=2)
+                       top_k=2, moe_aux_coef=aux, llep=LLEPConfig(lam=1.0, min_chunk=2))
 
 
 def _loss(model, inputs, targets):
@@ -525,13 +525,15 @@ def test_config_rejects_ep_without_fitting_experts(overrides, needle):
 
 
 def test_model_config_rejects_bad_moe_options():
-    from loom.parallel import ModelConfig
+    from loom.parallel import LLEPConfig, ModelConfig
     with pytest.raises(ValueError, match="moe='dense' must be none, standard or llep"):
         ModelConfig(moe="dense")
     with pytest.raises(ValueError, match="top_k=5 <= num_experts=4"):
         ModelConfig(moe="llep", num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="min_chunk=0"):
-        ModelConfig(llep_min_chunk=0)
+        ModelConfig(llep=LLEPConfig(min_chunk=0))
+    with pytest.raises(TypeError, match="must be an LLEPConfig"):
+        ModelConfig(llep={"lam": 2.0})
 
 
 @pytest.mark.e2e

@@ -1,0 +1,175 @@
+"""Your own model: ``loom train --model MODULE:FACTORY``.
+
+``MODULE`` is an importable module (``my_models.lm``; the current directory
+is searched too) or a file (``path/to/lm.py``); ``FACTORY(config)`` returns a
+``torch.nn.Module`` that maps token ids ``[batch, seq]`` (int64) to logits
+``[batch, seq, vocab]``.  ``config`` is the job's `JobConfig`:
+``config.model.vocab`` is the data's vocabulary (tokens are below it),
+``config.train.seq_len`` / ``config.train.dtype`` say what the model will see
+(loom casts it to the dtype afterwards), and ``config.train.model_args`` holds
+the model's own settings (``[train.model_args]`` in TOML, ``--model-args
+depth=3 act=gelu`` on the command line).  Every rank calls the factory after
+seeding torch with ``--seed``, so all ranks start from the same weights.
+
+Data parallelism works with any such model.  Sequence parallelism (``--sp >
+1``) swaps the model's attention cores from outside, as for loom's reference
+transformer, so the model must expose them (`loom.parallel.core_kind`: each
+attention module calls ``self.core(q, k, v, causal=True)`` with ``self.core =
+loom.parallel.local_attention``) and take the global ``positions`` of its
+shard's tokens in ``forward(tokens, positions)``.  ``--ep``, ``--moe`` and
+``--hdp`` apply only to the reference model.
+
+A model whose forward takes no ``positions`` is called as ``model(tokens)``:
+`build_user_model` drops the training loop's ``positions=None`` for it.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+
+import torch
+
+from loom.parallel import core_kind, sequence_parallel_gaps
+
+from .config import ConfigError, JobConfig, sp_layout
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"MODULE:FACTORY"`` -> ``(MODULE, FACTORY)``; ConfigError if malformed."""
+    module, sep, name = spec.rpartition(":")
+    if not sep or not module.strip() or not name.strip().isidentifier():
+        raise ConfigError(f"--model={spec!r} must be MODULE:FACTORY (e.g. my_models.lm:make_model or "
+                          f"path/to/lm.py:make_model)")
+    return module.strip(), name.strip()
+
+
+def _is_path(module: str) -> bool:
+    return module.endswith(".py") or "/" in module or os.sep in module
+
+
+def _find_file(module: str, spec: str) -> str:
+    """A model file: as given (relative to the current directory), else under
+    an entry of sys.path (Ray workers have the driver's directory there)."""
+    candidates = [module] if os.path.isabs(module) else [module] + [
+        os.path.join(entry, module) for entry in sys.path if entry]
+    for path in candidates:
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    raise ConfigError(f"--model={spec}: no file {module!r} (from {os.getcwd()})")
+
+
+def _import(module: str, spec: str):
+    try:
+        if _is_path(module):
+            path = _find_file(module, spec)
+            name = "loom_user_model_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+            if name not in sys.modules:
+                file_spec = importlib.util.spec_from_file_location(name, path)
+                loaded = importlib.util.module_from_spec(file_spec)
+                sys.modules[name] = loaded  # before it runs: dataclasses and pickling look it up
+                try:
+                    file_spec.loader.exec_module(loaded)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            return sys.modules[name]
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())  # `loom` (a console script) does not search it by itself
+        return importlib.import_module(module)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say so, with its own error
+        raise ConfigError(f"--model={spec}: cannot import {module!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_factory(spec: str):
+    """The callable ``FACTORY`` of ``--model MODULE:FACTORY``.  Raises
+    ConfigError naming the spec when the module does not import, has no such
+    attribute, or it is not callable."""
+    module_name, name = split_spec(spec)
+    module = _import(module_name, spec)
+    if not hasattr(module, name):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(name, public, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; it has {public}" if public else "")
+        raise ConfigError(f"--model={spec}: {module_name!r} has no {name!r}{hint}")
+    factory = getattr(module, name)
+    if not callable(factory):
+        raise ConfigError(f"--model={spec}: {name!r} is a {type(factory).__name__}, not a callable "
+                          f"FACTORY(config) -> torch.nn.Module")
+    return factory
+
+
+def build_user_model(cfg: JobConfig) -> torch.nn.Module:
+    """``FACTORY(cfg)`` of ``cfg.train.model``, checked to be a torch.nn.Module
+    (TypeError otherwise).  Seed torch first for identical weights on every rank."""
+    factory = load_factory(cfg.train.model)
+    model = factory(cfg)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"--model={cfg.train.model}: the factory returned a {type(model).__name__}, not a "
+                        f"torch.nn.Module")
+    if not _takes_positions(model):
+        model.register_forward_pre_hook(_drop_no_positions, with_kwargs=True)
+    return model
+
+
+def _takes_positions(model: torch.nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "positions" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
+def _drop_no_positions(module, args, kwargs):
+    """``model(tokens, None)`` -> ``model(tokens)`` for a model without positions."""
+    if kwargs.get("positions", "absent") is None:
+        kwargs = {k: v for k, v in kwargs.items() if k != "positions"}
+    if len(args) == 2 and args[1] is None:
+        args = args[:1]
+    return args, kwargs
+
+
+def user_model_problems(cfg: JobConfig) -> list[str]:
+    """What stops ``cfg``'s own model from running, found before any worker
+    starts: the factory does not load; ``--ep``/``--moe``/``--hdp`` (reference
+    model only); ``--sp > 1`` for a model without swappable attention cores
+    or ``positions`` (checked on an instance built on the meta device, which
+    allocates no memory; a factory that cannot build there is checked by the
+    workers instead)."""
+    spec, p = cfg.train.model, cfg.parallel
+    try:
+        factory = load_factory(spec)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems = []
+    if p.ep > 1 or cfg.model.moe != "none":
+        problems.append(f"--ep/--moe apply only to loom's reference model, not --model={spec}: use "
+                        f"--ep 1 --moe none (or put MoE layers in your model)")
+    if p.hdp:
+        problems.append(f"--hdp applies only to loom's reference model, not --model={spec}")
+    if p.sp > 1:
+        try:
+            with torch.device("meta"):
+                model = factory(cfg)
+        except Exception:  # noqa: BLE001 - e.g. it loads weights; the workers' check will say
+            model = None
+        if isinstance(model, torch.nn.Module):
+            gaps = sequence_parallel_gaps(model)
+            if gaps is not None:
+                problems.append(f"--sp={p.sp} needs the model to expose its attention, but the model of "
+                                f"--model={spec}: {gaps}; or train it with --sp 1 (data parallelism works "
+                                f"with any model)")
+            elif _has_linear_cores(model) and sp_layout(cfg) != "contiguous":
+                problems.append(f"--model={spec} has linear-attention layers: they need --sp-layout "
+                                f"contiguous")
+    return problems
+
+
+def _has_linear_cores(model: torch.nn.Module) -> bool:
+    return any(core_kind(m) == "linear" for m in model.modules())
