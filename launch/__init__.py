@@ -3,7 +3,6 @@
 `run` runs your own per-rank training function on loom's workers (`report`
 and `device` work inside it); see `loom.launch.api`.
 """
-from . import report as _report_module  # noqa: F401  first: loading it later would rebind `report`
 from .api import Result, device, report, run
 
 __all__ = ["LaunchError", "Result", "device", "report", "run"]

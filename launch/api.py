@@ -227,7 +227,7 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     """
     from .logging_backends import check_backends, open_sinks
     from .ray_driver import launch_ray
-    from .report import RunRecorder, make_run_dir
+    from .recorder import RunRecorder, make_run_dir
     from .worker import takes_config
     if not callable(train_fn):
         raise TypeError(f"train_fn must be callable, not {type(train_fn).__name__}")

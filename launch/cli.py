@@ -11,7 +11,7 @@ from .config import ConfigError, add_config_arguments, config_from_args, to_toml
 def _train(args) -> int:
     from .logging_backends import check_backends, open_sinks
     from .ray_driver import LaunchError, launch_ray
-    from .report import RunRecorder, make_run_dir
+    from .recorder import RunRecorder, make_run_dir
     cfg = validate(config_from_args(args))
     check_backends(cfg.job)  # a missing tensorboard/wandb package: ConfigError before anything starts
     run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .report import configure_logging
+    from .recorder import configure_logging
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()  # library code logs through logging.getLogger("loom..."); show it here

@@ -23,7 +23,7 @@ from . import cluster
 from .cluster import LaunchError
 from .config import JobConfig, parse_env
 from .fault_watch import DriverWatch
-from .report import QueueReporter
+from .recorder import QueueReporter
 
 __all__ = ["LaunchError", "RankWorker", "launch_ray"]
 

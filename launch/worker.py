@@ -19,7 +19,7 @@ from .config import (ConfigError, JobConfig, add_config_arguments, config_from_a
                      validate_launch)
 from .fault_watch import rank_faults
 from .logging_backends import check_backends, open_sinks
-from .report import RunRecorder, configure_logging, make_run_dir
+from .recorder import RunRecorder, configure_logging, make_run_dir
 from .train import resolve_device, train
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

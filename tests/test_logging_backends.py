@@ -16,7 +16,7 @@ import pytest
 
 from loom.launch import logging_backends as lb
 from loom.launch.config import ConfigError, build_config, validate
-from loom.launch.report import RunRecorder, configure_logging
+from loom.launch.recorder import RunRecorder, configure_logging
 
 TRAIN_ROW = {"step": 0, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "step_time_s": 0.5, "tokens_per_s": 64.0,
              "model_tflops_per_device": 1e-6, "mfu": 0.25, "peak_rss_bytes": 2**30}

@@ -15,7 +15,7 @@ import torch
 import loom.launch
 from loom.launch import api, cluster
 from loom.launch.config import ConfigError, parse_env
-from loom.launch.report import ProgressBar, format_summary
+from loom.launch.recorder import ProgressBar, format_summary
 from loom.launch.worker import takes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
