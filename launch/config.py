@@ -42,6 +42,13 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _owned(owner: type, name: str):
+    """An option that is one field of ``owner`` under another name: the
+    owner's default and help text, written once, there."""
+    f = next(f for f in fields(owner) if f.name == name)
+    return field(default=f.default, metadata=dict(f.metadata))
+
+
 @dataclass
 class JobSection:
     name: str = _f("", "run name; runs/<name>/ holds config.toml and metrics.jsonl (default: a timestamp)")
@@ -111,11 +118,10 @@ class TrainSection:
                                "(0: seq_len // 4); --batch-size sequences per global batch")
     varlen_sigma: float = _f(1.0, "with --hdp: lognormal sigma of the sequence lengths (larger: longer tail)")
     varlen_max: int = _f(0, "with --hdp: longest sequence (0: world * capacity, what one microbatch holds)")
-    lr_schedule: str = _f("constant", "learning rate after the warm-up: constant, cosine or linear (to --min-lr "
-                                      "at the last step), or wsd (warmup-stable-decay: constant, then a linear "
-                                      "decay to --min-lr over the last --wsd-decay-frac of the steps)")
-    min_lr: float = _f(0.0, "the learning rate cosine, linear and wsd schedules end at")
-    wsd_decay_frac: float = _f(0.1, "with --lr-schedule wsd: the fraction of --steps in the final decay")
+    # the schedule's own settings: default and help from the owner, loom.launch.schedule.LRSchedule
+    lr_schedule: str = _owned(LRSchedule, "kind")
+    min_lr: float = _owned(LRSchedule, "min_lr")
+    wsd_decay_frac: float = _owned(LRSchedule, "wsd_decay_frac")
     allow_lr_schedule_change: bool = _f(False, "with --resume: continue with this run's schedule when the "
                                                "checkpoint's differs (--lr-schedule, --lr, --warmup-steps, "
                                                "--min-lr, --steps, --wsd-decay-frac), instead of refusing")

@@ -22,7 +22,7 @@ whether it continues the same schedule (`changes`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,12 +36,17 @@ class LRSchedule:
     not in `SCHEDULES`, ``lr <= 0``, ``min_lr`` outside ``[0, lr]``, negative
     ``warmup_steps``, ``total_steps < 1``, ``wsd_decay_frac`` outside
     ``(0, 1]``, or a wsd decay phase that would start inside the warm-up."""
-    kind: str = "constant"
+    kind: str = field(default="constant", metadata={
+        "help": "learning rate after the warm-up: constant, cosine or linear (to --min-lr at the last step), "
+                "or wsd (warmup-stable-decay: constant, then a linear decay to --min-lr over the last "
+                "--wsd-decay-frac of the steps)"})
     lr: float = 3e-3
     warmup_steps: int = 0
     total_steps: int = 1
-    min_lr: float = 0.0
-    wsd_decay_frac: float = 0.1
+    min_lr: float = field(default=0.0, metadata={
+        "help": "the learning rate cosine, linear and wsd schedules end at"})
+    wsd_decay_frac: float = field(default=0.1, metadata={
+        "help": "with --lr-schedule wsd: the fraction of --steps in the final decay"})
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
