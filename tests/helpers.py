@@ -129,3 +129,17 @@ def outcome(call):
     except (ValueError, TypeError) as exc:
         return type(exc).__name__, str(exc), time.monotonic() - t0
     return "no error"
+
+
+class EventLog:
+    """A reporter for `loom.launch.train.train` that keeps the event lines
+    (and ignores the per-step metrics)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def step(self, metrics: dict) -> None:
+        pass
+
+    def event(self, text: str) -> None:
+        self.lines.append(text)

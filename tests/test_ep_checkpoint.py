@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers import EventLog
+
 from loom import checkpoint as ckpt
 from loom import comms
 from loom.launch.config import build_config, validate
@@ -21,19 +23,9 @@ MOE = {"vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_siz
 def _train(overrides):
     from loom.launch.train import train
 
-    class Events:
-        lines: list = []
-
-        def step(self, metrics):
-            pass
-
-        def event(self, text):
-            self.lines.append(text)
-
     world = dist.get_world_size()
     cfg = validate(build_config(overrides={"dp": world, **overrides}), world_size=world)
-    events = Events()
-    events.lines = []
+    events = EventLog()
     summary = train(cfg, events)
     return summary["losses"], summary.get("extra", {}), events.lines
 

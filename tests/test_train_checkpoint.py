@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from helpers import EventLog
+
 from loom.launch.config import ConfigError, build_config, validate
 
 TINY = {"vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4,
@@ -18,17 +20,7 @@ def _train(overrides):
     from loom.launch.train import train
     cfg = validate(build_config(overrides=overrides))
 
-    class Events:
-        def __init__(self):
-            self.lines = []
-
-        def step(self, metrics):
-            pass
-
-        def event(self, text):
-            self.lines.append(text)
-
-    events = Events()
+    events = EventLog()
     summary = train(cfg, events)
     return summary["losses"], summary.get("extra", {}), events.lines
 

@@ -4,7 +4,7 @@ precision, close to) the plain run in every parallel mode."""
 import pytest
 import torch
 
-from helpers import train_losses
+from helpers import EventLog, train_losses
 from loom.launch.config import ConfigError, build_config, validate
 
 TINY = dict(vocab=32, dim=16, layers=2, heads=2, seq_len=8, batch_size=8, dtype="float64", lr=1e-2,
@@ -211,16 +211,7 @@ def test_mixed_precision_is_validated(overrides, needle):
 def _train_with_events(overrides):
     from loom.launch.train import train
 
-    class Events:
-        lines: list = []
-
-        def step(self, metrics):
-            pass
-
-        def event(self, text):
-            self.lines.append(text)
-
-    events = Events()
+    events = EventLog()
     losses = train(validate(build_config(overrides={**TINY, "dtype": "float32", **overrides})), events)["losses"]
     return losses, events.lines
 
