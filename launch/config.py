@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -287,9 +288,12 @@ def _coerce(opt: Option, value):
     try:
         if typ is int and (isinstance(value, bool) or isinstance(value, float)):
             raise ValueError
-        return typ(value)
+        value = typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}={value!r} must be {typ.__name__}") from None
+    if typ is float and value != value:  # NaN passes every `x <= 0` check downstream
+        raise ConfigError(f"{where}=nan must be a number")
+    return value
 
 
 def _coerce_table(where: str, value) -> dict:
@@ -406,8 +410,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                       ("warmup_steps", 0)):
         if getattr(t, name) < low:
             problems.append(f"--{name.replace('_', '-')}={getattr(t, name)} must be >= {low}")
-    if t.lr <= 0:
-        problems.append(f"--lr={t.lr} must be > 0")
+    if not 0 < t.lr < math.inf:
+        problems.append(f"--lr={t.lr} must be > 0 and finite")
+    if not 0 <= t.weight_decay < math.inf:
+        problems.append(f"--weight-decay={t.weight_decay} must be >= 0 and finite")
+    if t.grad_clip < 0:
+        problems.append(f"--grad-clip={t.grad_clip} must be >= 0 (0: no clipping)")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
     if t.mixed_precision not in ("none", "bf16", "fp16"):
@@ -583,7 +591,7 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
 def _train_extras_problems(cfg: JobConfig) -> list[str]:
     """Schedules, evaluation and metrics options."""
     t, j, problems = cfg.train, cfg.job, []
-    if t.steps >= 1 and t.lr > 0 and t.warmup_steps >= 0:  # reported above otherwise
+    if t.steps >= 1 and 0 < t.lr < math.inf and t.warmup_steps >= 0:  # reported above otherwise
         try:
             LRSchedule.from_config(t)
         except ValueError as exc:
@@ -594,8 +602,8 @@ def _train_extras_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"--eval-batches={t.eval_batches} must be >= 1")
     if j.wandb_mode not in ("auto", "online", "offline", "disabled"):
         problems.append(f"--wandb-mode={j.wandb_mode!r} must be auto, online, offline or disabled")
-    if not j.peak_tflops >= 0:
-        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 (0: no mfu)")
+    if not 0 <= j.peak_tflops < math.inf:
+        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 and finite (0: no mfu)")
     return problems
 
 

@@ -31,6 +31,8 @@ def test_round_trip_through_toml(tmp_path):
     (None, {"steps": "many"}, r"\[train\] steps='many' must be int"),
     (None, {"steps": 2.5}, "must be int"),
     (None, {"progress": "maybe"}, "must be true or false"),
+    (None, {"lr": "nan"}, r"\[train\] lr=nan must be a number"),  # NaN slips past `x <= 0` checks
+    ({"job": {"peak_tflops": float("nan")}}, None, r"\[job\] peak_tflops=nan must be a number"),
     (None, {"dim": 10, "heads": 4}, "dim=10 must divide by heads=4"),
 ])
 def test_bad_options_are_named(data, overrides, needle):
@@ -47,6 +49,10 @@ def test_bad_options_are_named(data, overrides, needle):
     ({"dtype": "float8"}, "--dtype='float8'"),
     ({"device": "tpu"}, "--device='tpu'"),
     ({"steps": 0}, "--steps=0 must be >= 1"),
+    ({"lr": "inf"}, "--lr=inf must be > 0 and finite"),
+    ({"weight_decay": -1}, "--weight-decay=-1.0 must be >= 0"),
+    ({"grad_clip": -1}, "--grad-clip=-1.0 must be >= 0"),
+    ({"peak_tflops": "inf"}, "--peak-tflops=inf must be >= 0 and finite"),
 ])
 def test_validation(overrides, needle):
     cfg = build_config(overrides={"batch_size": 12, **overrides})
