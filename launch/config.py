@@ -304,6 +304,8 @@ def _coerce_table(where: str, value) -> dict:
         return dict(value)
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}={value!r} must be a table ({{key = value, ...}}) or KEY=VALUE strings")
     table = {}
     for item in value:
         key, eq, text = str(item).partition("=")

@@ -90,11 +90,11 @@ def main(argv=None) -> int:
         cfg = validate(config_from_args(args), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if rank0:  # only rank 0 logs to the backends
             check_backends(cfg.job)
+        run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name) if rank0 else None
     except ConfigError as exc:
         parser.error(str(exc))
     recorder = None
     if rank0:
-        run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
         with open(os.path.join(run_dir, "config.toml"), "w") as fh:
             fh.write(to_toml(cfg))
         recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))

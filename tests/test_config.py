@@ -183,3 +183,17 @@ def test_a_bad_owned_value_in_a_job_file_is_named_by_its_flag(tmp_path):
     path.write_text("[model]\nllep_min_chunk = 0\n")
     with pytest.raises(ConfigError, match=r"^--llep-min-chunk=0 must be an integer >= 1$"):
         load_config(str(path))
+
+
+def test_a_run_directory_that_cannot_be_made_is_a_clear_error(tmp_path, capsys):
+    from loom.launch.cli import main
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", "--steps", "1", "--no-progress", "--runs-dir", str(blocker / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run directory" in err and "--runs-dir" in err and "Traceback" not in err
+
+
+def test_model_args_that_is_not_a_table_is_named():
+    with pytest.raises(ConfigError, match=r"\[train\] model_args=3 must be a table"):
+        build_config({"train": {"model_args": 3}})
