@@ -107,12 +107,15 @@ def load_factory(spec: str):
 
 def build_user_model(cfg: JobConfig) -> torch.nn.Module:
     """``FACTORY(cfg)`` of ``cfg.train.model``, checked to be a torch.nn.Module
-    (TypeError otherwise).  Seed torch first for identical weights on every rank."""
+    with trainable parameters (TypeError otherwise).  Seed torch first for identical weights on every rank."""
     factory = load_factory(cfg.train.model)
     model = factory(cfg)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model={cfg.train.model}: the factory returned a {type(model).__name__}, not a "
                         f"torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TypeError(f"--model={cfg.train.model}: the factory's {type(model).__name__} has no trainable "
+                        f"parameters (none, or all with requires_grad=False): nothing to train")
     if not _takes_positions(model):
         model.register_forward_pre_hook(_drop_no_positions, with_kwargs=True)
     model.register_forward_hook(_LogitsCheck(cfg.train.model, cfg.model.vocab), with_kwargs=True)

@@ -102,6 +102,12 @@ class Pooled(PlainLM):
         return super().forward(tokens).mean(1)
 
 
+def make_frozen(config):
+    model = make_plain(config)
+    model.requires_grad_(False)
+    return model
+
+
 def make_pooled(config):
     m = config.model
     return Pooled(m.vocab, m.dim, m.heads, 24)
@@ -271,3 +277,8 @@ def test_activation_checkpointing_needs_blocks_before_workers_start(model_file):
     with pytest.raises(ConfigError, match=r"--activation-checkpointing .* \(PlainLM\) has no 'blocks'"):
         validate(build_config(overrides=dict(COMMON, model=f"{model_file}:make_plain",
                                              activation_checkpointing=True)))
+
+
+def test_a_model_with_nothing_to_train_is_named(model_file):
+    with pytest.raises(TypeError, match="the factory's PlainLM has no trainable parameters"):
+        build_user_model(build_config(overrides={"model": f"{model_file}:make_frozen"}))
