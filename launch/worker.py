@@ -60,9 +60,21 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
             if train_fn is None:
                 return train(cfg, reporter, step_hook=faults.at_step)
             with rank_session(reporter, faults.at_step, cfg.job.device):
-                return train_fn(config) if takes_config(train_fn) else train_fn()
+                return call_train_fn(train_fn, config)
     finally:
         dist.destroy_process_group()
+
+
+def call_train_fn(train_fn, config):
+    """``train_fn(config)`` (or ``train_fn()``).  A ``sys.exit()`` inside it
+    is a failure of this rank, raised as RuntimeError naming the exit code (an
+    exiting actor would otherwise only show as a process that ended, while
+    its peers wait for it in their collectives)."""
+    try:
+        return train_fn(config) if takes_config(train_fn) else train_fn()
+    except SystemExit as exc:
+        raise RuntimeError(f"train_fn called sys.exit({exc.code!r}) on rank {os.environ.get('RANK', '?')}: "
+                           f"return from train_fn to end the loop, raise to fail the job") from None
 
 
 def takes_config(train_fn) -> bool:
