@@ -449,6 +449,10 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     if t.model:  # the user's own model (--model MODULE:FACTORY)
         from .user_model import user_model_problems
         problems += user_model_problems(cfg)
+    elif t.model_args:
+        problems.append(f"--model-args {' '.join(f'{k}={v}' for k, v in t.model_args.items())} is for the "
+                        f"factory of --model MODULE:FACTORY, but no --model is given (loom's reference "
+                        f"model is shaped by the [model] options: --dim, --layers, ...)")
     problems += _train_extras_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))

@@ -53,6 +53,7 @@ def test_bad_options_are_named(data, overrides, needle):
     ({"weight_decay": -1}, "--weight-decay=-1.0 must be >= 0"),
     ({"grad_clip": -1}, "--grad-clip=-1.0 must be >= 0"),
     ({"peak_tflops": "inf"}, "--peak-tflops=inf must be >= 0 and finite"),
+    ({"model_args": ["depth=3"]}, "--model-args depth=3 is for the factory of --model"),
 ])
 def test_validation(overrides, needle):
     cfg = build_config(overrides={"batch_size": 12, **overrides})
