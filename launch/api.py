@@ -113,7 +113,8 @@ def report(metrics: dict) -> None:
     ``metrics``: a dict of numbers, strings, booleans or one-element tensors
     (turned into Python numbers).  ``step`` (int) is added when missing: the
     number of earlier reports (or one past the last ``step`` given).  Raises
-    RuntimeError outside `run`, TypeError for other values."""
+    RuntimeError outside `run`, TypeError for other values, ValueError for
+    a negative ``step``."""
     s = _session
     if s is None:
         raise RuntimeError("loom.launch.report() works inside a train_fn that loom.launch.run runs")
@@ -122,6 +123,8 @@ def report(metrics: dict) -> None:
     row = {"step": s.step, **{str(k): _scalar(k, v) for k, v in metrics.items()}}
     if not isinstance(row["step"], int) or isinstance(row["step"], bool):
         raise TypeError(f"report: step must be an int, not {row['step']!r}")
+    if row["step"] < 0:
+        raise ValueError(f"report: step={row['step']} must be >= 0")
     if s.reporter is not None:
         s.reporter.step(row)
     s.step = row["step"] + 1
@@ -180,6 +183,17 @@ def _env(env) -> dict[str, str]:
     return parse_env(",".join(env))
 
 
+def _check_picklable(what: str, obj) -> None:
+    """TypeError before anything starts when ``obj`` cannot travel to the
+    workers (Ray sends it with cloudpickle, as here)."""
+    from ray import cloudpickle
+    try:
+        cloudpickle.dumps(obj)
+    except Exception as exc:  # noqa: BLE001 - pickling raises many kinds
+        raise TypeError(f"{what} must be picklable (cloudpickle sends it to every rank), but: "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
 def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, device: str = "auto",
         cpus_per_worker: float = 1.0, threads_per_worker: int = 1, env=None, runtime_env: dict | None = None,
         name: str | None = None, runs_dir: str = "runs", steps: int | None = None, progress: bool = True,
@@ -223,7 +237,8 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     and ``__cause__`` its exception), when the fault monitor stops the job
     (a hang or a lost rank, named), or when the job cannot start (a cluster
     too small for it fails at once); ConfigError for bad options, TypeError
-    for a ``train_fn`` that is not callable with one argument or none.
+    for a ``train_fn`` that is not callable with one argument or none, or a
+    ``train_fn`` or ``config`` that cannot be pickled.
     """
     from .logging_backends import check_backends, open_sinks
     from .ray_driver import launch_ray
@@ -236,6 +251,8 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
         raise ValueError(f"workers={workers!r} must be an int >= 1")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} must be None or an int >= 1")
+    _check_picklable("train_fn", train_fn)
+    _check_picklable("config", config)
     cfg = _job_config(workers, {**(options or {}), "address": address or "", "device": device,
                                 "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads_per_worker,
                                 "name": name or "", "runs_dir": runs_dir, "progress": progress})

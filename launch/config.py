@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -293,9 +294,12 @@ def _coerce(opt: Option, value):
     try:
         if typ is int and (isinstance(value, bool) or isinstance(value, float)):
             raise ValueError
-        return typ(value)
+        value = typ(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}={value!r} must be {typ.__name__}") from None
+    if typ is float and value != value:  # NaN passes every `x <= 0` check downstream
+        raise ConfigError(f"{where}=nan must be a number")
+    return value
 
 
 def _coerce_table(where: str, value) -> dict:
@@ -306,6 +310,8 @@ def _coerce_table(where: str, value) -> dict:
         return dict(value)
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}={value!r} must be a table ({{key = value, ...}}) or KEY=VALUE strings")
     table = {}
     for item in value:
         key, eq, text = str(item).partition("=")
@@ -412,8 +418,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                       ("warmup_steps", 0)):
         if getattr(t, name) < low:
             problems.append(f"--{name.replace('_', '-')}={getattr(t, name)} must be >= {low}")
-    if t.lr <= 0:
-        problems.append(f"--lr={t.lr} must be > 0")
+    if not 0 < t.lr < math.inf:
+        problems.append(f"--lr={t.lr} must be > 0 and finite")
+    if not 0 <= t.weight_decay < math.inf:
+        problems.append(f"--weight-decay={t.weight_decay} must be >= 0 and finite")
+    if t.grad_clip < 0:
+        problems.append(f"--grad-clip={t.grad_clip} must be >= 0 (0: no clipping)")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
     if t.mixed_precision not in ("none", "bf16", "fp16"):
@@ -445,6 +455,10 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
     if t.model:  # the user's own model (--model MODULE:FACTORY)
         from .user_model import user_model_problems
         problems += user_model_problems(cfg)
+    elif t.model_args:
+        problems.append(f"--model-args {' '.join(f'{k}={v}' for k, v in t.model_args.items())} is for the "
+                        f"factory of --model MODULE:FACTORY, but no --model is given (loom's reference "
+                        f"model is shaped by the [model] options: --dim, --layers, ...)")
     problems += _train_extras_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
@@ -589,7 +603,7 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
 def _train_extras_problems(cfg: JobConfig) -> list[str]:
     """Schedules, evaluation and metrics options."""
     t, j, problems = cfg.train, cfg.job, []
-    if t.steps >= 1 and t.lr > 0 and t.warmup_steps >= 0:  # reported above otherwise
+    if t.steps >= 1 and 0 < t.lr < math.inf and t.warmup_steps >= 0:  # reported above otherwise
         try:
             LRSchedule.from_config(t)
         except ValueError as exc:
@@ -600,8 +614,8 @@ def _train_extras_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"--eval-batches={t.eval_batches} must be >= 1")
     if j.wandb_mode not in ("auto", "online", "offline", "disabled"):
         problems.append(f"--wandb-mode={j.wandb_mode!r} must be auto, online, offline or disabled")
-    if not j.peak_tflops >= 0:
-        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 (0: no mfu)")
+    if not 0 <= j.peak_tflops < math.inf:
+        problems.append(f"--peak-tflops={j.peak_tflops} must be >= 0 and finite (0: no mfu)")
     return problems
 
 

@@ -24,13 +24,23 @@ log = logging.getLogger("loom.launch")
 
 
 def make_run_dir(runs_dir: str, name: str) -> str:
-    """A fresh directory for the run; a taken name gets a numeric suffix."""
+    """A fresh directory for the run; a taken name gets a numeric suffix.
+    ConfigError (naming ``--runs-dir``/``--name``) when it cannot be created."""
+    from .config import ConfigError
     base = name or time.strftime("run-%Y%m%d-%H%M%S")
     path, n = os.path.join(runs_dir, base), 1
     while os.path.exists(path):
         n += 1
         path = os.path.join(runs_dir, f"{base}-{n}")
-    os.makedirs(path)
+    try:
+        os.makedirs(path)
+        probe = os.path.join(path, ".writable")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {path!r} (--runs-dir={runs_dir!r}, "
+                          f"--name={name!r}): {exc.strerror or exc}; pick a --runs-dir you can write") from None
     return path
 
 

@@ -83,7 +83,7 @@ def _import(module: str, spec: str):
         return importlib.import_module(module)
     except ConfigError:
         raise
-    except Exception as exc:  # the user's module failed to import: say so, with its own error
+    except (Exception, SystemExit) as exc:  # the user's module failed to import (or exit()ed): say so
         raise ConfigError(f"--model={spec}: cannot import {module!r}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -107,15 +107,43 @@ def load_factory(spec: str):
 
 def build_user_model(cfg: JobConfig) -> torch.nn.Module:
     """``FACTORY(cfg)`` of ``cfg.train.model``, checked to be a torch.nn.Module
-    (TypeError otherwise).  Seed torch first for identical weights on every rank."""
+    with trainable parameters (TypeError otherwise).  Seed torch first for identical weights on every rank."""
     factory = load_factory(cfg.train.model)
     model = factory(cfg)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model={cfg.train.model}: the factory returned a {type(model).__name__}, not a "
                         f"torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TypeError(f"--model={cfg.train.model}: the factory's {type(model).__name__} has no trainable "
+                        f"parameters (none, or all with requires_grad=False): nothing to train")
     if not _takes_positions(model):
         model.register_forward_pre_hook(_drop_no_positions, with_kwargs=True)
+    model.register_forward_hook(_LogitsCheck(cfg.train.model, cfg.model.vocab), with_kwargs=True)
     return model
+
+
+class _LogitsCheck:
+    """A forward hook: the model's output must be floating-point logits
+    ``[*tokens.shape, vocab]`` for its input tokens (shapes only: cheap, and
+    the same on every rank, so every rank stops at the same step).  Raises
+    TypeError naming the spec and both shapes (instead of an error from deep
+    inside the loss)."""
+
+    def __init__(self, spec: str, vocab: int):
+        self.spec, self.vocab = spec, vocab
+
+    def __call__(self, module, args, kwargs, output):
+        tokens = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(tokens, torch.Tensor):
+            return None
+        want = [*tokens.shape, self.vocab]
+        if isinstance(output, torch.Tensor) and list(output.shape) == want and output.is_floating_point():
+            return None
+        got = (f"a {output.dtype} tensor of shape {list(output.shape)}" if isinstance(output, torch.Tensor)
+               else f"a {type(output).__name__}")
+        raise TypeError(f"--model={self.spec}: the model returned {got} for token ids of shape "
+                        f"{list(tokens.shape)}; it must return floating-point logits [batch, seq, vocab] = "
+                        f"{want} (vocab: config.model.vocab = {self.vocab})")
 
 
 def _takes_positions(model: torch.nn.Module) -> bool:
@@ -139,7 +167,8 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
     """What stops ``cfg``'s own model from running, found before any worker
     starts: the factory does not load; ``--ep``/``--moe``/``--hdp`` (reference
     model only); ``--sp > 1`` for a model without swappable attention cores
-    or ``positions`` (checked on an instance built on the meta device, which
+    or ``positions``; ``--activation-checkpointing`` for a model without a
+    ``blocks`` list (checked on an instance built on the meta device, which
     allocates no memory; a factory that cannot build there is checked by the
     workers instead)."""
     spec, p = cfg.train.model, cfg.parallel
@@ -153,12 +182,19 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
                         f"--ep 1 --moe none (or put MoE layers in your model)")
     if p.hdp:
         problems.append(f"--hdp applies only to loom's reference model, not --model={spec}")
-    if p.sp > 1:
+    model = None
+    if p.sp > 1 or cfg.train.activation_checkpointing:
         try:
             with torch.device("meta"):
                 model = factory(cfg)
         except Exception:  # noqa: BLE001 - e.g. it loads weights; the workers' check will say
             model = None
+    if cfg.train.activation_checkpointing and isinstance(model, torch.nn.Module) and not isinstance(
+            getattr(model, "blocks", None), (torch.nn.ModuleList, list, tuple)):
+        problems.append(f"--activation-checkpointing checkpoints each module of the model's 'blocks' list, "
+                        f"but the model of --model={spec} ({type(model).__name__}) has no 'blocks' "
+                        f"(a torch.nn.ModuleList of its layers): add one, or drop --activation-checkpointing")
+    if p.sp > 1:
         if isinstance(model, torch.nn.Module):
             gaps = sequence_parallel_gaps(model)
             if gaps is not None:

@@ -60,9 +60,21 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
             if train_fn is None:
                 return train(cfg, reporter, step_hook=faults.at_step)
             with rank_session(reporter, faults.at_step, cfg.job.device):
-                return train_fn(config) if takes_config(train_fn) else train_fn()
+                return call_train_fn(train_fn, config)
     finally:
         dist.destroy_process_group()
+
+
+def call_train_fn(train_fn, config):
+    """``train_fn(config)`` (or ``train_fn()``).  A ``sys.exit()`` inside it
+    is a failure of this rank, raised as RuntimeError naming the exit code (an
+    exiting actor would otherwise only show as a process that ended, while
+    its peers wait for it in their collectives)."""
+    try:
+        return train_fn(config) if takes_config(train_fn) else train_fn()
+    except SystemExit as exc:
+        raise RuntimeError(f"train_fn called sys.exit({exc.code!r}) on rank {os.environ.get('RANK', '?')}: "
+                           f"return from train_fn to end the loop, raise to fail the job") from None
 
 
 def takes_config(train_fn) -> bool:
@@ -90,11 +102,11 @@ def main(argv=None) -> int:
         cfg = validate(config_from_args(args), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if rank0:  # only rank 0 logs to the backends
             check_backends(cfg.job)
+        run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name) if rank0 else None
     except ConfigError as exc:
         parser.error(str(exc))
     recorder = None
     if rank0:
-        run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
         with open(os.path.join(run_dir, "config.toml"), "w") as fh:
             fh.write(to_toml(cfg))
         recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))

@@ -31,6 +31,8 @@ def test_round_trip_through_toml(tmp_path):
     (None, {"steps": "many"}, r"\[train\] steps='many' must be int"),
     (None, {"steps": 2.5}, "must be int"),
     (None, {"progress": "maybe"}, "must be true or false"),
+    (None, {"lr": "nan"}, r"\[train\] lr=nan must be a number"),  # NaN slips past `x <= 0` checks
+    ({"job": {"peak_tflops": float("nan")}}, None, r"\[job\] peak_tflops=nan must be a number"),
     (None, {"dim": 10, "heads": 4}, "dim=10 must divide by heads=4"),
 ])
 def test_bad_options_are_named(data, overrides, needle):
@@ -47,6 +49,11 @@ def test_bad_options_are_named(data, overrides, needle):
     ({"dtype": "float8"}, "--dtype='float8'"),
     ({"device": "tpu"}, "--device='tpu'"),
     ({"steps": 0}, "--steps=0 must be >= 1"),
+    ({"lr": "inf"}, "--lr=inf must be > 0 and finite"),
+    ({"weight_decay": -1}, "--weight-decay=-1.0 must be >= 0"),
+    ({"grad_clip": -1}, "--grad-clip=-1.0 must be >= 0"),
+    ({"peak_tflops": "inf"}, "--peak-tflops=inf must be >= 0 and finite"),
+    ({"model_args": ["depth=3"]}, "--model-args depth=3 is for the factory of --model"),
 ])
 def test_validation(overrides, needle):
     cfg = build_config(overrides={"batch_size": 12, **overrides})
@@ -177,3 +184,17 @@ def test_a_bad_owned_value_in_a_job_file_is_named_by_its_flag(tmp_path):
     path.write_text("[model]\nllep_min_chunk = 0\n")
     with pytest.raises(ConfigError, match=r"^--llep-min-chunk=0 must be an integer >= 1$"):
         load_config(str(path))
+
+
+def test_a_run_directory_that_cannot_be_made_is_a_clear_error(tmp_path, capsys):
+    from loom.launch.cli import main
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", "--steps", "1", "--no-progress", "--runs-dir", str(blocker / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run directory" in err and "--runs-dir" in err and "Traceback" not in err
+
+
+def test_model_args_that_is_not_a_table_is_named():
+    with pytest.raises(ConfigError, match=r"\[train\] model_args=3 must be a table"):
+        build_config({"train": {"model_args": 3}})

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -46,6 +47,8 @@ def test_report_rows_steps_and_values():
             loom.launch.report({"w": torch.ones(3)})
         with pytest.raises(TypeError, match="metrics must be a dict"):
             loom.launch.report([1.0])
+        with pytest.raises(ValueError, match="report: step=-3 must be >= 0"):
+            loom.launch.report({"loss": 1.0, "step": -3})
     assert rows == [{"step": 0, "loss": 2.5, "lr": 0.1}, {"step": 10, "loss": 1.5}, {"step": 11, "tag": "x"}]
     assert steps == [0, 1, 11, 12]  # fault injection's step hook: at the start and after each report
     with api.rank_session(None, steps.append):  # other ranks: nothing is sent, steps still advance
@@ -73,7 +76,24 @@ def test_run_rejects_bad_arguments_before_starting(tmp_path):
         loom.launch.run("train", runs_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="--env: LOOM_SURELY_UNSET is not set in this environment"):
         loom.launch.run(lambda: 0, env=["LOOM_SURELY_UNSET"], runs_dir=str(tmp_path))
+    with pytest.raises(TypeError, match=r"config must be picklable .*TypeError: cannot pickle '_thread.lock'"):
+        loom.launch.run(lambda: 0, config={"lock": threading.Lock()}, runs_dir=str(tmp_path))
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"train_fn must be picklable"):
+        loom.launch.run(lambda: lock.acquire(), runs_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing started, no run directory
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot create the run directory"):
+        loom.launch.run(lambda: 0, runs_dir=str(blocker / "runs"))
+
+
+def test_sys_exit_in_train_fn_is_a_named_failure(monkeypatch):
+    from loom.launch.worker import call_train_fn
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"train_fn called sys.exit\(3\) on rank 1"):
+        call_train_fn(lambda config: sys.exit(3), None)
+    assert call_train_fn(lambda: 5, None) == 5
 
 
 def test_parse_env():

@@ -90,6 +90,27 @@ NOT_A_FACTORY = 3
 
 def make_nothing(config):
     return "a string"
+
+
+def make_wrong_vocab(config):
+    m = config.model
+    return PlainLM(m.vocab - 1, m.dim, m.heads, 24)
+
+
+class Pooled(PlainLM):
+    def forward(self, tokens):
+        return super().forward(tokens).mean(1)
+
+
+def make_frozen(config):
+    model = make_plain(config)
+    model.requires_grad_(False)
+    return model
+
+
+def make_pooled(config):
+    m = config.model
+    return Pooled(m.vocab, m.dim, m.heads, 24)
 '''
 
 COMMON = dict(steps=3, batch_size=4, seq_len=8, vocab=32, dim=16, heads=2, dtype="float64", lr=1e-2,
@@ -233,3 +254,31 @@ def test_loom_train_with_a_module_from_the_current_directory(model_file, tmp_pat
     metrics = [json.loads(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert 'model = "tiny_lm:make_plain"' in (tmp_path / "own" / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("factory,got", [("make_wrong_vocab", r"torch.float32 tensor of shape \[2, 8, 31\]"),
+                                         ("make_pooled", r"torch.float32 tensor of shape \[2, 32\]")])
+def test_wrong_logits_are_named_not_a_loss_error(model_file, factory, got):
+    model = build_user_model(build_config(overrides={"model": f"{model_file}:{factory}", "vocab": 32,
+                                                     "dim": 16, "heads": 2}))
+    with pytest.raises(TypeError, match=rf"--model=.*:{factory}: the model returned a {got} for token ids "
+                                        rf"of shape \[2, 8\]; it must return floating-point logits "
+                                        rf"\[batch, seq, vocab\] = \[2, 8, 32\]"):
+        model(torch.randint(0, 31, (2, 8)), None)
+
+
+def test_a_module_that_exits_on_import_is_named(tmp_path):
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=r"cannot import .*exits.py.*SystemExit: 3"):
+        load_factory(f"{tmp_path / 'exits.py'}:make")
+
+
+def test_activation_checkpointing_needs_blocks_before_workers_start(model_file):
+    with pytest.raises(ConfigError, match=r"--activation-checkpointing .* \(PlainLM\) has no 'blocks'"):
+        validate(build_config(overrides=dict(COMMON, model=f"{model_file}:make_plain",
+                                             activation_checkpointing=True)))
+
+
+def test_a_model_with_nothing_to_train_is_named(model_file):
+    with pytest.raises(TypeError, match="the factory's PlainLM has no trainable parameters"):
+        build_user_model(build_config(overrides={"model": f"{model_file}:make_frozen"}))
