@@ -71,10 +71,24 @@ def call_train_fn(train_fn, config):
     exiting actor would otherwise only show as a process that ended, while
     its peers wait for it in their collectives)."""
     try:
-        return train_fn(config) if takes_config(train_fn) else train_fn()
+        value = train_fn(config) if takes_config(train_fn) else train_fn()
     except SystemExit as exc:
         raise RuntimeError(f"train_fn called sys.exit({exc.code!r}) on rank {os.environ.get('RANK', '?')}: "
                            f"return from train_fn to end the loop, raise to fail the job") from None
+    _check_returnable(value)
+    return value
+
+
+def _check_returnable(value) -> None:
+    """The driver receives ``train_fn``'s return value through Ray (cloudpickle):
+    a value that cannot travel is named here, not as a bare pickling error."""
+    from ray import cloudpickle
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - any failure to serialise
+        raise TypeError(f"train_fn returned a {type(value).__name__} that cannot be sent to the driver "
+                        f"({type(exc).__name__}: {exc}); return plain values (numbers, strings, lists, "
+                        f"dicts, tensors)") from None
 
 
 def takes_config(train_fn) -> bool:

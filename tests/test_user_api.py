@@ -254,3 +254,12 @@ def test_readme_shows_the_example_file():
     docstring_end = source.index('"""', 3) + 3
     assert block.strip() == source[docstring_end:].strip()
     ast.parse(block)
+
+
+def test_a_return_value_that_cannot_reach_the_driver_is_named():
+    import threading
+
+    from loom.launch.worker import call_train_fn
+    with pytest.raises(TypeError, match="train_fn returned a lock that cannot be sent to the driver"):
+        call_train_fn(lambda: threading.Lock(), None)
+    assert call_train_fn(lambda cfg: {"loss": cfg}, 1.5) == {"loss": 1.5}
