@@ -11,8 +11,9 @@ how long a step took), compared with the other ranks' durations.
   relative threshold (a fraction of the step time) with an absolute floor,
   and the warm-up steps excluded.
 - hang: a (group, sequence number) some ranks entered and others have not,
-  for longer than ``max(floor, m x typical duration)``: the missing ranks are
-  named.
+  for longer than ``max(floor, m x typical duration, s x typical step time)``:
+  the missing ranks are named (a rank slower by part of a step is a
+  straggler, however slow the steps are).
 - slow_link: a point-to-point edge whose time per byte is far above the other
   edges'; the edge is the culprit, not its endpoints.
 - mismatch: one (group, sequence number) issued with different ops or
@@ -141,6 +142,9 @@ class DetectConfig:
     hang_factor: float = _setting(10.0, "... or this many times its typical duration, if longer")
     hang_warmup_s: float = _setting(30.0, "the hang floor during the warm-up steps (start-up skew is "
                                           "not a hang)")
+    hang_step_factor: float = _setting(3.0, "... and at least this many typical step times (a rank "
+                                            "late by part of a step on a slow or overloaded machine is "
+                                            "a straggler, not a hang)")
     slow_link_factor: float = _setting(4.0, "a slow link's time per byte is at least this many times "
                                             "the other links' ...")
     slow_link_min_s: float = _setting(0.005, "... and it is at least this many seconds slower per "
@@ -166,7 +170,7 @@ class DetectConfig:
             if not 1 <= getattr(self, k) <= getattr(self, n):
                 raise ValueError(f"{where}need 1 <= {named(k)} <= {named(n)}")
         for field_name in ("straggler_rel", "straggler_min_s", "hang_floor_s", "hang_factor",
-                           "hang_warmup_s", "slow_link_min_s", "lost_after_s"):
+                           "hang_warmup_s", "hang_step_factor", "slow_link_min_s", "lost_after_s"):
             if not getattr(self, field_name) >= 0:
                 raise ValueError(f"{where}{named(field_name)} must be >= 0")
         if not self.slow_link_factor > 1:
@@ -309,6 +313,19 @@ def lost_ranks(silent: dict, config: DetectConfig | None = None, last_step: dict
 
 # ----------------------------------------------------------------------- hang
 
+def _typical_step(by_seq: dict) -> float:
+    """The median time (s) from the start of one training step to the next in
+    a group's records: each rank's first entry into the group per step, on
+    that rank's own clock (so clock offsets cancel); 0 without step tags."""
+    starts: dict[int, dict[int, float]] = defaultdict(dict)
+    for recs in by_seq.values():
+        for r, rec in recs.items():
+            if rec.step is not None and rec.t_enter < starts[r].get(rec.step, math.inf):
+                starts[r][rec.step] = rec.t_enter
+    gaps = [first[s + 1] - first[s] for first in starts.values() for s in first if s + 1 in first]
+    return statistics.median(gaps) if gaps else 0.0
+
+
 def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: int,
            background: frozenset = frozenset()) -> tuple[list[Fault], list[Fault]]:
     """Hangs in the foreground groups (the worst per set of missing ranks), and
@@ -338,6 +355,8 @@ def _hangs(idx: _Index, clocks: dict, cfg: DetectConfig, gone: set, first_step: 
         in_warmup = (top < cfg.warmup_steps) if step is None else (step < first_step + cfg.warmup_steps)
         if in_warmup:
             threshold = max(threshold, cfg.hang_warmup_s)
+        if elapsed > threshold and cfg.hang_step_factor > 0:  # the steps' pace, only when it matters
+            threshold = max(threshold, cfg.hang_step_factor * _typical_step(by_seq))
         if elapsed <= threshold:
             continue
         rec = entered[waiting[0]]

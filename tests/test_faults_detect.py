@@ -698,3 +698,18 @@ def test_aggregator_keeps_an_operation_in_flight_while_newer_records_pass_it():
     clocks = sim.now(0.01)
     agg.heard = {r: (clocks[r], agg.heard[r][1]) for r in agg.heard}
     assert kinds(agg.check(force=True)) == [("background_stall", (1,))] and agg.verdict is None
+
+
+def test_hang_threshold_scales_with_the_step_time():
+    # 1.5 s steps on an overloaded machine: a rank 2.5 s late is slow, not hung;
+    # one missing for more than 3 steps' time is a hang
+    sim = Sim()
+    for u in range(10):
+        sim.step(u, compute=1.5)
+    for r in range(3):
+        sim._rec(r, "world", "all_reduce", 16, sim.t + 0.01, None, 10)
+    assert detect(sim.recs, now=sim.now(2.5)) == []
+    faults = detect(sim.recs, now=sim.now(4.8))
+    assert kinds(faults) == [("hang", (3,))] and "(threshold 4.5 s)" in faults[0].evidence
+    # the step factor is a setting (0: the floor and the op durations alone)
+    assert kinds(detect(sim.recs, now=sim.now(2.5), config=DetectConfig(hang_step_factor=0))) == [("hang", (3,))]
