@@ -48,8 +48,12 @@ class RankWorker:
         from .worker import run_rank
         os.environ.update(env)
         transport = RayTransport(fault_actor, fault_secret) if fault_actor is not None else None
-        return run_rank(cfg, QueueReporter(queue) if queue is not None else None, fault_transport=transport,
-                        train_fn=train_fn, config=config)
+        reporter = QueueReporter(queue) if queue is not None else None
+        try:
+            return run_rank(cfg, reporter, fault_transport=transport, train_fn=train_fn, config=config)
+        finally:
+            if reporter is not None:
+                reporter.flush()  # every row and event is on the queue before the driver sees the result
 
 
 def _want_gpus(cfg: JobConfig) -> bool:

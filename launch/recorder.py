@@ -200,16 +200,34 @@ def format_summary(summary: dict) -> str:
 
 
 class QueueReporter:
-    """Rank 0's side under Ray: forwards events to the driver's RunRecorder."""
+    """Rank 0's side under Ray: forwards events to the driver's RunRecorder
+    through a Ray queue.  A message is sent without waiting for the queue
+    to take it (a round trip per step would slow rank 0, and every rank
+    with it); the send before is waited for first, so messages keep their
+    order, and that one is long done by then.  `flush` waits for the last."""
 
     def __init__(self, queue):
         self.queue = queue
+        self._last = None  # the reference of the newest message in flight
+
+    def _send(self, item) -> None:
+        import ray
+        if self._last is not None:
+            ray.get(self._last)
+        self._last = self.queue.actor.put_nowait.remote(item)  # an unbounded queue: never full
 
     def step(self, metrics: dict) -> None:
-        self.queue.put(("step", metrics))
+        self._send(("step", metrics))
 
     def event(self, text: str) -> None:
-        self.queue.put(("event", text))
+        self._send(("event", text))
+
+    def flush(self) -> None:
+        """Wait until every message sent has reached the queue."""
+        import ray
+        if self._last is not None:
+            ray.get(self._last)
+            self._last = None
 
     def finish(self, summary: dict) -> None:
-        pass  # the driver finishes its recorder with the summary the worker returns
+        self.flush()  # the driver finishes its recorder with the summary the worker returns
