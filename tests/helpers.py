@@ -133,13 +133,14 @@ def outcome(call):
 
 class EventLog:
     """A reporter for `loom.launch.train.train` that keeps the event lines
-    (and ignores the per-step metrics)."""
+    and the metrics rows."""
 
     def __init__(self):
         self.lines: list[str] = []
+        self.rows: list[dict] = []
 
     def step(self, metrics: dict) -> None:
-        pass
+        self.rows.append(metrics)
 
     def event(self, text: str) -> None:
         self.lines.append(text)

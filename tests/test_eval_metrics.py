@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import EventLog
+
 from loom.launch.config import build_config, validate
 from loom.launch.metrics import FlopsCounts, batch_flops, count_model, flops_per_token, peak_memory
 from loom.parallel import ModelConfig, SyntheticData, Transformer
@@ -70,15 +72,9 @@ def test_peak_memory_on_cpu_is_the_peak_rss():
 def _eval_rows(overrides):
     from loom.launch.train import train
 
-    class Rows(list):
-        def step(self, metrics):
-            self.append(metrics)
-
-        def event(self, text):
-            pass
-
-    rows = Rows()
-    summary = train(validate(build_config(overrides={**TINY, **overrides})), rows)
+    log = EventLog()
+    rows = log.rows
+    summary = train(validate(build_config(overrides={**TINY, **overrides})), log)
     return [r for r in rows if r.get("split") == "eval"], [r for r in rows if "split" not in r], summary
 
 
@@ -148,16 +144,10 @@ def _first_grad_norm(clip):
     from loom.launch.train import train
     from loom.parallel import next_token_loss
 
-    class Rows(list):
-        def step(self, metrics):
-            self.append(metrics)
-
-        def event(self, text):
-            pass
-
-    rows = Rows()
+    log = EventLog()
+    rows = log.rows
     cfg = validate(build_config(overrides={**TINY, "dp": 1, "grad_clip": clip, "peak_tflops": 2.0}))
-    train(cfg, rows)
+    train(cfg, log)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).double()
     inputs, targets = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed).batch(0, range(4))
