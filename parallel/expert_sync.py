@@ -103,9 +103,8 @@ class ExpertParallelGradientSync:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip by the norm of the whole model's gradient (dense counted once,
         every expert of the EP group once); returns that norm.  Call after `sync`."""
-        dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in self.dense if p.grad is not None)
-        expert_sq = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in self.expert
-                                      if p.grad is not None)], dtype=torch.float64)
+        dense_sq = _squared_norm(self.dense)
+        expert_sq = torch.tensor([_squared_norm(self.expert)], dtype=torch.float64)
         if self.ep_group is not None and len(comms.group_ranks(self.ep_group)) > 1:
             comms.all_reduce(expert_sq, "sum", self.ep_group)
         norm = math.sqrt(dense_sq + float(expert_sq))
@@ -115,3 +114,17 @@ class ExpertParallelGradientSync:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return norm
+
+
+def _squared_norm(params) -> float:
+    """The sum of the squares of the parameters' gradients, in float64 (a
+    Python float).  float32/float64 gradients: one fused per-tensor norm in
+    their own dtype (no float64 copy of every gradient), the norms squared
+    and summed in float64; half-precision gradients are upcast first."""
+    grads = [p.grad for p in params if p.grad is not None]
+    wide = [g for g in grads if g.dtype in (torch.float32, torch.float64)]
+    total = sum(float(g.double().pow(2).sum()) for g in grads if g.dtype not in (torch.float32, torch.float64))
+    if wide:
+        norms = torch._foreach_norm(wide)  # what torch.nn.utils.clip_grad_norm_ uses
+        total += float(torch.stack([n.double() for n in norms]).pow(2).sum())
+    return total
