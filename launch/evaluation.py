@@ -23,7 +23,9 @@ import time
 import torch
 
 from loom import comms
-from loom.parallel import next_token_loss, shard_batch
+from loom.parallel import next_token_loss
+
+from .batches import rank_batch
 
 
 def _share(total: int, parts: int, index: int) -> range:
@@ -51,15 +53,12 @@ def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mes
         for b in range(batches):
             # this rank's data-parallel slice (under --hdp, sp is 1 and the
             # batch need not divide by dp: the slices may differ by one)
-            inputs, targets = data.batch(b, _share(batch_size, mesh.dp, mesh.dp_rank))
-            positions = None
-            if mesh.sp > 1:
-                inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-                positions = positions.to(device)
+            inputs, targets, positions = rank_batch(data, b, _share(batch_size, mesh.dp, mesh.dp_rank), mesh,
+                                                    layout, device)
             if targets.numel():
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    logits = model(inputs.to(device), positions)
-                total[0] += next_token_loss(logits, targets.to(device), reduction="sum").double()
+                    logits = model(inputs, positions)
+                total[0] += next_token_loss(logits, targets, reduction="sum").double()
                 total[1] += targets.numel()
         comms.all_reduce(total, "sum")
     finally:

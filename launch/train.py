@@ -12,8 +12,9 @@ import torch.distributed as dist
 from loom import comms
 from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
-                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core, shard_batch)
+                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
 
+from .batches import rank_batch
 from .checkpointing import TrainingCheckpoints
 from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
 from .evaluation import evaluate
@@ -183,13 +184,8 @@ def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str,
     total = None
     for k in range(n):
         start = first + k * micro
-        inputs, targets = data.batch(step, range(start, start + micro))
-        positions = None
-        if mesh.sp > 1:
-            inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-            positions = positions.to(device)
-        logits = model(inputs.to(device), positions)
-        loss = next_token_loss(logits, targets.to(device)) + moe_aux_loss(model)
+        inputs, targets, positions = rank_batch(data, step, range(start, start + micro), mesh, layout, device)
+        loss = next_token_loss(model(inputs, positions), targets) + moe_aux_loss(model)
         if n > 1:
             loss = loss / n
         amp.scale(loss).backward()
