@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import numbers
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -240,9 +239,8 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     for a ``train_fn`` that is not callable with one argument or none, or a
     ``train_fn`` or ``config`` that cannot be pickled.
     """
-    from .logging_backends import check_backends, open_sinks
     from .ray_driver import launch_ray
-    from .recorder import RunRecorder, make_run_dir
+    from .recorder import open_run
     from .worker import takes_config
     if not callable(train_fn):
         raise TypeError(f"train_fn must be callable, not {type(train_fn).__name__}")
@@ -256,15 +254,13 @@ def run(train_fn, config=None, *, workers: int = 2, address: str | None = None, 
     cfg = _job_config(workers, {**(options or {}), "address": address or "", "device": device,
                                 "cpus_per_worker": cpus_per_worker, "threads_per_worker": threads_per_worker,
                                 "name": name or "", "runs_dir": runs_dir, "progress": progress})
-    check_backends(cfg.job)  # a missing tensorboard/wandb package: ConfigError before anything starts
     env_vars = {**parse_env(cfg.job.env), **_env(env)}
-    run_dir = make_run_dir(runs_dir, name or "")
-    with open(os.path.join(run_dir, "config.json"), "w") as fh:
-        job = {s: dataclasses.asdict(getattr(cfg, s)) for s in _LAUNCH_SECTIONS}
-        job["job"]["env"] = sorted(env_vars)  # names only: values may be credentials
-        json.dump({"train_fn": f"{getattr(train_fn, '__module__', '?')}:{getattr(train_fn, '__qualname__', '?')}",
-                   "workers": workers, "config": config, "launch": job}, fh, indent=2, default=repr)
-    recorder = RunRecorder(run_dir, steps, progress, sinks=open_sinks(cfg, run_dir))
+    job = {s: dataclasses.asdict(getattr(cfg, s)) for s in _LAUNCH_SECTIONS}
+    job["job"]["env"] = sorted(env_vars)  # names only: values may be credentials
+    record = json.dumps({"train_fn": f"{getattr(train_fn, '__module__', '?')}:{getattr(train_fn, '__qualname__', '?')}",
+                         "workers": workers, "config": config, "launch": job}, indent=2, default=repr)
+    recorder = open_run(cfg, steps, progress, {"config.json": record}, runs_dir=runs_dir, name=name or "")
+    run_dir = recorder.run_dir
     collect = _Collect(recorder)
     t0 = time.monotonic()
     try:

@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args, to_toml, validate
 
 
 def _train(args) -> int:
-    from .logging_backends import check_backends, open_sinks
     from .ray_driver import LaunchError, launch_ray
-    from .recorder import RunRecorder, make_run_dir
+    from .recorder import open_run
     cfg = validate(config_from_args(args))
-    check_backends(cfg.job)  # a missing tensorboard/wandb package: ConfigError before anything starts
-    run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name)
-    with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-        fh.write(to_toml(cfg))
+    # a missing tensorboard/wandb package: ConfigError before anything starts
+    recorder = open_run(cfg, cfg.train.steps, cfg.job.progress, {"config.toml": to_toml(cfg)})
     print(f"loom train: {cfg.world_size} workers (dp={cfg.parallel.dp} sp={cfg.parallel.sp} "
-          f"ep={cfg.parallel.ep}), {cfg.train.steps} steps -> {run_dir}", flush=True)
-    recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))
+          f"ep={cfg.parallel.ep}), {cfg.train.steps} steps -> {recorder.run_dir}", flush=True)
     try:
         summary = launch_ray(cfg, recorder)[0]  # rank 0's summary
     except LaunchError as exc:

@@ -44,6 +44,24 @@ def make_run_dir(runs_dir: str, name: str) -> str:
     return path
 
 
+def open_run(cfg, total_steps: int | None, progress: bool, files: dict, *, runs_dir: str | None = None,
+             name: str | None = None) -> "RunRecorder":
+    """Start a run's record as `loom train`, the torchrun worker and
+    `loom.launch.run` do: check the logging backends' packages (ConfigError
+    before anything is created), make a fresh run directory
+    (`make_run_dir`; ``runs_dir``/``name`` default to ``cfg.job``'s), write
+    ``files`` (file name -> text) into it, and return a `RunRecorder` over it
+    with the job's logging sinks."""
+    from .logging_backends import check_backends, open_sinks
+    check_backends(cfg.job)
+    run_dir = make_run_dir(cfg.job.runs_dir if runs_dir is None else runs_dir,
+                           cfg.job.name if name is None else name)
+    for file_name, text in files.items():
+        with open(os.path.join(run_dir, file_name), "w") as fh:
+            fh.write(text)
+    return RunRecorder(run_dir, total_steps, progress, sinks=open_sinks(cfg, run_dir))
+
+
 def _human(x: float) -> str:
     for unit in ("", "k", "M", "G"):
         if abs(x) < 1000:

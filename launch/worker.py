@@ -18,8 +18,7 @@ import torch.distributed as dist
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
-from .logging_backends import check_backends, open_sinks
-from .recorder import RunRecorder, configure_logging, make_run_dir
+from .recorder import configure_logging, open_run
 from .train import resolve_device, train
 
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -112,18 +111,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    recorder = None
     try:
         cfg = validate(config_from_args(args), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        if rank0:  # only rank 0 logs to the backends
-            check_backends(cfg.job)
-        run_dir = make_run_dir(cfg.job.runs_dir, cfg.job.name) if rank0 else None
+        if rank0:  # only rank 0 writes the run directory and logs to the backends
+            recorder = open_run(cfg, cfg.train.steps, cfg.job.progress, {"config.toml": to_toml(cfg)})
     except ConfigError as exc:
         parser.error(str(exc))
-    recorder = None
-    if rank0:
-        with open(os.path.join(run_dir, "config.toml"), "w") as fh:
-            fh.write(to_toml(cfg))
-        recorder = RunRecorder(run_dir, cfg.train.steps, cfg.job.progress, sinks=open_sinks(cfg, run_dir))
     try:
         summary = run_rank(cfg, recorder)
     except BaseException:
