@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from loom.faults.detect import DetectConfig
 from loom.parallel.model import ModelConfig
 
+from .precision import MODES as PRECISION_MODES
 from .schedule import LRSchedule
 
 if sys.version_info >= (3, 11):
@@ -426,8 +427,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems.append(f"--grad-clip={t.grad_clip} must be >= 0 (0: no clipping)")
     if t.dtype not in ("float32", "float64", "bfloat16"):
         problems.append(f"--dtype={t.dtype!r} must be float32, float64 or bfloat16")
-    if t.mixed_precision not in ("none", "bf16", "fp16"):
-        problems.append(f"--mixed-precision={t.mixed_precision!r} must be none, bf16 or fp16")
+    if t.mixed_precision not in PRECISION_MODES:
+        modes = list(PRECISION_MODES)
+        problems.append(f"--mixed-precision={t.mixed_precision!r} must be {', '.join(modes[:-1])} or {modes[-1]}")
     elif t.mixed_precision != "none" and t.dtype != "float32":
         problems.append(f"--mixed-precision={t.mixed_precision} keeps float32 master weights: it needs "
                         f"--dtype float32 (got --dtype {t.dtype}; --dtype {t.dtype} alone trains purely in "
