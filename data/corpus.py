@@ -1,0 +1,173 @@
+"""A corpus: one stream of token ids cut into documents.
+
+Every source (token files, text, the built-in default) becomes a `Corpus`;
+sampling (`loom.data.sampling`) only needs ``len``, `read` and the document
+starts.  The tokens stay where they are (a memory map, an in-memory array, a
+remote file read by ranges): a `Corpus` reads only the windows asked for.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SCAN_CHUNK = 1 << 22  # tokens per chunk when a whole corpus is scanned (max id, counts)
+
+
+class Corpus:
+    """Token ids ``0 .. len(tokens) - 1`` of one or more documents.
+
+    ``tokens``: anything with ``len()`` whose slices ``tokens[a:b]`` are
+    integer numpy arrays (an ``np.ndarray``, an ``np.memmap``, a reader of a
+    remote file).  ``doc_starts``: the offsets where documents start, int64,
+    strictly increasing, the first 0 (added when missing), all below
+    ``len(tokens)``; None: the whole stream is one document.
+    ``vocab_size``: the tokenizer's vocabulary, when known.  ``num_bytes``:
+    the UTF-8 bytes of the text the tokens came from, when known (for bits
+    per byte).  ``name``: what error messages call it.
+
+    Raises ValueError when the document starts do not fit the tokens."""
+
+    def __init__(self, tokens, doc_starts=None, *, name: str = "corpus", vocab_size: int | None = None,
+                 num_bytes: int | None = None):
+        self.tokens, self.name = tokens, name
+        self.vocab_size, self.num_bytes = vocab_size, num_bytes
+        n = len(tokens)
+        starts = np.zeros(1, dtype=np.int64) if doc_starts is None else \
+            np.asarray(doc_starts, dtype=np.int64).reshape(-1)
+        if len(starts) and np.all(np.diff(starts) >= 0):
+            # an end sentinel (offset n) and empty documents (repeated offsets) are tolerated
+            starts = np.unique(starts[starts < n]) if starts[-1] <= n else starts
+        if n and (len(starts) == 0 or starts[0] != 0):
+            starts = np.concatenate([np.zeros(1, dtype=np.int64), starts])
+        if n == 0:
+            starts = np.zeros(0, dtype=np.int64)
+        if len(starts) and (np.any(np.diff(starts) <= 0) or starts[0] < 0 or starts[-1] >= n):
+            bad = _first_bad_start(starts, n)
+            raise ValueError(f"{name}: the document index does not match the tokens: {bad} "
+                             f"(offsets must increase strictly from 0 and stay below the {n} tokens)")
+        self.doc_starts = starts
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_starts)
+
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens per document, int64 ``[num_documents]``."""
+        return np.diff(np.append(self.doc_starts, len(self)))
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``[start, start + count)`` as int64.  Raises ValueError when
+        the range leaves the corpus."""
+        if start < 0 or count < 0 or start + count > len(self):
+            raise ValueError(f"{self.name}: tokens [{start}, {start + count}) are outside its {len(self)} tokens")
+        return np.asarray(self.tokens[start:start + count]).astype(np.int64, copy=False)
+
+    def starts_in(self, start: int, stop: int) -> np.ndarray:
+        """Offsets (relative to ``start``) of the documents starting in ``(start, stop)``."""
+        lo = np.searchsorted(self.doc_starts, start, side="right")
+        hi = np.searchsorted(self.doc_starts, stop, side="left")
+        return self.doc_starts[lo:hi] - start
+
+    def slice(self, start: int, stop: int, name: str | None = None) -> "Corpus":
+        """Tokens ``[start, stop)`` as a corpus of their own (a view, no copy);
+        a document cut at ``start`` starts there."""
+        inner = self.doc_starts[(self.doc_starts >= start) & (self.doc_starts < stop)] - start
+        num_bytes = None if self.num_bytes is None or not len(self) else \
+            round(self.num_bytes * (stop - start) / len(self))
+        return Corpus(_Window(self.tokens, start, stop), inner, name=name or f"{self.name}[{start}:{stop}]",
+                      vocab_size=self.vocab_size, num_bytes=num_bytes)
+
+    def split(self, val_fraction: float) -> tuple["Corpus", "Corpus | None"]:
+        """(train, validation): the last ``val_fraction`` of the tokens, cut at
+        the document start nearest to that point, held out (None for 0).
+        Raises ValueError when the fraction is outside [0, 1) or leaves either
+        part without a document."""
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        if val_fraction == 0:
+            return self, None
+        target = len(self) * (1 - val_fraction)
+        inner = self.doc_starts[1:]
+        if len(inner):
+            cut = int(inner[np.argmin(np.abs(inner - target))])
+        else:  # one document: cut it (its two parts are the only documents there are)
+            cut = int(round(target))
+        if not 0 < cut < len(self):
+            raise ValueError(f"{self.name}: {len(self)} tokens are too few to hold out a validation split of "
+                             f"{val_fraction:g}")
+        return self.slice(0, cut, f"{self.name} (train)"), self.slice(cut, len(self), f"{self.name} (val)")
+
+    def scan(self):
+        """``(offset, chunk)`` over the whole corpus in chunks (never all of it in memory)."""
+        for a in range(0, len(self), SCAN_CHUNK):
+            yield a, self.read(a, min(SCAN_CHUNK, len(self) - a))
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise ValueError naming the first token id outside ``[0, vocab)`` and where it is."""
+        for offset, chunk in self.scan():
+            bad = np.flatnonzero((chunk < 0) | (chunk >= vocab))
+            if len(bad):
+                i = int(bad[0])
+                raise ValueError(f"{self.name}: token id {int(chunk[i])} at offset {offset + i} is outside the "
+                                 f"model's vocabulary [0, {vocab}): raise --vocab to at least "
+                                 f"{self.max_token() + 1}, or use the tokenizer the corpus was made with")
+
+    def max_token(self) -> int:
+        """The largest token id (-1 for an empty corpus)."""
+        return max((int(chunk.max()) for _, chunk in self.scan() if len(chunk)), default=-1)
+
+    def token_counts(self, vocab: int) -> np.ndarray:
+        """How often each id ``0 .. vocab - 1`` occurs, int64 ``[vocab]``."""
+        counts = np.zeros(vocab, dtype=np.int64)
+        for _, chunk in self.scan():
+            counts += np.bincount(chunk, minlength=vocab)[:vocab]
+        return counts
+
+    def unigram_entropy(self, vocab: int) -> "Entropy":
+        """The order-0 entropy of the tokens: what a model that knows only
+        each id's frequency would pay per token."""
+        counts = self.token_counts(vocab)
+        p = counts[counts > 0] / max(1, counts.sum())
+        bits = float(-(p * np.log2(p)).sum())
+        per_byte = None if not self.num_bytes else bits * len(self) / self.num_bytes
+        return Entropy(bits, per_byte)
+
+
+@dataclass(frozen=True)
+class Entropy:
+    bits_per_token: float
+    bits_per_byte: float | None  # None when the corpus does not know its text's bytes
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.bits_per_token * math.log(2)
+
+
+class _Window:
+    """Tokens ``[start, stop)`` of another token sequence, sliceable like it."""
+
+    def __init__(self, tokens, start: int, stop: int):
+        self.tokens, self.start, self.stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, item):
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("token windows are read by contiguous slices")
+        a, b, _ = item.indices(len(self))
+        return self.tokens[self.start + a:self.start + max(a, b)]
+
+
+def _first_bad_start(starts: np.ndarray, n: int) -> str:
+    if starts[0] < 0:
+        return f"offset {int(starts[0])} is negative"
+    if starts[-1] >= n:
+        return f"offset {int(starts[-1])} is beyond the last token ({n - 1})"
+    i = int(np.flatnonzero(np.diff(starts) <= 0)[0])
+    return f"offset {int(starts[i + 1])} follows {int(starts[i])}"

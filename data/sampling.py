@@ -1,0 +1,203 @@
+"""Deterministic sampling of training windows and documents from a `Corpus`.
+
+Every sample is a pure function of (seed, sample number): sample number
+``g`` of a run is window ``permutation_epoch(g // n)[g % n]`` of the ``n``
+non-overlapping windows of the corpus (Megatron's per-epoch shuffle, without
+materialising an index: the permutation is a keyed Feistel network, computed
+per sample in O(1)).  With a fixed global batch the sample number of
+``(step, index)`` is ``step * batch_size + index``, so every parallel layout
+sees the same global batch; a resumed run continues from the sample number
+its checkpoint recorded (`SamplePosition`), so it repeats the uninterrupted
+run even when the batch size changed.
+
+Windows are ``seq_len + 1`` tokens (inputs and shifted targets) starting at
+multiples of ``seq_len``.  They pack documents as the corpus has them; the
+document boundaries inside each window come back as ``cu_seqlens`` (the
+flash-attn varlen convention over the batch flattened row-major: from 0 to
+``batch * seq_len``, every row boundary included) so that attention stays
+inside documents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .corpus import Corpus
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_ROUNDS = 4
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(*parts: int) -> np.uint64:
+    h = np.array([0x243F6A8885A308D3], dtype=np.uint64)
+    for part in parts:
+        h = _mix(h ^ np.array([int(part) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    return h[0]
+
+
+def permute(indices, n: int, *keys: int) -> np.ndarray:
+    """Positions ``indices`` (ints in ``[0, n)``) of a pseudo-random
+    permutation of ``range(n)`` keyed by ``keys`` (e.g. seed and epoch):
+    a bijection, computed per index without building the permutation
+    (a balanced Feistel network on the next even power of two, cycle-walking
+    back into ``[0, n)``).  Returns int64 values in ``[0, n)``."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if n < 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+        raise ValueError(f"permute: indices must be in [0, {n})")
+    if n == 1:
+        return np.zeros_like(idx)
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    low = np.uint64((1 << half) - 1)
+    round_keys = [_key(*keys, r) for r in range(_ROUNDS)]
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & low
+        for k in round_keys:
+            left, right = right, left ^ (_mix(right ^ k) & low)
+        return (left << np.uint64(half)) | right
+
+    out = feistel(idx.astype(np.uint64))
+    walking = out >= np.uint64(n)
+    while walking.any():  # a bijection on [0, 4^half) restricted to [0, n): at most a few walks
+        out[walking] = feistel(out[walking])
+        walking = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SamplePosition:
+    """Where a run is in its data: sample number ``samples`` is the first of
+    step ``step`` (``epoch``/``index`` say where that is in the corpus)."""
+    step: int
+    samples: int
+    epoch: int
+    index: int
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "samples": self.samples, "epoch": self.epoch, "index": self.index}
+
+
+class _Draws:
+    """Sample numbers of (step, index): ``base + (step - base_step) * batch_size + index``."""
+
+    def __init__(self, batch_size: int, count: int, seed: int, shuffle: bool):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size, self.count, self.seed, self.shuffle = batch_size, count, seed, shuffle
+        self.base_step, self.base_samples = 0, 0
+
+    def sample_number(self, step: int, index: int) -> int:
+        return self.base_samples + (step - self.base_step) * self.batch_size + index
+
+    def items(self, step: int, indices) -> np.ndarray:
+        """The item (window or document) each sample of ``(step, indices)`` draws, int64."""
+        g = np.array([self.sample_number(step, int(i)) for i in indices], dtype=np.int64)
+        epochs, pos = np.divmod(g, self.count)
+        if not self.shuffle:
+            return pos
+        out = np.empty_like(pos)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            out[here] = permute(pos[here], self.count, self.seed, int(epoch))
+        return out
+
+    def position(self, step: int) -> SamplePosition:
+        g = self.sample_number(step, 0)
+        return SamplePosition(step, g, g // self.count, g % self.count)
+
+    def resume(self, position: SamplePosition | dict) -> None:
+        """Continue from a saved position: step ``position.step`` starts at
+        sample number ``position.samples``."""
+        p = position if isinstance(position, SamplePosition) else SamplePosition(**position)
+        if p.samples < 0 or p.step < 0:
+            raise ValueError(f"data position {p} must have step and samples >= 0")
+        self.base_step, self.base_samples = p.step, p.samples
+
+
+class TokenWindows(_Draws):
+    """Training (or held-out) windows of ``seq_len + 1`` tokens of ``corpus``.
+
+    ``batch_size``: samples per global batch (the step's sample numbers).
+    ``shuffle``: a seeded permutation per epoch (False: windows in order,
+    for held-out data).  ``documents``: return document boundaries
+    (`cu_seqlens`); False packs documents with plain causal attention across
+    them.  Raises ValueError when the corpus is shorter than one window."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 documents: bool = True):
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        count = (len(corpus) - 1) // seq_len
+        if count < 1:
+            raise ValueError(f"{corpus.name} holds {len(corpus)} tokens: shorter than one window of "
+                             f"--seq-len + 1 = {seq_len + 1} tokens (use more data or a shorter --seq-len)")
+        super().__init__(batch_size, count, seed, shuffle)
+        self.corpus, self.seq_len, self.documents = corpus, seq_len, documents
+
+    @property
+    def num_windows(self) -> int:
+        """Windows per epoch."""
+        return self.count
+
+    def _starts(self, step: int, indices) -> np.ndarray:
+        return self.items(step, indices) * self.seq_len
+
+    def batch(self, step: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each int64 ``[len(indices), seq_len]``, for
+        sample ``indices`` of global batch ``step``."""
+        starts = self._starts(step, indices)
+        rows = [self.corpus.read(int(a), self.seq_len + 1) for a in starts]
+        seqs = torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.seq_len + 1, dtype=torch.long)
+        return seqs[:, :-1], seqs[:, 1:]
+
+    def cu_seqlens(self, step: int, indices) -> torch.Tensor | None:
+        """Document boundaries of the inputs of ``batch(step, indices)``: int64
+        ``[0, ..., len(indices) * seq_len]`` with every row boundary; None
+        when ``documents`` is False."""
+        if not self.documents:
+            return None
+        bounds = [0]
+        for r, a in enumerate(self._starts(step, indices)):
+            inner = self.corpus.starts_in(int(a), int(a) + self.seq_len)
+            bounds.extend((r * self.seq_len + inner).tolist())
+            bounds.append((r + 1) * self.seq_len)
+        return torch.tensor(bounds, dtype=torch.int64)
+
+
+class DocumentDraws(_Draws):
+    """Whole documents of ``corpus`` for variable-length batches (hybrid data
+    parallelism): sample ``g`` is document ``permutation_epoch[g % n]`` of the
+    ``n`` documents with at least two tokens, its first ``max_len + 1``
+    tokens (a longer document is cut there).  Raises ValueError when no
+    document has two tokens."""
+
+    def __init__(self, corpus: Corpus, batch_size: int, max_len: int, *, seed: int = 0):
+        if max_len < 1:
+            raise ValueError(f"max_len={max_len} must be >= 1")
+        lengths = corpus.doc_lengths()
+        self.eligible = np.flatnonzero(lengths >= 2)
+        if not len(self.eligible):
+            raise ValueError(f"{corpus.name} has no document of two or more tokens to train on")
+        super().__init__(batch_size, len(self.eligible), seed, shuffle=True)
+        self.corpus, self.max_len, self._lengths = corpus, max_len, lengths
+
+    def documents(self, step: int, count: int | None = None) -> list[torch.Tensor]:
+        """The ``count`` (default ``batch_size``) documents of step ``step``,
+        each int64 ``[length + 1]`` (inputs and shifted targets), length <= max_len."""
+        docs = self.eligible[self.items(step, range(self.batch_size if count is None else count))]
+        out = []
+        for d in docs:
+            n = min(int(self._lengths[d]), self.max_len + 1)
+            out.append(torch.from_numpy(self.corpus.read(int(self.corpus.doc_starts[d]), n)))
+        return out
