@@ -7,14 +7,22 @@ from loom.parallel import shard_batch
 
 
 def rank_batch(data, step: int, indices, mesh, layout: str, device: torch.device):
-    """``(inputs, targets, positions)`` on ``device`` for samples ``indices``
-    of ``data`` at ``step``: inputs and targets ``[len(indices), seq]``
-    (int64), cut to this rank's sequence shard in ``layout`` when ``mesh.sp
-    > 1`` (then ``positions`` holds the shard's global token indices; else
-    None, the model's own ``0..seq-1``)."""
+    """``(inputs, targets, context)`` on ``device`` for samples ``indices`` of
+    ``data`` at ``step``: inputs and targets ``[len(indices), seq]`` (int64),
+    cut to this rank's sequence shard in ``layout`` when ``mesh.sp > 1``;
+    ``context`` the model's keyword arguments: ``positions`` (the shard's
+    global token indices under sequence parallelism, else None: the model's
+    own ``0..seq-1``) and, when ``data`` gives document boundaries
+    (`loom.data.TokenWindows.cu_seqlens`), ``cu_seqlens`` over the whole
+    (unsharded) rows, int64."""
     inputs, targets = data.batch(step, indices)
+    documents = getattr(data, "cu_seqlens", None)
+    cu_seqlens = documents(step, indices) if documents is not None else None
     positions = None
     if mesh.sp > 1:
         inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
         positions = positions.to(device)
-    return inputs.to(device), targets.to(device), positions
+    context = {"positions": positions}
+    if cu_seqlens is not None:
+        context["cu_seqlens"] = cu_seqlens.to(device)
+    return inputs.to(device), targets.to(device), context

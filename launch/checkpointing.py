@@ -1,7 +1,10 @@
 """Checkpoints of the training loop: model, optimizer, scheduler, data position, RNG.
 
-The data is a pure function of (seed, step, index), so the step is the whole
-data position; RNG states are per rank (`PerRank`).  A resumed run therefore
+The data is a pure function of (seed, sample number): a real corpus's
+position (`loom.data.SamplePosition`: the sample number the next step starts
+at, its epoch and place in it) is saved as ``data``, so a resume continues
+exactly there (even with another batch size); the synthetic task's position
+is the step.  RNG states are per rank (`PerRank`).  A resumed run therefore
 repeats the uninterrupted run's losses exactly.  `save` is the one place a
 checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`) or
 synchronously, per ``--ckpt-mode``.
@@ -68,8 +71,10 @@ class TrainingCheckpoints:
     the claim is made here, collectively, before the first step, and a store
     another job owns stops the job on every rank, naming the owner."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None, precision=None):
+    def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None, precision=None, data=None):
         self.cfg, self.c = cfg, cfg.ckpt
+        # a source with a position to save (loom.data.TokenWindows / DocumentDraws), else None
+        self.data = data if hasattr(data, "position") else None
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.precision = precision       # a MixedPrecision: its fp16 loss scaler is saved too
         self.mesh, self.reporter = mesh, reporter
@@ -108,6 +113,8 @@ class TrainingCheckpoints:
         scaler = self.precision.state_dict() if self.precision is not None else {}
         if scaler:
             state["scaler"] = scaler
+        if self.data is not None:
+            state["data"] = self.data.position(next_step).to_dict()
         return state
 
     def resume(self) -> int:
@@ -128,7 +135,7 @@ class TrainingCheckpoints:
                     f"skipped ({skipped['error']}); resuming from step {info.step}")
             log.warning(text)
             self._event(text)
-        lacking = [key for key in info.missing if key != "schedule" and key.split("/")[0] != "scaler"]
+        lacking = [key for key in info.missing if key != "schedule" and key.split("/")[0] not in ("scaler", "data")]
         if lacking:
             raise checkpoint.MissingKeysError(f"checkpoint {info.location} lacks keys {lacking}")
         self.optimizer.load_state_dict(state["optim"])
@@ -138,6 +145,8 @@ class TrainingCheckpoints:
             self._resume_scaler(info, state["scaler"])
         set_rng_state(state["rng"].value)
         start = int(state["progress"]["step"])
+        if self.data is not None:
+            self._resume_data(info, state["data"], start)
         self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
         return start
 
@@ -176,6 +185,20 @@ class TrainingCheckpoints:
                         f"--mixed-precision fp16): starting with a fresh one")
         else:
             self.precision.load_state_dict(saved)
+
+    def _resume_data(self, info, saved: dict, start: int) -> None:
+        """The data position of ``info``'s checkpoint; one saved without (the
+        synthetic task, or before loom kept it) continues at ``start * batch``."""
+        if any(k.split("/")[0] == "data" for k in info.missing):
+            self._event(f"the checkpoint at {info.location} holds no data position: step {start} starts at "
+                        f"sample {start} * --batch-size")
+            return
+        self.data.resume({k: int(v) for k, v in saved.items()})
+        if int(saved["step"]) != start:
+            raise checkpoint.InvalidCheckpointError(f"checkpoint {info.location}: its data position is for step "
+                                             f"{int(saved['step'])}, its progress says step {start}")
+        self._event(f"data: step {start} starts at sample {int(saved['samples'])} (epoch {int(saved['epoch'])}, "
+                    f"window {int(saved['index'])} of it)")
 
     def after_step(self, step: int) -> None:
         """Called after step ``step`` (0-based) completes."""

@@ -24,6 +24,7 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 
+from loom.data.config import DataConfig
 from loom.faults.detect import DetectConfig
 from loom.parallel.model import ModelConfig
 
@@ -113,7 +114,7 @@ class TrainSection:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(10, "linear learning-rate warm-up steps")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
-    seed: int = _f(0, "seed of the model initialisation and the synthetic data")
+    seed: int = _f(0, "seed of the model initialisation and of the data's sampling order")
     dtype: str = _f("float32", "parameter dtype: float32, float64 or bfloat16")
     log_every: int = _f(1, "report metrics every N steps")
     varlen_median: int = _f(0, "with --hdp: median length of the lognormal long-tail sequence lengths "
@@ -127,7 +128,7 @@ class TrainSection:
     allow_lr_schedule_change: bool = _f(False, "with --resume: continue with this run's schedule when the "
                                                "checkpoint's differs (--lr-schedule, --lr, --warmup-steps, "
                                                "--min-lr, --steps, --wsd-decay-frac), instead of refusing")
-    eval_every: int = _f(0, "evaluate on held-out data every N steps and after the last (0: never)")
+    eval_every: int = _f(50, "evaluate on held-out data every N steps and after the last (0: never)")
     eval_batches: int = _f(4, "global batches (of --batch-size sequences) per evaluation")
     grad_accum: int = _f(1, "gradient accumulation: micro-batches per optimizer step, each 1/N of every "
                             "rank's share of --batch-size (the global batch is unchanged), gradients "
@@ -184,6 +185,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    data: DataConfig = field(default_factory=DataConfig)
     ckpt: CkptSection = field(default_factory=CkptSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
 
@@ -462,6 +464,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"factory of --model MODULE:FACTORY, but no --model is given (loom's reference "
                         f"model is shaped by the [model] options: --dim, --layers, ...)")
     problems += _train_extras_problems(cfg)
+    if not problems:  # opening the data costs time: only for a job that can otherwise run
+        from .datasets import data_problems
+        problems += data_problems(cfg, workers)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg

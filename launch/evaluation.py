@@ -53,11 +53,11 @@ def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mes
         for b in range(batches):
             # this rank's data-parallel slice (under --hdp, sp is 1 and the
             # batch need not divide by dp: the slices may differ by one)
-            inputs, targets, positions = rank_batch(data, b, _share(batch_size, mesh.dp, mesh.dp_rank), mesh,
-                                                    layout, device)
+            inputs, targets, context = rank_batch(data, b, _share(batch_size, mesh.dp, mesh.dp_rank), mesh,
+                                                  layout, device)
             if targets.numel():
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    logits = model(inputs, positions)
+                    logits = model(inputs, **context)
                 total[0] += next_token_loss(logits, targets, reduction="sum").double()
                 total[1] += targets.numel()
         comms.all_reduce(total, "sum")

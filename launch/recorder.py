@@ -164,7 +164,7 @@ class RunRecorder:
         if metrics.get("split", "train") == "eval":
             text = f"eval after step {metrics['step'] + 1}: " + " ".join(
                 f"{k.removeprefix('eval_')} {v:.4g}" for k, v in metrics.items()
-                if k in ("eval_loss", "eval_ppl") and isinstance(v, (int, float)))
+                if k in ("eval_loss", "eval_ppl", "eval_bpb") and isinstance(v, (int, float)))
             self.event(text)
             return
         self.bar.update(metrics["step"], progress_text(metrics))

@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import (ExpertParallelGradientSync, HDPCost, SyntheticData, Transformer,
+from loom.parallel import (ExpertParallelGradientSync, HDPCost, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
 
 from .batches import rank_batch
 from .checkpointing import TrainingCheckpoints
 from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
+from .datasets import open_job_data
 from .evaluation import evaluate
 from .metrics import StepMetrics
 from .precision import MixedPrecision
@@ -72,12 +73,13 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     # dense gradients averaged over all ranks, expert gradients over the edp group
     grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                                        bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
-    data = SyntheticData(cfg.model.vocab, cfg.train.seq_len, cfg.train.seed)
+    job_data = open_job_data(cfg, world)
+    data = job_data.train
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     hdp_cost = HDPCost.for_model(cfg.model)
-    ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter, precision=amp)
+    ckpts = TrainingCheckpoints(cfg, model, opt, sched, mesh, reporter, precision=amp, data=data)
     metrics = StepMetrics(model, device, world, cfg.job.peak_tflops)
-    heldout = data.heldout()
+    heldout = job_data.heldout
     eval_time, last_eval = 0.0, None
     start = ckpts.resume()
     if start >= cfg.train.steps and reporter is not None:
@@ -119,6 +121,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         if cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or step == cfg.train.steps - 1):
             last_eval = evaluate(model, heldout, batches=cfg.train.eval_batches, batch_size=cfg.train.batch_size,
                                  mesh=mesh, device=device, layout=layout)
+            bpb = job_data.bits_per_byte(last_eval["eval_loss"])
+            if bpb is not None:
+                last_eval["eval_bpb"] = bpb
             eval_time += last_eval["eval_time_s"]
             if reporter is not None:
                 reporter.step({"step": step, "split": "eval", **last_eval})
@@ -134,8 +139,11 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
     if last_eval is not None:
-        summary.setdefault("extra", {}).update(eval_loss=round(last_eval["eval_loss"], 6),
-                                               eval_ppl=round(last_eval["eval_ppl"], 4))
+        extra = summary.setdefault("extra", {})
+        extra.update(eval_loss=round(last_eval["eval_loss"], 6), eval_ppl=round(last_eval["eval_ppl"], 4))
+        if "eval_bpb" in last_eval:  # against what knowing only each byte's frequency would give
+            extra.update(eval_bpb=round(last_eval["eval_bpb"], 4),
+                         unigram_bpb=round(job_data.val.unigram_entropy(cfg.model.vocab).bits_per_byte, 4))
     return summary
 
 
@@ -184,8 +192,8 @@ def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str,
     total = None
     for k in range(n):
         start = first + k * micro
-        inputs, targets, positions = rank_batch(data, step, range(start, start + micro), mesh, layout, device)
-        loss = next_token_loss(model(inputs, positions), targets) + moe_aux_loss(model)
+        inputs, targets, context = rank_batch(data, step, range(start, start + micro), mesh, layout, device)
+        loss = next_token_loss(model(inputs, **context), targets) + moe_aux_loss(model)
         if n > 1:
             loss = loss / n
         amp.scale(loss).backward()
@@ -202,8 +210,12 @@ def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, co
     With --grad-accum N the batch's sequences go in N equal groups, each
     scheduled and run on its own; a group's loss is the per-token mean over
     its tokens, so it is weighted by its share of the batch's tokens."""
-    lengths = data.lengths(step, cfg.train.batch_size, **varlen_options(cfg))
-    sequences = [data.sample(step, i, n) for i, n in enumerate(lengths)]
+    if hasattr(data, "documents"):  # real documents (loom.data.DocumentDraws), their own lengths
+        sequences = data.documents(step)
+        lengths = [len(s) - 1 for s in sequences]
+    else:  # the synthetic task's lognormal lengths
+        lengths = data.lengths(step, cfg.train.batch_size, **varlen_options(cfg))
+        sequences = [data.sample(step, i, n) for i, n in enumerate(lengths)]
     total, per = sum(lengths), len(lengths) // cfg.train.grad_accum
     loss = None
     for k in range(cfg.train.grad_accum):

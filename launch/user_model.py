@@ -37,6 +37,7 @@ import torch
 from loom.parallel import core_kind, sequence_parallel_gaps
 
 from .config import ConfigError, JobConfig, sp_layout
+from .datasets import forward_takes_documents
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -183,7 +184,8 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
     if p.hdp:
         problems.append(f"--hdp applies only to loom's reference model, not --model={spec}")
     model = None
-    if p.sp > 1 or cfg.train.activation_checkpointing:
+    documents = not cfg.data.synthetic and not cfg.data.cross_document_attention
+    if p.sp > 1 or cfg.train.activation_checkpointing or documents:
         try:
             with torch.device("meta"):
                 model = factory(cfg)
@@ -194,6 +196,11 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"--activation-checkpointing checkpoints each module of the model's 'blocks' list, "
                         f"but the model of --model={spec} ({type(model).__name__}) has no 'blocks' "
                         f"(a torch.nn.ModuleList of its layers): add one, or drop --activation-checkpointing")
+    if documents and isinstance(model, torch.nn.Module) and not forward_takes_documents(model):
+        problems.append(f"--data {cfg.data.data} packs documents into windows and keeps attention inside each "
+                        f"document, but the forward of --model={spec} ({type(model).__name__}) takes no "
+                        f"`cu_seqlens` (document boundaries, int64, flash-attn varlen convention; loom's "
+                        f"attention cores take it): accept cu_seqlens, or pass --cross-document-attention")
     if p.sp > 1:
         if isinstance(model, torch.nn.Module):
             gaps = sequence_parallel_gaps(model)

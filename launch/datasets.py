@@ -1,0 +1,127 @@
+"""The job's data: `[data]` settings to training and held-out sources.
+
+`open_job_data` builds, on every rank alike, the training source (a
+`loom.data.TokenWindows`; `loom.data.DocumentDraws` under ``--hdp``; or the
+synthetic task) and the held-out one, all pure functions of (seed, step,
+index).  `data_problems` opens the same data on the driver before any worker
+starts, so a missing file, an empty corpus, a token id outside the model's
+vocabulary or a corpus shorter than one window is a ConfigError there.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+from loom.data import Corpus, DocumentDraws, TokenWindows
+from loom.data.config import BUILTIN
+from loom.parallel import SyntheticData
+
+
+@dataclass
+class JobData:
+    """``train``: what steps draw from; ``heldout``: what evaluation reads (None
+    without a validation split); ``val``: the held-out corpus (None for the
+    synthetic task); ``documents``: whether batches carry ``cu_seqlens``."""
+    train: object
+    heldout: object | None
+    val: Corpus | None = None
+    documents: bool = False
+
+    def bits_per_byte(self, loss_nats: float) -> float | None:
+        """A held-out loss (nats per token) in bits per byte of the held-out
+        text, when its bytes are known (always for byte-level data)."""
+        if self.val is None or not self.val.num_bytes:
+            return None
+        return loss_nats / math.log(2) * len(self.val) / self.val.num_bytes
+
+
+def open_corpora(cfg) -> tuple[Corpus, Corpus | None]:
+    """(training corpus, held-out corpus or None) for a real-data job.
+    Raises ValueError/FileNotFoundError naming the file."""
+    d = cfg.data
+    if d.paths == [BUILTIN]:
+        from loom.data.builtin import pydoc_corpus
+        corpus = pydoc_corpus()
+    else:
+        corpus = _open(d, d.paths)
+    if d.val_data:
+        return corpus, _open(d, d.val_paths)
+    return corpus.split(d.val_fraction)
+
+
+def _open(d, paths) -> Corpus:
+    from loom.data import open_corpus
+    return open_corpus(paths, tokenizer=d.tokenizer or None, text_field=d.text_field,
+                       eod_token=None if d.eod_token < 0 else d.eod_token, token_dtype=d.token_dtype or None)
+
+
+def open_job_data(cfg, world: int) -> JobData:
+    """The training and held-out sources of ``cfg`` (see the module doc)."""
+    t = cfg.train
+    if cfg.data.synthetic:
+        data = SyntheticData(cfg.model.vocab, t.seq_len, t.seed)
+        return JobData(data, data.heldout())
+    train, val = open_corpora(cfg)
+    documents = not cfg.data.cross_document_attention
+    if cfg.parallel.hdp:
+        from .config import varlen_options
+        source = DocumentDraws(train, t.batch_size, varlen_options(cfg)["max_len"], seed=t.seed)
+    else:
+        source = TokenWindows(train, t.seq_len, t.batch_size, seed=t.seed, documents=documents)
+    # held-out windows in a fixed spread-out order: every evaluation reads the same ones
+    heldout = None if val is None else TokenWindows(val, t.seq_len, t.batch_size, seed=t.seed,
+                                                     documents=documents)
+    return JobData(source, heldout, val, documents)
+
+
+def model_vocab_problem(cfg, corpus: Corpus) -> str | None:
+    try:
+        corpus.check_vocab(cfg.model.vocab)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def data_problems(cfg, world: int) -> list[str]:
+    """What stops ``cfg``'s data from training, found on the driver (empty:
+    nothing).  Opens the data as the workers will."""
+    if cfg.data.synthetic:
+        return []
+    problems = []
+    try:
+        data = open_job_data(cfg, world)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return [f"--data: {exc}"]
+    corpora = [data.train.corpus] + ([data.val] if data.val is not None else [])
+    if not cfg.train.model:  # a user's model says its vocabulary at its first forward
+        for corpus in corpora:
+            problem = model_vocab_problem(cfg, corpus)
+            if problem:
+                problems.append(problem)
+                break
+    if cfg.train.eval_every and data.val is None:
+        problems.append("--eval-every needs held-out data: --val-fraction > 0 or --val-data "
+                        "(or --eval-every 0)")
+    if data.documents and not cfg.parallel.hdp:
+        problems += _document_attention_problems(cfg)
+    return problems
+
+
+def _document_attention_problems(cfg) -> list[str]:
+    """Attention within documents needs softmax layers that take ``cu_seqlens``."""
+    cross = "or pass --cross-document-attention (windows attend across the documents they pack)"
+    if not cfg.train.model and "linear" in cfg.model.layer_kinds:
+        return [f"--layers={cfg.model.layers}: gated linear attention layers carry their state across the "
+                f"documents a window packs, so attention within documents needs softmax layers only; "
+                f"use softmax layers, {cross}"]
+    return []
+
+
+def forward_takes_documents(model) -> bool:
+    """Whether ``model.forward`` accepts ``cu_seqlens`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "cu_seqlens" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
