@@ -514,7 +514,7 @@ def test_killed_mid_persist_leaves_the_previous_step(distributed, tmp_path):
 
 # ------------------------------------------------------------- loom train
 
-TINY = {"vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4,
+TINY = {"data": "synthetic", "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4,
         "dtype": "float64", "lr": 1e-2, "warmup_steps": 2, "progress": False}
 
 

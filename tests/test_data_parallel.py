@@ -59,7 +59,7 @@ def _train_losses(overrides):
 
 @pytest.mark.timeout(180)
 def test_training_loop_dp2_equals_dp1_float64(distributed):
-    common = dict(steps=4, batch_size=4, seq_len=16, dim=16, heads=2, layers=1, vocab=32,
+    common = dict(data="synthetic", steps=4, batch_size=4, seq_len=16, dim=16, heads=2, layers=1, vocab=32,
                   dtype="float64", progress=False)
     (one,) = distributed(_train_losses, 1, dict(common, dp=1))
     two = distributed(_train_losses, 2, dict(common, dp=2))

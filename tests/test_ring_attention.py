@@ -463,7 +463,7 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not():
 
 # ------------------------------------------------------- the training loop
 
-_TRAIN = dict(steps=3, batch_size=2, seq_len=16, dim=16, heads=2, layers=2, vocab=32, dtype="float64",
+_TRAIN = dict(data="synthetic", steps=3, batch_size=2, seq_len=16, dim=16, heads=2, layers=2, vocab=32, dtype="float64",
               progress=False, warmup_steps=1)
 
 

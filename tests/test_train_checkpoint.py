@@ -12,7 +12,7 @@ from helpers import EventLog
 
 from loom.launch.config import ConfigError, build_config, validate
 
-TINY = {"vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4,
+TINY = {"data": "synthetic", "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4,
         "dtype": "float64", "lr": 1e-2, "warmup_steps": 2, "progress": False}
 
 

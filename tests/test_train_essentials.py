@@ -7,7 +7,7 @@ import torch
 from helpers import EventLog, train_losses
 from loom.launch.config import ConfigError, build_config, validate
 
-TINY = dict(vocab=32, dim=16, layers=2, heads=2, seq_len=8, batch_size=8, dtype="float64", lr=1e-2,
+TINY = dict(data="synthetic", vocab=32, dim=16, layers=2, heads=2, seq_len=8, batch_size=8, dtype="float64", lr=1e-2,
             warmup_steps=1, steps=3, progress=False)
 HDP = dict(hdp=True, varlen_median=6, varlen_max=16)
 # (name, overrides) of every parallel mode on 2 ranks; MoE without its
