@@ -1,9 +1,11 @@
 """Evaluation on held-out data, in the model's own parallel layout.
 
 Every evaluation reads the same ``eval_batches`` global batches of the
-held-out stream (`SyntheticData(..., split="val")`: batch ``b`` holds
-samples ``(b, 0..batch_size-1)`` of that stream, never a training sample),
-so successive evaluations are comparable.  Each rank runs its share under
+held-out stream (batch ``b`` holds samples ``(b, 0..batch_size-1)`` of it,
+never a training sample: windows of the validation split of a real corpus,
+`loom.data.TokenWindows`, with their document boundaries; or the synthetic
+task's held-out draws, `SyntheticData(..., split="val")`), so successive
+evaluations are comparable.  Each rank runs its share under
 `torch.no_grad` exactly as training would (its data-parallel slice of each
 batch, its sequence shard under sequence parallelism, expert-parallel MoE
 layers dispatching as in training); the loss is the sum of the next-token
@@ -37,8 +39,9 @@ def _share(total: int, parts: int, index: int) -> range:
 def evaluate(model: torch.nn.Module, data, *, batches: int, batch_size: int, mesh, device: torch.device,
              layout: str = "contiguous", autocast=None) -> dict:
     """Held-out loss of ``model`` over ``batches`` global batches of
-    ``batch_size`` sequences of ``data`` (a `SyntheticData`, normally the
-    ``split="val"`` one), sequence shards in ``layout`` when ``mesh.sp > 1``.
+    ``batch_size`` sequences of ``data`` (a held-out `loom.data.TokenWindows`
+    or ``SyntheticData(split="val")``; anything with ``batch(step, indices)``
+    and optionally ``cu_seqlens(step, indices)``), sequence shards in ``layout`` when ``mesh.sp > 1``.
     Collective over the whole job (every rank calls it at the same step).
     Returns ``eval_loss`` (mean cross-entropy per token, nats), ``eval_ppl``
     (its exp), ``eval_tokens`` and ``eval_time_s``.

@@ -21,6 +21,13 @@ shard's tokens in ``forward(tokens, positions)``.  ``--ep``, ``--moe`` and
 
 A model whose forward takes no ``positions`` is called as ``model(tokens)``:
 `build_user_model` drops the training loop's ``positions=None`` for it.
+
+Real data packs documents into windows and keeps attention inside each
+document: the forward then gets ``cu_seqlens`` (int64 document boundaries
+over the batch flattened row-major, the flash-attn varlen convention; loom's
+attention cores take it as a keyword).  A model whose forward takes no
+``cu_seqlens`` is refused before the workers start unless the job passes
+``--cross-document-attention`` (or ``--data synthetic``).
 """
 from __future__ import annotations
 
