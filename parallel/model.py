@@ -104,15 +104,17 @@ def local_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     divides by hkv).  ``cu_seqlens``: document boundaries of packed documents
     over the batch flattened row-major (``[0, ..., b * s]``, every row
     boundary ``r * s`` included; see `check_cu_seqlens`, which raises
-    ValueError on bad ones): tokens attend only inside their document (a
-    bool mask through PyTorch's SDPA).  Returns the output like q."""
+    ValueError on bad ones -- checked eagerly, not inside torch.compile's
+    graph): tokens attend only inside their document (a bool mask through
+    PyTorch's SDPA).  Returns the output like q."""
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     mask = None
     if cu_seqlens is not None:
         b, s = q.shape[:2]
-        check_cu_seqlens(cu_seqlens, b, s, "local_attention")
+        if not torch.compiler.is_compiling():  # reading the boundaries back would break the graph
+            check_cu_seqlens(cu_seqlens, b, s, "local_attention")
         mask, causal = document_mask(cu_seqlens, b, s, causal=causal, device=q.device), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, is_causal=causal, scale=scale)

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.parallel import (LinearAttention, ModelConfig, Transformer, check_cu_seqlens, document_ids,
-                           enable_sequence_parallel, local_attention, next_token_loss, ring_attention,
-                           sequence_parallel_core, shard_batch, shard_sequence, ulysses_attention,
-                           unshard_sequence)
+from loom.parallel import (LinearAttention, ModelConfig, Transformer, apply_activation_checkpointing,
+                           check_cu_seqlens, document_ids, enable_sequence_parallel, local_attention,
+                           next_token_loss, ring_attention, sequence_parallel_core, shard_batch, shard_sequence,
+                           ulysses_attention, unshard_sequence)
 from loom.parallel.attention_blocks import Documents
 from loom.parallel.hdp import HDPAttention
 from loom.parallel.ring_attention import make_spec, ring_work, run_ring
@@ -245,6 +245,16 @@ def test_documents_do_not_see_each_other_in_the_model():
         assert (plain_a[1, 10:] - plain_b[1, 10:]).abs().max() > 1e-3
         # one document per row is plain causal attention
         torch.testing.assert_close(model(tokens, cu_seqlens=torch.tensor([0, 16, 32])), plain_a, atol=1e-12, rtol=0)
+    # activation checkpointing recomputes with the same documents: the same gradients
+    grads = []
+    for checkpointed in (False, True):
+        model = _model()
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        next_token_loss(model(tokens, cu_seqlens=MODEL_CU), perturbed, reduction="sum").backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 def test_cores_without_the_keyword_still_work_and_linear_layers_refuse_documents():
