@@ -1,5 +1,6 @@
 """loom.parallel: how the model's work is split across ranks."""
 from .activation_checkpointing import apply_activation_checkpointing
+from .attention_blocks import check_cu_seqlens, document_ids
 from .data import SyntheticData
 from .data_parallel import GradientSync
 from .hdp import HDPAttention, attention_cores, hdp_forward_backward, pack_microbatch
@@ -16,7 +17,8 @@ from .sequence import shard_batch, shard_positions, shard_sequence, unshard_sequ
 from .sequence_parallel import sequence_parallel_core
 from .ulysses import ulysses_attention
 
-__all__ = ["apply_activation_checkpointing", "ExpertParallelGradientSync", "GradientSync", "HDPAttention",
+__all__ = ["apply_activation_checkpointing", "check_cu_seqlens", "document_ids",
+           "ExpertParallelGradientSync", "GradientSync", "HDPAttention",
            "HDPCost", "Piece", "attention_cores",
            "check_schedule", "declare_placements", "hdp_forward_backward", "hdp_schedule", "pack_microbatch",
            "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",

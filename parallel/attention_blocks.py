@@ -5,7 +5,8 @@ in float32 (float64 for float64 inputs) so partial results from different
 blocks can be merged exactly by their log-sum-exp (LSE).  Grouped-query
 attention never expands K/V: queries are viewed as ``[.., kv_heads, rep, ..]``.
 
-Masks are boolean, True = may attend.  A query row with nothing to attend to
+Masks are boolean, True = may attend: ``[q, k]`` for every row of the batch
+alike, or ``[batch, q, k]`` when the rows differ (packed documents).  A query row with nothing to attend to
 has LSE -inf and output 0 (never NaN), here and in the merge.
 """
 from __future__ import annotations
@@ -85,8 +86,9 @@ def _scores(q, k, scale, mask):
     acc = accumulation_dtype(q.dtype)
     qh = _heads_first(q, hkv, acc) * scale   # out of place: it may be a view of q
     s = torch.matmul(qh, k.to(acc).permute(0, 2, 3, 1))
-    if mask is not None:
-        s.view(b, hkv, hq // hkv, sq, -1).masked_fill_(~mask, float("-inf"))
+    if mask is not None:  # [sq, sk], or [b, sq, sk] when the batch's rows differ
+        m = mask if mask.dim() == 2 else mask[:, None, None]
+        s.view(b, hkv, hq // hkv, sq, -1).masked_fill_(~m, float("-inf"))
     return s, qh
 
 
@@ -150,33 +152,126 @@ def merge_partials(out, lse, out_b, lse_b):
 
 # ------------------------------------------------------------------ planning
 
+def _check_bounds(bounds: list[int], batch: int, seq_total: int, who: str) -> None:
+    """The checks of `check_cu_seqlens` on a list of Python ints."""
+    end = batch * seq_total
+    if not bounds or bounds[0] != 0 or bounds[-1] != end:
+        got = f"{bounds[0]}...{bounds[-1]}" if bounds else "an empty tensor"
+        raise ValueError(f"{who}: cu_seqlens must run from 0 to batch * S_total = {end} (batch={batch}, "
+                         f"S_total={seq_total}: the global sequence length), got {got}")
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if b < a:
+            raise ValueError(f"{who}: cu_seqlens must be non-decreasing, got {a} then {b} at index {i + 1}")
+    present = set(bounds)
+    for r in range(1, batch):
+        if r * seq_total not in present:
+            raise ValueError(f"{who}: cu_seqlens must contain every row boundary r * S_total (documents never "
+                             f"span rows): {r * seq_total}, where row {r} of {batch} starts "
+                             f"(S_total={seq_total}), is missing")
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, seq_total: int, who: str = "attention") -> list[int]:
+    """Check document boundaries for a batch of ``batch`` rows of ``seq_total``
+    tokens each; return them as a list of ints.
+
+    ``cu_seqlens`` is a 1-D integer tensor over the batch flattened row-major
+    (the flash-attn varlen convention): it runs from 0 to ``batch *
+    seq_total``, is non-decreasing (repeated entries are empty documents) and
+    contains every row boundary ``r * seq_total`` (documents never span rows).
+    Under sequence parallelism ``seq_total`` is the global sequence length
+    (seq_local * sp size) and every rank passes the same tensor.
+    Raises ValueError naming the offending value."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+        got = (f"a {cu_seqlens.dim()}-D {cu_seqlens.dtype} tensor" if isinstance(cu_seqlens, torch.Tensor)
+               else type(cu_seqlens).__name__)
+        raise ValueError(f"{who}: cu_seqlens must be a 1-D integer tensor, got {got}")
+    bounds = cu_seqlens.tolist()
+    _check_bounds(bounds, batch, seq_total, who)
+    return bounds
+
+
+def document_ids(cu_seqlens, batch: int, seq_total: int) -> torch.Tensor:
+    """The document of every token: int64 ``[batch, seq_total]`` on
+    cu_seqlens' device, numbered over the whole batch (documents in different
+    rows never share a number; empty documents own no token).  Does not check
+    ``cu_seqlens`` (see `check_cu_seqlens`)."""
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64)
+    tokens = torch.arange(batch * seq_total, dtype=torch.int64, device=cu.device)
+    return (torch.searchsorted(cu, tokens, right=True) - 1).reshape(batch, seq_total)
+
+
+def document_mask(cu_seqlens, batch: int, seq_total: int, *, causal: bool, device=None) -> torch.Tensor:
+    """Bool ``[batch, 1, seq_total, seq_total]`` (True = may attend): same
+    document, and key <= query when ``causal``.  Every token sees itself, so
+    no query row is ever fully masked."""
+    ids = document_ids(torch.as_tensor(cu_seqlens, device=device), batch, seq_total)
+    mask = ids[:, :, None] == ids[:, None, :]
+    if causal:
+        mask &= torch.ones(seq_total, seq_total, dtype=torch.bool, device=mask.device).tril()
+    return mask[:, None]
+
+
 class Documents:
-    """Packed documents: global boundaries ``[0, ..., S_total]``."""
+    """Packed documents of a batch: boundaries ``[0, ..., batch * S_total]``
+    over the rows flattened row-major (see `check_cu_seqlens`); ``seq_total``
+    defaults to the whole span (batch 1).  Rows with the same boundaries share
+    one description, so a uniform batch costs what batch 1 does."""
 
-    def __init__(self, bounds: list[int], device=None):
-        self.bounds = bounds
-        self._t = torch.tensor(bounds, dtype=torch.int64, device=device)
+    def __init__(self, bounds, device=None, *, seq_total: int | None = None):
+        bounds = [int(c) for c in bounds]
+        total = bounds[-1] if seq_total is None else int(seq_total)
+        if total < 1 or bounds[-1] % total:
+            raise ValueError(f"Documents: the last boundary {bounds[-1]} must be a multiple of "
+                             f"S_total={total} >= 1")
+        batch = bounds[-1] // total
+        _check_bounds(bounds, batch, total, "Documents")
+        self.batch, self.seq_total = batch, total
+        rows = [tuple(sorted({c - r * total for c in bounds if r * total <= c <= (r + 1) * total}))
+                for r in range(batch)]
+        self.row_bounds = rows                 # per row: its boundaries, 0 .. S_total
+        self.distinct = sorted(set(rows))      # the different rows, for planning
+        self.uniform = len(self.distinct) == 1
+        if self.uniform:
+            self._t = torch.tensor(rows[0], dtype=torch.int64, device=device)
+        else:
+            self._t = document_ids(torch.tensor(bounds, dtype=torch.int64, device=device), batch, total)
 
-    def of(self, pos: int) -> int:
-        """The document of global token ``pos`` (empty documents own no token)."""
-        return bisect.bisect_right(self.bounds, pos) - 1
+    @staticmethod
+    def of(bounds: tuple, pos: int) -> int:
+        """The document of token ``pos`` of a row with ``bounds`` (empty
+        documents own no token)."""
+        return bisect.bisect_right(bounds, pos) - 1
 
     def ids(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self._t, positions.to(self._t.device), right=True) - 1
+        """Document ids of the tokens at ``positions`` (indices within a row):
+        ``[n]`` when every row is the same, else ``[batch, n]``."""
+        positions = positions.to(self._t.device)
+        if self.uniform:
+            return torch.searchsorted(self._t, positions, right=True) - 1
+        return self._t[:, positions]
 
 
 def _pair_status(q0: int, q1: int, k0: int, k1: int, causal: bool, docs) -> int:
-    """NONE / FULL / PARTIAL for global query range [q0, q1) against keys [k0, k1).
-    PARTIAL is conservative: the caller builds the exact mask."""
+    """NONE / FULL / PARTIAL for queries [q0, q1) against keys [k0, k1) (indices
+    within a row) over every row: NONE only if no row allows anything, FULL
+    only if every row allows everything.  PARTIAL is conservative: the caller
+    builds the exact mask."""
     if causal and q1 - 1 < k0:
         return NONE
     full = not causal or q0 >= k1 - 1
-    if docs is not None:
-        dq0, dq1, dk0, dk1 = docs.of(q0), docs.of(q1 - 1), docs.of(k0), docs.of(k1 - 1)
+    if docs is None:
+        return FULL if full else PARTIAL
+    statuses = set()
+    for bounds in docs.distinct:
+        dq0, dq1, dk0, dk1 = (docs.of(bounds, p) for p in (q0, q1 - 1, k0, k1 - 1))
         if dq1 < dk0 or dk1 < dq0:
-            return NONE
-        full = full and dq0 == dq1 == dk0 == dk1
-    return FULL if full else PARTIAL
+            statuses.add(NONE)
+        else:
+            statuses.add(FULL if full and dq0 == dq1 == dk0 == dk1 else PARTIAL)
+    if statuses == {NONE}:
+        return NONE
+    return FULL if statuses == {FULL} else PARTIAL
 
 
 def _positions(segments, lo: int, hi: int, device) -> torch.Tensor:
@@ -195,8 +290,10 @@ def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None =
     Segments are ``(local_start, global_start, length)`` runs of consecutive
     global tokens, in local order.  Returns a list (empty when no query may
     attend to any key) of ``(q_slice, k_slice, mask)`` tiles of at most
-    ``tile_rows`` query rows: the local rows and the columns they need, with a
-    bool mask over them (None when all of it is allowed).  Skipping what a
+    ``tile_rows`` query rows: the local rows and the columns they need (the
+    union over the batch's rows), with a bool mask over them: None when all
+    of it is allowed, ``[q, k]`` when every row of the batch allows the same,
+    else ``[batch, q, k]``.  Skipping what a
     mask forbids is what balances causal work under the zigzag layout: an
     off-diagonal pair reduces to half the queries or half the keys, and a
     diagonal pair to its lower triangle (at tile granularity)."""
@@ -218,16 +315,18 @@ def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None =
     if causal:
         mask &= pk[None, :] <= pq[:, None]
     if docs is not None:
-        mask &= docs.ids(pq)[:, None] == docs.ids(pk)[None, :]
+        mask = mask & (docs.ids(pq)[..., :, None] == docs.ids(pk)[..., None, :])  # [q, k] or [b, q, k]
     tiles = []
     for r in range(0, q1 - q0, step):
-        sub = mask[r:r + step]
-        cols = sub.any(0).nonzero()
+        sub = mask[..., r:r + step, :]
+        cols = (sub.any(0) if sub.dim() == 2 else sub.any(1).any(0)).nonzero()   # the union over rows
         if len(cols) == 0:
             continue
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        sub = sub[:, c0:c1]
-        tiles.append((slice(q0 + r, q0 + r + len(sub)), slice(k0 + c0, k0 + c1),
+        sub = sub[..., c0:c1]
+        if sub.dim() == 3 and bool((sub == sub[:1]).all()):
+            sub = sub[0]                         # every row the same here: one [q, k] mask serves all
+        tiles.append((slice(q0 + r, q0 + r + sub.shape[-2]), slice(k0 + c0, k0 + c1),
                       None if bool(sub.all()) else sub))
     return tiles
 

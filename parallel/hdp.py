@@ -190,7 +190,12 @@ class HDPAttention:
             s, e = relayout.bounds[self.position]
             self.ring_rows = e - s
 
-    def softmax(self, q, k, v, *, causal: bool = False, scale: float | None = None):
+    def softmax(self, q, k, v, *, causal: bool = False, scale: float | None = None, cu_seqlens=None):
+        """The softmax core.  HDP keeps sequences apart itself (its ring and
+        its ``documents``), so ``cu_seqlens`` must be None: ValueError otherwise."""
+        if cu_seqlens is not None:
+            raise ValueError("HDPAttention.softmax: hybrid data parallelism keeps documents apart itself "
+                             "(each sequence is its own ring or local document); pass no cu_seqlens")
         outs = []
         if self.relayout is not None:
             n, heads = self.ring_rows, (q.shape[2], k.shape[2], v.shape[2])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from loom import comms
 from loom.comms.scan import METHODS as SCAN_METHODS
 
+from .attention_blocks import check_cu_seqlens, document_mask
 from .linear_attention import linear_attention, local_linear_attention
 from .llep import LLEPConfig
 from .moe import MoE
@@ -98,13 +99,25 @@ def _normalise_layers(layers) -> int | str:
     return ",".join(kinds)
 
 
-def local_attention(q, k, v, *, causal: bool = False, scale: float | None = None):
-    """Attention on one process.  q [b, s, hq, d]; k, v [b, s, hkv, d]."""
+def local_attention(q, k, v, *, causal: bool = False, scale: float | None = None, cu_seqlens=None):
+    """Attention on one process.  q [b, s, hq, d]; k, v [b, s, hkv, d] (hq
+    divides by hkv).  ``cu_seqlens``: document boundaries of packed documents
+    over the batch flattened row-major (``[0, ..., b * s]``, every row
+    boundary ``r * s`` included; see `check_cu_seqlens`, which raises
+    ValueError on bad ones -- checked eagerly, not inside torch.compile's
+    graph): tokens attend only inside their document (a bool mask through
+    PyTorch's SDPA).  Returns the output like q."""
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    mask = None
+    if cu_seqlens is not None:
+        b, s = q.shape[:2]
+        if not torch.compiler.is_compiling():  # reading the boundaries back would break the graph
+            check_cu_seqlens(cu_seqlens, b, s, "local_attention")
+        mask, causal = document_mask(cu_seqlens, b, s, causal=causal, device=q.device), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, scale=scale)
+                                         attn_mask=mask, is_causal=causal, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -131,13 +144,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.heads * self.head_dim, cfg.dim, bias=False)
         self.core = local_attention  # swapped by sequence-parallel plans
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, cu_seqlens=None):
+        """x [b, s, dim]; ``cu_seqlens`` (document boundaries, see
+        `Transformer.forward`) reaches the core only when given, so cores
+        without that keyword work on batches without documents."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.heads, self.head_dim)
         k = self.wk(x).view(b, s, self.kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.kv_heads, self.head_dim)
         q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        return self.wo(self.core(q, k, v, causal=True).reshape(b, s, -1))
+        if cu_seqlens is None:
+            out = self.core(q, k, v, causal=True)
+        else:
+            out = self.core(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        return self.wo(out.reshape(b, s, -1))
 
 
 class LinearAttention(nn.Module):
@@ -160,7 +180,13 @@ class LinearAttention(nn.Module):
         self.wo = nn.Linear(width, cfg.dim, bias=False)
         self.core = local_linear_attention  # swapped by sequence-parallel plans
 
-    def forward(self, x, positions=None):
+    def forward(self, x, positions=None, cu_seqlens=None):
+        """x [b, s, dim].  Raises ValueError when given ``cu_seqlens``: the
+        recurrent state runs on across document boundaries."""
+        if cu_seqlens is not None:
+            raise ValueError("gated linear attention layers carry their state across documents; document "
+                             "masking (cu_seqlens) needs softmax layers -- use cross-document attention "
+                             "(--cross-document-attention, no cu_seqlens) or a model without linear layers")
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
         q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
@@ -196,8 +222,9 @@ class Block(nn.Module):
         self.attn = LinearAttention(cfg) if kind == "linear" else Attention(cfg)
         self.ffn = feed_forward(cfg, moe_group)
 
-    def forward(self, x, positions):
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x, positions, cu_seqlens=None):
+        h = self.attn_norm(x)
+        x = x + (self.attn(h, positions) if cu_seqlens is None else self.attn(h, positions, cu_seqlens=cu_seqlens))
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -212,13 +239,22 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, vocab]; positions default to 0..s-1."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab]; positions default to 0..s-1.
+
+        ``cu_seqlens``: boundaries of the documents packed in the batch, a 1-D
+        int64 tensor over the rows flattened row-major (``[0, ..., b *
+        S_total]``, every row boundary ``r * S_total`` included; see
+        `check_cu_seqlens`): attention stays inside each document.  Under
+        sequence parallelism ``tokens`` is this rank's shard and ``cu_seqlens``
+        the GLOBAL boundaries (S_total = the whole sequence), the same on every
+        rank.  Linear-attention layers raise ValueError when given it."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions) if cu_seqlens is None else block(x, positions, cu_seqlens=cu_seqlens)
         return self.head(self.norm(x))
 
 

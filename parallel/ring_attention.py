@@ -23,7 +23,7 @@ from loom.comms import Ring, agree, world_ranks
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
-    check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
+    check_cu_seqlens, check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
 from .sequence import check_layout, shard_segments
 
 _KV, _ACC = 0, 1  # ring channels (message kinds that are in flight together)
@@ -46,8 +46,12 @@ class RingSpec:
 
 def make_spec(seq_local: int, size: int, layout: str, *, causal: bool, scale: float,
               cu_seqlens=None, device=None, tile_rows: int | None = None) -> RingSpec:
+    """The ring's plan.  ``cu_seqlens`` (a tensor or list of ints) covers the
+    batch flattened row-major, ``[0, ..., batch * seq_local * size]`` (see
+    `check_cu_seqlens`); the batch follows from its last entry."""
     segments = tuple(tuple(shard_segments(seq_local, i, size, layout)) for i in range(size))
-    docs = None if cu_seqlens is None else Documents([int(c) for c in cu_seqlens], device)
+    docs = None if cu_seqlens is None else Documents([int(c) for c in cu_seqlens], device,
+                                                     seq_total=seq_local * size)
     return RingSpec(segments, bool(causal), float(scale), docs, tile_rows)
 
 
@@ -62,31 +66,16 @@ def ring_work(seq_local: int, size: int, layout: str, *, causal: bool, cu_seqlen
 
 # ------------------------------------------------------------------- checks
 
-def _check_inputs(q, k, v, *, layout, scale, cu_seqlens, size) -> float:
+def _check_inputs(q, k, v, *, layout, scale, cu_seqlens, size):
+    """``(scale, boundaries)``: the checked scale and cu_seqlens as a list (None without)."""
     scale = check_qkv(q, k, v, scale, "ring_attention")
     check_layout(layout)
     if layout == "zigzag" and q.shape[1] % 2:
         raise ValueError(f"ring_attention: seq_local={q.shape[1]} must be even for layout='zigzag'")
+    bounds = None
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * size)
-    return scale
-
-
-def _check_cu_seqlens(cu, batch: int, total: int) -> None:
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype.is_floating_point \
-            or cu.dtype == torch.bool or cu.is_complex():
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu!r}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs batch == 1 (documents packed in one row), got batch={batch}")
-    bounds = cu.tolist()
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must run from 0 to the global sequence length {total} "
-                         f"(seq_local * ring size), got {bounds[0] if bounds else None}..."
-                         f"{bounds[-1] if bounds else None}")
-    if any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-
-
+        bounds = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * size, "ring_attention")
+    return scale, bounds
 
 
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
@@ -96,11 +85,11 @@ _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contigu
             "scale": bits_float}
 
 
-def _description(q, k, layout, causal, scale, cu_seqlens, ring) -> list[int]:
+def _description(q, k, layout, causal, scale, bounds, ring) -> list[int]:
     """What every position of the ring must agree on (see `comms.agree`)."""
     return [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype_code(q.dtype),
             layout == "zigzag", causal, float_bits(scale), checksum_ints(ring.ranks),
-            -1 if cu_seqlens is None else checksum_ints(cu_seqlens.tolist())]
+            -1 if bounds is None else checksum_ints(bounds)]
 
 
 # ------------------------------------------------------------------ the ring
@@ -172,15 +161,22 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     ``ranks`` is the ring, an ordered list of global ranks (default: the ranks
     of ``group``, default the world); a rank's shard belongs to its position.
     ``layout`` is ``"contiguous"`` or ``"zigzag"`` (see loom.parallel.sequence).
-    ``cu_seqlens``: global document boundaries ``[0, ..., S_total]`` of packed
-    documents (batch 1); attention stays inside each document.
+    ``cu_seqlens``: document boundaries of packed documents, a 1-D integer
+    tensor over the batch flattened row-major (the flash-attn varlen
+    convention): ``[0, ..., batch * S_total]`` with S_total = seq_local *
+    ring size (global positions, the same tensor on every rank), non-decreasing
+    (repeats are empty documents), containing every row boundary ``r *
+    S_total``; attention stays inside each document.  Rows may hold different
+    documents.  Bad boundaries raise ValueError (see `check_cu_seqlens`), on
+    every rank of the ring.
     Returns ``out`` like q, plus ``lse [batch, heads_q, seq_local]`` (float32,
     float64 for float64 inputs) when ``return_lse``."""
     ring = Ring(list(ranks) if ranks is not None else world_ranks(group))
     error, mine = None, ()
     try:
-        scale = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens, size=ring.size)
-        mine = _description(q, k, layout, bool(causal), scale, cu_seqlens, ring)
+        scale, bounds = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens,
+                                      size=ring.size)
+        mine = _description(q, k, layout, bool(causal), scale, bounds, ring)
     except (TypeError, ValueError) as exc:
         error = exc
     # every position learns of a bad or mismatched call before any K/V moves
@@ -191,7 +187,7 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
         out = empty_attention(q, k, v)
         lse = out.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))
         return (out, lse) if return_lse else out
-    spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
+    spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=bounds,
                      device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]))
     out, lse = run_ring(q, k, v, ring, spec)
     return (out, lse) if return_lse else out

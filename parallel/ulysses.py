@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from loom import comms
-from loom.comms.agree import bits_float, dtype_code, dtype_name, float_bits
+from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
-from .attention_blocks import check_qkv, empty_attention
+from .attention_blocks import check_cu_seqlens, check_qkv, document_mask, empty_attention
 
 
 
@@ -37,21 +37,34 @@ def _heads_to_seq(y: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(b, n // size, size * hp, d)
 
 
-def _attend(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+def _attend(q, k, v, causal: bool, scale: float, cu_seqlens=None) -> torch.Tensor:
+    """SDPA on the whole sequence [b, S_total, h, d]; with documents, a bool
+    mask (same document, causal) instead of ``is_causal``."""
+    mask = None
+    if cu_seqlens is not None:
+        mask = document_mask(cu_seqlens, q.shape[0], q.shape[1], causal=causal, device=q.device)
+        causal = False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, scale=scale, enable_gqa=True)
+                                         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
 
-_FIELDS = ("batch", "seq_local", "heads_q", "head_dim", "heads_kv", "dtype", "causal", "scale")
+_FIELDS = ("batch", "seq_local", "heads_q", "head_dim", "heads_kv", "dtype", "causal", "scale", "cu_seqlens")
 _SHOWN = _FIELDS[:5]
 _FORMATS = {"dtype": dtype_name, "causal": bool, "scale": bits_float}
 
 
-def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float | None = None):
+def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float | None = None,
+                      cu_seqlens=None):
     """Softmax attention over a sequence sharded contiguously over ``group``
     (q ``[batch, seq_local, heads_q, head_dim]``, k/v ``[.., heads_kv, ..]``),
-    by two all-to-alls.  Returns the output shard, like q."""
+    by two all-to-alls.  Returns the output shard, like q.
+
+    ``cu_seqlens``: boundaries of packed documents, global over the batch
+    flattened row-major (``[0, ..., batch * S_total]``, S_total = seq_local *
+    group size, every row boundary included; the same tensor on every rank;
+    see `check_cu_seqlens`): attention stays inside each document.  Bad or
+    differing boundaries raise ValueError on every rank."""
     size = len(comms.world_ranks(group))
     error, mine = None, ()
     try:
@@ -59,7 +72,11 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
         if q.shape[2] % size:
             raise ValueError(f"ulysses_attention: heads_q={q.shape[2]} must divide by the group "
                              f"size {size}")
-        mine = [*q.shape, k.shape[2], dtype_code(q.dtype), int(causal), float_bits(scale)]
+        bounds = None
+        if cu_seqlens is not None:
+            bounds = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * size, "ulysses_attention")
+        mine = [*q.shape, k.shape[2], dtype_code(q.dtype), int(causal), float_bits(scale),
+                -1 if bounds is None else checksum_ints(bounds)]
     except (TypeError, ValueError) as exc:
         error = exc
     # every rank learns of a bad or mismatched call before the all-to-all
@@ -69,10 +86,10 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
         return empty_attention(q, k, v)
     if size == 1:
-        return _attend(q, k, v, causal, scale)
+        return _attend(q, k, v, causal, scale, cu_seqlens)
     expand = size // math.gcd(k.shape[2], size)
     if expand > 1:  # MQA/GQA with fewer K/V heads than ranks: give every rank its own copy
         k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
     with comms.agreed():  # the all-to-alls' shapes follow from what the ranks just agreed on
         qh, kh, vh = (_seq_to_heads(t, size, group) for t in (q, k, v))
-        return _heads_to_seq(_attend(qh, kh, vh, causal, scale), size, group)
+        return _heads_to_seq(_attend(qh, kh, vh, causal, scale, cu_seqlens), size, group)
