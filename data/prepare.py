@@ -66,7 +66,9 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
     ``tokenizer.json`` path.  ``workers``: processes (default
     min(cpus, files); 1 runs in this process, as do inputs on the
     process-local ``memory://`` filesystem).  ``progress(done_files,
-    total_files, tokens_so_far)`` is called as files finish.
+    total_files, tokens_so_far)`` is called as files finish.  With
+    ``workers > 1`` the pool spawns processes that import the calling
+    script: call it under ``if __name__ == "__main__":``.
 
     Returns the metadata written.  Raises FileNotFoundError / ValueError as
     `open_corpus` does, and ValueError for a token file among the inputs or
