@@ -110,8 +110,6 @@ def open_corpus(paths, *, tokenizer=None, text_field: str = "text", eod_token: i
         if kind_of(path) in TOKEN_KINDS:
             part = open_token_file(fs, path, display, local=local, token_dtype=token_dtype,
                                    doc_index=index_path, index_fs=index_fs)
-            if doc_index is not None:
-                part.name = display
         else:
             part = tokenize_file(fs, path, display, tok, text_field)
         if eod_token is not None and len(part.tokens):
