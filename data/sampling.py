@@ -19,6 +19,7 @@ inside documents.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from .corpus import Corpus
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _ROUNDS = 4
+_SMALL = 64  # permute computes up to this many indices with Python ints
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -39,11 +41,21 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _mix_int(x: int) -> int:
+    """`_mix` on one Python int (the same 64-bit result, without numpy's per-call cost)."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+@functools.lru_cache(maxsize=4096)  # round keys repeat for every batch of an epoch
 def _key(*parts: int) -> np.uint64:
-    h = np.array([0x243F6A8885A308D3], dtype=np.uint64)
+    h = 0x243F6A8885A308D3
     for part in parts:
-        h = _mix(h ^ np.array([int(part) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    return h[0]
+        h = _mix_int(h ^ (int(part) & 0xFFFFFFFFFFFFFFFF))
+    return np.uint64(h)
 
 
 def permute(indices, n: int, *keys: int) -> np.ndarray:
@@ -67,6 +79,22 @@ def permute(indices, n: int, *keys: int) -> np.ndarray:
             left, right = right, left ^ (_mix(right ^ k) & low)
         return (left << np.uint64(half)) | right
 
+    if len(idx) <= _SMALL:  # a batch's worth: Python ints beat numpy's per-call cost
+        keys_int, mask = [int(k) for k in round_keys], (1 << half) - 1
+
+        def feistel_int(x: int) -> int:
+            left, right = x >> half, x & mask
+            for k in keys_int:
+                left, right = right, left ^ (_mix_int(right ^ k) & mask)
+            return (left << half) | right
+
+        small = []
+        for x in idx.tolist():
+            x = feistel_int(x)
+            while x >= n:
+                x = feistel_int(x)
+            small.append(x)
+        return np.array(small, dtype=np.int64)
     out = feistel(idx.astype(np.uint64))
     walking = out >= np.uint64(n)
     while walking.any():  # a bijection on [0, 4^half) restricted to [0, n): at most a few walks

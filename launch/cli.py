@@ -106,6 +106,63 @@ def _add_ckpt_parser(sub) -> None:
     ckpt.set_defaults(func=_ckpt)
 
 
+def _data(args) -> int:
+    """`loom data prepare|inspect`: exit 0, or 1 with one line on stderr."""
+    from loom.data.prepare import format_inspect, inspect, output_base, prepare
+    try:
+        if args.data_command == "prepare":
+            bar = None
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+                bar = tqdm(total=None, unit="file", desc="loom data prepare", file=sys.stderr)
+
+                def progress(done, total, tokens):
+                    bar.total = total
+                    bar.set_postfix_str(f"{tokens:,} tokens")
+                    bar.update(done - bar.n)
+            try:
+                meta = prepare(args.inputs, args.output, tokenizer=args.tokenizer, text_field=args.text_field,
+                               workers=args.workers, progress=progress if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            base = output_base(args.output)
+            print(f"wrote {base}.bin ({meta['dtype']}), {base}.docs.npy, {base}.json: {meta['tokens']:,} tokens "
+                  f"in {meta['documents']:,} documents from {meta['bytes']:,} bytes of text "
+                  f"(tokenizer {meta['tokenizer']['name']}, vocab {meta['vocab_size']:,})")
+        else:
+            print(format_inspect(inspect(args.paths, tokenizer=args.tokenizer, text_field=args.text_field,
+                                         eod_token=args.eod_token, token_dtype=args.token_dtype)))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"loom data {args.data_command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="prepare (tokenise) and inspect training data",
+                          description="Training data: token files (.bin/.npy) and text (.txt/.jsonl/.parquet), "
+                                      "local paths, globs or fsspec URLs.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    p = dsub.add_parser("prepare", help="tokenise text once into OUTPUT.bin + OUTPUT.docs.npy + OUTPUT.json",
+                        description="Tokenise text files (in parallel over files) into a memory-mappable token "
+                                    "file, its document index and metadata; training then reads OUTPUT.bin.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl/.parquet files or globs")
+    p.add_argument("output", metavar="OUTPUT", help="output stem (OUTPUT.bin, OUTPUT.docs.npy, OUTPUT.json)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="a Hugging Face tokenizer.json (local); default: UTF-8 bytes")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON field / parquet column (text)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: min(cpus, files))")
+    p = dsub.add_parser("inspect", help="documents, tokens, vocabulary and a histogram of document lengths")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="token files or text, paths, globs or URLs")
+    p.add_argument("--tokenizer", default=None, metavar="FILE", help="for text: a tokenizer.json (default bytes)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="JSON field / parquet column (text)")
+    p.add_argument("--eod-token", type=int, default=None, metavar="ID", help="this id ends every document")
+    p.add_argument("--token-dtype", default=None, metavar="DTYPE",
+                   help=".bin files without metadata: uint16 (default), uint32, ...")
+    data.set_defaults(func=_data)
+
+
 def _faults_report(args) -> int:
     from loom.faults.report import save_wait_png, timeline
     try:
@@ -144,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(func=_train)
     _add_ckpt_parser(sub)
+    _add_data_parser(sub)
     _add_faults_command(sub)
     return parser
 
