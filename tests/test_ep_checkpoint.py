@@ -15,7 +15,8 @@ from loom import comms
 from loom.launch.config import build_config, validate
 
 # the load-balancing loss on (its default): its slot fractions are the whole batch's at every ep degree
-MOE = {"data": "synthetic", "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
+MOE = {"data": "synthetic",
+       "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
        "lr": 1e-2, "warmup_steps": 2, "progress": False, "moe": "standard", "num_experts": 4, "top_k": 2,
        "monitor": False}
 

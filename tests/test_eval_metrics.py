@@ -13,7 +13,8 @@ from loom.launch.config import build_config, validate
 from loom.launch.metrics import FlopsCounts, batch_flops, count_model, flops_per_token, peak_memory
 from loom.parallel import ModelConfig, SyntheticData, Transformer
 
-TINY = {"data": "synthetic", "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
+TINY = {"data": "synthetic",
+        "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
         "lr": 1e-2, "warmup_steps": 2, "progress": False, "steps": 2, "eval_every": 2, "eval_batches": 2}
 
 

@@ -324,7 +324,8 @@ def test_hdp_attention_equals_per_sequence_attention(distributed, causal, kernel
 
 # ------------------------------------------------------- the training loop
 
-_TRAIN = dict(data="synthetic", steps=3, batch_size=12, seq_len=16, dim=16, heads=2, layers=2, vocab=32, dtype="float64",
+_TRAIN = dict(data="synthetic",
+              steps=3, batch_size=12, seq_len=16, dim=16, heads=2, layers=2, vocab=32, dtype="float64",
               progress=False, warmup_steps=1, hdp=True, varlen_median=10, varlen_sigma=1.0, varlen_max=64)
 
 

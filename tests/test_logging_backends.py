@@ -162,7 +162,8 @@ def test_worker_logs_train_and_eval_metrics_to_tensorboard_and_wandb_offline(tmp
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WANDB_MODE": "offline",
            "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
-    flags = ["--dp", "1", "--data", "synthetic", "--vocab", "32", "--dim", "16", "--layers", "2", "--heads", "2", "--seq-len", "8",
+    flags = ["--dp", "1",
+             "--data", "synthetic", "--vocab", "32", "--dim", "16", "--layers", "2", "--heads", "2", "--seq-len", "8",
              "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--lr-schedule", "cosine",
              "--min-lr", "1e-4", "--eval-every", "2", "--eval-batches", "2", "--no-progress", "--no-monitor",
              "--peak-tflops", "1", "--runs-dir", str(tmp_path), "--name", "run", "--wandb", "loom-test"]

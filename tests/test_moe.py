@@ -353,7 +353,8 @@ def _train_losses(overrides):
 
 @pytest.mark.timeout(300)
 def test_training_loop_ep2_equals_one_process(distributed):
-    common = dict(data="synthetic", steps=3, batch_size=4, seq_len=12, dim=16, heads=2, layers=2, vocab=32, num_experts=4,
+    common = dict(data="synthetic",
+                  steps=3, batch_size=4, seq_len=12, dim=16, heads=2, layers=2, vocab=32, num_experts=4,
                   dtype="float64", progress=False, llep_lam=1.0, llep_min_chunk=2)
     (one,) = distributed(_train_losses, 1, dict(common, dp=1, moe="standard"), timeout=280)
     for moe in ("llep", "standard"):

@@ -113,7 +113,8 @@ def test_schedule_options_are_validated_in_the_config():
 
 # ------------------------------------------------------ resume mid-schedule
 
-TINY = {"data": "synthetic", "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
+TINY = {"data": "synthetic",
+        "vocab": 32, "dim": 16, "layers": 2, "heads": 2, "seq_len": 8, "batch_size": 4, "dtype": "float64",
         "lr": 1e-2, "warmup_steps": 2, "progress": False, "dp": 1, "lr_schedule": "cosine", "min_lr": 1e-3,
         "steps": 8}
 

@@ -246,7 +246,8 @@ def test_loom_train_with_a_module_from_the_current_directory(model_file, tmp_pat
     proc = subprocess.run(
         [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "loom", "train",
          "--model", "tiny_lm:make_plain", "--model-args",
-         "hidden=20", "--steps", "3", "--batch-size", "4", "--seq-len", "8", "--data", "synthetic", "--vocab", "32", "--dim", "16",
+         "hidden=20", "--steps", "3", "--batch-size", "4", "--seq-len", "8",
+         "--data", "synthetic", "--vocab", "32", "--dim", "16",
          "--heads", "2", "--dtype", "float64", "--lr", "0.01", "--name", "own", "--runs-dir", str(tmp_path),
          "--no-progress"],
         cwd=model_file.parent, capture_output=True, text=True, timeout=280)
