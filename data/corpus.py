@@ -65,7 +65,7 @@ class Corpus:
         the range leaves the corpus."""
         if start < 0 or count < 0 or start + count > len(self):
             raise ValueError(f"{self.name}: tokens [{start}, {start + count}) are outside its {len(self)} tokens")
-        return np.asarray(self.tokens[start:start + count]).astype(np.int64, copy=False)
+        return np.array(self.tokens[start:start + count], dtype=np.int64)  # a copy: never a view of the file
 
     def starts_in(self, start: int, stop: int) -> np.ndarray:
         """Offsets (relative to ``start``) of the documents starting in ``(start, stop)``."""

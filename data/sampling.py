@@ -124,6 +124,7 @@ class _Draws:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.batch_size, self.count, self.seed, self.shuffle = batch_size, count, seed, shuffle
         self.base_step, self.base_samples = 0, 0
+        self._last = None
 
     def sample_number(self, step: int, index: int) -> int:
         return self.base_samples + (step - self.base_step) * self.batch_size + index
@@ -151,6 +152,7 @@ class _Draws:
         if p.samples < 0 or p.step < 0:
             raise ValueError(f"data position {p} must have step and samples >= 0")
         self.base_step, self.base_samples = p.step, p.samples
+        self._last = None
 
 
 class TokenWindows(_Draws):
@@ -179,7 +181,10 @@ class TokenWindows(_Draws):
         return self.count
 
     def _starts(self, step: int, indices) -> np.ndarray:
-        return self.items(step, indices) * self.seq_len
+        key = (step, tuple(int(i) for i in indices))
+        if self._last is None or self._last[0] != key:  # batch() and cu_seqlens() of one batch draw once
+            self._last = (key, self.items(step, key[1]) * self.seq_len)
+        return self._last[1]
 
     def batch(self, step: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each int64 ``[len(indices), seq_len]``, for

@@ -56,13 +56,14 @@ def _open(d, paths) -> Corpus:
                        eod_token=None if d.eod_token < 0 else d.eod_token, token_dtype=d.token_dtype or None)
 
 
-def open_job_data(cfg, world: int) -> JobData:
-    """The training and held-out sources of ``cfg`` (see the module doc)."""
+def open_job_data(cfg, world: int, corpora: tuple[Corpus, Corpus | None] | None = None) -> JobData:
+    """The training and held-out sources of ``cfg`` (see the module doc);
+    ``corpora``: `open_corpora`'s result when it is already open."""
     t = cfg.train
     if cfg.data.synthetic:
         data = SyntheticData(cfg.model.vocab, t.seq_len, t.seed)
         return JobData(data, data.heldout())
-    train, val = open_corpora(cfg)
+    train, val = corpora or open_corpora(cfg)
     documents = not cfg.data.cross_document_attention
     if cfg.parallel.hdp:
         from .config import varlen_options
@@ -90,20 +91,23 @@ def data_problems(cfg, world: int) -> list[str]:
         return []
     problems = []
     try:
-        data = open_job_data(cfg, world)
+        train, val = open_corpora(cfg)
     except (ValueError, FileNotFoundError, OSError) as exc:
         return [f"--data: {exc}"]
-    corpora = [data.train.corpus] + ([data.val] if data.val is not None else [])
     if not cfg.train.model:  # a user's model says its vocabulary at its first forward
-        for corpus in corpora:
-            problem = model_vocab_problem(cfg, corpus)
+        for corpus in (train, val):
+            problem = corpus is not None and model_vocab_problem(cfg, corpus)
             if problem:
                 problems.append(problem)
                 break
-    if cfg.train.eval_every and data.val is None:
+    try:
+        open_job_data(cfg, world, (train, val))
+    except ValueError as exc:  # e.g. a corpus shorter than one window
+        problems.append(f"--data: {exc}")
+    if cfg.train.eval_every and val is None:
         problems.append("--eval-every needs held-out data: --val-fraction > 0 or --val-data "
                         "(or --eval-every 0)")
-    if data.documents and not cfg.parallel.hdp:
+    if not cfg.data.cross_document_attention and not cfg.parallel.hdp:
         problems += _document_attention_problems(cfg)
     return problems
 

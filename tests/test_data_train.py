@@ -100,7 +100,9 @@ def _logits_with_one_document_changed(cfg_overrides, perturb_first_document: boo
         "ring", ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout))
     data = open_job_data(cfg, 2).train
     inputs, _, context = rank_batch(data, 0, range(2), mesh, layout, torch.device("cpu"))
-    cu = data.cu_seqlens(0, range(2))
+    from loom.data import TokenWindows
+    # the documents of the same windows (also when the job attends across them)
+    cu = TokenWindows(data.corpus, data.seq_len, data.batch_size, seed=data.seed).cu_seqlens(0, range(2))
     first_end = int(cu[1])  # row 0's first document: global positions [0, first_end)
     positions = context["positions"]
     in_first = positions < first_end
@@ -141,7 +143,8 @@ def test_tokens_never_attend_across_documents_unless_asked(distributed, tmp_path
 def test_hdp_draws_real_documents(distributed, tmp_path):
     """--hdp trains on the corpus's documents at their real lengths: two
     ranks give the single process's losses (float64)."""
-    base = {**TINY, "data": short_documents(tmp_path), "hdp": True, "batch_size": 6, "steps": 2, "eval_every": 0}
+    base = {**TINY, "data": short_documents(tmp_path), "hdp": True, "batch_size": 6, "steps": 2, "eval_every": 0,
+            "varlen_max": 16}  # the same cut at every world size (its default is world * capacity)
     (single,) = distributed(_train, 1, {**base, "dp": 1}, timeout=150)
     two = distributed(_train, 2, {**base, "dp": 2}, timeout=150)
     for losses, _ in two:
