@@ -67,6 +67,29 @@ class Corpus:
             raise ValueError(f"{self.name}: tokens [{start}, {start + count}) are outside its {len(self)} tokens")
         return np.array(self.tokens[start:start + count], dtype=np.int64)  # a copy: never a view of the file
 
+    def read_windows(self, starts, length: int) -> np.ndarray:
+        """Tokens ``[a, a + length)`` for every ``a`` in ``starts``, int64
+        ``[len(starts), length]`` (one gather when the tokens are an array or
+        a memory map).  Raises ValueError when a window leaves the corpus."""
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
+            bad = int(starts[(starts < 0) | (starts + length > len(self))][0])
+            raise ValueError(f"{self.name}: tokens [{bad}, {bad + length}) are outside its {len(self)} tokens")
+        if isinstance(self.tokens, np.ndarray):  # np.memmap included: read only the windows' pages
+            return self.tokens[starts[:, None] + np.arange(length)].astype(np.int64)
+        if isinstance(self.tokens, _Window) and isinstance(self.tokens.tokens, np.ndarray):
+            return self.tokens.tokens[self.tokens.start + starts[:, None] + np.arange(length)].astype(np.int64)
+        return np.stack([self.read(int(a), length) for a in starts]) if len(starts) else \
+            np.empty((0, length), dtype=np.int64)
+
+    def documents_in(self, starts, length: int) -> list[np.ndarray]:
+        """For each window ``[a, a + length)``: the offsets (relative to ``a``)
+        of the documents that start inside it after its first token."""
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        lo = np.searchsorted(self.doc_starts, starts, side="right")
+        hi = np.searchsorted(self.doc_starts, starts + length, side="left")
+        return [self.doc_starts[i:j] - a for i, j, a in zip(lo.tolist(), hi.tolist(), starts.tolist())]
+
     def starts_in(self, start: int, stop: int) -> np.ndarray:
         """Offsets (relative to ``start``) of the documents starting in ``(start, stop)``."""
         lo = np.searchsorted(self.doc_starts, start, side="right")

@@ -189,9 +189,7 @@ class TokenWindows(_Draws):
     def batch(self, step: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each int64 ``[len(indices), seq_len]``, for
         sample ``indices`` of global batch ``step``."""
-        starts = self._starts(step, indices)
-        rows = [self.corpus.read(int(a), self.seq_len + 1) for a in starts]
-        seqs = torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.seq_len + 1, dtype=torch.long)
+        seqs = torch.from_numpy(self.corpus.read_windows(self._starts(step, indices), self.seq_len + 1))
         return seqs[:, :-1], seqs[:, 1:]
 
     def cu_seqlens(self, step: int, indices) -> torch.Tensor | None:
@@ -200,12 +198,10 @@ class TokenWindows(_Draws):
         when ``documents`` is False."""
         if not self.documents:
             return None
-        bounds = [0]
-        for r, a in enumerate(self._starts(step, indices)):
-            inner = self.corpus.starts_in(int(a), int(a) + self.seq_len)
-            bounds.extend((r * self.seq_len + inner).tolist())
-            bounds.append((r + 1) * self.seq_len)
-        return torch.tensor(bounds, dtype=torch.int64)
+        parts = [np.zeros(1, dtype=np.int64)]
+        for r, inner in enumerate(self.corpus.documents_in(self._starts(step, indices), self.seq_len)):
+            parts += [r * self.seq_len + inner, np.array([(r + 1) * self.seq_len], dtype=np.int64)]
+        return torch.from_numpy(np.concatenate(parts))
 
 
 class DocumentDraws(_Draws):
