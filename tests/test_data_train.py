@@ -79,6 +79,11 @@ def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(distribu
                                  timeout=150)[0]
     assert extra["start_step"] == 5
     assert first + resumed == reference
+    # resumed at another layout (sequence parallel, ring): the same samples, the same losses
+    other, extra = distributed(_train, 2, {**base, "steps": steps, "ckpt_url": url, "resume": True, "dp": 1,
+                                           "sp": 2}, timeout=150)[0]
+    assert extra["start_step"] == 5
+    assert np.allclose(first + other, reference, rtol=0, atol=1e-10)
 
 
 def _logits_with_one_document_changed(cfg_overrides, perturb_first_document: bool):
