@@ -22,9 +22,11 @@ class DataConfig:
     val_fraction: float = _f(0.05, "without --val-data: the last fraction of --data's tokens (cut at a document "
                                    "start) held out for evaluation and never trained on (0: none)")
     tokenizer: str = _f("", "text tokenizer: a Hugging Face tokenizers file (tokenizer.json, local) or 'byte' "
-                            "(UTF-8 bytes, vocabulary 256; the default)", metavar="FILE")
+                            "(default: 'byte', UTF-8 bytes, vocabulary 256; prepared token files say their own)",
+                        metavar="FILE")
     text_field: str = _f("text", "the text field of .jsonl records / column of .parquet files")
-    eod_token: int = _f(-1, "token id that ends a document in token files without a document index (-1: none)")
+    eod_token: int = _f(-1, "token id that ends a document in token files (with a document index too: both "
+                            "mark boundaries; -1: none)")
     token_dtype: str = _f("", "dtype of headerless .bin token files without metadata: uint16 or uint32 "
                               "(default: the file's metadata, else uint16)")
     cross_document_attention: bool = _f(False, "let windows that pack several documents attend across them "
