@@ -144,3 +144,11 @@ class EventLog:
 
     def event(self, text: str) -> None:
         self.lines.append(text)
+
+
+def train_rows(metrics_path) -> list[dict]:
+    """The training steps' rows of a run's metrics.jsonl (not evaluations')."""
+    import json
+    with open(metrics_path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in rows if r.get("split", "train") == "train"]

@@ -13,7 +13,7 @@ from loom.parallel import (GradientSync, HDPCost, ModelConfig, Piece, SyntheticD
 from loom.parallel.hdp import ZigzagRelayout
 from loom.parallel.hdp_schedule import imbalance, schedule_costs, split_sequence
 
-from helpers import train_losses
+from helpers import train_losses, train_rows
 
 
 # ------------------------------------------------------------- properties
@@ -378,7 +378,6 @@ def test_hdp_batch_size_need_not_divide_by_dp():
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_loom_train_hdp_end_to_end(tmp_path):
-    import json
     import subprocess
     import sys
     proc = subprocess.run(
@@ -386,7 +385,7 @@ def test_loom_train_hdp_end_to_end(tmp_path):
          "--name", "hdp", "--runs-dir", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = [json.loads(x) for x in (tmp_path / "hdp" / "metrics.jsonl").read_text().splitlines()]
+    metrics = train_rows(tmp_path / "hdp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
     assert "hdp = true" in (tmp_path / "hdp" / "config.toml").read_text()

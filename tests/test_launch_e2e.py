@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import train_rows
 
 pytestmark = [pytest.mark.e2e]
 
 
 def _check_run(run_dir, steps):
     assert (run_dir / "config.toml").exists()
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    metrics = [json.loads(x) for x in lines]
+    metrics = train_rows(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(steps))
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in metrics)
     summary = json.loads((run_dir / "summary.json").read_text())

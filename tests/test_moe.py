@@ -11,6 +11,7 @@ import torch.utils.checkpoint as ckpt
 from loom import comms
 from loom.parallel import LLEPConfig, MoE, llep_plan
 from loom.parallel.llep import standard_plan
+from helpers import train_rows
 
 DIM, HIDDEN, E = 8, 6, 8
 TOL = dict(rtol=0, atol=1e-10)
@@ -540,7 +541,6 @@ def test_model_config_rejects_bad_moe_options():
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_loom_train_with_expert_parallel_llep(tmp_path):
-    import json
     import subprocess
     import sys
     proc = subprocess.run(
@@ -549,7 +549,7 @@ def test_loom_train_with_expert_parallel_llep(tmp_path):
          "--no-progress"], capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ep=2" in proc.stdout and "final loss" in proc.stdout
-    metrics = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    metrics = train_rows(tmp_path / "moe" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2] and all(m["loss"] > 0 for m in metrics)
 
 

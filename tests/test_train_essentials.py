@@ -91,10 +91,11 @@ def _default_job(runs):
 
 @pytest.mark.timeout(240)
 def test_bf16_mixed_precision_reaches_float32_loss_on_the_default_job(distributed):
-    """`loom train` defaults (dp=2, 100 steps): bf16 mixed precision ends
-    within 2% of float32 (measured: 0.2% apart; pure bf16 is 19% apart)."""
+    """`loom train` defaults (dp=2, 100 steps on the built-in text): bf16
+    mixed precision ends within 2% of float32 (measured: 0.06% apart, both
+    at 2.33 nats from 5.58 at the start)."""
     f32, bf16 = distributed(_default_job, 2, [dict(), dict(mixed_precision="bf16")], timeout=200)[0]
-    assert f32 < 0.5 and abs(bf16 - f32) < 0.02 * f32, (f32, bf16)
+    assert f32 < 3.0 and abs(bf16 - f32) < 0.02 * f32, (f32, bf16)
 
 
 def test_mixed_precision_computes_in_bf16_with_float32_params_grads_and_state():

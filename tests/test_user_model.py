@@ -1,7 +1,6 @@
 """`loom train --model MODULE:FACTORY`: a user's own plain-PyTorch model under
 loom's loop, data parallel (any model) and sequence parallel (a model that
 exposes loom-style attention cores), equal to one process in float64."""
-import json
 import math
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch
 
 from loom.launch.config import ConfigError, build_config, to_toml, validate
 from loom.launch.user_model import build_user_model, load_factory
+from helpers import train_rows
 
 # A tiny language model file, as a user would write it.  `PlainLM` is plain
 # PyTorch (attention inline, no positions argument); `CoredLM` calls its
@@ -252,7 +252,7 @@ def test_loom_train_with_a_module_from_the_current_directory(model_file, tmp_pat
          "--no-progress"],
         cwd=model_file.parent, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()]
+    metrics = train_rows(tmp_path / "own" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert 'model = "tiny_lm:make_plain"' in (tmp_path / "own" / "config.toml").read_text()
 
