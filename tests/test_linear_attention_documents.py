@@ -292,3 +292,32 @@ def test_hybrid_model_sp2_equals_sp1(distributed):
                                rtol=0, atol=ATOL)
     for name, p in model.named_parameters():
         torch.testing.assert_close(sum(s[1][name] for s in shards), p.grad, rtol=0, atol=ATOL, msg=name)
+
+
+# ------------------------------------------------------------ training
+
+def _train(overrides):
+    from loom.launch.config import build_config, validate
+    from loom.launch.train import train
+    cfg = validate(build_config(overrides=overrides), world_size=dist.get_world_size())
+    return train(cfg)["losses"]
+
+
+@pytest.mark.timeout(300)
+def test_hybrid_model_trains_on_documents_alike_at_sp1_and_sp2(distributed, tmp_path):
+    """`loom train --layers linear,softmax --data` (no --cross-document-attention):
+    float64 losses equal at sp=1 and sp=2, and differ from cross-document packing."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, size=80)
+    np.save(tmp_path / "docs.npy", rng.integers(0, 64, size=int(lengths.sum())).astype(np.uint16))
+    np.save(tmp_path / "docs.docs.npy", np.cumsum([0, *lengths[:-1]]).astype(np.int64))
+    base = dict(vocab=64, dim=16, heads=2, layers="linear,softmax", seq_len=16, batch_size=4, dtype="float64",
+                lr=1e-2, warmup_steps=1, progress=False, val_fraction=0.0, eval_every=0, steps=3,
+                data=str(tmp_path / "docs.npy"))
+    one = distributed(_train, 1, {**base, "dp": 1}, timeout=150)[0]
+    crossed = distributed(_train, 1, {**base, "dp": 1, "cross_document_attention": True}, timeout=150)[0]
+    two = distributed(_train, 2, {**base, "dp": 1, "sp": 2}, timeout=200)
+    for losses in two:
+        np.testing.assert_allclose(losses, one, rtol=0, atol=1e-10)
+    assert not np.allclose(one, crossed)
