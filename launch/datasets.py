@@ -107,19 +107,7 @@ def data_problems(cfg, world: int) -> list[str]:
     if cfg.train.eval_every and val is None:
         problems.append("--eval-every needs held-out data: --val-fraction > 0 or --val-data "
                         "(or --eval-every 0)")
-    if not cfg.data.cross_document_attention and not cfg.parallel.hdp:
-        problems += _document_attention_problems(cfg)
     return problems
-
-
-def _document_attention_problems(cfg) -> list[str]:
-    """Attention within documents needs softmax layers that take ``cu_seqlens``."""
-    cross = "or pass --cross-document-attention (windows attend across the documents they pack)"
-    if not cfg.train.model and "linear" in cfg.model.layer_kinds:
-        return [f"--layers={cfg.model.layers}: gated linear attention layers carry their state across the "
-                f"documents a window packs, so attention within documents needs softmax layers only; "
-                f"use softmax layers, {cross}"]
-    return []
 
 
 def forward_takes_documents(model) -> bool:

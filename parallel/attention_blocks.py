@@ -152,7 +152,7 @@ def merge_partials(out, lse, out_b, lse_b):
 
 # ------------------------------------------------------------------ planning
 
-def _check_bounds(bounds: list[int], batch: int, seq_total: int, who: str) -> None:
+def check_bounds(bounds: list[int], batch: int, seq_total: int, who: str) -> None:
     """The checks of `check_cu_seqlens` on a list of Python ints."""
     end = batch * seq_total
     if not bounds or bounds[0] != 0 or bounds[-1] != end:
@@ -181,14 +181,21 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq_total: int, who: str = "attenti
     Under sequence parallelism ``seq_total`` is the global sequence length
     (seq_local * sp size) and every rank passes the same tensor.
     Raises ValueError naming the offending value."""
+    bounds = cu_seqlens_bounds(cu_seqlens, who)
+    check_bounds(bounds, batch, seq_total, who)
+    return bounds
+
+
+def cu_seqlens_bounds(cu_seqlens, who: str = "attention") -> list[int]:
+    """``cu_seqlens`` as a list of ints, checked only to be a 1-D integer
+    tensor (ValueError otherwise); `check_bounds` checks the values once the
+    batch and S_total are known (see `check_cu_seqlens`)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
             or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
         got = (f"a {cu_seqlens.dim()}-D {cu_seqlens.dtype} tensor" if isinstance(cu_seqlens, torch.Tensor)
                else type(cu_seqlens).__name__)
         raise ValueError(f"{who}: cu_seqlens must be a 1-D integer tensor, got {got}")
-    bounds = cu_seqlens.tolist()
-    _check_bounds(bounds, batch, seq_total, who)
-    return bounds
+    return cu_seqlens.tolist()
 
 
 def document_ids(cu_seqlens, batch: int, seq_total: int) -> torch.Tensor:
@@ -225,7 +232,7 @@ class Documents:
             raise ValueError(f"Documents: the last boundary {bounds[-1]} must be a multiple of "
                              f"S_total={total} >= 1")
         batch = bounds[-1] // total
-        _check_bounds(bounds, batch, total, "Documents")
+        check_bounds(bounds, batch, total, "Documents")
         self.batch, self.seq_total = batch, total
         rows = [tuple(sorted({c - r * total for c in bounds if r * total <= c <= (r + 1) * total}))
                 for r in range(batch)]

@@ -214,7 +214,12 @@ class HDPAttention:
                      for a, b in self.documents]
         return torch.cat(outs, 1)
 
-    def linear(self, q, k, v, log_decay, *, scale: float | None = None):
+    def linear(self, q, k, v, log_decay, *, scale: float | None = None, cu_seqlens=None):
+        """The linear-attention core; as `softmax`, ``cu_seqlens`` must be None
+        (ValueError otherwise): every sequence here is one document."""
+        if cu_seqlens is not None:
+            raise ValueError("HDPAttention.linear: hybrid data parallelism keeps documents apart itself "
+                             "(each sequence is its own ring or local document); pass no cu_seqlens")
         outs = []
         if self.relayout is not None:  # the state scans along the ring in piece (token) order
             n = self.ring_rows

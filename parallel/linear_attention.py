@@ -17,10 +17,26 @@ decay factor is the exp of a plain sum of log decays (never a difference of
 cumulative sums), so a decay of exactly 0 (g = -inf) or 1 (g = 0) is exact.
 Gradients come from autograd through the local steps and from the scan's own
 backward, which is the reverse scan.
+
+Packed documents (``cu_seqlens``, the boundaries softmax attention takes; see
+`loom.parallel.check_cu_seqlens`): the first token t of a document forgets
+the state before it, S_t = k_tᵀ v_t.  That is the recurrence with g_t = -inf
+at that token, and it is computed as exactly that: because every decay
+factor above is the exp of a plain sum, a -inf turns every factor that spans
+the document start into exactly 0 -- the intra-chunk pairs that cross it,
+the chunk state carried over it, the correction by the incoming state -- and
+leaves every other factor as it was (no difference of sums, so never
+-inf - -inf), in float32 as in float64.  Backward stays finite: d exp(x) =
+exp(x) dx is 0 there, and the start token's own log decay gets gradient 0
+(it is not used).  Under sequence parallelism a shard holding a document
+start has decay product 0, so the scan cuts the state passed across it:
+the shard's outputs and the states it passes on no longer depend on the
+shards before it.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from loom.comms import agree, all_scan
@@ -28,34 +44,56 @@ from loom.comms import agreed as comms_agreed
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 from loom.comms.scan import METHODS, chain_ranks
 
-_FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale", "chain (ranks in order)")
+from .attention_blocks import check_bounds, check_cu_seqlens, cu_seqlens_bounds
+
+_FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale", "chain (ranks in order)", "cu_seqlens")
+_SEQ_LOCAL = len(_FIELDS)  # the description's last integer: this shard's length (may differ; not compared)
 
 
 def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str = "allscan",
-                     chunk_size: int = 64, scale: float | None = None, return_final_state: bool = False):
+                     chunk_size: int = 64, scale: float | None = None, return_final_state: bool = False,
+                     cu_seqlens=None):
     """Gated linear attention over the sequence sharded contiguously on ``ranks``
     (global ranks in sequence order; default: the ranks of ``group``, default world).
 
-    ``method`` picks the scan ("allscan", "serial" or "allgather").  Returns the
-    output [batch, seq_local, heads, d_v] in q's dtype and, with
-    ``return_final_state``, also the state after this rank's last token
-    [batch, heads, d_k, d_v] (float32, or float64)."""
-    error, mine = None, ()
+    ``method`` picks the scan ("allscan", "serial" or "allgather").
+    ``cu_seqlens``: boundaries of the documents packed in the batch, GLOBAL
+    (``[0, ..., batch * S_total]`` over the rows flattened row-major, S_total
+    the sum of the shards' lengths, every row boundary ``r * S_total``
+    included, the same tensor on every rank; see `check_cu_seqlens`): the
+    state restarts from zero at each document's first token (see the module
+    docstring).  Each rank's offset in the sequence is the length of the
+    shards before it in ``ranks``.  Returns the output [batch, seq_local,
+    heads, d_v] in q's dtype and, with ``return_final_state``, also the state
+    after this rank's last token [batch, heads, d_k, d_v] (float32, or
+    float64).  Bad or mismatched input raises ValueError/TypeError on every
+    rank of the chain before any state moves."""
+    error, mine, bounds = None, (), None
+    chain = chain_ranks(group, ranks)
     try:
         qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
         if method not in METHODS:
             raise ValueError(f"linear_attention: method={method!r} must be one of {METHODS}")
+        if cu_seqlens is not None:
+            bounds = cu_seqlens_bounds(cu_seqlens, "linear_attention")
         mine = [q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype_code(q.dtype), METHODS.index(method),
-                float_bits(1.0 if scale is None else scale), checksum_ints(chain_ranks(group, ranks))]
+                float_bits(1.0 if scale is None else scale), checksum_ints(chain),
+                -1 if bounds is None else checksum_ints(bounds), q.shape[1]]
     except (TypeError, ValueError) as exc:
         error = exc
     # every rank of the chain learns of a bad or mismatched call before the scan
     # (seq_local may differ: shards of any length, empty ones too)
     device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else None
-    agree(error, mine, ranks=chain_ranks(group, ranks), what="linear_attention",
-          device=device).same(_FIELDS, "linear_attention", show=_FIELDS[:4],
-                                           formats={"dtype": dtype_name, "method": METHODS.__getitem__,
-                                                    "scale": bits_float})
+    agreement = agree(error, mine, ranks=chain, what="linear_attention", device=device)
+    agreement.same(_FIELDS, "linear_attention", show=_FIELDS[:4],
+                   formats={"dtype": dtype_name, "method": METHODS.__getitem__, "scale": bits_float})
+    if bounds is not None:
+        # the same boundaries and shard lengths everywhere: every rank raises alike
+        lengths = dict(zip(agreement.ranks, agreement.column(_SEQ_LOCAL)))
+        me = chain.index(dist.get_rank() if dist.is_initialized() else chain[0])
+        total, offset = sum(lengths.values()), sum(lengths[r] for r in chain[:me])
+        check_bounds(bounds, q.shape[0], total, "linear_attention")
+        gh = _reset_at_starts(gh, cu_seqlens, total, offset)
     out, local_state = _chunked(qh, kh, vh, gh, chunk_size)
     cum = gh.cumsum(2)                                    # g_1 + ... + g_t from the slice start
     # an empty shard's decay is 1, still computed from log_decay so the scan's
@@ -68,11 +106,30 @@ def linear_attention(q, k, v, log_decay, *, group=None, ranks=None, method: str 
 
 
 def local_linear_attention(q, k, v, log_decay, *, chunk_size: int = 64, scale: float | None = None,
-                           return_final_state: bool = False):
-    """The same layer on one process (no communication): the whole sequence is local."""
+                           return_final_state: bool = False, cu_seqlens=None):
+    """The same layer on one process (no communication): the whole sequence is
+    local.  ``cu_seqlens``: document boundaries ``[0, ..., batch * seq]``
+    (every row boundary ``r * seq`` included; see `check_cu_seqlens`, which
+    raises ValueError on bad ones -- checked eagerly, not inside
+    torch.compile's graph): the state restarts at each document's first token."""
     qh, kh, vh, gh = _prepare(q, k, v, log_decay, chunk_size, scale)
+    if cu_seqlens is not None:
+        if not torch.compiler.is_compiling():  # reading the boundaries back would break the graph
+            check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], "local_linear_attention")
+        gh = _reset_at_starts(gh, cu_seqlens, q.shape[1], 0)
     out, state = _chunked(qh, kh, vh, gh, chunk_size)
     return _finish(out, q.dtype, return_final_state, state)
+
+
+def _reset_at_starts(g, cu_seqlens, seq_total: int, offset: int):
+    """``g`` [b, h, s, d] (the shard at ``offset`` of rows of ``seq_total``
+    tokens) with -inf at every document's first token: the decay that forgets
+    the state before it (exact, see the module docstring)."""
+    b, _, s, _ = g.shape
+    tokens = (torch.arange(b, device=g.device)[:, None] * seq_total + offset
+              + torch.arange(s, device=g.device))                                    # [b, s], flattened
+    starts = torch.isin(tokens, torch.as_tensor(cu_seqlens, device=g.device).to(torch.int64))
+    return torch.where(starts[:, None, :, None], float("-inf"), g)
 
 
 def _prepare(q, k, v, g, chunk_size, scale):

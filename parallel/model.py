@@ -181,17 +181,18 @@ class LinearAttention(nn.Module):
         self.core = local_linear_attention  # swapped by sequence-parallel plans
 
     def forward(self, x, positions=None, cu_seqlens=None):
-        """x [b, s, dim].  Raises ValueError when given ``cu_seqlens``: the
-        recurrent state runs on across document boundaries."""
-        if cu_seqlens is not None:
-            raise ValueError("gated linear attention layers carry their state across documents; document "
-                             "masking (cu_seqlens) needs softmax layers -- use cross-document attention "
-                             "(--cross-document-attention, no cu_seqlens) or a model without linear layers")
+        """x [b, s, dim].  ``cu_seqlens`` (document boundaries, see
+        `Transformer.forward`): the state restarts at each document's first
+        token; it reaches the core only when given, so cores without that
+        keyword work on batches without documents."""
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
         q, k, v = self.wq(x).view(shape), self.wk(x).view(shape), self.wv(x).view(shape)
         log_decay = F.logsigmoid(self.gate_up(self.gate_down(x))).view(shape) / self.gate_temperature
-        out = self.core(q, k, v, log_decay, scale=self.head_dim ** -0.5)
+        if cu_seqlens is None:
+            out = self.core(q, k, v, log_decay, scale=self.head_dim ** -0.5)
+        else:
+            out = self.core(q, k, v, log_decay, scale=self.head_dim ** -0.5, cu_seqlens=cu_seqlens)
         return self.wo(self.out_norm(out).reshape(b, s, -1))
 
 
@@ -249,7 +250,7 @@ class Transformer(nn.Module):
         `check_cu_seqlens`): attention stays inside each document.  Under
         sequence parallelism ``tokens`` is this rank's shard and ``cu_seqlens``
         the GLOBAL boundaries (S_total = the whole sequence), the same on every
-        rank.  Linear-attention layers raise ValueError when given it."""
+        rank.  Linear-attention layers restart their state at each document."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)
@@ -265,7 +266,8 @@ def core_kind(module: nn.Module) -> str | None:
     loom's `Attention` and `LinearAttention` are; so is any module with a
     ``core`` attribute that calls it as loom's do -- ``core(q, k, v,
     causal=...)`` for softmax, ``core(q, k, v, log_decay, scale=...)`` for
-    linear attention, q/k/v ``[batch, seq, heads, head_dim]`` -- and says
+    linear attention, q/k/v ``[batch, seq, heads, head_dim]``, both with
+    ``cu_seqlens=`` added on batches of packed documents -- and says
     which: its ``core`` is `local_attention` / `local_linear_attention`, or
     its ``core_kind`` attribute is ``"softmax"`` / ``"linear"``."""
     if isinstance(module, LinearAttention):

@@ -183,7 +183,9 @@ def test_bad_data_is_refused_before_any_worker_starts(tmp_path):
     assert "shorter than one window" in _refused(tmp_path, data=short, vocab=VOCAB, val_fraction=0.0)
     assert "--eval-every needs held-out data" in _refused(tmp_path, data=short_documents(tmp_path), vocab=VOCAB,
                                                            val_fraction=0.0)
-    assert "gated linear attention" in _refused(tmp_path, layers="linear,softmax")
+    # gated linear attention layers keep documents apart too (their state restarts): accepted
+    hybrid = validate(build_config(overrides={"progress": False, "layers": "linear,softmax"}))
+    assert hybrid.model.layer_kinds == ("linear", "softmax") and not hybrid.data.cross_document_attention
 
 
 def test_cli_names_bad_data_without_starting_workers(tmp_path):

@@ -257,22 +257,26 @@ def test_documents_do_not_see_each_other_in_the_model():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_cores_without_the_keyword_still_work_and_linear_layers_refuse_documents():
+def test_cores_without_the_keyword_still_work_and_linear_layers_take_documents():
     model = _model()
     for block in model.blocks:   # a user's core that knows nothing of documents
         block.attn.core = lambda q, k, v, causal: local_attention(q, k, v, causal=causal)
-    tokens, _ = _model_tokens()
+    tokens, perturbed = _model_tokens()
     assert model(tokens).shape == (2, 16, 32)
     hybrid = _model(layers="linear,softmax")
-    with pytest.raises(ValueError, match="gated linear attention layers carry their state across documents"):
-        hybrid(tokens, cu_seqlens=MODEL_CU)
     assert isinstance(hybrid.blocks[0].attn, LinearAttention) and hybrid(tokens).shape == (2, 16, 32)
+    # linear layers keep documents apart too (tests/test_linear_attention_documents.py checks the numbers)
+    logits, after = hybrid(tokens, cu_seqlens=MODEL_CU), hybrid(perturbed, cu_seqlens=MODEL_CU)
+    torch.testing.assert_close(after[0, 7:], logits[0, 7:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(after[1, 10:], logits[1, 10:], rtol=0, atol=1e-12)
     q = torch.randn(1, 4, 2, 4, dtype=F64)
     hdp = HDPAttention(0, None, [(0, 4)])
     torch.testing.assert_close(hdp.softmax(q, q, q, causal=True, cu_seqlens=None),
                                local_attention(q, q, q, causal=True))
     with pytest.raises(ValueError, match="keeps documents apart itself"):
         hdp.softmax(q, q, q, causal=True, cu_seqlens=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="keeps documents apart itself"):
+        hdp.linear(q, q, q, -q.abs(), cu_seqlens=torch.tensor([0, 4]))
 
 
 # ------------------------------------------------------------ distributed
