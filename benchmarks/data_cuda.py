@@ -8,7 +8,9 @@ Needs a CUDA device (run where one is lent).  Three parts:
 1. Exactness on CUDA: `local_attention`, a ring of one (`ring_attention`)
    and Ulysses of one with per-row documents (``cu_seqlens``, batch 2, GQA)
    in float32 and bfloat16, forward and backward, against a float64 CPU
-   reference that attends within each document separately.
+   reference that attends within each document separately; gated linear
+   attention (`local_linear_attention`, float32) against the same layer run
+   on each document alone.
 2. The default job's loader on a GPU: one rank's batch (8 windows of 64+1
    tokens of the built-in corpus plus ``cu_seqlens``, moved to the GPU)
    against one training step of the default model there (AdamW): the share
@@ -24,13 +26,15 @@ import argparse
 import json
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 from loom.data import TokenWindows
 from loom.data.builtin import pydoc_corpus
-from loom.parallel import Transformer, local_attention, next_token_loss, ring_attention
+from loom.launch.batches import rank_batch
+from loom.parallel import Transformer, local_attention, local_linear_attention, next_token_loss, ring_attention
 from loom.parallel.model import ModelConfig
 from loom.parallel.ulysses import ulysses_attention
 
@@ -79,6 +83,33 @@ def exactness(device) -> list[dict]:
     return results
 
 
+def linear_exactness(device) -> list[dict]:
+    """Gated linear attention restarts at document starts on CUDA: float32
+    against float64 CPU runs of each document alone, forward and backward."""
+    torch.manual_seed(0)
+    seq, rows, h, d = 96, 2, 2, 16
+    bounds = [0, 17, 40, 40, 96, 96 + 50, 192]
+    cu = torch.tensor(bounds, dtype=torch.int64, device=device)
+    q, k, v = (torch.randn(rows, seq, h, d, device=device, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(rows, seq, h, d, device=device) * 0.2).requires_grad_()
+    out = local_linear_attention(q, k, v, g, chunk_size=16, cu_seqlens=cu)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, g), dout)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, g)]
+    pieces = [[] for _ in range(rows)]
+    for a, b in zip(bounds, bounds[1:]):
+        if a == b:
+            continue
+        r, lo, hi = a // seq, a % seq, a % seq + (b - a)
+        pieces[r].append(local_linear_attention(*(t[r:r + 1, lo:hi] for t in refs), chunk_size=16))
+    want = torch.cat([torch.cat(p, dim=1) for p in pieces])
+    want_grads = torch.autograd.grad(want, refs, dout.double().cpu())
+    err = (out.double().cpu() - want).abs().max().item()
+    gerr = max((a.double().cpu() - b).abs().max().item() for a, b in zip(grads, want_grads))
+    return [{"core": "local_linear_attention", "dtype": "float32", "max_abs_err_out": err,
+             "max_abs_err_grad": gerr, "ok": err < 1e-4 and gerr < 1e-3 and bool(torch.isfinite(out).all())}]
+
+
 def timed(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -100,16 +131,16 @@ def default_job_share(device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     state = {"step": 0}
 
-    def batch():
+    mesh = types.SimpleNamespace(sp=1)  # what rank_batch reads of a dp-only mesh
+
+    def batch():  # what the training loop does: loom.launch.batches.rank_batch
         s = state["step"]
         state["step"] += 1
-        x, y = windows.batch(s, range(8))
-        cu = windows.cu_seqlens(s, range(8))
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), cu.to(device)
+        return rank_batch(windows, s, range(8), mesh, "contiguous", device)
 
     def step():
-        x, y, cu = batch()
-        loss = next_token_loss(model(x, cu_seqlens=cu), y)
+        x, y, context = batch()
+        loss = next_token_loss(model(x, **context), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,9 +148,17 @@ def default_job_share(device) -> dict:
     def load_only():
         batch()
 
+    def host_only():
+        s = state["step"]
+        state["step"] += 1
+        windows.batch(s, range(8))
+        windows.cu_seqlens(s, range(8))
+
     step_s = timed(step, 50)
     load_s = timed(load_only, 200)
-    return {"step_ms": step_s * 1e3, "loader_ms": load_s * 1e3, "loader_share_pct": 100 * load_s / step_s}
+    host_s = timed(host_only, 200)
+    return {"step_ms": step_s * 1e3, "loader_ms": load_s * 1e3, "loader_host_only_ms": host_s * 1e3,
+            "loader_share_pct": 100 * load_s / step_s}
 
 
 def masking_cost(device) -> dict:
@@ -162,7 +201,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "exactness": exactness(device), "default_job": default_job_share(device),
+              "exactness": exactness(device) + linear_exactness(device), "default_job": default_job_share(device),
               "masking_cost": masking_cost(device)}
     print(json.dumps(report, indent=2))
     with open(args.out, "w") as fh:

@@ -21,8 +21,26 @@ def rank_batch(data, step: int, indices, mesh, layout: str, device: torch.device
     positions = None
     if mesh.sp > 1:
         inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-        positions = positions.to(device)
+    inputs, targets, positions, cu_seqlens = to_device([inputs, targets, positions, cu_seqlens], device)
     context = {"positions": positions}
     if cu_seqlens is not None:
-        context["cu_seqlens"] = cu_seqlens.to(device)
-    return inputs.to(device), targets.to(device), context
+        context["cu_seqlens"] = cu_seqlens
+    return inputs, targets, context
+
+
+def to_device(tensors, device: torch.device) -> list:
+    """Integer tensors (None entries kept) on ``device`` in one host-to-device
+    copy instead of one each: a step's batch is a few small tensors, whose
+    copies cost more in latency than in bytes.  On the CPU they stay as they are."""
+    present = [t for t in tensors if t is not None]
+    if torch.device(device).type == "cpu" or not present:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in present]).to(device)
+    out, offset = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
