@@ -14,7 +14,7 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
 
-from .batches import rank_batch
+from .batches import StepBatches
 from .checkpointing import TrainingCheckpoints
 from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
 from .datasets import open_job_data
@@ -82,6 +82,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     heldout = job_data.heldout
     eval_time, last_eval = 0.0, None
     start = ckpts.resume()
+    batches = StepBatches(data, mesh, layout, device, batch_size=cfg.train.batch_size,
+                          grad_accum=cfg.train.grad_accum)
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
                        f"nothing to train (raise --steps to continue)")
@@ -99,7 +101,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device, amp)
             tokens_per_step = sum(lengths)
         else:
-            loss = _forward_backward(cfg, model, data, step, mesh, layout, device, amp)
+            upcoming = step + 1 if step + 1 < cfg.train.steps else None
+            loss = _forward_backward(model, batches.get(step, upcoming), amp)
         tokens_done += tokens_per_step
         grads.sync()  # once per step, after every micro-batch's backward
         amp.unscale_(opt)  # fp16: true-scale gradients, inf/NaN agreed by every rank
@@ -128,6 +131,7 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             if reporter is not None:
                 reporter.step({"step": step, "split": "eval", **last_eval})
         ckpts.after_step(step)
+    batches.close()
     comms.set_step(None)
     loop_time = time.monotonic() - t_loop - eval_time  # training only
     ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
@@ -173,10 +177,9 @@ def compile_problem(device_type: str, which=shutil.which) -> str | None:
     return None
 
 
-def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str, device,
-                      amp: MixedPrecision) -> torch.Tensor:
+def _forward_backward(model, micro_batches, amp: MixedPrecision) -> torch.Tensor:
     """This rank's share of the global batch, forward and backward in
-    --grad-accum equal micro-batches, their gradients summed in ``.grad``.
+    --grad-accum equal micro-batches (`StepBatches`), their gradients summed in ``.grad``.
     Returns this rank's loss (the mean over its share; detached).
 
     Every rank's loss is the mean over an equal share of the global batch's
@@ -185,14 +188,9 @@ def _forward_backward(cfg: JobConfig, model, data, step: int, mesh, layout: str,
     micro-batch's mean is weighted 1/N so that the N sum to it.  The MoE
     load-balancing loss is a statistic of one forward: each micro-batch's is
     weighted 1/N too (their mean, not the whole batch's)."""
-    n = cfg.train.grad_accum
-    local_batch = cfg.train.batch_size // cfg.parallel.dp
-    micro = local_batch // n
-    first = mesh.dp_rank * local_batch
+    n = len(micro_batches)
     total = None
-    for k in range(n):
-        start = first + k * micro
-        inputs, targets, context = rank_batch(data, step, range(start, start + micro), mesh, layout, device)
+    for inputs, targets, context in micro_batches:
         loss = next_token_loss(model(inputs, **context), targets) + moe_aux_loss(model)
         if n > 1:
             loss = loss / n
