@@ -11,8 +11,9 @@
 Files are tokenised in parallel (a process pool; each worker streams its
 file into a part file) and joined in input order, so the output does not
 depend on ``workers``.  Everything is written under temporary names and
-renamed into place, metadata last after removing any old one: a killed
-prepare leaves no ``.json`` that vouches for a partial ``.bin``.
+renamed into place, metadata last after removing any old metadata and
+document index: a killed prepare leaves no ``.json`` that vouches for a
+partial ``.bin`` and no old index beside a new ``.bin``.
 """
 from __future__ import annotations
 
@@ -114,8 +115,9 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
                 "max_token": int(max(r["max_token"] for r in results)),
                 "sources": [display for _, _, display, _ in files]}
         write_metadata(meta_tmp, meta)
-        if os.path.exists(base + ".json"):
-            os.remove(base + ".json")  # the old metadata must not vouch for the new files while they move
+        for old in (base + ".json", base + ".docs.npy"):  # the old sidecars must not describe the new
+            if os.path.exists(old):                          # tokens while they move (nor the old ones after)
+                os.remove(old)
         os.replace(bin_tmp, base + ".bin")
         os.replace(docs_tmp, base + ".docs.npy")
         os.replace(meta_tmp, base + ".json")

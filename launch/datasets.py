@@ -46,7 +46,11 @@ def open_corpora(cfg) -> tuple[Corpus, Corpus | None]:
     else:
         corpus = _open(d, d.paths)
     if d.val_data:
-        return corpus, _open(d, d.val_paths)
+        try:
+            return corpus, _open(d, d.val_paths)
+        except Exception as exc:
+            exc.flag = "--val-data"  # what data_problems names: the held-out files, not --data
+            raise
     return corpus.split(d.val_fraction)
 
 
@@ -92,8 +96,10 @@ def data_problems(cfg, world: int) -> list[str]:
     problems = []
     try:
         train, val = open_corpora(cfg)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return [f"--data: {exc}"]
+    except (ValueError, OSError) as exc:
+        return [f"{getattr(exc, 'flag', '--data')}: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer library's own error: a line, not a traceback
+        return [f"{getattr(exc, 'flag', '--data')}: {type(exc).__name__}: {exc}"]
     if not cfg.train.model:  # a user's model says its vocabulary at its first forward
         for corpus in (train, val):
             problem = corpus is not None and model_vocab_problem(cfg, corpus)

@@ -1,0 +1,159 @@
+"""Hostile and broken inputs to loom.data and `loom data`: each a clear error naming the file, never a
+traceback, a RecursionError, a read past the end of a file or a silently wrong corpus."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import numpy.lib.format as npformat
+import pytest
+
+from loom.data import open_corpus, prepare
+from loom.launch.cli import main
+
+
+def npy_with_header(path, shape, descr="<u2", data=b""):
+    with open(path, "wb") as fh:
+        npformat.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
+        fh.write(data)
+
+
+def test_npy_header_claiming_more_than_the_file_holds(tmp_path):
+    path = tmp_path / "huge.npy"
+    npy_with_header(path, (10**12,), data=b"\0" * 100)
+    with pytest.raises(ValueError, match=r"huge\.npy: its header says 1000000000000 uint16 tokens .* holds 100 bytes"):
+        open_corpus(str(path))
+    npy_with_header(path, (51,), data=b"\0" * 100)  # one token short: still refused, not a short read later
+    with pytest.raises(ValueError, match="truncated"):
+        open_corpus(str(path))
+    npy_with_header(path, (50,), data=b"\1\0" * 50)  # exact: fine
+    assert open_corpus(str(path)).read(0, 50).tolist() == [1] * 50
+
+
+def test_remote_npy_header_claiming_more_than_the_file_holds():
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    buf = __import__("io").BytesIO()
+    npformat.write_array_header_1_0(buf, {"descr": "<u2", "fortran_order": False, "shape": (10**9,)})
+    fs.pipe("/loom-attack/y.npy", buf.getvalue() + b"\0" * 10)
+    try:
+        with pytest.raises(ValueError, match="y.npy: its header says"):
+            open_corpus("memory://loom-attack/y.npy")  # at open, not at the first read inside a worker
+    finally:
+        fs.rm("/loom-attack", recursive=True)
+
+
+def test_deeply_nested_json_is_a_value_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:1: not valid JSON"):
+        open_corpus(str(tmp_path / "deep.jsonl"))
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text('{"format": "loom-tokens", "version": 1, "x": ' + deep + "}")
+    with pytest.raises(ValueError, match=r"t\.json: metadata is not valid JSON"):
+        open_corpus(str(tmp_path / "t.bin"))
+
+
+@pytest.mark.parametrize("tokenizer", [None, "hf"])
+def test_lone_surrogate_in_jsonl_names_the_line(tmp_path, tokenizer):
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 x"}\n')
+    if tokenizer == "hf":
+        from data_fixtures import make_tokenizer
+        tokenizer = make_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: field 'text' holds '\\ud800' at character 4"):
+        open_corpus(str(tmp_path / "s.jsonl"), tokenizer=tokenizer)
+
+
+def test_damaged_parquet_page_is_a_value_error_naming_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["some words here"] * 50}), path, compression="none")
+    raw = bytearray(path.read_bytes())
+    raw[4:40] = b"\xff" * 36  # the first page header: the footer (and the schema) still read
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"d\.parquet: not a readable parquet file"):
+        open_corpus(str(path))
+
+
+def test_metadata_counting_documents_without_their_index(tmp_path):
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    meta = {"format": "loom-tokens", "version": 1, "dtype": "uint16", "tokens": 100, "documents": 3}
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"t\.json: metadata says 3 documents but their index .*t\.docs\.npy is "
+                                         "missing"):
+        open_corpus(str(tmp_path / "t.bin"))
+    np.save(tmp_path / "t.docs.npy", np.array([0, 10, 50]))
+    assert open_corpus(str(tmp_path / "t.bin")).num_documents == 3
+    meta["documents"] = 1
+    os.remove(tmp_path / "t.docs.npy")
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    assert open_corpus(str(tmp_path / "t.bin")).num_documents == 1  # one document needs no index
+
+
+def test_metadata_vocab_beyond_any_token_file(tmp_path):
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    meta = {"format": "loom-tokens", "version": 1, "dtype": "uint16", "tokens": 10, "documents": 1,
+            "vocab_size": 10**30}
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'vocab_size' = 10{30} is more ids than any token file holds"):
+        open_corpus(str(tmp_path / "t.bin"))
+
+
+def test_uint64_index_beyond_int64_is_named_as_such(tmp_path):
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    np.save(tmp_path / "t.docs.npy", np.array([0, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(ValueError, match=f"offset {2**64 - 1} is beyond any token file"):
+        open_corpus(str(tmp_path / "t.bin"))
+
+
+def test_vocab_error_suggests_the_tokenizers_vocabulary(tmp_path):
+    # the split's train part uses ids up to 299, the held-out part 499: the advice is the tokenizer's 500
+    arr = np.array([1, 299] * 50 + [499], dtype=np.uint16)
+    arr.tofile(tmp_path / "t.bin")
+    meta = {"format": "loom-tokens", "version": 1, "dtype": "uint16", "tokens": len(arr), "documents": 1,
+            "vocab_size": 500}
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    train = open_corpus(str(tmp_path / "t.bin")).slice(0, 100)
+    with pytest.raises(ValueError, match=r"raise --vocab to at least 500 \(its tokenizer's vocabulary\)"):
+        train.check_vocab(256)
+
+
+def test_prepare_killed_while_renaming_leaves_no_stale_index(tmp_path, monkeypatch):
+    """A new .bin must never sit beside the old corpus's document index (which may fit it silently)."""
+    (tmp_path / "old.txt").write_text("one\n\n\ntwo\n\n\nthree\n\n\nfour and more\n")
+    (tmp_path / "new.txt").write_text("a single longer document of new text\n")
+    stem = str(tmp_path / "c")
+    prepare(str(tmp_path / "old.txt"), stem, workers=1)
+    module = sys.modules["loom.data.prepare"]
+    real = os.replace
+
+    def die_on_docs(src, dst):
+        if dst.endswith(".docs.npy"):
+            raise KeyboardInterrupt  # killed between the renames
+        real(src, dst)
+
+    monkeypatch.setattr(module.os, "replace", die_on_docs)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(tmp_path / "new.txt"), stem, workers=1)
+    monkeypatch.undo()
+    assert not os.path.exists(stem + ".json") and not os.path.exists(stem + ".docs.npy")
+
+
+def test_cli_data_never_prints_a_traceback(tmp_path, capsys):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["data", "inspect", str(tmp_path / "deep.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "deep.jsonl:1: not valid JSON" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_val_data_errors_are_named_by_their_flag(tmp_path):
+    from loom.launch.config import ConfigError, JobConfig, validate
+    np.arange(200, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    cfg = JobConfig()
+    cfg.data.data, cfg.data.val_data = str(tmp_path / "t.bin"), str(tmp_path / "missing.bin")
+    cfg.parallel.dp, cfg.train.seq_len, cfg.train.batch_size = 1, 16, 4
+    with pytest.raises(ConfigError, match=r"--val-data: .*missing\.bin: no such file"):
+        validate(cfg)
