@@ -23,6 +23,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 
 import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
@@ -127,6 +129,17 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
     return meta
 
 
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Pool initializer: end this worker when ``parent`` is gone (a prepare
+    killed with SIGKILL cannot shut its pool down, and a worker waiting on the
+    pool's queue would wait forever)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+    threading.Thread(target=watch, name="loom-prepare-parent-watch", daemon=True).start()
+
+
 def _run(jobs, workers: int, progress) -> list[dict]:
     total, tokens = len(jobs), 0
     if workers == 1:
@@ -138,7 +151,8 @@ def _run(jobs, workers: int, progress) -> list[dict]:
                 progress(len(results), total, tokens)
         return results
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch / tokenizer threads
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_tokenize_to_part, job) for job in jobs]
         try:
             for done, fut in enumerate(cf.as_completed(futures), 1):

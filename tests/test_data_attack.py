@@ -157,3 +157,46 @@ def test_val_data_errors_are_named_by_their_flag(tmp_path):
     cfg.parallel.dp, cfg.train.seq_len, cfg.train.batch_size = 1, 16, 4
     with pytest.raises(ConfigError, match=r"--val-data: .*missing\.bin: no such file"):
         validate(cfg)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads parent pids from /proc")
+def test_prepare_workers_end_when_prepare_is_killed(tmp_path):
+    """kill -9 of a prepare leaves no worker waiting forever on its pool's queue, and no output."""
+    import signal
+    import subprocess
+    import time
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text\n")
+    marker = str(tmp_path / "started")
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "from data_fixtures import StallingTokenizer\n"
+              "from loom.data import prepare\n"
+              "if __name__ == '__main__':\n"
+              f"    prepare([{str(tmp_path / 'a.txt')!r}, {str(tmp_path / 'b.txt')!r}], {str(tmp_path / 'out')!r}, "
+              f"tokenizer=StallingTokenizer({marker!r}), workers=2)\n")
+    (tmp_path / "run.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], cwd=tmp_path)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers) < 2 and time.monotonic() < deadline:  # both workers inside a file
+            workers = [int(n.rsplit(".", 1)[1]) for n in os.listdir(tmp_path) if n.startswith("started.")]
+            assert proc.poll() is None, "prepare ended before its workers started"
+            time.sleep(0.2)
+        assert len(workers) == 2, "the workers never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "workers outlived their prepare"
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]  # nothing that looks complete
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
