@@ -200,3 +200,15 @@ def test_prepare_workers_end_when_prepare_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_a_short_held_out_split_blocks_only_a_job_that_evaluates(tmp_path):
+    from loom.launch.config import ConfigError, JobConfig, validate
+    np.arange(200, dtype=np.uint16).tofile(tmp_path / "t.bin")  # 5% held out: 10 tokens, under one window
+    cfg = JobConfig()
+    cfg.data.data, cfg.model.vocab = str(tmp_path / "t.bin"), 256
+    cfg.parallel.dp, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_every = 1, 16, 4, 5
+    with pytest.raises(ConfigError, match=r"\(val\) holds 10 tokens.*held-out data of --eval-every.*--eval-every 0"):
+        validate(cfg)
+    cfg.train.eval_every = 0
+    validate(cfg)  # nothing reads the held-out windows
