@@ -212,3 +212,18 @@ def test_a_short_held_out_split_blocks_only_a_job_that_evaluates(tmp_path):
         validate(cfg)
     cfg.train.eval_every = 0
     validate(cfg)  # nothing reads the held-out windows
+
+
+def test_windows_refuse_indices_outside_the_batch_and_negative_steps():
+    from loom.data import Corpus, DocumentDraws, TokenWindows
+    corpus = Corpus(np.arange(200, dtype=np.uint16), [0, 50, 120])
+    windows = TokenWindows(corpus, seq_len=8, batch_size=4, seed=0)
+    assert windows.batch(1, range(4))[0].shape == (4, 8)
+    with pytest.raises(ValueError, match=r"sample index 4 is outside the global batch \[0, 4\)"):
+        windows.batch(0, range(8))  # would draw step 1's samples again
+    with pytest.raises(ValueError, match="step -1 comes before the first sample"):
+        windows.batch(-1, range(4))
+    with pytest.raises(ValueError, match="sample index -1"):
+        windows.cu_seqlens(0, [-1])
+    with pytest.raises(ValueError, match="outside the global batch"):
+        DocumentDraws(corpus, batch_size=2, max_len=8).documents(0, count=3)
