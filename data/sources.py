@@ -56,6 +56,8 @@ def expand(paths) -> list[tuple]:
         elif fs.isdir(path):
             raise ValueError(f"{spec} is a directory: name its files or a glob such as {spec.rstrip('/')}/*.bin")
         elif not fs.isfile(path):
+            if fs.exists(path):  # a device, a pipe, a socket: nothing with a size to read by ranges
+                raise ValueError(f"{spec} is not a regular file; give a file (or a glob of files)")
             raise FileNotFoundError(f"{spec}: no such file")
         else:
             out.append((fs, path, spec, local))

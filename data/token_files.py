@@ -112,7 +112,8 @@ def _npy_header(fs, path: str, display: str) -> tuple[np.dtype, int, int]:
                 raise ValueError(f".npy version {version} is not supported (1.0 and 2.0 are)")
             offset = fh.tell()
     except ValueError as exc:
-        raise ValueError(f"{display}: not a readable .npy token file: {exc}") from exc
+        why = str(exc) if len(str(exc)) <= 200 else str(exc)[:200] + "..."  # a hostile header can be long
+        raise ValueError(f"{display}: not a readable .npy token file: {why}") from exc
     if dtype.hasobject or dtype.fields is not None:
         raise ValueError(f"{display}: dtype {dtype} holds Python objects or records, not token ids; "
                          "save a flat uint16/uint32 array")
@@ -120,6 +121,8 @@ def _npy_header(fs, path: str, display: str) -> tuple[np.dtype, int, int]:
         raise ValueError(f"{display}: shape {shape}; a token file is one flat array (reshape(-1) it)")
     dtype = check_dtype(dtype, display)
     count, size = int(shape[0]), fs.size(path)
+    if count < 0:
+        raise ValueError(f"{display}: its header gives a negative length {count}; rewrite it (np.save)")
     if offset + count * dtype.itemsize > size:
         raise ValueError(f"{display}: its header says {count} {dtype.name} tokens ({count * dtype.itemsize} bytes) "
                          f"but the file holds {max(0, size - offset)} bytes after the header: it is truncated or "

@@ -227,3 +227,24 @@ def test_windows_refuse_indices_outside_the_batch_and_negative_steps():
         windows.cu_seqlens(0, [-1])
     with pytest.raises(ValueError, match="outside the global batch"):
         DocumentDraws(corpus, batch_size=2, max_len=8).documents(0, count=3)
+
+
+def test_npy_headers_with_negative_or_endless_shapes(tmp_path):
+    def write(name, header: str):
+        h = header.encode("latin1")
+        h += b" " * (64 - (10 + len(h) + 1) % 64) + b"\n"
+        (tmp_path / name).write_bytes(b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + b"\0" * 20)
+        return str(tmp_path / name)
+
+    with pytest.raises(ValueError, match=r"neg\.npy: its header gives a negative length -1"):
+        open_corpus(write("neg.npy", "{'descr': '<u2', 'fortran_order': False, 'shape': (-1,), }"))
+    with pytest.raises(ValueError, match=r"long\.npy: not a readable \.npy token file") as err:
+        open_corpus(write("long.npy", "{'descr': '<u2', 'fortran_order': False, 'shape': (" + "9" * 5000 + ",), }"))
+    assert len(str(err.value)) < 400  # the hostile header is not echoed whole
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_is_not_a_missing_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(ValueError, match=r"pipe\.txt is not a regular file"):
+        open_corpus(str(tmp_path / "pipe.txt"))
