@@ -38,13 +38,18 @@ log = logging.getLogger("loom.data")
 
 
 def output_base(output: str) -> str:
-    """``X`` for an output named ``X`` or ``X.bin``: the files are X.bin, X.docs.npy, X.json."""
+    """``X`` for an output named ``X`` or ``X.bin``: the files are X.bin, X.docs.npy, X.json.
+    Raises ValueError for a URL or a directory (``out/``, ``.``)."""
     output = os.fspath(output)
     if output.startswith("file://"):
         output = output[len("file://"):]
     if "://" in output:
         raise ValueError(f"output {output!r}: prepare writes local files; copy them to remote storage after")
-    return output[:-4] if output.endswith(".bin") else output
+    base = output[:-4] if output.endswith(".bin") else output
+    if os.path.basename(base) in ("", ".", "..") or output.endswith(("/", os.sep)):
+        raise ValueError(f"output {output!r} names a directory, not a file stem: give e.g. "
+                         f"{os.path.join(output, 'corpus')!r} (writes corpus.bin, corpus.docs.npy, corpus.json)")
+    return base
 
 
 def _tokenize_to_part(job) -> dict:

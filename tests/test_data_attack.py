@@ -248,3 +248,13 @@ def test_a_pipe_is_not_a_missing_file(tmp_path):
     os.mkfifo(tmp_path / "pipe.txt")
     with pytest.raises(ValueError, match=r"pipe\.txt is not a regular file"):
         open_corpus(str(tmp_path / "pipe.txt"))
+
+
+@pytest.mark.parametrize("output", ["out/", ".", "..", "out/.bin", ".bin"])
+def test_prepare_output_that_names_a_directory(tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(ValueError, match="names a directory, not a file stem"):
+        prepare("a.txt", output, workers=1)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "out"] and not os.listdir(tmp_path / "out")
