@@ -18,6 +18,7 @@ partial ``.bin`` and no old index beside a new ``.bin``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .sources import expand, kind_of, open_corpus
 from .text import TEXT_KINDS, encoded, token_dtype_for
-from .token_files import FORMAT, VERSION, write_metadata
+from .token_files import FORMAT, MAX_SIDECAR_BYTES, VERSION, write_metadata
 from .tokenizers import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger("loom.data")
@@ -50,6 +51,22 @@ def output_base(output: str) -> str:
         raise ValueError(f"output {output!r} names a directory, not a file stem: give e.g. "
                          f"{os.path.join(output, 'corpus')!r} (writes corpus.bin, corpus.docs.npy, corpus.json)")
     return base
+
+
+def _check_not_foreign(meta_path: str) -> None:
+    """Raise ValueError when ``meta_path`` exists but is not loom-tokens
+    metadata (a tokenizer.json, a config): prepare would overwrite it."""
+    if not os.path.lexists(meta_path):
+        return
+    try:
+        with open(meta_path, "rb") as fh:
+            meta = json.loads(fh.read(MAX_SIDECAR_BYTES + 1))
+        ours = isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours or not os.path.isfile(meta_path) or os.path.islink(meta_path):
+        raise ValueError(f"{meta_path} exists and is not loom-tokens metadata (a tokenizer? a config?): prepare "
+                         "would overwrite it with the output's metadata; choose another OUTPUT")
 
 
 def _tokenize_to_part(job) -> dict:
@@ -87,6 +104,7 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
             raise ValueError(f"{display} is already tokens; prepare reads text ({', '.join(TEXT_KINDS)})")
     tok = load_tokenizer(tokenizer)
     base = output_base(output)
+    _check_not_foreign(base + ".json")
     if workers is None:
         workers = min(os.cpu_count() or 1, len(files))
     if not isinstance(workers, int) or workers < 1:

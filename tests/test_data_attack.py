@@ -258,3 +258,17 @@ def test_prepare_output_that_names_a_directory(tmp_path, monkeypatch, output):
     with pytest.raises(ValueError, match="names a directory, not a file stem"):
         prepare("a.txt", output, workers=1)
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "out"] and not os.listdir(tmp_path / "out")
+
+
+def test_prepare_never_overwrites_a_json_that_is_not_its_metadata(tmp_path, monkeypatch):
+    from data_fixtures import make_tokenizer
+    monkeypatch.chdir(tmp_path)
+    tok = make_tokenizer(tmp_path)  # tokenizer.json
+    before = open(tok, "rb").read()
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n")
+    with pytest.raises(ValueError, match=r"tokenizer\.json exists and is not loom-tokens metadata"):
+        prepare("a.txt", "tokenizer", tokenizer=tok, workers=1)  # OUTPUT.json would be the tokenizer itself
+    assert open(tok, "rb").read() == before and not os.path.exists("tokenizer.bin")
+    prepare("a.txt", "corpus", tokenizer=tok, workers=1)
+    prepare("a.txt", "corpus.bin", workers=1)  # over an earlier prepare: fine
+    assert json.load(open("corpus.json"))["tokenizer"]["name"] == "byte"
