@@ -135,9 +135,16 @@ def encoded(fs, path: str, display: str, tokenizer, text_field: str = "text"):
     """``(ids, num_bytes)`` per batch of documents: ``ids`` a list of int64
     arrays (documents that tokenise to nothing left out), ``num_bytes`` the
     UTF-8 bytes of the documents kept."""
+    vocab = int(tokenizer.vocab_size)
     for batch in documents(fs, path, display, text_field):
         ids = tokenizer.encode_batch(batch)
         kept = [(i, d) for i, d in zip(ids, batch) if len(i)]
+        for i, _ in kept:  # token files hold ids below the vocabulary (uint16 up to 65536): never wrap one
+            if int(i.max()) >= vocab or int(i.min()) < 0:
+                bad = int(i.max()) if int(i.max()) >= vocab else int(i.min())
+                raise ValueError(f"{display}: tokenizer {getattr(tokenizer, 'name', tokenizer)!r} gave id {bad}, "
+                                 f"outside its vocabulary [0, {vocab}) (its ids are not dense); use a tokenizer "
+                                 "whose ids are 0 .. vocab_size - 1")
         yield [i for i, _ in kept], sum(len(d.encode("utf-8")) for _, d in kept)
 
 

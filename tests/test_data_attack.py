@@ -272,3 +272,17 @@ def test_prepare_never_overwrites_a_json_that_is_not_its_metadata(tmp_path, monk
     prepare("a.txt", "corpus", tokenizer=tok, workers=1)
     prepare("a.txt", "corpus.bin", workers=1)  # over an earlier prepare: fine
     assert json.load(open("corpus.json"))["tokenizer"]["name"] == "byte"
+
+
+def test_tokenizer_ids_beyond_its_vocabulary_never_wrap(tmp_path):
+    from data_fixtures import make_tokenizer
+    path = make_tokenizer(tmp_path)
+    spec = json.load(open(path))
+    spec["model"]["vocab"]["cat"] = 70_000  # sparse ids: uint16 would silently wrap it to 4464
+    json.dump(spec, open(path, "w"))
+    (tmp_path / "a.txt").write_text("the cat sat\n")
+    with pytest.raises(ValueError, match=r"a\.txt: tokenizer 'tokenizer\.json' gave id 70000, outside its vocabulary"):
+        open_corpus(str(tmp_path / "a.txt"), tokenizer=path)
+    with pytest.raises(ValueError, match="gave id 70000"):
+        prepare(str(tmp_path / "a.txt"), str(tmp_path / "out"), tokenizer=path, workers=1)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
