@@ -3,9 +3,10 @@ fsspec URLs) as one `Corpus`.
 
 Each path is a local path, an fsspec URL (``file://``, ``memory://``,
 ``s3://`` ...) or a glob of either (``data/*.bin``; matches sorted by name;
-``*.docs.npy`` and metadata ``*.json`` sidecars are left out of glob
-matches).  Files are concatenated in the order given, each starting a new
-document.  The kind follows the suffix: ``.bin``/``.npy`` token files
+``*.docs.npy`` and metadata ``*.json`` sidecars, and hidden names that
+the pattern does not spell out, are left out of glob matches).  Files are
+concatenated in the order given, each starting a new document.  The
+kind follows the suffix: ``.bin``/``.npy`` token files
 (`loom.data.token_files`), ``.txt``/``.jsonl``/``.parquet`` text
 (`loom.data.text`, tokenised at open, in memory: prepare big corpora once
 with ``loom data prepare``).
@@ -49,7 +50,8 @@ def expand(paths) -> list[tuple]:
         local = isinstance(fs, LocalFileSystem)
         if _MAGIC & set(path):
             found = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            found = [p for p in found if not p.endswith(".docs.npy") and not p.endswith(".json")]
+            found = [p for p in found if not p.endswith(".docs.npy") and not p.endswith(".json")
+                     and not _hidden_match(path, p)]
             if not found:
                 raise FileNotFoundError(f"{spec}: no file matches this pattern")
             out += [(fs, p, p if local else fs.unstrip_protocol(p), local) for p in found]
@@ -66,6 +68,17 @@ def expand(paths) -> list[tuple]:
             raise ValueError(f"{display}: unknown kind of file; loom reads token files "
                              f"({', '.join(TOKEN_KINDS)}) and text ({', '.join(TEXT_KINDS)})")
     return out
+
+
+def _hidden_match(pattern: str, match: str) -> bool:
+    """Whether a glob reached ``match`` through a hidden name (``.x``) that
+    the pattern does not spell out: as in a shell, ``*`` and ``**`` skip
+    them (a killed prepare's ``.X.prepare-*`` folder of partial parts)."""
+    parts = pattern.split("/")
+    fixed = next((i for i, part in enumerate(parts) if _MAGIC & set(part)), len(parts))
+    if any(part.startswith(".") for part in parts[fixed:]):
+        return False
+    return any(part.startswith(".") for part in match.split("/")[fixed:])
 
 
 def _same_tokenizer(a: dict, b: dict) -> bool:

@@ -286,3 +286,15 @@ def test_tokenizer_ids_beyond_its_vocabulary_never_wrap(tmp_path):
     with pytest.raises(ValueError, match="gave id 70000"):
         prepare(str(tmp_path / "a.txt"), str(tmp_path / "out"), tokenizer=path, workers=1)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
+
+
+def test_globs_skip_hidden_names_like_a_killed_prepares_parts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/.corpus.prepare-x")
+    np.arange(40, dtype=np.uint16).tofile("data/a.bin")
+    np.arange(40, dtype=np.uint16).tofile("data/.corpus.prepare-x/part-000000.bin")  # partial, unvouched
+    np.arange(40, dtype=np.uint16).tofile("data/.hidden.bin")
+    for pattern in ("data/*", "data/**", "data/**/*.bin", f"{tmp_path}/data/**/*.bin"):
+        assert open_corpus(pattern).name.endswith("data/a.bin"), pattern
+    assert len(open_corpus("data/.*.bin")) == 40  # spelled out: taken
+    assert len(open_corpus("data/.corpus.prepare-x/*.bin")) == 40
