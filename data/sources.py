@@ -14,6 +14,7 @@ with ``loom data prepare``).
 from __future__ import annotations
 
 import logging
+import os
 
 import fsspec
 import numpy as np
@@ -36,14 +37,15 @@ def kind_of(path: str) -> str | None:
 
 def expand(paths) -> list[tuple]:
     """``[(fs, path, display, local)]`` for every file that ``paths`` (a
-    string or a list of them) names, in order.  Raises FileNotFoundError for
+    string or `os.PathLike`, or a list of them) names, in order.  Raises FileNotFoundError for
     a missing file or a glob that matches nothing, ValueError for a
     directory or an unknown suffix."""
-    specs = [paths] if isinstance(paths, str) else list(paths)
+    specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not specs:
         raise ValueError("no data paths given")
     out = []
     for spec in specs:
+        spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec  # pathlib.Path
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"data path {spec!r} must be a non-empty string")
         fs, path = fsspec.core.url_to_fs(spec)
@@ -128,7 +130,11 @@ def open_corpus(paths, *, tokenizer=None, text_field: str = "text", eod_token: i
         else:
             part = tokenize_file(fs, path, display, tok, text_field)
         if eod_token is not None and len(part.tokens):
-            part.starts = np.union1d(part.starts, eod_starts(part.tokens, int(eod_token), SCAN_CHUNK))
+            found = eod_starts(part.tokens, int(eod_token), SCAN_CHUNK)
+            if not len(found) and int(np.asarray(part.tokens[len(part.tokens) - 1:])[0]) != eod_token:
+                log.warning("%s: --eod-token %d never occurs (is it the id your tokenizer ends documents with?)",
+                            display, eod_token)
+            part.starts = np.union1d(part.starts, found)
         if not len(part.tokens):
             log.warning("%s holds no tokens; skipped", display)
             continue

@@ -298,3 +298,22 @@ def test_globs_skip_hidden_names_like_a_killed_prepares_parts(tmp_path, monkeypa
         assert open_corpus(pattern).name.endswith("data/a.bin"), pattern
     assert len(open_corpus("data/.*.bin")) == 40  # spelled out: taken
     assert len(open_corpus("data/.corpus.prepare-x/*.bin")) == 40
+
+
+def test_paths_may_be_pathlib_paths(tmp_path):
+    np.arange(40, dtype=np.uint16).tofile(tmp_path / "a.bin")
+    (tmp_path / "b.txt").write_text("text\n")
+    assert len(open_corpus(tmp_path / "a.bin")) == len(open_corpus([tmp_path / "a.bin"])) == 40
+    assert prepare(tmp_path / "b.txt", tmp_path / "out", workers=1)["tokens"] == 5
+
+
+def test_an_eod_token_that_never_occurs_is_reported(tmp_path, caplog):
+    np.array([5, 6, 7, 9, 5, 6], dtype=np.uint16).tofile(tmp_path / "a.bin")
+    with caplog.at_level("WARNING", logger="loom.data"):
+        assert open_corpus(str(tmp_path / "a.bin"), eod_token=50256).num_documents == 1
+    assert "--eod-token 50256 never occurs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loom.data"):
+        assert open_corpus(str(tmp_path / "a.bin"), eod_token=9).num_documents == 2
+        assert open_corpus(str(tmp_path / "a.bin"), eod_token=6).num_documents == 2  # only at the end too
+    assert "never occurs" not in caplog.text
