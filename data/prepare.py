@@ -109,6 +109,7 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
         workers = min(os.cpu_count() or 1, len(files))
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be an integer >= 1")
+    workers = min(workers, len(files))  # one file per worker at most: never a pool of idle processes
     if any(isinstance(fs, MemoryFileSystem) for fs, *_ in files):
         workers = 1  # memory:// lives in this process only
     dtype = token_dtype_for(tok.vocab_size)

@@ -317,3 +317,14 @@ def test_an_eod_token_that_never_occurs_is_reported(tmp_path, caplog):
         assert open_corpus(str(tmp_path / "a.bin"), eod_token=9).num_documents == 2
         assert open_corpus(str(tmp_path / "a.bin"), eod_token=6).num_documents == 2  # only at the end too
     assert "never occurs" not in caplog.text
+
+
+def test_prepare_starts_no_more_workers_than_files(tmp_path, monkeypatch):
+    module = sys.modules["loom.data.prepare"]
+    seen = []
+    nothing = {"lengths": np.zeros(0, dtype=np.int64), "bytes": 0, "max_token": -1}
+    monkeypatch.setattr(module, "_run", lambda jobs, workers, progress: seen.append(workers) or [nothing])
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(ValueError, match="is empty"):  # the stub tokenised nothing
+        prepare(str(tmp_path / "a.txt"), str(tmp_path / "out"), workers=1000)
+    assert seen == [1]
