@@ -136,9 +136,12 @@ class Corpus:
             bad = np.flatnonzero((chunk < 0) | (chunk >= vocab))
             if len(bad):
                 i = int(bad[0])
+                need = self.max_token() + 1
+                if self.vocab_size is not None and self.vocab_size > need:  # ids a part not scanned may use
+                    need = f"{self.vocab_size} (its tokenizer's vocabulary)"
                 raise ValueError(f"{self.name}: token id {int(chunk[i])} at offset {offset + i} is outside the "
                                  f"model's vocabulary [0, {vocab}): raise --vocab to at least "
-                                 f"{self.max_token() + 1}, or use the tokenizer the corpus was made with")
+                                 f"{need}, or use the tokenizer the corpus was made with")
 
     def max_token(self) -> int:
         """The largest token id (-1 for an empty corpus)."""

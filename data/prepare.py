@@ -11,37 +11,62 @@
 Files are tokenised in parallel (a process pool; each worker streams its
 file into a part file) and joined in input order, so the output does not
 depend on ``workers``.  Everything is written under temporary names and
-renamed into place, metadata last after removing any old one: a killed
-prepare leaves no ``.json`` that vouches for a partial ``.bin``.
+renamed into place, metadata last after removing any old metadata and
+document index: a killed prepare leaves no ``.json`` that vouches for a
+partial ``.bin`` and no old index beside a new ``.bin``.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 
 import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
 
 from .sources import expand, kind_of, open_corpus
 from .text import TEXT_KINDS, encoded, token_dtype_for
-from .token_files import FORMAT, VERSION, write_metadata
+from .token_files import FORMAT, MAX_SIDECAR_BYTES, VERSION, write_metadata
 from .tokenizers import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger("loom.data")
 
 
 def output_base(output: str) -> str:
-    """``X`` for an output named ``X`` or ``X.bin``: the files are X.bin, X.docs.npy, X.json."""
+    """``X`` for an output named ``X`` or ``X.bin``: the files are X.bin, X.docs.npy, X.json.
+    Raises ValueError for a URL or a directory (``out/``, ``.``)."""
     output = os.fspath(output)
     if output.startswith("file://"):
         output = output[len("file://"):]
     if "://" in output:
         raise ValueError(f"output {output!r}: prepare writes local files; copy them to remote storage after")
-    return output[:-4] if output.endswith(".bin") else output
+    base = output[:-4] if output.endswith(".bin") else output
+    if os.path.basename(base) in ("", ".", "..") or output.endswith(("/", os.sep)):
+        raise ValueError(f"output {output!r} names a directory, not a file stem: give e.g. "
+                         f"{os.path.join(output, 'corpus')!r} (writes corpus.bin, corpus.docs.npy, corpus.json)")
+    return base
+
+
+def _check_not_foreign(meta_path: str) -> None:
+    """Raise ValueError when ``meta_path`` exists but is not loom-tokens
+    metadata (a tokenizer.json, a config): prepare would overwrite it."""
+    if not os.path.lexists(meta_path):
+        return
+    try:
+        with open(meta_path, "rb") as fh:
+            meta = json.loads(fh.read(MAX_SIDECAR_BYTES + 1))
+        ours = isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours or not os.path.isfile(meta_path) or os.path.islink(meta_path):
+        raise ValueError(f"{meta_path} exists and is not loom-tokens metadata (a tokenizer? a config?): prepare "
+                         "would overwrite it with the output's metadata; choose another OUTPUT")
 
 
 def _tokenize_to_part(job) -> dict:
@@ -79,10 +104,12 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
             raise ValueError(f"{display} is already tokens; prepare reads text ({', '.join(TEXT_KINDS)})")
     tok = load_tokenizer(tokenizer)
     base = output_base(output)
+    _check_not_foreign(base + ".json")
     if workers is None:
         workers = min(os.cpu_count() or 1, len(files))
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be an integer >= 1")
+    workers = min(workers, len(files))  # one file per worker at most: never a pool of idle processes
     if any(isinstance(fs, MemoryFileSystem) for fs, *_ in files):
         workers = 1  # memory:// lives in this process only
     dtype = token_dtype_for(tok.vocab_size)
@@ -114,8 +141,9 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
                 "max_token": int(max(r["max_token"] for r in results)),
                 "sources": [display for _, _, display, _ in files]}
         write_metadata(meta_tmp, meta)
-        if os.path.exists(base + ".json"):
-            os.remove(base + ".json")  # the old metadata must not vouch for the new files while they move
+        for old in (base + ".json", base + ".docs.npy"):  # the old sidecars must not describe the new
+            if os.path.exists(old):                          # tokens while they move (nor the old ones after)
+                os.remove(old)
         os.replace(bin_tmp, base + ".bin")
         os.replace(docs_tmp, base + ".docs.npy")
         os.replace(meta_tmp, base + ".json")
@@ -123,6 +151,17 @@ def prepare(inputs, output: str, *, tokenizer=None, text_field: str = "text", wo
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s.bin: %d tokens, %d documents", base, meta["tokens"], meta["documents"])
     return meta
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Pool initializer: end this worker when ``parent`` is gone (a prepare
+    killed with SIGKILL cannot shut its pool down, and a worker waiting on the
+    pool's queue would wait forever)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+    threading.Thread(target=watch, name="loom-prepare-parent-watch", daemon=True).start()
 
 
 def _run(jobs, workers: int, progress) -> list[dict]:
@@ -136,7 +175,8 @@ def _run(jobs, workers: int, progress) -> list[dict]:
                 progress(len(results), total, tokens)
         return results
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch / tokenizer threads
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_tokenize_to_part, job) for job in jobs]
         try:
             for done, fut in enumerate(cf.as_completed(futures), 1):

@@ -130,8 +130,18 @@ class _Draws:
         return self.base_samples + (step - self.base_step) * self.batch_size + index
 
     def items(self, step: int, indices) -> np.ndarray:
-        """The item (window or document) each sample of ``(step, indices)`` draws, int64."""
-        g = np.array([self.sample_number(step, int(i)) for i in indices], dtype=np.int64)
+        """The item (window or document) each sample of ``(step, indices)`` draws, int64.
+        Raises ValueError for a negative step or an index outside ``[0, batch_size)`` (which
+        would silently draw another step's samples)."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.batch_size]
+        if bad:
+            raise ValueError(f"sample index {bad[0]} is outside the global batch [0, {self.batch_size}) of "
+                             f"step {step}: a step draws batch_size={self.batch_size} samples")
+        g = np.array([self.sample_number(step, i) for i in indices], dtype=np.int64)
+        if step < 0 or (len(g) and g.min() < 0):
+            raise ValueError(f"step {step} comes before the first sample (steps count from 0, and from the "
+                             f"resumed step {self.base_step} after resume())")
         epochs, pos = np.divmod(g, self.count)
         if not self.shuffle:
             return pos

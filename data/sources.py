@@ -3,9 +3,10 @@ fsspec URLs) as one `Corpus`.
 
 Each path is a local path, an fsspec URL (``file://``, ``memory://``,
 ``s3://`` ...) or a glob of either (``data/*.bin``; matches sorted by name;
-``*.docs.npy`` and metadata ``*.json`` sidecars are left out of glob
-matches).  Files are concatenated in the order given, each starting a new
-document.  The kind follows the suffix: ``.bin``/``.npy`` token files
+``*.docs.npy`` and metadata ``*.json`` sidecars, and hidden names that
+the pattern does not spell out, are left out of glob matches).  Files are
+concatenated in the order given, each starting a new document.  The
+kind follows the suffix: ``.bin``/``.npy`` token files
 (`loom.data.token_files`), ``.txt``/``.jsonl``/``.parquet`` text
 (`loom.data.text`, tokenised at open, in memory: prepare big corpora once
 with ``loom data prepare``).
@@ -13,6 +14,7 @@ with ``loom data prepare``).
 from __future__ import annotations
 
 import logging
+import os
 
 import fsspec
 import numpy as np
@@ -35,27 +37,31 @@ def kind_of(path: str) -> str | None:
 
 def expand(paths) -> list[tuple]:
     """``[(fs, path, display, local)]`` for every file that ``paths`` (a
-    string or a list of them) names, in order.  Raises FileNotFoundError for
+    string or `os.PathLike`, or a list of them) names, in order.  Raises FileNotFoundError for
     a missing file or a glob that matches nothing, ValueError for a
     directory or an unknown suffix."""
-    specs = [paths] if isinstance(paths, str) else list(paths)
+    specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not specs:
         raise ValueError("no data paths given")
     out = []
     for spec in specs:
+        spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec  # pathlib.Path
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"data path {spec!r} must be a non-empty string")
         fs, path = fsspec.core.url_to_fs(spec)
         local = isinstance(fs, LocalFileSystem)
         if _MAGIC & set(path):
             found = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            found = [p for p in found if not p.endswith(".docs.npy") and not p.endswith(".json")]
+            found = [p for p in found if not p.endswith(".docs.npy") and not p.endswith(".json")
+                     and not _hidden_match(path, p)]
             if not found:
                 raise FileNotFoundError(f"{spec}: no file matches this pattern")
             out += [(fs, p, p if local else fs.unstrip_protocol(p), local) for p in found]
         elif fs.isdir(path):
             raise ValueError(f"{spec} is a directory: name its files or a glob such as {spec.rstrip('/')}/*.bin")
         elif not fs.isfile(path):
+            if fs.exists(path):  # a device, a pipe, a socket: nothing with a size to read by ranges
+                raise ValueError(f"{spec} is not a regular file; give a file (or a glob of files)")
             raise FileNotFoundError(f"{spec}: no such file")
         else:
             out.append((fs, path, spec, local))
@@ -64,6 +70,17 @@ def expand(paths) -> list[tuple]:
             raise ValueError(f"{display}: unknown kind of file; loom reads token files "
                              f"({', '.join(TOKEN_KINDS)}) and text ({', '.join(TEXT_KINDS)})")
     return out
+
+
+def _hidden_match(pattern: str, match: str) -> bool:
+    """Whether a glob reached ``match`` through a hidden name (``.x``) that
+    the pattern does not spell out: as in a shell, ``*`` and ``**`` skip
+    them (a killed prepare's ``.X.prepare-*`` folder of partial parts)."""
+    parts = pattern.split("/")
+    fixed = next((i for i, part in enumerate(parts) if _MAGIC & set(part)), len(parts))
+    if any(part.startswith(".") for part in parts[fixed:]):
+        return False
+    return any(part.startswith(".") for part in match.split("/")[fixed:])
 
 
 def _same_tokenizer(a: dict, b: dict) -> bool:
@@ -113,7 +130,11 @@ def open_corpus(paths, *, tokenizer=None, text_field: str = "text", eod_token: i
         else:
             part = tokenize_file(fs, path, display, tok, text_field)
         if eod_token is not None and len(part.tokens):
-            part.starts = np.union1d(part.starts, eod_starts(part.tokens, int(eod_token), SCAN_CHUNK))
+            found = eod_starts(part.tokens, int(eod_token), SCAN_CHUNK)
+            if not len(found) and int(np.asarray(part.tokens[len(part.tokens) - 1:])[0]) != eod_token:
+                log.warning("%s: --eod-token %d never occurs (is it the id your tokenizer ends documents with?)",
+                            display, eod_token)
+            part.starts = np.union1d(part.starts, found)
         if not len(part.tokens):
             log.warning("%s holds no tokens; skipped", display)
             continue

@@ -58,7 +58,7 @@ def _jsonl(fs, path: str, display: str, field: str):
                 continue
             try:
                 row = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise ValueError(f"{display}:{lineno}: not valid JSON ({exc}); fix or remove that line") from exc
             if not isinstance(row, dict):
                 raise ValueError(f"{display}:{lineno}: a {type(row).__name__}, not a JSON object with a "
@@ -70,6 +70,12 @@ def _jsonl(fs, path: str, display: str, field: str):
             text = row[field]
             if not isinstance(text, str):
                 raise ValueError(f"{display}:{lineno}: field {field!r} is a {type(text).__name__}, not a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\\ud800": not Unicode text
+                raise ValueError(f"{display}:{lineno}: field {field!r} holds {text[exc.start]!r} at character "
+                                 f"{exc.start}, a lone surrogate escape that is not text; fix or remove that "
+                                 "line") from exc
             batch.append(text)
             if len(batch) == BATCH_DOCS:
                 yield batch
@@ -96,8 +102,16 @@ def _parquet(fs, path: str, display: str, field: str):
         kind = schema.field(field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise ValueError(f"{display}: column {field!r} holds {kind}, not strings")
-        for batch in pf.iter_batches(columns=[field], batch_size=BATCH_DOCS):
-            yield [t for t in batch.column(0).to_pylist() if t is not None]
+        batches = pf.iter_batches(columns=[field], batch_size=BATCH_DOCS)
+        while True:
+            try:  # a damaged page (or bytes that are not UTF-8) is found only when it is read
+                batch = next(batches, None)
+                texts = None if batch is None else batch.column(0).to_pylist()
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{display}: not a readable parquet file ({' '.join(str(exc).split())})") from exc
+            if texts is None:
+                return
+            yield [t for t in texts if t is not None]
 
 
 def documents(fs, path: str, display: str, text_field: str = "text"):
@@ -121,9 +135,16 @@ def encoded(fs, path: str, display: str, tokenizer, text_field: str = "text"):
     """``(ids, num_bytes)`` per batch of documents: ``ids`` a list of int64
     arrays (documents that tokenise to nothing left out), ``num_bytes`` the
     UTF-8 bytes of the documents kept."""
+    vocab = int(tokenizer.vocab_size)
     for batch in documents(fs, path, display, text_field):
         ids = tokenizer.encode_batch(batch)
         kept = [(i, d) for i, d in zip(ids, batch) if len(i)]
+        for i, _ in kept:  # token files hold ids below the vocabulary (uint16 up to 65536): never wrap one
+            if int(i.max()) >= vocab or int(i.min()) < 0:
+                bad = int(i.max()) if int(i.max()) >= vocab else int(i.min())
+                raise ValueError(f"{display}: tokenizer {getattr(tokenizer, 'name', tokenizer)!r} gave id {bad}, "
+                                 f"outside its vocabulary [0, {vocab}) (its ids are not dense); use a tokenizer "
+                                 "whose ids are 0 .. vocab_size - 1")
         yield [i for i, _ in kept], sum(len(d.encode("utf-8")) for _, d in kept)
 
 

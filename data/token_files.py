@@ -65,7 +65,7 @@ def read_metadata(fs, meta_path: str, display: str) -> dict | None:
                          "(rewrite it with `loom data prepare` or remove it)")
     try:
         meta = json.loads(fs.cat_file(meta_path))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ValueError(f"{display}: metadata is not valid JSON ({exc}); rewrite it with `loom data prepare` "
                          "or remove it") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -85,6 +85,9 @@ def read_metadata(fs, meta_path: str, display: str) -> dict | None:
     count("tokens")
     count("documents")
     count("vocab_size", required=False, minimum=1)
+    if meta.get("vocab_size") is not None and meta["vocab_size"] > 1 << 32:
+        raise ValueError(f"{display}: metadata field 'vocab_size' = {meta['vocab_size']} is more ids than any "
+                         "token file holds (at most 2**32); rewrite it with `loom data prepare`")
     count("bytes", required=False)
     count("max_token", required=False, minimum=-1)
     tok = meta.get("tokenizer")
@@ -109,13 +112,22 @@ def _npy_header(fs, path: str, display: str) -> tuple[np.dtype, int, int]:
                 raise ValueError(f".npy version {version} is not supported (1.0 and 2.0 are)")
             offset = fh.tell()
     except ValueError as exc:
-        raise ValueError(f"{display}: not a readable .npy token file: {exc}") from exc
+        why = str(exc) if len(str(exc)) <= 200 else str(exc)[:200] + "..."  # a hostile header can be long
+        raise ValueError(f"{display}: not a readable .npy token file: {why}") from exc
     if dtype.hasobject or dtype.fields is not None:
         raise ValueError(f"{display}: dtype {dtype} holds Python objects or records, not token ids; "
                          "save a flat uint16/uint32 array")
     if len(shape) != 1:
         raise ValueError(f"{display}: shape {shape}; a token file is one flat array (reshape(-1) it)")
-    return check_dtype(dtype, display), int(shape[0]), offset
+    dtype = check_dtype(dtype, display)
+    count, size = int(shape[0]), fs.size(path)
+    if count < 0:
+        raise ValueError(f"{display}: its header gives a negative length {count}; rewrite it (np.save)")
+    if offset + count * dtype.itemsize > size:
+        raise ValueError(f"{display}: its header says {count} {dtype.name} tokens ({count * dtype.itemsize} bytes) "
+                         f"but the file holds {max(0, size - offset)} bytes after the header: it is truncated or "
+                         "its header is wrong; rewrite it (np.save)")
+    return dtype, count, offset
 
 
 def _load_index(fs, path: str, display: str) -> np.ndarray:
@@ -127,6 +139,9 @@ def _load_index(fs, path: str, display: str) -> np.ndarray:
     if not isinstance(starts, np.ndarray) or starts.dtype.kind not in "iu" or starts.ndim != 1:
         raise ValueError(f"document index {display}: must be a flat integer array of document start offsets, "
                          f"not {getattr(starts, 'dtype', type(starts))} {getattr(starts, 'shape', '')}")
+    if starts.dtype == np.uint64 and len(starts) and starts.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"document index {display}: offset {int(starts.max())} is beyond any token file; "
+                         "rebuild it (`loom data prepare`)")
     return starts.astype(np.int64)
 
 
@@ -194,6 +209,10 @@ def open_token_file(fs, path: str, display: str, *, local: bool, token_dtype=Non
         if meta is not None and count and len(starts) != meta["documents"]:
             raise ValueError(f"document index {idisplay} holds {len(starts)} documents but the metadata says "
                              f"{meta['documents']}: rerun `loom data prepare`")
+    if starts is None and meta is not None and meta["documents"] > 1 and count:
+        raise ValueError(f"{display_sibling(display, '.json')}: metadata says {meta['documents']} documents but "
+                         f"their index {display_sibling(display, '.docs.npy')} is missing: restore it, rerun "
+                         "`loom data prepare`, or remove the metadata to read the file as one document")
     if starts is None:
         starts = np.zeros(1 if count else 0, dtype=np.int64)
     return Part(display, tokens, starts, None if meta is None else meta.get("vocab_size"),

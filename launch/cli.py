@@ -133,8 +133,12 @@ def _data(args) -> int:
         else:
             print(format_inspect(inspect(args.paths, tokenizer=args.tokenizer, text_field=args.text_field,
                                          eod_token=args.eod_token, token_dtype=args.token_dtype)))
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or unreadable file, bad content
         print(f"loom data {args.data_command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else (a tokenizer's own errors): one line, no traceback
+        print(f"loom data {args.data_command}: error: {type(exc).__name__}: {' '.join(str(exc).split())}",
+              file=sys.stderr)
         return 1
     return 0
 

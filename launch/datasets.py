@@ -21,7 +21,7 @@ from loom.parallel import SyntheticData
 @dataclass
 class JobData:
     """``train``: what steps draw from; ``heldout``: what evaluation reads (None
-    without a validation split); ``val``: the held-out corpus (None for the
+    without a validation split or without ``--eval-every``); ``val``: the held-out corpus (None for the
     synthetic task); ``documents``: whether batches carry ``cu_seqlens``."""
     train: object
     heldout: object | None
@@ -46,7 +46,11 @@ def open_corpora(cfg) -> tuple[Corpus, Corpus | None]:
     else:
         corpus = _open(d, d.paths)
     if d.val_data:
-        return corpus, _open(d, d.val_paths)
+        try:
+            return corpus, _open(d, d.val_paths)
+        except Exception as exc:
+            exc.flag = "--val-data"  # what data_problems names: the held-out files, not --data
+            raise
     return corpus.split(d.val_fraction)
 
 
@@ -70,9 +74,14 @@ def open_job_data(cfg, world: int, corpora: tuple[Corpus, Corpus | None] | None 
         source = DocumentDraws(train, t.batch_size, varlen_options(cfg)["max_len"], seed=t.seed)
     else:
         source = TokenWindows(train, t.seq_len, t.batch_size, seed=t.seed, documents=documents)
-    # held-out windows in a fixed spread-out order: every evaluation reads the same ones
-    heldout = None if val is None else TokenWindows(val, t.seq_len, t.batch_size, seed=t.seed,
-                                                     documents=documents)
+    # held-out windows in a fixed spread-out order: every evaluation reads the same ones (none without eval)
+    heldout = None
+    if val is not None and t.eval_every:
+        try:
+            heldout = TokenWindows(val, t.seq_len, t.batch_size, seed=t.seed, documents=documents)
+        except ValueError as exc:  # e.g. a held-out split shorter than one window
+            raise ValueError(f"{exc}; it is the held-out data of --eval-every: give more (--val-fraction, "
+                             f"--val-data) or --eval-every 0") from exc
     return JobData(source, heldout, val, documents)
 
 
@@ -92,8 +101,10 @@ def data_problems(cfg, world: int) -> list[str]:
     problems = []
     try:
         train, val = open_corpora(cfg)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return [f"--data: {exc}"]
+    except (ValueError, OSError) as exc:
+        return [f"{getattr(exc, 'flag', '--data')}: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer library's own error: a line, not a traceback
+        return [f"{getattr(exc, 'flag', '--data')}: {type(exc).__name__}: {exc}"]
     if not cfg.train.model:  # a user's model says its vocabulary at its first forward
         for corpus in (train, val):
             problem = corpus is not None and model_vocab_problem(cfg, corpus)

@@ -15,3 +15,24 @@ def make_tokenizer(directory) -> str:
     path = os.path.join(str(directory), "tokenizer.json")
     tok.save(path)
     return path
+
+
+class StallingTokenizer:
+    """Byte-level, but its first `encode_batch` touches ``marker`` and then sleeps ``seconds``
+    (a prepare worker caught mid-file); picklable, for prepare's spawned workers."""
+
+    name, vocab_size = "stalling", 256
+
+    def __init__(self, marker: str, seconds: float = 120.0):
+        self.marker, self.seconds = marker, seconds
+
+    def encode_batch(self, texts):
+        import time
+
+        import numpy as np
+        open(f"{self.marker}.{os.getpid()}", "w").close()
+        time.sleep(self.seconds)
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
+
+    def encode(self, text):
+        return self.encode_batch([text])[0]
