@@ -29,6 +29,9 @@ class DataConfig:
                             "mark boundaries; -1: none)")
     token_dtype: str = _f("", "dtype of headerless .bin token files without metadata: uint16 or uint32 "
                               "(default: the file's metadata, else uint16)")
+    allow_data_change: bool = _f(False, "with --resume: continue at the checkpoint's sample number even when "
+                                        "it was saved drawing from other data (another corpus, --seq-len, "
+                                        "--seed, --hdp, ...), instead of refusing")
     cross_document_attention: bool = _f(False, "let windows that pack several documents attend across them "
                                                "(plain causal packing) instead of within each document")
 

@@ -20,6 +20,7 @@ inside documents.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,14 +107,19 @@ def permute(indices, n: int, *keys: int) -> np.ndarray:
 @dataclass(frozen=True)
 class SamplePosition:
     """Where a run is in its data: sample number ``samples`` is the first of
-    step ``step`` (``epoch``/``index`` say where that is in the corpus)."""
+    step ``step`` (``epoch``/``index`` say where that is in the corpus).
+    ``fingerprint`` identifies what the samples are drawn from (`_Draws.fingerprint`:
+    the corpus's size and documents, the window length, the seed), so that a
+    resume can tell whether it continues the same data."""
     step: int
     samples: int
     epoch: int
     index: int
+    fingerprint: int = 0
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "samples": self.samples, "epoch": self.epoch, "index": self.index}
+        return {"step": self.step, "samples": self.samples, "epoch": self.epoch, "index": self.index,
+                "fingerprint": self.fingerprint}
 
 
 class _Draws:
@@ -153,7 +159,17 @@ class _Draws:
 
     def position(self, step: int) -> SamplePosition:
         g = self.sample_number(step, 0)
-        return SamplePosition(step, g, g // self.count, g % self.count)
+        return SamplePosition(step, g, g // self.count, g % self.count, self.fingerprint())
+
+    def describe(self) -> tuple:
+        """What the samples are drawn from (subclasses add their source)."""
+        return (type(self).__name__, self.count, self.seed, self.shuffle)
+
+    def fingerprint(self) -> int:
+        """A 63-bit digest of `describe` (the same on every rank and every run
+        that draws the same samples; the batch size is not part of it)."""
+        digest = hashlib.sha256(repr(self.describe()).encode()).digest()
+        return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
     def resume(self, position: SamplePosition | dict) -> None:
         """Continue from a saved position: step ``position.step`` starts at
@@ -184,6 +200,10 @@ class TokenWindows(_Draws):
                              f"--seq-len + 1 = {seq_len + 1} tokens (use more data or a shorter --seq-len)")
         super().__init__(batch_size, count, seed, shuffle)
         self.corpus, self.seq_len, self.documents = corpus, seq_len, documents
+
+    def describe(self) -> tuple:
+        c = self.corpus
+        return super().describe() + (self.seq_len, len(c), c.num_documents, self.documents)
 
     @property
     def num_windows(self) -> int:
@@ -230,6 +250,10 @@ class DocumentDraws(_Draws):
             raise ValueError(f"{corpus.name} has no document of two or more tokens to train on")
         super().__init__(batch_size, len(self.eligible), seed, shuffle=True)
         self.corpus, self.max_len, self._lengths = corpus, max_len, lengths
+
+    def describe(self) -> tuple:
+        c = self.corpus
+        return super().describe() + (self.max_len, len(c), c.num_documents)
 
     def documents(self, step: int, count: int | None = None) -> list[torch.Tensor]:
         """The ``count`` (default ``batch_size``) documents of step ``step``,

@@ -193,12 +193,23 @@ class TrainingCheckpoints:
             self._event(f"the checkpoint at {info.location} holds no data position: step {start} starts at "
                         f"sample {start} * --batch-size")
             return
-        self.data.resume({k: int(v) for k, v in saved.items()})
-        if int(saved["step"]) != start:
+        saved = {k: int(v) for k, v in saved.items()}
+        if saved["fingerprint"] != self.data.fingerprint():
+            what = (f"the checkpoint at {info.location} was saved drawing samples from other data than this "
+                    f"run's ({self.data.corpus.name}: another corpus, --seq-len, --seed, --val-fraction or "
+                    f"--hdp than when it was saved)")
+            if not self.cfg.data.allow_data_change:
+                raise ConfigError(f"{what}. Resume with the data it was saved with, or pass "
+                                  f"--allow-data-change to continue at its sample number on this data")
+            text = f"WARNING: {what}; continuing at sample {saved['samples']} of this data (--allow-data-change)"
+            log.warning(text)
+            self._event(text)
+        self.data.resume(saved)
+        if saved["step"] != start:
             raise checkpoint.InvalidCheckpointError(f"checkpoint {info.location}: its data position is for step "
-                                             f"{int(saved['step'])}, its progress says step {start}")
-        self._event(f"data: step {start} starts at sample {int(saved['samples'])} (epoch {int(saved['epoch'])}, "
-                    f"window {int(saved['index'])} of it)")
+                                                    f"{saved['step']}, its progress says step {start}")
+        self._event(f"data: step {start} starts at sample {saved['samples']} (epoch {saved['epoch']}, "
+                    f"item {saved['index']} of it)")
 
     def after_step(self, step: int) -> None:
         """Called after step ``step`` (0-based) completes."""

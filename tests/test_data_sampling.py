@@ -63,7 +63,12 @@ def test_resume_continues_at_the_saved_sample_even_with_another_batch_size():
     c = _corpus([100] * 5)
     w = TokenWindows(c, 4, 6, seed=1)
     position = w.position(5)
-    assert position == SamplePosition(5, 30, 30 // w.num_windows, 30 % w.num_windows)
+    assert position == SamplePosition(5, 30, 30 // w.num_windows, 30 % w.num_windows, w.fingerprint())
+    # what is drawn from: the batch size is not part of it, the data, window length and seed are
+    assert TokenWindows(c, 4, 3, seed=1).fingerprint() == w.fingerprint()
+    assert len({w.fingerprint(), TokenWindows(c, 5, 6, seed=1).fingerprint(),
+                TokenWindows(c, 4, 6, seed=2).fingerprint(), TokenWindows(c.slice(0, 400), 4, 6, seed=1).fingerprint(),
+                DocumentDraws(c, 6, 4, seed=1).fingerprint()}) == 5
     resumed = TokenWindows(c, 4, 3, seed=1)  # half the batch after the resume
     resumed.resume(position.to_dict())
     x, _ = w.batch(5, range(6))

@@ -84,6 +84,13 @@ def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_run(distribu
                                            "sp": 2}, timeout=150)[0]
     assert extra["start_step"] == 5
     assert np.allclose(first + other, reference, rtol=0, atol=1e-10)
+    # other data (another seed draws other windows): refused, unless asked for
+    with pytest.raises(Exception, match="saved drawing samples from other data"):
+        distributed(_train, 2, {**base, "steps": steps, "ckpt_url": url, "resume": True, "seed": 9},
+                    timeout=150)
+    changed, extra = distributed(_train, 2, {**base, "steps": 6, "ckpt_url": url, "resume": True, "seed": 9,
+                                             "allow_data_change": True}, timeout=150)[0]
+    assert extra["start_step"] == 5 and len(changed) == 1
 
 
 def _logits_with_one_document_changed(cfg_overrides, perturb_first_document: bool):
