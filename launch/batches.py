@@ -1,8 +1,6 @@
 """This rank's part of a global batch, as training and evaluation feed it to the model."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from loom.parallel import shard_batch
@@ -48,46 +46,15 @@ def to_device(tensors, device: torch.device) -> list:
     return out
 
 
-class StepBatches:
-    """This rank's micro-batches of each training step: ``grad_accum`` equal
-    parts of its data-parallel share of the global batch, each `rank_batch`.
-
-    When the device is not the CPU, the next step's batches are prepared on a
-    background thread while this step computes (the loader's host work and
-    copy overlap the device's work, as a DataLoader worker would); the data
-    are a pure function of (step, index), so prefetching changes nothing of
-    what a step sees.  On the CPU the loader runs inline: a thread there would
-    take the core the step itself runs on.  A loader error is raised by the
-    step that needs the batch."""
-
-    def __init__(self, data, mesh, layout: str, device: torch.device, *, batch_size: int, grad_accum: int = 1,
-                 prefetch: bool | None = None):
-        self.data, self.mesh, self.layout, self.device = data, mesh, layout, torch.device(device)
-        local = batch_size // mesh.dp
-        self.micro = local // grad_accum
-        self.starts = [mesh.dp_rank * local + k * self.micro for k in range(grad_accum)]
-        if prefetch is None:
-            prefetch = self.device.type != "cpu"
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loom-batches") if prefetch else None
-        self._next = None  # (step, future) of the prefetched step
-
-    def _fetch(self, step: int) -> list:
-        return [rank_batch(self.data, step, range(s, s + self.micro), self.mesh, self.layout, self.device)
-                for s in self.starts]
-
-    def get(self, step: int, next_step: int | None = None) -> list:
-        """``[(inputs, targets, context), ...]`` of ``step``; starts preparing
-        ``next_step``'s (when given and prefetching)."""
-        if self._next is not None and self._next[0] == step:
-            batches = self._next[1].result()
-        else:
-            batches = self._fetch(step)
-        self._next = None
-        if self._pool is not None and next_step is not None:
-            self._next = (next_step, self._pool.submit(self._fetch, next_step))
-        return batches
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._next = None, None
+def micro_batches(data, step: int, mesh, layout: str, device: torch.device, *, batch_size: int,
+                  grad_accum: int = 1) -> list:
+    """This rank's micro-batches of training step ``step``: ``grad_accum``
+    equal parts of its data-parallel share of the global batch, each a
+    `rank_batch` ``(inputs, targets, context)``.  (Preparing the next step on
+    a background thread was measured on an H200 and made the default job's
+    step slower, 15% against 6.6% inline: the loader and the kernel launches
+    contend for the interpreter lock; benchmarks/data_cuda.py.)"""
+    local = batch_size // mesh.dp
+    micro = local // grad_accum
+    starts = [mesh.dp_rank * local + k * micro for k in range(grad_accum)]
+    return [rank_batch(data, step, range(s, s + micro), mesh, layout, device) for s in starts]

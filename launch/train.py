@@ -14,7 +14,7 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
 
-from .batches import StepBatches
+from .batches import micro_batches
 from .checkpointing import TrainingCheckpoints
 from .config import ConfigError, JobConfig, hdp_capacity, sp_layout, varlen_options
 from .datasets import open_job_data
@@ -82,8 +82,6 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
     heldout = job_data.heldout
     eval_time, last_eval = 0.0, None
     start = ckpts.resume()
-    batches = StepBatches(data, mesh, layout, device, batch_size=cfg.train.batch_size,
-                          grad_accum=cfg.train.grad_accum)
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
                        f"nothing to train (raise --steps to continue)")
@@ -101,8 +99,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device, amp)
             tokens_per_step = sum(lengths)
         else:
-            upcoming = step + 1 if step + 1 < cfg.train.steps else None
-            loss = _forward_backward(model, batches.get(step, upcoming), amp)
+            loss = _forward_backward(model, micro_batches(data, step, mesh, layout, device,
+                                                          batch_size=cfg.train.batch_size,
+                                                          grad_accum=cfg.train.grad_accum), amp)
         tokens_done += tokens_per_step
         grads.sync()  # once per step, after every micro-batch's backward
         amp.unscale_(opt)  # fp16: true-scale gradients, inf/NaN agreed by every rank
@@ -131,7 +130,6 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             if reporter is not None:
                 reporter.step({"step": step, "split": "eval", **last_eval})
         ckpts.after_step(step)
-    batches.close()
     comms.set_step(None)
     loop_time = time.monotonic() - t_loop - eval_time  # training only
     ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
@@ -179,7 +177,7 @@ def compile_problem(device_type: str, which=shutil.which) -> str | None:
 
 def _forward_backward(model, micro_batches, amp: MixedPrecision) -> torch.Tensor:
     """This rank's share of the global batch, forward and backward in
-    --grad-accum equal micro-batches (`StepBatches`), their gradients summed in ``.grad``.
+    --grad-accum equal micro-batches (`micro_batches`), their gradients summed in ``.grad``.
     Returns this rank's loss (the mean over its share; detached).
 
     Every rank's loss is the mean over an equal share of the global batch's
