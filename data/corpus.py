@@ -244,8 +244,15 @@ class _Window:
 
 def first_outside(ids: np.ndarray, vocab: int) -> int | None:
     """Flat index of the first id of ``ids`` outside ``[0, vocab)``, None
-    when there is none (a max and a min on the common path)."""
-    if not ids.size or (int(ids.max()) < vocab and int(ids.min()) >= 0):
+    when there is none (one pass on the common path: a signed array viewed
+    as unsigned puts negative ids above every vocabulary)."""
+    if not ids.size:
+        return None
+    if ids.dtype.kind == "i" and ids.flags.c_contiguous:
+        inside = int(ids.view(ids.dtype.str.replace("i", "u")).max()) < vocab
+    else:
+        inside = int(ids.max()) < vocab and (ids.dtype.kind == "u" or int(ids.min()) >= 0)
+    if inside:
         return None
     return int(np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= vocab))[0])
 

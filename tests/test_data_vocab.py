@@ -226,3 +226,15 @@ def test_guard_follows_the_reference_model_not_a_users_model(tmp_path):
     assert user.train.vocab is None and user.heldout.vocab is None
     hdp = open_job_data(build_config(overrides={**base, "hdp": True}), 1)
     assert isinstance(hdp.train, DocumentDraws) and hdp.train.vocab == 32
+
+
+def test_first_outside_finds_negative_and_large_ids_in_any_layout():
+    from loom.data.corpus import first_outside
+    ids = np.arange(10)
+    assert first_outside(ids, 10) is None and first_outside(ids, 9) == 9
+    ids[3] = -1  # the one-pass unsigned view must still see a negative id
+    assert first_outside(ids, 10) == 3 and first_outside(ids.astype(np.int32), 10) == 3
+    assert first_outside(ids[::2], 10) is None and first_outside(ids[1::2], 10) == 1  # not contiguous
+    assert first_outside(np.array([[1, 2], [3, -4]]), 5) == 3
+    assert first_outside(np.arange(10, dtype=np.uint16), 5) == 5
+    assert first_outside(np.zeros((0, 4), dtype=np.int64), 1) is None
