@@ -238,3 +238,33 @@ def test_first_outside_finds_negative_and_large_ids_in_any_layout():
     assert first_outside(np.array([[1, 2], [3, -4]]), 5) == 3
     assert first_outside(np.arange(10, dtype=np.uint16), 5) == 5
     assert first_outside(np.zeros((0, 4), dtype=np.int64), 1) is None
+
+
+def _train_on_lying_corpus():
+    """In a worker (the memory filesystem is per process): the driver's checks pass, training stops at the
+    first step whose batch holds the bad id; returns (problems, the error, steps that ran first)."""
+    import torch.distributed as dist
+    from loom.launch.train import train
+    fs, root = fsspec.filesystem("memory"), f"/loomvocab-{uuid.uuid4().hex}"
+    fs.mkdir(root)
+    try:
+        url = lying_remote_corpus(fs, root)
+        cfg = validate(build_config(overrides=dict(
+            data=url, vocab=64, dim=16, heads=2, layers=1, seq_len=16, batch_size=4, val_fraction=0.0,
+            eval_every=0, steps=6, dtype="float64", dp=1, progress=False)), world_size=dist.get_world_size())
+        windows = open_job_data(cfg, 1).train
+        first_bad = next(s for s in range(6) if 170 // 16 in windows.items(s, range(4)).tolist())
+        try:
+            train(cfg)
+        except ValueError as exc:
+            return data_problems(cfg, 1), str(exc), first_bad
+        return data_problems(cfg, 1), None, first_bad
+    finally:
+        fs.rm(root, recursive=True)
+
+
+@pytest.mark.timeout(120)
+def test_training_stops_at_the_batch_with_the_bad_id(distributed):
+    problems, error, first_bad = distributed(_train_on_lying_corpus, 1, timeout=100)[0]
+    assert problems == [] and first_bad < 6  # the bad window is drawn within the run
+    assert error is not None and "token id 200 at offset 170" in error and "--vocab 64" in error
