@@ -26,4 +26,5 @@ def pydoc_corpus() -> Corpus:
     docs = [d for d in docs if len(d)]
     starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
     tokens = np.concatenate(docs).astype(np.uint8)
-    return Corpus(tokens, starts, name="pydoc_data.topics", vocab_size=tok.vocab_size, num_bytes=len(tokens))
+    return Corpus(tokens, starts, name="pydoc_data.topics", vocab_size=tok.vocab_size, num_bytes=len(tokens),
+                  max_token=int(tokens.max()))

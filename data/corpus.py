@@ -7,10 +7,15 @@ remote file read by ranges): a `Corpus` reads only the windows asked for.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .streams import ConcatTokens
+
+log = logging.getLogger("loom.data")
 
 SCAN_CHUNK = 1 << 22  # tokens per chunk when a whole corpus is scanned (max id, counts)
 
@@ -25,14 +30,21 @@ class Corpus:
     ``len(tokens)``; None: the whole stream is one document.
     ``vocab_size``: the tokenizer's vocabulary, when known.  ``num_bytes``:
     the UTF-8 bytes of the text the tokens came from, when known (for bits
-    per byte).  ``name``: what error messages call it.
+    per byte).  ``max_token``: the largest token id, when a source knows it
+    without reading the tokens (prepare's metadata; text tokenised in
+    memory); kept as ``max_token_bound``, an upper bound on every id (a
+    `slice` keeps its parent's, which may be larger than its own ids).
+    ``name``: what error messages call it.
 
     Raises ValueError when the document starts do not fit the tokens."""
 
     def __init__(self, tokens, doc_starts=None, *, name: str = "corpus", vocab_size: int | None = None,
-                 num_bytes: int | None = None):
+                 num_bytes: int | None = None, max_token: int | None = None):
         self.tokens, self.name = tokens, name
         self.vocab_size, self.num_bytes = vocab_size, num_bytes
+        if max_token is not None and (not isinstance(max_token, (int, np.integer)) or max_token < -1):
+            raise ValueError(f"{name}: max_token={max_token!r} must be a token id (an integer >= -1)")
+        self.max_token_bound = None if max_token is None else int(max_token)
         n = len(tokens)
         starts = np.zeros(1, dtype=np.int64) if doc_starts is None else \
             np.asarray(doc_starts, dtype=np.int64).reshape(-1)
@@ -103,7 +115,7 @@ class Corpus:
         num_bytes = None if self.num_bytes is None or not len(self) else \
             round(self.num_bytes * (stop - start) / len(self))
         return Corpus(_Window(self.tokens, start, stop), inner, name=name or f"{self.name}[{start}:{stop}]",
-                      vocab_size=self.vocab_size, num_bytes=num_bytes)
+                      vocab_size=self.vocab_size, num_bytes=num_bytes, max_token=self.max_token_bound)
 
     def split(self, val_fraction: float) -> tuple["Corpus", "Corpus | None"]:
         """(train, validation): the last ``val_fraction`` of the tokens, cut at
@@ -130,17 +142,57 @@ class Corpus:
         for a in range(0, len(self), SCAN_CHUNK):
             yield a, self.read(a, min(SCAN_CHUNK, len(self) - a))
 
+    @property
+    def local(self) -> bool:
+        """Whether the tokens are in memory or memory-mapped (``np.ndarray``,
+        ``np.memmap``, windows and concatenations of them): a whole scan
+        is cheap.  False for remote files read by ranges and anything else."""
+        return _is_local(self.tokens)
+
+    def source_offset(self, offset: int) -> int:
+        """Where token ``offset`` of this corpus is in the corpus it was
+        sliced from (itself when it is not a slice)."""
+        tokens = self.tokens
+        while isinstance(tokens, _Window):
+            offset, tokens = offset + tokens.start, tokens.tokens
+        return offset
+
+    def where(self, offset: int) -> str:
+        """How messages name token ``offset``: ``offset N`` (and its offset
+        in the whole corpus when this is a slice)."""
+        whole = self.source_offset(offset)
+        return f"offset {offset}" if whole == offset else f"offset {offset} (offset {whole} of the whole corpus)"
+
     def check_vocab(self, vocab: int) -> None:
-        """Raise ValueError naming the first token id outside ``[0, vocab)`` and where it is."""
+        """Raise ValueError naming the first token id outside ``[0, vocab)``
+        and where it is; return None when every id is inside.
+
+        In memory or memory-mapped tokens (`local`) are scanned chunk by
+        chunk (cheap, exact).  Other (remote) tokens are not read when
+        ``max_token_bound`` says every id is below ``vocab`` (metadata is
+        trusted here; `TokenWindows`/`DocumentDraws` given ``vocab`` check
+        every batch they read); without such a bound the whole corpus is
+        downloaded and scanned, with a warning through the
+        ``loom.data`` logger."""
+        bound = self.max_token_bound
+        if not self.local:
+            if bound is not None and bound < vocab:
+                log.debug("%s: metadata bounds its token ids by %d < vocab %d; not scanned", self.name, bound, vocab)
+                return
+            log.warning("%s: checking its token ids against --vocab %d reads the whole corpus (%d tokens) "
+                        "from remote storage%s", self.name, vocab, len(self),
+                        "" if bound is None else f" (its metadata's max_token {bound} is not below it)")
         for offset, chunk in self.scan():
-            bad = np.flatnonzero((chunk < 0) | (chunk >= vocab))
-            if len(bad):
-                i = int(bad[0])
-                need = self.max_token() + 1
+            i = first_outside(chunk, vocab)
+            if i is not None:
+                if not self.local and bound is not None and bound >= int(chunk[i]):
+                    need = bound + 1  # an upper bound on what the ids need; no second download
+                else:
+                    need = self.max_token() + 1
                 if self.vocab_size is not None and self.vocab_size > need:  # ids a part not scanned may use
                     need = f"{self.vocab_size} (its tokenizer's vocabulary)"
-                raise ValueError(f"{self.name}: token id {int(chunk[i])} at offset {offset + i} is outside the "
-                                 f"model's vocabulary [0, {vocab}): raise --vocab to at least "
+                raise ValueError(f"{self.name}: token id {int(chunk[i])} at {self.where(offset + i)} is outside "
+                                 f"the model's vocabulary [0, {vocab}): raise --vocab to at least "
                                  f"{need}, or use the tokenizer the corpus was made with")
 
     def max_token(self) -> int:
@@ -188,6 +240,31 @@ class _Window:
             raise TypeError("token windows are read by contiguous slices")
         a, b, _ = item.indices(len(self))
         return self.tokens[self.start + a:self.start + max(a, b)]
+
+
+def first_outside(ids: np.ndarray, vocab: int) -> int | None:
+    """Flat index of the first id of ``ids`` outside ``[0, vocab)``, None
+    when there is none (one pass on the common path: a signed array viewed
+    as unsigned puts negative ids above every vocabulary)."""
+    if not ids.size:
+        return None
+    if ids.dtype.kind == "i" and ids.flags.c_contiguous:
+        inside = int(ids.view(ids.dtype.str.replace("i", "u")).max()) < vocab
+    else:
+        inside = int(ids.max()) < vocab and (ids.dtype.kind == "u" or int(ids.min()) >= 0)
+    if inside:
+        return None
+    return int(np.flatnonzero((ids.reshape(-1) < 0) | (ids.reshape(-1) >= vocab))[0])
+
+
+def _is_local(tokens) -> bool:
+    if isinstance(tokens, np.ndarray):  # np.memmap included
+        return True
+    if isinstance(tokens, _Window):
+        return _is_local(tokens.tokens)
+    if isinstance(tokens, ConcatTokens):
+        return all(_is_local(p) for p in tokens.parts)
+    return False
 
 
 def _first_bad_start(starts: np.ndarray, n: int) -> str:

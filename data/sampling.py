@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .corpus import Corpus
+from .corpus import Corpus, first_outside
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _ROUNDS = 4
@@ -171,6 +171,23 @@ class _Draws:
         digest = hashlib.sha256(repr(self.describe()).encode()).digest()
         return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
+    def _guard(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``ids`` (int64, ``[rows, n]``, row ``r`` read from corpus offset
+        ``offsets[r]``) back unchanged when every id is below ``vocab`` (or
+        no ``vocab`` was given); else ValueError naming the corpus, the id,
+        its offset and --vocab."""
+        if self.vocab is None:
+            return ids
+        i = first_outside(ids, self.vocab)
+        if i is None:
+            return ids
+        r, c = divmod(i, ids.shape[-1])
+        corpus = self.corpus
+        raise ValueError(f"{corpus.name}: token id {int(ids.reshape(-1)[i])} at {corpus.where(int(offsets[r]) + c)} "
+                         f"is outside the model's vocabulary [0, {self.vocab}) (--vocab {self.vocab}), found in "
+                         "a batch: the data changed after it was checked, or its metadata's max_token is wrong; "
+                         "re-prepare the data (or fix its metadata) or raise --vocab")
+
     def resume(self, position: SamplePosition | dict) -> None:
         """Continue from a saved position: step ``position.step`` starts at
         sample number ``position.samples``."""
@@ -188,10 +205,14 @@ class TokenWindows(_Draws):
     ``shuffle``: a seeded permutation per epoch (False: windows in order,
     for held-out data).  ``documents``: return document boundaries
     (`cu_seqlens`); False packs documents with plain causal attention across
-    them.  Raises ValueError when the corpus is shorter than one window."""
+    them.  ``vocab``: the model's vocabulary; every batch read is then
+    checked (on the tokens already read: a max and a min) and an id outside
+    ``[0, vocab)`` raises ValueError naming the corpus, the id and its
+    offset (None: no check).  Raises ValueError when the corpus is shorter
+    than one window."""
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 documents: bool = True):
+                 documents: bool = True, vocab: int | None = None):
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be >= 1")
         count = (len(corpus) - 1) // seq_len
@@ -199,7 +220,7 @@ class TokenWindows(_Draws):
             raise ValueError(f"{corpus.name} holds {len(corpus)} tokens: shorter than one window of "
                              f"--seq-len + 1 = {seq_len + 1} tokens (use more data or a shorter --seq-len)")
         super().__init__(batch_size, count, seed, shuffle)
-        self.corpus, self.seq_len, self.documents = corpus, seq_len, documents
+        self.corpus, self.seq_len, self.documents, self.vocab = corpus, seq_len, documents, _vocab(vocab)
 
     def describe(self) -> tuple:
         c = self.corpus
@@ -218,8 +239,10 @@ class TokenWindows(_Draws):
 
     def batch(self, step: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each int64 ``[len(indices), seq_len]``, for
-        sample ``indices`` of global batch ``step``."""
-        seqs = torch.from_numpy(self.corpus.read_windows(self._starts(step, indices), self.seq_len + 1))
+        sample ``indices`` of global batch ``step``.  Raises ValueError for
+        an id outside ``[0, vocab)`` when ``vocab`` was given."""
+        starts = self._starts(step, indices)
+        seqs = torch.from_numpy(self._guard(self.corpus.read_windows(starts, self.seq_len + 1), starts))
         return seqs[:, :-1], seqs[:, 1:]
 
     def cu_seqlens(self, step: int, indices) -> torch.Tensor | None:
@@ -238,10 +261,11 @@ class DocumentDraws(_Draws):
     """Whole documents of ``corpus`` for variable-length batches (hybrid data
     parallelism): sample ``g`` is document ``permutation_epoch[g % n]`` of the
     ``n`` documents with at least two tokens, its first ``max_len + 1``
-    tokens (a longer document is cut there).  Raises ValueError when no
-    document has two tokens."""
+    tokens (a longer document is cut there).  ``vocab``: as for
+    `TokenWindows`, every document read is checked against it.  Raises
+    ValueError when no document has two tokens."""
 
-    def __init__(self, corpus: Corpus, batch_size: int, max_len: int, *, seed: int = 0):
+    def __init__(self, corpus: Corpus, batch_size: int, max_len: int, *, seed: int = 0, vocab: int | None = None):
         if max_len < 1:
             raise ValueError(f"max_len={max_len} must be >= 1")
         lengths = corpus.doc_lengths()
@@ -249,7 +273,7 @@ class DocumentDraws(_Draws):
         if not len(self.eligible):
             raise ValueError(f"{corpus.name} has no document of two or more tokens to train on")
         super().__init__(batch_size, len(self.eligible), seed, shuffle=True)
-        self.corpus, self.max_len, self._lengths = corpus, max_len, lengths
+        self.corpus, self.max_len, self._lengths, self.vocab = corpus, max_len, lengths, _vocab(vocab)
 
     def describe(self) -> tuple:
         c = self.corpus
@@ -257,10 +281,18 @@ class DocumentDraws(_Draws):
 
     def documents(self, step: int, count: int | None = None) -> list[torch.Tensor]:
         """The ``count`` (default ``batch_size``) documents of step ``step``,
-        each int64 ``[length + 1]`` (inputs and shifted targets), length <= max_len."""
+        each int64 ``[length + 1]`` (inputs and shifted targets), length <= max_len.
+        Raises ValueError for an id outside ``[0, vocab)`` when ``vocab`` was given."""
         docs = self.eligible[self.items(step, range(self.batch_size if count is None else count))]
         out = []
         for d in docs:
             n = min(int(self._lengths[d]), self.max_len + 1)
-            out.append(torch.from_numpy(self.corpus.read(int(self.corpus.doc_starts[d]), n)))
+            start = int(self.corpus.doc_starts[d])
+            out.append(torch.from_numpy(self._guard(self.corpus.read(start, n)[None], np.array([start]))[0]))
         return out
+
+
+def _vocab(vocab) -> int | None:
+    if vocab is not None and (not isinstance(vocab, (int, np.integer)) or isinstance(vocab, bool) or vocab < 1):
+        raise ValueError(f"vocab={vocab!r} must be the model's vocabulary size (an integer >= 1) or None")
+    return None if vocab is None else int(vocab)

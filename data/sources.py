@@ -101,8 +101,9 @@ def open_corpus(paths, *, tokenizer=None, text_field: str = "text", eod_token: i
     without metadata (default uint16).  ``doc_index``: a document index for
     the one token file given (instead of its ``X.docs.npy`` sidecar).
 
-    ``vocab_size`` / ``num_bytes`` of the result: known when every file
-    knows them (the tokenizer's vocabulary; prepare's metadata).  Single
+    ``vocab_size`` / ``num_bytes`` / ``max_token_bound`` of the result:
+    known when every file knows them (the tokenizer's vocabulary; prepare's
+    metadata; text tokenised here knows its largest id exactly).  Single
     local token file: ``corpus.tokens`` is its `np.memmap`.
 
     Raises FileNotFoundError (missing file, empty glob) or ValueError
@@ -157,4 +158,6 @@ def open_corpus(paths, *, tokenizer=None, text_field: str = "text", eod_token: i
     vocabs, nbytes = [p.vocab_size for p in parts], [p.num_bytes for p in parts]
     vocab = max(vocabs) if all(v is not None for v in vocabs) else None
     num_bytes = sum(nbytes) if all(b is not None for b in nbytes) else None
-    return Corpus(tokens, starts, name=name, vocab_size=vocab, num_bytes=num_bytes)
+    maxes = [p.max_token for p in parts]
+    max_token = max(maxes) if all(m is not None for m in maxes) else None
+    return Corpus(tokens, starts, name=name, vocab_size=vocab, num_bytes=num_bytes, max_token=max_token)

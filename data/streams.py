@@ -99,13 +99,16 @@ def _dtype(tokens) -> np.dtype:
 class Part:
     """One source file as a piece of a corpus: its tokens, the document
     starts inside it (int64, relative, from 0), and what it knows of its
-    tokenizer (``{"name", "sha256"}`` or None), vocabulary and text bytes."""
+    tokenizer (``{"name", "sha256"}`` or None), vocabulary, text bytes and
+    largest token id (``max_token``: from metadata or the tokens in memory;
+    None when unknown without a scan)."""
     name: str
     tokens: object
     starts: np.ndarray
     vocab_size: int | None = None
     num_bytes: int | None = None
     tokenizer: dict | None = None
+    max_token: int | None = None
 
 
 def eod_starts(tokens, eod_token: int, chunk: int) -> np.ndarray:

@@ -159,4 +159,5 @@ def tokenize_file(fs, path: str, display: str, tokenizer, text_field: str = "tex
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(docs) else \
         np.zeros(0, dtype=np.int64)
     tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=dtype)
-    return Part(display, tokens, starts, tokenizer.vocab_size, num_bytes, tokenizer_identity(tokenizer))
+    max_token = int(tokens.max()) if len(tokens) else -1
+    return Part(display, tokens, starts, tokenizer.vocab_size, num_bytes, tokenizer_identity(tokenizer), max_token)

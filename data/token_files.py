@@ -215,8 +215,9 @@ def open_token_file(fs, path: str, display: str, *, local: bool, token_dtype=Non
                          "`loom data prepare`, or remove the metadata to read the file as one document")
     if starts is None:
         starts = np.zeros(1 if count else 0, dtype=np.int64)
-    return Part(display, tokens, starts, None if meta is None else meta.get("vocab_size"),
-                None if meta is None else meta.get("bytes"), None if meta is None else meta.get("tokenizer"))
+    meta = meta or {}
+    return Part(display, tokens, starts, meta.get("vocab_size"), meta.get("bytes"), meta.get("tokenizer"),
+                meta.get("max_token"))
 
 
 def display_sibling(display: str, suffix: str) -> str:

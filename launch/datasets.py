@@ -6,6 +6,9 @@ synthetic task) and the held-out one, all pure functions of (seed, step,
 index).  `data_problems` opens the same data on the driver before any worker
 starts, so a missing file, an empty corpus, a token id outside the model's
 vocabulary or a corpus shorter than one window is a ConfigError there.
+The driver's vocabulary check reads no remote corpus whose metadata bounds
+its ids (see `Corpus.check_vocab`); the workers' sources check every batch
+they read against loom's reference model's ``--vocab``.
 """
 from __future__ import annotations
 
@@ -69,16 +72,19 @@ def open_job_data(cfg, world: int, corpora: tuple[Corpus, Corpus | None] | None 
         return JobData(data, data.heldout())
     train, val = corpora or open_corpora(cfg)
     documents = not cfg.data.cross_document_attention
+    # loom's reference model: every batch is checked against --vocab (the driver's check trusts remote metadata);
+    # a user's --model says its vocabulary only at its first forward
+    vocab = None if t.model else cfg.model.vocab
     if cfg.parallel.hdp:
         from .config import varlen_options
-        source = DocumentDraws(train, t.batch_size, varlen_options(cfg)["max_len"], seed=t.seed)
+        source = DocumentDraws(train, t.batch_size, varlen_options(cfg)["max_len"], seed=t.seed, vocab=vocab)
     else:
-        source = TokenWindows(train, t.seq_len, t.batch_size, seed=t.seed, documents=documents)
+        source = TokenWindows(train, t.seq_len, t.batch_size, seed=t.seed, documents=documents, vocab=vocab)
     # held-out windows in a fixed spread-out order: every evaluation reads the same ones (none without eval)
     heldout = None
     if val is not None and t.eval_every:
         try:
-            heldout = TokenWindows(val, t.seq_len, t.batch_size, seed=t.seed, documents=documents)
+            heldout = TokenWindows(val, t.seq_len, t.batch_size, seed=t.seed, documents=documents, vocab=vocab)
         except ValueError as exc:  # e.g. a held-out split shorter than one window
             raise ValueError(f"{exc}; it is the held-out data of --eval-every: give more (--val-fraction, "
                              f"--val-data) or --eval-every 0") from exc
