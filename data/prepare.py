@@ -30,6 +30,7 @@ import time
 import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
 
+from .corpus import Corpus
 from .sources import expand, kind_of, open_corpus
 from .text import TEXT_KINDS, encoded, token_dtype_for
 from .token_files import FORMAT, MAX_SIDECAR_BYTES, VERSION, write_metadata
@@ -198,9 +199,9 @@ def inspect(paths, **open_kwargs) -> dict:
     "tokens", "vocab_size", "max_token", "bytes", "tokens_per_byte",
     "lengths": {"min", "mean", "p10", "p50", "p90", "p99", "max"},
     "histogram": [{"lo", "hi", "count"}]}`` (document lengths in tokens;
-    bins ``[lo, hi)`` by powers of two).  ``open_kwargs`` go to
-    `open_corpus`; its errors are raised."""
-    corpus = open_corpus(paths, **open_kwargs)
+    bins ``[lo, hi)`` by powers of two).  ``paths`` may also be an open
+    `Corpus`; else ``open_kwargs`` go to `open_corpus`, whose errors are raised."""
+    corpus = paths if isinstance(paths, Corpus) else open_corpus(paths, **open_kwargs)
     lengths = corpus.doc_lengths()
     top = int(lengths.max())
     edges = [1]
@@ -208,7 +209,8 @@ def inspect(paths, **open_kwargs) -> dict:
         edges.append(edges[-1] * 2)
     counts = np.histogram(lengths, bins=edges)[0]
     return {
-        "name": corpus.name, "files": len(expand(paths)), "documents": corpus.num_documents, "tokens": len(corpus),
+        "name": corpus.name, "files": 1 if isinstance(paths, Corpus) else len(expand(paths)),
+        "documents": corpus.num_documents, "tokens": len(corpus),
         "vocab_size": corpus.vocab_size, "max_token": corpus.max_token(), "bytes": corpus.num_bytes,
         "tokens_per_byte": None if not corpus.num_bytes else len(corpus) / corpus.num_bytes,
         "lengths": {"min": int(lengths.min()), "mean": float(lengths.mean()),

@@ -42,7 +42,7 @@ def token_dtype_for(vocab_size: int) -> np.dtype:
 def _txt(fs, path: str, display: str):
     raw = fs.cat_file(path)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise ValueError(f"{display}: not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8") from exc
     docs = split_txt(text)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args, to_toml, validate
@@ -131,7 +132,12 @@ def _data(args) -> int:
                   f"in {meta['documents']:,} documents from {meta['bytes']:,} bytes of text "
                   f"(tokenizer {meta['tokenizer']['name']}, vocab {meta['vocab_size']:,})")
         else:
-            print(format_inspect(inspect(args.paths, tokenizer=args.tokenizer, text_field=args.text_field,
+            from loom.data.config import BUILTIN
+            paths = args.paths
+            if paths == [BUILTIN] and not os.path.exists(BUILTIN):  # loom train's default corpus
+                from loom.data.builtin import pydoc_corpus
+                paths = pydoc_corpus()
+            print(format_inspect(inspect(paths, tokenizer=args.tokenizer, text_field=args.text_field,
                                          eod_token=args.eod_token, token_dtype=args.token_dtype)))
     except (OSError, ValueError) as exc:  # a missing or unreadable file, bad content
         print(f"loom data {args.data_command}: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -135,3 +135,11 @@ def test_prepare_killed_while_renaming_leaves_no_metadata(texts, tmp_path, monke
     monkeypatch.undo()
     assert not os.path.exists(stem + ".json")  # nothing vouches for the new .bin with the old index
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_cli_inspects_the_builtin_corpus(capsys, tmp_path, monkeypatch):
+    from loom.launch.cli import main
+    monkeypatch.chdir(tmp_path)  # no file named pydoc here
+    assert main(["data", "inspect", "pydoc"]) == 0
+    out = capsys.readouterr().out
+    assert "pydoc_data.topics" in out and "documents  79" in out

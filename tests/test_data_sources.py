@@ -312,3 +312,11 @@ def test_missing_tokenizers_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tokenizers)
     with pytest.raises(ValueError, match=r"pip install 'loom-train\[data\]'"):
         HFTokenizer(str(tmp_path / "t.json"))
+
+
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path):
+    from loom.data import open_corpus
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffHello.\n".encode("utf-8"))
+    corpus = open_corpus(str(path))
+    assert bytes(corpus.read(0, len(corpus)).tolist()) == b"Hello.\n"
