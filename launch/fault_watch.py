@@ -250,7 +250,13 @@ class DriverWatch:
         """New faults since the last poll; returns the fault that stops the job, if any.
         ``final``: the workers are done, analyse everything they reported."""
         import ray
-        lines = ray.get(self.actor.poll.remote(final), timeout=timeout)
+        try:
+            lines = ray.get(self.actor.poll.remote(final), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            # an overloaded machine: the monitor's report is late, not the job's failure
+            log.warning("the fault monitor did not answer within %.0f s; %s", timeout,
+                        "its last report is lost" if final else "asking again at the next poll")
+            return self.stopping
         if self.log is not None:
             self.log.write(lines)
         for entry in lines["faults"]:

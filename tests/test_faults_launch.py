@@ -322,3 +322,30 @@ def test_faults_report_cannot_write_its_png_in_one_line(tmp_path, capsys):
     assert main(["faults", "report", str(tmp_path), "--png", str(tmp_path / "no" / "such" / "w.png")]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and err.count("\n") == 1
+
+
+def test_a_late_monitor_answer_is_a_warning_not_the_jobs_failure(monkeypatch, caplog):
+    """On an overloaded machine the monitor actor may answer a poll late:
+    the driver warns and asks again instead of failing the job with a traceback."""
+    import logging
+
+    import ray
+
+    from loom.launch.fault_watch import DriverWatch
+
+    class _Actor:
+        class poll:
+            @staticmethod
+            def remote(final):
+                return "ref"
+
+    def late(ref, timeout=None):
+        raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    watch = DriverWatch.__new__(DriverWatch)
+    watch.actor, watch.log, watch.stopping, watch.faults = _Actor(), None, None, []
+    monkeypatch.setattr(ray, "get", late)
+    with caplog.at_level(logging.WARNING, logger="loom.launch"):
+        assert watch.poll(timeout=0.1) is None
+        assert watch.poll(timeout=0.1, final=True) is None
+    assert "did not answer" in caplog.text and "last report is lost" in caplog.text
