@@ -164,18 +164,27 @@ class TrainingCheckpoints:
             what = (f"the checkpoint at {location} was trained with another learning-rate schedule "
                     f"({'; '.join(changes)}): at step {step} it gives lr {old.lr_at(step):.6g}, this run's "
                     f"gives {self.schedule.lr_at(step):.6g}")
-            if not self.cfg.train.allow_lr_schedule_change:
-                raise ConfigError(f"{what}. Pass the checkpoint's values again to continue its schedule, "
-                                  f"or --allow-lr-schedule-change to continue with this run's")
-            text = f"WARNING: {what}; continuing with this run's schedule (--allow-lr-schedule-change)"
-            log.warning(text)
-            self._event(text)
+            self._changed(what, allowed=self.cfg.train.allow_lr_schedule_change, flag="--allow-lr-schedule-change",
+                          refuse="Pass the checkpoint's values again to continue its schedule, or "
+                                 "--allow-lr-schedule-change to continue with this run's",
+                          going_on="continuing with this run's schedule")
         elif not saved:
             text = (f"WARNING: the checkpoint at {location} does not record its learning-rate schedule "
                     f"(saved before loom kept it); continuing with this run's")
             log.warning(text)
             self._event(text)
         restore(self.scheduler, self.schedule)
+
+    def _changed(self, what: str, *, allowed: bool, flag: str, refuse: str, going_on: str) -> None:
+        """A resume whose checkpoint differs from this run in ``what``:
+        ConfigError (on every rank alike: settings and checkpoint are the same
+        everywhere) saying ``refuse``, unless ``flag`` allowed it; then a loud
+        warning that the run goes on as ``going_on`` says."""
+        if not allowed:
+            raise ConfigError(f"{what}. {refuse}")
+        text = f"WARNING: {what}; {going_on} ({flag})"
+        log.warning(text)
+        self._event(text)
 
     def _resume_scaler(self, info, saved: dict) -> None:
         """The fp16 loss scaler from ``info``'s checkpoint, or a fresh one when
@@ -198,12 +207,10 @@ class TrainingCheckpoints:
             what = (f"the checkpoint at {info.location} was saved drawing samples from other data than this "
                     f"run's ({self.data.corpus.name}: another corpus, --seq-len, --seed, --val-fraction or "
                     f"--hdp than when it was saved)")
-            if not self.cfg.data.allow_data_change:
-                raise ConfigError(f"{what}. Resume with the data it was saved with, or pass "
-                                  f"--allow-data-change to continue at its sample number on this data")
-            text = f"WARNING: {what}; continuing at sample {saved['samples']} of this data (--allow-data-change)"
-            log.warning(text)
-            self._event(text)
+            self._changed(what, allowed=self.cfg.data.allow_data_change, flag="--allow-data-change",
+                          refuse="Resume with the data it was saved with, or pass --allow-data-change to "
+                                 "continue at its sample number on this data",
+                          going_on=f"continuing at sample {saved['samples']} of this data")
         self.data.resume(saved)
         if saved["step"] != start:
             raise checkpoint.InvalidCheckpointError(f"checkpoint {info.location}: its data position is for step "

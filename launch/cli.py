@@ -53,13 +53,18 @@ def _ckpt(args) -> int:
                                       loom_url=args.loom_url)
             print(f"wrote {location}")
     except (FileNotFoundError, ValueError) as exc:
-        print(f"loom ckpt {args.ckpt_command}: error: {ck.one_line(exc)}", file=sys.stderr)
-        return 1
+        return _error(f"loom ckpt {args.ckpt_command}", exc)
     except Exception as exc:  # noqa: BLE001 - anything else: one line, not a traceback
-        print(f"loom ckpt {args.ckpt_command}: error: {type(exc).__name__}: {ck.one_line(exc)}",
-              file=sys.stderr)
-        return 1
+        return _error(f"loom ckpt {args.ckpt_command}", exc, kind=True)
     return 0
+
+
+def _error(command: str, exc: BaseException, kind: bool = False) -> int:
+    """One line on stderr for a failed command (``kind``: with the
+    exception's type, for errors that are not the user's input); exit status 1."""
+    from loom.checkpoint.cli import one_line
+    print(f"{command}: error: {type(exc).__name__ + ': ' if kind else ''}{one_line(exc)}", file=sys.stderr)
+    return 1
 
 
 def _add_ckpt_parser(sub) -> None:
@@ -140,12 +145,9 @@ def _data(args) -> int:
             print(format_inspect(inspect(paths, tokenizer=args.tokenizer, text_field=args.text_field,
                                          eod_token=args.eod_token, token_dtype=args.token_dtype)))
     except (OSError, ValueError) as exc:  # a missing or unreadable file, bad content
-        print(f"loom data {args.data_command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        return _error(f"loom data {args.data_command}", exc)
     except Exception as exc:  # noqa: BLE001 - anything else (a tokenizer's own errors): one line, no traceback
-        print(f"loom data {args.data_command}: error: {type(exc).__name__}: {' '.join(str(exc).split())}",
-              file=sys.stderr)
-        return 1
+        return _error(f"loom data {args.data_command}", exc, kind=True)
     return 0
 
 

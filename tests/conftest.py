@@ -27,3 +27,17 @@ def distributed(_pools):
         return pool.run(fn, *args, timeout=timeout, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def mem():
+    """A fresh folder on fsspec's (process-wide) memory filesystem: ``(fs,
+    "/<dir>")``; its URLs are ``memory://<dir>/...``.  Removed afterwards."""
+    import uuid
+
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    root = f"/loomtest-{uuid.uuid4().hex}"
+    fs.mkdir(root)
+    yield fs, root
+    fs.rm(root, recursive=True)

@@ -152,3 +152,28 @@ def train_rows(metrics_path) -> list[dict]:
     with open(metrics_path) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     return [r for r in rows if r.get("split", "train") == "train"]
+
+
+def recurrence(q, k, v, g, scale=1.0):
+    """S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t from S = 0, o_t = scale q_t S_t,
+    token by token; q, k, g [b, s, h, d_k], v [b, s, h, d_v].  Returns o and
+    every S_t [b, s, h, d_k, d_v]."""
+    import torch
+    state = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype)
+    outs, states = [], []
+    for t in range(q.shape[1]):
+        state = g[:, t].exp()[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", scale * q[:, t], state))
+        states.append(state)
+    if not outs:
+        return v[:, :0], state[:, None][:, :0]
+    return torch.stack(outs, 1), torch.stack(states, 1)
+
+
+def value_error(fn) -> str | None:
+    """The message of the ValueError ``fn()`` raises, or None when it returns."""
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -121,27 +121,6 @@ def test_vocab_error_suggests_the_tokenizers_vocabulary(tmp_path):
         train.check_vocab(256)
 
 
-def test_prepare_killed_while_renaming_leaves_no_stale_index(tmp_path, monkeypatch):
-    """A new .bin must never sit beside the old corpus's document index (which may fit it silently)."""
-    (tmp_path / "old.txt").write_text("one\n\n\ntwo\n\n\nthree\n\n\nfour and more\n")
-    (tmp_path / "new.txt").write_text("a single longer document of new text\n")
-    stem = str(tmp_path / "c")
-    prepare(str(tmp_path / "old.txt"), stem, workers=1)
-    module = sys.modules["loom.data.prepare"]
-    real = os.replace
-
-    def die_on_docs(src, dst):
-        if dst.endswith(".docs.npy"):
-            raise KeyboardInterrupt  # killed between the renames
-        real(src, dst)
-
-    monkeypatch.setattr(module.os, "replace", die_on_docs)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(str(tmp_path / "new.txt"), stem, workers=1)
-    monkeypatch.undo()
-    assert not os.path.exists(stem + ".json") and not os.path.exists(stem + ".docs.npy")
-
-
 def test_cli_data_never_prints_a_traceback(tmp_path, capsys):
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     assert main(["data", "inspect", str(tmp_path / "deep.jsonl")]) == 1

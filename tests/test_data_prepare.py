@@ -134,6 +134,7 @@ def test_prepare_killed_while_renaming_leaves_no_metadata(texts, tmp_path, monke
         prepare(str(texts / "a.txt"), stem, workers=1)
     monkeypatch.undo()
     assert not os.path.exists(stem + ".json")  # nothing vouches for the new .bin with the old index
+    assert not os.path.exists(stem + ".docs.npy")  # whose offsets might fit it silently
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 

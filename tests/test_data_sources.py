@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import uuid
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -20,16 +18,6 @@ def docs_of(corpus) -> list[list[int]]:
 
 def byte_docs(*texts) -> list[list[int]]:
     return [list(t.encode("utf-8")) for t in texts]
-
-
-@pytest.fixture
-def mem():
-    """A fresh folder on fsspec's (process-wide) memory filesystem: (fs, 'memory://<dir>')."""
-    fs = fsspec.filesystem("memory")
-    root = f"/loomtest-{uuid.uuid4().hex}"
-    fs.mkdir(root)
-    yield fs, root
-    fs.rm(root, recursive=True)
 
 
 def write_tokens(path, tokens, dtype="uint16", docs=None, meta=None):

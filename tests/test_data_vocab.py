@@ -16,16 +16,6 @@ from loom.launch.config import build_config, validate
 from loom.launch.datasets import data_problems, open_job_data
 
 
-@pytest.fixture
-def mem():
-    """A fresh folder on fsspec's memory filesystem: (fs, '/<dir>'); URLs are memory://<dir>/..."""
-    fs = fsspec.filesystem("memory")
-    root = f"/loomvocab-{uuid.uuid4().hex}"
-    fs.mkdir(root)
-    yield fs, root
-    fs.rm(root, recursive=True)
-
-
 def put_tokens(fs, stem, tokens, docs=None, max_token="true", vocab_size=None):
     """``stem``.npy (uint16) on ``fs`` with its metadata; ``max_token``: "true" (the real
     largest id), None (field left out, no metadata at all when ``docs`` is None too) or a

@@ -21,6 +21,7 @@ from loom.parallel import (LinearAttention, ModelConfig, Transformer, apply_acti
 from loom.parallel.attention_blocks import Documents
 from loom.parallel.hdp import HDPAttention
 from loom.parallel.ring_attention import make_spec, ring_work, run_ring
+from helpers import value_error
 
 F64 = torch.float64
 ATOL = 1e-10
@@ -300,11 +301,7 @@ def _bad_calls():
     errors = {}
 
     def attempt(name, fn):
-        try:
-            fn()
-            errors[name] = None
-        except ValueError as exc:
-            errors[name] = str(exc)
+        errors[name] = value_error(fn)
 
     ok = torch.tensor([0, 5, 12, 20, 24])
     attempt("missing row", lambda: ring_attention(q, q, q, causal=True, cu_seqlens=torch.tensor([0, 5, 24])))

@@ -10,20 +10,9 @@ from loom import comms
 from loom.parallel import (ModelConfig, Transformer, enable_sequence_parallel, linear_attention,
                            local_linear_attention, next_token_loss)
 
-from helpers import single_process_losses
+from helpers import recurrence, single_process_losses
 
 B, H, D_K, D_V = 2, 2, 4, 3
-
-
-def recurrence(q, k, v, g, scale=1.0):
-    """S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t, o_t = scale q_t S_t; returns o and every S_t."""
-    state = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype)
-    outs, states = [], []
-    for t in range(q.shape[1]):
-        state = g[:, t].exp()[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", scale * q[:, t], state))
-        states.append(state)
-    return torch.stack(outs, 1), torch.stack(states, 1)
 
 
 def _inputs(seq, seed=0, dtype=torch.float64, edges=True):

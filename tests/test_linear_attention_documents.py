@@ -10,24 +10,11 @@ import torch.distributed as dist
 from loom.parallel import (ModelConfig, Transformer, enable_sequence_parallel, linear_attention,
                            local_linear_attention, next_token_loss, sequence_parallel_core, shard_batch,
                            unshard_sequence)
+from helpers import recurrence
+
 
 B, H, D_K, D_V = 2, 2, 4, 3
 ATOL = 1e-10
-
-
-def recurrence(q, k, v, g, scale):
-    """S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t from S = 0, o_t = scale q_t S_t,
-    token by token; q, k, g [b, s, h, d_k], v [b, s, h, d_v].  Returns o and
-    every S_t [b, s, h, d_k, d_v]."""
-    state = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype)
-    outs, states = [], []
-    for t in range(q.shape[1]):
-        state = g[:, t].exp()[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", scale * q[:, t], state))
-        states.append(state)
-    if not outs:
-        return v[:, :0], state[:, None][:, :0]
-    return torch.stack(outs, 1), torch.stack(states, 1)
 
 
 def per_document(q, k, v, g, rows, scale):

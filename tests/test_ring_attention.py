@@ -17,7 +17,7 @@ from loom.parallel import ring_attention, shard_sequence, ulysses_attention, uns
 from loom.parallel.attention_blocks import block_backward, block_forward, merge_partials
 from loom.parallel.ring_attention import make_spec, ring_work, run_ring
 
-from helpers import train_losses
+from helpers import train_losses, value_error
 
 F64 = torch.float64
 ATOL = 1e-10
@@ -318,11 +318,7 @@ def _mismatches():
     errors = {}
 
     def attempt(name, fn):
-        try:
-            fn()
-            errors[name] = None
-        except ValueError as exc:
-            errors[name] = str(exc)
+        errors[name] = value_error(fn)
 
     s = 6 if rank != 1 else 8   # rank 1 has a different seq_local
     q = torch.randn(1, s, 2, 4, dtype=F64)
