@@ -16,9 +16,10 @@ class DataConfig:
     data: str = _f(BUILTIN, "training data: token files (.bin/.npy, memory-mapped), text (.txt/.jsonl/.parquet, "
                             "tokenised on load), several joined by commas or a glob, paths or fsspec URLs; "
                             f"'{BUILTIN}': the Python reference documentation every installation carries "
-                            f"(byte-level); '{SYNTHETIC}': a synthetic learnable task", metavar="PATH_OR_URL")
+                            f"(byte-level); '{SYNTHETIC}': a synthetic learnable task (in a job file also a list)",
+                 metavar="PATH_OR_URL", joins=",")
     val_data: str = _f("", "held-out data for --eval-every (same forms as --data; default: --val-fraction of "
-                           "--data)", metavar="PATH_OR_URL")
+                           "--data)", metavar="PATH_OR_URL", joins=",")
     val_fraction: float = _f(0.05, "without --val-data: the last fraction of --data's tokens (cut at a document "
                                    "start) held out for evaluation and never trained on (0: none)")
     tokenizer: str = _f("", "text tokenizer: a Hugging Face tokenizers file (tokenizer.json, local) or 'byte' "

@@ -292,6 +292,10 @@ def _coerce(opt: Option, value):
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where}={value!r} must be true or false")
+    if typ is str and isinstance(value, (list, tuple)) and f.metadata.get("joins"):
+        value = f.metadata["joins"].join(str(v) for v in value)  # a TOML list of paths
+    elif typ is str and isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{where}={value!r} must be a string")
     if typ is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     try:

@@ -198,3 +198,11 @@ def test_a_run_directory_that_cannot_be_made_is_a_clear_error(tmp_path, capsys):
 def test_model_args_that_is_not_a_table_is_named():
     with pytest.raises(ConfigError, match=r"\[train\] model_args=3 must be a table"):
         build_config({"train": {"model_args": 3}})
+
+
+def test_a_job_file_may_list_data_files_but_no_other_string_option_takes_a_list():
+    from loom.launch.config import ConfigError, build_config
+    cfg = build_config({"data": {"data": ["a.bin", "shards/*.npy"], "val_data": ["v.bin"]}})
+    assert cfg.data.paths == ["a.bin", "shards/*.npy"] and cfg.data.val_paths == ["v.bin"]
+    with pytest.raises(ConfigError, match=r"\[job\] name=\['x'\] must be a string"):
+        build_config({"job": {"name": ["x"]}})
