@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
+from loom.data import DocumentDraws
 from loom.parallel import (ExpertParallelGradientSync, HDPCost, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
@@ -206,7 +207,7 @@ def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, co
     With --grad-accum N the batch's sequences go in N equal groups, each
     scheduled and run on its own; a group's loss is the per-token mean over
     its tokens, so it is weighted by its share of the batch's tokens."""
-    if hasattr(data, "documents"):  # real documents (loom.data.DocumentDraws), their own lengths
+    if isinstance(data, DocumentDraws):  # real documents, their own lengths
         sequences = data.documents(step)
         lengths = [len(s) - 1 for s in sequences]
     else:  # the synthetic task's lognormal lengths
