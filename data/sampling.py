@@ -224,7 +224,7 @@ class TokenWindows(_Draws):
 
     def describe(self) -> tuple:
         c = self.corpus
-        return super().describe() + (self.seq_len, len(c), c.num_documents, self.documents)
+        return super().describe() + (self.seq_len, len(c), c.num_documents)  # the samples, not the masking
 
     @property
     def num_windows(self) -> int:
