@@ -19,7 +19,8 @@ Needs a CUDA device (run where one is lent).  Three parts:
    taken: it is slower).
 3. The cost of document masking on a GPU at a realistic size (dim 1024,
    8 layers, 16 heads, batch 8 x 2048 tokens, bf16 autocast): a training step
-   with ``cu_seqlens`` (SDPA with a bool mask) against plain causal packing
+   with ``cu_seqlens`` (the kernel `loom.parallel.varlen` picks there: varlen
+   flash attention, else SDPA with a bool mask) against plain causal packing
    (SDPA's flash kernel), side by side.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from loom.launch.batches import micro_batches, rank_batch
 from loom.parallel import Transformer, local_attention, local_linear_attention, next_token_loss, ring_attention
 from loom.parallel.model import ModelConfig
 from loom.parallel.ulysses import ulysses_attention
+from loom.parallel.varlen import kernel_for
 
 
 def reference(q, k, v, bounds, seq):
@@ -80,7 +82,9 @@ def exactness(device) -> list[dict]:
             grads = torch.autograd.grad(out, (q, k, v), dout.to(device=device, dtype=dtype))
             err = (out.double().cpu() - want).abs().max().item()
             gerr = max((g.double().cpu() - w).abs().max().item() for g, w in zip(grads, want_grads))
-            results.append({"core": name, "dtype": str(dtype).removeprefix("torch."), "max_abs_err_out": err,
+            kernel = "loom ring blocks" if name.startswith("ring") else kernel_for(q, None, bounds)
+            results.append({"core": name, "kernel": kernel, "dtype": str(dtype).removeprefix("torch."),
+                            "max_abs_err_out": err,
                             "max_abs_err_grad": gerr, "ok": err < tol * 10 and gerr < tol * 20
                             and bool(torch.isfinite(out).all())})
     return results
@@ -212,7 +216,9 @@ def masking_cost(device) -> dict:
     plain = timed(lambda: step(False), 10)
     docs = timed(lambda: step(True), 10)
     tokens = b * s
+    probe = torch.empty(1, 1, cfg.heads, cfg.dim // cfg.heads, device=device, dtype=torch.bfloat16)
     return {"shape": f"dim {cfg.dim}, {cfg.layers} layers, {cfg.heads} heads, batch {b} x {s}, bf16 autocast",
+            "kernel": kernel_for(probe, None, cu.tolist()),
             "causal_packing_step_ms": plain * 1e3, "document_masked_step_ms": docs * 1e3,
             "ratio": docs / plain, "causal_tokens_per_s": tokens / plain, "masked_tokens_per_s": tokens / docs}
 

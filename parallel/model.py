@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from loom import comms
 from loom.comms.scan import METHODS as SCAN_METHODS
 
-from .attention_blocks import check_cu_seqlens, document_mask
+from .attention_blocks import check_cu_seqlens
 from .linear_attention import linear_attention, local_linear_attention
 from .llep import LLEPConfig
 from .moe import MoE
+from .varlen import document_attention
 
 LAYER_KINDS = ("softmax", "linear")
 
@@ -105,19 +106,20 @@ def local_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     over the batch flattened row-major (``[0, ..., b * s]``, every row
     boundary ``r * s`` included; see `check_cu_seqlens`, which raises
     ValueError on bad ones -- checked eagerly, not inside torch.compile's
-    graph): tokens attend only inside their document (a bool mask through
-    PyTorch's SDPA).  Returns the output like q."""
+    graph): tokens attend only inside their document (`document_attention`:
+    varlen flash attention on CUDA in half precision, else a bool mask
+    through PyTorch's SDPA).  Returns the output like q."""
+    if cu_seqlens is not None:
+        b, s = q.shape[:2]
+        bounds = None
+        if not torch.compiler.is_compiling():  # reading the boundaries back would break the graph
+            bounds = check_cu_seqlens(cu_seqlens, b, s, "local_attention")
+        return document_attention(q, k, v, cu_seqlens, bounds, causal=causal, scale=scale)
     rep = q.shape[2] // k.shape[2]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    mask = None
-    if cu_seqlens is not None:
-        b, s = q.shape[:2]
-        if not torch.compiler.is_compiling():  # reading the boundaries back would break the graph
-            check_cu_seqlens(cu_seqlens, b, s, "local_attention")
-        mask, causal = document_mask(cu_seqlens, b, s, causal=causal, device=q.device), False
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=causal, scale=scale)
+                                         is_causal=causal, scale=scale)
     return out.transpose(1, 2)
 
 

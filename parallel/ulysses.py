@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from loom import comms
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
-from .attention_blocks import check_cu_seqlens, check_qkv, document_mask, empty_attention
+from .attention_blocks import check_cu_seqlens, check_qkv, empty_attention
+from .varlen import document_attention
 
 
 
@@ -37,15 +38,13 @@ def _heads_to_seq(y: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(b, n // size, size * hp, d)
 
 
-def _attend(q, k, v, causal: bool, scale: float, cu_seqlens=None) -> torch.Tensor:
-    """SDPA on the whole sequence [b, S_total, h, d]; with documents, a bool
-    mask (same document, causal) instead of ``is_causal``."""
-    mask = None
+def _attend(q, k, v, causal: bool, scale: float, cu_seqlens=None, bounds=None) -> torch.Tensor:
+    """Attention on the whole sequence [b, S_total, h, d]: SDPA, or with
+    documents `document_attention` (varlen flash on CUDA, else a mask)."""
     if cu_seqlens is not None:
-        mask = document_mask(cu_seqlens, q.shape[0], q.shape[1], causal=causal, device=q.device)
-        causal = False
+        return document_attention(q, k, v, cu_seqlens, bounds, causal=causal, scale=scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+                                         is_causal=causal, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -86,10 +85,10 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
         return empty_attention(q, k, v)
     if size == 1:
-        return _attend(q, k, v, causal, scale, cu_seqlens)
+        return _attend(q, k, v, causal, scale, cu_seqlens, bounds)
     expand = size // math.gcd(k.shape[2], size)
     if expand > 1:  # MQA/GQA with fewer K/V heads than ranks: give every rank its own copy
         k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
     with comms.agreed():  # the all-to-alls' shapes follow from what the ranks just agreed on
         qh, kh, vh = (_seq_to_heads(t, size, group) for t in (q, k, v))
-        return _heads_to_seq(_attend(qh, kh, vh, causal, scale, cu_seqlens), size, group)
+        return _heads_to_seq(_attend(qh, kh, vh, causal, scale, cu_seqlens, bounds), size, group)

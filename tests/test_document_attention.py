@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 from loom import comms
@@ -351,3 +352,50 @@ def test_two_ranks_match_per_document_attention_and_fail_together(distributed):
         assert e["ulysses differs"] == "ulysses_attention: cu_seqlens differs across ranks [0, 1]: (differs)"
         assert "ulysses_attention: cu_seqlens must run from 0 to batch * S_total = 24" in e["ulysses bad"]
         assert e["after"] is None
+
+
+def _fake_varlen(with_window: bool, with_gqa: bool):
+    """A stand-in for PyTorch's CUDA varlen flash attention on CPU tensors:
+    SDPA on each [cu[i], cu[i+1]) segment of the flattened tokens, asked
+    for causality either way PyTorch versions spell it."""
+    calls = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None, is_causal=None,
+                    enable_gqa=False):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+        bounds = cu_q.tolist()
+        assert all(b > a for a, b in zip(bounds, bounds[1:])), "empty documents must be dropped"
+        assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        causal = window_size == (-1, 0) if with_window else is_causal
+        calls.append((causal, enable_gqa, k.shape[1]))
+        out = torch.empty_like(q)
+        for a, b in zip(bounds, bounds[1:]):
+            seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale,
+                                                      enable_gqa=enable_gqa).transpose(0, 1)
+        return out
+
+    names = {"scale", "window_size" if with_window else "is_causal"} | ({"enable_gqa"} if with_gqa else set())
+    return (varlen_attn, names), calls
+
+
+@pytest.mark.parametrize("with_window,with_gqa", [(True, True), (False, False)])
+def test_the_varlen_kernel_path_flattens_rows_and_drops_empty_documents(monkeypatch, with_window, with_gqa):
+    """What `document_attention` hands CUDA's varlen flash attention (checked
+    here with a CPU stand-in, both PyTorch spellings): the rows flattened,
+    int32 boundaries without empty documents, causality, GQA -- equal to the
+    masked SDPA path in float64."""
+    from loom.parallel import varlen
+    fake, calls = _fake_varlen(with_window, with_gqa)
+    monkeypatch.setattr(varlen, "_varlen", lambda: fake)
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 4, 8, dtype=F64)
+    k, v = torch.randn(2, 12, 2, 8, dtype=F64), torch.randn(2, 12, 2, 8, dtype=F64)
+    cu = torch.tensor([0, 5, 5, 12, 16, 24])
+    for causal in (True, False):
+        want = varlen.document_attention(q, k, v, cu, None, causal=causal)  # no bounds: the mask path
+        got = varlen._flash_varlen(q, k, v, cu.tolist(), causal=causal, scale=None)
+        assert (got - want).abs().max().item() < 1e-12
+    assert [c[0] for c in calls] == [True, False]
+    assert all(c[1:] == ((True, 2) if with_gqa else (False, 4)) for c in calls)
+    assert varlen.kernel_for(q.float(), None, cu.tolist()) == "sdpa-mask"  # not CUDA: the mask
