@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from loom.parallel import shard_batch
+from loom.parallel.attention_blocks import copy_to_device
 
 
 def rank_batch(data, step: int, indices, mesh, layout: str, device: torch.device):
@@ -14,28 +15,30 @@ def rank_batch(data, step: int, indices, mesh, layout: str, device: torch.device
     global token indices under sequence parallelism, else None: the model's
     own ``0..seq-1``) and, when ``data`` gives document boundaries
     (`loom.data.TokenWindows.cu_seqlens`), ``cu_seqlens`` over the whole
-    (unsharded) rows, int64."""
+    (unsharded) rows, int64, on the host (the attention cores read the
+    boundaries there and copy them to the device without waiting)."""
     inputs, targets = data.batch(step, indices)
     documents = getattr(data, "cu_seqlens", None)
     cu_seqlens = documents(step, indices) if documents is not None else None
     positions = None
     if mesh.sp > 1:
         inputs, targets, positions = shard_batch(inputs, targets, mesh.sp_rank, mesh.sp, layout)
-    inputs, targets, positions, cu_seqlens = to_device([inputs, targets, positions, cu_seqlens], device)
+    inputs, targets, positions = to_device([inputs, targets, positions], device)
     context = {"positions": positions}
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # stays on the host: attention reads it there, and copies it without waiting
         context["cu_seqlens"] = cu_seqlens
     return inputs, targets, context
 
 
 def to_device(tensors, device: torch.device) -> list:
     """Integer tensors (None entries kept) on ``device`` in one host-to-device
-    copy instead of one each: a step's batch is a few small tensors, whose
-    copies cost more in latency than in bytes.  On the CPU they stay as they are."""
+    copy instead of one each (a step's batch is a few small tensors, whose
+    copies cost more in latency than in bytes), through pinned memory without
+    making the host wait for the device.  On the CPU they stay as they are."""
     present = [t for t in tensors if t is not None]
     if torch.device(device).type == "cpu" or not present:
         return list(tensors)
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in present]).to(device)
+    flat = copy_to_device(torch.cat([t.reshape(-1).to(torch.int64) for t in present]), device)
     out, offset = [], 0
     for t in tensors:
         if t is None:

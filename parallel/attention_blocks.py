@@ -21,6 +21,19 @@ TILE_ELEMENTS = 2**20  # score entries per tile: 4 MB in float32, cache-sized on
 MIN_TILE_ROWS = 16
 
 
+def copy_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` (None: where it is).  A host tensor bound for a
+    CUDA device goes through pinned memory without blocking, so that small
+    metadata (document boundaries) never makes the host wait for the
+    device's queued work; the copy is ordered before later work on the
+    stream, as a blocking one would be."""
+    if device is None or t.device == torch.device(device):
+        return t
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -212,7 +225,7 @@ def document_mask(cu_seqlens, batch: int, seq_total: int, *, causal: bool, devic
     """Bool ``[batch, 1, seq_total, seq_total]`` (True = may attend): same
     document, and key <= query when ``causal``.  Every token sees itself, so
     no query row is ever fully masked."""
-    ids = document_ids(torch.as_tensor(cu_seqlens, device=device), batch, seq_total)
+    ids = document_ids(copy_to_device(torch.as_tensor(cu_seqlens, dtype=torch.int64), device), batch, seq_total)
     mask = ids[:, :, None] == ids[:, None, :]
     if causal:
         mask &= torch.ones(seq_total, seq_total, dtype=torch.bool, device=mask.device).tril()
@@ -240,9 +253,9 @@ class Documents:
         self.distinct = sorted(set(rows))      # the different rows, for planning
         self.uniform = len(self.distinct) == 1
         if self.uniform:
-            self._t = torch.tensor(rows[0], dtype=torch.int64, device=device)
+            self._t = copy_to_device(torch.tensor(rows[0], dtype=torch.int64), device)
         else:
-            self._t = document_ids(torch.tensor(bounds, dtype=torch.int64, device=device), batch, total)
+            self._t = document_ids(copy_to_device(torch.tensor(bounds, dtype=torch.int64), device), batch, total)
 
     @staticmethod
     def of(bounds: tuple, pos: int) -> int:

@@ -44,7 +44,7 @@ from loom.comms import agreed as comms_agreed
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 from loom.comms.scan import METHODS, chain_ranks
 
-from .attention_blocks import check_bounds, check_cu_seqlens, cu_seqlens_bounds
+from .attention_blocks import check_bounds, check_cu_seqlens, copy_to_device, cu_seqlens_bounds
 
 _FIELDS = ("batch", "heads", "d_k", "d_v", "dtype", "method", "scale", "chain (ranks in order)", "cu_seqlens")
 _SEQ_LOCAL = len(_FIELDS)  # the description's last integer: this shard's length (may differ; not compared)
@@ -128,7 +128,7 @@ def _reset_at_starts(g, cu_seqlens, seq_total: int, offset: int):
     b, _, s, _ = g.shape
     tokens = (torch.arange(b, device=g.device)[:, None] * seq_total + offset
               + torch.arange(s, device=g.device))                                    # [b, s], flattened
-    starts = torch.isin(tokens, torch.as_tensor(cu_seqlens, device=g.device).to(torch.int64))
+    starts = torch.isin(tokens, copy_to_device(torch.as_tensor(cu_seqlens, dtype=torch.int64), g.device))
     return torch.where(starts[:, None, :, None], float("-inf"), g)
 
 

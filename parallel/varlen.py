@@ -18,7 +18,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .attention_blocks import document_mask
+from .attention_blocks import copy_to_device, document_mask
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -65,7 +65,7 @@ def _flash_varlen(q, k, v, bounds, *, causal: bool, scale: float | None):
     b, s, hq, d = q.shape
     starts = sorted(set(bounds))  # empty documents dropped
     longest = max(b2 - b1 for b1, b2 in zip(starts, starts[1:]))
-    cu = torch.tensor(starts, dtype=torch.int32, device=q.device)
+    cu = copy_to_device(torch.tensor(starts, dtype=torch.int32), q.device)
     if k.shape[2] != hq and "enable_gqa" not in names:
         k, v = (t.repeat_interleave(hq // k.shape[2], dim=2) for t in (k, v))
     kw = {}
