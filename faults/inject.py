@@ -10,6 +10,10 @@ A plan is a list of `Injection`s, written as text for the command line::
     mismatch:rank=1,step=30                         every rank issues a probe all-reduce at that
                                                    step; `rank` issues it wrong-shaped
 
+Every kind also takes ``attempts=K`` (the job's first K attempts, default 1)
+or ``attempts=all``: after a restart (``loom train --max-restarts``) an
+injection fires again only if its attempts cover the new one.
+
 Several injections are joined with ``;``.  Every rank builds the same
 `Injector` from the same plan and calls ``at_step(step)`` at each step
 boundary (after ``comms.set_step``); only the targeted rank misbehaves, and
@@ -48,12 +52,19 @@ class Injection:
     start: int = 0                 # straggler, slow_link: first step
     until: int | None = None       # ... and the step they stop at (exclusive)
     duration: float | None = None  # hang: seconds (None: until released or killed)
+    attempts: int | None = 1       # fires in the job's first `attempts` attempts (None: every attempt)
 
     def __post_init__(self):
         if self.kind not in _KEYS:
             raise ValueError(f"unknown injection kind {self.kind!r}; expected one of {sorted(_KEYS)}")
         if self.delay < 0 or (self.duration is not None and self.duration < 0):
             raise ValueError(f"{self}: delay and duration must be >= 0")
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"{self.kind}: attempts={self.attempts} must be >= 1 (or all)")
+
+    def in_attempt(self, attempt: int) -> bool:
+        """Whether it fires in the job's attempt ``attempt`` (0: the first)."""
+        return self.attempts is None or attempt < self.attempts
 
     def active(self, step: int) -> bool:
         return self.start <= step and (self.until is None or step < self.until)
@@ -62,6 +73,10 @@ class Injection:
         return (self.src, self.dst) if self.kind == "slow_link" else (self.rank,)
 
     def __str__(self) -> str:
+        tail = "" if self.attempts == 1 else f",attempts={'all' if self.attempts is None else self.attempts}"
+        return self._text() + tail
+
+    def _text(self) -> str:
         if self.kind == "slow_link":
             return f"slow_link:src={self.src},dst={self.dst},delay={self.delay},from={self.start}" + \
                 (f",until={self.until}" if self.until is not None else "")
@@ -87,9 +102,16 @@ def parse(spec: str) -> list[Injection]:
         for item in filter(None, (a.strip() for a in args.split(","))):
             key, eq, value = item.partition("=")
             key = key.strip()
+            if eq and key == "attempts":
+                value = value.strip()
+                try:
+                    values[key] = None if value == "all" else int(value)
+                except ValueError:
+                    raise ValueError(f"injection {part!r}: attempts={value!r} must be a count or all") from None
+                continue
             if not eq or key not in required | optional:
                 raise ValueError(f"injection {part!r}: unknown or malformed setting {item!r}; "
-                                 f"{kind} takes {sorted(required)} and optionally {sorted(optional)}")
+                                 f"{kind} takes {sorted(required)} and optionally {sorted(optional | {'attempts'})}")
             try:
                 values[key] = int(value) if key in _INTS else float(value)
             except ValueError:
@@ -116,8 +138,10 @@ def validate_plan(plan: list[Injection], world_size: int) -> None:
 class Injector:
     """Applies a plan on one rank.  Call `at_step` at every step boundary."""
 
-    def __init__(self, plan, rank: int, *, group=None):
-        self.plan = parse(plan) if isinstance(plan, str) else list(plan)
+    def __init__(self, plan, rank: int, *, group=None, attempt: int = 0):
+        plan = parse(plan) if isinstance(plan, str) else list(plan)
+        self.plan = [i for i in plan if i.in_attempt(attempt)]  # what fires in this attempt of the job
+        self.attempt = attempt
         self.rank, self.group = rank, group
         self._release = threading.Event()
         self.log: list[tuple[str, int, float]] = []  # (kind, step, time.monotonic()) of what fired here

@@ -167,6 +167,15 @@ class CkptSection:
 
 
 @dataclass
+class RecoverySection:
+    max_restarts: int = _f(-1, "restart the job this many times after a worker dies, a Ray actor is lost, the "
+                               "fault monitor stops it (hang, lost rank) or a rank raises: new workers resume "
+                               "from the newest committed checkpoint (from step 0 without one); a fault that "
+                               "repeats at the same step stops early. -1: 3 with --ckpt-every, else 0 "
+                               "(0: stop at the first fault)")
+
+
+@dataclass
 class FaultsSection:
     monitor: bool = _f(True, "watch the job's communication for stragglers, hangs, slow links, "
                              "mismatched collectives and lost ranks")
@@ -188,6 +197,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ckpt: CkptSection = field(default_factory=CkptSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
 
     @property
     def world_size(self) -> int:
@@ -460,6 +470,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"its own; use a path on a filesystem every worker sees, or an object store "
                         f"(s3://, gs://), or run one worker")
     problems += _fault_problems(cfg.faults, world_size or p.dp * p.sp)
+    problems += _recovery_problems(cfg)
     if t.model:  # the user's own model (--model MODULE:FACTORY)
         from .user_model import user_model_problems
         problems += user_model_problems(cfg)
@@ -497,10 +508,26 @@ def _job_problems(j: JobSection) -> list[str]:
 def validate_launch(cfg: JobConfig, world_size: int) -> JobConfig:
     """Check only what launching needs (``[job]`` and ``[faults]``), for a
     job that runs the user's own loop on ``world_size`` workers."""
-    problems = _job_problems(cfg.job) + _fault_problems(cfg.faults, world_size)
+    problems = _job_problems(cfg.job) + _fault_problems(cfg.faults, world_size) + _recovery_problems(cfg)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _recovery_problems(cfg: JobConfig) -> list[str]:
+    n = cfg.recovery.max_restarts
+    if n < -1:
+        return [f"--max-restarts={n} must be >= 0 (or -1: 3 with --ckpt-every, else 0)"]
+    return []
+
+
+def max_restarts(cfg: JobConfig) -> int:
+    """The job's restart budget: ``--max-restarts``, its default -1 resolved
+    to 3 when checkpoints are on (``--ckpt-every > 0``), else 0."""
+    n = cfg.recovery.max_restarts
+    if n == -1:
+        return 3 if cfg.ckpt.ckpt_every > 0 else 0
+    return n
 
 
 def parse_env(spec: str, resolve: bool = True, environ=None) -> dict[str, str]:

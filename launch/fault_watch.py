@@ -73,7 +73,9 @@ def rank_faults(cfg, reporter=None, transport=None):
     import torch.distributed as dist
     f = cfg.faults
     rank = dist.get_rank()
-    injector = Injector(f.inject, rank) if f.inject else None
+    # the job's attempt (the Ray driver's restarts): an injection fires in the attempts its plan names
+    attempt = int(os.environ.get("LOOM_ATTEMPT", "0"))
+    injector = Injector(f.inject, rank, attempt=attempt) if f.inject else None
     if not f.monitor:
         with contextlib.ExitStack() as stack:
             if injector is not None:
