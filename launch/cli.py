@@ -20,6 +20,8 @@ def _train(args) -> int:
         summary = launch_ray(cfg, recorder)[0]  # rank 0's summary
     except LaunchError as exc:
         recorder.close_sinks()
+        if exc.remote_traceback:  # the failing rank's own traceback
+            print(exc.remote_traceback, file=sys.stderr)
         print(f"loom train: {exc}", file=sys.stderr)
         return 1
     except BaseException:

@@ -38,11 +38,16 @@ class LaunchError(RuntimeError):
     """The job could not start or a worker failed; the message names the rank.
 
     ``rank``: the rank the message names first (None when the job did not
-    start); ``__cause__``: that rank's own exception where one was raised."""
+    start); ``__cause__``: that rank's own exception where one was raised.
+    A failure of a running job also says what it was (``kind``: ``died``,
+    ``actor_lost``, ``exception`` or the fault monitor's kind, e.g. ``hang``,
+    ``lost_rank``), the step the monitor saw it at (``step``, or None), and
+    ``remote_traceback``, the failing rank's traceback where it raised."""
 
-    def __init__(self, message: str, rank: int | None = None):
+    def __init__(self, message: str, rank: int | None = None, *, kind: str | None = None,
+                 step: int | None = None, remote_traceback: str | None = None):
         super().__init__(message)
-        self.rank = rank
+        self.rank, self.kind, self.step, self.remote_traceback = rank, kind, step, remote_traceback
 
 
 def is_local(address: str | None) -> bool:

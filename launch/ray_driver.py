@@ -8,6 +8,7 @@ worker entry (`worker.run_rank`), and supervise them with the fault monitor.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,9 @@ from .cluster import LaunchError
 from .config import JobConfig, parse_env
 from .fault_watch import DriverWatch
 from .recorder import QueueReporter
+from .recovery import Recovery
 
+log = logging.getLogger("loom.launch")
 __all__ = ["LaunchError", "RankWorker", "launch_ray"]
 
 
@@ -86,8 +89,14 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     this process, that connection is used and left up (``runtime_env`` must
     then be None).  ``start_timeout`` (default ``cfg.job.start_timeout``)
     bounds the wait for free resources; a cluster too small for the job
-    fails at once.  Raises LaunchError naming the rank that failed (and its
-    exception), or the fault that stopped the job."""
+    fails at once.
+
+    ``--max-restarts`` (`loom.launch.recovery`): a failure of a running job
+    stops every worker; new workers are placed in the same placement group
+    and resume from the newest committed checkpoint, until the budget is
+    spent or the same fault repeats.  Raises LaunchError naming the rank
+    that failed (and its exception), or the fault that stopped the job (the
+    first attempt's, when restarts did not help)."""
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
     env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
@@ -102,7 +111,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     elif runtime_env or cfg.job.working_dir:
         raise LaunchError("Ray is already initialised in this process: its runtime_env is the job's; pass "
                           "runtime_env (or working_dir) to ray.init, or call ray.shutdown() first")
-    pg, actors, watch = None, [], None
+    pg = None
+    recovery = Recovery(cfg, recorder)
     try:
         gpus = 1 if _want_gpus(cfg) else 0
         have = ray.cluster_resources().get("GPU", 0)
@@ -113,6 +123,34 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
         cluster.check_capacity(bundle, world)
         pg = placement_group([bundle] * world, strategy="SPREAD")
         cluster.wait_placed(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+        fn_ref = ray.put(train_fn) if train_fn is not None else None
+        while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
+            tracker = recovery.begin()
+            try:
+                results = _attempt(cfg, recovery, pg, gpus, env, tracker if recorder is not None else None,
+                                   fn_ref, config, start_timeout)
+            except LaunchError as exc:
+                if exc.kind is None:  # the job could not start: no fault of a running job
+                    raise
+                recovery.failed(exc, tracker)  # raises when the job ends here
+                continue
+            recovery.finish()
+            return results
+    finally:
+        recovery.finish()
+        if pg is not None:
+            remove_placement_group(pg)
+        if started_here:
+            ray.shutdown()
+
+
+def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recorder, fn_ref, config,
+             start_timeout: float) -> list:
+    """One attempt of the job: new actors in ``pg``'s bundles (and a new
+    fault monitor), run, supervise; every actor is stopped when it ends."""
+    world = cfg.world_size
+    actors, watch, queue = [], None, None
+    try:
         worker_cls = ray.remote(RankWorker)
         actors = [worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -125,24 +163,36 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
         futures = []
-        fn_ref = ray.put(train_fn) if train_fn is not None else None
+        job = recovery.job_dict()
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
-            rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-                        "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": master_addr,
-                        "MASTER_PORT": str(master_port)}
-            futures.append(actors[rank].run.remote(cfg.to_dict(), rank_env, queue if rank == 0 else None,
+            rank_env = {**env, **recovery.env(), "RANK": str(rank), "WORLD_SIZE": str(world),
+                        "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world),
+                        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+            futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
                                                    watch.secret if watch else None, fn_ref, config))
         return _supervise(futures, queue, recorder, watch)
+    except ray.exceptions.GetTimeoutError:
+        raise
+    except ray.exceptions.RayError as exc:  # an actor lost before it ran (e.g. its node went away)
+        raise LaunchError(f"a worker was lost while starting: {type(exc).__name__}: {_one_line(exc)}",
+                          kind="actor_lost") from exc
     finally:
         for a in actors:
             ray.kill(a)
         if watch is not None:
             watch.close()
-        if pg is not None:
-            remove_placement_group(pg)
-        if started_here:
-            ray.shutdown()
+        if queue is not None:
+            try:
+                _drain(queue, recorder)  # what rank 0 sent before it stopped
+            except ray.exceptions.RayError as exc:
+                log.warning("lost rank 0's last reports: %s", _one_line(exc))
+            queue.shutdown(force=True)
+
+
+def _one_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _stopped(fault, world: int) -> str:
@@ -170,7 +220,9 @@ def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
         _drain(queue, recorder)
         if watch is not None and watch.poll() is not None:
-            raise LaunchError(_stopped(watch.stopping, len(futures)), rank=min(watch.stopping.ranks, default=None))
+            fault = watch.stopping
+            raise LaunchError(_stopped(fault, len(futures)), rank=min(fault.ranks, default=None), kind=fault.kind,
+                              step=fault.step)
         for ref in done:
             try:
                 ray.get(ref)
@@ -211,7 +263,10 @@ def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
         cause = getattr(exc, "cause", None) or exc
         parts.append(f"rank {rank} failed: {type(cause).__name__}: {cause}")
     first = sorted(why.ranks) if why is not None and why.ranks else sorted(dead)
-    return LaunchError("; then ".join(parts), rank=first[0] if first else rank)
+    kind = why.kind if why is not None else "died" if dead else "exception"
+    traceback = str(exc) if kind == "exception" and isinstance(exc, ray.exceptions.RayTaskError) else None
+    return LaunchError("; then ".join(parts), rank=first[0] if first else rank, kind=kind,
+                       step=why.step if why is not None else None, remote_traceback=traceback)
 
 
 def _death(exc) -> str:

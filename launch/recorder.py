@@ -156,6 +156,7 @@ class RunRecorder:
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = ProgressBar(total_steps, enabled=progress)
         self.sinks = list(sinks or [])
+        self.restarts: list[dict] = []  # the job's restarts (`restart`)
 
     def step(self, metrics: dict) -> None:
         """One metrics row (training, or evaluation with ``"split": "eval"``)."""
@@ -184,7 +185,17 @@ class RunRecorder:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+    def restart(self, record: dict) -> None:
+        """One restart of the job (`loom.launch.recovery`): a line of
+        restarts.jsonl, and the summary's ``restarts``."""
+        self.restarts.append(record)
+        with open(os.path.join(self.run_dir, "restarts.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
     def finish(self, summary: dict) -> None:
+        if self.restarts:
+            summary = {**summary, "restarts": self.restarts,
+                       "extra": {**summary.get("extra", {}), "restarts": len(self.restarts)}}
         self.metrics.close()
         self.close_sinks()
         with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:

@@ -1,0 +1,224 @@
+"""Restarting a job after a fault (``--max-restarts N``): the policy and its record.
+
+The Ray driver runs a job in attempts (0, 1, ...).  An attempt ends on the
+first failure `ray_driver` names (a worker process that died, a Ray actor
+lost, a hang or lost rank from the fault monitor, an exception in a rank);
+`Recovery.failed` then decides: restart (the driver starts new workers, which
+resume from the newest committed checkpoint, or from step 0 without one), or
+stop with the first attempt's error.  It stops early when two attempts in a
+row fail alike (same kind, rank and step: a bug, not a machine), and always
+once the budget is spent.
+
+Each restart is one line of ``restarts.jsonl`` in the run directory (and the
+run's summary): ``attempt`` (the new attempt's number), ``cause`` (``kind``,
+``rank``, ``evidence``: the fault's evidence or the exception's one-line
+text), ``failed_at_step`` (the step the failed attempt was running: its last
+reported step + 1, or the monitor's step), ``resumed_step``, ``steps_lost``
+(``failed_at_step - resumed_step``: steps computed again), ``recovery_s``
+(seconds from the driver seeing the fault to the new attempt's first
+reported step; None if it never got there).  Metrics rows carry ``attempt``
+while restarts are possible, so the redone steps' rows can be told apart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from .cluster import LaunchError
+from .config import JobConfig, max_restarts
+
+log = logging.getLogger("loom.launch")
+RESTARTS_LOG = "restarts.jsonl"
+ATTEMPT_ENV = "LOOM_ATTEMPT"
+
+
+@dataclass
+class Failure:
+    """Why one attempt ended."""
+
+    attempt: int
+    kind: str
+    rank: int | None
+    evidence: str
+    step: int | None      # the step the attempt was running when it failed
+    time: float           # time.time() when the driver saw it
+    error: LaunchError
+
+    def signature(self) -> tuple:
+        return self.kind, self.rank, self.step
+
+
+def _evidence(message: str) -> str:
+    """The first cause of a driver's error message, without its preamble."""
+    first = message.split("; then ")[0]
+    first = re.sub(r"^stopped all \d+ workers after an? [\w ]+?: ", "", first)
+    return " ".join(first.split())
+
+
+class AttemptRecorder:
+    """The driver's recorder during one attempt: adds ``attempt`` to each
+    metrics row (``tag``), keeps the newest training step, and tells
+    `Recovery` when the attempt's first step arrives; passes everything on."""
+
+    def __init__(self, recorder, attempt: int, tag: bool, on_first_step=None):
+        self.recorder, self.attempt, self.tag = recorder, attempt, tag
+        self.run_dir = getattr(recorder, "run_dir", None)
+        self.last_step: int | None = None
+        self.on_first_step = on_first_step
+
+    def step(self, metrics: dict) -> None:
+        if self.tag:
+            metrics = {**metrics, "attempt": self.attempt}
+        if metrics.get("split", "train") != "eval":
+            first = self.last_step is None
+            self.last_step = max(metrics["step"], self.last_step if self.last_step is not None else -1)
+            if first and self.on_first_step is not None:
+                self.on_first_step(metrics["step"])
+        if self.recorder is not None:
+            self.recorder.step(metrics)
+
+    def event(self, text: str) -> None:
+        if self.recorder is not None:
+            self.recorder.event(text)
+
+
+class Recovery:
+    """The restart policy of one job (``cfg``) and its record (``recorder``:
+    the driver's; its ``restart(record)``, when it has one, takes each record)."""
+
+    def __init__(self, cfg: JobConfig, recorder=None):
+        self.cfg, self.recorder = cfg, recorder
+        self.budget = max_restarts(cfg)
+        self.attempt = 0
+        self.failures: list[Failure] = []
+        self.records: list[dict] = []
+        self._pending: dict | None = None   # the newest restart, until its attempt's first step
+        self._resume = cfg.ckpt.resume
+        c = cfg.ckpt
+        self._store = c.ckpt_url if c.ckpt_url and (c.ckpt_every > 0 or c.resume) else None
+        # a store with older commits and no --resume: a restart resumes only from this job's commits
+        self._baseline = self._newest() if self.budget and self._store and not c.resume else None
+
+    # ---------------------------------------------------------------- per attempt
+
+    def begin(self) -> AttemptRecorder:
+        """The recorder for the next attempt."""
+        return AttemptRecorder(self.recorder, self.attempt, tag=self.budget > 0, on_first_step=self._first_step)
+
+    def job_dict(self) -> dict:
+        """The attempt's job config for the workers: after a restart they
+        resume (from step 0 when nothing is committed), taking over the
+        store the stopped attempt's workers claimed."""
+        d = self.cfg.to_dict()
+        if self.attempt > 0:
+            d["ckpt"]["resume"] = self._resume
+            if self.cfg.ckpt.ckpt_every > 0:  # the store's owner is this job's own stopped workers
+                d["ckpt"]["ckpt_takeover"] = True
+        return d
+
+    def env(self) -> dict:
+        return {ATTEMPT_ENV: str(self.attempt)}
+
+    def failed(self, exc: LaunchError, tracker: AttemptRecorder) -> None:
+        """The attempt ended with ``exc``: prepare the next, or raise the
+        LaunchError that ends the job (the first attempt's error)."""
+        now = time.time()
+        reached = tracker.last_step + 1 if tracker.last_step is not None else None
+        if exc.step is not None:
+            reached = max(exc.step, reached or 0)
+        failure = Failure(self.attempt, exc.kind or "failure", exc.rank, _evidence(str(exc)), reached, now, exc)
+        self._flush_pending()
+        self.failures.append(failure)
+        if self.budget == 0:
+            raise exc
+        self._give_up(failure)
+        resumed = self._resume_step()
+        self.attempt += 1
+        record = {"attempt": self.attempt, "cause": {"kind": failure.kind, "rank": failure.rank,
+                                                     "evidence": failure.evidence},
+                  "failed_at_step": reached, "resumed_step": resumed,
+                  "steps_lost": reached - resumed if reached is not None and resumed is not None else None,
+                  "fault_time": now, "recovery_s": None}
+        at = f", at step {reached}" if reached is not None else ""
+        where = f"step {resumed}" if resumed is not None else "the newest checkpoint"
+        self._event(f"restart {self.attempt}/{self.budget} after a {failure.kind.replace('_', ' ')}: "
+                    f"{failure.evidence}{at}; resuming from {where}")
+        self._pending = record
+
+    def finish(self) -> list[dict]:
+        """The job ended: every restart's record."""
+        self._flush_pending()
+        return self.records
+
+    # ---------------------------------------------------------------- inside
+
+    def _give_up(self, failure: Failure) -> None:
+        first = self.failures[0]
+        why = None
+        if len(self.failures) >= 2 and self.failures[-2].signature() == failure.signature() \
+                and failure.step is not None:
+            why = (f"the same {failure.kind.replace('_', ' ')} of rank {failure.rank} at step {failure.step} in "
+                   f"attempts {failure.attempt - 1} and {failure.attempt}: a fault that repeats where it "
+                   f"happened is a bug, not a machine; not restarting")
+        elif len(self.failures) > self.budget:
+            why = f"gave up after {self.budget} restart{'s' * (self.budget != 1)}"
+            if failure is not first:
+                why += f"; the last attempt's: {failure.evidence}"
+        if why is None:
+            return
+        self._event(f"loom: {why}")
+        err = LaunchError(f"{first.error} ({why})", rank=first.rank, kind=first.kind, step=first.step,
+                          remote_traceback=first.error.remote_traceback)
+        raise err from (first.error.__cause__ or first.error)
+
+    def _newest(self) -> int | None:
+        """The store's newest committed step, as the workers' resume will
+        choose it; None if there is none or it cannot be read here."""
+        from loom.checkpoint import CheckpointStore
+        try:
+            return CheckpointStore(self._store).latest()
+        except Exception as exc:  # noqa: BLE001 - the workers may reach a store the driver cannot
+            log.info("cannot read the checkpoints at %s from the driver: %s: %s", self._store,
+                     type(exc).__name__, exc)
+            return None
+
+    def _resume_step(self) -> int | None:
+        """The step the next attempt starts at; decides whether it resumes."""
+        if self._store is None:
+            self._resume = False
+            return 0
+        newest = self._newest()
+        if not self.cfg.ckpt.resume and newest is not None and newest == self._baseline:
+            newest = None  # nothing committed by this job yet: not another job's checkpoint
+        self._resume = self.cfg.ckpt.resume or newest is not None
+        return newest if newest is not None else 0
+
+    def _first_step(self, step: int) -> None:
+        if self._pending is not None and self._pending["attempt"] == self.attempt:
+            self._pending["recovery_s"] = round(time.time() - self._pending["fault_time"], 3)
+            if self._pending["resumed_step"] is None:  # the driver could not read the store
+                self._pending["resumed_step"] = step
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending is None:
+            return
+        record, self._pending = self._pending, None
+        record["fault_time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record["fault_time"]))
+        self.records.append(record)
+        note = getattr(self.recorder, "restart", None)
+        if note is not None:
+            note(record)
+        elif getattr(self.recorder, "run_dir", None):
+            with open(os.path.join(self.recorder.run_dir, RESTARTS_LOG), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _event(self, text: str) -> None:
+        if self.recorder is not None:
+            self.recorder.event(text)
+        else:
+            log.warning(text)
