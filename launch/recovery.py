@@ -145,7 +145,8 @@ class Recovery:
                   "fault_time": now, "recovery_s": None}
         at = f", at step {reached}" if reached is not None else ""
         where = f"step {resumed}" if resumed is not None else "the newest checkpoint"
-        self._event(f"restart {self.attempt}/{self.budget} after a {failure.kind.replace('_', ' ')}: "
+        kind = failure.kind.replace("_", " ")
+        self._event(f"restart {self.attempt}/{self.budget} after {'an' if kind[0] in 'aeiou' else 'a'} {kind}: "
                     f"{failure.evidence}{at}; resuming from {where}")
         self._pending = record
 
