@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from loom import comms
+
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
@@ -34,8 +36,8 @@ def init_distributed(cfg: JobConfig) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
+    # under torchrun, keys prefixed per attempt: a restart must not read the dead attempt's addresses
+    comms.init_process_group_from_env(backend, datetime.timedelta(seconds=cfg.job.pg_timeout))
 
 
 def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None):
