@@ -68,12 +68,13 @@ class _NoFaults:
 
 
 @contextlib.contextmanager
-def rank_faults(cfg, reporter=None, transport=None):
-    """Injection + monitoring for one rank; yields an object with ``at_step``."""
+def rank_faults(cfg, reporter=None, transport=None, attempt: int = 0):
+    """Injection + monitoring for one rank; yields an object with ``at_step``.
+    ``attempt`` (0: the first) arms only the injections planned for it."""
     import torch.distributed as dist
     f = cfg.faults
     rank = dist.get_rank()
-    injector = Injector(f.inject, rank) if f.inject else None
+    injector = Injector(f.inject, rank, attempt=attempt) if f.inject else None
     if not f.monitor:
         with contextlib.ExitStack() as stack:
             if injector is not None:

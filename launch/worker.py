@@ -40,13 +40,19 @@ def init_distributed(cfg: JobConfig) -> None:
     comms.init_process_group_from_env(backend, datetime.timedelta(seconds=cfg.job.pg_timeout))
 
 
-def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None):
+def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None,
+             attempt: int | None = None):
     """Join, train, leave.  Returns the built-in loop's summary, or what
     ``train_fn`` returned (``train_fn(config)``, or ``train_fn()`` when it
     takes no argument; `loom.launch.report` works inside it).
 
     ``fault_transport`` carries this rank's fault-monitor reports (the Ray
-    driver passes one); without it rank 0 hosts the aggregator (torchrun)."""
+    driver passes one); without it rank 0 hosts the aggregator (torchrun).
+    ``attempt``: the job's attempt this rank belongs to (0: the first), which
+    arms the fault injections planned for it; None reads torchrun's
+    ``TORCHELASTIC_RESTART_COUNT`` (0 outside torchrun)."""
+    if attempt is None:
+        attempt = comms.elastic_attempt()
     from .api import rank_session
     if isinstance(cfg, dict):
         cfg = JobConfig.from_dict(cfg)
@@ -57,7 +63,7 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
         validate_launch(cfg, world)
     init_distributed(cfg)
     try:
-        with rank_faults(cfg, reporter, fault_transport) as faults:
+        with rank_faults(cfg, reporter, fault_transport, attempt=attempt) as faults:
             if train_fn is None:
                 return train(cfg, reporter, step_hook=faults.at_step)
             with rank_session(reporter, faults.at_step, cfg.job.device):
