@@ -4,6 +4,7 @@ The only door to torch.distributed in loom.  Every op here appends a
 `CommRecord` to a per-process ring buffer (see `records`).
 """
 from .agree import Agreement, RemoteError, agree
+from .elastic import elastic_attempt, init_process_group_from_env
 from .mesh import Mesh, init_mesh, mesh_layout
 from .ops import (
     agreed,
@@ -46,5 +47,5 @@ __all__ = [
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
     "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
     "Ring", "Sharded", "placement_of", "send", "set_placement", "set_send_hook", "set_step", "TraceReader", "wait_all",
-    "world_ranks",
+    "world_ranks", "elastic_attempt", "init_process_group_from_env",
 ]

@@ -10,12 +10,15 @@ A plan is a list of `Injection`s, written as text for the command line::
     mismatch:rank=1,step=30                         every rank issues a probe all-reduce at that
                                                    step; `rank` issues it wrong-shaped
 
-Every kind also takes ``attempts=K`` (the job's first K attempts, default 1)
-or ``attempts=all``: after a restart (``loom train --max-restarts``) an
-injection fires again only if its attempts cover the new one.
+Every injection also takes ``attempts=N`` (it fires in the job's first N
+attempts; default 1: the first attempt only, so a restarted job is not hit
+again) or ``attempts=all`` (every attempt: a fault that repeats, like a bug)::
+
+    kill:rank=1,step=12                 the first attempt only
+    kill:rank=1,step=12,attempts=all    every attempt
 
 Several injections are joined with ``;``.  Every rank builds the same
-`Injector` from the same plan and calls ``at_step(step)`` at each step
+`Injector` from the same plan (and the same ``attempt``) and calls ``at_step(step)`` at each step
 boundary (after ``comms.set_step``); only the targeted rank misbehaves, and
 nothing is installed in loom.comms unless a slow link is planned.
 """
@@ -39,6 +42,7 @@ _KEYS = {
     "mismatch": ({"rank", "step"}, set()),
 }
 _INTS = {"rank", "step", "src", "dst", "from", "until"}
+_COMMON = {"attempts"}  # optional for every kind
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,20 @@ class Injection:
     start: int = 0                 # straggler, slow_link: first step
     until: int | None = None       # ... and the step they stop at (exclusive)
     duration: float | None = None  # hang: seconds (None: until released or killed)
-    attempts: int | None = 1       # fires in the job's first `attempts` attempts (None: every attempt)
+    attempts: int | None = 1       # fires in attempts 0..attempts-1 (None: every attempt)
 
     def __post_init__(self):
         if self.kind not in _KEYS:
             raise ValueError(f"unknown injection kind {self.kind!r}; expected one of {sorted(_KEYS)}")
         if self.delay < 0 or (self.duration is not None and self.duration < 0):
             raise ValueError(f"{self}: delay and duration must be >= 0")
-        if self.attempts is not None and self.attempts < 1:
-            raise ValueError(f"{self.kind}: attempts={self.attempts} must be >= 1 (or all)")
+        if self.attempts is not None and (isinstance(self.attempts, bool) or not isinstance(self.attempts, int)
+                                          or self.attempts < 1):
+            raise ValueError(f"injection {self.kind}: attempts={self.attempts!r} must be a positive integer "
+                             f"(the first N attempts) or 'all'")
 
-    def in_attempt(self, attempt: int) -> bool:
-        """Whether it fires in the job's attempt ``attempt`` (0: the first)."""
+    def fires_in(self, attempt: int) -> bool:
+        """Whether this injection is armed in ``attempt`` (0: the first)."""
         return self.attempts is None or attempt < self.attempts
 
     def active(self, step: int) -> bool:
@@ -73,8 +79,8 @@ class Injection:
         return (self.src, self.dst) if self.kind == "slow_link" else (self.rank,)
 
     def __str__(self) -> str:
-        tail = "" if self.attempts == 1 else f",attempts={'all' if self.attempts is None else self.attempts}"
-        return self._text() + tail
+        return self._text() + ("" if self.attempts == 1 else
+                               f",attempts={'all' if self.attempts is None else self.attempts}")
 
     def _text(self) -> str:
         if self.kind == "slow_link":
@@ -102,16 +108,12 @@ def parse(spec: str) -> list[Injection]:
         for item in filter(None, (a.strip() for a in args.split(","))):
             key, eq, value = item.partition("=")
             key = key.strip()
-            if eq and key == "attempts":
-                value = value.strip()
-                try:
-                    values[key] = None if value == "all" else int(value)
-                except ValueError:
-                    raise ValueError(f"injection {part!r}: attempts={value!r} must be a count or all") from None
-                continue
-            if not eq or key not in required | optional:
+            if not eq or key not in required | optional | _COMMON:
                 raise ValueError(f"injection {part!r}: unknown or malformed setting {item!r}; "
-                                 f"{kind} takes {sorted(required)} and optionally {sorted(optional | {'attempts'})}")
+                                 f"{kind} takes {sorted(required)} and optionally {sorted(optional | _COMMON)}")
+            if key == "attempts":
+                values[key] = _attempts(part, value.strip())
+                continue
             try:
                 values[key] = int(value) if key in _INTS else float(value)
             except ValueError:
@@ -125,6 +127,19 @@ def parse(spec: str) -> list[Injection]:
     return out
 
 
+def _attempts(part: str, value: str) -> int | None:
+    if value.lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"injection {part!r}: attempts={value!r} must be 'all' or a positive integer "
+                         f"(the first N attempts)")
+    return n
+
+
 def validate_plan(plan: list[Injection], world_size: int) -> None:
     """Reject injections naming ranks outside the job."""
     for inj in plan:
@@ -136,12 +151,20 @@ def validate_plan(plan: list[Injection], world_size: int) -> None:
 
 
 class Injector:
-    """Applies a plan on one rank.  Call `at_step` at every step boundary."""
+    """Applies a plan on one rank.  Call `at_step` at every step boundary.
+
+    ``attempt`` is the job's attempt this process belongs to (0: the first;
+    under torchrun ``TORCHELASTIC_RESTART_COUNT``, under Ray the driver's
+    count of restarts): only the injections armed in it (`Injection.fires_in`)
+    are applied; the others are in ``skipped``."""
 
     def __init__(self, plan, rank: int, *, group=None, attempt: int = 0):
-        plan = parse(plan) if isinstance(plan, str) else list(plan)
-        self.plan = [i for i in plan if i.in_attempt(attempt)]  # what fires in this attempt of the job
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+            raise ValueError(f"Injector: attempt={attempt!r} must be a non-negative integer (0: the first)")
+        planned = parse(plan) if isinstance(plan, str) else list(plan)
         self.attempt = attempt
+        self.plan = [i for i in planned if i.fires_in(attempt)]
+        self.skipped = [i for i in planned if not i.fires_in(attempt)]
         self.rank, self.group = rank, group
         self._release = threading.Event()
         self.log: list[tuple[str, int, float]] = []  # (kind, step, time.monotonic()) of what fired here

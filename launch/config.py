@@ -150,8 +150,10 @@ class TrainSection:
 class CkptSection:
     ckpt_every: int = _f(0, "save a checkpoint every N steps (0: never)")
     ckpt_url: str = _f("", "where checkpoints go: a path or fsspec URL (file://, memory://, s3://, ...)")
-    resume: bool = _f(False, "continue from the latest committed checkpoint at --ckpt-url "
-                             "(from step 0 when there is none)")
+    resume: bool = _f(False, "continue from the newest committed checkpoint at --ckpt-url, or start at "
+                             "step 0 when there is none; --resume, --resume auto and --resume true are the "
+                             "same (auto: what a job restarted by torchrun --max-restarts wants), "
+                             "--no-resume or --resume false start at step 0", words={"auto": True})
     keep_last: int = _f(0, "keep only the newest N committed checkpoints (0: keep all)")
     keep_every: int = _f(0, "with --keep-last, also keep checkpoints whose step is a multiple of K")
     ckpt_mode: str = _f("async", "async: copy to host memory while training runs and write in the "
@@ -299,9 +301,12 @@ def _coerce(opt: Option, value):
     if typ is bool:
         if isinstance(value, bool):
             return value
+        words = f.metadata.get("words", {})  # extra spellings a bool option takes ("auto")
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where}={value!r} must be true or false")
+        raise ConfigError(f"{where}={value!r} must be true or false" + "".join(f" or {w}" for w in words))
     if typ is str and isinstance(value, (list, tuple)) and f.metadata.get("joins"):
         value = f.metadata["joins"].join(str(v) for v in value)  # a TOML list of paths
     elif typ is str and isinstance(value, (list, tuple, dict)):
@@ -680,7 +685,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for key, opt in OPTIONS.items():
         group, typ = groups[opt.section], _field_type(opt.field)
         help_text = opt.help if "default:" in opt.help else f"{opt.help} (default: {opt.default})"
-        if typ is bool:
+        if typ is bool and opt.field.metadata.get("words"):  # --resume [auto|true|false], --no-resume
+            words = "|".join([*opt.field.metadata["words"], "true", "false"])
+            group.add_argument(opt.flag, dest=key, default=None, nargs="?", const=True, metavar=words,
+                               help=help_text)
+            group.add_argument("--no-" + opt.flag[2:], dest=key, action="store_false", help=argparse.SUPPRESS)
+        elif typ is bool:
             group.add_argument(opt.flag, dest=key, default=None, action=argparse.BooleanOptionalAction,
                                help=help_text)
         elif typ is dict:

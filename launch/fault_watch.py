@@ -68,13 +68,12 @@ class _NoFaults:
 
 
 @contextlib.contextmanager
-def rank_faults(cfg, reporter=None, transport=None):
-    """Injection + monitoring for one rank; yields an object with ``at_step``."""
+def rank_faults(cfg, reporter=None, transport=None, attempt: int = 0):
+    """Injection + monitoring for one rank; yields an object with ``at_step``.
+    ``attempt`` (0: the first) arms only the injections planned for it."""
     import torch.distributed as dist
     f = cfg.faults
     rank = dist.get_rank()
-    # the job's attempt (the Ray driver's restarts): an injection fires in the attempts its plan names
-    attempt = int(os.environ.get("LOOM_ATTEMPT", "0"))
     injector = Injector(f.inject, rank, attempt=attempt) if f.inject else None
     if not f.monitor:
         with contextlib.ExitStack() as stack:

@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from loom import comms
+
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
@@ -34,17 +36,24 @@ def init_distributed(cfg: JobConfig) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
+    # under torchrun, keys prefixed per attempt: a restart must not read the dead attempt's addresses
+    comms.init_process_group_from_env(backend, datetime.timedelta(seconds=cfg.job.pg_timeout))
 
 
-def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None):
+def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None,
+             attempt: int | None = None):
     """Join, train, leave.  Returns the built-in loop's summary, or what
     ``train_fn`` returned (``train_fn(config)``, or ``train_fn()`` when it
     takes no argument; `loom.launch.report` works inside it).
 
     ``fault_transport`` carries this rank's fault-monitor reports (the Ray
-    driver passes one); without it rank 0 hosts the aggregator (torchrun)."""
+    driver passes one); without it rank 0 hosts the aggregator (torchrun).
+    ``attempt``: the job's attempt this rank belongs to (0: the first), which
+    arms the fault injections planned for it; None reads the Ray driver's
+    ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT`` (0 outside both)."""
+    if attempt is None:
+        from .recovery import ATTEMPT_ENV
+        attempt = int(os.environ[ATTEMPT_ENV]) if ATTEMPT_ENV in os.environ else comms.elastic_attempt()
     from .api import rank_session
     if isinstance(cfg, dict):
         cfg = JobConfig.from_dict(cfg)
@@ -55,7 +64,7 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
         validate_launch(cfg, world)
     init_distributed(cfg)
     try:
-        with rank_faults(cfg, reporter, fault_transport) as faults:
+        with rank_faults(cfg, reporter, fault_transport, attempt=attempt) as faults:
             if train_fn is None:
                 return train(cfg, reporter, step_hook=faults.at_step)
             with rank_session(reporter, faults.at_step, cfg.job.device):

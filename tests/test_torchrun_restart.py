@@ -1,0 +1,171 @@
+"""torchrun --max-restarts: a restarted attempt reconnects and resumes exactly.
+
+The cause of the old failure: torchrun's agent keeps one TCPStore for every
+attempt, and torch's env:// rendezvous does not prefix keys with the attempt,
+so a restarted rank could read the dead attempt's gloo addresses
+(connectFullMesh: Connection refused).  `loom.comms.elastic` prefixes them.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from loom.comms import elastic
+from loom.faults import inject
+
+
+# ------------------------------------------------------------ the cause, unit
+
+def _join_and_leave(rank: int, port: int, attempt: int, out) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
+    try:
+        elastic.init_process_group_from_env("gloo", datetime.timedelta(seconds=20))
+        group = dist.new_group([0, 1])  # the group init_mesh's new_group failed on
+        import torch
+        t = torch.ones(1)
+        dist.all_reduce(t, group=group)
+        dist.destroy_process_group()
+        out.put((rank, float(t)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        out.put((rank, repr(exc)))
+
+
+def _attempt(port: int, attempt: int) -> list:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_join_and_leave, args=(r, port, attempt, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(10)
+    return results
+
+
+@pytest.mark.timeout(90)
+def test_attempts_write_disjoint_keys_in_the_agents_store():
+    """Two attempts over one store (as torchrun's agent keeps it): every key an
+    attempt writes - the default group's and new_group's gloo addresses - is
+    under its own prefix, so attempt 1 never reads attempt 0's."""
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    assert _attempt(agent.port, 0) == [(0, 2.0), (1, 2.0)]
+    first = set(agent.list_keys())
+    assert _attempt(agent.port, 1) == [(0, 2.0), (1, 2.0)]
+    second = set(agent.list_keys()) - first
+    p0, p1 = elastic.attempt_prefix(0, 2), elastic.attempt_prefix(1, 2)
+    assert first and second
+    assert all(k.startswith(p0 + "/") for k in first), sorted(first)
+    assert all(k.startswith(p1 + "/") for k in second), sorted(second)
+    # the same names below the prefix: without it attempt 1 would have read attempt 0's values
+    assert {k[len(p0):] for k in first} & {k[len(p1):] for k in second}
+
+
+def test_attempt_from_the_environment():
+    assert elastic.elastic_attempt({}) == 0
+    assert elastic.elastic_attempt({"TORCHELASTIC_RESTART_COUNT": "2"}) == 2
+    with pytest.raises(ValueError, match="TORCHELASTIC_RESTART_COUNT='x'"):
+        elastic.elastic_attempt({"TORCHELASTIC_RESTART_COUNT": "x"})
+    assert elastic.attempt_prefix(0, 2) != elastic.attempt_prefix(1, 2) != elastic.attempt_prefix(1, 4)
+    assert elastic.uses_agent_store({"TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert not elastic.uses_agent_store({})
+
+
+# ------------------------------------------------- attempt-aware injection
+
+def test_injections_fire_in_the_first_attempt_unless_told():
+    once, every, two = inject.parse("kill:rank=1,step=12;hang:rank=0,step=3,attempts=all;"
+                                    "straggler:rank=1,delay=0.1,attempts=2")
+    assert (once.attempts, every.attempts, two.attempts) == (1, None, 2)
+    assert [i.fires_in(0) for i in (once, every, two)] == [True, True, True]
+    assert [i.fires_in(1) for i in (once, every, two)] == [False, True, True]
+    assert [i.fires_in(2) for i in (once, every, two)] == [False, True, False]
+    assert str(once) == "kill:rank=1,step=12" and inject.parse(str(every)) == [every]
+    assert inject.parse(str(two)) == [two]
+    for bad in ("kill:rank=1,step=1,attempts=0", "kill:rank=1,step=1,attempts=some"):
+        with pytest.raises(ValueError, match="attempts="):
+            inject.parse(bad)
+    first = inject.Injector("kill:rank=1,step=12;straggler:rank=1,delay=0,attempts=all", rank=1)
+    again = inject.Injector("kill:rank=1,step=12;straggler:rank=1,delay=0,attempts=all", rank=1, attempt=1)
+    assert [i.kind for i in first.plan] == ["kill", "straggler"]
+    assert [i.kind for i in again.plan] == ["straggler"] and [i.kind for i in again.skipped] == ["kill"]
+    again.at_step(12)  # the kill is not armed in attempt 1: this process lives on
+    with pytest.raises(ValueError, match="attempt=-1"):
+        inject.Injector("", rank=0, attempt=-1)
+
+
+def test_resume_auto_on_the_command_line_and_in_toml(tmp_path):
+    import argparse
+
+    from loom.launch.config import ConfigError, add_config_arguments, config_from_args, load_config
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    for argv, want in (([], False), (["--resume"], True), (["--resume", "auto"], True),
+                       (["--resume", "true"], True), (["--resume", "false"], False), (["--no-resume"], False)):
+        assert config_from_args(parser.parse_args(argv + ["--ckpt-url", "x"])).ckpt.resume is want, argv
+    job = tmp_path / "job.toml"
+    job.write_text('[ckpt]\nckpt_url = "x"\nresume = "auto"\n')
+    assert load_config(str(job)).ckpt.resume is True
+    job.write_text('[ckpt]\nckpt_url = "x"\nresume = true\n')
+    assert load_config(str(job)).ckpt.resume is True
+    with pytest.raises(ConfigError, match="resume='maybe'"):
+        config_from_args(parser.parse_args(["--resume", "maybe"]))
+
+
+# ------------------------------------------------------------ end to end
+
+_JOB = ["--steps", "20", "--data", "synthetic", "--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "16",
+        "--batch-size", "4", "--dtype", "float64", "--no-progress", "--eval-every", "0", "--pg-timeout", "30"]
+
+
+def _torchrun(tmp_path, name: str, max_restarts: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", str(max_restarts), "-m", "loom.launch.worker", *_JOB,
+           "--runs-dir", str(tmp_path / "runs"), "--name", name, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+
+
+def _losses(run_dirs) -> dict[int, float]:
+    """step -> loss over the attempts' run directories, the later attempt's
+    value where a step was run twice."""
+    out = {}
+    for run_dir in run_dirs:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            for line in fh:
+                row = json.loads(line)
+                if "loss" in row and "step" in row:
+                    out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_restart_resumes_with_the_uninterrupted_losses(tmp_path):
+    """torchrun --max-restarts 1, rank 1 killed at step 12, checkpoints every
+    5: one restart, resumed at step 10 with --resume auto, exit 0, and the
+    losses from step 10 on equal an uninterrupted run's (float64)."""
+    ref = _torchrun(tmp_path, "ref", 0, "--no-monitor")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ckpt = str(tmp_path / "ckpt")
+    run = _torchrun(tmp_path, "job", 1, "--no-monitor", "--ckpt-every", "5",
+                    "--ckpt-url", ckpt, "--resume", "auto", "--inject", "kill:rank=1,step=12")
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = run.stdout + run.stderr
+    assert "resumed from" in said and "step-00000010" in said, said[-3000:]
+    assert "connectFullMesh" not in said
+    attempts = sorted(glob.glob(str(tmp_path / "runs" / "job*")), key=lambda d: (len(d), d))  # job, job-2
+    assert len(attempts) == 2, attempts
+    first, second = _losses(attempts[:1]), _losses(attempts[1:])
+    assert max(first) < 12 and min(second) == 10 and max(second) == 19  # the kill hit step 12 of attempt 0 only
+    want = _losses(glob.glob(str(tmp_path / "runs" / "ref*")))
+    for step in range(10, 20):
+        assert second[step] == pytest.approx(want[step], rel=0, abs=1e-10), step
