@@ -29,21 +29,25 @@ import os
 import torch.distributed as dist
 
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
+ATTEMPT_ENV = "LOOM_ATTEMPT"  # set by loom's Ray driver for the workers of each attempt
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def elastic_attempt(environ=None) -> int:
-    """This process's attempt under torchrun: ``TORCHELASTIC_RESTART_COUNT``
-    (0 for the first attempt, and outside torchrun).  Raises ValueError if
-    the variable is not a non-negative integer."""
-    value = (os.environ if environ is None else environ).get(RESTART_ENV, "0")
+    """The job's attempt this process belongs to (0: the first): loom's Ray
+    driver's ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT``
+    (0 outside both).  Raises ValueError if the variable is not a
+    non-negative integer."""
+    environ = os.environ if environ is None else environ
+    name = ATTEMPT_ENV if ATTEMPT_ENV in environ else RESTART_ENV
+    value = environ.get(name, "0")
     try:
         attempt = int(value)
     except ValueError:
         attempt = -1
     if attempt < 0:
-        raise ValueError(f"{RESTART_ENV}={value!r} must be a non-negative integer (torchrun sets it)")
+        raise ValueError(f"{name}={value!r} must be a non-negative integer (the launcher sets it)")
     return attempt
 
 

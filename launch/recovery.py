@@ -28,12 +28,13 @@ import re
 import time
 from dataclasses import dataclass
 
+from loom.comms.elastic import ATTEMPT_ENV
+
 from .cluster import LaunchError
 from .config import JobConfig, max_restarts
 
 log = logging.getLogger("loom.launch")
 RESTARTS_LOG = "restarts.jsonl"
-ATTEMPT_ENV = "LOOM_ATTEMPT"
 
 
 @dataclass

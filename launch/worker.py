@@ -52,8 +52,7 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
     arms the fault injections planned for it; None reads the Ray driver's
     ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT`` (0 outside both)."""
     if attempt is None:
-        from .recovery import ATTEMPT_ENV
-        attempt = int(os.environ[ATTEMPT_ENV]) if ATTEMPT_ENV in os.environ else comms.elastic_attempt()
+        attempt = comms.elastic_attempt()
     from .api import rank_session
     if isinstance(cfg, dict):
         cfg = JobConfig.from_dict(cfg)

@@ -32,8 +32,8 @@ def test_injections_fire_in_the_attempts_they_name():
     assert [str(i) for i in parse(";".join(str(i) for i in plan))] == [str(i) for i in plan]  # round trip
     assert [[i.kind for i in Injector(plan, 0, attempt=a).plan] for a in (0, 1, 2)] == \
         [["kill", "hang", "straggler"], ["hang", "straggler"], ["straggler"]]
-    for bad, needle in (("kill:rank=1,step=2,attempts=0", "attempts=0 must be >= 1"),
-                        ("kill:rank=1,step=2,attempts=x", "must be a count or all")):
+    for bad, needle in (("kill:rank=1,step=2,attempts=0", "attempts='0' must be 'all' or a positive integer"),
+                        ("kill:rank=1,step=2,attempts=x", "attempts='x' must be 'all' or a positive integer")):
         with pytest.raises(ValueError, match=needle):
             parse(bad)
 
