@@ -62,6 +62,103 @@ def open_run(cfg, total_steps: int | None, progress: bool, files: dict, *, runs_
     return RunRecorder(run_dir, total_steps, progress, sinks=open_sinks(cfg, run_dir))
 
 
+RUN_DIR_KEY = "loom/run_dir"   # in torchrun's agent store: the job's run directory (set by attempt 0)
+JOB_MARK = ".torchrun_job"      # in a run directory: the torchrun job (TORCHELASTIC_RUN_ID) that wrote it
+
+
+def torchrun_job_id(environ=None) -> str | None:
+    """The torchrun job's id (``TORCHELASTIC_RUN_ID``: ``--rdzv-id``, a fresh
+    uuid under ``--standalone``), or None where it names no job (unset, or
+    torchrun's default ``none``, shared by every job that gives none)."""
+    run_id = (os.environ if environ is None else environ).get("TORCHELASTIC_RUN_ID", "")
+    return None if run_id in ("", "none") else run_id
+
+
+def find_job_run_dir(runs_dir: str, store=None, job_id: str | None = None) -> str | None:
+    """The run directory an earlier attempt of this torchrun job opened, or None.
+
+    The rule: (1) the path attempt 0 put under `RUN_DIR_KEY` in ``store``
+    (torchrun's agent store: one per job, kept across its attempts, seen by no
+    other job); (2) without that, the newest directory in ``runs_dir`` whose
+    `JOB_MARK` file holds ``job_id`` (see `torchrun_job_id`); (3) else None."""
+    if store is not None:
+        try:
+            if store.check([RUN_DIR_KEY]):
+                return store.get(RUN_DIR_KEY).decode()
+        except Exception as exc:  # noqa: BLE001 - a store that cannot answer: try the marks
+            log.warning("cannot read the run directory from torchrun's store: %s: %s", type(exc).__name__, exc)
+    if job_id is None or not os.path.isdir(runs_dir):
+        return None
+    found = []
+    for entry in os.scandir(runs_dir):
+        try:
+            with open(os.path.join(entry.path, JOB_MARK)) as fh:
+                if fh.read().strip() == job_id:
+                    found.append((entry.stat().st_mtime, entry.path))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
+
+
+def open_torchrun_run(cfg, total_steps: int | None, progress: bool, files: dict, *, attempt: int,
+                      store=None, job_id: str | None = None) -> "RunRecorder":
+    """Rank 0's `open_run` under torchrun: attempt 0 opens a fresh run
+    directory and names it for the later attempts (`RUN_DIR_KEY` in
+    ``store``, `JOB_MARK` holding ``job_id``); attempt k > 0 reopens that
+    directory (`find_job_run_dir`) and appends to its metrics.jsonl and
+    restarts.jsonl.  It never appends to another job's directory: when the
+    directory is not found, or its config.toml differs from ``files``', it
+    opens a fresh one and logs why (logger ``loom.launch``)."""
+    previous = find_job_run_dir(cfg.job.runs_dir, store, job_id) if attempt > 0 else None
+    if previous is not None:
+        why = _cannot_append(previous, files)
+        if why is None:
+            from .logging_backends import check_backends, open_sinks
+            check_backends(cfg.job)
+            log.info("attempt %d appends to the run directory %s", attempt, previous)
+            _end_line(os.path.join(previous, "metrics.jsonl"))
+            return RunRecorder(previous, total_steps, progress, sinks=open_sinks(cfg, previous))
+        log.warning("attempt %d: not appending to %s: %s; writing a new run directory", attempt, previous, why)
+    elif attempt > 0:
+        log.warning("attempt %d: cannot find the run directory of this job's earlier attempts (no agent store "
+                    "that names it, and TORCHELASTIC_RUN_ID=%r matches none in %s); writing a new one",
+                    attempt, job_id or "none", cfg.job.runs_dir)
+    recorder = open_run(cfg, total_steps, progress, files)
+    if job_id is not None:
+        with open(os.path.join(recorder.run_dir, JOB_MARK), "w") as fh:
+            fh.write(job_id + "\n")
+    if store is not None:
+        try:
+            store.set(RUN_DIR_KEY, os.path.abspath(recorder.run_dir))
+        except Exception as exc:  # noqa: BLE001 - later attempts fall back to the mark
+            log.warning("cannot name the run directory in torchrun's store: %s: %s", type(exc).__name__, exc)
+    return recorder
+
+
+def _end_line(path: str) -> None:
+    """End a JSON-lines file a killed writer left mid-line, so the next row starts on its own line."""
+    try:
+        with open(path, "rb+") as fh:
+            if fh.seek(0, os.SEEK_END) and (fh.seek(-1, os.SEEK_END), fh.read(1))[1] != b"\n":
+                fh.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
+def _cannot_append(run_dir: str, files: dict) -> str | None:
+    """Why attempt k may not append to ``run_dir`` (None: it may)."""
+    if not os.path.isdir(run_dir):
+        return "it does not exist on this node"
+    for file_name, text in files.items():
+        try:
+            with open(os.path.join(run_dir, file_name)) as fh:
+                if fh.read() != text:
+                    return f"its {file_name} differs from this job's"
+        except OSError as exc:
+            return f"its {file_name} cannot be read ({exc.strerror or exc})"
+    return None
+
+
 def _human(x: float) -> str:
     for unit in ("", "k", "M", "G"):
         if abs(x) < 1000:
@@ -156,7 +253,8 @@ class RunRecorder:
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = ProgressBar(total_steps, enabled=progress)
         self.sinks = list(sinks or [])
-        self.restarts: list[dict] = []  # the job's restarts (`restart`)
+        self.restarts: list[dict] = _read_jsonl(os.path.join(run_dir, "restarts.jsonl"))  # `restart`; a
+        # reopened directory (a later torchrun attempt) keeps the earlier attempts' records
 
     def step(self, metrics: dict) -> None:
         """One metrics row (training, or evaluation with ``"split": "eval"``)."""
@@ -213,6 +311,21 @@ class RunRecorder:
             except Exception as exc:  # noqa: BLE001
                 log.warning("logging backend %s failed to close: %s: %s", type(sink).__name__,
                             type(exc).__name__, exc)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSON-lines file ([] if there is none); a torn last line is skipped."""
+    rows = []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
 
 
 def format_summary(summary: dict) -> str:

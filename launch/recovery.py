@@ -210,17 +210,104 @@ class Recovery:
         if self._pending is None:
             return
         record, self._pending = self._pending, None
-        record["fault_time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record["fault_time"]))
+        record["fault_time"] = _iso(record["fault_time"])
         self.records.append(record)
-        note = getattr(self.recorder, "restart", None)
-        if note is not None:
-            note(record)
-        elif getattr(self.recorder, "run_dir", None):
-            with open(os.path.join(self.recorder.run_dir, RESTARTS_LOG), "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        note_restart(self.recorder, record)
 
     def _event(self, text: str) -> None:
         if self.recorder is not None:
             self.recorder.event(text)
         else:
             log.warning(text)
+
+
+# ---------------------------------------------------------------- the record, shared with torchrun
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+def note_restart(recorder, record: dict) -> None:
+    """Write one restart ``record``: the recorder's ``restart`` (a line of
+    restarts.jsonl and the summary's ``restarts``) when it has one, else a
+    line of restarts.jsonl in its ``run_dir`` (nothing without either)."""
+    note = getattr(recorder, "restart", None)
+    if note is not None:
+        note(record)
+    elif getattr(recorder, "run_dir", None):
+        with open(os.path.join(recorder.run_dir, RESTARTS_LOG), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+TORCHRUN_CAUSE = {"kind": "worker_exited", "rank": None,
+                  "evidence": "torchrun restarted every worker after one exited (it does not tell the new "
+                              "workers which rank failed or why: its agent's log has the exit code)"}
+
+
+def previous_attempts(run_dir: str, attempt: int) -> tuple[int | None, float | None]:
+    """What the run directory's metrics.jsonl tells of the attempts before
+    ``attempt``: the newest training step they reported (None: none), and
+    the time (``time.time()`` seconds) of their last row (the file's
+    modification time; None without the file).  Call it before the new
+    attempt writes a row."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        last_time = os.path.getmtime(path)
+    except OSError:
+        return None, None
+    last_step = None
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last row of a killed writer
+                continue
+            if row.get("split", "train") != "eval" and row.get("attempt", 0) < attempt and "step" in row:
+                last_step = row["step"] if last_step is None else max(last_step, row["step"])
+    return last_step, last_time
+
+
+def resume_step(cfg: JobConfig) -> int | None:
+    """The step a job that starts now resumes at: the newest committed
+    checkpoint with ``--resume`` (0 when there is none), 0 without; None when
+    the store cannot be read here."""
+    if not (cfg.ckpt.resume and cfg.ckpt.ckpt_url):
+        return 0
+    from loom.checkpoint import CheckpointStore
+    try:
+        newest = CheckpointStore(cfg.ckpt.ckpt_url).latest()
+    except Exception as exc:  # noqa: BLE001 - the record then takes the first reported step
+        log.info("cannot read the checkpoints at %s: %s: %s", cfg.ckpt.ckpt_url, type(exc).__name__, exc)
+        return None
+    return 0 if newest is None else newest
+
+
+def torchrun_attempt(recorder, attempt: int, max_restarts: int, resumed: int | None = None) -> AttemptRecorder:
+    """Rank 0's recorder for ``attempt`` of a torchrun job (``recorder``: the
+    `RunRecorder` of the job's run directory, reopened for attempt > 0).
+    Rows carry ``attempt`` when restarts are possible (``max_restarts`` > 0,
+    torchrun's ``TORCHELASTIC_MAX_RESTARTS``), as under Ray.  In attempt
+    k > 0 the first reported step writes the restart's record in the Ray
+    side's format (`note_restart`): ``cause`` is `TORCHRUN_CAUSE` (all that
+    torchrun tells), ``failed_at_step`` the failed attempts' newest reported
+    step + 1 (at least the resumed step), ``resumed_step`` the step this
+    attempt starts at (``resumed``, e.g. `resume_step`; None: its first reported step),
+    ``fault_time`` the time of the previous attempt's last row and
+    ``recovery_s`` the seconds from that row to this attempt's first reported step."""
+    tag = max_restarts > 0 or attempt > 0
+    if attempt == 0:
+        return AttemptRecorder(recorder, 0, tag)
+    last_step, last_time = previous_attempts(recorder.run_dir, attempt)
+
+    def first_step(step: int) -> None:
+        step = step if resumed is None else resumed
+        failed = max(last_step + 1, step) if last_step is not None else None
+        note_restart(recorder, {
+            "attempt": attempt, "cause": dict(TORCHRUN_CAUSE), "failed_at_step": failed, "resumed_step": step,
+            "steps_lost": failed - step if failed is not None else None, "fault_time": _iso(last_time),
+            "recovery_s": round(time.time() - last_time, 3) if last_time is not None else None})
+        at = f" at step {failed}" if failed is not None else ""
+        recorder.event(f"restart {attempt}/{max_restarts} (torchrun) after a worker exited{at}; "
+                       f"resumed from step {step}")
+
+    return AttemptRecorder(recorder, attempt, tag, on_first_step=first_step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
 
@@ -16,13 +17,16 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
+from loom.comms.elastic import uses_agent_store
 
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
-from .recorder import configure_logging, open_run
+from .recorder import configure_logging, open_torchrun_run, torchrun_job_id
+from .recovery import resume_step, torchrun_attempt
 from .train import resolve_device, train
 
+log = logging.getLogger("loom.launch")
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -112,6 +116,19 @@ def takes_config(train_fn) -> bool:
     return bool(params)
 
 
+def agent_store(cfg: JobConfig):
+    """A client of torchrun's agent store (one per job, kept across its
+    attempts), or None where the workers do not share it or none is reachable."""
+    if not uses_agent_store() or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=cfg.job.pg_timeout))
+    except Exception as exc:  # noqa: BLE001 - the run directory is then found by TORCHELASTIC_RUN_ID
+        log.warning("cannot reach torchrun's agent store: %s: %s", type(exc).__name__, exc)
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loom.launch.worker",
                                      description="loom's per-rank worker (run it under torchrun)")
@@ -119,15 +136,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    recorder = None
+    recorder = tracker = None
     try:
         cfg = validate(config_from_args(args), world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if rank0:  # only rank 0 writes the run directory and logs to the backends
-            recorder = open_run(cfg, cfg.train.steps, cfg.job.progress, {"config.toml": to_toml(cfg)})
+            attempt = comms.elastic_attempt()
+            # every torchrun attempt of the job appends to attempt 0's run directory
+            recorder = open_torchrun_run(cfg, cfg.train.steps, cfg.job.progress, {"config.toml": to_toml(cfg)},
+                                         attempt=attempt, store=agent_store(cfg), job_id=torchrun_job_id())
+            tracker = torchrun_attempt(recorder, attempt, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+                                       resumed=resume_step(cfg) if attempt > 0 else None)
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        summary = run_rank(cfg, recorder)
+        summary = run_rank(cfg, tracker)
     except BaseException:
         if recorder is not None:
             recorder.close_sinks()

@@ -162,10 +162,28 @@ def test_torchrun_restart_resumes_with_the_uninterrupted_losses(tmp_path):
     said = run.stdout + run.stderr
     assert "resumed from" in said and "step-00000010" in said, said[-3000:]
     assert "connectFullMesh" not in said
-    attempts = sorted(glob.glob(str(tmp_path / "runs" / "job*")), key=lambda d: (len(d), d))  # job, job-2
-    assert len(attempts) == 2, attempts
-    first, second = _losses(attempts[:1]), _losses(attempts[1:])
-    assert max(first) < 12 and min(second) == 10 and max(second) == 19  # the kill hit step 12 of attempt 0 only
+    dirs = glob.glob(str(tmp_path / "runs" / "job*"))
+    assert len(dirs) == 1, dirs  # attempt 1 appended to attempt 0's run directory
+    rows = _rows(dirs[0], "metrics.jsonl")
+    steps = {a: [r["step"] for r in rows if r.get("attempt") == a] for a in (0, 1)}
+    assert steps[0] == list(range(12)) and steps[1] == list(range(10, 20)), steps  # the kill hit step 12 once
+    assert len(rows) == 22
+    second = {r["step"]: r["loss"] for r in rows if r["attempt"] == 1}
     want = _losses(glob.glob(str(tmp_path / "runs" / "ref*")))
     for step in range(10, 20):
         assert second[step] == pytest.approx(want[step], rel=0, abs=1e-10), step
+    restarts = _rows(dirs[0], "restarts.jsonl")
+    assert len(restarts) == 1, restarts
+    rec = restarts[0]
+    assert (rec["attempt"], rec["resumed_step"], rec["failed_at_step"], rec["steps_lost"]) == (1, 10, 12, 2), rec
+    assert rec["cause"]["kind"] == "worker_exited" and rec["cause"]["rank"] is None
+    assert 0 < rec["recovery_s"] < 60 and rec["fault_time"]
+    with open(os.path.join(dirs[0], "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["restarts"] == restarts and summary["extra"]["restarts"] == 1
+    assert "restarts" in run.stdout  # the printed summary
+
+
+def _rows(run_dir: str, name: str) -> list[dict]:
+    with open(os.path.join(run_dir, name)) as fh:
+        return [json.loads(line) for line in fh]
