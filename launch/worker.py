@@ -3,7 +3,10 @@
 Under torchrun:  ``torchrun --nproc-per-node 2 -m loom.launch.worker --config job.toml``
 It reads the torchrun environment contract (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), joins the process group and runs
-the training loop; rank 0 writes the run directory and shows progress.
+the training loop; rank 0 writes the run directory and shows progress.  Under
+``torchrun --max-restarts N`` every attempt appends to the run directory
+attempt 0 opened (`loom.launch.recorder.open_torchrun_run`), and each restart
+is recorded in its restarts.jsonl (`loom.launch.recovery.torchrun_attempt`).
 """
 from __future__ import annotations
 

@@ -121,6 +121,94 @@ def test_resume_auto_on_the_command_line_and_in_toml(tmp_path):
         config_from_args(parser.parse_args(["--resume", "maybe"]))
 
 
+# ------------------------------------------- one run directory per job
+
+def _cfg(tmp_path, steps: int = 20):
+    from loom.launch.config import JobConfig
+    cfg = JobConfig()
+    cfg.job.runs_dir, cfg.train.steps = str(tmp_path / "runs"), steps
+    return cfg
+
+
+def _open(cfg, attempt: int, **kw):
+    from loom.launch.config import to_toml
+    from loom.launch.recorder import open_torchrun_run
+    return open_torchrun_run(cfg, cfg.train.steps, False, {"config.toml": to_toml(cfg)}, attempt=attempt, **kw)
+
+
+def test_later_attempts_find_the_jobs_run_directory(tmp_path, caplog):
+    """The rule: attempt 0 names its directory in torchrun's agent store
+    (one per job); without a store, the directory marked with the job's
+    TORCHELASTIC_RUN_ID; never another job's directory."""
+    from loom.launch.recorder import find_job_run_dir, torchrun_job_id
+    assert torchrun_job_id({}) is None and torchrun_job_id({"TORCHELASTIC_RUN_ID": "none"}) is None
+    assert torchrun_job_id({"TORCHELASTIC_RUN_ID": "job42"}) == "job42"
+    cfg = _cfg(tmp_path)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    first = _open(cfg, 0, store=store, job_id="job42")
+    first.finish({"steps": 1})
+    again = _open(cfg, 1, store=store, job_id="job42")
+    assert again.run_dir == first.run_dir  # through the store
+    assert find_job_run_dir(cfg.job.runs_dir, None, "job42") == first.run_dir  # through the mark
+    other = _open(cfg, 0, job_id="other")  # another job in the same runs directory
+    assert other.run_dir != first.run_dir
+    assert find_job_run_dir(cfg.job.runs_dir, None, "job42") == first.run_dir
+    assert _open(cfg, 1, job_id="other").run_dir == other.run_dir
+    # nothing names the job: a fresh directory, and the log says why
+    with caplog.at_level("WARNING", logger="loom.launch"):
+        lone = _open(cfg, 1)
+    assert lone.run_dir not in (first.run_dir, other.run_dir) and "cannot find the run directory" in caplog.text
+    # the store names a directory of a different config: not appended to
+    changed = _cfg(tmp_path, steps=30)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loom.launch"):
+        fresh = _open(changed, 1, store=store, job_id="job42")
+    assert fresh.run_dir != first.run_dir and "config.toml differs" in caplog.text
+    assert store.get("loom/run_dir").decode() == os.path.abspath(fresh.run_dir)  # attempt 2 appends there
+
+
+def test_restart_record_from_the_reopened_directory(tmp_path):
+    """Attempt 1 reads what attempt 0 left in metrics.jsonl (a torn last row
+    too) and writes one restart record, in the Ray side's format, at its
+    first step; rows carry ``attempt``; the summary has the restarts."""
+    from loom.launch.recovery import torchrun_attempt
+    cfg = _cfg(tmp_path)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    rec0 = _open(cfg, 0, store=store)
+    t0 = torchrun_attempt(rec0, 0, max_restarts=2)
+    for step in range(7):
+        t0.step({"step": step, "loss": 1.0})
+    t0.step({"step": 6, "split": "eval", "eval_loss": 1.0})
+    rec0.metrics.write('{"step": 7, "lo')  # killed mid-row
+    rec0.metrics.close()
+    rec1 = _open(cfg, 1, store=store)
+    t1 = torchrun_attempt(rec1, 1, max_restarts=2, resumed=5)
+    assert rec1.run_dir == rec0.run_dir and rec1.restarts == []
+    for step in range(5, 9):
+        t1.step({"step": step, "loss": 1.0})
+    rec1.finish({"steps": 9})
+    with open(os.path.join(rec0.run_dir, "metrics.jsonl")) as fh:
+        lines = fh.read().splitlines()
+    rows = [json.loads(line) for line in lines if line != '{"step": 7, "lo']
+    assert len(rows) == len(lines) - 1  # the next attempt's rows start on a line of their own
+    assert [(r["attempt"], r["step"]) for r in rows if "loss" in r] == \
+        [(0, s) for s in range(7)] + [(1, s) for s in range(5, 9)]
+    (record,) = _rows(rec0.run_dir, "restarts.jsonl")
+    assert set(record) == {"attempt", "cause", "failed_at_step", "resumed_step", "steps_lost", "fault_time",
+                           "recovery_s"}  # the Ray side's fields
+    assert (record["attempt"], record["failed_at_step"], record["resumed_step"], record["steps_lost"]) == \
+        (1, 7, 5, 2)
+    assert record["cause"]["kind"] == "worker_exited" and record["recovery_s"] >= 0
+    with open(os.path.join(rec0.run_dir, "summary.json")) as fh:
+        assert json.load(fh)["restarts"] == [record]
+    # attempt 2 keeps attempt 1's record in its summary
+    rec2 = _open(cfg, 2, store=store)
+    assert rec2.restarts == [record]
+    rec2.metrics.close()
+
+
 # ------------------------------------------------------------ end to end
 
 _JOB = ["--steps", "20", "--data", "synthetic", "--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "16",
