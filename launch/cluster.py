@@ -190,7 +190,7 @@ def check_capacity(bundle: dict, count: int, nodes: list[dict] | None = None) ->
     per_node = [_fits(n, bundle) for n in nodes]
     if sum(per_node) >= count:
         return
-    listing = "; ".join(f"node {i}: {_fmt(n)}" for i, n in enumerate(nodes)) or "no live nodes"
+    listing = _listing(nodes)
     if not any(per_node):
         raise LaunchError(f"no node of the Ray cluster can hold a worker ({_fmt(bundle)} each; a worker "
                           f"runs on one node): {listing}. Lower --cpus-per-worker, use --device cpu, or "
@@ -221,3 +221,41 @@ def wait_placed(pg, bundle: dict, count: int, timeout: float, notify=None, every
         log.info(text)
         if notify is not None:
             notify(text)
+
+
+def _listing(nodes: list[dict]) -> str:
+    return "; ".join(f"node {i}: {_fmt(n)}" for i, n in enumerate(nodes)) or "no live nodes"
+
+
+def wait_replaced(pg, bundle: dict, count: int, timeout: float, notify=None, every: float = 10.0,
+                  poll: float = 0.2) -> None:
+    """After a node of the job was lost: wait until Ray has placed every
+    bundle of ``pg`` again (Ray re-places a lost node's bundles by itself,
+    on a node with room, e.g. a spare), saying so every ``every`` s through
+    ``notify`` (and the ``loom.launch`` logger).  Returns at once when
+    nothing is missing.  Raises LaunchError after ``timeout`` s, naming what
+    the live nodes can hold, or at once if the placement group was removed."""
+    from ray.util import placement_group_table
+    start = said = time.monotonic()
+    while True:
+        state = placement_group_table(pg).get("state")
+        if state == "CREATED":
+            return
+        if state == "REMOVED":
+            raise LaunchError("the job's placement group was removed while restarting (by hand, or the job's "
+                              "driver lost the cluster); start the job again")
+        now = time.monotonic()
+        if now - start >= timeout:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            held = sum(_fits(n, bundle) for n in nodes)
+            raise LaunchError(f"Ray could not place the {count} workers ({_fmt(bundle)} each) again within "
+                              f"{timeout:.0f}s after a node was lost: the live nodes hold {held} of them "
+                              f"({_listing(nodes)}). Add a node, or raise --start-timeout to wait longer")
+        if now - said >= every:
+            said = now
+            text = (f"waiting for Ray to place the workers of a lost node again: {now - start:.0f}s; "
+                    f"free now: {_fmt(ray.available_resources())}")
+            log.info(text)
+            if notify is not None:
+                notify(text)
+        time.sleep(poll)

@@ -241,7 +241,10 @@ class DriverWatch:
         self.stop_on = stop_kinds(cfg.faults)
         config = dataclasses.asdict(detect_config(cfg.faults))
         self.secret = job_secret()  # handed to each worker actor with its transport
-        self.actor = ray.remote(num_cpus=0)(AggregatorActor).remote(cfg.world_size, config, self.secret)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # not a worker's
+        self.actor = ray.remote(num_cpus=0)(AggregatorActor).options(scheduling_strategy=here).remote(
+            cfg.world_size, config, self.secret)
         self.log = LogWriter(run_dir) if run_dir else None
         self.printer = printer or log.warning
         self.faults: list[Fault] = []

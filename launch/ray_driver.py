@@ -18,7 +18,7 @@ import time
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Empty, Queue
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from . import cluster
 from .cluster import LaunchError
@@ -125,6 +125,13 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
         cluster.wait_placed(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
         fn_ref = ray.put(train_fn) if train_fn is not None else None
         while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
+            if recovery.attempt > 0:  # a lost node's bundles: Ray places them again where there is room
+                try:
+                    cluster.wait_replaced(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+                except LaunchError as exc:
+                    last = recovery.failures[-1]
+                    raise LaunchError(f"could not restart after {last.error}: {exc}", rank=last.rank) \
+                        from last.error
             tracker = recovery.begin()
             try:
                 results = _attempt(cfg, recovery, pg, gpus, env, tracker if recorder is not None else None,
@@ -158,7 +165,9 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
                   for i in range(world)]
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
-        queue = Queue(actor_options={"num_cpus": 0}) if recorder is not None else None
+        recovery.placed(nodes)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_driver_node()}) \
+            if recorder is not None else None
         if cfg.faults.monitor:
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
@@ -171,9 +180,10 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
                                                    watch.secret if watch else None, fn_ref, config))
-        return _supervise(futures, queue, recorder, watch)
+        return _supervise(futures, queue, recorder, watch, nodes=nodes)
     except ray.exceptions.GetTimeoutError:
-        raise
+        raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
+                          f"Ray could not place them or start their processes") from None
     except ray.exceptions.RayError as exc:  # an actor lost before it ran (e.g. its node went away)
         raise LaunchError(f"a worker was lost while starting: {type(exc).__name__}: {_one_line(exc)}",
                           kind="actor_lost") from exc
@@ -188,6 +198,12 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
             except ray.exceptions.RayError as exc:
                 log.warning("lost rank 0's last reports: %s", _one_line(exc))
             queue.shutdown(force=True)
+
+
+def _on_driver_node():
+    """Keep the driver's helper actors (the metrics queue, the fault monitor)
+    on the driver's own node: a lost worker node must not take them along."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
 def _one_line(exc) -> str:
@@ -210,7 +226,7 @@ def _drain(queue, recorder) -> None:
         getattr(recorder, kind)(payload)
 
 
-def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict:
+def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5, nodes: list[str] | None = None) -> dict:
     """Stream rank 0's metrics while waiting; the first failing rank, or a
     fault that stops the job (hang, lost rank), ends it.  When a rank fails,
     the others get ``grace`` seconds to show whether one of them died first:
@@ -221,13 +237,18 @@ def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict
         _drain(queue, recorder)
         if watch is not None and watch.poll() is not None:
             fault = watch.stopping
+            lost = _lost_with_nodes(futures, pending, nodes, grace)  # a lost node explains a lost rank
+            if lost:
+                named = set(lost)
+                parts = _lost_parts(lost) + ([] if set(fault.ranks) <= named else [_stopped(fault, len(futures))])
+                raise LaunchError("; then ".join(parts), rank=min(lost), kind="lost_node", step=fault.step)
             raise LaunchError(_stopped(fault, len(futures)), rank=min(fault.ranks, default=None), kind=fault.kind,
                               step=fault.step)
         for ref in done:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise _failure(futures, ref, exc, [r for r in pending if r is not ref], watch, grace) \
+                raise _failure(futures, ref, exc, [r for r in pending if r is not ref], watch, grace, nodes) \
                     from (getattr(exc, "cause", None) or exc)
         time.sleep(0 if done else 0.01)
     _drain(queue, recorder)
@@ -236,7 +257,41 @@ def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5) -> dict
     return ray.get(futures)
 
 
-def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
+def _lost_with_nodes(futures, pending, nodes: list[str] | None, grace: float) -> dict[int, tuple[str, str]]:
+    """Ranks lost with their Ray node: {rank: (node id, Ray's reason)}.  Ray
+    says so in each such actor's `ActorDiedError` (waited for up to ``grace``
+    s among ``pending``), and marks the node dead (``nodes``: each rank's)."""
+    lost: dict[int, tuple[str, str]] = {}
+    deadline = time.monotonic() + grace
+    pending = list(pending)
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=1)
+            except ray.exceptions.RayError as exc:
+                if _lost_node(exc):
+                    lost[futures.index(ref)] = _lost_node(exc)
+        if lost:
+            break
+    if nodes and not lost:
+        dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
+        lost = {r: (node, "Ray marks it dead") for r, node in enumerate(nodes) if node in dead}
+    return lost
+
+
+def _lost_parts(lost: dict[int, tuple[str, str]]) -> list[str]:
+    """One line per lost node, naming its ranks (`_lost_with_nodes`)."""
+    parts = []
+    for node, reason in dict.fromkeys(lost.values()):
+        ranks = [r for r in sorted(lost) if lost[r][0] == node]
+        several = len(ranks) > 1
+        parts.append(f"rank{'s' * several} {', '.join(map(str, ranks))} lost with {'their' if several else 'its'} "
+                     f"Ray node {node[:12]}" + (f" ({reason})" if reason else ""))
+    return parts
+
+
+def _failure(futures, ref, exc, pending, watch, grace: float, nodes: list[str] | None = None) -> LaunchError:
     """The error that ends the job after ``futures[ref]`` failed with ``exc``:
     a rank whose actor died (now, or within ``grace`` s among ``pending``) or
     that the monitor names lost comes first, then the failure seen."""
@@ -254,7 +309,12 @@ def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
                 pass  # another symptom
     why = watch.explain(sorted(dead)) if watch is not None else None
     parts, named = [], set()
-    if why is not None:  # the monitor knows the cause of the failure
+    lost = {r: _lost_node(e) for r, e in sorted(dead.items()) if _lost_node(e)}
+    if not lost and nodes and not dead:  # e.g. a collective failed first: was a peer's node lost?
+        lost = _lost_with_nodes(futures, [], nodes, 0.0)
+    parts += _lost_parts(lost)  # a lost node is the cause of its ranks' loss
+    named.update(lost)
+    if why is not None and not set(why.ranks) <= named:  # the monitor knows the cause of the failure
         parts.append(_stopped(why, len(futures)))
         named.update(why.ranks)
     parts += [f"rank {r} died: {_death(dead[r])}" for r in sorted(dead) if r not in named]
@@ -262,8 +322,8 @@ def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
     if rank not in named:
         cause = getattr(exc, "cause", None) or exc
         parts.append(f"rank {rank} failed: {type(cause).__name__}: {cause}")
-    first = sorted(why.ranks) if why is not None and why.ranks else sorted(dead)
-    kind = why.kind if why is not None else "died" if dead else "exception"
+    first = sorted(lost) or (sorted(why.ranks) if why is not None and why.ranks else sorted(dead))
+    kind = "lost_node" if lost else why.kind if why is not None else "died" if dead else "exception"
     traceback = str(exc) if kind == "exception" and isinstance(exc, ray.exceptions.RayTaskError) else None
     return LaunchError("; then ".join(parts), rank=first[0] if first else rank, kind=kind,
                        step=why.step if why is not None else None, remote_traceback=traceback)
@@ -271,5 +331,17 @@ def _failure(futures, ref, exc, pending, watch, grace: float) -> LaunchError:
 
 def _death(exc) -> str:
     """A short account of an `ActorDiedError` (its message runs to many lines)."""
+    node = _lost_node(exc)
+    if node is not None:
+        return f"its Ray node {node[0][:12]} was lost" + (f" ({node[1]})" if node[1] else "")
     pid = re.search(r"\bpid: (\d+)", str(exc))
     return "its worker process ended" + (f" (pid {pid.group(1)})" if pid else "")
+
+
+def _lost_node(exc) -> tuple[str, str] | None:
+    """(node id, Ray's reason) when ``exc`` says an actor died with its node
+    (Ray: "The actor died because its node has died. Node Id: ..."), else None."""
+    found = re.search(r"its node has died\. Node Id: ([0-9a-f]+)\s*\n?\s*(.*)", str(exc))
+    if found is None:
+        return None
+    return found.group(1), found.group(2).strip().removeprefix("the actor's node was ").strip()

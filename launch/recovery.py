@@ -16,7 +16,10 @@ text), ``failed_at_step`` (the step the failed attempt was running: its last
 reported step + 1, or the monitor's step), ``resumed_step``, ``steps_lost``
 (``failed_at_step - resumed_step``: steps computed again), ``recovery_s``
 (seconds from the driver seeing the fault to the new attempt's first
-reported step; None if it never got there).  Metrics rows carry ``attempt``
+reported step; None if it never got there), and on Ray ``placement``
+(``failed``/``resumed``: the Ray node id of each rank in the failed and the
+new attempt; the cause's ``node`` is its rank's).  A lost node is kind
+``lost_node``: Ray places its workers again on a node with room (a spare).  Metrics rows carry ``attempt``
 while restarts are possible, so the redone steps' rows can be told apart.
 """
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Recovery:
         self.failures: list[Failure] = []
         self.records: list[dict] = []
         self._pending: dict | None = None   # the newest restart, until its attempt's first step
+        self.nodes: dict[int, list[str]] = {}  # attempt -> the Ray node id of each rank (`placed`)
         self._resume = cfg.ckpt.resume
         c = cfg.ckpt
         self._store = c.ckpt_url if c.ckpt_url and (c.ckpt_every > 0 or c.resume) else None
@@ -121,6 +125,17 @@ class Recovery:
                 d["ckpt"]["ckpt_takeover"] = True
         return d
 
+    def placed(self, nodes: list[str]) -> None:
+        """The attempt's workers run on ``nodes`` (Ray node ids, hex, in rank
+        order).  Said as an event when the job spans several nodes or after a
+        restart, so a user sees where each attempt ran."""
+        self.nodes[self.attempt] = list(nodes)
+        if self._pending is not None and self._pending["attempt"] == self.attempt and "placement" in self._pending:
+            self._pending["placement"]["resumed"] = list(nodes)
+        if len(set(nodes)) > 1 or self.attempt > 0:
+            where = ", ".join(f"rank {r} on node {n[:12]}" for r, n in enumerate(nodes))
+            self._event(f"attempt {self.attempt}: {where}")
+
     def env(self) -> dict:
         return {ATTEMPT_ENV: str(self.attempt)}
 
@@ -139,11 +154,16 @@ class Recovery:
         self._give_up(failure)
         resumed = self._resume_step()
         self.attempt += 1
-        record = {"attempt": self.attempt, "cause": {"kind": failure.kind, "rank": failure.rank,
-                                                     "evidence": failure.evidence},
+        failed_nodes = self.nodes.get(failure.attempt)
+        cause = {"kind": failure.kind, "rank": failure.rank, "evidence": failure.evidence}
+        if failed_nodes and failure.rank is not None and failure.rank < len(failed_nodes):
+            cause["node"] = failed_nodes[failure.rank]
+        record = {"attempt": self.attempt, "cause": cause,
                   "failed_at_step": reached, "resumed_step": resumed,
                   "steps_lost": reached - resumed if reached is not None and resumed is not None else None,
                   "fault_time": now, "recovery_s": None}
+        if failed_nodes:  # where each rank ran: the failed attempt's nodes, then the new attempt's (`placed`)
+            record["placement"] = {"failed": failed_nodes, "resumed": None}
         at = f", at step {reached}" if reached is not None else ""
         where = f"step {resumed}" if resumed is not None else "the newest checkpoint"
         kind = failure.kind.replace("_", " ")
