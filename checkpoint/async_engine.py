@@ -188,7 +188,7 @@ class AsyncCheckpointer:
     def __init__(self, url: str, *, group=None, host_buffer_bytes: int | None = None,
                  keep_last: int | None = None, keep_every: int | None = None,
                  writer: str = "thread", mesh=None, durable: bool = False, job: str | None = None,
-                 takeover: bool = False, lease_s: float = LEASE_S):
+                 takeover: bool | str = False, lease_s: float = LEASE_S):
         CheckpointStore(url)  # checks the URL
         if host_buffer_bytes is not None and (isinstance(host_buffer_bytes, bool) or
                                               not isinstance(host_buffer_bytes, int) or host_buffer_bytes <= 0):

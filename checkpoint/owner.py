@@ -279,24 +279,29 @@ def _owned_error(url: str, record: dict, now: float) -> CheckpointOwnershipError
         f"regardless (dangerous: a job still running keeps writing until its next save fails)")
 
 
-def _claim(store: CheckpointStore, job: str, takeover: bool, lease_s: float) -> dict:
+def _claim(store: CheckpointStore, job: str, takeover: bool | str, lease_s: float) -> dict:
     """Rank 0: write this process's record, or raise naming the live owner."""
     with _LOCK:
         for _ in range(3):
             try:
                 current = _read(store)
             except InvalidCheckpointError:
-                if not takeover:
+                if takeover is not True:
                     raise
                 current = {}  # replaced below
             now = time.time()
-            if current and not takeover:
+            # takeover=True: any owner; takeover=<job>: an owner record of that very job (its earlier attempt)
+            ours = isinstance(takeover, str) and bool(current) and current.get("job") == takeover
+            if current and takeover is True:
+                log.warning("taking over checkpoint store %s from %s", store.url, describe(current, now))
+            elif ours:
+                log.warning("reclaiming checkpoint store %s from this job's earlier attempt: %s", store.url,
+                            describe(current, now))
+            elif current:
                 why = _gone(current, now)
                 if why is None:
                     raise _owned_error(store.url, current, now)
                 log.warning("claiming checkpoint store %s from %s: %s", store.url, describe(current, now), why)
-            elif current and takeover:
-                log.warning("taking over checkpoint store %s from %s", store.url, describe(current, now))
             mine = {"format": FORMAT, "version": VERSION, "job": job, "host": socket.gethostname(),
                     "pid": os.getpid(), "machine": _machine(), "token": uuid.uuid4().hex,
                     "started": now, "heartbeat": now, "lease_s": float(lease_s)}
@@ -476,7 +481,7 @@ class StoreOwnership:
         return f"StoreOwnership({self.url!r}, job={self.job!r}, {state})"
 
 
-def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool = False,
+def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool | str = False,
                 lease_s: float = LEASE_S, reuse: bool = False, keep: bool = False) -> StoreOwnership:
     """Collective over ``group`` (default: the world, or this process alone):
     make this job the one writer of the store at ``url``, and prove that
@@ -485,8 +490,10 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
 
     ``job``: the id recorded (default `default_job()`).  ``lease_s``: how old
     this claim's heartbeat may get before others may claim the store.
-    ``takeover``: claim even a live owner's store (dangerous: it keeps
-    writing until its next save fails).  ``reuse``: when this process
+    ``takeover``: True claims even a live owner's store (dangerous: it keeps
+    writing until its next save fails); a job id (str) claims a store whose
+    live owner record is that very job's -- a restarted job reclaiming what
+    its stopped workers held -- and no other job's.  ``reuse``: when this process
     already holds the store for the same ``job`` (for any job when ``job``
     is None), share that claim (the returned hold releases nothing) instead
     of failing.  ``keep`` (what `save` does): reuse, and keep a new claim
@@ -504,6 +511,8 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
     store = CheckpointStore(url)
     any_job = job is None and (reuse or keep)
     job = default_job() if job is None else job
+    if not isinstance(takeover, (bool, str)) or takeover == "":
+        raise ValueError(f"takeover={takeover!r} must be True, False or the id of the job whose claim to reclaim")
     if not isinstance(job, str) or not 0 < len(job) <= _MAX_TEXT:
         raise ValueError(f"job={job!r:.80} must be a non-empty string of at most {_MAX_TEXT} characters")
     if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not 0 < lease_s <= MAX_LEASE_S:
@@ -511,7 +520,7 @@ def claim_store(url: str, *, group=None, job: str | None = None, takeover: bool 
     mine, fresh, error, info = None, None, None, None
     if g.rank == 0:
         try:
-            mine, fresh = _hold(store, job, bool(takeover), float(lease_s), bool(reuse or keep), bool(keep),
+            mine, fresh = _hold(store, job, takeover, float(lease_s), bool(reuse or keep), bool(keep),
                                 any_job)
             info = {"token": mine.token, "reused": mine.reused, "probe": None}
             if g.size > 1 and tuple(g.ranks) not in mine.proven:  # once per claim and ranks
@@ -575,7 +584,7 @@ def check_writable(url: str) -> None:
             raise _owned_error(store.url, record, now)
 
 
-def _hold(store: CheckpointStore, job: str, takeover: bool, lease_s: float, reuse: bool, keep: bool,
+def _hold(store: CheckpointStore, job: str, takeover: bool | str, lease_s: float, reuse: bool, keep: bool,
           any_job: bool) -> tuple[StoreOwnership, StoreOwnership | None]:
     """Rank 0: (the hold to return, the claim made here or None): a share
     of the claim this process holds (``reuse``), that claim itself when it

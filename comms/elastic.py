@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 ATTEMPT_ENV = "LOOM_ATTEMPT"  # set by loom's Ray driver for the workers of each attempt
+JOB_TOKEN_ENV = "LOOM_JOB_TOKEN"  # set by loom's Ray driver: one id for every attempt of a job
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

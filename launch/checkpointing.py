@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import time
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from loom import checkpoint, comms
+from loom.comms.elastic import JOB_TOKEN_ENV
 
 from .config import ConfigError
 from .schedule import LRSchedule, restore
@@ -87,17 +89,22 @@ class TrainingCheckpoints:
         self.group = None                # sync mode: the background group the saves run on
         self._pending: list = []         # async handles not reported yet
         self.job = f"loom train {cfg.job.name}" if cfg.job.name else "loom train"
+        token = os.environ.get(JOB_TOKEN_ENV)
+        if token:  # the launcher's id of this job, the same in every attempt
+            self.job += f" [{token}]"
+        # a restarted attempt reclaims the store from this very job's stopped workers, and from no other job
+        takeover = self.c.ckpt_takeover or (self.job if token and comms.elastic_attempt() > 0 else False)
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,
                 keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh,
-                durable=self.c.ckpt_durable, job=self.job, takeover=self.c.ckpt_takeover)
+                durable=self.c.ckpt_durable, job=self.job, takeover=takeover)
             self.saver.attach(optimizer)
         elif self.c.ckpt_every:
             if dist.is_initialized():
                 self.group = comms.new_group(name="ckpt-sync", background=True)
             self.ownership = checkpoint.claim_store(self.c.ckpt_url, group=self.group, job=self.job,
-                                                    takeover=self.c.ckpt_takeover)
+                                                    takeover=takeover)
 
     def state(self, next_step: int, *, for_load: bool = False) -> dict:
         """What a checkpoint holds.  Parameters split across ranks (expert

@@ -29,14 +29,17 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 
-from loom.comms.elastic import ATTEMPT_ENV
+from loom.comms.elastic import ATTEMPT_ENV, JOB_TOKEN_ENV
 
 from .cluster import LaunchError
 from .config import JobConfig, max_restarts
 
 log = logging.getLogger("loom.launch")
+# errors of the job's setup, which a restart would meet again (a store another job owns, a bad config)
+_NOT_FAULTS = re.compile(r"\b(CheckpointOwnershipError|StoreNotSharedError|ConfigError)\b")
 RESTARTS_LOG = "restarts.jsonl"
 
 
@@ -103,6 +106,7 @@ class Recovery:
         self._pending: dict | None = None   # the newest restart, until its attempt's first step
         self.nodes: dict[int, list[str]] = {}  # attempt -> the Ray node id of each rank (`placed`)
         self._resume = cfg.ckpt.resume
+        self.token = uuid.uuid4().hex[:16]  # this job's id in its checkpoint store claims, every attempt
         c = cfg.ckpt
         self._store = c.ckpt_url if c.ckpt_url and (c.ckpt_every > 0 or c.resume) else None
         # a store with older commits and no --resume: a restart resumes only from this job's commits
@@ -121,8 +125,6 @@ class Recovery:
         d = self.cfg.to_dict()
         if self.attempt > 0:
             d["ckpt"]["resume"] = self._resume
-            if self.cfg.ckpt.ckpt_every > 0:  # the store's owner is this job's own stopped workers
-                d["ckpt"]["ckpt_takeover"] = True
         return d
 
     def placed(self, nodes: list[str]) -> None:
@@ -137,7 +139,11 @@ class Recovery:
             self._event(f"attempt {self.attempt}: {where}")
 
     def env(self) -> dict:
-        return {ATTEMPT_ENV: str(self.attempt)}
+        """The workers' environment: the attempt, and the job's id, with which
+        a restarted attempt reclaims the checkpoint store from this job's own
+        stopped workers (`loom.checkpoint.claim_store`'s takeover=<job>) and
+        never from another job."""
+        return {ATTEMPT_ENV: str(self.attempt), JOB_TOKEN_ENV: self.token}
 
     def failed(self, exc: LaunchError, tracker: AttemptRecorder) -> None:
         """The attempt ended with ``exc``: prepare the next, or raise the
@@ -150,6 +156,11 @@ class Recovery:
         self._flush_pending()
         self.failures.append(failure)
         if self.budget == 0:
+            raise exc
+        not_a_fault = _NOT_FAULTS.search(str(exc))
+        if not_a_fault:  # the job's setup, not a machine: another attempt would meet it again
+            self._event(f"loom: not restarting after a {not_a_fault.group(1)}: the job's configuration or its "
+                        f"checkpoint store is wrong, not a machine")
             raise exc
         self._give_up(failure)
         resumed = self._resume_step()

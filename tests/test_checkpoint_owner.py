@@ -472,3 +472,18 @@ def test_an_owner_record_out_of_range_is_invalid_naming_the_field(tmp_path, fiel
             attempt()
         assert err.value.file == f"{url}/OWNER" and err.value.field == (None if field == "surplus" else field)
     assert CheckpointStore(url).steps() == []
+
+
+def test_a_restarted_job_reclaims_only_its_own_claim(tmp_path):
+    """takeover=<job id>: a live owner record of that very job (its stopped
+    attempt's workers) is reclaimed; another job's live claim is refused as
+    without takeover; a bad takeover value is a ValueError."""
+    url = str(tmp_path / "ck")
+    hand_written(url, job="loom train demo [abc]", heartbeat=time.time(), lease_s=30.0)
+    with pytest.raises(ckpt.CheckpointOwnershipError, match="job 'loom train demo \\[abc\\]'"):
+        owner.claim_store(url, job="loom train other [xyz]", takeover="loom train other [xyz]")
+    hold = owner.claim_store(url, job="loom train demo [abc]", takeover="loom train demo [abc]")
+    assert ckpt.read_owner(url)["host"] == socket.gethostname()
+    hold.release()
+    with pytest.raises(ValueError, match="takeover=''"):
+        owner.claim_store(url, job="x", takeover="")

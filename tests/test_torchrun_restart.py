@@ -244,7 +244,7 @@ def test_torchrun_restart_resumes_with_the_uninterrupted_losses(tmp_path):
     ref = _torchrun(tmp_path, "ref", 0, "--no-monitor")
     assert ref.returncode == 0, ref.stderr[-3000:]
     ckpt = str(tmp_path / "ckpt")
-    run = _torchrun(tmp_path, "job", 1, "--no-monitor", "--ckpt-every", "5",
+    run = _torchrun(tmp_path, "job", 1, "--no-monitor", "--ckpt-every", "5", "--ckpt-mode", "sync",
                     "--ckpt-url", ckpt, "--resume", "auto", "--inject", "kill:rank=1,step=12")
     assert run.returncode == 0, run.stderr[-3000:]
     said = run.stdout + run.stderr
