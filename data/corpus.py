@@ -102,12 +102,6 @@ class Corpus:
         hi = np.searchsorted(self.doc_starts, starts + length, side="left")
         return [self.doc_starts[i:j] - a for i, j, a in zip(lo.tolist(), hi.tolist(), starts.tolist())]
 
-    def starts_in(self, start: int, stop: int) -> np.ndarray:
-        """Offsets (relative to ``start``) of the documents starting in ``(start, stop)``."""
-        lo = np.searchsorted(self.doc_starts, start, side="right")
-        hi = np.searchsorted(self.doc_starts, stop, side="left")
-        return self.doc_starts[lo:hi] - start
-
     def slice(self, start: int, stop: int, name: str | None = None) -> "Corpus":
         """Tokens ``[start, stop)`` as a corpus of their own (a view, no copy);
         a document cut at ``start`` starts there."""

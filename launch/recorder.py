@@ -20,6 +20,8 @@ import time
 
 from .logging_backends import scalars
 
+RESTARTS_LOG = "restarts.jsonl"  # one line per restart of the job (loom.launch.recovery)
+
 log = logging.getLogger("loom.launch")
 
 
@@ -253,7 +255,7 @@ class RunRecorder:
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = ProgressBar(total_steps, enabled=progress)
         self.sinks = list(sinks or [])
-        self.restarts: list[dict] = _read_jsonl(os.path.join(run_dir, "restarts.jsonl"))  # `restart`; a
+        self.restarts: list[dict] = read_jsonl(os.path.join(run_dir, RESTARTS_LOG))  # `restart`; a
         # reopened directory (a later torchrun attempt) keeps the earlier attempts' records
 
     def step(self, metrics: dict) -> None:
@@ -287,8 +289,7 @@ class RunRecorder:
         """One restart of the job (`loom.launch.recovery`): a line of
         restarts.jsonl, and the summary's ``restarts``."""
         self.restarts.append(record)
-        with open(os.path.join(self.run_dir, "restarts.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_jsonl(os.path.join(self.run_dir, RESTARTS_LOG), record)
 
     def finish(self, summary: dict) -> None:
         if self.restarts:
@@ -313,7 +314,13 @@ class RunRecorder:
                             type(exc).__name__, exc)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def append_jsonl(path: str, row: dict) -> None:
+    """One row at the end of a JSON-lines file."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSON-lines file ([] if there is none); a torn last line is skipped."""
     rows = []
     try:

@@ -24,7 +24,6 @@ while restarts are possible, so the redone steps' rows can be told apart.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -36,11 +35,11 @@ from loom.comms.elastic import ATTEMPT_ENV, JOB_TOKEN_ENV
 
 from .cluster import LaunchError
 from .config import JobConfig, max_restarts
+from .recorder import RESTARTS_LOG, append_jsonl, read_jsonl
 
 log = logging.getLogger("loom.launch")
 # errors of the job's setup, which a restart would meet again (a store another job owns, a bad config)
 _NOT_FAULTS = re.compile(r"\b(CheckpointOwnershipError|StoreNotSharedError|ConfigError)\b")
-RESTARTS_LOG = "restarts.jsonl"
 
 
 @dataclass
@@ -266,8 +265,7 @@ def note_restart(recorder, record: dict) -> None:
     if note is not None:
         note(record)
     elif getattr(recorder, "run_dir", None):
-        with open(os.path.join(recorder.run_dir, RESTARTS_LOG), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_jsonl(os.path.join(recorder.run_dir, RESTARTS_LOG), record)
 
 
 TORCHRUN_CAUSE = {"kind": "worker_exited", "rank": None,
@@ -286,16 +284,9 @@ def previous_attempts(run_dir: str, attempt: int) -> tuple[int | None, float | N
         last_time = os.path.getmtime(path)
     except OSError:
         return None, None
-    last_step = None
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a torn last row of a killed writer
-                continue
-            if row.get("split", "train") != "eval" and row.get("attempt", 0) < attempt and "step" in row:
-                last_step = row["step"] if last_step is None else max(last_step, row["step"])
-    return last_step, last_time
+    steps = [row["step"] for row in read_jsonl(path)  # a torn last row of a killed writer is skipped
+             if row.get("split", "train") != "eval" and row.get("attempt", 0) < attempt and "step" in row]
+    return max(steps, default=None), last_time
 
 
 def resume_step(cfg: JobConfig) -> int | None:
