@@ -156,7 +156,7 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
     """One attempt of the job: new actors in ``pg``'s bundles (and a new
     fault monitor), run, supervise; every actor is stopped when it ends."""
     world = cfg.world_size
-    actors, watch, queue = [], None, None
+    actors, watch, queue, nodes = [], None, None, None
     try:
         worker_cls = ray.remote(RankWorker)
         actors = [worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
@@ -184,8 +184,16 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
     except ray.exceptions.GetTimeoutError:
         raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
                           f"Ray could not place them or start their processes") from None
-    except ray.exceptions.RayError as exc:  # an actor lost before it ran (e.g. its node went away)
-        raise LaunchError(f"a worker was lost while starting: {type(exc).__name__}: {_one_line(exc)}",
+    except ray.exceptions.RayError as exc:  # an actor lost outside a rank's own result (e.g. its node went away)
+        lost, deadline = {}, time.monotonic() + 2.0
+        while nodes and not lost and time.monotonic() < deadline:  # Ray marks a lost node dead within moments
+            lost = _lost_with_nodes([], [], nodes, 0.0)
+            if not lost:
+                time.sleep(0.1)
+        if lost:  # whichever call saw it first, a lost node is the cause
+            raise LaunchError("; ".join(_lost_parts(lost)), rank=min(lost), kind="lost_node") from exc
+        where = "while starting" if nodes is None else "while running"
+        raise LaunchError(f"a worker was lost {where}: {type(exc).__name__}: {_one_line(exc)}",
                           kind="actor_lost") from exc
     finally:
         for a in actors:
