@@ -35,6 +35,23 @@ AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def torchrun_job_id(environ=None) -> str | None:
+    """The torchrun job's id (``TORCHELASTIC_RUN_ID``: ``--rdzv-id``, a fresh
+    uuid under ``--standalone``), or None where it names no job (unset, or
+    torchrun's default ``none``, shared by every job that gives none)."""
+    run_id = (os.environ if environ is None else environ).get("TORCHELASTIC_RUN_ID", "")
+    return None if run_id in ("", "none") else run_id
+
+
+def job_token(environ=None) -> str | None:
+    """One id for every attempt of this job, the same on every host: loom's
+    Ray driver's ``LOOM_JOB_TOKEN``, else the torchrun job's id
+    (`torchrun_job_id`); None outside both.  A restarted attempt reclaims
+    the checkpoint store from the claims made under this id only."""
+    environ = os.environ if environ is None else environ
+    return environ.get(JOB_TOKEN_ENV) or torchrun_job_id(environ)
+
+
 def elastic_attempt(environ=None) -> int:
     """The job's attempt this process belongs to (0: the first): loom's Ray
     driver's ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT``

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import random
 import time
 
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from loom import checkpoint, comms
-from loom.comms.elastic import JOB_TOKEN_ENV
+from loom.comms.elastic import job_token
 
 from .config import ConfigError
 from .schedule import LRSchedule, restore
@@ -54,6 +53,23 @@ def _same_or_wrapped_rank(saved: list, rank: int, world: int):
     """RNG after a change of world size: rank r continues saved rank r mod n."""
     return saved[rank % len(saved)]
 
+
+
+def claim_identity(cfg, environ=None) -> tuple[str, bool | str]:
+    """(job, takeover) for `loom.checkpoint.claim_store`: the job is
+    ``loom train [NAME] [[TOKEN]]`` with the launcher's id of this job
+    (`loom.comms.elastic.job_token`: the Ray driver's, or torchrun's run id,
+    the same on every host and in every attempt).  A restarted attempt
+    reclaims the store from this very job's stopped workers (takeover=<job>),
+    from no other job, and without waiting for the stopped claim's lease to
+    lapse even when that claim was made on another host; ``--ckpt-takeover``
+    claims it from anyone."""
+    job = f"loom train {cfg.job.name}" if cfg.job.name else "loom train"
+    token = job_token(environ)
+    if token:
+        job += f" [{token}]"
+    restarted = token and comms.elastic_attempt(environ) > 0
+    return job, cfg.ckpt.ckpt_takeover or (job if restarted else False)
 
 class TrainingCheckpoints:
     """Saves every ``ckpt_every`` steps and resumes from the latest commit.
@@ -88,12 +104,7 @@ class TrainingCheckpoints:
         self.ownership = None            # the claim on the store (sync mode; async: the saver's)
         self.group = None                # sync mode: the background group the saves run on
         self._pending: list = []         # async handles not reported yet
-        self.job = f"loom train {cfg.job.name}" if cfg.job.name else "loom train"
-        token = os.environ.get(JOB_TOKEN_ENV)
-        if token:  # the launcher's id of this job, the same in every attempt
-            self.job += f" [{token}]"
-        # a restarted attempt reclaims the store from this very job's stopped workers, and from no other job
-        takeover = self.c.ckpt_takeover or (self.job if token and comms.elastic_attempt() > 0 else False)
+        self.job, takeover = claim_identity(cfg)
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,

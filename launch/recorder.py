@@ -68,21 +68,13 @@ RUN_DIR_KEY = "loom/run_dir"   # in torchrun's agent store: the job's run direct
 JOB_MARK = ".torchrun_job"      # in a run directory: the torchrun job (TORCHELASTIC_RUN_ID) that wrote it
 
 
-def torchrun_job_id(environ=None) -> str | None:
-    """The torchrun job's id (``TORCHELASTIC_RUN_ID``: ``--rdzv-id``, a fresh
-    uuid under ``--standalone``), or None where it names no job (unset, or
-    torchrun's default ``none``, shared by every job that gives none)."""
-    run_id = (os.environ if environ is None else environ).get("TORCHELASTIC_RUN_ID", "")
-    return None if run_id in ("", "none") else run_id
-
-
 def find_job_run_dir(runs_dir: str, store=None, job_id: str | None = None) -> str | None:
     """The run directory an earlier attempt of this torchrun job opened, or None.
 
     The rule: (1) the path attempt 0 put under `RUN_DIR_KEY` in ``store``
     (torchrun's agent store: one per job, kept across its attempts, seen by no
     other job); (2) without that, the newest directory in ``runs_dir`` whose
-    `JOB_MARK` file holds ``job_id`` (see `torchrun_job_id`); (3) else None."""
+    `JOB_MARK` file holds ``job_id`` (see `loom.comms.elastic.torchrun_job_id`); (3) else None."""
     if store is not None:
         try:
             if store.check([RUN_DIR_KEY]):

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from loom import comms
-from loom.comms.elastic import uses_agent_store
+from loom.comms.elastic import torchrun_job_id, uses_agent_store
 
 from .config import (ConfigError, JobConfig, add_config_arguments, config_from_args, to_toml, validate,
                      validate_launch)
 from .fault_watch import rank_faults
-from .recorder import configure_logging, open_torchrun_run, torchrun_job_id
+from .recorder import configure_logging, open_torchrun_run
 from .recovery import resume_step, torchrun_attempt
 from .train import resolve_device, train
 

@@ -140,7 +140,8 @@ def test_later_attempts_find_the_jobs_run_directory(tmp_path, caplog):
     """The rule: attempt 0 names its directory in torchrun's agent store
     (one per job); without a store, the directory marked with the job's
     TORCHELASTIC_RUN_ID; never another job's directory."""
-    from loom.launch.recorder import find_job_run_dir, torchrun_job_id
+    from loom.comms.elastic import torchrun_job_id
+    from loom.launch.recorder import find_job_run_dir
     assert torchrun_job_id({}) is None and torchrun_job_id({"TORCHELASTIC_RUN_ID": "none"}) is None
     assert torchrun_job_id({"TORCHELASTIC_RUN_ID": "job42"}) == "job42"
     cfg = _cfg(tmp_path)
@@ -275,3 +276,36 @@ def test_torchrun_restart_resumes_with_the_uninterrupted_losses(tmp_path):
 def _rows(run_dir: str, name: str) -> list[dict]:
     with open(os.path.join(run_dir, name)) as fh:
         return [json.loads(line) for line in fh]
+
+
+def test_a_restarted_attempt_reclaims_its_jobs_claim_made_on_another_host(tmp_path):
+    """Across hosts, the stopped attempt's claim cannot be judged dead by its
+    pid: the restarted attempt reclaims it by the job's torchrun run id at
+    once instead of waiting for its 30 s lease; another job's live claim, and
+    attempt 0 of the same run id, are refused."""
+    import time
+
+    from loom import checkpoint as ckpt
+    from loom.checkpoint import owner
+    from loom.checkpoint.store import CheckpointStore
+    from loom.launch.checkpointing import claim_identity
+    cfg = _cfg(tmp_path)
+    url = str(tmp_path / "ck")
+    env0 = {"TORCHELASTIC_RUN_ID": "job42", "TORCHELASTIC_RESTART_COUNT": "0"}
+    env1 = {**env0, "TORCHELASTIC_RESTART_COUNT": "1"}
+    job, takeover = claim_identity(cfg, env0)
+    assert job.endswith("[job42]") and takeover is False
+    assert claim_identity(cfg, env1) == (job, job)
+    assert claim_identity(cfg, {"TORCHELASTIC_RESTART_COUNT": "1"})[1] is False  # no id: no takeover
+    now = time.time()
+    record = {"format": owner.FORMAT, "version": owner.VERSION, "job": job, "host": "another-host", "pid": 1,
+              "machine": "m", "token": "t" * 32, "started": now, "heartbeat": now, "lease_s": 30.0}
+    CheckpointStore(url).put(owner.OWNER, json.dumps(record).encode())
+    with pytest.raises(ckpt.CheckpointOwnershipError, match="another-host"):
+        owner.claim_store(url, job=job, takeover=takeover)  # attempt 0 of the same id: refused
+    hold = owner.claim_store(url, job=job, takeover=claim_identity(cfg, env1)[1])
+    hold.release()
+    record["job"] = "loom train [job7]"
+    CheckpointStore(url).put(owner.OWNER, json.dumps(record).encode())
+    with pytest.raises(ckpt.CheckpointOwnershipError, match="job7"):
+        owner.claim_store(url, job=job, takeover=claim_identity(cfg, env1)[1])
