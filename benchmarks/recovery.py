@@ -162,6 +162,19 @@ def first_named(lines: list[tuple[float, str]], after: float | None) -> float | 
     return None
 
 
+def phases(lines: list[tuple[float, str]], named: float | None, recovery_s: float | None) -> dict:
+    """Where a restart's time goes, in seconds after the driver named the
+    fault: ``placed`` (the new attempt's ``attempt k: rank 0 on node ...``
+    line: the old workers stopped, the new ones started), ``loaded`` (rank
+    0's ``resumed from ...`` line: process group up, checkpoint read) and
+    ``first_step`` (``recovery_s``); None where the line is missing."""
+    def after(prefix):
+        if named is None:
+            return None
+        return next((t - named for t, text in lines if t >= named and re.match(prefix, text)), None)
+    return {"placed": after(r"attempt [1-9]\d*: "), "loaded": after(r"resumed from "), "first_step": recovery_s}
+
+
 def compute_plan(step_s: float) -> str:
     """The simulated compute: every rank sleeps ``step_s`` s per step, in every attempt."""
     return ";".join(f"straggler:rank={r},delay={step_s},attempts=all" for r in (0, 1))
@@ -243,8 +256,10 @@ def fault_run(kind: str, tmp: str, steps: int, at: int, step_s: float, extra=())
 
 def _cost(name, kind, job, rc, run, injected) -> dict:
     records = read_jsonl(os.path.join(run, "restarts.jsonl"))
+    named = first_named(job.lines, injected)
     out = {"fault": name, "rc": rc, "wall_s": job.wall_s, "restarts": len(records),
-           **fault_cost(injected, first_named(job.lines, injected), records[0] if records else None)}
+           **fault_cost(injected, named, records[0] if records else None)}
+    out["phases"] = phases(job.lines, named, out["recovery_s"])
     if rc != 0 or not records:
         out["error"] = job.tail()
         say(f"{name}: FAILED (rc {rc}, {len(records)} restarts):\n{job.tail()}")
@@ -584,6 +599,8 @@ def report(result: dict, load0, load1) -> str:
     if result["faults"]:
         rows = [[f["fault"], _s(f["detection_s"]), _s(f["recovery_s"]), _s(f["to_next_step_s"]),
                  _fmt(f["steps_lost"], "d"), f["tier"] or "-", f["cause"] or "-",
+                 f"{_fmt(f['phases']['placed'], '.1f')} / {_fmt(f['phases']['loaded'], '.1f')} / "
+                 f"{_fmt(f['phases']['first_step'], '.1f')}",
                  "ok" if f["rc"] == 0 else f"FAILED rc={f['rc']}"] for f in result["faults"]]
         parts.append(
             "**What each fault costs** (`loom train`, Ray, 2 ranks, checkpoints every 10 steps, steps of "
@@ -591,9 +608,11 @@ def report(result: dict, load0, load1) -> str:
             f"rank 1 hit at step {result['fault_at']} or its node removed after the step-20 checkpoint). "
             "*detection*: the fault firing -> the driver's first line "
             "naming it; *restart*: the driver seeing it -> the new attempt's first step at the driver "
-            "(restarts.jsonl `recovery_s`); *fault -> next step*: their sum.\n\n" + markdown_table(
+            "(restarts.jsonl `recovery_s`); *fault -> next step*: their sum; *restart phases*: seconds "
+            "after the fault was named until the new workers were placed (`attempt 1: ...`), the checkpoint "
+            "was loaded (`resumed from ...`) and the first step was in.\n\n" + markdown_table(
                 ["fault", "detection", "restart", "fault -> next step", "steps lost", "reload tier", "named as",
-                 "job"], rows))
+                 "restart phases: placed / loaded / first step (s)", "job"], rows))
     if result["goodput"]:
         rows = []
         for g in result["goodput"]:

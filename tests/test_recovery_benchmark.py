@@ -59,6 +59,10 @@ def test_the_line_that_names_a_fault_and_the_injection_plans():
     assert recovery.first_named(lines, 1.5) == 3.0
     assert recovery.first_named(lines, 5.0) == 9.0
     assert recovery.first_named(lines, 10.0) is None
+    lines += [(4.0, "attempt 1: rank 0 on node ab12, rank 1 on node ab12"),
+              (5.5, "resumed from ck/step-00000020 (saved by 2 ranks): step 20")]
+    assert recovery.phases(lines, 3.0, 4.0) == {"placed": 1.0, "loaded": 2.5, "first_step": 4.0}
+    assert recovery.phases(lines, None, None) == {"placed": None, "loaded": None, "first_step": None}
     plan = recovery.kill_plan([100, 200])
     assert plan == "kill:rank=1,step=100;kill:rank=1,step=200,attempts=2"
     # the second kill is armed in the attempt that reaches step 200 (attempt 1), the first only in attempt 0
