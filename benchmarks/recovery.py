@@ -340,7 +340,8 @@ def _goodput_result(name, job, rc, run, steps, tmp, records=None, rows=None) -> 
     records = read_jsonl(os.path.join(run, "restarts.jsonl")) if records is None else records
     out = {"run": name, "rc": rc, "restarts": len(records),
            "steps_lost": sum(r.get("steps_lost") or 0 for r in records),
-           "recovery_s": [r.get("recovery_s") for r in records]}
+           "recovery_s": [r.get("recovery_s") for r in records],
+           "resumed_steps": [r.get("resumed_step") for r in records]}
     try:
         out.update(goodput(rows, job.wall_s, steps))
     except ValueError as exc:
@@ -599,8 +600,7 @@ def report(result: dict, load0, load1) -> str:
     if result["faults"]:
         rows = [[f["fault"], _s(f["detection_s"]), _s(f["recovery_s"]), _s(f["to_next_step_s"]),
                  _fmt(f["steps_lost"], "d"), f["tier"] or "-", f["cause"] or "-",
-                 f"{_fmt(f['phases']['placed'], '.1f')} / {_fmt(f['phases']['loaded'], '.1f')} / "
-                 f"{_fmt(f['phases']['first_step'], '.1f')}",
+                 f"{_fmt(f['phases']['placed'], '.1f')} / {_fmt(f['phases']['first_step'], '.1f')}",
                  "ok" if f["rc"] == 0 else f"FAILED rc={f['rc']}"] for f in result["faults"]]
         parts.append(
             "**What each fault costs** (`loom train`, Ray, 2 ranks, checkpoints every 10 steps, steps of "
@@ -609,10 +609,12 @@ def report(result: dict, load0, load1) -> str:
             "*detection*: the fault firing -> the driver's first line "
             "naming it; *restart*: the driver seeing it -> the new attempt's first step at the driver "
             "(restarts.jsonl `recovery_s`); *fault -> next step*: their sum; *restart phases*: seconds "
-            "after the fault was named until the new workers were placed (`attempt 1: ...`), the checkpoint "
-            "was loaded (`resumed from ...`) and the first step was in.\n\n" + markdown_table(
+            "after the fault was named until the old workers were stopped and the new ones placed (the "
+            "driver's `attempt 1: ...` line), and until the first step was in (the rest: new processes "
+            "importing torch, the process group, reclaiming the checkpoint store, reading the "
+            "checkpoint).\n\n" + markdown_table(
                 ["fault", "detection", "restart", "fault -> next step", "steps lost", "reload tier", "named as",
-                 "restart phases: placed / loaded / first step (s)", "job"], rows))
+                 "restart phases: placed / first step (s)", "job"], rows))
     if result["goodput"]:
         rows = []
         for g in result["goodput"]:
@@ -636,6 +638,20 @@ def report(result: dict, load0, load1) -> str:
             "to the kill).\n\n" + markdown_table(
                 ["job", "goodput", "useful s", "wall s", "restarts", "fault -> next step s", "steps redone",
                  "result"], rows))
+        by = {g["run"]: g for g in result["goodput"] if "goodput" in g}
+        if "loom" in by and "loom_clean" in by and by["loom"]["restarts"]:
+            f, c = by["loom"], by["loom_clean"]
+            extra = (f["wall_s"] - c["wall_s"]) / f["restarts"]
+            why = ""
+            if f.get("resumed_steps") == [k - CKPT_EVERY for k in kills]:
+                why = (f": resumed at steps {f['resumed_steps']}: a kill at a checkpoint's step finds that "
+                       f"asynchronous checkpoint still in flight, so the restart resumes from the one before")
+            parts.append(
+                f"The kills cost loom {f['wall_s'] - c['wall_s']:.1f} s of wall time over the clean run, "
+                f"{extra:.1f} s per kill ({f['redone'] / f['restarts']:.0f} redone steps, "
+                f"{f['redone'] / f['restarts'] * step_s:.1f} s, of them{why}); "
+                f"goodput with faults / goodput without: {f['goodput'] / c['goodput']:.3f}. The clean run's "
+                f"{c['goodput']:.3f} is what Ray's start-up and the checkpoints leave of the wall time.")
     tiers = result.get("tiers") or {}
     if "skipped" in tiers:
         parts.append(f"Reload from host memory vs storage ({result['args']['tier_gb']:g} GB state): "
