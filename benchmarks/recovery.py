@@ -455,7 +455,7 @@ def ray_train_peer(config: dict) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own instance, never another job's
     try:
         trainer = TorchTrainer(_ray_train_loop, train_loop_config=config,
                                scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
