@@ -210,6 +210,9 @@ class Job:
                 if self.on_line is not None:
                     self.on_line(t, line)
             rc = self.proc.wait()
+        except BaseException:
+            self.stop()  # never leave a job running behind a failed benchmark
+            raise
         finally:
             timer.cancel()
         self.t1 = time.time()
