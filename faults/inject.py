@@ -21,9 +21,15 @@ Several injections are joined with ``;``.  Every rank builds the same
 `Injector` from the same plan (and the same ``attempt``) and calls ``at_step(step)`` at each step
 boundary (after ``comms.set_step``); only the targeted rank misbehaves, and
 nothing is installed in loom.comms unless a slow link is planned.
+
+With ``LOOM_INJECT_LOG=<path>`` in a rank's environment, each kill, hang or
+mismatch also appends one JSON line to that file the moment it fires
+(``kind``, ``rank``, ``step``, ``attempt``, ``time``: ``time.time()``), so a
+benchmark can time a fault from its injection (`benchmarks/recovery.py`).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -43,6 +49,8 @@ _KEYS = {
 }
 _INTS = {"rank", "step", "src", "dst", "from", "until"}
 _COMMON = {"attempts"}  # optional for every kind
+LOG_ENV = "LOOM_INJECT_LOG"  # a file each one-off injection (kill, hang, mismatch) appends a line to
+_MOMENTS = {"kill", "hang", "mismatch"}
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,11 @@ class Injector:
 
     def _note(self, kind: str, step: int) -> None:
         self.log.append((kind, step, time.monotonic()))
+        path = os.environ.get(LOG_ENV)
+        if path and kind in _MOMENTS:  # written (and closed) before a kill ends the process
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"kind": kind, "rank": self.rank, "step": step, "attempt": self.attempt,
+                                     "time": time.time()}) + "\n")
 
     def _mismatch(self, inj: Injection) -> None:
         # a real collective that gloo and NCCL accept (same element count) but
