@@ -23,7 +23,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from . import cluster
 from .cluster import LaunchError
 from .config import JobConfig, parse_env
+from .elastic import Layout, apply_layout, choose_layout, configured_layout, grow_layout
 from .fault_watch import DriverWatch
+from .pool import WorkerPool
 from .recorder import QueueReporter
 from .recovery import Recovery
 
@@ -43,20 +45,48 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def warm(self) -> str:
+        """Import what a rank needs (torch, loom's worker and training loop)
+        ahead of time, so that a spare starts training at once; returns its node id."""
+        from . import train, worker  # noqa: F401 - imported for their cost, now
+        return self.node_id()
+
     def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None,
-            train_fn=None, config=None):
+            train_fn=None, config=None, control=None):
         """This rank's part of the job: ``worker.run_rank`` with the built-in
-        loop (``train_fn`` None) or the user's ``train_fn(config)``."""
+        loop (``train_fn`` None) or the user's ``train_fn(config)``.
+        ``control``: the driver's `StopControl`, asked (by rank 0) at each
+        checkpoint whether to stop there (to grow the job)."""
         from .fault_watch import RayTransport
         from .worker import run_rank
         os.environ.update(env)
         transport = RayTransport(fault_actor, fault_secret) if fault_actor is not None else None
         reporter = QueueReporter(queue) if queue is not None else None
+        stop_check = None
+        if control is not None:
+            rank0 = env.get("RANK") == "0"
+            stop_check = (lambda: bool(ray.get(control.requested.remote(), timeout=30))) if rank0 else (lambda: False)
         try:
-            return run_rank(cfg, reporter, fault_transport=transport, train_fn=train_fn, config=config)
+            return run_rank(cfg, reporter, fault_transport=transport, train_fn=train_fn, config=config,
+                            stop_check=stop_check)
         finally:
             if reporter is not None:
                 reporter.flush()  # every row and event is on the queue before the driver sees the result
+
+
+class StopControl:
+    """A flag the driver raises (`request`) and rank 0 reads at each
+    checkpoint (`requested`): stop there, all ranks at the same step, so
+    that the job restarts at a larger layout."""
+
+    def __init__(self):
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def requested(self) -> str:
+        return self.reason
 
 
 def _want_gpus(cfg: JobConfig) -> bool:
@@ -94,75 +124,207 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     ``--max-restarts`` (`loom.launch.recovery`): a failure of a running job
     stops every worker; new workers are placed in the same placement group
     and resume from the newest committed checkpoint, until the budget is
-    spent or the same fault repeats.  Raises LaunchError naming the rank
-    that failed (and its exception), or the fault that stopped the job (the
-    first attempt's, when restarts did not help)."""
+    spent or the same fault repeats.  ``--spare-workers``: warmed spare
+    workers take the place of isolated ones (`loom.launch.pool`);
+    ``--min-workers``: the job shrinks to the healthy workers it can have and
+    grows back at a checkpoint (`loom.launch.elastic`).  Raises LaunchError
+    naming the rank that failed (and its exception), or the fault that
+    stopped the job (the first attempt's, when restarts did not help)."""
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
     env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
+    recovery = Recovery(cfg, recorder)
+    spares = cfg.recovery.spare_workers if recovery.budget else 0
     started_here = not ray.is_initialized()
     if started_here:
         shipped, staging = cluster.runtime_env(cfg.job.address, cfg.job.working_dir, runtime_env)
         try:
-            cluster.connect(cfg.job.address, world * cfg.job.cpus_per_worker, shipped)
+            cluster.connect(cfg.job.address, (world + spares) * cfg.job.cpus_per_worker, shipped)
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
     elif runtime_env or cfg.job.working_dir:
         raise LaunchError("Ray is already initialised in this process: its runtime_env is the job's; pass "
                           "runtime_env (or working_dir) to ray.init, or call ray.shutdown() first")
-    pg = None
-    recovery = Recovery(cfg, recorder)
+    pg = pool = None
+    notify = getattr(recorder, "event", None)
     try:
         gpus = 1 if _want_gpus(cfg) else 0
         have = ray.cluster_resources().get("GPU", 0)
-        if gpus and have < world and cluster.is_local(cfg.job.address) and started_here:
-            raise LaunchError(f"--device=cuda needs {world} GPUs but this machine has {have:.0f}; "
+        if gpus and have < world + spares and cluster.is_local(cfg.job.address) and started_here:
+            raise LaunchError(f"--device=cuda needs {world + spares} GPUs ({world} workers"
+                              f"{f' and {spares} spares' if spares else ''}) but this machine has {have:.0f}; "
                               f"use --device cpu (or auto)")
         bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        cluster.check_capacity(bundle, world)
-        pg = placement_group([bundle] * world, strategy="SPREAD")
-        cluster.wait_placed(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+        cluster.check_capacity(bundle, world + spares)
+        pg = placement_group([bundle] * (world + spares), strategy="SPREAD")
+        cluster.wait_placed(pg, bundle, world + spares, start_timeout, notify)
+        worker_cls = ray.remote(RankWorker)
+
+        def new_actor(index: int):
+            return worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          pg, placement_group_bundle_index=index)).remote()
+
+        pool = WorkerPool(pg, world, spares, new_actor)
+        pool.warm()
+        elastic = _Elastic(cfg, pool, train_fn is None)
         fn_ref = ray.put(train_fn) if train_fn is not None else None
         while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
-            if recovery.attempt > 0:  # a lost node's bundles: Ray places them again where there is room
+            if recovery.attempt > 0 and not elastic.ready:  # a plain restart: every bundle placed again
                 try:
-                    cluster.wait_replaced(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+                    cluster.wait_replaced(pg, bundle, world, start_timeout, notify)
                 except LaunchError as exc:
                     last = recovery.failures[-1]
                     raise LaunchError(f"could not restart after {last.error}: {exc}", rank=last.rank) \
                         from last.error
+            elastic.ready = False
             tracker = recovery.begin()
+            bundles = pool.assign(elastic.layout.world)
             try:
-                results = _attempt(cfg, recovery, pg, gpus, env, tracker if recorder is not None else None,
-                                   fn_ref, config, start_timeout)
+                results = _attempt(elastic.job(), recovery, pool, bundles, gpus, env,
+                                   tracker if recorder is not None else None, fn_ref, config, start_timeout,
+                                   elastic)
             except LaunchError as exc:
                 if exc.kind is None:  # the job could not start: no fault of a running job
                     raise
-                recovery.failed(exc, tracker)  # raises when the job ends here
+                recovery.failed(exc, tracker, plan=lambda failure: elastic.after_fault(failure, recovery,
+                                                                                       start_timeout, notify))
+                continue
+            stopped = results[0].get("stopped_at") if isinstance(results[0], dict) else None
+            if stopped is not None and elastic.growing is not None:
+                recovery.grew(stopped, *elastic.grow())
                 continue
             recovery.finish()
             return results
     finally:
         recovery.finish()
+        if pool is not None:
+            pool.close()
         if pg is not None:
             remove_placement_group(pg)
         if started_here:
             ray.shutdown()
 
 
-def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recorder, fn_ref, config,
-             start_timeout: float) -> list:
-    """One attempt of the job: new actors in ``pg``'s bundles (and a new
-    fault monitor), run, supervise; every actor is stopped when it ends."""
+class _Elastic:
+    """The driver's choice of workers and layout across attempts: isolation
+    after a fault, shrinking (``--min-workers``) and growing back
+    (``--max-workers``)."""
+
+    def __init__(self, cfg: JobConfig, pool: WorkerPool, builtin_loop: bool):
+        r = cfg.recovery
+        self.cfg, self.pool = cfg, pool
+        self.min_workers, self.max_workers = r.min_workers, r.max_workers or cfg.world_size
+        self.layout = configured_layout(cfg)
+        self.ready = False            # after_fault has readied the next attempt's bundles
+        self.growing: Layout | None = None
+        # growing stops the built-in loop at a checkpoint (a user's train_fn has no such stop)
+        self.can_grow = bool(self.min_workers and builtin_loop and cfg.ckpt.ckpt_every > 0)
+        self._next_check = 0.0
+
+    def job(self) -> dict:
+        return apply_layout(self.cfg, self.layout).to_dict() if self.layout != configured_layout(self.cfg) \
+            else self.cfg.to_dict()
+
+    def after_fault(self, failure, recovery: Recovery, timeout: float, notify):
+        """Isolate the fault's ranks and choose the next attempt's layout;
+        returns (record fields, event text) for `Recovery.failed`."""
+        self.growing = None
+        nodes = recovery.nodes.get(failure.attempt)
+        ranks = failure.error.ranks or ((failure.rank,) if failure.rank is not None else ())
+        isolated = self.pool.isolate(ranks, failure.kind, bool(self.min_workers), nodes)
+        world = self.layout.world
+        if not self.pool.retired and not self.pool.spares() and not self.min_workers:
+            return self._said(isolated, self.layout, [])  # today's restart: wait_replaced, same bundles
+        want = self.cfg.world_size if self.min_workers else world  # a shrunk job takes back what it can
+        usable = self.pool.usable()
+        if len(usable) < want:  # a lost node's bundles: Ray places them again where there is room
+            wait = self.cfg.recovery.replace_wait if self.min_workers else timeout
+            usable = self.pool.wait_usable(want, wait, notify)
+        old = self.layout
+        if self.min_workers:
+            self.layout = choose_layout(self.cfg, len(usable), self.min_workers, self.max_workers)
+        elif len(usable) < world:
+            raise LaunchError(f"only {len(usable)} of the {world} workers can be placed after {failure.kind}: "
+                              f"{len(self.pool.retired)} isolated, the rest on lost nodes not placed again within "
+                              f"{timeout:.0f}s; add nodes or spares (--spare-workers), or let the job shrink "
+                              f"(--min-workers)")
+        self.ready = True
+        bundles = self.pool.assign(self.layout.world)
+        self.pool.warm()  # the usable bundles left without a rank hold spares
+        return self._said(isolated, old, bundles)
+
+    def _said(self, isolated: list[dict], old: Layout, bundles: list[int]):
+        extra, parts = {}, []
+        for entry in isolated:
+            b = entry["bundle"]
+            if bundles and b in bundles:
+                by = "same bundle"
+            elif not bundles:
+                by = "same bundle"
+            elif self.layout.world < old.world:
+                by = "shrunk"
+            else:
+                by = "spare"
+            entry["replaced_by"] = by
+            node = f" (node {entry['node'][:12]})" if entry.get("node") else ""
+            if by == "same bundle":
+                parts.append(f"rank {entry['rank']} gets a new process in its bundle {b}{node}")
+            else:
+                fate = "retired" if entry["retired"] else "left until Ray places it again"
+                with_ = f"a spare in bundle {bundles[entry['rank']]}" if by == "spare" else "no replacement"
+                parts.append(f"rank {entry['rank']}'s bundle {b}{node} {fate}, {with_}")
+        if isolated:
+            extra["isolated"] = isolated
+        if self.layout != old:
+            extra["layout"] = {"from": old.as_dict(), "to": self.layout.as_dict()}
+            verb = "shrinking" if self.layout.world < old.world else "growing"
+            parts.append(f"{verb} from {old.describe()} to {self.layout.describe()}")
+        if bundles:
+            extra["bundles"] = bundles
+        return extra, "; ".join(parts)
+
+    # ------------------------------------------------------------ growing back, while an attempt runs
+
+    def check_grow(self, control) -> None:
+        """Every few seconds while running shrunk: when Ray can place more
+        workers again and a larger layout fits, ask the workers (``control``)
+        to stop at their next checkpoint."""
+        if not self.can_grow or control is None or self.growing is not None or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + GROW_POLL_S
+        if self.layout.world >= min(self.max_workers, self.cfg.world_size):
+            return
+        bigger = grow_layout(self.cfg, self.layout, len(self.pool.usable()), self.min_workers, self.max_workers)
+        if bigger is not None:
+            self.growing = bigger
+            ray.get(control.request.remote(f"grow to {bigger.describe()}"), timeout=30)
+            log.info("asking the workers to stop at their next checkpoint to grow to %s", bigger.describe())
+
+    def grow(self) -> tuple[dict, str]:
+        """The attempt stopped for `check_grow`: the next one runs at the larger layout."""
+        old, self.layout, self.growing = self.layout, self.growing, None
+        bundles = self.pool.assign(self.layout.world)
+        self.ready = True
+        self.pool.warm()
+        extra = {"layout": {"from": old.as_dict(), "to": self.layout.as_dict()}, "bundles": bundles}
+        return extra, f"growing from {old.describe()} to {self.layout.describe()}: more workers can be placed again"
+
+
+GROW_POLL_S = 2.0  # seconds between a shrunk job's looks at the placement group
+
+
+def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int], gpus: int, env: dict, recorder,
+             fn_ref, config, start_timeout: float, elastic: _Elastic | None = None) -> list:
+    """One attempt of the job: an actor per rank in ``bundles`` (a warmed
+    spare where the bundle holds one, else a new one), a new fault monitor,
+    run, supervise; every rank's actor is stopped when it ends."""
+    cfg = JobConfig.from_dict(job)
     world = cfg.world_size
-    actors, watch, queue, nodes = [], None, None, None
+    actors, watch, queue, nodes, control = [], None, None, None, None
     try:
-        worker_cls = ray.remote(RankWorker)
-        actors = [worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
-                                     scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                         pg, placement_group_bundle_index=i)).remote()
-                  for i in range(world)]
+        actors, _ = pool.take(bundles)
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         recovery.placed(nodes)
@@ -171,16 +333,20 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
         if cfg.faults.monitor:
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
+            if recovery.budget:  # --restart-on: these kinds end the attempt too (and isolate their rank)
+                watch.stop_on |= {k for k in cfg.recovery.restart_on.replace(" ", "").split(",") if k}
+        if elastic is not None and elastic.can_grow:
+            control = ray.remote(num_cpus=0)(StopControl).options(scheduling_strategy=_on_driver_node()).remote()
         futures = []
-        job = recovery.job_dict()
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
             rank_env = {**env, **recovery.env(), "RANK": str(rank), "WORLD_SIZE": str(world),
                         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world),
                         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
-                                                   watch.secret if watch else None, fn_ref, config))
-        return _supervise(futures, queue, recorder, watch, nodes=nodes)
+                                                   watch.secret if watch else None, fn_ref, config, control))
+        grow = (lambda: elastic.check_grow(control)) if control is not None else None
+        return _supervise(futures, queue, recorder, watch, nodes=nodes, tick=grow)
     except ray.exceptions.GetTimeoutError:
         raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
                           f"Ray could not place them or start their processes") from None
@@ -191,13 +357,15 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
             if not lost:
                 time.sleep(0.1)
         if lost:  # whichever call saw it first, a lost node is the cause
-            raise LaunchError("; ".join(_lost_parts(lost)), rank=min(lost), kind="lost_node") from exc
+            raise LaunchError("; ".join(_lost_parts(lost)), rank=min(lost), kind="lost_node", ranks=lost) from exc
         where = "while starting" if nodes is None else "while running"
         raise LaunchError(f"a worker was lost {where}: {type(exc).__name__}: {_one_line(exc)}",
                           kind="actor_lost") from exc
     finally:
         for a in actors:
             ray.kill(a)
+        if control is not None:
+            ray.kill(control)
         if watch is not None:
             watch.close()
         if queue is not None:
@@ -234,24 +402,29 @@ def _drain(queue, recorder) -> None:
         getattr(recorder, kind)(payload)
 
 
-def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5, nodes: list[str] | None = None) -> dict:
+def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5, nodes: list[str] | None = None,
+               tick=None) -> dict:
     """Stream rank 0's metrics while waiting; the first failing rank, or a
     fault that stops the job (hang, lost rank), ends it.  When a rank fails,
     the others get ``grace`` seconds to show whether one of them died first:
-    a dead rank is the cause of its peers' errors and is named first."""
+    a dead rank is the cause of its peers' errors and is named first.
+    ``tick()`` runs at every pass (the elastic driver's look for capacity)."""
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
         _drain(queue, recorder)
+        if tick is not None:
+            tick()
         if watch is not None and watch.poll() is not None:
             fault = watch.stopping
             lost = _lost_with_nodes(futures, pending, nodes, grace)  # a lost node explains a lost rank
             if lost:
                 named = set(lost)
                 parts = _lost_parts(lost) + ([] if set(fault.ranks) <= named else [_stopped(fault, len(futures))])
-                raise LaunchError("; then ".join(parts), rank=min(lost), kind="lost_node", step=fault.step)
+                raise LaunchError("; then ".join(parts), rank=min(lost), kind="lost_node", step=fault.step,
+                                  ranks=lost)
             raise LaunchError(_stopped(fault, len(futures)), rank=min(fault.ranks, default=None), kind=fault.kind,
-                              step=fault.step)
+                              step=fault.step, ranks=fault.ranks)
         for ref in done:
             try:
                 ray.get(ref)
@@ -334,7 +507,8 @@ def _failure(futures, ref, exc, pending, watch, grace: float, nodes: list[str] |
     kind = "lost_node" if lost else why.kind if why is not None else "died" if dead else "exception"
     traceback = str(exc) if kind == "exception" and isinstance(exc, ray.exceptions.RayTaskError) else None
     return LaunchError("; then ".join(parts), rank=first[0] if first else rank, kind=kind,
-                       step=why.step if why is not None else None, remote_traceback=traceback)
+                       step=why.step if why is not None else None, remote_traceback=traceback,
+                       ranks=first or [rank])
 
 
 def _death(exc) -> str:
