@@ -187,8 +187,10 @@ class RecoverySection:
     replace_wait: float = _f(10.0, "with --min-workers: seconds to wait for Ray to place a lost node's workers "
                                    "again before shrinking")
     restart_on: str = _f("", "also restart (and isolate the rank, as after a fault) on these fault-monitor "
-                             "kinds: straggler (a rank late in --straggler-k of the last --straggler-n steps); "
-                             "'' = none")
+                             "kinds: straggler (a persistent one: flagged by the monitor, then still late in "
+                             "--restart-straggler-steps consecutive steps); '' = none")
+    restart_straggler_steps: int = _f(5, "with --restart-on straggler: consecutive late steps after the "
+                                         "monitor flags a straggler before it restarts the job (0: at once)")
 
 
 @dataclass
@@ -539,7 +541,7 @@ def _recovery_problems(cfg: JobConfig) -> list[str]:
     if n < -1:
         return [f"--max-restarts={n} must be >= 0 (or -1: 3 with --ckpt-every, else 0)"]
     problems, world = [], cfg.world_size
-    for name in ("spare_workers", "min_workers", "max_workers"):
+    for name in ("spare_workers", "min_workers", "max_workers", "restart_straggler_steps"):
         if getattr(r, name) < 0:
             problems.append(f"--{name.replace('_', '-')}={getattr(r, name)} must be >= 0")
     if not 0 <= r.replace_wait < math.inf:

@@ -28,6 +28,7 @@ from .fault_watch import DriverWatch
 from .pool import WorkerPool
 from .recorder import QueueReporter
 from .recovery import Recovery
+from .restart_on import PersistentStraggler
 
 log = logging.getLogger("loom.launch")
 __all__ = ["LaunchError", "RankWorker", "launch_ray"]
@@ -182,7 +183,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
             tracker = recovery.begin()
             bundles = pool.assign(elastic.layout.world)
             try:
-                results = _attempt(elastic.job(), recovery, pool, bundles, gpus, env,
+                results = _attempt(elastic.job(recovery), recovery, pool, bundles, gpus, env,
                                    tracker if recorder is not None else None, fn_ref, config, start_timeout,
                                    elastic)
             except LaunchError as exc:
@@ -223,9 +224,10 @@ class _Elastic:
         self.can_grow = bool(self.min_workers and builtin_loop and cfg.ckpt.ckpt_every > 0)
         self._next_check = 0.0
 
-    def job(self) -> dict:
-        return apply_layout(self.cfg, self.layout).to_dict() if self.layout != configured_layout(self.cfg) \
-            else self.cfg.to_dict()
+    def job(self, recovery: Recovery) -> dict:
+        """The next attempt's job config for the workers, at the current layout."""
+        return recovery.job_dict(apply_layout(self.cfg, self.layout)
+                                 if self.layout != configured_layout(self.cfg) else None)
 
     def after_fault(self, failure, recovery: Recovery, timeout: float, notify):
         """Isolate the fault's ranks and choose the next attempt's layout;
@@ -273,7 +275,8 @@ class _Elastic:
                 parts.append(f"rank {entry['rank']} gets a new process in its bundle {b}{node}")
             else:
                 fate = "retired" if entry["retired"] else "left until Ray places it again"
-                with_ = f"a spare in bundle {bundles[entry['rank']]}" if by == "spare" else "no replacement"
+                with_ = f"a spare in bundle {bundles[entry['rank']]} takes its place" if by == "spare" \
+                    else "the job shrinks"
                 parts.append(f"rank {entry['rank']}'s bundle {b}{node} {fate}, {with_}")
         if isolated:
             extra["isolated"] = isolated
@@ -333,8 +336,8 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
         if cfg.faults.monitor:
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
-            if recovery.budget:  # --restart-on: these kinds end the attempt too (and isolate their rank)
-                watch.stop_on |= {k for k in cfg.recovery.restart_on.replace(" ", "").split(",") if k}
+            if recovery.budget and "straggler" in cfg.recovery.restart_on:  # a persistent one ends the attempt
+                watch.judges.append(PersistentStraggler(cfg.recovery.restart_straggler_steps, cfg.faults.detect).feed)
         if elastic is not None and elastic.can_grow:
             control = ray.remote(num_cpus=0)(StopControl).options(scheduling_strategy=_on_driver_node()).remote()
         futures = []

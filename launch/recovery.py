@@ -117,11 +117,12 @@ class Recovery:
         """The recorder for the next attempt."""
         return AttemptRecorder(self.recorder, self.attempt, tag=self.budget > 0, on_first_step=self._first_step)
 
-    def job_dict(self) -> dict:
-        """The attempt's job config for the workers: after a restart they
+    def job_dict(self, cfg: JobConfig | None = None) -> dict:
+        """The attempt's job config for the workers (``cfg``: the job at the
+        attempt's layout; default the configured job): after a restart they
         resume (from step 0 when nothing is committed), taking over the
         store the stopped attempt's workers claimed."""
-        d = self.cfg.to_dict()
+        d = (cfg or self.cfg).to_dict()
         if self.attempt > 0:
             d["ckpt"]["resume"] = self._resume
         return d
