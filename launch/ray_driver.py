@@ -261,9 +261,7 @@ class _Elastic:
         extra, parts = {}, []
         for entry in isolated:
             b = entry["bundle"]
-            if bundles and b in bundles:
-                by = "same bundle"
-            elif not bundles:
+            if not bundles or b in bundles:
                 by = "same bundle"
             elif self.layout.world < old.world:
                 by = "shrunk"
@@ -271,9 +269,7 @@ class _Elastic:
                 by = "spare"
             entry["replaced_by"] = by
             node = f" (node {entry['node'][:12]})" if entry.get("node") else ""
-            if by == "same bundle":
-                parts.append(f"rank {entry['rank']} gets a new process in its bundle {b}{node}")
-            else:
+            if by != "same bundle":  # (a new process in the same bundle is what every restart does: not said)
                 fate = "retired" if entry["retired"] else "left until Ray places it again"
                 with_ = f"a spare in bundle {bundles[entry['rank']]} takes its place" if by == "spare" \
                     else "the job shrinks"
