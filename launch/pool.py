@@ -131,6 +131,9 @@ class WorkerPool:
 
     def retire(self, bundle: int, why: str) -> None:
         self.retired[bundle] = why
+        self._drop_idle(bundle)
+
+    def _drop_idle(self, bundle: int) -> None:
         actor = self.idle.pop(bundle, None)
         self._warming.pop(bundle, None)
         if actor is not None:
@@ -140,7 +143,10 @@ class WorkerPool:
         """The bundles of the next attempt's ``world`` ranks (and they become
         the current layout's): a surviving rank keeps its bundle, others take
         usable bundles without a rank, warmed spares first."""
-        usable = set(self.usable())
+        placed = self.placed()
+        for b in [b for b in self.idle if b not in placed]:  # a spare lost with its node
+            self._drop_idle(b)
+        usable = set(self.usable(placed))
         free = sorted((b for b in usable if b not in self.ranks), key=lambda b: (b not in self.idle, b))
         if world < len(self.ranks):  # shrinking: the lowest surviving ranks keep their bundles
             out = [b for b in self.ranks if b in usable][:world]

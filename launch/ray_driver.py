@@ -134,6 +134,9 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
     env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
+    if train_fn is not None and cfg.recovery.min_workers:
+        raise LaunchError(f"--min-workers={cfg.recovery.min_workers} reshapes loom's own training loop (dp, "
+                          f"grad-accum); a train_fn runs at the world size it was given: use --spare-workers")
     recovery = Recovery(cfg, recorder)
     spares = cfg.recovery.spare_workers if recovery.budget else 0
     started_here = not ray.is_initialized()
@@ -223,6 +226,7 @@ class _Elastic:
         # growing stops the built-in loop at a checkpoint (a user's train_fn has no such stop)
         self.can_grow = bool(self.min_workers and builtin_loop and cfg.ckpt.ckpt_every > 0)
         self._next_check = 0.0
+        self.warm_later = False       # start spares once the next attempt runs (not beside its start)
 
     def job(self, recovery: Recovery) -> dict:
         """The next attempt's job config for the workers, at the current layout."""
@@ -240,6 +244,7 @@ class _Elastic:
         if not self.pool.retired and not self.pool.spares() and not self.min_workers:
             return self._said(isolated, self.layout, [])  # today's restart: wait_replaced, same bundles
         want = self.cfg.world_size if self.min_workers else world  # a shrunk job takes back what it can
+        want = min(want, self.pool.size - len(self.pool.retired))  # a retired bundle never comes back
         usable = self.pool.usable()
         if len(usable) < want:  # a lost node's bundles: Ray places them again where there is room
             wait = self.cfg.recovery.replace_wait if self.min_workers else timeout
@@ -254,7 +259,7 @@ class _Elastic:
                               f"(--min-workers)")
         self.ready = True
         bundles = self.pool.assign(self.layout.world)
-        self.pool.warm()  # the usable bundles left without a rank hold spares
+        self.warm_later = True  # the usable bundles left without a rank hold spares (`tick`)
         return self._said(isolated, old, bundles)
 
     def _said(self, isolated: list[dict], old: Layout, bundles: list[int]):
@@ -286,6 +291,14 @@ class _Elastic:
 
     # ------------------------------------------------------------ growing back, while an attempt runs
 
+    def tick(self, control, tracker) -> None:
+        """While an attempt runs: warm new spares once it has reported a step
+        (a spare's start must not slow the restart down), and `check_grow`."""
+        if self.warm_later and (tracker is None or tracker.last_step is not None):
+            self.warm_later = False
+            self.pool.warm()
+        self.check_grow(control)
+
     def check_grow(self, control) -> None:
         """Every few seconds while running shrunk: when Ray can place more
         workers again and a larger layout fits, ask the workers (``control``)
@@ -306,7 +319,7 @@ class _Elastic:
         old, self.layout, self.growing = self.layout, self.growing, None
         bundles = self.pool.assign(self.layout.world)
         self.ready = True
-        self.pool.warm()
+        self.warm_later = True
         extra = {"layout": {"from": old.as_dict(), "to": self.layout.as_dict()}, "bundles": bundles}
         return extra, f"growing from {old.describe()} to {self.layout.describe()}: more workers can be placed again"
 
@@ -344,8 +357,8 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
                                                    watch.secret if watch else None, fn_ref, config, control))
-        grow = (lambda: elastic.check_grow(control)) if control is not None else None
-        return _supervise(futures, queue, recorder, watch, nodes=nodes, tick=grow)
+        tick = (lambda: elastic.tick(control, recorder)) if elastic is not None else None
+        return _supervise(futures, queue, recorder, watch, nodes=nodes, tick=tick)
     except ray.exceptions.GetTimeoutError:
         raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
                           f"Ray could not place them or start their processes") from None

@@ -21,6 +21,14 @@ reported step; None if it never got there), and on Ray ``placement``
 new attempt; the cause's ``node`` is its rank's).  A lost node is kind
 ``lost_node``: Ray places its workers again on a node with room (a spare).  Metrics rows carry ``attempt``
 while restarts are possible, so the redone steps' rows can be told apart.
+
+The Ray driver's elastic choices (`loom.launch.pool`, `loom.launch.elastic`)
+add to a record: ``isolated`` (per rank the fault names: ``rank``,
+``bundle``, ``node``, ``retired``, ``replaced_by``: ``spare``, ``same
+bundle`` or ``shrunk``), ``layout`` (``from``/``to``: dp, sp, ep,
+grad_accum, world) when it changed, and ``bundles`` (each new rank's
+placement bundle).  Growing back (`Recovery.grew`) is a record of cause
+kind ``grow``: no fault, no step lost, not counted against the budget.
 """
 from __future__ import annotations
 
