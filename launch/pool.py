@@ -26,6 +26,8 @@ import time
 import ray
 from ray.util import placement_group_table
 
+from .cluster import LaunchError
+
 log = logging.getLogger("loom.launch")
 
 # fault kinds that name a worker (or its machine) as the culprit: its bundle is isolated.  An exception
@@ -152,6 +154,10 @@ class WorkerPool:
             out = [b for b in self.ranks if b in usable][:world]
         else:  # each rank keeps its bundle while it is usable
             out = [b if b in usable else None for b in self.ranks]
+        missing = out.count(None) + world - len(out)
+        if missing > len(free):
+            raise LaunchError(f"{world} workers need {world} placed bundles, but only {len(usable)} are placed "
+                              f"and not retired now (a node was lost meanwhile)")
         out = [b if b is not None else free.pop(0) for b in out]
         out += [free.pop(0) for _ in range(world - len(out))]
         self.ranks = out

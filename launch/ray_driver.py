@@ -316,11 +316,15 @@ class _Elastic:
 
     def grow(self) -> tuple[dict, str]:
         """The attempt stopped for `check_grow`: the next one runs at the larger layout."""
-        old, self.layout, self.growing = self.layout, self.growing, None
+        old, self.growing = self.layout, None
+        # the best layout now (a bundle placed again may have gone again since the request)
+        self.layout = choose_layout(self.cfg, len(self.pool.usable()), self.min_workers, self.max_workers)
         bundles = self.pool.assign(self.layout.world)
         self.ready = True
         self.warm_later = True
         extra = {"layout": {"from": old.as_dict(), "to": self.layout.as_dict()}, "bundles": bundles}
+        if self.layout.world <= old.world:
+            return extra, f"restarting at {self.layout.describe()}: the workers placed again were lost again"
         return extra, f"growing from {old.describe()} to {self.layout.describe()}: more workers can be placed again"
 
 

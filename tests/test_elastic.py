@@ -342,3 +342,11 @@ def test_a_persistent_straggler_is_restarted_without_it(tmp_path, reference):
     ref = reference(2)
     for x in _rows(tmp_path / "strag"):
         assert x["loss"] == pytest.approx(ref[x["step"]], abs=1e-10, rel=0), x
+
+
+def test_assigning_more_ranks_than_placed_bundles_is_a_clear_error(monkeypatch):
+    placed = {0: "n0", 1: "n1"}
+    pool, _, _ = _pool(monkeypatch, 2, 0, placed)
+    del placed[1]
+    with pytest.raises(LaunchError, match=r"2 workers need 2 placed bundles, but only 1 are placed"):
+        pool.assign(2)
