@@ -197,3 +197,41 @@ def test_a_lost_node_without_a_spare_shrinks_the_job_and_it_grows_back_when_a_no
     reference = {x["step"]: x["loss"] for x in _rows(tmp_path / "ref")}
     for x in rows:
         assert x["loss"] == pytest.approx(reference[x["step"]], abs=1e-9, rel=0), x
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_lost_node_with_a_spare_worker_restarts_at_once_on_the_warmed_spare(ray_cluster, tmp_path):
+    """--spare-workers 1 on three nodes: the spare's bundle (and its warmed
+    worker) sits on the third node.  The node of rank 1 is removed: rank 1
+    moves to the spare without waiting for Ray to place anything again; its
+    bundle is not retired (Ray may place it again on a new node)."""
+    c, nodes = ray_cluster
+    slow = ["--inject", "straggler:rank=0,delay=0.1,attempts=all"]
+    cmd = [sys.executable, "-m", "loom", "train", *TINY, *slow, "--address", c.address, "--max-restarts", "2",
+           "--spare-workers", "1", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir", str(tmp_path), "--name", "sp"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, removed, rank1 = [], None, None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("attempt 0: ") and rank1 is None:
+                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
+            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
+                removed = next(n for n in nodes if n.node_id.startswith(rank1))
+                c.remove_node(removed)
+        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert removed is not None, text[-4000:]
+    [r] = [json.loads(x) for x in (tmp_path / "sp" / "restarts.jsonl").read_text().splitlines()]
+    assert r["cause"]["kind"] == "lost_node" and r["cause"]["node"] == removed.node_id
+    assert r["isolated"] == [{"rank": 1, "bundle": 1, "node": removed.node_id, "retired": False,
+                              "replaced_by": "spare"}]
+    assert r["bundles"] == [0, 2] and removed.node_id not in r["placement"]["resumed"]
+    assert "waiting for Ray to place" not in text
+    assert f"rank 1's bundle 1 (node {removed.node_id[:12]}) left until Ray places it again, a spare in bundle 2 " \
+           f"takes its place" in text, text[-4000:]
+    rows = _rows(tmp_path / "sp")
+    assert [x["step"] for x in rows if x["attempt"] == 1] == list(range(r["resumed_step"], 40))
