@@ -160,7 +160,13 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
                               f"{f' and {spares} spares' if spares else ''}) but this machine has {have:.0f}; "
                               f"use --device cpu (or auto)")
         bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        cluster.check_capacity(bundle, world + spares)
+        try:
+            cluster.check_capacity(bundle, world + spares)
+        except LaunchError as exc:
+            if not spares:
+                raise
+            raise LaunchError(f"{exc} (the job asks for {world} workers and {spares} spares: --spare-workers)") \
+                from None
         pg = placement_group([bundle] * (world + spares), strategy="SPREAD")
         cluster.wait_placed(pg, bundle, world + spares, start_timeout, notify)
         worker_cls = ray.remote(RankWorker)
@@ -227,6 +233,7 @@ class _Elastic:
         self.can_grow = bool(self.min_workers and builtin_loop and cfg.ckpt.ckpt_every > 0)
         self._next_check = 0.0
         self.warm_later = False       # start spares once the next attempt runs (not beside its start)
+        self._next_warm = 0.0
 
     def job(self, recovery: Recovery) -> dict:
         """The next attempt's job config for the workers, at the current layout."""
@@ -294,8 +301,12 @@ class _Elastic:
     def tick(self, control, tracker) -> None:
         """While an attempt runs: warm new spares once it has reported a step
         (a spare's start must not slow the restart down), and `check_grow`."""
-        if self.warm_later and (tracker is None or tracker.last_step is not None):
-            self.warm_later = False
+        if tracker is not None and tracker.last_step is None:
+            return  # the attempt is starting: nothing beside it
+        now = time.monotonic()
+        if self.warm_later or (self.pool.size > self.layout.world and now >= self._next_warm):
+            # spares in the bundles without a rank, also those Ray placed again since (e.g. on a new node)
+            self.warm_later, self._next_warm = False, now + GROW_POLL_S
             self.pool.warm()
         self.check_grow(control)
 
