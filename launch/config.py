@@ -188,7 +188,7 @@ class RecoverySection:
                                    "again before shrinking")
     restart_on: str = _f("", "also restart (and isolate the rank, as after a fault) on these fault-monitor "
                              "kinds: straggler (a persistent one: flagged by the monitor, then still late in "
-                             "--restart-straggler-steps consecutive steps); '' = none")
+                             "--restart-straggler-steps consecutive steps) (default: '', none)")
     restart_straggler_steps: int = _f(5, "with --restart-on straggler: consecutive late steps after the "
                                          "monitor flags a straggler before it restarts the job (0: at once)")
 
