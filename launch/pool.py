@@ -47,14 +47,18 @@ class WorkerPool:
         self.retired: dict[int, str] = {}              # bundle -> why it is never used again
         self.idle: dict[int, object] = {}              # bundle -> an idle warmed actor (a spare)
         self._warming: dict[int, object] = {}          # bundle -> its warm() call
+        self.lost: dict[int, str] = {}                 # bundle -> the node it was lost with
 
     # ------------------------------------------------------------ state
 
     def placed(self) -> dict[int, str]:
-        """Bundle -> the Ray node id Ray placed it on, for the bundles placed now
-        (a lost node's bundles are not, until Ray places them again)."""
+        """Bundle -> the Ray node id Ray placed it on, for the bundles placed
+        now on a live node (a lost node's bundles are not, until Ray places
+        them again: also while Ray's table still names the dead node)."""
         table = placement_group_table(self.pg).get("bundles_to_node_id") or {}
-        return {int(b): node for b, node in table.items() if node}
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return {int(b): node for b, node in table.items()
+                if node and node in alive and node != self.lost.get(int(b))}
 
     def usable(self, placed: dict[int, str] | None = None) -> list[int]:
         """The bundles a rank can run in now: placed and not retired."""
@@ -114,6 +118,8 @@ class WorkerPool:
         can take its place or the job may shrink (``can_shrink``).  Returns one
         entry per rank: ``rank``, ``bundle``, ``node`` (its Ray node in the
         failed attempt: ``nodes``) and ``retired``."""
+        if kind == "lost_node" and nodes:  # not usable until Ray places them elsewhere
+            self.lost.update({self.ranks[r]: nodes[r] for r in ranks if 0 <= r < min(len(nodes), len(self.ranks))})
         placed = self.placed()
         free = self.spares(placed)
         out = []

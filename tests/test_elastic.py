@@ -205,6 +205,8 @@ def _pool(monkeypatch, world, spares, placed):
     monkeypatch.setattr(pool_mod, "placement_group_table", lambda pg: {"bundles_to_node_id": {
         b: placed.get(b, "") for b in range(world + spares)}})
     killed = []
+    monkeypatch.setattr(pool_mod.ray, "nodes", lambda: [{"NodeID": n, "Alive": n != "dead"} for n in
+                                                        {"n0", "n1", "n2", "n3", "n9", "dead"}])
     monkeypatch.setattr(pool_mod.ray, "kill", killed.append)
     monkeypatch.setattr(pool_mod.ray, "wait", lambda refs, timeout=None: ([], refs))
     started = []
@@ -244,6 +246,16 @@ def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeyp
     assert pool.wait_usable(2, timeout=0.05, poll=0.01) == [0]
     placed[1] = "n9"  # Ray placed it again on a new node
     assert pool.usable() == [0, 1] and pool.assign(2) == [0, 1]
+
+
+def test_a_bundle_still_named_on_its_lost_node_is_not_usable(monkeypatch):
+    """Ray's table may still name the dead node for a moment after the loss."""
+    placed = {0: "n0", 1: "n1", 2: "n2"}
+    pool, _, _ = _pool(monkeypatch, 2, 1, placed)
+    iso = pool.isolate([1], "lost_node", can_shrink=False, nodes=["n0", "n1"])
+    assert iso[0]["retired"] is False and pool.usable() == [0, 2] and pool.assign(2) == [0, 2]
+    placed[2] = "dead"  # a node Ray marks dead
+    assert pool.usable() == [0]
 
 
 # ------------------------------------------------------------------ loom train under Ray
