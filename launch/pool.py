@@ -112,12 +112,15 @@ class WorkerPool:
 
     # ------------------------------------------------------------ after a fault
 
-    def isolate(self, ranks, kind: str, can_shrink: bool, nodes: list[str] | None = None) -> list[dict]:
+    def isolate(self, ranks, kind: str, can_shrink=False, nodes: list[str] | None = None) -> list[dict]:
         """Retire the bundles of ``ranks`` (ranks of the current layout) after
         a fault of ``kind``, when `ISOLATE_KINDS` names the worker and a spare
-        can take its place or the job may shrink (``can_shrink``).  Returns one
+        can take its place or the job may shrink: ``can_shrink(n)`` (or a
+        bool) says whether the job can run on ``n`` usable bundles; a bundle
+        whose retirement would leave too few is used again.  Returns one
         entry per rank: ``rank``, ``bundle``, ``node`` (its Ray node in the
         failed attempt: ``nodes``) and ``retired``."""
+        shrink = can_shrink if callable(can_shrink) else (lambda n: bool(can_shrink))
         if kind == "lost_node" and nodes:  # not usable until Ray places them elsewhere
             self.lost.update({self.ranks[r]: nodes[r] for r in ranks if 0 <= r < min(len(nodes), len(self.ranks))})
         placed = self.placed()
@@ -129,7 +132,7 @@ class WorkerPool:
             b = self.ranks[r]
             entry = {"rank": r, "bundle": b, "node": (nodes[r] if nodes and r < len(nodes) else placed.get(b)),
                      "retired": False}
-            if kind in ISOLATE_KINDS and b in placed and (free or can_shrink):
+            if kind in ISOLATE_KINDS and b in placed and (free or shrink(len(self.usable(placed)) - 1)):
                 self.retire(b, f"{kind} of rank {r}")
                 entry["retired"] = True
                 if free:

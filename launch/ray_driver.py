@@ -246,7 +246,7 @@ class _Elastic:
         self.growing = None
         nodes = recovery.nodes.get(failure.attempt)
         ranks = failure.error.ranks or ((failure.rank,) if failure.rank is not None else ())
-        isolated = self.pool.isolate(ranks, failure.kind, bool(self.min_workers), nodes)
+        isolated = self.pool.isolate(ranks, failure.kind, self._fits, nodes)
         world = self.layout.world
         if not self.pool.retired and not self.pool.spares() and not self.min_workers:
             return self._said(isolated, self.layout, [])  # today's restart: wait_replaced, same bundles
@@ -268,6 +268,16 @@ class _Elastic:
         bundles = self.pool.assign(self.layout.world)
         self.warm_later = True  # the usable bundles left without a rank hold spares (`tick`)
         return self._said(isolated, old, bundles)
+
+    def _fits(self, healthy: int) -> bool:
+        """Whether the job can run on ``healthy`` workers (``--min-workers``)."""
+        if not self.min_workers:
+            return False
+        try:
+            choose_layout(self.cfg, healthy, self.min_workers, self.max_workers)
+        except LaunchError:
+            return False
+        return True
 
     def _said(self, isolated: list[dict], old: Layout, bundles: list[int]):
         extra, parts = {}, []

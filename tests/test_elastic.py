@@ -234,6 +234,9 @@ def test_a_faulty_ranks_bundle_is_retired_and_a_warmed_spare_takes_its_rank(monk
     # with --min-workers the faulty bundle goes even without a spare: the job shrinks
     assert pool.isolate([2], "lost_rank", can_shrink=True)[0]["retired"] is True
     assert pool.assign(2) == [0, 3] and sorted(pool.retired) == [1, 2]
+    # ... but not when the job could not run on what is left: the bundle is used again
+    assert pool.isolate([1], "died", can_shrink=lambda n: n >= 2)[0]["retired"] is False
+    assert pool.isolate([1], "died", can_shrink=lambda n: n >= 1)[0]["retired"] is True
 
 
 def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeypatch):
