@@ -320,6 +320,10 @@ class _Elastic:
             self.pool.warm()
         self.check_grow(control)
 
+    def may_grow(self) -> bool:
+        """Whether the job runs below the layout it may grow to."""
+        return self.can_grow and self.layout.world < min(self.max_workers, self.cfg.world_size)
+
     def check_grow(self, control) -> None:
         """Every few seconds while running shrunk: when Ray can place more
         workers again and a larger layout fits, ask the workers (``control``)
@@ -327,7 +331,7 @@ class _Elastic:
         if not self.can_grow or control is None or self.growing is not None or time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + GROW_POLL_S
-        if self.layout.world >= min(self.max_workers, self.cfg.world_size):
+        if not self.may_grow():
             return
         bigger = grow_layout(self.cfg, self.layout, len(self.pool.usable()), self.min_workers, self.max_workers)
         if bigger is not None:
@@ -372,7 +376,7 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
                                 getattr(recorder, "event", None))
             if recovery.budget and "straggler" in cfg.recovery.restart_on:  # a persistent one ends the attempt
                 watch.judges.append(PersistentStraggler(cfg.recovery.restart_straggler_steps, cfg.faults.detect).feed)
-        if elastic is not None and elastic.can_grow:
+        if elastic is not None and elastic.may_grow():  # only a shrunk job asks its workers to stop
             control = ray.remote(num_cpus=0)(StopControl).options(scheduling_strategy=_on_driver_node()).remote()
         futures = []
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
