@@ -75,12 +75,14 @@ class RankWorker:
                 reporter.flush()  # every row and event is on the queue before the driver sees the result
 
 
-def _want_gpus(cfg: JobConfig) -> bool:
+def _want_gpus(cfg: JobConfig, workers: int | None = None) -> bool:
+    """Whether each worker gets a GPU: --device cuda, or auto with a GPU for
+    each of ``workers`` (default the world size; the driver counts spares too)."""
     if cfg.job.device == "cuda":
         return True
     if cfg.job.device == "cpu":
         return False
-    return ray.cluster_resources().get("GPU", 0) >= cfg.world_size
+    return ray.cluster_resources().get("GPU", 0) >= (cfg.world_size if workers is None else workers)
 
 
 def _local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
@@ -138,7 +140,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     pg = pool = None
     notify = getattr(recorder, "event", None)
     try:
-        gpus = 1 if _want_gpus(cfg) else 0
+        gpus = 1 if _want_gpus(cfg, world + spares) else 0
         have = ray.cluster_resources().get("GPU", 0)
         if gpus and have < world + spares and cluster.is_local(cfg.job.address) and started_here:
             raise LaunchError(f"--device=cuda needs {world + spares} GPUs ({world} workers"
