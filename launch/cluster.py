@@ -42,12 +42,15 @@ class LaunchError(RuntimeError):
     A failure of a running job also says what it was (``kind``: ``died``,
     ``actor_lost``, ``exception`` or the fault monitor's kind, e.g. ``hang``,
     ``lost_rank``), the step the monitor saw it at (``step``, or None), and
-    ``remote_traceback``, the failing rank's traceback where it raised."""
+    ``remote_traceback``, the failing rank's traceback where it raised.
+    ``ranks``: every rank the failure names as a culprit (the ranks of a
+    lost node, the monitor's fault's); default ``(rank,)``."""
 
     def __init__(self, message: str, rank: int | None = None, *, kind: str | None = None,
-                 step: int | None = None, remote_traceback: str | None = None):
+                 step: int | None = None, remote_traceback: str | None = None, ranks=None):
         super().__init__(message)
         self.rank, self.kind, self.step, self.remote_traceback = rank, kind, step, remote_traceback
+        self.ranks = tuple(sorted(ranks)) if ranks is not None else ((rank,) if rank is not None else ())
 
 
 def is_local(address: str | None) -> bool:

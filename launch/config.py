@@ -175,6 +175,22 @@ class RecoverySection:
                                "from the newest committed checkpoint (from step 0 without one); a fault that "
                                "repeats at the same step stops early. -1: 3 with --ckpt-every, else 0 "
                                "(0: stop at the first fault)")
+    spare_workers: int = _f(0, "Ray: place and warm up this many extra workers at start; after a fault the "
+                               "worker it names is isolated (its bundle never used again) and a spare takes "
+                               "its place, without waiting for Ray to start a process")
+    min_workers: int = _f(0, "Ray: when fewer healthy workers than the configured world can be had, continue "
+                             "at the largest valid layout of at least this many (dp shrinks, sp and ep stay; "
+                             "--grad-accum grows so the global batch and the losses stay the same; resumes "
+                             "from the newest checkpoint). 0: never shrink")
+    max_workers: int = _f(0, "with --min-workers: a shrunk job grows back, at a checkpoint, up to this many "
+                             "workers when Ray can place them again (0: the configured world)")
+    replace_wait: float = _f(10.0, "with --min-workers: seconds to wait for Ray to place a lost node's workers "
+                                   "again before shrinking")
+    restart_on: str = _f("", "also restart (and isolate the rank, as after a fault) on these fault-monitor "
+                             "kinds: straggler (a persistent one: flagged by the monitor, then still late in "
+                             "--restart-straggler-steps consecutive steps) (default: '', none)")
+    restart_straggler_steps: int = _f(5, "with --restart-on straggler: consecutive late steps after the "
+                                         "monitor flags a straggler before it restarts the job (0: at once)")
 
 
 @dataclass
@@ -520,10 +536,35 @@ def validate_launch(cfg: JobConfig, world_size: int) -> JobConfig:
 
 
 def _recovery_problems(cfg: JobConfig) -> list[str]:
-    n = cfg.recovery.max_restarts
+    r = cfg.recovery
+    n = r.max_restarts
     if n < -1:
         return [f"--max-restarts={n} must be >= 0 (or -1: 3 with --ckpt-every, else 0)"]
-    return []
+    problems, world = [], cfg.world_size
+    for name in ("spare_workers", "min_workers", "max_workers", "restart_straggler_steps"):
+        if getattr(r, name) < 0:
+            problems.append(f"--{name.replace('_', '-')}={getattr(r, name)} must be >= 0")
+    if not 0 <= r.replace_wait < math.inf:
+        problems.append(f"--replace-wait={r.replace_wait} must be >= 0 and finite (seconds)")
+    unknown = [k for k in r.restart_on.replace(" ", "").split(",") if k and k != "straggler"]
+    if unknown:
+        problems.append(f"--restart-on={r.restart_on!r}: unknown kind(s) {unknown}; expected straggler (or '')")
+    if problems:
+        return problems
+    if r.min_workers > world:
+        problems.append(f"--min-workers={r.min_workers} exceeds the configured world dp*sp={world}")
+    if r.max_workers and not r.min_workers:
+        problems.append(f"--max-workers={r.max_workers} bounds how far a shrunk job grows back: it needs "
+                        f"--min-workers (the job never shrinks without it)")
+    elif r.max_workers and not max(r.min_workers, 1) <= r.max_workers <= world:
+        problems.append(f"--max-workers={r.max_workers} must be between --min-workers={r.min_workers} and the "
+                        f"configured world dp*sp={world} (spares replace faulty workers; they do not "
+                        f"enlarge the job)")
+    wants = [f"--{k.replace('_', '-')}" for k in ("spare_workers", "min_workers", "restart_on") if getattr(r, k)]
+    if wants and max_restarts(cfg) == 0:
+        problems.append(f"{' and '.join(wants)} act when the job restarts: they need --max-restarts > 0 "
+                        f"(or --ckpt-every, which makes it 3)")
+    return problems
 
 
 def max_restarts(cfg: JobConfig) -> int:

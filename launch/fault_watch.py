@@ -249,6 +249,7 @@ class DriverWatch:
         self.printer = printer or log.warning
         self.faults: list[Fault] = []
         self.stopping: Fault | None = None
+        self.judges: list = []  # more stop rules: each takes every poll's log lines, returns a Fault or None
 
     def poll(self, timeout: float = 30.0, final: bool = False) -> Fault | None:
         """New faults since the last poll; returns the fault that stops the job, if any.
@@ -269,6 +270,10 @@ class DriverWatch:
             self.printer(describe(fault))
             if fault.kind in self.stop_on and self.stopping is None:
                 self.stopping = fault
+        for judge in self.judges:
+            verdict = judge(lines)
+            if verdict is not None and self.stopping is None:
+                self.stopping = verdict
         return self.stopping
 
     def explain(self, dead=()) -> Fault | None:

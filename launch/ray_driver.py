@@ -23,9 +23,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from . import cluster
 from .cluster import LaunchError
 from .config import JobConfig, parse_env
+from .elastic_policy import ElasticPolicy, StopControl
 from .fault_watch import DriverWatch
+from .pool import WorkerPool
 from .recorder import QueueReporter
 from .recovery import Recovery
+from .restart_on import PersistentStraggler
 
 log = logging.getLogger("loom.launch")
 __all__ = ["LaunchError", "RankWorker", "launch_ray"]
@@ -43,28 +46,43 @@ class RankWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def warm(self) -> str:
+        """Import what a rank needs (torch, loom's worker and training loop)
+        ahead of time, so that a spare starts training at once; returns its node id."""
+        from . import train, worker  # noqa: F401 - imported for their cost, now
+        return self.node_id()
+
     def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None,
-            train_fn=None, config=None):
+            train_fn=None, config=None, control=None):
         """This rank's part of the job: ``worker.run_rank`` with the built-in
-        loop (``train_fn`` None) or the user's ``train_fn(config)``."""
+        loop (``train_fn`` None) or the user's ``train_fn(config)``.
+        ``control``: the driver's `StopControl`, asked (by rank 0) at each
+        checkpoint whether to stop there (to grow the job)."""
         from .fault_watch import RayTransport
         from .worker import run_rank
         os.environ.update(env)
         transport = RayTransport(fault_actor, fault_secret) if fault_actor is not None else None
         reporter = QueueReporter(queue) if queue is not None else None
+        stop_check = None
+        if control is not None:
+            rank0 = env.get("RANK") == "0"
+            stop_check = (lambda: bool(ray.get(control.requested.remote(), timeout=30))) if rank0 else (lambda: False)
         try:
-            return run_rank(cfg, reporter, fault_transport=transport, train_fn=train_fn, config=config)
+            return run_rank(cfg, reporter, fault_transport=transport, train_fn=train_fn, config=config,
+                            stop_check=stop_check)
         finally:
             if reporter is not None:
                 reporter.flush()  # every row and event is on the queue before the driver sees the result
 
 
-def _want_gpus(cfg: JobConfig) -> bool:
+def _want_gpus(cfg: JobConfig, workers: int | None = None) -> bool:
+    """Whether each worker gets a GPU: --device cuda, or auto with a GPU for
+    each of ``workers`` (default the world size; the driver counts spares too)."""
     if cfg.job.device == "cuda":
         return True
     if cfg.job.device == "cpu":
         return False
-    return ray.cluster_resources().get("GPU", 0) >= cfg.world_size
+    return ray.cluster_resources().get("GPU", 0) >= (cfg.world_size if workers is None else workers)
 
 
 def _local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
@@ -94,75 +112,108 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     ``--max-restarts`` (`loom.launch.recovery`): a failure of a running job
     stops every worker; new workers are placed in the same placement group
     and resume from the newest committed checkpoint, until the budget is
-    spent or the same fault repeats.  Raises LaunchError naming the rank
-    that failed (and its exception), or the fault that stopped the job (the
-    first attempt's, when restarts did not help)."""
+    spent or the same fault repeats.  ``--spare-workers``: warmed spare
+    workers take the place of isolated ones (`loom.launch.pool`);
+    ``--min-workers``: the job shrinks to the healthy workers it can have and
+    grows back at a checkpoint (`loom.launch.elastic`).  Raises LaunchError
+    naming the rank that failed (and its exception), or the fault that
+    stopped the job (the first attempt's, when restarts did not help)."""
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
     env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
+    if train_fn is not None and cfg.recovery.min_workers:
+        raise LaunchError(f"--min-workers={cfg.recovery.min_workers} reshapes loom's own training loop (dp, "
+                          f"grad-accum); a train_fn runs at the world size it was given: use --spare-workers")
+    recovery = Recovery(cfg, recorder)
+    spares = cfg.recovery.spare_workers if recovery.budget else 0
     started_here = not ray.is_initialized()
     if started_here:
         shipped, staging = cluster.runtime_env(cfg.job.address, cfg.job.working_dir, runtime_env)
         try:
-            cluster.connect(cfg.job.address, world * cfg.job.cpus_per_worker, shipped)
+            cluster.connect(cfg.job.address, (world + spares) * cfg.job.cpus_per_worker, shipped)
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
     elif runtime_env or cfg.job.working_dir:
         raise LaunchError("Ray is already initialised in this process: its runtime_env is the job's; pass "
                           "runtime_env (or working_dir) to ray.init, or call ray.shutdown() first")
-    pg = None
-    recovery = Recovery(cfg, recorder)
+    pg = pool = None
+    notify = getattr(recorder, "event", None)
     try:
-        gpus = 1 if _want_gpus(cfg) else 0
+        gpus = 1 if _want_gpus(cfg, world + spares) else 0
         have = ray.cluster_resources().get("GPU", 0)
-        if gpus and have < world and cluster.is_local(cfg.job.address) and started_here:
-            raise LaunchError(f"--device=cuda needs {world} GPUs but this machine has {have:.0f}; "
+        if gpus and have < world + spares and cluster.is_local(cfg.job.address) and started_here:
+            raise LaunchError(f"--device=cuda needs {world + spares} GPUs ({world} workers"
+                              f"{f' and {spares} spares' if spares else ''}) but this machine has {have:.0f}; "
                               f"use --device cpu (or auto)")
         bundle = {"CPU": cfg.job.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        cluster.check_capacity(bundle, world)
-        pg = placement_group([bundle] * world, strategy="SPREAD")
-        cluster.wait_placed(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+        try:
+            cluster.check_capacity(bundle, world + spares)
+        except LaunchError as exc:
+            if not spares:
+                raise
+            raise LaunchError(f"{exc} (the job asks for {world} workers and {spares} spares: --spare-workers)") \
+                from None
+        pg = placement_group([bundle] * (world + spares), strategy="SPREAD")
+        cluster.wait_placed(pg, bundle, world + spares, start_timeout, notify)
+        worker_cls = ray.remote(RankWorker)
+
+        def new_actor(index: int):
+            return worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          pg, placement_group_bundle_index=index)).remote()
+
+        pool = WorkerPool(pg, world, spares, new_actor)
+        pool.warm()
+        elastic = ElasticPolicy(cfg, pool, train_fn is None)
         fn_ref = ray.put(train_fn) if train_fn is not None else None
         while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
-            if recovery.attempt > 0:  # a lost node's bundles: Ray places them again where there is room
+            if recovery.attempt > 0 and not elastic.ready:  # a plain restart: every bundle placed again
                 try:
-                    cluster.wait_replaced(pg, bundle, world, start_timeout, getattr(recorder, "event", None))
+                    cluster.wait_replaced(pg, bundle, world, start_timeout, notify)
                 except LaunchError as exc:
                     last = recovery.failures[-1]
                     raise LaunchError(f"could not restart after {last.error}: {exc}", rank=last.rank) \
                         from last.error
+            elastic.ready = False
             tracker = recovery.begin()
+            bundles = pool.assign(elastic.layout.world)
             try:
-                results = _attempt(cfg, recovery, pg, gpus, env, tracker if recorder is not None else None,
-                                   fn_ref, config, start_timeout)
+                results = _attempt(elastic.job(recovery), recovery, pool, bundles, gpus, env,
+                                   tracker if recorder is not None else None, fn_ref, config, start_timeout,
+                                   elastic)
             except LaunchError as exc:
                 if exc.kind is None:  # the job could not start: no fault of a running job
                     raise
-                recovery.failed(exc, tracker)  # raises when the job ends here
+                recovery.failed(exc, tracker, plan=lambda failure: elastic.after_fault(failure, recovery,
+                                                                                       start_timeout, notify))
+                continue
+            stopped = results[0].get("stopped_at") if isinstance(results[0], dict) else None
+            if stopped is not None and elastic.growing is not None:
+                recovery.grew(stopped, *elastic.grow())
                 continue
             recovery.finish()
             return results
     finally:
         recovery.finish()
+        if pool is not None:
+            pool.close()
         if pg is not None:
             remove_placement_group(pg)
         if started_here:
             ray.shutdown()
 
 
-def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recorder, fn_ref, config,
-             start_timeout: float) -> list:
-    """One attempt of the job: new actors in ``pg``'s bundles (and a new
-    fault monitor), run, supervise; every actor is stopped when it ends."""
+def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int], gpus: int, env: dict, recorder,
+             fn_ref, config, start_timeout: float, elastic: ElasticPolicy | None = None) -> list:
+    """One attempt of the job: an actor per rank in ``bundles`` (a warmed
+    spare where the bundle holds one, else a new one), a new fault monitor,
+    run, supervise; every rank's actor is stopped when it ends."""
+    cfg = JobConfig.from_dict(job)
     world = cfg.world_size
-    actors, watch, queue, nodes = [], None, None, None
+    actors, watch, queue, nodes, control = [], None, None, None, None
     try:
-        worker_cls = ray.remote(RankWorker)
-        actors = [worker_cls.options(num_cpus=cfg.job.cpus_per_worker, num_gpus=gpus,
-                                     scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                         pg, placement_group_bundle_index=i)).remote()
-                  for i in range(world)]
+        actors, _ = pool.take(bundles)
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         recovery.placed(nodes)
@@ -171,16 +222,20 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
         if cfg.faults.monitor:
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
                                 getattr(recorder, "event", None))
+            if recovery.budget and "straggler" in cfg.recovery.restart_on:  # a persistent one ends the attempt
+                watch.judges.append(PersistentStraggler(cfg.recovery.restart_straggler_steps, cfg.faults.detect).feed)
+        if elastic is not None and elastic.may_grow():  # only a shrunk job asks its workers to stop
+            control = ray.remote(num_cpus=0)(StopControl).options(scheduling_strategy=_on_driver_node()).remote()
         futures = []
-        job = recovery.job_dict()
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
             rank_env = {**env, **recovery.env(), "RANK": str(rank), "WORLD_SIZE": str(world),
                         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world),
                         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
-                                                   watch.secret if watch else None, fn_ref, config))
-        return _supervise(futures, queue, recorder, watch, nodes=nodes)
+                                                   watch.secret if watch else None, fn_ref, config, control))
+        tick = (lambda: elastic.tick(control, recorder)) if elastic is not None else None
+        return _supervise(futures, queue, recorder, watch, nodes=nodes, tick=tick)
     except ray.exceptions.GetTimeoutError:
         raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
                           f"Ray could not place them or start their processes") from None
@@ -191,13 +246,15 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
             if not lost:
                 time.sleep(0.1)
         if lost:  # whichever call saw it first, a lost node is the cause
-            raise LaunchError("; ".join(_lost_parts(lost)), rank=min(lost), kind="lost_node") from exc
+            raise LaunchError("; ".join(_lost_parts(lost)), rank=min(lost), kind="lost_node", ranks=lost) from exc
         where = "while starting" if nodes is None else "while running"
         raise LaunchError(f"a worker was lost {where}: {type(exc).__name__}: {_one_line(exc)}",
                           kind="actor_lost") from exc
     finally:
         for a in actors:
             ray.kill(a)
+        if control is not None:
+            ray.kill(control)
         if watch is not None:
             watch.close()
         if queue is not None:
@@ -234,24 +291,29 @@ def _drain(queue, recorder) -> None:
         getattr(recorder, kind)(payload)
 
 
-def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5, nodes: list[str] | None = None) -> dict:
+def _supervise(futures, queue, recorder, watch=None, grace: float = 1.5, nodes: list[str] | None = None,
+               tick=None) -> dict:
     """Stream rank 0's metrics while waiting; the first failing rank, or a
     fault that stops the job (hang, lost rank), ends it.  When a rank fails,
     the others get ``grace`` seconds to show whether one of them died first:
-    a dead rank is the cause of its peers' errors and is named first."""
+    a dead rank is the cause of its peers' errors and is named first.
+    ``tick()`` runs at every pass (the elastic driver's look for capacity)."""
     pending = list(futures)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
         _drain(queue, recorder)
+        if tick is not None:
+            tick()
         if watch is not None and watch.poll() is not None:
             fault = watch.stopping
             lost = _lost_with_nodes(futures, pending, nodes, grace)  # a lost node explains a lost rank
             if lost:
                 named = set(lost)
                 parts = _lost_parts(lost) + ([] if set(fault.ranks) <= named else [_stopped(fault, len(futures))])
-                raise LaunchError("; then ".join(parts), rank=min(lost), kind="lost_node", step=fault.step)
+                raise LaunchError("; then ".join(parts), rank=min(lost), kind="lost_node", step=fault.step,
+                                  ranks=lost)
             raise LaunchError(_stopped(fault, len(futures)), rank=min(fault.ranks, default=None), kind=fault.kind,
-                              step=fault.step)
+                              step=fault.step, ranks=fault.ranks)
         for ref in done:
             try:
                 ray.get(ref)
@@ -334,7 +396,8 @@ def _failure(futures, ref, exc, pending, watch, grace: float, nodes: list[str] |
     kind = "lost_node" if lost else why.kind if why is not None else "died" if dead else "exception"
     traceback = str(exc) if kind == "exception" and isinstance(exc, ray.exceptions.RayTaskError) else None
     return LaunchError("; then ".join(parts), rank=first[0] if first else rank, kind=kind,
-                       step=why.step if why is not None else None, remote_traceback=traceback)
+                       step=why.step if why is not None else None, remote_traceback=traceback,
+                       ranks=first or [rank])
 
 
 def _death(exc) -> str:

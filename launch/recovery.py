@@ -21,6 +21,14 @@ reported step; None if it never got there), and on Ray ``placement``
 new attempt; the cause's ``node`` is its rank's).  A lost node is kind
 ``lost_node``: Ray places its workers again on a node with room (a spare).  Metrics rows carry ``attempt``
 while restarts are possible, so the redone steps' rows can be told apart.
+
+The Ray driver's elastic choices (`loom.launch.pool`, `loom.launch.elastic`)
+add to a record: ``isolated`` (per rank the fault names: ``rank``,
+``bundle``, ``node``, ``retired``, ``replaced_by``: ``spare``, ``same
+bundle`` or ``shrunk``), ``layout`` (``from``/``to``: dp, sp, ep,
+grad_accum, world) when it changed, and ``bundles`` (each new rank's
+placement bundle).  Growing back (`Recovery.grew`) is a record of cause
+kind ``grow``: no fault, no step lost, not counted against the budget.
 """
 from __future__ import annotations
 
@@ -117,11 +125,12 @@ class Recovery:
         """The recorder for the next attempt."""
         return AttemptRecorder(self.recorder, self.attempt, tag=self.budget > 0, on_first_step=self._first_step)
 
-    def job_dict(self) -> dict:
-        """The attempt's job config for the workers: after a restart they
+    def job_dict(self, cfg: JobConfig | None = None) -> dict:
+        """The attempt's job config for the workers (``cfg``: the job at the
+        attempt's layout; default the configured job): after a restart they
         resume (from step 0 when nothing is committed), taking over the
         store the stopped attempt's workers claimed."""
-        d = self.cfg.to_dict()
+        d = (cfg or self.cfg).to_dict()
         if self.attempt > 0:
             d["ckpt"]["resume"] = self._resume
         return d
@@ -144,9 +153,15 @@ class Recovery:
         never from another job."""
         return {ATTEMPT_ENV: str(self.attempt), JOB_TOKEN_ENV: self.token}
 
-    def failed(self, exc: LaunchError, tracker: AttemptRecorder) -> None:
+    def failed(self, exc: LaunchError, tracker: AttemptRecorder, plan=None) -> None:
         """The attempt ended with ``exc``: prepare the next, or raise the
-        LaunchError that ends the job (the first attempt's error)."""
+        LaunchError that ends the job (the first attempt's error).
+
+        ``plan(failure)``, called once the job restarts, readies the next
+        attempt's workers (isolation, layout; `loom.launch.ray_driver`) and
+        returns (fields for the restart's record, text for its event line);
+        a LaunchError it raises (e.g. too few healthy workers left) ends the
+        job, naming the failure it followed."""
         now = time.time()
         reached = tracker.last_step + 1 if tracker.last_step is not None else None
         if exc.step is not None:
@@ -162,6 +177,14 @@ class Recovery:
                         f"checkpoint store is wrong, not a machine")
             raise exc
         self._give_up(failure)
+        extra, said = {}, ""
+        if plan is not None:
+            try:
+                extra, said = plan(failure)
+            except LaunchError as stop:
+                self._event(f"loom: cannot restart: {stop}")
+                raise LaunchError(f"{exc} (could not restart: {stop})", rank=exc.rank, kind=exc.kind,
+                                  step=exc.step, remote_traceback=exc.remote_traceback) from stop
         resumed = self._resume_step()
         self.attempt += 1
         failed_nodes = self.nodes.get(failure.attempt)
@@ -174,11 +197,31 @@ class Recovery:
                   "fault_time": now, "recovery_s": None}
         if failed_nodes:  # where each rank ran: the failed attempt's nodes, then the new attempt's (`placed`)
             record["placement"] = {"failed": failed_nodes, "resumed": None}
+        record.update(extra)
         at = f", at step {reached}" if reached is not None else ""
         where = f"step {resumed}" if resumed is not None else "the newest checkpoint"
         kind = failure.kind.replace("_", " ")
-        self._event(f"restart {self.attempt}/{self.budget} after {'an' if kind[0] in 'aeiou' else 'a'} {kind}: "
-                    f"{failure.evidence}{at}; resuming from {where}")
+        self._event(f"restart {len(self.failures)}/{self.budget} after {'an' if kind[0] in 'aeiou' else 'a'} "
+                    f"{kind}: {failure.evidence}{at}; {said + '; ' if said else ''}resuming from {where}")
+        self._pending = record
+
+    def grew(self, stopped_at: int, extra: dict, said: str) -> None:
+        """The attempt stopped on purpose at the committed checkpoint of step
+        ``stopped_at`` so that the job grows (more workers can be had again):
+        the next attempt resumes there.  Recorded as a restart of kind
+        ``grow`` (no fault, no steps lost, not counted against --max-restarts);
+        ``extra``: fields for its record (the layouts), ``said``: its event's text."""
+        self._flush_pending()
+        now = time.time()
+        self.attempt += 1
+        self._resume = True
+        record = {"attempt": self.attempt, "cause": {"kind": "grow", "rank": None, "evidence": said},
+                  "failed_at_step": stopped_at, "resumed_step": stopped_at, "steps_lost": 0,
+                  "fault_time": now, "recovery_s": None, **extra}
+        failed_nodes = self.nodes.get(self.attempt - 1)
+        if failed_nodes:
+            record["placement"] = {"failed": failed_nodes, "resumed": None}
+        self._event(f"{said}: stopped at the checkpoint of step {stopped_at}; resuming from step {stopped_at}")
         self._pending = record
 
     def finish(self) -> list[dict]:

@@ -52,11 +52,15 @@ def build_optimizer(cfg: JobConfig, model: torch.nn.Module):
     return opt, lambda_lr(opt, LRSchedule.from_config(t))
 
 
-def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
+def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dict:
     """Run ``cfg.train.steps`` steps on the initialised process group.
 
     Returns a summary (rank 0's reporter also receives every step's metrics).
     ``step_hook(step)`` runs at the start of every step (fault injection).
+    ``stop_check()`` (every rank passes one, or none does) is asked after
+    each checkpoint's save: when it is true on any rank, every rank stops
+    there (one all-reduce decides it) and the summary's ``stopped_at`` is
+    the checkpoint's step (the elastic Ray driver grows the job so).
     """
     t_start = time.monotonic()
     world = dist.get_world_size()
@@ -87,7 +91,7 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
                        f"nothing to train (raise --steps to continue)")
     losses: list[float] = []
-    tokens_done = 0
+    tokens_done, stopped_at = 0, None
     t_loop = time.monotonic()
     for step in range(start, cfg.train.steps):
         t0 = time.monotonic()
@@ -131,6 +135,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             if reporter is not None:
                 reporter.step({"step": step, "split": "eval", **last_eval})
         ckpts.after_step(step)
+        if stop_check is not None and _stop_here(cfg, step, stop_check, device):
+            stopped_at = step + 1
+            break
     comms.set_step(None)
     loop_time = time.monotonic() - t_loop - eval_time  # training only
     ckpt_extra = ckpts.finish()  # the last asynchronous checkpoint reaches storage
@@ -141,6 +148,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
+    if stopped_at is not None:
+        summary["stopped_at"] = stopped_at
     if last_eval is not None:
         extra = summary.setdefault("extra", {})
         extra.update(eval_loss=round(last_eval["eval_loss"], 6), eval_ppl=round(last_eval["eval_ppl"], 4))
@@ -148,6 +157,16 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
             extra.update(eval_bpb=round(last_eval["eval_bpb"], 4),
                          unigram_bpb=round(job_data.val.unigram_entropy(cfg.model.vocab).bits_per_byte, 4))
     return summary
+
+
+def _stop_here(cfg: JobConfig, step: int, stop_check, device) -> bool:
+    """After step ``step``: whether every rank stops at the checkpoint just
+    saved (any rank's ``stop_check()`` true; agreed by one all-reduce)."""
+    every, done = cfg.ckpt.ckpt_every, step + 1
+    if not every or done % every or done >= cfg.train.steps:
+        return False
+    flag = torch.tensor([1.0 if stop_check() else 0.0], dtype=torch.float64, device=device)
+    return comms.all_reduce(flag, "max").item() > 0
 
 
 def apply_training_essentials(cfg: JobConfig, model: torch.nn.Module, amp: MixedPrecision) -> torch.nn.Module:

@@ -48,7 +48,7 @@ def init_distributed(cfg: JobConfig) -> None:
 
 
 def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_fn=None, config=None,
-             attempt: int | None = None):
+             attempt: int | None = None, stop_check=None):
     """Join, train, leave.  Returns the built-in loop's summary, or what
     ``train_fn`` returned (``train_fn(config)``, or ``train_fn()`` when it
     takes no argument; `loom.launch.report` works inside it).
@@ -57,7 +57,8 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
     driver passes one); without it rank 0 hosts the aggregator (torchrun).
     ``attempt``: the job's attempt this rank belongs to (0: the first), which
     arms the fault injections planned for it; None reads the Ray driver's
-    ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT`` (0 outside both)."""
+    ``LOOM_ATTEMPT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT`` (0 outside both).
+    ``stop_check``: the built-in loop's question at each checkpoint (`train`)."""
     if attempt is None:
         attempt = comms.elastic_attempt()
     from .api import rank_session
@@ -72,7 +73,7 @@ def run_rank(cfg: JobConfig | dict, reporter=None, fault_transport=None, train_f
     try:
         with rank_faults(cfg, reporter, fault_transport, attempt=attempt) as faults:
             if train_fn is None:
-                return train(cfg, reporter, step_hook=faults.at_step)
+                return train(cfg, reporter, step_hook=faults.at_step, stop_check=stop_check)
             with rank_session(reporter, faults.at_step, cfg.job.device):
                 return call_train_fn(train_fn, config)
     finally:

@@ -127,3 +127,111 @@ def test_a_lost_node_is_replaced_by_the_spare_and_the_job_resumes_at_the_same_si
     assert len(reference) == 40
     for x in rows:
         assert x["loss"] == pytest.approx(reference[x["step"]], abs=1e-10, rel=0), x
+
+
+@pytest.fixture
+def two_nodes(tmp_path, monkeypatch):
+    """As `ray_cluster`, with two 1-CPU worker nodes and no spare (a third can be added)."""
+    from ray.cluster_utils import Cluster
+    for key in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="loom-rc-")
+    c = Cluster(initialize_head=True, shutdown_at_exit=False,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
+    try:
+        nodes = [c.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(2)]
+        yield c, nodes, temp_dir
+    finally:
+        c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_lost_node_without_a_spare_shrinks_the_job_and_it_grows_back_when_a_node_returns(two_nodes, tmp_path):
+    """dp=2 on two nodes, --min-workers 1: the node of rank 1 is removed after
+    the step-5 checkpoint; Ray cannot place its bundle again, so after
+    --replace-wait the job continues at dp=1 (grad-accum 2).  A node is then
+    added: Ray places the bundle on it, the workers stop at their next
+    checkpoint and the job grows back to dp=2.  Every step's loss is the
+    uninterrupted dp=2 run's."""
+    c, nodes, temp_dir = two_nodes
+    steps = ["--steps", "60", "--inject", "straggler:rank=0,delay=0.2,attempts=all"]
+    cmd = [sys.executable, "-m", "loom", "train", *TINY, *steps, "--address", c.address, "--max-restarts", "2",
+           "--min-workers", "1", "--replace-wait", "2", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir",
+           str(tmp_path), "--name", "elastic"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, removed, rank1, added = [], None, None, None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("attempt 0: ") and rank1 is None:
+                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
+            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
+                removed = next(n for n in nodes if n.node_id.startswith(rank1))
+                c.remove_node(removed)
+            if added is None and line.startswith("restart 1/2 ") and "shrinking" in line:
+                added = c.add_node(num_cpus=1, temp_dir=temp_dir)
+        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert removed is not None and added is not None, text[-4000:]
+    assert "shrinking from dp=2 (grad-accum 1) to dp=1 (grad-accum 2)" in text, text[-4000:]
+    assert "growing from dp=1 (grad-accum 2) to dp=2 (grad-accum 1): more workers can be placed again: stopped " \
+           "at the checkpoint of step" in text, text[-4000:]
+    run = tmp_path / "elastic"
+    shrink, grow = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
+    assert shrink["cause"]["kind"] == "lost_node" and shrink["layout"]["to"]["dp"] == 1
+    assert shrink["isolated"][0]["replaced_by"] == "shrunk" and shrink["isolated"][0]["retired"] is False
+    assert grow["cause"]["kind"] == "grow" and grow["steps_lost"] == 0 and grow["layout"]["to"]["dp"] == 2
+    assert grow["resumed_step"] % 5 == 0 and added.node_id in grow["placement"]["resumed"]
+    rows = _rows(run)
+    assert [x["step"] for x in rows if x["attempt"] == 2] == list(range(grow["resumed_step"], 60))
+    ref = subprocess.run([sys.executable, "-m", "loom", "train", *TINY, "--steps", "60", "--ckpt-url",
+                          str(tmp_path / "ref-ck"), "--runs-dir", str(tmp_path), "--name", "ref"],
+                         capture_output=True, text=True, timeout=150)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = {x["step"]: x["loss"] for x in _rows(tmp_path / "ref")}
+    for x in rows:
+        assert x["loss"] == pytest.approx(reference[x["step"]], abs=1e-9, rel=0), x
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_a_lost_node_with_a_spare_worker_restarts_at_once_on_the_warmed_spare(ray_cluster, tmp_path):
+    """--spare-workers 1 on three nodes: the spare's bundle (and its warmed
+    worker) sits on the third node.  The node of rank 1 is removed: rank 1
+    moves to the spare without waiting for Ray to place anything again; its
+    bundle is not retired (Ray may place it again on a new node)."""
+    c, nodes = ray_cluster
+    slow = ["--inject", "straggler:rank=0,delay=0.1,attempts=all"]
+    cmd = [sys.executable, "-m", "loom", "train", *TINY, *slow, "--address", c.address, "--max-restarts", "2",
+           "--spare-workers", "1", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir", str(tmp_path), "--name", "sp"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, removed, rank1 = [], None, None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("attempt 0: ") and rank1 is None:
+                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
+            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
+                removed = next(n for n in nodes if n.node_id.startswith(rank1))
+                c.remove_node(removed)
+        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert removed is not None, text[-4000:]
+    [r] = [json.loads(x) for x in (tmp_path / "sp" / "restarts.jsonl").read_text().splitlines()]
+    assert r["cause"]["kind"] == "lost_node" and r["cause"]["node"] == removed.node_id
+    assert r["isolated"] == [{"rank": 1, "bundle": 1, "node": removed.node_id, "retired": False,
+                              "replaced_by": "spare"}]
+    assert r["bundles"] == [0, 2] and removed.node_id not in r["placement"]["resumed"]
+    assert "waiting for Ray to place" not in text
+    assert f"rank 1's bundle 1 (node {removed.node_id[:12]}) left until Ray places it again, a spare in bundle 2 " \
+           f"takes its place" in text, text[-4000:]
+    rows = _rows(tmp_path / "sp")
+    assert [x["step"] for x in rows if x["attempt"] == 1] == list(range(r["resumed_step"], 40))
