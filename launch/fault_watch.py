@@ -232,19 +232,29 @@ class RayTransport:
             ray.wait([self._last], timeout=timeout)
 
 
+def start_aggregator(cfg) -> tuple:
+    """Start the job's `AggregatorActor` for ``cfg`` (its world size and
+    detectors) on the driver's node (a worker node's loss must not take it
+    along); returns (actor, secret).  Ray starts its process in the
+    background: the first call to it waits for that."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    secret = job_secret()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = ray.remote(num_cpus=0)(AggregatorActor).options(scheduling_strategy=here).remote(
+        cfg.world_size, dataclasses.asdict(detect_config(cfg.faults)), secret)
+    return actor, secret
+
+
 class DriverWatch:
     """The driver's side under Ray: polls the actor, prints faults, writes the
-    logs, and says when (and why) the job must stop."""
+    logs, and says when (and why) the job must stop.  ``started``: the
+    (actor, secret) of `start_aggregator`, when the driver started it ahead."""
 
-    def __init__(self, cfg, run_dir: str | None, printer=None):
-        import ray
+    def __init__(self, cfg, run_dir: str | None, printer=None, started: tuple | None = None):
         self.stop_on = stop_kinds(cfg.faults)
-        config = dataclasses.asdict(detect_config(cfg.faults))
-        self.secret = job_secret()  # handed to each worker actor with its transport
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # not a worker's
-        self.actor = ray.remote(num_cpus=0)(AggregatorActor).options(scheduling_strategy=here).remote(
-            cfg.world_size, config, self.secret)
+        # the actor and the secret handed to each worker actor with its transport (`start_aggregator`)
+        self.actor, self.secret = started if started is not None else start_aggregator(cfg)
         self.log = LogWriter(run_dir) if run_dir else None
         self.printer = printer or log.warning
         self.faults: list[Fault] = []

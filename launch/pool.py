@@ -16,7 +16,10 @@ node was lost is not retired: Ray places it again where there is room, and
 it serves again once placed.  `WorkerPool.assign` then gives the next
 attempt's ranks their bundles: each surviving rank keeps its own, a rank
 that lost its bundle takes a spare (warmed ones first), and a shrunk layout
-keeps the lowest surviving ranks' bundles.
+keeps the lowest surviving ranks' bundles; warmed spares left over then take
+surviving ranks as well (every rank of a restart needs a new process; a
+warmed one skips Ray's process start and torch's import), and the bundles
+they leave get new spares once the restarted attempt runs.
 """
 from __future__ import annotations
 
@@ -150,10 +153,14 @@ class WorkerPool:
         if actor is not None:
             ray.kill(actor)
 
-    def assign(self, world: int) -> list[int]:
+    def assign(self, world: int, rotate: bool = True) -> list[int]:
         """The bundles of the next attempt's ``world`` ranks (and they become
         the current layout's): a surviving rank keeps its bundle, others take
-        usable bundles without a rank, warmed spares first."""
+        usable bundles without a rank, warmed spares first.  With ``rotate``
+        (a restart), warmed spares left over then take surviving ranks too:
+        a restarted rank needs a new process anyway (the old one may be stuck
+        in the failed collective), and a warmed one is ready at once; the
+        bundle it leaves gets a new spare once the attempt runs."""
         placed = self.placed()
         for b in [b for b in self.idle if b not in placed]:  # a spare lost with its node
             self._drop_idle(b)
@@ -169,6 +176,9 @@ class WorkerPool:
                               f"and not retired now (a node was lost meanwhile)")
         out = [b if b is not None else free.pop(0) for b in out]
         out += [free.pop(0) for _ in range(world - len(out))]
+        if rotate:
+            warmed = [b for b in free if b in self.idle]
+            out = [warmed.pop(0) if b not in self.idle and warmed else b for b in out]
         self.ranks = out
         return out
 

@@ -24,7 +24,7 @@ from . import cluster
 from .cluster import LaunchError
 from .config import JobConfig, parse_env
 from .elastic_policy import ElasticPolicy, StopControl
-from .fault_watch import DriverWatch
+from .fault_watch import DriverWatch, start_aggregator
 from .pool import WorkerPool
 from .recorder import QueueReporter
 from .recovery import Recovery
@@ -49,7 +49,11 @@ class RankWorker:
     def warm(self) -> str:
         """Import what a rank needs (torch, loom's worker and training loop)
         ahead of time, so that a spare starts training at once; returns its node id."""
+        import torch
+
         from . import train, worker  # noqa: F401 - imported for their cost, now
+        # an optimizer's first construction imports torch._dynamo (about 1 s): a warmed worker has done it
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
         return self.node_id()
 
     def run(self, cfg: dict, env: dict, queue=None, fault_actor=None, fault_secret: bytes | None = None,
@@ -137,7 +141,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     elif runtime_env or cfg.job.working_dir:
         raise LaunchError("Ray is already initialised in this process: its runtime_env is the job's; pass "
                           "runtime_env (or working_dir) to ray.init, or call ray.shutdown() first")
-    pg = pool = None
+    pg = pool = helpers = None
     notify = getattr(recorder, "event", None)
     try:
         gpus = 1 if _want_gpus(cfg, world + spares) else 0
@@ -166,6 +170,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
         pool = WorkerPool(pg, world, spares, new_actor)
         pool.warm()
         elastic = ElasticPolicy(cfg, pool, train_fn is None)
+        helpers = AttemptHelpers(recorder is not None, ahead=recovery.budget > 0)
         fn_ref = ray.put(train_fn) if train_fn is not None else None
         while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
             if recovery.attempt > 0 and not elastic.ready:  # a plain restart: every bundle placed again
@@ -177,11 +182,11 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
                         from last.error
             elastic.ready = False
             tracker = recovery.begin()
-            bundles = pool.assign(elastic.layout.world)
+            bundles = pool.assign(elastic.layout.world, rotate=recovery.attempt > 0)
             try:
                 results = _attempt(elastic.job(recovery), recovery, pool, bundles, gpus, env,
                                    tracker if recorder is not None else None, fn_ref, config, start_timeout,
-                                   elastic)
+                                   elastic, helpers)
             except LaunchError as exc:
                 if exc.kind is None:  # the job could not start: no fault of a running job
                     raise
@@ -196,6 +201,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
             return results
     finally:
         recovery.finish()
+        if helpers is not None:
+            helpers.close()
         if pool is not None:
             pool.close()
         if pg is not None:
@@ -205,7 +212,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
 
 
 def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int], gpus: int, env: dict, recorder,
-             fn_ref, config, start_timeout: float, elastic: ElasticPolicy | None = None) -> list:
+             fn_ref, config, start_timeout: float, elastic: ElasticPolicy | None = None,
+             helpers: "AttemptHelpers | None" = None) -> list:
     """One attempt of the job: an actor per rank in ``bundles`` (a warmed
     spare where the bundle holds one, else a new one), a new fault monitor,
     run, supervise; every rank's actor is stopped when it ends."""
@@ -217,11 +225,11 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         recovery.placed(nodes)
-        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_driver_node()}) \
-            if recorder is not None else None
+        helpers = helpers or AttemptHelpers(recorder is not None, ahead=False)
+        queue, aggregator = helpers.take(cfg)
         if cfg.faults.monitor:
             watch = DriverWatch(cfg, getattr(recorder, "run_dir", None),
-                                getattr(recorder, "event", None))
+                                getattr(recorder, "event", None), started=aggregator)
             if recovery.budget and "straggler" in cfg.recovery.restart_on:  # a persistent one ends the attempt
                 watch.judges.append(PersistentStraggler(cfg.recovery.restart_straggler_steps, cfg.faults.detect).feed)
         if elastic is not None and elastic.may_grow():  # only a shrunk job asks its workers to stop
@@ -234,7 +242,12 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
                                                    watch.actor if watch else None,
                                                    watch.secret if watch else None, fn_ref, config, control))
-        tick = (lambda: elastic.tick(control, recorder)) if elastic is not None else None
+
+        def tick():
+            if elastic is not None:
+                elastic.tick(control, recorder)
+            if recorder is None or recorder.last_step is not None:  # not while this attempt starts
+                helpers.prepare(cfg)
         return _supervise(futures, queue, recorder, watch, nodes=nodes, tick=tick)
     except ray.exceptions.GetTimeoutError:
         raise LaunchError(f"the {world} workers did not start within {start_timeout:.0f}s (--start-timeout): "
@@ -263,6 +276,51 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
             except ray.exceptions.RayError as exc:
                 log.warning("lost rank 0's last reports: %s", _one_line(exc))
             queue.shutdown(force=True)
+
+
+class AttemptHelpers:
+    """The driver's helper actors of an attempt: rank 0's metrics queue
+    (``with_queue``) and the fault monitor's aggregator (`start_aggregator`).
+    With ``ahead``, `prepare` starts the next attempt's while this one runs,
+    so that a restart does not wait for Ray to start their processes (about
+    1 s on a small machine, on the restart's critical path: a rank's first
+    report waits for them)."""
+
+    def __init__(self, with_queue: bool, ahead: bool = True):
+        self.with_queue, self.ahead = with_queue, ahead
+        self._next: tuple | None = None  # (world, queue, (aggregator, secret) or None)
+
+    def prepare(self, cfg: JobConfig) -> None:
+        """Start the next attempt's helpers now, if none are waiting."""
+        if self.ahead and self._next is None:
+            self._next = (cfg.world_size, *self._start(cfg))
+
+    def take(self, cfg: JobConfig) -> tuple:
+        """(queue or None, (aggregator, secret) or None) for an attempt of
+        ``cfg``: the ones started ahead when they fit its world size."""
+        ready, self._next = self._next, None
+        if ready is not None and ready[0] == cfg.world_size:
+            return ready[1], ready[2]
+        if ready is not None:
+            self._kill(*ready[1:])
+        return self._start(cfg)
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._kill(*self._next[1:])
+            self._next = None
+
+    def _start(self, cfg: JobConfig) -> tuple:
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_driver_node()}) \
+            if self.with_queue else None
+        return queue, start_aggregator(cfg) if cfg.faults.monitor else None
+
+    @staticmethod
+    def _kill(queue, aggregator) -> None:
+        if queue is not None:
+            queue.shutdown(force=True)
+        if aggregator is not None:
+            ray.kill(aggregator[0])
 
 
 def _on_driver_node():

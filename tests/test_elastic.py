@@ -239,6 +239,25 @@ def test_a_faulty_ranks_bundle_is_retired_and_a_warmed_spare_takes_its_rank(monk
     assert pool.isolate([1], "died", can_shrink=lambda n: n >= 1)[0]["retired"] is True
 
 
+def test_a_restart_moves_surviving_ranks_onto_warmed_spares_left_over(monkeypatch):
+    """Every rank of a restart needs a new process: with spares enough, all
+    take warmed ones (faulty ranks first); the first attempt stays put."""
+    placed = {b: f"n{b}" for b in range(4)}
+    pool, started, _ = _pool(monkeypatch, 2, 2, placed)
+    pool.warm()
+    assert started == [2, 3] and pool.assign(2, rotate=False) == [0, 1]
+    pool.isolate([1], "died", can_shrink=False, nodes=["n0", "n1"])
+    assert pool.assign(2) == [3, 2]  # rank 1 (its bundle retired) takes the first spare, rank 0 the other
+    assert pool.take([3, 2])[1] == [True, True]
+    assert pool.assign(2) == [3, 2]  # no warmed spare left: the same bundles, fresh processes
+    pool.warm()
+    assert started[-1:] == [0]  # the bundle rank 0 left gets a new spare (bundle 1 stays retired)
+    pool2, _, _ = _pool(monkeypatch, 2, 1, placed)
+    pool2.warm()
+    pool2.isolate([0], "exception", can_shrink=False)  # not isolated: rank 0 keeps its bundle ...
+    assert pool2.assign(2) == [2, 1]  # ... but a warmed spare is faster than a new process there
+
+
 def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeypatch):
     placed = {0: "n0", 1: "n1"}
     pool, started, killed = _pool(monkeypatch, 2, 0, placed)
