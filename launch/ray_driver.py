@@ -145,6 +145,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
             return results
     finally:
         recovery.finish()
+        _release_memory(recovery)
         if pg is not None:
             remove_placement_group(pg)
         if started_here:
@@ -166,6 +167,7 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         recovery.placed(nodes)
+        memory_env = _memory_holders(cfg, recovery, nodes)
         queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _on_driver_node()}) \
             if recorder is not None else None
         if cfg.faults.monitor:
@@ -174,7 +176,7 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
         futures = []
         job = recovery.job_dict()
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
-            rank_env = {**env, **recovery.env(), "RANK": str(rank), "WORLD_SIZE": str(world),
+            rank_env = {**env, **recovery.env(), **memory_env, "RANK": str(rank), "WORLD_SIZE": str(world),
                         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world),
                         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
@@ -206,6 +208,23 @@ def _attempt(cfg: JobConfig, recovery: Recovery, pg, gpus: int, env: dict, recor
             except ray.exceptions.RayError as exc:
                 log.warning("lost rank 0's last reports: %s", _one_line(exc))
             queue.shutdown(force=True)
+
+
+def _memory_holders(cfg: JobConfig, recovery: Recovery, nodes: list[str]) -> dict:
+    """Host-memory snapshot holders (`loom.launch.memory_tier`) on the
+    attempt's nodes, kept across attempts; the workers' environment naming
+    them ({} without checkpoints or with --no-memory-snapshots)."""
+    if not (cfg.ckpt.memory_snapshots and cfg.ckpt.ckpt_every > 0):
+        return {}
+    from .memory_tier import holders_env
+    return holders_env(recovery.token, nodes, recovery.holders)
+
+
+def _release_memory(recovery: Recovery) -> None:
+    """Stop the job's snapshot holders (Ray may stay up after the job)."""
+    if ray.is_initialized():
+        from .memory_tier import release_holders
+        release_holders(recovery.token, recovery.holders)
 
 
 def _on_driver_node():

@@ -141,6 +141,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None) -> dict:
                "wall_time_s": time.monotonic() - t_start, "losses": losses}
     if cfg.ckpt.resume or cfg.ckpt.ckpt_every:
         summary["extra"] = {"start_step": start, **ckpt_extra}
+    if ckpts.reload is not None:  # which tier served the resume (host memory or storage)
+        summary["reload"] = ckpts.reload
     if last_eval is not None:
         extra = summary.setdefault("extra", {})
         extra.update(eval_loss=round(last_eval["eval_loss"], 6), eval_ppl=round(last_eval["eval_ppl"], 4))

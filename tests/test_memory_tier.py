@@ -121,3 +121,52 @@ def test_a_source_that_fails_serves_nothing(tmp_path, caplog):
     info = checkpoint.load(target, str(tmp_path), memory=Broken())
     _same(target, saved)
     assert tier_of(info.tiers) == "storage" and "holder gone" in caplog.text
+
+
+# ------------------------------------------------------------------ loom train under Ray
+
+TINY = ["--dp", "2", "--data", "synthetic", "--dim", "16", "--layers", "1", "--seq-len", "16", "--batch-size", "4",
+        "--dtype", "float64", "--steps", "16", "--eval-every", "0", "--no-progress", "--ckpt-every", "5",
+        "--ckpt-mode", "sync"]
+
+
+def _loom(tmp_path, name, *args, timeout=200):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "loom", "train", *TINY, "--runs-dir", str(tmp_path), "--name", name,
+                           "--ckpt-url", str(tmp_path / f"{name}-ck"), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _jsonl(path):
+    import json
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(500)
+def test_a_killed_rank_reloads_from_host_memory_and_without_it_from_storage(tmp_path):
+    ref = _loom(tmp_path, "ref", "--no-memory-snapshots")
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    reference = {x["step"]: x["loss"] for x in _jsonl(tmp_path / "ref" / "metrics.jsonl")}
+    for name, flag, tier in (("mem", "--memory-snapshots", "memory"), ("disk", "--no-memory-snapshots", "storage")):
+        proc = _loom(tmp_path, name, flag, "--inject", "kill:rank=1,step=12")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (record,) = _jsonl(tmp_path / name / "restarts.jsonl")
+        assert record["resumed_step"] == 10, record
+        reload = record["reload"]
+        assert reload["tier"] == tier and reload["ranks"] == [tier, tier], reload
+        b = reload["bytes"]
+        if tier == "memory":  # one node: both ranks' copies are in its holder (no peer node to copy to)
+            assert b["memory_local"] > 0 and b["memory_peer"] == 0 and b["storage"] == 0, b
+            assert "resumed step 10 from host memory (" in proc.stdout and "0 peer, 0 storage)" in proc.stdout
+        else:
+            assert b["storage"] > 0 and b["memory_local"] == b["memory_peer"] == 0, b
+            assert "resumed step 10 from storage (0 local, 0 peer, " in proc.stdout
+        import json
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["reload"]["tier"] == tier and summary["restarts"][0]["reload"] == reload
+        rows = _jsonl(tmp_path / name / "metrics.jsonl")
+        assert [x["step"] for x in rows if x["attempt"] == 1] == list(range(10, 16))
+        for x in rows:
+            assert x["loss"] == pytest.approx(reference[x["step"]], abs=1e-10, rel=0), (name, x)
