@@ -7,12 +7,12 @@ A restart reloads the newest committed checkpoint from memory when it can:
   survives attempts, only a lost node takes its holder along) and names
   them to the ranks in ``LOOM_SNAPSHOT_HOLDERS``.
 - After each committed checkpoint every rank hands the chunks it wrote
-  (`RaySnapshots.keep`, on the async checkpointer's persist thread) to the
-  holder on its own node and to the holder on a peer node (the next node of
-  the job in node-id order; none when the job runs on one node).  A holder
-  copies them into objects it owns (Ray frees an object with the process
-  that put it: a dead rank's copy would die with it) and keeps the newest
-  step of each rank, dropping older ones.
+  (`RaySnapshots.keep`, on the async checkpointer's persist thread, or after
+  a sync save) to the holder on its own node and to the holder on a peer
+  node (the next node of the job in node-id order; none when the job runs
+  on one node).  A holder copies them into objects it owns (Ray frees an
+  object with the process that put it: a dead rank's copy would die with
+  it) and keeps only the newest committed step, dropping older ones.
 - A resuming rank reads through them (`RaySnapshots.fetch`): its own
   node's holder first, then the others; `loom.checkpoint.load` takes a
   chunk from memory only when its size and crc32c are the manifest's of the
@@ -20,7 +20,8 @@ A restart reloads the newest committed checkpoint from memory when it can:
 
 Memory: each node holds its ranks' newest snapshot and one peer node's
 (twice the job's checkpoint bytes over the job's nodes), in Ray's object
-store.  Under torchrun there are no holders: reloads read storage.
+store (which spills to local disk when full: such a "memory" reload then
+reads that disk).  Under torchrun there are no holders: reloads read storage.
 """
 from __future__ import annotations
 
@@ -37,17 +38,20 @@ FETCH_TIMEOUT_S = 60.0  # a holder that does not answer in time serves nothing (
 
 
 class SnapshotHolder:
-    """The copies a node keeps: per rank, the newest step handed over
-    (``{store key: (crc32c, ObjectRef owned by this actor)}``)."""
+    """The copies a node keeps: per rank, its chunks of the newest committed
+    step (``{store key: (crc32c, ObjectRef owned by this actor, bytes)}``).
+    Ranks hand a step over only once it is committed, so a step arriving
+    makes every other step held here an older commit: they are dropped
+    (also those of ranks a resized job no longer has)."""
 
     def __init__(self):
         self._held: dict = {}  # rank -> (step, {store key: (crc32c, ref, nbytes)})
 
     def keep(self, rank: int, step: int, payload: list, checksums: dict) -> int:
         """Copy the chunks in ``payload[0]`` (a reference to {store key:
-        array}, put by the rank) into objects of this actor; replaces the
-        rank's older step.  Returns the bytes kept (0 when the rank's
-        object was gone)."""
+        array}, put by the rank) into objects of this actor; drops every
+        other step held.  Returns the bytes kept (0 when the rank's object
+        was gone)."""
         import ray
         try:
             chunks = ray.get(payload[0])
@@ -56,6 +60,7 @@ class SnapshotHolder:
             return 0
         kept = {key: (int(checksums[key]), ray.put(data), int(data.nbytes)) for key, data in chunks.items()}
         del chunks
+        self._held = {r: held for r, held in self._held.items() if held[0] == step and r != rank}
         self._held[rank] = (step, kept)
         return sum(n for _, _, n in kept.values())
 
