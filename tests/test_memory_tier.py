@@ -123,6 +123,52 @@ def test_a_source_that_fails_serves_nothing(tmp_path, caplog):
     assert tier_of(info.tiers) == "storage" and "holder gone" in caplog.text
 
 
+# ------------------------------------------------------------------ the Ray holders
+
+@pytest.mark.timeout(120)
+def test_ray_holders_keep_the_newest_committed_step_and_serve_it(tmp_path, caplog):
+    ray = pytest.importorskip("ray")
+    from loom.launch.memory_tier import RaySnapshots, holders_env, release_holders
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    handles = {}
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        env = holders_env("t0", [node], handles)
+        names = __import__("json").loads(env["LOOM_SNAPSHOT_HOLDERS"])
+        assert list(names) == [node]
+        again = holders_env("t0", [node], handles)  # a later attempt finds the same holder
+        assert again == env and len(handles) == 1
+        mine = RaySnapshots.from_env(0, env)
+        assert mine.peer is None and "peer copy: none" in mine.describe()
+        saved = _state(11)
+        checkpoint.save(saved, str(tmp_path), step=5, snapshots=mine)
+        other = RaySnapshots(names, node, rank=1)  # another rank's older step is dropped by a newer commit
+        other.keep(3, {"x": np.zeros(4)}, {"x": 0})
+        holder = handles[node]
+        assert set(ray.get(holder.stats.remote())) == {1}
+        checkpoint.save(saved, str(tmp_path), step=10, snapshots=mine)
+        assert ray.get(holder.stats.remote()) == {0: {"step": 10, "bytes": (64 * 32 + 32) * 8}}
+        target = _empty()
+        info = checkpoint.load(target, str(tmp_path), memory=mine)
+        _same(target, saved)
+        assert info.tiers == {"memory_local": (64 * 32 + 32) * 8, "memory_peer": 0, "storage": 0}
+        # a reader on another node finds the copy on this one as a peer's
+        elsewhere = RaySnapshots(names, "f" * 56, rank=0)
+        info = checkpoint.load(_empty(), str(tmp_path), memory=elsewhere)
+        assert info.tiers["memory_peer"] == (64 * 32 + 32) * 8
+        ray.get(holder.clear.remote())  # emptied: storage serves
+        info = checkpoint.load(_empty(), str(tmp_path), memory=mine)
+        assert info.tiers["storage"] == (64 * 32 + 32) * 8 and info.tiers["memory_local"] == 0
+        checkpoint.save(saved, str(tmp_path), step=15, snapshots=mine)
+        release_holders("t0", handles)  # gone: storage serves, nothing raises
+        target = _empty()
+        info = checkpoint.load(target, str(tmp_path), memory=mine)
+        _same(target, saved)
+        assert tier_of(info.tiers) == "storage"
+    finally:
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------ loom train under Ray
 
 TINY = ["--dp", "2", "--data", "synthetic", "--dim", "16", "--layers", "1", "--seq-len", "16", "--batch-size", "4",
