@@ -89,11 +89,13 @@ def holder_name(token: str, node: str) -> str:
 
 def holders_env(token: str, nodes: list[str], handles: dict) -> dict:
     """The driver's part, each attempt: a holder on each of ``nodes`` (Ray
-    node ids; created once per job, found again by name in later
-    attempts) and the workers' environment naming every live holder of the
-    job (``token``: the job's id, `Recovery.token`).  ``handles`` ({node:
-    handle}, kept by the driver for the whole job) keeps the holders alive:
-    Ray ends an actor whose handles are all gone."""
+    node ids) that has none yet, and the workers' environment naming every
+    holder of the job on a node Ray counts alive (``token``: the job's id,
+    `Recovery.token`; a rank skips a holder it cannot reach).
+    ``handles`` ({node: handle}, kept by the driver for the whole job)
+    keeps the holders alive: Ray ends an actor whose handles are all gone.
+    Nothing here waits for a holder to start: a new node's holder starts
+    while the workers do (it holds nothing yet anyway)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     cls = ray.remote(SnapshotHolder)
@@ -103,32 +105,20 @@ def holders_env(token: str, nodes: list[str], handles: dict) -> dict:
         handles[node] = cls.options(name=holder_name(token, node), get_if_exists=True, num_cpus=0, max_restarts=0,
                                     namespace=NAMESPACE,
                                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-    started = [handles[node] for node in dict.fromkeys(nodes)]
-    try:  # running (and listed by name) before the workers look for them
-        ray.get([h.stats.remote() for h in started], timeout=FETCH_TIMEOUT_S)
-    except ray.exceptions.RayError as exc:  # memory is a cache: the job runs on without it
-        log.warning("a snapshot holder did not start (%s: %s); reloads read storage where it is missing",
-                    type(exc).__name__, exc)
-    names = job_holders(token)
-    return {HOLDERS_ENV: json.dumps({name[len(_PREFIX) + len(token) + 1:]: name for name in names})}
-
-
-def job_holders(token: str) -> list[str]:
-    """The names of the job's holders that Ray lists (those alive)."""
-    import ray
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == NAMESPACE and a["name"].startswith(f"{_PREFIX}{token}-"))
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}  # a lost node's holder went with it
+    return {HOLDERS_ENV: json.dumps({node: holder_name(token, node) for node in sorted(handles) if node in alive})}
 
 
 def release_holders(token: str, handles: dict) -> None:
-    """Stop the job's holders (the driver, when the job ends)."""
+    """Stop the job's holders (the driver, when the job ends); ``token``
+    names them in log lines."""
     import ray
-    handles.clear()
-    for name in job_holders(token):
+    for node, handle in list(handles.items()):
         try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except (ValueError, ray.exceptions.RayError):
-            pass
+            ray.kill(handle)
+        except ray.exceptions.RayError as exc:  # its node is gone already
+            log.info("snapshot holder %s: %s", holder_name(token, node)[:40], type(exc).__name__)
+    handles.clear()
 
 
 class RaySnapshots:
