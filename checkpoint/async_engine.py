@@ -61,7 +61,7 @@ from .collective import agree, resolve
 from .host_pool import HostBufferPool, aligned
 from .manifest import storage_dtype
 from .owner import LEASE_S, claim_store
-from .save import SavePlan, commit, exchange_parts, plan_save
+from .save import SavePlan, commit, exchange_parts, keep_in_memory, plan_save
 from .state import Flat, PerRank, Shard, _contains_tensors, decode_value, encode_value, flatten, key_of
 from .store import CheckpointStore, check_step, retained
 from .writers import ProcessWriter, ThreadWriter
@@ -183,12 +183,17 @@ class AsyncCheckpointer:
     that job keeps writing until its next save fails).  Raises on every
     rank: `CheckpointOwnershipError` naming the owner, `StoreNotSharedError`
     naming the ranks that cannot see the store, ValueError for bad
-    arguments."""
+    arguments.
+
+    ``snapshots``: a `loom.checkpoint.memory.SnapshotSink` that receives
+    the chunks this rank wrote once each step is committed, on the persist
+    thread, from the host pool (whose region is held until then); a
+    failure there is logged, never fails the save."""
 
     def __init__(self, url: str, *, group=None, host_buffer_bytes: int | None = None,
                  keep_last: int | None = None, keep_every: int | None = None,
                  writer: str = "thread", mesh=None, durable: bool = False, job: str | None = None,
-                 takeover: bool | str = False, lease_s: float = LEASE_S):
+                 takeover: bool | str = False, lease_s: float = LEASE_S, snapshots=None):
         CheckpointStore(url)  # checks the URL
         if host_buffer_bytes is not None and (isinstance(host_buffer_bytes, bool) or
                                               not isinstance(host_buffer_bytes, int) or host_buffer_bytes <= 0):
@@ -202,6 +207,7 @@ class AsyncCheckpointer:
         self.url, self.mesh, self.durable = str(url), mesh, bool(durable)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.writer_kind = writer
+        self.snapshots = snapshots
         self._capacity = host_buffer_bytes
         self._g = resolve(group)
         self.ownership = claim_store(self.url, group=self._g, job=job, takeover=takeover, lease_s=lease_s)
@@ -502,23 +508,33 @@ class AsyncCheckpointer:
         if plan is None:  # failed before planning, on every rank alike
             raise job.error
         plan.group = self._persist_g
-        error, sums = job.error, {}
+        error, sums, parts = job.error, {}, {}
         try:
-            if plan.transfers:
-                agree(plan.group, error)  # nobody enters point-to-point with a failed peer
-            if error is None:
-                parts = exchange_parts(plan, job.fragments)
-                # the writer needs no claim (and a writer process could not receive its thread)
-                portable = dataclasses.replace(plan, ownership=None, release_ownership=False)
-                sums = self._writer.write(portable, job.fragments, {**job.chunks, **parts}, job.pool)
-        except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
-            error = error or exc
+            try:
+                if plan.transfers:
+                    agree(plan.group, error)  # nobody enters point-to-point with a failed peer
+                if error is None:
+                    parts = {**job.chunks, **exchange_parts(plan, job.fragments)}
+                    # the writer needs no claim (and a writer process could not receive its thread)
+                    portable = dataclasses.replace(plan, ownership=None, release_ownership=False)
+                    sums = self._writer.write(portable, job.fragments, parts, job.pool)
+            except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
+                error = error or exc
+            if self.snapshots is None:  # nothing to keep: the region goes back before the commit
+                self._release(job)
+            location = commit(plan, sums, error, on_committed=self._retain)  # a failure removes the torn step
+            # committed: the chunks this rank wrote go to host memory (from the region, still held)
+            keep_in_memory(self.snapshots, plan, job.fragments, parts, sums)
+            return location
         finally:
-            if job.region is not None:
-                job.pool.release(job.region)
-                job.region = None
-            job.fragments, job.chunks = {}, {}
-        return commit(plan, sums, error, on_committed=self._retain)  # a failure removes the torn step
+            self._release(job)
+
+    @staticmethod
+    def _release(job: _Job) -> None:
+        if job.region is not None:
+            job.pool.release(job.region)
+            job.region = None
+        job.fragments, job.chunks = {}, {}
 
     def _retain(self) -> None:
         """Drop committed steps the retention policy no longer keeps (rank 0,

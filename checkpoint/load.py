@@ -18,6 +18,7 @@ and time are bounded by the bytes really stored plus the manifest's size.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +29,16 @@ import torch
 
 from . import layout, zarr_io
 from .collective import agree, resolve
+from .memory import TIERS
+from .memory import fetch as fetch_from_memory
 from .manifest import (ChecksumError, InvalidCheckpointError, array_document, as_numpy, checksum, contiguous,
                        from_numpy, torch_dtype)
 from .save import IO_THREADS
 from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
 from .store import CheckpointStore, check_objects, check_step, data_prefix, vet
 from .zarr_io import open_array, read_box
+
+log = logging.getLogger("loom.checkpoint")
 
 
 class MissingKeysError(KeyError):
@@ -57,6 +62,9 @@ class CheckpointInfo:
     unexpected: list = field(default_factory=list)  # saved keys the target did not ask for
     skipped: list = field(default_factory=list)     # [{"step", "error"}] passed over by fallback
     created: float | None = None
+    # chunk bytes this rank read per tier (`loom.checkpoint.memory.TIERS`), and every rank's (group order)
+    tiers: dict = field(default_factory=dict)
+    tiers_by_rank: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------ chunk reads
@@ -67,8 +75,10 @@ class ChunkReader:
     by one of the ranks that read it (``share_checks``); the others, on a
     local store, copy only the part they need from the mapped object."""
 
-    def __init__(self, store: CheckpointStore, manifest: dict):
-        self.store, self.manifest = store, manifest
+    def __init__(self, store: CheckpointStore, manifest: dict, memory=None):
+        self.store, self.manifest, self.memory = store, manifest, memory
+        self._served: dict = {}  # (key, chunk index) -> (valid values from host memory, tier)
+        self.tiers = dict.fromkeys(TIERS, 0)  # chunk bytes read per tier (`serve_from_memory`)
         self.prefix = data_prefix(manifest["step"])
         self._arrays: dict = {}
         self._tasks: list = []
@@ -91,12 +101,50 @@ class ChunkReader:
             cbox = layout.chunk_box(index, shape, chunks)
             self._tasks.append((key, index, cbox, layout.intersect(cbox, box), out, box[0]))
 
+    def serve_from_memory(self) -> None:
+        """Ask ``memory`` (a `loom.checkpoint.memory.SnapshotSource`) once for
+        every chunk the requests so far touch; keep those whose bytes have
+        the size and crc32c the manifest records (the rest, and everything
+        ``memory`` lacks, is read from storage), and count the bytes of
+        every chunk per tier in ``tiers``."""
+        entries = self.manifest["tensors"]
+        chunks = {}
+        for key, index, cbox, *_ in self._tasks:
+            chunks.setdefault((key, index), cbox)
+        wanted = {}
+        for (key, index), cbox in chunks.items():
+            expected = entries[key]["checksums"].get(layout.chunk_name(index))
+            if expected is not None:
+                wanted[self._chunk_key(key, index)] = expected
+        got = fetch_from_memory(self.memory, wanted)
+        for (key, index), cbox in chunks.items():
+            dtype = np.dtype(entries[key]["storage_dtype"])
+            valid = [stop - start for start, stop in zip(*cbox)]
+            nbytes = math.prod(valid) * dtype.itemsize
+            held = got.get(self._chunk_key(key, index))
+            if held is not None:
+                buf, tier = held
+                data = np.asarray(buf).reshape(-1).view(np.uint8)
+                if data.nbytes == nbytes and tier in TIERS[:2]:
+                    data = data.view(dtype).reshape(valid)
+                    if checksum(data) == entries[key]["checksums"][layout.chunk_name(index)]:
+                        self._served[(key, index)] = (data, tier)
+                        self.tiers[tier] += nbytes
+                        continue
+                log.warning("the host-memory copy of %s does not match its manifest (size or crc32c); "
+                            "reading it from storage", self._chunk_key(key, index))
+            self.tiers["storage"] += nbytes
+
     def claims(self) -> str:
         """The chunks the requests so far touch, compactly (a hex bitmap over
-        `_chunk_numbers`): what every rank sends every other in a load."""
+        `_chunk_numbers`): what every rank sends every other in a load.
+        Chunks served from host memory are not claimed (they are checked
+        by this rank, not read from storage)."""
         first, total = self._chunk_numbers()
         touched = np.zeros(total, dtype=bool)
         for key, index, *_ in self._tasks:
+            if (key, index) in self._served:
+                continue
             touched[self._chunk_number(key, index)] = True
         return np.packbits(touched).tobytes().hex()
 
@@ -206,6 +254,10 @@ class ChunkReader:
     def _read(self, task) -> None:
         key, index, cbox, part, out, origin = task
         dest = layout.view(out, part, origin)
+        served = self._served.get((key, index))
+        if served is not None:  # checked in serve_from_memory
+            dest[...] = layout.view(served[0], part, cbox[0])
+            return
         check = self._chunk_number(key, index) not in self._checked_elsewhere
         if part == cbox and dest.flags.c_contiguous:
             self.read_chunk(key, index, cbox, dest, check=check)
@@ -380,7 +432,7 @@ def _agree_choice(g, store, candidates, fallback: bool, vetted: dict, custom: di
 
 
 def load(state: dict, url: str, *, step: int | None = None, group=None, strict: bool = True,
-         fallback: bool = False) -> CheckpointInfo:
+         fallback: bool = False, memory=None) -> CheckpointInfo:
     """Collective: fill ``state`` from ``step`` (the one `latest()` picks
     when None: the newest commit in time) under ``url``.  Tensors are filled
     in place, plain values replaced.  ``strict=False`` loads the keys
@@ -393,7 +445,14 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
     Raises NoCheckpointError when nothing is committed, FileNotFoundError
     for a ``step`` that is not, InvalidCheckpointError (ChecksumError for a
     checksum) for damage, MissingKeysError for target keys the step lacks
-    (``strict``), ValueError/TypeError for a target that does not match."""
+    (``strict``), ValueError/TypeError for a target that does not match.
+
+    ``memory``: a `loom.checkpoint.memory.SnapshotSource` asked first for
+    the chunks of the step chosen (chosen from storage, as without it);
+    a chunk is taken from it only when its size and crc32c are the
+    manifest's, everything else is read from storage.  ``info.tiers``:
+    the chunk bytes this rank read per tier; ``info.tiers_by_rank``: every
+    rank's."""
     g = resolve(group)
     store = CheckpointStore(url)
     custom = {"ChecksumError": ChecksumError, "InvalidCheckpointError": InvalidCheckpointError,
@@ -406,7 +465,7 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
     while True:
         try:
             info = _load_candidate(state, store, choice["step"], choice["sha"], vetted, g, strict,
-                                   touched, custom)
+                                   touched, custom, memory)
         except InvalidCheckpointError as exc:
             if not fallback or not choice["rest"]:
                 raise
@@ -418,7 +477,8 @@ def load(state: dict, url: str, *, step: int | None = None, group=None, strict: 
         return info
 
 
-def _load_candidate(state, store, step, sha, vetted: dict, g, strict, touched: set, custom: dict) -> CheckpointInfo:
+def _load_candidate(state, store, step, sha, vetted: dict, g, strict, touched: set, custom: dict,
+                    memory=None) -> CheckpointInfo:
     """Load one vetted step (manifest ``sha``) in two agreements: after
     planning (every rank's chunk claims, so that each chunk is checked by
     one rank) and after reading.  An error on any rank raises on every rank
@@ -426,7 +486,7 @@ def _load_candidate(state, store, step, sha, vetted: dict, g, strict, touched: s
     error, reader, finish = None, None, None
     try:
         manifest = vetted.get(sha) or store.read_manifest(step, expect_sha256=sha)
-        reader, finish = _plan_step(state, store, manifest, g, strict, touched)
+        reader, finish = _plan_step(state, store, manifest, g, strict, touched, memory)
     except Exception as exc:  # noqa: BLE001 - every rank must learn of it
         error = exc
     claims = agree(g, error, None if reader is None else reader.claims(), custom=custom)
@@ -436,18 +496,19 @@ def _load_candidate(state, store, step, sha, vetted: dict, g, strict, touched: s
         info = finish()
     except Exception as exc:  # noqa: BLE001
         error = exc
-    agree(g, error, custom=custom)
+    everyone = agree(g, error, dict(reader.tiers), custom=custom)
+    info.tiers, info.tiers_by_rank = dict(reader.tiers), everyone
     return info
 
 
-def _plan_step(state, store, manifest, g, strict, touched: set):
+def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
     """Match ``state`` against a step's manifest and queue the reads;
     returns the reader and a function that runs the reads and fills
     ``state`` (returning the CheckpointInfo)."""
     tensors, values = manifest["tensors"], manifest["values"]
     saved = {**{k: ("tensor", e) for k, e in tensors.items()}, **{k: ("value", e) for k, e in values.items()}}
     by_path = {tuple(e["path"]): k for k, (_, e) in saved.items()}
-    reader = ChunkReader(store, manifest)
+    reader = ChunkReader(store, manifest, memory)
     consumed, missing, finishers, replacements = set(), [], [], []
     written: set = set()
 
@@ -547,6 +608,7 @@ def _plan_step(state, store, manifest, g, strict, touched: set):
         return CheckpointInfo(step=manifest["step"], world_size=saved_world, mesh=manifest.get("mesh"),
                               location=store.location(manifest["step"]), missing=missing,
                               unexpected=unexpected, created=manifest.get("created"))
+    reader.serve_from_memory()  # every read is requested: what host memory holds is taken from it
     return reader, finish
 
 

@@ -41,7 +41,7 @@ from .manifest import (array_document, array_path, as_numpy, checksum, contiguou
 from .state import digest, dumps, encode_value, flatten
 from .owner import ERRORS, StoreOwnership, claim_store
 from .store import CheckpointStore, check_step, data_prefix, step_name
-from . import zarr_io
+from . import memory, zarr_io
 from .zarr_io import open_array
 
 # Chunk writes/reads in flight per rank: enough to overlap I/O with the
@@ -308,14 +308,13 @@ def exchange_parts(plan: SavePlan, tensors: dict) -> dict:
     return assembled
 
 
-def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
-                 threads: int = IO_THREADS) -> dict:
-    """Write every chunk this rank owns, plus the Zarr metadata documents it
-    owns.  No communication, so it may run on a background thread.
-    ``tensors`` maps keys to this rank's local tensors (or host copies of
-    them).  Returns {key: {chunk name: crc32c}} for `commit`."""
+def my_chunk_data(plan: SavePlan, tensors: dict, parts: dict | None = None) -> list[tuple]:
+    """The chunks this rank writes: [(key, chunk index, chunk box, numpy
+    array of the chunk's valid values)], from ``parts`` (assembled chunks,
+    {(key, index): array}) or views of ``tensors`` (this rank's local
+    tensors or host copies).  KeyError when a tensor is missing."""
     parts = parts or {}
-    me, store, prefix = plan.group.rank, plan.store, data_prefix(plan.step)
+    me = plan.group.rank
     views = {}
     tasks = []
     for key, index in plan.my_chunks():
@@ -330,7 +329,37 @@ def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
                 views[key] = _local_view(plan.entries[key]["placement"], tensors[key])
             data = views[key][layout.relative(cbox, _my_box(arr, me)[0])]
         tasks.append((key, index, cbox, data))
-    paths = {key: f"{prefix}/{plan.entries[key]['array']}" for key in {t[0] for t in tasks}}
+    return tasks
+
+
+def array_prefix(plan: SavePlan, key: str) -> str:
+    """Where ``key``'s Zarr array of ``plan``'s step lives in the store."""
+    return f"{data_prefix(plan.step)}/{plan.entries[key]['array']}"
+
+
+def keep_in_memory(sink, plan: SavePlan, tensors: dict, parts: dict | None, checksums: dict) -> None:
+    """After ``plan``'s step committed: hand the chunks this rank wrote,
+    keyed by their store keys, with their crc32c (``checksums``, what
+    `write_chunks` returned) to ``sink`` (`loom.checkpoint.memory`)."""
+    if sink is None:
+        return
+    chunks, sums = {}, {}
+    for key, index, _, data in my_chunk_data(plan, tensors, parts):
+        where = zarr_io.chunk_key(array_prefix(plan, key), index)
+        chunks[where] = contiguous(data)
+        sums[where] = checksums[key][layout.chunk_name(index)]
+    memory.offer(sink, plan.step, chunks, sums)
+
+
+def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
+                 threads: int = IO_THREADS) -> dict:
+    """Write every chunk this rank owns, plus the Zarr metadata documents it
+    owns.  No communication, so it may run on a background thread.
+    ``tensors`` maps keys to this rank's local tensors (or host copies of
+    them).  Returns {key: {chunk name: crc32c}} for `commit`."""
+    me, store = plan.group.rank, plan.store
+    tasks = my_chunk_data(plan, tensors, parts)
+    paths = {key: array_prefix(plan, key) for key in {t[0] for t in tasks}}
     edge_arrays = {}
 
     written = []  # store keys, for `durable`
@@ -454,7 +483,7 @@ def _discard_torn(plan: SavePlan) -> None:
 
 
 def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bool = False,
-         job: str | None = None, takeover: bool = False) -> str:
+         job: str | None = None, takeover: bool = False, snapshots=None) -> str:
     """Collective save of ``state`` as ``step`` under ``url``; returns the
     committed location.  Works with no process group (a single process).
     ``durable=True`` fsyncs every file and directory of the step before the
@@ -472,15 +501,20 @@ def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bo
     share the store (memory:// across processes) raise
     `StoreNotSharedError` before anything is written.  A save that fails
     on any rank raises on every rank and leaves no torn step behind.
-    Bad ``state`` raises ValueError/TypeError naming the key."""
+    Bad ``state`` raises ValueError/TypeError naming the key.
+    ``snapshots``: a `loom.checkpoint.memory.SnapshotSink` that receives
+    the chunks this rank wrote once the step is committed (a copy the
+    caller's training thread waits for; its failure is only logged)."""
     g = resolve(group)
     ownership = claim_store(url, group=g, job=job, takeover=takeover, keep=True)
     plan = plan_save(state, url, step=step, group=g, mesh=mesh, durable=durable, ownership=ownership)
-    error, sums = None, {}
+    error, sums, parts = None, {}, {}
     try:
         parts = exchange_parts(plan, plan.tensors)
         sums = write_chunks(plan, plan.tensors, parts)
     except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
         error = exc
-    return commit(plan, sums, error)  # a failure removes the torn step
+    location = commit(plan, sums, error)  # a failure removes the torn step
+    keep_in_memory(snapshots, plan, plan.tensors, parts, sums)
+    return location
 

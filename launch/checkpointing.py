@@ -24,7 +24,10 @@ import torch.distributed as dist
 from loom import checkpoint, comms
 from loom.comms.elastic import job_token
 
+from loom.checkpoint.memory import TIERS, tier_of
+
 from .config import ConfigError
+from .memory_tier import RaySnapshots
 from .schedule import LRSchedule, restore
 
 log = logging.getLogger("loom.launch")
@@ -105,11 +108,15 @@ class TrainingCheckpoints:
         self.group = None                # sync mode: the background group the saves run on
         self._pending: list = []         # async handles not reported yet
         self.job, takeover = claim_identity(cfg)
+        # the host-memory tier (`loom.launch.memory_tier`): under Ray with --memory-snapshots, else None
+        self.memory = RaySnapshots.from_env(dist.get_rank() if dist.is_initialized() else 0) \
+            if self.c.memory_snapshots else None
+        self.reload: dict | None = None  # where the resume's bytes came from (`resume`)
         if self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,
                 keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh,
-                durable=self.c.ckpt_durable, job=self.job, takeover=takeover)
+                durable=self.c.ckpt_durable, job=self.job, takeover=takeover, snapshots=self.memory)
             self.saver.attach(optimizer)
         elif self.c.ckpt_every:
             if dist.is_initialized():
@@ -143,7 +150,9 @@ class TrainingCheckpoints:
         try:
             # not strict: a checkpoint from before schedules were saved lacks "schedule", one saved
             # without fp16 lacks "scaler" (both handled below); any other missing key raises
-            info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False)
+            t0 = time.monotonic()
+            info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False, memory=self.memory)
+            seconds = time.monotonic() - t0
         except checkpoint.NoCheckpointError:
             self.optimizer.state.clear()  # as fresh as it was: no state made for the load
             self._event(f"no committed checkpoint at {self.c.ckpt_url}; starting from step 0")
@@ -166,7 +175,24 @@ class TrainingCheckpoints:
         if self.data is not None:
             self._resume_data(info, state["data"], start)
         self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
+        self._report_reload(info, seconds)
         return start
+
+    def _report_reload(self, info, seconds: float) -> None:
+        """Which tier served the resume (every rank's chunk bytes, summed):
+        an event, ``self.reload`` (rank 0's summary) and, through a reporter
+        that takes it (`loom.launch.recovery.AttemptRecorder`), the restart's record."""
+        total = {tier: sum(t.get(tier, 0) for t in info.tiers_by_rank) for tier in TIERS}
+        self.reload = {"tier": tier_of(total), "bytes": total, "seconds": round(seconds, 4),
+                       "ranks": [tier_of(t) for t in info.tiers_by_rank]}
+        where = {"memory": "host memory", "peer": "host memory (peers)", "mixed": "host memory and storage",
+                 "storage": "storage", "none": "storage"}[self.reload["tier"]]
+        local, peer, storage = (_mb(total[t]) for t in TIERS)
+        self._event(f"resumed step {info.step} from {where} ({local} local, {peer} peer, {storage} storage) "
+                    f"in {seconds:.2f} s")
+        note = getattr(self.reporter, "reload", None)
+        if note is not None:
+            note(self.reload)
 
     def _continue_schedule(self, saved: dict, location: str) -> None:
         """The learning-rate schedule is part of the checkpoint: a resumed run
@@ -252,7 +278,7 @@ class TrainingCheckpoints:
         with self._busy():
             location = checkpoint.save(self.state(done), self.c.ckpt_url, step=done, group=self.group,
                                        mesh=self.mesh, durable=self.c.ckpt_durable,
-                                       job=self.job)  # shares self.ownership
+                                       job=self.job, snapshots=self.memory)  # shares self.ownership
             self.saved += 1
             if self.c.keep_last and self.mesh.rank == 0:
                 checkpoint.gc(self.c.ckpt_url, keep_last=self.c.keep_last,
@@ -302,3 +328,7 @@ class TrainingCheckpoints:
     def _event(self, text: str) -> None:
         if self.reporter is not None:
             self.reporter.event(text)
+
+
+def _mb(n: int) -> str:
+    return "0" if not n else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

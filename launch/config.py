@@ -166,6 +166,10 @@ class CkptSection:
                                     "writes a store at a time); that job keeps writing until its next "
                                     "save fails. Not needed after a crash: a dead owner's claim expires "
                                     "by itself")
+    memory_snapshots: bool = _f(True, "under Ray, keep each rank's newest committed checkpoint in host memory "
+                                      "on its node and on a peer node, so that a restart reloads from memory "
+                                      "and reads storage only for what memory cannot serve (torchrun: "
+                                      "storage only); --no-memory-snapshots reloads from storage")
 
 
 @dataclass

@@ -205,6 +205,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
             helpers.close()
         if pool is not None:
             pool.close()
+        _release_memory(recovery)
         if pg is not None:
             remove_placement_group(pg)
         if started_here:
@@ -225,6 +226,7 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
         recovery.placed(nodes)
+        memory_env = _memory_holders(cfg, recovery, nodes)
         helpers = helpers or AttemptHelpers(recorder is not None, ahead=False)
         queue, aggregator = helpers.take(cfg)
         if cfg.faults.monitor:
@@ -236,7 +238,7 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
             control = ray.remote(num_cpus=0)(StopControl).options(scheduling_strategy=_on_driver_node()).remote()
         futures = []
         for rank, (local_rank, local_world) in enumerate(_local_ranks(nodes)):
-            rank_env = {**env, **recovery.env(), "RANK": str(rank), "WORLD_SIZE": str(world),
+            rank_env = {**env, **recovery.env(), **memory_env, "RANK": str(rank), "WORLD_SIZE": str(world),
                         "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world),
                         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
             futures.append(actors[rank].run.remote(job, rank_env, queue if rank == 0 else None,
@@ -321,6 +323,23 @@ class AttemptHelpers:
             queue.shutdown(force=True)
         if aggregator is not None:
             ray.kill(aggregator[0])
+
+
+def _memory_holders(cfg: JobConfig, recovery: Recovery, nodes: list[str]) -> dict:
+    """Host-memory snapshot holders (`loom.launch.memory_tier`) on the
+    attempt's nodes, kept across attempts; the workers' environment naming
+    them ({} without checkpoints or with --no-memory-snapshots)."""
+    if not (cfg.ckpt.memory_snapshots and cfg.ckpt.ckpt_every > 0):
+        return {}
+    from .memory_tier import holders_env
+    return holders_env(recovery.token, nodes, recovery.holders)
+
+
+def _release_memory(recovery: Recovery) -> None:
+    """Stop the job's snapshot holders (Ray may stay up after the job)."""
+    if ray.is_initialized():
+        from .memory_tier import release_holders
+        release_holders(recovery.token, recovery.holders)
 
 
 def _on_driver_node():

@@ -363,6 +363,10 @@ class QueueReporter:
     def event(self, text: str) -> None:
         self._send(("event", text))
 
+    def reload(self, record: dict) -> None:
+        """Where a resume's bytes came from (`loom.launch.checkpointing`), for the restart's record."""
+        self._send(("reload", record))
+
     def flush(self) -> None:
         """Wait until every message sent has reached the queue."""
         import ray

@@ -18,7 +18,10 @@ reported step + 1, or the monitor's step), ``resumed_step``, ``steps_lost``
 (seconds from the driver seeing the fault to the new attempt's first
 reported step; None if it never got there), and on Ray ``placement``
 (``failed``/``resumed``: the Ray node id of each rank in the failed and the
-new attempt; the cause's ``node`` is its rank's).  A lost node is kind
+new attempt; the cause's ``node`` is its rank's), and ``reload`` (where the new
+attempt's resume read the checkpoint: ``tier`` "memory", "peer", "storage" or
+"mixed", the chunk ``bytes`` per tier summed over ranks, ``seconds``, each
+rank's tier in ``ranks``; `loom.launch.memory_tier`).  A lost node is kind
 ``lost_node``: Ray places its workers again on a node with room (a spare).  Metrics rows carry ``attempt``
 while restarts are possible, so the redone steps' rows can be told apart.
 
@@ -78,8 +81,9 @@ class AttemptRecorder:
     metrics row (``tag``), keeps the newest training step, and tells
     `Recovery` when the attempt's first step arrives; passes everything on."""
 
-    def __init__(self, recorder, attempt: int, tag: bool, on_first_step=None):
+    def __init__(self, recorder, attempt: int, tag: bool, on_first_step=None, on_reload=None):
         self.recorder, self.attempt, self.tag = recorder, attempt, tag
+        self.on_reload = on_reload
         self.run_dir = getattr(recorder, "run_dir", None)
         self.last_step: int | None = None
         self.on_first_step = on_first_step
@@ -99,6 +103,12 @@ class AttemptRecorder:
         if self.recorder is not None:
             self.recorder.event(text)
 
+    def reload(self, record: dict) -> None:
+        """Where the attempt's resume read its checkpoint from (memory tiers
+        or storage): the restart's record gets it as ``reload``."""
+        if self.on_reload is not None:
+            self.on_reload(record)
+
 
 class Recovery:
     """The restart policy of one job (``cfg``) and its record (``recorder``:
@@ -114,6 +124,7 @@ class Recovery:
         self.nodes: dict[int, list[str]] = {}  # attempt -> the Ray node id of each rank (`placed`)
         self._resume = cfg.ckpt.resume
         self.token = uuid.uuid4().hex[:16]  # this job's id in its checkpoint store claims, every attempt
+        self.holders: dict = {}  # node id -> the job's snapshot holder there (`loom.launch.memory_tier`)
         c = cfg.ckpt
         self._store = c.ckpt_url if c.ckpt_url and (c.ckpt_every > 0 or c.resume) else None
         # a store with older commits and no --resume: a restart resumes only from this job's commits
@@ -123,7 +134,8 @@ class Recovery:
 
     def begin(self) -> AttemptRecorder:
         """The recorder for the next attempt."""
-        return AttemptRecorder(self.recorder, self.attempt, tag=self.budget > 0, on_first_step=self._first_step)
+        return AttemptRecorder(self.recorder, self.attempt, tag=self.budget > 0, on_first_step=self._first_step,
+                               on_reload=self._reloaded)
 
     def job_dict(self, cfg: JobConfig | None = None) -> dict:
         """The attempt's job config for the workers (``cfg``: the job at the
@@ -278,6 +290,10 @@ class Recovery:
             if self._pending["resumed_step"] is None:  # the driver could not read the store
                 self._pending["resumed_step"] = step
             self._flush_pending()
+
+    def _reloaded(self, record: dict) -> None:
+        if self._pending is not None and self._pending["attempt"] == self.attempt:
+            self._pending["reload"] = record
 
     def _flush_pending(self) -> None:
         if self._pending is None:

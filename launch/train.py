@@ -150,6 +150,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
         summary["extra"] = {"start_step": start, **ckpt_extra}
     if stopped_at is not None:
         summary["stopped_at"] = stopped_at
+    if ckpts.reload is not None:  # which tier served the resume (host memory or storage)
+        summary["reload"] = ckpts.reload
     if last_eval is not None:
         extra = summary.setdefault("extra", {})
         extra.update(eval_loss=round(last_eval["eval_loss"], 6), eval_ppl=round(last_eval["eval_ppl"], 4))

@@ -117,6 +117,10 @@ def test_a_lost_node_is_replaced_by_the_spare_and_the_job_resumes_at_the_same_si
     assert r["placement"]["failed"][1] == removed.node_id
     assert r["placement"]["resumed"] == [r["placement"]["failed"][0], *spare]
     assert r["resumed_step"] >= 5 and r["resumed_step"] % 5 == 0 and r["steps_lost"] >= 0
+    # the reload came from host memory: rank 0 from its own node's holder, rank 1 (on the spare, whose node
+    # and holder are gone) from the copy its old node's peer holder kept; nothing from storage
+    assert r["reload"]["ranks"] == ["memory", "peer"] and r["reload"]["tier"] == "peer", r["reload"]
+    assert r["reload"]["bytes"]["storage"] == 0 and r["reload"]["bytes"]["memory_peer"] > 0, r["reload"]
     rows = _rows(run)
     assert [x["step"] for x in rows if x["attempt"] == 1] == list(range(r["resumed_step"], 40))
 
