@@ -249,6 +249,9 @@ def loom_help() -> str:
 
 # ------------------------------------------------------------------ 1. per fault kind
 
+SPARES = ["--spare-workers", "2"]  # as many warmed spares as ranks
+
+
 def fault_run(kind: str, tmp: str, steps: int, at: int, step_s: float, extra=()) -> dict:
     name = f"{kind}{'-spare' if extra else ''}"
     plan = f"{kind}:rank=1,step={at};{compute_plan(step_s)}"
@@ -324,11 +327,11 @@ def node_loss_run(tmp: str, steps: int, at_ckpt: int, step_s: float) -> dict:
 
 # ------------------------------------------------------------------ 2. goodput (loom)
 
-def loom_goodput(tmp: str, steps: int, kills: list[int], step_s: float, name: str) -> dict:
+def loom_goodput(tmp: str, steps: int, kills: list[int], step_s: float, name: str, extra=()) -> dict:
     plan = ";".join(filter(None, [kill_plan(kills), compute_plan(step_s)]))
     what = f"kills at {kills}" if kills else "no faults"
-    say(f"{name}: loom train (Ray), {steps} steps of {step_s} s, {what}")
-    job, rc, run = _loom_train(tmp, name, steps, plan, extra=["--max-restarts", str(len(kills) + 1)])
+    say(f"{name}: loom train (Ray), {steps} steps of {step_s} s, {what} {' '.join(extra)}")
+    job, rc, run = _loom_train(tmp, name, steps, plan, extra=["--max-restarts", str(len(kills) + 1), *extra])
     out = _goodput_result(name, job, rc, run, steps, tmp)
     # fault -> next step, from each kill: (the driver naming it - the kill) + the record's recovery_s
     fired = sorted(r["time"] for r in read_jsonl(os.path.join(tmp, f"{name}.inject.jsonl")) if r["kind"] == "kill")
@@ -563,14 +566,17 @@ def main(argv=None):
         if "faults" not in skip:
             fault_step_s = result["fault_step_s"]
             result["faults"].append(fault_run("kill", tmp, fault_steps, at, fault_step_s))
-            if spares:
-                result["faults"].append(fault_run("kill", tmp, fault_steps, at, fault_step_s,
-                                                  extra=["--spare-workers", "1"]))
+            if spares:  # one warmed spare per rank: every rank of the restart starts at once
+                result["faults"].append(fault_run("kill", tmp, fault_steps, at, fault_step_s, extra=SPARES))
             result["faults"].append(fault_run("hang", tmp, fault_steps, at, fault_step_s))
+            if spares:
+                result["faults"].append(fault_run("hang", tmp, fault_steps, at, fault_step_s, extra=SPARES))
             result["faults"].append(node_loss_run(tmp, fault_steps, 20, fault_step_s))
         if "goodput" not in skip:
             result["goodput"].append(loom_goodput(tmp, steps, [], step_s, "loom_clean"))
             result["goodput"].append(loom_goodput(tmp, steps, kills, step_s, "loom"))
+            if spares:
+                result["goodput"].append(loom_goodput(tmp, steps, kills, step_s, "loom_spares", extra=SPARES))
         if "torchrun" not in skip:
             result["goodput"].append(torchrun_goodput(tmp, steps, kills, step_s))
         if "ray_train" not in skip:
@@ -642,15 +648,17 @@ def report(result: dict, load0, load1) -> str:
                 ["job", "goodput", "useful s", "wall s", "restarts", "fault -> next step s", "steps redone",
                  "result"], rows))
         by = {g["run"]: g for g in result["goodput"] if "goodput" in g}
-        if "loom" in by and "loom_clean" in by and by["loom"]["restarts"]:
-            f, c = by["loom"], by["loom_clean"]
+        for run in ("loom", "loom_spares"):
+            if run not in by or "loom_clean" not in by or not by[run]["restarts"]:
+                continue
+            f, c = by[run], by["loom_clean"]
             extra = (f["wall_s"] - c["wall_s"]) / f["restarts"]
             why = ""
             if f.get("resumed_steps") == [k - CKPT_EVERY for k in kills]:
                 why = (f": resumed at steps {f['resumed_steps']}: a kill at a checkpoint's step finds that "
                        f"asynchronous checkpoint still in flight, so the restart resumes from the one before")
             parts.append(
-                f"The kills cost loom {f['wall_s'] - c['wall_s']:.1f} s of wall time over the clean run, "
+                f"The kills cost `{run}` {f['wall_s'] - c['wall_s']:.1f} s of wall time over the clean run, "
                 f"{extra:.1f} s per kill ({f['redone'] / f['restarts']:.0f} redone steps, "
                 f"{f['redone'] / f['restarts'] * step_s:.1f} s, of them{why}); "
                 f"goodput with faults / goodput without: {f['goodput'] / c['goodput']:.3f}. The clean run's "
@@ -660,8 +668,14 @@ def report(result: dict, load0, load1) -> str:
         parts.append(f"Reload from host memory vs storage ({result['args']['tier_gb']:g} GB state): "
                      f"{tiers['skipped']}.")
     elif tiers:
-        parts.append(f"Reload from host memory vs storage ({result['args']['tier_gb']:g} GB state): "
-                     f"`{json.dumps(tiers)}`")
+        sec, sp = tiers["seconds"], tiers["speedup"]
+        parts.append(
+            f"**Reload from host memory vs storage** ({tiers['gb']:g} GiB state of one rank, "
+            f"`benchmarks/recovery_tiers.py`, best of {tiers['repeats']}): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in sec.items())
+            + f"; memory (this node) is {sp['memory_local_vs_storage_cold']:.2f}x cold storage and "
+            f"{sp['memory_local_vs_storage_warm']:.2f}x page-cached storage; the peer node's copy "
+            f"{sp['memory_peer_vs_storage_cold']:.2f}x cold storage. {tiers.get('notes', '')}.")
     parts.append(f"Targets: hang detected <= 5 s; fault -> next step <= 15 s with spare workers, <= 30 s "
                  f"without; goodput >= 0.85; memory reload >= 3x faster than storage for 1 GB. Machine: load "
                  f"average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end on {os.cpu_count()} CPUs "

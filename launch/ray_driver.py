@@ -175,7 +175,12 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
         while True:  # one attempt per pass; a failure either restarts (--max-restarts) or raises
             if recovery.attempt > 0 and not elastic.ready:  # a plain restart: every bundle placed again
                 try:
-                    cluster.wait_replaced(pg, bundle, world, start_timeout, notify)
+                    if spares:  # enough placed bundles will do, not every one (a spare's may be on a lost node)
+                        need = elastic.layout.world
+                        if len(pool.wait_usable(need, start_timeout, notify)) < need:
+                            cluster.wait_replaced(pg, bundle, need, 0.0)  # raises, naming what the nodes hold
+                    else:
+                        cluster.wait_replaced(pg, bundle, world, start_timeout, notify)
                 except LaunchError as exc:
                     last = recovery.failures[-1]
                     raise LaunchError(f"could not restart after {last.error}: {exc}", rank=last.rank) \
@@ -301,7 +306,7 @@ class AttemptHelpers:
         """(queue or None, (aggregator, secret) or None) for an attempt of
         ``cfg``: the ones started ahead when they fit its world size."""
         ready, self._next = self._next, None
-        if ready is not None and ready[0] == cfg.world_size:
+        if ready is not None and ready[0] == cfg.world_size and self._alive(*ready[1:]):
             return ready[1], ready[2]
         if ready is not None:
             self._kill(*ready[1:])
@@ -318,11 +323,28 @@ class AttemptHelpers:
         return queue, start_aggregator(cfg) if cfg.faults.monitor else None
 
     @staticmethod
+    def _alive(queue, aggregator, timeout: float = 2.0) -> bool:
+        """Whether helpers started ahead still answer: the node Ray put them
+        on may have been lost since (its actors went with it)."""
+        calls = ([queue.actor.qsize.remote()] if queue is not None else []) + \
+            ([aggregator[0].rejected.remote()] if aggregator is not None else [])
+        try:
+            ray.get(calls, timeout=timeout)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            log.info("the helpers started ahead for this attempt are gone (%s); starting new ones",
+                     type(exc).__name__)
+            return False
+        return True
+
+    @staticmethod
     def _kill(queue, aggregator) -> None:
-        if queue is not None:
-            queue.shutdown(force=True)
-        if aggregator is not None:
-            ray.kill(aggregator[0])
+        try:
+            if queue is not None:
+                queue.shutdown(force=True)
+            if aggregator is not None:
+                ray.kill(aggregator[0])
+        except ray.exceptions.RayError:  # gone with its node already
+            pass
 
 
 def _memory_holders(cfg: JobConfig, recovery: Recovery, nodes: list[str]) -> dict:
