@@ -40,7 +40,8 @@ class SnapshotSink(Protocol):
         valid values}) of committed ``step`` with their crc32c
         (``checksums``: {store key: int}).  The arrays are valid only during
         the call: copy what is kept.  Errors are logged by the caller, never
-        fail the save."""
+        fail the save.  A sink may finish the handoff in the background and
+        then offers ``wait()``, which a synchronous save calls."""
 
 
 class SnapshotSource(Protocol):

@@ -337,10 +337,13 @@ def array_prefix(plan: SavePlan, key: str) -> str:
     return f"{data_prefix(plan.step)}/{plan.entries[key]['array']}"
 
 
-def keep_in_memory(sink, plan: SavePlan, tensors: dict, parts: dict | None, checksums: dict) -> None:
+def keep_in_memory(sink, plan: SavePlan, tensors: dict, parts: dict | None, checksums: dict,
+                   settle: bool = False) -> None:
     """After ``plan``'s step committed: hand the chunks this rank wrote,
     keyed by their store keys, with their crc32c (``checksums``, what
-    `write_chunks` returned) to ``sink`` (`loom.checkpoint.memory`)."""
+    `write_chunks` returned) to ``sink`` (`loom.checkpoint.memory`).
+    ``settle``: also wait until a sink that hands off in the background
+    has done so (a synchronous save: the step is in memory when it returns)."""
     if sink is None:
         return
     chunks, sums = {}, {}
@@ -349,6 +352,8 @@ def keep_in_memory(sink, plan: SavePlan, tensors: dict, parts: dict | None, chec
         chunks[where] = contiguous(data)
         sums[where] = checksums[key][layout.chunk_name(index)]
     memory.offer(sink, plan.step, chunks, sums)
+    if settle and hasattr(sink, "wait"):
+        sink.wait()
 
 
 def write_chunks(plan: SavePlan, tensors: dict, parts: dict | None = None,
@@ -515,6 +520,6 @@ def save(state: dict, url: str, *, step: int, group=None, mesh=None, durable: bo
     except Exception as exc:  # noqa: BLE001 - commit() raises it on every rank
         error = exc
     location = commit(plan, sums, error)  # a failure removes the torn step
-    keep_in_memory(snapshots, plan, plan.tensors, parts, sums)
+    keep_in_memory(snapshots, plan, plan.tensors, parts, sums, settle=True)
     return location
 

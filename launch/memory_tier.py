@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 log = logging.getLogger("loom.launch")
 
@@ -136,6 +137,7 @@ class RaySnapshots:
             self.peer = ordered[(ordered.index(node) + 1) % len(ordered)]
         self._ray = ray
         self._actors: dict = {}
+        self._handing: threading.Thread | None = None  # the newest handoff to the holders (`keep`)
 
     @classmethod
     def from_env(cls, rank: int, environ=None) -> "RaySnapshots | None":
@@ -159,21 +161,41 @@ class RaySnapshots:
         return self._actors[node]
 
     def keep(self, step: int, chunks: dict, checksums: dict) -> None:
-        """Put the chunks once (a copy, owned by this rank) and have this
-        node's holder and the peer's copy them; waits for both (on the
-        checkpointer's background thread), so that a committed step is in
-        memory before the next save and before this rank can die."""
+        """Put the chunks once (a copy, owned by this rank: the caller may
+        reuse their memory when this returns) and have this node's holder and
+        the peer's copy them, on a thread of its own: the checkpointer's
+        next commit never waits for a handoff (a holder still starting, or a
+        slow peer, would otherwise delay the next step's durability).  One
+        handoff at a time, in order; a failed one is logged (storage holds
+        the step)."""
         ray = self._ray
         targets = [n for n in dict.fromkeys([self.node, self.peer]) if n is not None and n in self.names]
         ref = ray.put(chunks)
-        calls = []
-        for node in targets:
+        previous = self._handing
+
+        def hand() -> None:
+            if previous is not None:
+                previous.join()
+            calls = []
+            for node in targets:
+                try:
+                    calls.append(self._actor(node).keep.remote(self.rank, step, [ref], checksums))
+                except (ValueError, ray.exceptions.RayError) as exc:
+                    log.warning("snapshot holder on node %s is gone: %s", node[:12], exc)
             try:
-                calls.append(self._actor(node).keep.remote(self.rank, step, [ref], checksums))
-            except (ValueError, ray.exceptions.RayError) as exc:
-                log.warning("snapshot holder on node %s is gone: %s", node[:12], exc)
-        if calls:
-            ray.get(calls, timeout=FETCH_TIMEOUT_S)
+                if calls:
+                    ray.get(calls, timeout=FETCH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - memory is a cache: the commit stands
+                log.warning("keeping step %d in host memory failed (%s: %s); a reload reads it from storage",
+                            step, type(exc).__name__, exc)
+
+        self._handing = threading.Thread(target=hand, name="loom-snapshot-handoff", daemon=True)
+        self._handing.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the newest handoff (tests; a rank need not)."""
+        if self._handing is not None:
+            self._handing.join(timeout)
 
     def fetch(self, wanted: dict) -> dict:
         """The chunks the holders have with the ``wanted`` crc32c: this

@@ -142,11 +142,14 @@ def test_ray_holders_keep_the_newest_committed_step_and_serve_it(tmp_path, caplo
         assert mine.peer is None and "peer copy: none" in mine.describe()
         saved = _state(11)
         checkpoint.save(saved, str(tmp_path), step=5, snapshots=mine)
+        mine.wait()  # the handoff runs on a thread of its own: the save does not wait for it
         other = RaySnapshots(names, node, rank=1)  # another rank's older step is dropped by a newer commit
         other.keep(3, {"x": np.zeros(4)}, {"x": 0})
+        other.wait()
         holder = handles[node]
         assert set(ray.get(holder.stats.remote())) == {1}
         checkpoint.save(saved, str(tmp_path), step=10, snapshots=mine)
+        mine.wait()
         assert ray.get(holder.stats.remote()) == {0: {"step": 10, "bytes": (64 * 32 + 32) * 8}}
         target = _empty()
         info = checkpoint.load(target, str(tmp_path), memory=mine)
@@ -160,6 +163,7 @@ def test_ray_holders_keep_the_newest_committed_step_and_serve_it(tmp_path, caplo
         info = checkpoint.load(_empty(), str(tmp_path), memory=mine)
         assert info.tiers["storage"] == (64 * 32 + 32) * 8 and info.tiers["memory_local"] == 0
         checkpoint.save(saved, str(tmp_path), step=15, snapshots=mine)
+        mine.wait()
         release_holders("t0", handles)  # gone: storage serves, nothing raises
         target = _empty()
         info = checkpoint.load(target, str(tmp_path), memory=mine)

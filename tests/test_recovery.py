@@ -153,6 +153,32 @@ def test_a_killed_rank_is_restarted_from_the_newest_checkpoint_with_the_same_los
 
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
+def test_a_hung_rank_is_restarted_on_warmed_spares_from_host_memory_with_the_same_losses(tmp_path):
+    """A hang (the monitor names it; the driver stops every worker) composed
+    with spares and the host-memory tier: both ranks move to warmed spares,
+    the hung rank's bundle is retired, the reload is served from memory, and
+    every loss equals the uninterrupted run's."""
+    ckpt = ["--ckpt-every", "5", "--runs-dir", str(tmp_path)]  # async checkpoints (the default)
+    ref = _loom(*ckpt, "--ckpt-url", str(tmp_path / "ref-ck"), "--name", "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = _loom(*ckpt, "--ckpt-url", str(tmp_path / "ck"), "--name", "hang", "--spare-workers", "2",
+                 "--inject", "hang:rank=1,step=12")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [r] = [json.loads(x) for x in (tmp_path / "hang" / "restarts.jsonl").read_text().splitlines()]
+    assert (r["cause"]["kind"], r["cause"]["rank"], r["failed_at_step"]) == ("hang", 1, 12), r
+    assert r["resumed_step"] in (5, 10) and r["steps_lost"] == 12 - r["resumed_step"]
+    assert r["isolated"][0]["retired"] is True and r["isolated"][0]["replaced_by"] == "spare"
+    assert sorted(r["bundles"]) == [2, 3]  # both ranks on the warmed spares
+    assert r["reload"]["tier"] == "memory" and r["reload"]["bytes"]["storage"] == 0, r["reload"]
+    reference = {x["step"]: x["loss"] for x in _rows(tmp_path / "ref")}
+    rows = _rows(tmp_path / "hang")
+    assert [x["step"] for x in rows if x["attempt"] == 1] == list(range(r["resumed_step"], 20))
+    for x in rows:
+        assert x["loss"] == pytest.approx(reference[x["step"]], abs=1e-10, rel=0), x
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
 def test_a_fault_in_every_attempt_stops_with_the_original_error_and_zero_restarts_keeps_todays_behaviour(tmp_path):
     proc = _loom("--ckpt-every", "5", "--ckpt-mode", "sync", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir",
                  str(tmp_path), "--name", "every", "--inject", "kill:rank=1,step=7,attempts=all")
