@@ -230,6 +230,27 @@ def _listing(nodes: list[dict]) -> str:
     return "; ".join(f"node {i}: {_fmt(n)}" for i, n in enumerate(nodes)) or "no live nodes"
 
 
+def poll_until(ready, timeout: float, waiting, notify=None, every: float = 10.0, poll: float = 0.2) -> bool:
+    """Call ``ready()`` every ``poll`` s until it is true (returns True) or
+    ``timeout`` s have passed (False); every ``every`` s meanwhile, say
+    ``waiting(seconds so far)`` through ``notify`` and the ``loom.launch``
+    logger."""
+    start = said = time.monotonic()
+    while True:
+        if ready():
+            return True
+        now = time.monotonic()
+        if now - start >= timeout:
+            return False
+        if now - said >= every:
+            said = now
+            text = waiting(now - start)
+            log.info(text)
+            if notify is not None:
+                notify(text)
+        time.sleep(poll)
+
+
 def wait_replaced(pg, bundle: dict, count: int, timeout: float, notify=None, every: float = 10.0,
                   poll: float = 0.2) -> None:
     """After a node of the job was lost: wait until Ray has placed every
@@ -239,26 +260,21 @@ def wait_replaced(pg, bundle: dict, count: int, timeout: float, notify=None, eve
     nothing is missing.  Raises LaunchError after ``timeout`` s, naming what
     the live nodes can hold, or at once if the placement group was removed."""
     from ray.util import placement_group_table
-    start = said = time.monotonic()
-    while True:
+
+    def placed() -> bool:
         state = placement_group_table(pg).get("state")
-        if state == "CREATED":
-            return
         if state == "REMOVED":
             raise LaunchError("the job's placement group was removed while restarting (by hand, or the job's "
                               "driver lost the cluster); start the job again")
-        now = time.monotonic()
-        if now - start >= timeout:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            held = sum(_fits(n, bundle) for n in nodes)
-            raise LaunchError(f"Ray could not place the {count} workers ({_fmt(bundle)} each) again within "
-                              f"{timeout:.0f}s after a node was lost: the live nodes hold {held} of them "
-                              f"({_listing(nodes)}). Add a node, or raise --start-timeout to wait longer")
-        if now - said >= every:
-            said = now
-            text = (f"waiting for Ray to place the workers of a lost node again: {now - start:.0f}s; "
-                    f"free now: {_fmt(ray.available_resources())}")
-            log.info(text)
-            if notify is not None:
-                notify(text)
-        time.sleep(poll)
+        return state == "CREATED"
+
+    def waiting(seconds: float) -> str:
+        return (f"waiting for Ray to place the workers of a lost node again: {seconds:.0f}s; "
+                f"free now: {_fmt(ray.available_resources())}")
+
+    if not poll_until(placed, timeout, waiting, notify, every, poll):
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        held = sum(_fits(n, bundle) for n in nodes)
+        raise LaunchError(f"Ray could not place the {count} workers ({_fmt(bundle)} each) again within "
+                          f"{timeout:.0f}s after a node was lost: the live nodes hold {held} of them "
+                          f"({_listing(nodes)}). Add a node, or raise --start-timeout to wait longer")

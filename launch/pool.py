@@ -24,12 +24,11 @@ they leave get new spares once the restarted attempt runs.
 from __future__ import annotations
 
 import logging
-import time
 
 import ray
 from ray.util import placement_group_table
 
-from .cluster import LaunchError
+from .cluster import LaunchError, poll_until
 
 log = logging.getLogger("loom.launch")
 
@@ -188,17 +187,12 @@ class WorkerPool:
         (Ray places a lost node's bundles again where there is room); returns
         the usable bundles then (fewer at the timeout), saying so every
         ``every`` s through ``notify``."""
-        start = said = time.monotonic()
-        while True:
-            usable = self.usable()
-            now = time.monotonic()
-            if len(usable) >= count or now - start >= timeout:
-                return usable
-            if now - said >= every:
-                said = now
-                text = (f"waiting for Ray to place the workers of a lost node again: {now - start:.0f}s; "
-                        f"{len(usable)} of {count} bundles placed")
-                log.info(text)
-                if notify is not None:
-                    notify(text)
-            time.sleep(poll)
+        usable: list[int] = []
+
+        def enough() -> bool:
+            usable[:] = self.usable()
+            return len(usable) >= count
+
+        poll_until(enough, timeout, lambda seconds: f"waiting for Ray to place the workers of a lost node again: "
+                   f"{seconds:.0f}s; {len(usable)} of {count} bundles placed", notify, every, poll)
+        return usable

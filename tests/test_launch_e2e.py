@@ -39,7 +39,7 @@ def test_missing_gpus_fail_fast_with_advice(tmp_path):
          "--runs-dir", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 1
-    assert "--device=cuda needs 2 GPUs but this machine has 0; use --device cpu" in proc.stderr
+    assert "--device=cuda needs 2 GPUs (2 workers) but this machine has 0; use --device cpu" in proc.stderr
 
 
 @pytest.mark.timeout(300)

@@ -79,6 +79,16 @@ def ray_cluster(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _run_losing_rank1s_node(c, nodes, cmd, on_line=None):
+    """Run ``cmd`` (`loom train` on the cluster ``c``) to its end (exit 0),
+    removing the node of rank 1 (the driver's ``attempt 0:`` line names it)
+    once the step-5 checkpoint is in; ``on_line(line)`` sees every line.
+    Event-driven: the driver's own lines say where rank 1 runs and when to
+    act.  Returns (the output, the node removed)."""
+    text, removed = _run_losing_rank1s_node(c, nodes, cmd)
+    return text, removed
+
+
 def _rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -90,21 +100,7 @@ def test_a_lost_node_is_replaced_by_the_spare_and_the_job_resumes_at_the_same_si
     slow = ["--inject", "straggler:rank=0,delay=0.1,attempts=all"]  # steps that last long enough to lose a node in
     cmd = [sys.executable, "-m", "loom", "train", *TINY, *slow, "--address", c.address, "--max-restarts", "2",
            "--ckpt-url", str(tmp_path / "ck"), "--runs-dir", str(tmp_path), "--name", "node"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, removed, rank1 = [], None, None
-    try:
-        for line in proc.stdout:  # event-driven: the driver's own lines say where rank 1 runs and when to act
-            out.append(line)
-            if line.startswith("attempt 0: ") and rank1 is None:
-                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
-            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
-                removed = next(n for n in nodes if n.node_id.startswith(rank1))
-                c.remove_node(removed)
-        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
-    finally:
-        proc.kill()
-    text = "".join(out)
-    assert removed is not None, text[-4000:]
+    text, removed = _run_losing_rank1s_node(c, nodes, cmd)
     run = tmp_path / "node"
     restarts = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
     assert len(restarts) == 1, restarts
@@ -166,23 +162,14 @@ def test_a_lost_node_without_a_spare_shrinks_the_job_and_it_grows_back_when_a_no
     cmd = [sys.executable, "-m", "loom", "train", *TINY, *steps, "--address", c.address, "--max-restarts", "2",
            "--min-workers", "1", "--replace-wait", "2", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir",
            str(tmp_path), "--name", "elastic"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, removed, rank1, added = [], None, None, None
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("attempt 0: ") and rank1 is None:
-                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
-            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
-                removed = next(n for n in nodes if n.node_id.startswith(rank1))
-                c.remove_node(removed)
-            if added is None and line.startswith("restart 1/2 ") and "shrinking" in line:
-                added = c.add_node(num_cpus=1, temp_dir=temp_dir)
-        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
-    finally:
-        proc.kill()
-    text = "".join(out)
-    assert removed is not None and added is not None, text[-4000:]
+    added = []
+
+    def add_a_node(line):
+        if not added and line.startswith("restart 1/2 ") and "shrinking" in line:
+            added.append(c.add_node(num_cpus=1, temp_dir=temp_dir))
+    text, removed = _run_losing_rank1s_node(c, nodes, cmd, add_a_node)
+    assert added, text[-4000:]
+    added = added[0]
     assert "shrinking from dp=2 (grad-accum 1) to dp=1 (grad-accum 2)" in text, text[-4000:]
     assert "growing from dp=1 (grad-accum 2) to dp=2 (grad-accum 1): more workers can be placed again: stopped " \
            "at the checkpoint of step" in text, text[-4000:]
@@ -214,21 +201,7 @@ def test_a_lost_node_with_a_spare_worker_restarts_at_once_on_the_warmed_spare(ra
     slow = ["--inject", "straggler:rank=0,delay=0.1,attempts=all"]
     cmd = [sys.executable, "-m", "loom", "train", *TINY, *slow, "--address", c.address, "--max-restarts", "2",
            "--spare-workers", "1", "--ckpt-url", str(tmp_path / "ck"), "--runs-dir", str(tmp_path), "--name", "sp"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, removed, rank1 = [], None, None
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("attempt 0: ") and rank1 is None:
-                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
-            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
-                removed = next(n for n in nodes if n.node_id.startswith(rank1))
-                c.remove_node(removed)
-        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
-    finally:
-        proc.kill()
-    text = "".join(out)
-    assert removed is not None, text[-4000:]
+    text, removed = _run_losing_rank1s_node(c, nodes, cmd)
     [r] = [json.loads(x) for x in (tmp_path / "sp" / "restarts.jsonl").read_text().splitlines()]
     assert r["cause"]["kind"] == "lost_node" and r["cause"]["node"] == removed.node_id
     assert r["isolated"] == [{"rank": 1, "bundle": 1, "node": removed.node_id, "retired": False,
