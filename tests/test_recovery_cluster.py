@@ -85,7 +85,23 @@ def _run_losing_rank1s_node(c, nodes, cmd, on_line=None):
     once the step-5 checkpoint is in; ``on_line(line)`` sees every line.
     Event-driven: the driver's own lines say where rank 1 runs and when to
     act.  Returns (the output, the node removed)."""
-    text, removed = _run_losing_rank1s_node(c, nodes, cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, removed, rank1 = [], None, None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("attempt 0: ") and rank1 is None:
+                rank1 = line.split("rank 1 on node ")[1].split()[0].rstrip(",")
+            if removed is None and rank1 and line.startswith("checkpoint") and "step-00000005" in line:
+                removed = next(n for n in nodes if n.node_id.startswith(rank1))
+                c.remove_node(removed)
+            if on_line is not None:
+                on_line(line)
+        assert proc.wait(timeout=60) == 0, "".join(out)[-4000:]
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert removed is not None, text[-4000:]
     return text, removed
 
 
