@@ -10,6 +10,7 @@ from .ops import (
     agreed,
     Pending,
     all_gather,
+    all_gather_into,
     all_gather_with_grad,
     all_reduce,
     all_reduce_with_grad,
@@ -27,6 +28,7 @@ from .ops import (
     new_group,
     recv,
     reduce_scatter,
+    reduce_scatter_into,
     reduce_scatter_with_grad,
     register_group,
     send,
@@ -41,11 +43,11 @@ from .trace import CommRecord, TraceReader, background_wait, records, reset_trac
 
 __all__ = [
     "Agreement", "CommRecord", "agreed", "background_wait", "Mesh", "RemoteError", "agree", "set_collective_checks",
-    "Pending", "all_gather", "all_scan", "all_gather_with_grad", "all_reduce",
+    "Pending", "all_gather", "all_gather_into", "all_scan", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "all_to_all_v", "background_groups", "is_background", "all_to_all_v_with_grad", "barrier",
     "broadcast", "destroy_group",
     "exchange_counts", "group_ranks", "init_mesh", "irecv", "isend", "mesh_layout", "new_group", "records",
-    "recv", "reduce_scatter", "reduce_scatter_with_grad", "register_group", "reset_trace",
+    "recv", "reduce_scatter", "reduce_scatter_into", "reduce_scatter_with_grad", "register_group", "reset_trace",
     "Ring", "Sharded", "placement_of", "send", "set_placement", "set_send_hook", "set_step", "TraceReader", "wait_all",
     "world_ranks", "elastic_attempt", "init_process_group_from_env",
 ]

@@ -354,6 +354,54 @@ def reduce_scatter(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor
     return out
 
 
+def all_gather_into(out: torch.Tensor, t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t`` (same shape everywhere) gathered into the given
+    ``out`` (``group size * t.numel()`` elements, contiguous), in group order;
+    returns ``out``.  For callers that own the buffer (FSDP2's custom
+    all-gather, `loom.parallel.sharded`).  ValueError when ``out`` has the
+    wrong size or dtype."""
+    size = len(group_ranks(group))
+
+    def validate():
+        if out.numel() != size * t.numel() or out.dtype != t.dtype or not out.is_contiguous():
+            raise ValueError(f"all_gather_into: out has {out.numel()} elements of {out.dtype} "
+                             f"(contiguous={out.is_contiguous()}), need {size} x {t.numel()} of {t.dtype}, contiguous")
+    if _alone(group):
+        _check_tensor("all_gather_into", t)
+        validate()
+        return out.copy_(t.reshape(out.shape))
+    pg, _ = _prepare("all_gather", group, t, validate=validate)
+    _, rec = _open("all_gather", group, t)
+    dist.all_gather_single(out, t.contiguous(), group=pg)
+    trace.close_record(rec)
+    return out
+
+
+def reduce_scatter_into(out: torch.Tensor, t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduce the contiguous ``t`` (``group size * out.numel()`` elements)
+    over the group and write this rank's equal part of the result (in group
+    order) into ``out``; returns ``out``.  For callers that own the buffer
+    (FSDP2's custom reduce-scatter).  ValueError for a wrong size or dtype."""
+    size = len(group_ranks(group))
+
+    def validate():
+        rop = _reduce_op(op)
+        if t.numel() != size * out.numel() or out.dtype != t.dtype or not out.is_contiguous():
+            raise ValueError(f"reduce_scatter_into: input has {t.numel()} elements of {t.dtype}, out has "
+                             f"{out.numel()} of {out.dtype} (contiguous={out.is_contiguous()}); need "
+                             f"input = {size} x out, one dtype, out contiguous")
+        return rop
+    if _alone(group):
+        _check_tensor("reduce_scatter_into", t)
+        validate()
+        return out.copy_(t.reshape(out.shape))
+    pg, rop = _prepare("reduce_scatter", group, t, _REDUCE_CODES.get(op, -1), validate)
+    _, rec = _open("reduce_scatter", group, t)
+    dist.reduce_scatter_single(out, t.contiguous(), op=rop, group=pg)
+    trace.close_record(rec)
+    return out
+
+
 def _check_splits(name: str, splits, size: int) -> list[int]:
     """``size`` non-negative integers (never truncated floats)."""
     try:

@@ -96,6 +96,11 @@ class ParallelSection:
                           "sequence on the ranks it needs (ring attention over per-batch rings), short ones "
                           "packed whole; needs --sp 1 (world = --dp)")
     hdp_capacity: int = _f(0, "with --hdp: tokens per rank per microbatch (0: --seq-len)")
+    shard_state: str = _f("none", "sharded data parallelism (FSDP2) over every rank: none (each rank holds the "
+                                  "whole model, gradients and optimizer state: DDP), grads (ZeRO-2 / FSDP "
+                                  "SHARD_GRAD_OP: gradients and optimizer state sharded, parameters gathered once "
+                                  "per step), params (ZeRO-3 / FSDP FULL_SHARD: parameters too, gathered one "
+                                  "block at a time); expert weights shard over their expert-data-parallel ranks")
 
 
 @dataclass
@@ -456,6 +461,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
         problems += _accumulation_problems(cfg)
         problems += _sequence_parallel_problems(cfg)
         problems += _hdp_problems(cfg)
+        problems += _shard_state_problems(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1),
                       ("warmup_steps", 0)):
         if getattr(t, name) < low:
@@ -643,6 +649,21 @@ def _accumulation_problems(cfg: JobConfig) -> list[str]:
         return [f"--batch-size={t.batch_size} / --dp={p.dp} = {t.batch_size // p.dp} sequences per rank "
                 f"must divide by --grad-accum={n}: pick a --grad-accum that divides it, or a --batch-size "
                 f"that is a multiple of dp*grad-accum={p.dp * n}"]
+    return []
+
+
+def _shard_state_problems(cfg: JobConfig) -> list[str]:
+    from loom.parallel import SHARD_LEVELS
+    p = cfg.parallel
+    if p.shard_state == "optim":
+        return ["--shard-state optim (ZeRO-1) is not offered: FSDP2 shards gradients with the optimizer state at "
+                "no extra communication (a reduce-scatter and an all-gather cost what the all-reduce did), so "
+                "use --shard-state grads for the same parameters and less memory"]
+    if p.shard_state not in SHARD_LEVELS:
+        return [f"--shard-state={p.shard_state!r} must be one of {', '.join(SHARD_LEVELS)}"]
+    if p.shard_state != "none" and cfg.train.compile:
+        return [f"--compile with --shard-state {p.shard_state} is not supported yet (torch.compile would trace "
+                f"FSDP2's hooks); drop one of them"]
     return []
 
 

@@ -1,6 +1,7 @@
 """The training loop every rank runs (under Ray or torchrun)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -11,9 +12,10 @@ import torch.distributed as dist
 
 from loom import comms
 from loom.data import DocumentDraws
-from loom.parallel import (ExpertParallelGradientSync, HDPCost, Transformer,
+from loom.parallel import (ExpertParallelGradientSync, HDPCost, ShardedDataParallel, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
-                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core)
+                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core,
+                           shard_data_parallel)
 
 from .batches import micro_batches
 from .checkpointing import TrainingCheckpoints
@@ -74,10 +76,9 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     amp = MixedPrecision(cfg.train.mixed_precision, device)
     model = apply_training_essentials(cfg, model, amp)
-    opt, sched = build_optimizer(cfg, model)
     # dense gradients averaged over all ranks, expert gradients over the edp group
-    grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
-                                       bucket_bytes=int(cfg.parallel.bucket_mb * 2**20))
+    grads = gradient_sync(cfg, model, mesh)
+    opt, sched = build_optimizer(cfg, model)  # over the shards, when sharded
     job_data = open_job_data(cfg, world)
     data = job_data.train
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -101,7 +102,7 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
         opt.zero_grad(set_to_none=True)
         lengths = [cfg.train.seq_len] * cfg.train.batch_size
         if cfg.parallel.hdp:
-            loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device, amp)
+            loss, lengths = _hdp_forward_backward(cfg, model, data, step, world, hdp_cost, device, amp, grads)
             tokens_per_step = sum(lengths)
         else:
             loss = _forward_backward(model, micro_batches(data, step, mesh, layout, device,
@@ -159,6 +160,19 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
             extra.update(eval_bpb=round(last_eval["eval_bpb"], 4),
                          unigram_bpb=round(job_data.val.unigram_entropy(cfg.model.vocab).bits_per_byte, 4))
     return summary
+
+
+def gradient_sync(cfg: JobConfig, model: torch.nn.Module, mesh):
+    """How the step's gradients meet: `ExpertParallelGradientSync` (every
+    rank holds everything), or, with ``--shard-state grads|params``, the
+    model sharded in place by `shard_data_parallel` (FSDP2).  Both have
+    ``sync()`` and ``clip_grad_norm_(max_norm)``."""
+    bucket_bytes = int(cfg.parallel.bucket_mb * 2**20)
+    if cfg.parallel.shard_state == "none":
+        return ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
+                                          bucket_bytes=bucket_bytes)
+    return shard_data_parallel(model, cfg.parallel.shard_state, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
+                               bucket_bytes=bucket_bytes)
 
 
 def _stop_here(cfg: JobConfig, step: int, stop_check, device) -> bool:
@@ -220,14 +234,30 @@ def _forward_backward(model, micro_batches, amp: MixedPrecision) -> torch.Tensor
 
 
 def _hdp_forward_backward(cfg: JobConfig, model, data, step: int, world: int, cost, device,
-                          amp: MixedPrecision):
+                          amp: MixedPrecision, grads=None):
     """One --hdp step's forward and backward: a long-tail batch, scheduled over
     every rank.  Returns (this rank's loss part, the global batch's sequence lengths).
     The loss parts are scaled by the world size because gradients (and the
     reported loss) are averaged over ranks, and the parts sum to the batch's mean.
     With --grad-accum N the batch's sequences go in N equal groups, each
     scheduled and run on its own; a group's loss is the per-token mean over
-    its tokens, so it is weighted by its share of the batch's tokens."""
+    its tokens, so it is weighted by its share of the batch's tokens.
+
+    Sharded (``grads`` a `ShardedDataParallel`): ranks run different numbers
+    of micro-batches, so the parameters are gathered once for the whole
+    step and the gradients reduced once at its end, by a zero-loss forward
+    and backward of one token that every rank runs."""
+    sharded = isinstance(grads, ShardedDataParallel)
+    with grads.gathered() if sharded else contextlib.nullcontext():
+        loss_and_lengths = _hdp_micro_batches(cfg, model, data, step, world, cost, device, amp)
+    if sharded:
+        one = torch.zeros((1, 1), dtype=torch.long, device=device)
+        (model(one).float().sum() * 0.0).backward()
+    return loss_and_lengths
+
+
+def _hdp_micro_batches(cfg: JobConfig, model, data, step: int, world: int, cost, device, amp: MixedPrecision):
+    """`_hdp_forward_backward`'s micro-batches: (loss part, lengths)."""
     if isinstance(data, DocumentDraws):  # real documents, their own lengths
         sequences = data.documents(step)
         lengths = [len(s) - 1 for s in sequences]

@@ -13,6 +13,7 @@ from .model import (LinearAttention, ModelConfig, Transformer, core_kind, enable
 from .moe import MoE
 from .placement import declare_placements
 from .ring_attention import ring_attention
+from .sharded import LEVELS as SHARD_LEVELS, ShardedDataParallel, shard_data_parallel
 from .sequence import shard_batch, shard_positions, shard_sequence, unshard_sequence
 from .sequence_parallel import sequence_parallel_core
 from .ulysses import ulysses_attention
@@ -26,4 +27,5 @@ __all__ = ["apply_activation_checkpointing", "check_cu_seqlens", "document_ids",
            "linear_attention", "llep_plan", "local_attention", "local_linear_attention", "moe_aux_loss",
            "next_token_loss", "ring_attention",
            "core_kind", "sequence_parallel_gaps", "sequence_parallel_core", "shard_batch", "shard_positions",
-           "shard_sequence", "ulysses_attention", "unshard_sequence"]
+           "shard_sequence", "ulysses_attention", "unshard_sequence",
+           "SHARD_LEVELS", "ShardedDataParallel", "shard_data_parallel"]

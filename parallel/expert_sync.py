@@ -66,7 +66,9 @@ def _expert_data_parallel(ranks: list, ep_group, edp_group):
 class ExpertParallelGradientSync:
     """Dense gradients averaged over ``group``; expert gradients summed over
     ``edp_group`` and divided by the size of ``group``.  ``ep_group``
-    defaults to the one the model's MoE layers were built with.  With it
+    defaults to the one the model's MoE layers were built with; ``params``
+    limits it to those of the model's parameters (the others synchronised
+    elsewhere: `loom.parallel.shard_data_parallel`).  With it
     over the whole group no rank shares this rank's experts and
     ``edp_group`` may be None; otherwise it is required (mesh.edp_group),
     and one that shares ranks with ``ep_group``, or whose ranks hold other
@@ -75,10 +77,11 @@ class ExpertParallelGradientSync:
     different experts' gradients."""
 
     def __init__(self, model: torch.nn.Module, group=None, *, ep_group=None, edp_group=None,
-                 bucket_bytes: int = 25 * 2**20):
+                 bucket_bytes: int = 25 * 2**20, params=None):
         experts = {id(p) for p in expert_parameters(model)}
-        self.expert = [p for p in model.parameters() if id(p) in experts and p.requires_grad]
-        self.dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
+        own = list(model.parameters()) if params is None else list(params)
+        self.expert = [p for p in own if id(p) in experts and p.requires_grad]
+        self.dense = [p for p in own if id(p) not in experts and p.requires_grad]
         ranks = comms.group_ranks(group)
         self.world = len(ranks)
         if ep_group is None:  # the model's own: its MoE layers know their group
@@ -100,28 +103,41 @@ class ExpertParallelGradientSync:
             p.grad.div_(self.world)
 
     @torch.no_grad()
+    def squared_norm(self) -> float:
+        """The squared norm of these parameters' gradients over the whole
+        model (dense counted once, every expert of the EP group once), a
+        float64 Python float.  Collective over the EP group."""
+        dense_sq = squared_sum([p.grad for p in self.dense if p.grad is not None])
+        expert_sq = torch.tensor([squared_sum([p.grad for p in self.expert if p.grad is not None])],
+                                 dtype=torch.float64)
+        if self.ep_group is not None and len(comms.group_ranks(self.ep_group)) > 1:
+            comms.all_reduce(expert_sq, "sum", self.ep_group)
+        return dense_sq + float(expert_sq)
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        """Multiply every gradient by ``factor`` in place."""
+        for p in self.dense + self.expert:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip by the norm of the whole model's gradient (dense counted once,
         every expert of the EP group once); returns that norm.  Call after `sync`."""
-        dense_sq = _squared_norm(self.dense)
-        expert_sq = torch.tensor([_squared_norm(self.expert)], dtype=torch.float64)
-        if self.ep_group is not None and len(comms.group_ranks(self.ep_group)) > 1:
-            comms.all_reduce(expert_sq, "sum", self.ep_group)
-        norm = math.sqrt(dense_sq + float(expert_sq))
+        norm = math.sqrt(self.squared_norm())
         scale = max_norm / (norm + 1e-6)
         if scale < 1:
-            for p in self.dense + self.expert:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            self.scale_(scale)
         return norm
 
 
-def _squared_norm(params) -> float:
-    """The sum of the squares of the parameters' gradients, in float64 (a
-    Python float).  float32/float64 gradients: one fused per-tensor norm in
+def squared_sum(grads) -> float:
+    """The sum of the squares of the tensors' elements, in float64 (a
+    Python float).  float32/float64 tensors: one fused per-tensor norm in
     their own dtype (no float64 copy of every gradient), the norms squared
-    and summed in float64; half-precision gradients are upcast first."""
-    grads = [p.grad for p in params if p.grad is not None]
+    and summed in float64; half-precision tensors are upcast first."""
+    grads = list(grads)
     wide = [g for g in grads if g.dtype in (torch.float32, torch.float64)]
     total = sum(float(g.double().pow(2).sum()) for g in grads if g.dtype not in (torch.float32, torch.float64))
     if wide:
