@@ -33,7 +33,7 @@ Measured, per rank:
    peak (every category) fits ``--budget-mib`` per rank: unsharded vs
    ``params``, at each dp.
 
-    python benchmarks/sharded_dp.py [--dims 192] [--layers 8] [--dps 2 4] [--budget-mib 64] [--quick]
+    python benchmarks/sharded_dp.py [--dim 192] [--layers 8 16] [--dps 2 4] [--budget-mib 64] [--quick]
 """
 from __future__ import annotations
 
@@ -342,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--max-layers", type=int, default=64, help="the sweep's largest model")
     ap.add_argument("--no-sweep", action="store_true", help="skip the largest-model sweep")
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes, dp=2 only, a few seconds per part (a smoke run; writes no RESULTS.md)")
+                    help="tiny sizes, dp=2 only, ~30 s (a smoke run: writes neither JSON nor RESULTS.md)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
     if args.quick:
@@ -397,7 +397,8 @@ def run(args, argv=None) -> dict:
         print(sweep_table)
     payload = {"args": vars(args), "results": results,
                "sweep": {str(k): v for k, v in sweeps.items()}}
-    write_json("sharded_dp_quick" if args.quick else "sharded_dp", payload)
+    if not args.quick:  # a smoke run leaves the repository as it was
+        write_json("sharded_dp", payload)
     if not args.no_write:
         update_results("sharded_dp", "Sharded data parallelism (FSDP2: none / grads / params)",
                        command_line(__file__, argv), report_body(args, summary, table, sweep_table))
@@ -414,16 +415,25 @@ def report_body(args, summary, table, sweep_table) -> str:
             "sync, clipping, AdamW step) after a warm-up step, sampled after every operator by a "
             "`TorchDispatchMode` that counts each live storage once (CPU has no allocator statistics by "
             "category). *state* = params (this rank's shards, or whole parameters) + gathered (FSDP2's "
-            "unsharded parameters) + grads (sharded, whole, and a block's unsharded gradients before its "
-            "reduce-scatter) + AdamW state; *at peak* is its breakdown at its peak; the worst rank is shown. "
+            "unsharded parameters) + grads (this rank's gradient shards, or whole gradients) + block grads "
+            "(FSDP2's unsharded gradients of a unit, from its backward to its reduce-scatter) + AdamW state "
+            "(exp_avg, exp_avg_sq, step); *at peak* is its breakdown at its peak; the worst rank is shown. "
             "*steady*: state between steps. *whole peak*: every live storage at once, including "
             "communication buffers (FSDP2's flat all-gather and reduce-scatter buffers, the unsharded "
-            "all-reduce's flat buckets), activations and temporaries (operators on DTensor shards -- "
+            "all-reduce's flat buckets, a copy of every gradient), activations and temporaries (operators "
+            "on DTensor shards -- "
             "the optimizer step -- run below the tracker, so their temporaries are not seen).\n"
             "- Target (issue 17): state peak <= 1.1/N x the unsharded state peak + one block's gathered "
             "parameters. It is meant for `params` (ZeRO-3); `grads` (ZeRO-2) keeps every parameter whole "
             "from the forward to the end of the backward, so it cannot meet it and is shown for "
             "comparison.\n"
+            "- What `params` holds above 1/N of the unsharded state: the root unit (embedding, final norm, "
+            "head), which `shard_data_parallel` keeps gathered from its forward to the end of the backward "
+            "(`reshard_after_forward=False`: the backward starts with it), one block's gathered parameters "
+            "(FSDP2 frees a block's before prefetching the next in the backward, so at most two blocks are "
+            "seen at once), and that unit's unsharded gradients until its reduce-scatter (*block grads*). "
+            "These bytes are fixed for a model width while the target's slack, 0.1/N of the unsharded state, "
+            "grows with depth: the margin to the target improves with layers (compare the rows).\n"
             "- Step time: the slowest rank's step, median of "
             f"{args.reps} after a warm-up, levels interleaved, no tracker. On gloo over loopback with ranks "
             "sharing 2 cores, every collective is a memory copy through the kernel by CPUs that also do the "

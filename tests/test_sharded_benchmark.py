@@ -41,7 +41,7 @@ def test_quick_run_shows_sharded_state_below_unsharded(monkeypatch):
     written = {}
     monkeypatch.setattr(sharded_dp, "write_json", lambda name, payload: written.setdefault(name, payload))
     payload = sharded_dp.main(["--quick"])
-    assert list(written) == ["sharded_dp_quick"] and payload["args"]["no_write"]
+    assert not written and payload["args"]["no_write"]  # a smoke run writes nothing
     (res,) = payload["results"]  # dp=2, 4 layers
     assert (res["dp"], res["layers"]) == (2, 4)
     none, grads, params = (res["per_rank"][lv]["ranks"] for lv in ("none", "grads", "params"))
