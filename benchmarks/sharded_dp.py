@@ -307,6 +307,15 @@ def _mib(b) -> str:
     return f"{b / MIB:.2f}"
 
 
+def _per_layer(sweep: dict) -> float:
+    """Bytes one more layer costs: the slope of the whole peak over the sweep's probes
+    (least squares; allocator peaks jitter by a block's worth)."""
+    xs = [p["layers"] for p in sweep["probes"]]
+    ys = [p["peak_total"] for p in sweep["probes"]]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def memory_rows(dp: int, res: dict) -> tuple[list[list], dict]:
     """Table rows of one dp's memory and time results, and the per-level summary."""
     per_level = {}
@@ -390,11 +399,13 @@ def run(args, argv=None) -> dict:
         none, params = sw["none"], sw["params"]
         ratio = f"{params['numel'] / none['numel']:.2f}" if none["numel"] else "—"
         sweep_rows.append([dp, none["layers"], f"{none['numel'] / 1e6:.2f}",
-                           _mib(none["peak_total"]) if none["peak_total"] else "—",
+                           _mib(none["peak_total"]) if none["peak_total"] else "—", _mib(_per_layer(none)),
                            params["layers"], f"{params['numel'] / 1e6:.2f}",
-                           _mib(params["peak_total"]) if params["peak_total"] else "—", ratio])
-    sweep_table = markdown_table(["dp", "unsharded: layers", "params (M)", "peak MiB", "params level: layers",
-                                  "params (M)", "peak MiB", "params ratio"], sweep_rows) if sweeps else ""
+                           _mib(params["peak_total"]) if params["peak_total"] else "—", _mib(_per_layer(params)),
+                           ratio])
+    sweep_table = markdown_table(["dp", "unsharded: layers", "params (M)", "peak MiB", "MiB per layer",
+                                  "params level: layers", "params (M)", "peak MiB", "MiB per layer",
+                                  "params ratio"], sweep_rows) if sweeps else ""
     sizes = ", ".join(f"{r['layers']} layers: {r['numel'] / 1e6:.2f} M" for r in results if r["dp"] == args.dps[0])
     summary = (f"Reference transformer dim {args.dim}, vocab {args.vocab}, {args.dim // 32 or 1} heads "
                f"({sizes} parameters; float32; one block's parameters {_mib(block)} MiB); "
@@ -421,7 +432,11 @@ def report_body(args, summary, table, sweep_table) -> str:
              f"the tracker's and the allocator's, slowest rank: state, communication buffers, activations and "
              f"temporaries; dim {args.sweep_dim or args.dim}, "
              f"{args.batch} x {args.seq} tokens per rank, layers swept up to {args.max_layers}):\n\n"
-             + sweep_table) if sweep_table else ""
+             + sweep_table + "\n\nThe sweep counts the whole peak, and activations (the same at every level: "
+            f"{args.batch} x {args.seq} tokens per rank here) and communication buffers do not shard, so a "
+            "layer costs more than 1/N of its unsharded bytes (*MiB per layer*: the slope over the probes) "
+            "and the ratio stays below N; it approaches N as the state outweighs the activations (wider "
+            "models, fewer tokens per rank, activation checkpointing).") if sweep_table else ""
     return (summary + "\n\n" + table + sweep + "\n\n"
             "- Memory: live storage bytes per rank during one training step (forward, backward, gradient "
             "sync, clipping, AdamW step) after a warm-up step, sampled after every operator by a "
@@ -448,8 +463,9 @@ def report_body(args, summary, table, sweep_table) -> str:
             "- What `params` holds above 1/N of the unsharded state: the root unit (embedding, final norm, "
             "head), which `shard_data_parallel` keeps gathered from its forward to the end of the backward "
             "(`reshard_after_forward=False`: the backward starts with it), one block's gathered parameters "
-            "(FSDP2 frees a block's before prefetching the next in the backward, so at most two blocks are "
-            "seen at once), and that unit's unsharded gradients until its reduce-scatter (*block grads*). "
+            "(the *gathered* peak is the root plus one block; the next block, prefetched, waits in FSDP2's "
+            "flat all-gather buffer, counted under comm), and that unit's unsharded gradients until its "
+            "reduce-scatter (*block grads*: a block's and the head's). "
             "These bytes are fixed for a model width while the target's slack, 0.1/N of the unsharded state, "
             "grows with depth: the margin to the target improves with layers (compare the rows).\n"
             "- Step time: the slowest rank's step, median of "
