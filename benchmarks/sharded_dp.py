@@ -484,8 +484,8 @@ def report_body(args, summary, table, sweep_table) -> str:
             "copy-out and hooks in Python; `grads` gathers once per step. Nothing overlaps communication with "
             "compute here (the prefetch only reorders), so the ratio is the whole cost of sharding; on GPUs "
             "with NCCL the gathers overlap the previous block's compute.\n"
-            "- Other processes share the machine (see the load average): absolute times are noisy, the "
-            "memory columns are exact for this model and batch.")
+            "- Other processes share the machine (see the load average): absolute times are noisy; the "
+            "tracker's memory columns are the same in every run, the allocator peak varies by up to a block.")
 
 
 if __name__ == "__main__":
