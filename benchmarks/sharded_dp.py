@@ -482,9 +482,9 @@ def report_body(args, summary, table, sweep_table) -> str:
             "backward) and reduce-scatters its gradients, about 1.5x the bytes of the unsharded all-reduce, in "
             "3L+2 smaller collectives (L+1 all-gathers in the forward, L in the backward, L+1 reduce-scatters) "
             "instead of a few large buckets, each with FSDP2's per-unit copy-in/copy-out and hooks in Python; "
-            "`grads` gathers once per step (2L+2 collectives, 1x the all-reduce's bytes). Nothing overlaps communication with "
-            "compute here (the prefetch only reorders), so the ratio is the whole cost of sharding; on GPUs "
-            "with NCCL the gathers overlap the previous block's compute.\n"
+            "`grads` gathers once per step (2L+2 collectives, 1x the all-reduce's bytes). Nothing overlaps "
+            "communication with compute here (the prefetch only reorders), so the ratio is the whole cost "
+            "of sharding; on GPUs with NCCL the gathers overlap the previous block's compute.\n"
             "- Other processes share the machine (see the load average): absolute times are noisy; the "
             "tracker's memory columns are the same in every run, the allocator peak varies by up to a block.")
 
