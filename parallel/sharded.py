@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -192,6 +193,8 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
         reshard[id(module)] = reshard_after_forward
 
     if shard_experts:
+        # the layer's output is a reshaped view; the block adds it out of place, which FSDP2 warns about needlessly
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoE\) returned a view")
         edp_mesh = _device_mesh(edp, device_type)
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             shard(moe.router, world_mesh, per_block)  # dense: its own unit so the MoE unit holds experts only
