@@ -186,8 +186,10 @@ class CheckpointStore:
 
     # ------------------------------------------------------------- steps
     def steps(self) -> list[int]:
-        """Every step directory, committed or not, ascending."""
+        """Every step directory, committed or not, ascending.  Listed afresh
+        (other processes write steps: s3fs and its kind cache listings)."""
         try:
+            self.fs.invalidate_cache(self.root)
             entries = self.fs.ls(self.root, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
