@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -31,25 +32,23 @@ class MotoS3:
     def start(self) -> "MotoS3":
         env = {**os.environ, **self.env_without_endpoint()}
         env.pop("AWS_ENDPOINT_URL", None)
+        # the server logs every request: to a file (a pipe nobody drains would fill and stall the server)
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
         deadline = time.monotonic() + self.ready_timeout
-        seen = []
-        os.set_blocking(self.proc.stdout.fileno(), False)
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line:
-                seen.append(line)
-                m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.endpoint = m.group(1)
-                    return self
-            elif self.proc.poll() is not None:
+            self.log.seek(0)
+            m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", self.log.read(1 << 16))
+            if m:
+                self.endpoint = m.group(1)
+                return self
+            if self.proc.poll() is not None:
                 break
-            else:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"moto server did not start within {self.ready_timeout} s: {''.join(seen)[-2000:]}")
+        self.log.seek(0)
+        raise RuntimeError(f"moto server did not start within {self.ready_timeout} s: {self.log.read()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -59,6 +58,8 @@ class MotoS3:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.proc is not None:
+            self.log.close()
 
     def __enter__(self):
         return self.start()

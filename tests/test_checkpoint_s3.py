@@ -5,7 +5,6 @@ large chunks as multipart uploads, `loom train` saving to s3:// and
 resuming with the same losses, the checks made before any worker starts,
 and a server that stops in the middle of a run."""
 import importlib
-import json
 import os
 import re
 import signal
@@ -204,9 +203,13 @@ def _train_until_the_server_stops(url: str, server_pid: int) -> dict:
     from loom.launch.train import train
 
     def stop_server(step):
-        if step == 3:  # after the commit of step 2, before the save of step 4
+        if step == 3:  # once step 2 is committed (saved in the background), before the save of step 4
+            deadline = time.monotonic() + 60
+            while CheckpointStore(url).marker(2) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
             os.kill(server_pid, signal.SIGKILL)
-    cfg = validate(build_config(overrides={**TINY, "steps": 8, "ckpt_every": 2, "ckpt_url": url}), world_size=1)
+    cfg = validate(build_config(overrides={**TINY, "dp": 1, "steps": 8, "ckpt_every": 2,
+                                                 "ckpt_url": url}), world_size=1)
     t0 = time.monotonic()
     try:
         train(cfg, step_hook=stop_server)
@@ -227,4 +230,3 @@ def test_a_server_that_stops_mid_run_fails_the_job_naming_the_save(s3_server):
     assert out["error"] is not None, "training went on although no checkpoint could be written"
     assert "CheckpointSaveError" in out["error"] and "step 4" in out["error"] and url in out["error"]
     assert server.endpoint in out["error"]
-    print(json.dumps(out))
