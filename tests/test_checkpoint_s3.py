@@ -189,14 +189,16 @@ def test_loom_train_checkpoints_to_s3_and_resumes_with_the_same_losses(s3):
     server, url = s3
     env = {k: v for k, v in server.env.items() if k != "AWS_ENDPOINT_URL"}  # the endpoint: from the job config
     options = [f"endpoint_url={server.endpoint}"]
-    (reference, _), (first, _), (resumed, start) = run_distributed(_train_runs, 2, [
-        {"steps": 6},
-        {"steps": 4, "ckpt_every": 2, "keep_last": 1, "ckpt_url": url, "ckpt_storage_options": options},
-        {"steps": 6, "resume": True, "ckpt_url": url, "ckpt_storage_options": options},
-    ], timeout=280, env=env)[0]
-    assert first == reference[:4]
-    assert start == 4 and resumed == reference[4:]  # bitwise: the same floats
-    assert CheckpointStore(url).committed_steps() == [4]
+    runs = [{"steps": 6}]
+    for mode in ("async", "sync"):
+        runs += [{"steps": 4, "ckpt_every": 2, "keep_last": 1, "ckpt_mode": mode, "ckpt_url": f"{url}/{mode}",
+                  "ckpt_storage_options": options},
+                 {"steps": 6, "resume": True, "ckpt_url": f"{url}/{mode}", "ckpt_storage_options": options}]
+    (reference, _), *saved = run_distributed(_train_runs, 2, runs, timeout=280, env=env)[0]
+    for mode, (first, _), (resumed, start) in zip(("async", "sync"), saved[::2], saved[1::2]):
+        assert first == reference[:4], mode
+        assert start == 4 and resumed == reference[4:], mode  # bitwise: the same floats
+        assert CheckpointStore(f"{url}/{mode}").committed_steps() == [4], mode  # keep_last=1
 
 
 def _train_until_the_server_stops(url: str, server_pid: int) -> dict:
@@ -230,3 +232,27 @@ def test_a_server_that_stops_mid_run_fails_the_job_naming_the_save(s3_server):
     assert out["error"] is not None, "training went on although no checkpoint could be written"
     assert "CheckpointSaveError" in out["error"] and "step 4" in out["error"] and url in out["error"]
     assert server.endpoint in out["error"]
+
+
+def _without_s3fs(tmp_path) -> dict:
+    """An environment whose Python cannot import s3fs (a stand-in package
+    that raises ImportError, first on the path)."""
+    shim = tmp_path / "no_s3fs" / "s3fs"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 's3fs'\")\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.timeout(180)
+def test_loom_train_refuses_an_unusable_s3_store_before_any_worker_starts(s3, tmp_path):
+    server, url = s3
+    base = ["train", "--steps", "4", "--ckpt-every", "2", "--no-progress", "--runs-dir", str(tmp_path / "runs")]
+    missing = _loom(*base, "--ckpt-url", "s3://loom-no-such-bucket/run")
+    assert missing.returncode == 2, missing.stderr
+    assert "bucket 'loom-no-such-bucket' does not exist" in missing.stderr
+    assert "workers" not in missing.stdout and not (tmp_path / "runs").exists()  # nothing started
+    no_s3fs = _loom(*base, "--ckpt-url", url, env=_without_s3fs(tmp_path))
+    assert no_s3fs.returncode == 2 and "pip install 'loom-train[s3]'" in no_s3fs.stderr, no_s3fs.stderr
+    # the checkpoint commands and the library say the same
+    ls = _loom("ckpt", "ls", url, env=_without_s3fs(tmp_path))
+    assert ls.returncode == 1 and "pip install 'loom-train[s3]'" in ls.stderr and len(ls.stderr.splitlines()) == 1
