@@ -5,6 +5,7 @@ large chunks as multipart uploads, `loom train` saving to s3:// and
 resuming with the same losses, the checks made before any worker starts,
 and a server that stops in the middle of a run."""
 import importlib
+import json
 import os
 import re
 import signal
@@ -256,3 +257,44 @@ def test_loom_train_refuses_an_unusable_s3_store_before_any_worker_starts(s3, tm
     # the checkpoint commands and the library say the same
     ls = _loom("ckpt", "ls", url, env=_without_s3fs(tmp_path))
     assert ls.returncode == 1 and "pip install 'loom-train[s3]'" in ls.stderr and len(ls.stderr.splitlines()) == 1
+
+
+_RAY_SCRIPT = '''
+import json, os, sys
+import ray
+from loom.launch.config import build_config
+from loom.launch.ray_driver import launch_ray
+
+def save_from_a_worker(config):  # runs in a Ray worker: only what the driver forwarded points it at the server
+    import torch
+    from loom import checkpoint as ckpt
+    location = ckpt.save({"w": torch.arange(4.0)}, config["url"], step=1)
+    ckpt.release_store(config["url"])
+    return {"location": location, "env": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+
+if __name__ == "__main__":
+    url, aws = sys.argv[1], json.loads(sys.argv[2])
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # its workers inherit no AWS_*
+    os.environ.update(aws)  # the driver's configuration, set after Ray started
+    cfg = build_config(overrides={"dp": 1, "ckpt_url": url, "ckpt_every": 1, "device": "cpu", "monitor": False,
+                                  "max_restarts": 0, "memory_snapshots": False})
+    print("RESULT", json.dumps(launch_ray(cfg, train_fn=save_from_a_worker, config={"url": url})[0]))
+    ray.shutdown()
+'''
+
+
+@pytest.mark.timeout(240)
+def test_the_drivers_aws_configuration_reaches_ray_workers_that_did_not_inherit_it(s3, tmp_path):
+    server, url = s3
+    script = tmp_path / "driver.py"
+    script.write_text(_RAY_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(script), url, json.dumps(server.env)], capture_output=True,
+                          text=True, timeout=220, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["location"] == f"{url}/step-00000001"
+    assert {k: result["env"].get(k) for k in server.env} == server.env
+    out = {"w": torch.zeros(4)}
+    ckpt.load(out, url)
+    assert torch.equal(out["w"], torch.arange(4.0))
