@@ -125,7 +125,7 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
     # before anything starts: ConfigError for a KEY not set; the driver's AWS_* for an s3:// store
-    env = {**storage.worker_env(cfg.ckpt), **parse_env(cfg.job.env), **(env or {})}
+    env = {**storage.worker_env(cfg), **parse_env(cfg.job.env), **(env or {})}
     if train_fn is not None and cfg.recovery.min_workers:
         raise LaunchError(f"--min-workers={cfg.recovery.min_workers} reshapes loom's own training loop (dp, "
                           f"grad-accum); a train_fn runs at the world size it was given: use --spare-workers")

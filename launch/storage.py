@@ -67,14 +67,17 @@ def apply_storage_options(c) -> None:
         object_store.use_storage_options(c.ckpt_url, c.ckpt_storage_options)
 
 
-def worker_env(c, environ=None) -> dict[str, str]:
+def worker_env(cfg, environ=None) -> dict[str, str]:
     """The ``AWS_*`` variables of ``environ`` (default ``os.environ``) when
-    the job's store is on ``s3://``: what botocore reads for credentials,
+    the job (a JobConfig) reads or writes ``s3://``: its checkpoint store,
+    ``--data`` or ``--val-data``.  What botocore reads for credentials,
     region and endpoint, given to every Ray worker as the driver sees them
     (a cluster's workers do not inherit the driver's environment; ``--env``
     entries override these)."""
     environ = os.environ if environ is None else environ
-    if not (uses_store(c) and object_store.protocol(c.ckpt_url) in ("s3", "s3a")):
+    urls = [cfg.ckpt.ckpt_url] if uses_store(cfg.ckpt) else []
+    urls += [u.strip() for paths in (cfg.data.data, cfg.data.val_data) for u in str(paths).split(",")]
+    if not any(object_store.protocol(u) in ("s3", "s3a") for u in urls if u):
         return {}
     return {k: v for k, v in environ.items() if k.startswith("AWS_")}
 

@@ -169,10 +169,12 @@ def test_validation_names_the_missing_package_credentials_endpoint_or_bucket(s3,
 def test_the_drivers_aws_variables_reach_the_workers_for_an_s3_store():
     environ = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "http://e:9000",
                "AWS_PROFILE": "p", "HOME": "/home/x"}
-    c = _job("s3://b/p").ckpt
-    assert storage.worker_env(c, environ) == {k: v for k, v in environ.items() if k.startswith("AWS_")}
-    assert storage.worker_env(_job("/tmp/ck").ckpt, environ) == {}
-    assert storage.worker_env(build_config(overrides={"ckpt_url": "s3://b/p"}).ckpt, environ) == {}  # unused
+    aws = {k: v for k, v in environ.items() if k.startswith("AWS_")}
+    assert storage.worker_env(_job("s3://b/p"), environ) == aws
+    assert storage.worker_env(_job("/tmp/ck"), environ) == {}
+    assert storage.worker_env(build_config(overrides={"ckpt_url": "s3://b/p"}), environ) == {}  # not used
+    assert storage.worker_env(build_config(overrides={"data": "a.bin,s3://b/corpus.bin"}), environ) == aws
+    assert storage.worker_env(build_config(overrides={"val_data": "s3://b/val.bin"}), environ) == aws
 
 
 def _train_runs(runs: list[dict]) -> list:
