@@ -85,6 +85,33 @@ def use_storage_options(url: str, options: dict | None) -> None:
     cls.clear_instance_cache()  # a filesystem made before would keep the old options
 
 
+def storage_env(url: str) -> dict[str, str]:
+    """fsspec's configuration of ``url``'s protocol in this process, as the
+    environment variables (``FSSPEC_S3={...json...}``) that fsspec reads when
+    another process imports it: what a child process that opens the store
+    needs besides the inherited ``AWS_*`` (`use_storage_options` set it here).
+    Empty when there is none; options that are not JSON are left out."""
+    import json
+    out = {}
+    for proto in (protocol(url), *_aliases(url)):
+        options = fsspec.config.conf.get(proto)
+        if options:
+            try:
+                out[f"FSSPEC_{proto.upper()}"] = json.dumps(options)
+            except (TypeError, ValueError):
+                log.warning("storage options of %s:// are not JSON; a child process opens %s without them",
+                            proto, url)
+    return out
+
+
+def _aliases(url: str) -> tuple:
+    try:
+        protos = fsspec.get_filesystem_class(protocol(url)).protocol
+    except (ImportError, ValueError):
+        return ()
+    return tuple(p for p in (protos if isinstance(protos, (tuple, list)) else (protos,)) if p != protocol(url))
+
+
 def check_access(url: str, options: dict | None = None) -> None:
     """Raise StoreAccessError unless the store of ``url`` can be reached
     now: its package is installed and, for ``s3://``, its bucket answers a

@@ -300,3 +300,17 @@ def test_the_drivers_aws_configuration_reaches_ray_workers_that_did_not_inherit_
     out = {"w": torch.zeros(4)}
     ckpt.load(out, url)
     assert torch.equal(out["w"], torch.arange(4.0))
+
+
+@pytest.mark.timeout(180)
+def test_the_writer_process_saves_to_s3_with_this_processs_storage_options(s3, monkeypatch):
+    server, url = s3
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint only as a storage option, set in this process
+    object_store.use_storage_options(url, {"endpoint_url": server.endpoint})
+    w = torch.randn(64, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with ckpt.AsyncCheckpointer(url, writer="process") as saver:
+        assert saver.save({"w": w}, step=1).result(120) == f"{url}/step-00000001"
+        assert saver.save({"w": w * 2}, step=2).result(120) == f"{url}/step-00000002"
+    out = {"w": torch.zeros_like(w)}
+    assert ckpt.load(out, url).step == 2 and torch.equal(out["w"], w * 2)
+    assert ckpt.verify(url, 1) == [] and ckpt.verify(url, 2) == []
