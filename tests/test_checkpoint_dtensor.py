@@ -359,3 +359,44 @@ def test_loom_placement_composes_with_fsdp2_shards(distributed, tmp_path):
     assert loaded.keys() == slices.keys()
     for key in slices:
         assert torch.equal(loaded[key], slices[key]), key
+
+
+# ----------------------------------------------------- edges through save/load
+
+def _edges(url: str) -> dict:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    world = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    partial = DTensor.from_local(torch.ones(2, 3, dtype=torch.float64), world, [Partial()])
+    for name, state in (("partial", {"model": {"w": partial}}),
+                        ("per_rank", {"rng": ckpt.PerRank(DTensor.from_local(torch.ones(2), world, [Shard(0)]))})):
+        try:
+            ckpt.save(state, url, step=1)
+        except TypeError as exc:
+            out[name] = str(exc)
+    # a DTensor on a mesh of rank 0 only: rank 1 holds nothing of it (and its scalar sibling)
+    only0 = DeviceMesh("cpu", [0])
+    w = DTensor.from_local(torch.arange(6, dtype=torch.float64).reshape(3, 2), only0, [Replicate()])
+    s = DTensor.from_local(torch.tensor(2.5, dtype=torch.float64), only0, [Replicate()])
+    ckpt.save({"w": w, "s": s}, url, step=2)
+    w2 = DTensor.from_local(torch.zeros(3, 2, dtype=torch.float64), only0, [Replicate()])
+    s2 = DTensor.from_local(torch.zeros((), dtype=torch.float64), only0, [Replicate()])
+    ckpt.load({"w": w2, "s": s2}, url, step=2)
+    out["loaded"] = (w2.to_local().clone(), s2.to_local().clone())
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_partial_per_rank_and_outside_the_mesh_through_save_and_load(distributed, tmp_path):
+    url = f"file://{tmp_path}/ckpt"
+    results = distributed(_edges, 2, url)
+    for r in results:  # every rank raises the same error, naming the key
+        assert "'model/w'" in r["partial"] and "Partial" in r["partial"]
+        assert "'rng'" in r["per_rank"] and "PerRank" in r["per_rank"]
+    w, s = results[0]["loaded"]
+    assert torch.equal(w, torch.arange(6, dtype=torch.float64).reshape(3, 2)) and s.item() == 2.5
+    assert results[1]["loaded"][0].numel() == 0  # rank 1 holds nothing
+    fragments = ckpt.CheckpointStore(url).read_manifest(2)["tensors"]["w"]["fragments"]
+    assert fragments == [[0, [0, 0], [3, 2]]]
