@@ -15,32 +15,27 @@ local tensor's shape is checked against it.
 from __future__ import annotations
 
 import math
-from functools import cache
+import sys
 
 import torch
 
 
-@cache
-def _dtensor_types() -> tuple[type | None, type | None]:
-    """(DTensor, _StridedShard), or Nones when torch lacks them."""
-    if not torch.distributed.is_available():
-        return None, None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None, None
+def is_dtensor(value) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (a
+    parameter wrapping one included).  Never imports DTensor: none can
+    exist before its module is imported (which takes ~0.4 s)."""
+    if type(value) is torch.Tensor:
+        return False
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def _strided_shard_type() -> type | None:
     try:
         from torch.distributed.tensor.placement_types import _StridedShard
     except ImportError:  # pragma: no cover - a torch without it
-        _StridedShard = None
-    return DTensor, _StridedShard
-
-
-def is_dtensor(value) -> bool:
-    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (a
-    parameter wrapping one included)."""
-    cls = _dtensor_types()[0]
-    return cls is not None and isinstance(value, cls)
+        return None
+    return _StridedShard
 
 
 def dtensor_box(global_shape, mesh, placements, key: str = "") -> tuple[tuple, tuple] | None:
@@ -66,7 +61,7 @@ def dtensor_box(global_shape, mesh, placements, key: str = "") -> tuple[tuple, t
     where = f"the DTensor at key {key!r}"
     if len(placements) != mesh.ndim:
         raise ValueError(f"{where} has {len(placements)} placements for a {mesh.ndim}-d mesh")
-    strided = _dtensor_types()[1]
+    strided = _strided_shard_type()
     dims = []
     for i, p in enumerate(placements):
         if strided is not None and isinstance(p, strided):

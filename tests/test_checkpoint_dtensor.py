@@ -7,6 +7,7 @@ computed from its mesh coordinate and placements (`dtensor_box`), checked
 here against ``torch.chunk`` and against what FSDP2 really holds."""
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from loom import checkpoint as ckpt
 from loom import comms
-from loom.checkpoint.dtensor import dtensor_box
+from loom.checkpoint.dtensor import check_default_order, dtensor_box
 from loom.checkpoint.state import flatten
 
 
@@ -104,6 +105,17 @@ def test_dtensor_box_refuses_bad_placements_with_clear_errors():
         dtensor_box((4,), FakeMesh((2,), [0]), [Shard(0), Shard(0)], key="w")
     with pytest.raises(ValueError, match=r"'w'.*has no dim 2"):
         dtensor_box((4, 3), FakeMesh((2,), [0]), [Shard(2)], key="w")
+
+
+def test_a_dim_sharded_over_mesh_dims_out_of_order_is_refused():
+    def spec(*entries):
+        return SimpleNamespace(_spec=SimpleNamespace(shard_order=tuple(
+            SimpleNamespace(tensor_dim=d, mesh_dims=m) for d, m in entries)))
+
+    check_default_order(spec((0, (0, 1)), (1, (2,))), key="w")  # mesh dim order: fine
+    check_default_order(SimpleNamespace(), key="w")             # a spec without an order: fine
+    with pytest.raises(TypeError, match=r"'w'.*tensor dim 0 over mesh dims \(1, 0\)"):
+        check_default_order(spec((0, (1, 0))), key="w")
 
 
 # --------------------------------------------------------- FSDP2 end to end
@@ -376,6 +388,13 @@ def _edges(url: str) -> dict:
             ckpt.save(state, url, step=1)
         except TypeError as exc:
             out[name] = str(exc)
+    # local shards that are not torch.chunk's split (5 + 2 rows of 7): refused, not mislaid
+    rows = 5 if dist.get_rank() == 0 else 2
+    odd = DTensor.from_local(torch.ones(rows, 2), world, [Shard(0)], shape=(7, 2), stride=(2, 1))
+    try:
+        ckpt.save({"odd": odd}, url, step=1)
+    except ValueError as exc:
+        out["odd"] = str(exc)
     # a DTensor on a mesh of rank 0 only: rank 1 holds nothing of it (and its scalar sibling)
     only0 = DeviceMesh("cpu", [0])
     w = DTensor.from_local(torch.arange(6, dtype=torch.float64).reshape(3, 2), only0, [Replicate()])
@@ -395,6 +414,7 @@ def test_partial_per_rank_and_outside_the_mesh_through_save_and_load(distributed
     for r in results:  # every rank raises the same error, naming the key
         assert "'model/w'" in r["partial"] and "Partial" in r["partial"]
         assert "'rng'" in r["per_rank"] and "PerRank" in r["per_rank"]
+        assert "'odd'" in r["odd"] and "torch.chunk" in r["odd"]
     w, s = results[0]["loaded"]
     assert torch.equal(w, torch.arange(6, dtype=torch.float64).reshape(3, 2)) and s.item() == 2.5
     assert results[1]["loaded"][0].numel() == 0  # rank 1 holds nothing
