@@ -2,12 +2,13 @@
 
 ``state`` is a nested dict (lists and tuples allowed inside).  Its leaves are
 tensors (replicated over the group), `Shard` / `Flat` fragments of a global
-tensor, `PerRank` values, and plain Python values.  A PyTorch DTensor (FSDP2's
-sharded parameters and optimizer state) is a `Shard` of its global tensor:
-this rank's local tensor (an alias: a load fills the DTensor in place) at the
-box its mesh coordinate and placements give (`loom.checkpoint.dtensor`).  A container with no
+tensor, `PerRank` values, and plain Python values.  A container with no
 tensor anywhere inside is itself one plain value (so ``param_groups`` of an
-optimizer is one JSON value, not hundreds of leaves).
+optimizer is one JSON value, not hundreds of leaves).  A PyTorch DTensor
+(FSDP2's sharded parameters and optimizer state) is a `Shard` of its global
+tensor: this rank's local tensor (an alias: a load fills the DTensor in
+place) at the box its mesh coordinate and placements give
+(`loom.checkpoint.dtensor`).
 
 Plain values are stored as JSON only — no pickle — so opening an untrusted
 checkpoint never runs code.  Tuples, dicts with non-string keys and
