@@ -176,3 +176,49 @@ def test_a_hang_inside_a_sharded_step_is_named_by_the_monitor(tmp_path):
                      r"world \(step 6\)", proc.stderr), proc.stderr[-3000:]
     faults = [json.loads(x) for x in (tmp_path / "hang" / "faults.jsonl").read_text().splitlines()]
     assert [(f["kind"], f["ranks"], f["step"]) for f in faults] == [("hang", [1], 6)]
+
+
+def _expert_placements():
+    """dp=4, ep=2: each rank's expert slice (ep) is split again by FSDP2 over
+    its edp pair; the new parameters and their AdamW moments keep the slice's
+    placement, so a checkpoint stores the right rows of the global tensor."""
+    from loom import checkpoint, comms
+    from loom.parallel import ModelConfig, Transformer, next_token_loss, shard_data_parallel
+    mesh = comms.init_mesh(dp=4, ep=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab=32, dim=16, layers=1, heads=2, moe="standard", num_experts=4),
+                        mesh.ep_group).double()
+    shard_data_parallel(model, "params", ep_group=mesh.ep_group, edp_group=mesh.edp_group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 32, (2, 8))
+    next_token_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    opt.step()
+    moe = model.blocks[0].ffn
+    moment = checkpoint.optimizer_state_dict(opt)["state"]
+    index = next(i for i, p in enumerate(p for g in opt.param_groups for p in g["params"]) if p is moe.w_up)
+    return (comms.placement_of(moe.w_up), comms.placement_of(moment[index]["exp_avg"]),
+            sorted(moe.w_up.device_mesh.mesh.flatten().tolist()))
+
+
+@pytest.mark.timeout(120)
+def test_expert_slices_keep_their_placement_when_sharded_over_edp(distributed):
+    for rank, (param, moment, mesh) in enumerate(distributed(_expert_placements, 4, timeout=100)):
+        # ep groups are [0, 1] and [2, 3] (ep rank = rank % 2); edp pairs [0, 2] and [1, 3]
+        assert param is not None and (param.dim, param.parts, param.index) == (0, 2, rank % 2), (rank, param)
+        assert moment == param, rank
+        assert mesh == ([0, 2] if rank % 2 == 0 else [1, 3]), (rank, mesh)
+
+
+@pytest.mark.timeout(400)
+def test_expert_shards_saved_at_dp4_ep2_resume_unsharded_at_dp2(distributed, tmp_path):
+    """Expert slices (ep=2) split again over their edp pair by FSDP2, saved,
+    and resumed whole on 2 ranks: no expert weight or moment is lost."""
+    base = {**TINY, "moe": "standard", "num_experts": 4, "batch_size": 8}
+    reference = distributed(_train, 4, {**base, "steps": 6, "dp": 4, "ep": 2}, timeout=240)[0][0]
+    url = str(tmp_path / "ck")
+    first, _, _ = distributed(_train, 4, {**base, "steps": 4, "dp": 4, "ep": 2, "shard_state": "params",
+                                          "ckpt_every": 2, "ckpt_url": url}, timeout=240)[0]
+    assert _close(first, reference[:4])
+    resumed, extra, _ = distributed(_train, 2, {**base, "steps": 6, "dp": 2, "ep": 2, "ckpt_url": url,
+                                                "resume": True}, timeout=240)[0]
+    assert extra["start_step"] == 4 and _close(resumed, reference[4:], 1e-9), (resumed, reference[4:])
