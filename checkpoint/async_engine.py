@@ -60,6 +60,7 @@ from . import layout
 from .collective import agree, resolve
 from .host_pool import HostBufferPool, aligned
 from .manifest import storage_dtype
+from .object_store import is_remote
 from .owner import LEASE_S, claim_store
 from .save import SavePlan, commit, exchange_parts, keep_in_memory, plan_save
 from .state import Flat, PerRank, Shard, _contains_tensors, decode_value, encode_value, flatten, key_of
@@ -201,9 +202,9 @@ class AsyncCheckpointer:
         retained([], keep_last, keep_every)  # checks the retention values
         if writer not in WRITERS:
             raise ValueError(f"writer={writer!r} must be one of {', '.join(WRITERS)}")
-        if writer == "process" and not CheckpointStore(url).local:
+        if writer == "process" and not (CheckpointStore(url).local or is_remote(url)):
             raise ValueError(f"writer='process' needs a store that another process can reach; {url!r} is "
-                             f"not a local path (memory:// lives inside one process)")
+                             f"not a local path or an object store (memory:// lives inside one process)")
         self.url, self.mesh, self.durable = str(url), mesh, bool(durable)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.writer_kind = writer

@@ -7,7 +7,10 @@ layer's experts: `loom.comms.Sharded`), so is that state; saved as
 "replicated" it would keep one rank's part as the whole (the replica guard
 refuses that).  `optimizer_state_dict` gives each such tensor its parameter's
 placement, so the moments are saved as parts of the global tensors and load
-into any other layout.
+into any other layout.  With FSDP2 the parameters and their moments are
+DTensors, saved as their shards (`loom.checkpoint.dtensor`); a loom placement
+on such a parameter (re-declared after ``fully_shard``, which replaces the
+parameters) is copied onto its moments the same way.
 """
 from __future__ import annotations
 

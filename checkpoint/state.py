@@ -4,7 +4,11 @@
 tensors (replicated over the group), `Shard` / `Flat` fragments of a global
 tensor, `PerRank` values, and plain Python values.  A container with no
 tensor anywhere inside is itself one plain value (so ``param_groups`` of an
-optimizer is one JSON value, not hundreds of leaves).
+optimizer is one JSON value, not hundreds of leaves).  A PyTorch DTensor
+(FSDP2's sharded parameters and optimizer state) is a `Shard` of its global
+tensor: this rank's local tensor (an alias: a load fills the DTensor in
+place) at the box its mesh coordinate and placements give
+(`loom.checkpoint.dtensor`).
 
 Plain values are stored as JSON only — no pickle — so opening an untrusted
 checkpoint never runs code.  Tuples, dicts with non-string keys and
@@ -23,6 +27,8 @@ from urllib.parse import quote
 import torch
 
 from loom.comms import placement_of
+
+from .dtensor import check_default_order, dtensor_box, is_dtensor
 
 Path = tuple  # components: str (dict keys) or int (dict keys / list indices)
 
@@ -221,6 +227,13 @@ def _walk(value, path: Path, containers: str, per_rank: bool, out: list[Leaf]) -
                             f"tensors are stored whole, one per rank")
         check_tensor_kind(value.tensor, key)
         out.append(Leaf(path, key, "shard" if isinstance(value, Shard) else "flat", value, containers))
+    elif is_dtensor(value):
+        if per_rank:
+            raise TypeError(f"the DTensor at key {key!r} is inside a PerRank; per-rank tensors are stored "
+                            f"whole, one per rank (save dt.to_local() there, or the DTensor itself outside)")
+        shard = dtensor_shard(value, key)
+        if shard is not None:  # a rank outside the DTensor's mesh holds nothing of it
+            out.append(Leaf(path, key, "shard", shard, containers))
     elif isinstance(value, torch.Tensor):
         check_tensor_kind(value, key)
         placement = None if per_rank else placement_of(value)
@@ -242,6 +255,41 @@ def _walk(value, path: Path, containers: str, per_rank: bool, out: list[Leaf]) -
             _walk(v, path + (i,), containers + tag, per_rank, out)
     else:
         out.append(Leaf(path, key, plain, value, containers))
+
+
+def dtensor_shard(dt, key: str = "") -> Shard | None:
+    """The `Shard` a DTensor ``dt`` is on this rank: its local tensor (an
+    alias of ``dt``'s storage, detached) at the box `dtensor_box` computes;
+    None on a rank outside ``dt``'s mesh.  When ``dt`` also carries a loom
+    placement (`loom.comms.Sharded`: ``dt`` is slice ``index`` of a larger
+    tensor, e.g. an expert-parallel weight that FSDP2 shards further), the box
+    is placed inside that slice: global shape ``placement.global_shape(dt.shape)``,
+    offsets ``placement.offsets(dt.shape)`` plus the DTensor's.
+
+    Raises TypeError naming ``key`` for placements a checkpoint cannot lay
+    out (see `dtensor_box`) and for a local tensor it cannot hold
+    (`check_tensor_kind`); ValueError when the local tensor's shape is not
+    the box's."""
+    shape = tuple(dt.shape)
+    box = dtensor_box(shape, dt.device_mesh, dt.placements, key)
+    check_default_order(dt, key)
+    if box is None:
+        return None
+    offsets, sizes = box
+    with torch.no_grad():
+        local = dt.to_local().detach()  # a view of dt's local tensor: same storage
+    check_tensor_kind(local, key)
+    if tuple(local.shape) != sizes:
+        raise ValueError(f"the DTensor at key {key!r} (global shape {shape}, placements {tuple(dt.placements)}) "
+                         f"holds a local tensor of shape {tuple(local.shape)} where its mesh coordinate "
+                         f"{tuple(dt.device_mesh.get_coordinate())} gives the box {sizes} at {offsets}: an "
+                         f"uneven split other than torch.chunk's, which a checkpoint cannot lay out")
+    placement = placement_of(dt)
+    if placement is not None:
+        base = placement.offsets(shape)
+        offsets = tuple(b + o for b, o in zip(base, offsets))
+        shape = placement.global_shape(shape)
+    return Shard(local, shape, offsets)
 
 
 def per_rank_nodes(state, path: Path = ()) -> list[tuple[Path, PerRank]]:

@@ -85,7 +85,12 @@ class CheckpointStore:
             raise ValueError(f"checkpoint url {url!r} must be a non-empty path or fsspec URL")
         url = str(url)
         self.url = url.rstrip("/") or url
-        self.fs, path = fsspec.core.url_to_fs(url)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(url)
+        except ImportError:  # s3:// without s3fs, ...: name the package and loom's extra
+            from .object_store import require_backend
+            require_backend(url)
+            raise
         self.root = path.rstrip("/") or path
         protocol = self.fs.protocol
         self.local = "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
@@ -186,8 +191,10 @@ class CheckpointStore:
 
     # ------------------------------------------------------------- steps
     def steps(self) -> list[int]:
-        """Every step directory, committed or not, ascending."""
+        """Every step directory, committed or not, ascending.  Listed afresh
+        (other processes write steps: s3fs and its kind cache listings)."""
         try:
+            self.fs.invalidate_cache(self.root)
             entries = self.fs.ls(self.root, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []

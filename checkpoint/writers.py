@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .collective import Group
+from .object_store import storage_env
 from .save import write_chunks
 
 
@@ -84,6 +85,7 @@ class ProcessWriter:
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(storage_env(self.url))  # storage options set in this process (an object store's endpoint)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, str(to_child_r), str(from_child_w)],

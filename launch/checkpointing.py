@@ -29,6 +29,7 @@ from loom.checkpoint.memory import TIERS, tier_of
 from .config import ConfigError
 from .memory_tier import RaySnapshots
 from .schedule import LRSchedule, restore
+from .storage import apply_storage_options
 
 log = logging.getLogger("loom.launch")
 _SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(LRSchedule)}
@@ -94,6 +95,7 @@ class TrainingCheckpoints:
 
     def __init__(self, cfg, model, optimizer, scheduler, mesh, reporter=None, precision=None, data=None):
         self.cfg, self.c = cfg, cfg.ckpt
+        apply_storage_options(self.c)  # --ckpt-storage-options, before the store is opened here
         # a source with a position to save (loom.data.TokenWindows / DocumentDraws), else None
         self.data = data if hasattr(data, "position") else None
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

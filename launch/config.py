@@ -155,6 +155,11 @@ class TrainSection:
 class CkptSection:
     ckpt_every: int = _f(0, "save a checkpoint every N steps (0: never)")
     ckpt_url: str = _f("", "where checkpoints go: a path or fsspec URL (file://, memory://, s3://, ...)")
+    ckpt_storage_options: dict = field(default_factory=dict, metadata={
+        "help": "fsspec storage options of --ckpt-url's filesystem, in every process of the job: KEY=VALUE ... "
+                "or a [ckpt.ckpt_storage_options] table, e.g. endpoint_url=http://127.0.0.1:9000 for s3fs; "
+                "credentials belong in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), not here: the "
+                "job's config is copied to its run directory"})
     resume: bool = _f(False, "continue from the newest committed checkpoint at --ckpt-url, or start at "
                              "step 0 when there is none; --resume, --resume auto and --resume true are the "
                              "same (auto: what a job restarted by torchrun --max-restarts wants), "
@@ -510,9 +515,13 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"factory of --model MODULE:FACTORY, but no --model is given (loom's reference "
                         f"model is shaped by the [model] options: --dim, --layers, ...)")
     problems += _train_extras_problems(cfg)
+    from .storage import store_problems, storage_option_problems
+    problems += storage_option_problems(c)
     if not problems:  # opening the data costs time: only for a job that can otherwise run
         from .datasets import data_problems
         problems += data_problems(cfg, workers)
+    if not problems:  # so does reaching a remote checkpoint store
+        problems += store_problems(c)
     if problems:
         raise ConfigError("invalid job configuration:\n  " + "\n  ".join(problems))
     return cfg

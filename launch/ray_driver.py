@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from . import cluster
+from . import cluster, storage
 from .cluster import LaunchError
 from .config import JobConfig, parse_env
 from .elastic_policy import ElasticPolicy, StopControl
@@ -124,7 +124,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
     stopped the job (the first attempt's, when restarts did not help)."""
     world = cfg.world_size
     start_timeout = cfg.job.start_timeout if start_timeout is None else start_timeout
-    env = {**parse_env(cfg.job.env), **(env or {})}  # before anything starts: ConfigError for a KEY not set
+    # before anything starts: ConfigError for a KEY not set; the driver's AWS_* for an s3:// store
+    env = {**storage.worker_env(cfg), **parse_env(cfg.job.env), **(env or {})}
     if train_fn is not None and cfg.recovery.min_workers:
         raise LaunchError(f"--min-workers={cfg.recovery.min_workers} reshapes loom's own training loop (dp, "
                           f"grad-accum); a train_fn runs at the world size it was given: use --spare-workers")

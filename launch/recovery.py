@@ -47,6 +47,7 @@ from loom.comms.elastic import ATTEMPT_ENV, JOB_TOKEN_ENV
 from .cluster import LaunchError
 from .config import JobConfig, max_restarts
 from .recorder import RESTARTS_LOG, append_jsonl, read_jsonl
+from .storage import apply_storage_options
 
 log = logging.getLogger("loom.launch")
 # errors of the job's setup, which a restart would meet again (a store another job owns, a bad config)
@@ -126,6 +127,7 @@ class Recovery:
         self.token = uuid.uuid4().hex[:16]  # this job's id in its checkpoint store claims, every attempt
         self.holders: dict = {}  # node id -> the job's snapshot holder there (`loom.launch.memory_tier`)
         c = cfg.ckpt
+        apply_storage_options(c)  # the driver reads the store too
         self._store = c.ckpt_url if c.ckpt_url and (c.ckpt_every > 0 or c.resume) else None
         # a store with older commits and no --resume: a restart resumes only from this job's commits
         self._baseline = self._newest() if self.budget and self._store and not c.resume else None
@@ -356,6 +358,7 @@ def resume_step(cfg: JobConfig) -> int | None:
         return 0
     from loom.checkpoint import CheckpointStore
     try:
+        apply_storage_options(cfg.ckpt)
         newest = CheckpointStore(cfg.ckpt.ckpt_url).latest()
     except Exception as exc:  # noqa: BLE001 - the record then takes the first reported step
         log.info("cannot read the checkpoints at %s: %s: %s", cfg.ckpt.ckpt_url, type(exc).__name__, exc)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -178,6 +179,9 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     experts_whole = set() if shard_experts else set(rest.expert)
     per_block = level == "params"
     units, reshard = [], {}
+    # fully_shard replaces the parameters: the new ones take the old ones' placements (expert slices), so
+    # the optimizer's moments, which follow their parameter's, are saved as the right slices
+    placements = {name: pl for name, p in model.named_parameters() if (pl := comms.placement_of(p)) is not None}
 
     def shard(module, mesh, reshard_after_forward, divide=None):
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
@@ -192,6 +196,8 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
         reshard[id(module)] = reshard_after_forward
 
     if shard_experts:
+        # the layer's output is a reshaped view; the block adds it out of place, which FSDP2 warns about needlessly
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoE\) returned a view")
         edp_mesh = _device_mesh(edp, device_type)
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             shard(moe.router, world_mesh, per_block)  # dense: its own unit so the MoE unit holds experts only
@@ -203,6 +209,9 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     for before, after in zip(blocks, blocks[1:]):
         before.set_modules_to_forward_prefetch([after])
         after.set_modules_to_backward_prefetch([before])
+    for name, p in model.named_parameters():
+        if name in placements:
+            comms.set_placement(p, placements[name])
     left = [p for p in model.parameters() if not isinstance(p, DTensor)]
     rest = ExpertParallelGradientSync(model, group, ep_group=ep_group, edp_group=edp_group,
                                       bucket_bytes=bucket_bytes, params=left)

@@ -223,3 +223,31 @@ def _bad_splits():
 def test_all_to_all_v_checks_splits(distributed):
     with pytest.raises(ValueError, match="send_splits sum to 2 but x has 3 rows"):
         distributed(_bad_splits, 2)
+
+
+def _into_ops():
+    """all_gather_into / reduce_scatter_into (the buffers FSDP2 hands over)
+    against the allocating versions; a wrong-sized buffer raises on every rank."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = torch.arange(6, dtype=torch.float64) + 10 * rank
+    gathered = comms.all_gather_into(torch.empty(6 * world, dtype=torch.float64), t)
+    big = torch.arange(4 * world, dtype=torch.float64) * (rank + 1)
+    part = comms.reduce_scatter_into(torch.empty(4, dtype=torch.float64), big)
+    errors = []
+    for call in (lambda: comms.all_gather_into(torch.empty(5, dtype=torch.float64), t),
+                 lambda: comms.reduce_scatter_into(torch.empty(3, dtype=torch.float64), big)):
+        try:
+            call()
+        except ValueError as exc:
+            errors.append(str(exc))
+    return (torch.equal(gathered, comms.all_gather(t)), torch.equal(part, comms.reduce_scatter(big.reshape(world, 4))
+                                                                     .reshape(4)), errors)
+
+
+@pytest.mark.timeout(60)
+def test_collectives_into_given_buffers(distributed):
+    for same_gather, same_scatter, errors in distributed(_into_ops, 2):
+        assert same_gather and same_scatter
+        assert len(errors) == 2 and "all_gather_into: out has 5 elements" in errors[0] \
+            and "reduce_scatter_into: input has 8 elements" in errors[1], errors

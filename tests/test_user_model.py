@@ -134,8 +134,10 @@ def test_dp2_with_a_plain_model_equals_one_process(distributed, model_file):
     common = dict(COMMON, model=f"{model_file}:make_plain", model_args=["hidden=20"])
     (one,) = distributed(_losses, 1, dict(common, dp=1), timeout=280)
     two = distributed(_losses, 2, dict(common, dp=2), timeout=280)
+    # sharded (FSDP2): a model without a `blocks` list is one unit, gathered whole
+    sharded = distributed(_losses, 2, dict(common, dp=2, shard_state="params"), timeout=280)
     assert len(one) == 3 and all(math.isfinite(x) for x in one)
-    for losses in two:
+    for losses in two + sharded:
         assert losses == pytest.approx(one, rel=0, abs=1e-10)
 
 
