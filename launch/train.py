@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -171,6 +172,10 @@ def gradient_sync(cfg: JobConfig, model: torch.nn.Module, mesh):
     if cfg.parallel.shard_state == "none":
         return ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                                           bucket_bytes=bucket_bytes)
+    if dist.get_world_size() == 1:
+        logging.getLogger("loom.launch").warning(
+            "--shard-state %s on one rank shards nothing (each shard is the whole tensor) and only adds "
+            "FSDP2's hooks; it pays off from two ranks on", cfg.parallel.shard_state)
     return shard_data_parallel(model, cfg.parallel.shard_state, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                                bucket_bytes=bucket_bytes)
 

@@ -23,19 +23,23 @@ What shards over which ranks (torchtitan shards over dp x cp the same way):
 Units of sharding: each of ``blocks`` (default ``model.blocks``), inside
 each the MoE layers' experts and routers, and the root (embeddings, final
 norm, head).  A block prefetches the next block's parameters in the forward
-and the previous one's in the backward.
+and the previous one's in the backward.  Parameters FSDP2 cannot shard stay
+whole on every rank and are averaged like DDP's: 0-d ones (a learned gate)
+and those two units share (a module used by two blocks).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from loom import comms
 from loom.comms.agree import checksum_ints, hash_text
@@ -163,10 +167,14 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     if level not in LEVELS or level == "none":
         raise ValueError(f"shard_data_parallel: level {level!r} must be one of {list(LEVELS[1:])} "
                          f"(\"none\" means: do not call it)")
+    already = next((name or "the model" for name, m in model.named_modules() if isinstance(m, FSDPModule)), None)
+    if already is not None:
+        raise ValueError(f"shard_data_parallel: {already} is already sharded (fully_shard was applied to it); "
+                         f"shard a model once, with its whole layout in one call")
     if blocks is None:
         blocks = getattr(model, "blocks", None)
         blocks = list(blocks) if isinstance(blocks, (torch.nn.ModuleList, list, tuple)) else []
-    blocks = list(blocks)
+    blocks = _checked_blocks(model, blocks)
     ranks = comms.group_ranks(group)
     params = list(model.parameters())
     device_type = params[0].device.type if params else "cpu"
@@ -176,16 +184,20 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     edp = rest.expert_sync.group if rest.expert_sync is not None else None
     # experts that no other rank holds (EP over every rank) have nothing to shard over
     shard_experts = bool(rest.expert) and rest.expert_sync is not None and rest.expert_sync.size > 1
-    experts_whole = set() if shard_experts else set(rest.expert)
+    moes = [m for m in model.modules() if isinstance(m, MoE)] if shard_experts else []
+    planned = [u for moe in moes for u in (moe.router, moe)] + blocks + [model]
+    kept_whole = set(() if shard_experts else rest.expert) | _unshardable(planned)
+    _check_one_dtype(planned, kept_whole)
     per_block = level == "params"
     units, reshard = [], {}
     # fully_shard replaces the parameters: the new ones take the old ones' placements (expert slices), so
     # the optimizer's moments, which follow their parameter's, are saved as the right slices
     placements = {name: pl for name, p in model.named_parameters() if (pl := comms.placement_of(p)) is not None}
+    replaced = dict(model.named_parameters())
 
     def shard(module, mesh, reshard_after_forward, divide=None):
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
-                    ignored_params=experts_whole or None)
+                    ignored_params=kept_whole or None)
         module.set_custom_all_gather(_TracedAllGather())
         module.set_custom_reduce_scatter(_TracedReduceScatter())
         module.set_force_sum_reduction_for_comms(True)
@@ -212,6 +224,7 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     for name, p in model.named_parameters():
         if name in placements:
             comms.set_placement(p, placements[name])
+    _retire(replaced, model)
     left = [p for p in model.parameters() if not isinstance(p, DTensor)]
     rest = ExpertParallelGradientSync(model, group, ep_group=ep_group, edp_group=edp_group,
                                       bucket_bytes=bucket_bytes, params=left)
@@ -230,3 +243,98 @@ def _agree_on_units(units, group) -> None:
         ["units", "unit parameters"],
         "shard_data_parallel: the ranks' models differ (number of sharded units, or their parameters' "
         "shapes and dtypes)", show=["units"])
+
+
+def _checked_blocks(model: torch.nn.Module, blocks: Iterable) -> list[torch.nn.Module]:
+    """``blocks`` as a list; ValueError for one named twice, the model
+    itself (always its own unit), or a module that is not part of it."""
+    blocks = list(blocks)
+    inside = {id(m) for m in model.modules()}
+    for i, block in enumerate(blocks):
+        if not isinstance(block, torch.nn.Module):
+            raise ValueError(f"shard_data_parallel: blocks[{i}] is a {type(block).__name__}, not a module")
+        if block is model:
+            raise ValueError(f"shard_data_parallel: blocks[{i}] is the model itself, which is always a unit of "
+                             f"its own; name its parts (for example model.layers)")
+        if id(block) not in inside:
+            raise ValueError(f"shard_data_parallel: blocks[{i}] ({type(block).__name__}) is not a submodule of "
+                             f"the model")
+        if any(block is other for other in blocks[:i]):
+            raise ValueError(f"shard_data_parallel: blocks[{i}] ({type(block).__name__}) is named twice")
+    return blocks
+
+
+def _managed(unit: torch.nn.Module, units: list) -> Iterable[torch.nn.Module]:
+    """The modules whose own parameters ``unit`` shards: its submodules,
+    stopping at the other units (FSDP2's rule)."""
+    others = {id(u) for u in units if u is not unit}
+    stack, seen = [unit], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        stack.extend(c for c in m.children() if id(c) not in others)
+
+
+def _unit_params(unit, units) -> dict:
+    return {id(p): p for m in _managed(unit, units) for p in m.parameters(recurse=False)}
+
+
+def _unshardable(units: list) -> set:
+    """The parameters FSDP2 cannot shard, kept whole on every rank: 0-d ones,
+    and those that two units would both shard (a module shared by blocks)."""
+    owners: dict[int, int] = {}
+    found = {}
+    for unit in units:
+        for key, p in _unit_params(unit, units).items():
+            owners[key] = owners.get(key, 0) + 1
+            found[key] = p
+    return {p for key, p in found.items() if p.dim() == 0 or owners[key] > 1}
+
+
+def _check_one_dtype(units: list, kept_whole: set) -> None:
+    """FSDP2 gathers a unit's parameters as one flat buffer: ValueError for a
+    unit whose parameters have several dtypes, naming one of each."""
+    names = {}
+    for unit in units:
+        for name, p in unit.named_parameters():
+            names.setdefault(id(p), name)
+    for unit in units:
+        by_dtype = {}
+        for key, p in _unit_params(unit, units).items():
+            if p not in kept_whole:
+                by_dtype.setdefault(p.dtype, names.get(key, "?"))
+        if len(by_dtype) > 1:
+            held = ", ".join(f"{str(dtype).removeprefix('torch.')} ({name})" for dtype, name in by_dtype.items())
+            raise ValueError(f"shard_data_parallel: the unit {type(unit).__name__} holds parameters of several "
+                             f"dtypes: {held}; cast the model to one dtype (mixed precision casts at run time) "
+                             f"or pass blocks= so each dtype is in its own unit")
+
+
+_REPLACED = "_loom_replaced_by_sharding"
+
+
+def _retire(before: dict, model: torch.nn.Module) -> None:
+    """Mark the parameters fully_shard replaced: an optimizer built over them
+    would step tensors the model no longer uses (training nothing, silently),
+    so a step of one raises (`_refuse_replaced`)."""
+    now = {id(p) for p in model.parameters()}
+    for name, p in before.items():
+        if id(p) not in now:
+            setattr(p, _REPLACED, name)
+    global _HOOK
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_pre_hook(_refuse_replaced)
+
+
+_HOOK = None
+
+
+def _refuse_replaced(optimizer, args, kwargs) -> None:
+    stale = [name for group in optimizer.param_groups for p in group["params"]
+             if (name := getattr(p, _REPLACED, None)) is not None]
+    if stale:
+        raise ValueError(f"{type(optimizer).__name__}: {len(stale)} of its parameters (first: {stale[0]!r}) were "
+                         f"replaced by shard_data_parallel; build the optimizer after sharding the model")

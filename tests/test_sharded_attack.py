@@ -1,6 +1,6 @@
-"""Reproductions found by using `shard_data_parallel` / `--shard-state` as a
-new user would (issue 17 attack pass).  Each test states what a user would
-expect; a failing test is an open problem for the lead to judge."""
+"""`shard_data_parallel` used as a new user would, wrongly or with models
+FSDP2 does not take as they are (found by an attack pass): each gets a clear
+ValueError before anything runs, or trains like the unsharded model."""
 import pytest
 import torch
 
@@ -45,10 +45,8 @@ def _optimizer_built_before_sharding():
 @pytest.mark.timeout(120)
 def test_an_optimizer_built_before_sharding_is_refused_not_silently_idle(distributed):
     kind, what = distributed(_optimizer_built_before_sharding, 2, timeout=100)[0]
-    # today: ("trained", [3.24..., 3.24..., 3.24...]) - the parameters never change, silently
-    assert kind == "raised" or what[-1] < what[0], (kind, what)
-    if kind == "raised":
-        assert "optimizer" in what
+    # it used to train nothing, silently: the optimizer stepped the replaced parameters
+    assert kind == "raised" and "build the optimizer after sharding" in what, (kind, what)
 
 
 def _shard_twice():
@@ -69,7 +67,7 @@ def test_sharding_a_model_twice_is_a_clear_value_error(distributed):
     msg = distributed(_shard_twice, 2, timeout=100)[0]
     # today: "AssertionError: Each distinct composable distributed API can only be applied to a module
     # once. fully_shard has already been applied to the following module: FSDPBlock(...<whole repr>"
-    assert not msg.startswith(("AssertionError", "accepted")), msg
+    assert "already sharded" in msg, msg
 
 
 def _duplicate_or_root_blocks(which):
@@ -94,7 +92,8 @@ def test_bad_blocks_are_refused_with_a_value_error(distributed, which):
     AssertionError with a module dump for the first two, and the foreign
     module silently sharded - mutated - for the third)."""
     msg = distributed(_duplicate_or_root_blocks, 2, which, timeout=100)[0]
-    assert msg != "accepted" and not msg.startswith(("AssertionError", "TypeError")), msg
+    expected = {"duplicate": "named twice", "root": "the model itself", "foreign": "not a submodule"}[which]
+    assert expected in msg, msg
 
 
 class _Shared(torch.nn.Module):
@@ -134,11 +133,9 @@ def _shared_across_blocks(level):
 def test_a_module_shared_by_two_blocks_trains_or_is_refused_clearly(distributed):
     ref = distributed(_shared_across_blocks, 2, "none", timeout=100)[0]
     got = distributed(_shared_across_blocks, 2, "params", timeout=100)[0]
-    # today: "TypeError: Invariant encountered: value was None when it should not be" (FSDP internals)
-    if isinstance(got, str):
-        assert got.startswith("ValueError") and "shared" in got, got
-    else:
-        assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-10, (ref, got)
+    # it used to fail inside FSDP ("TypeError: Invariant encountered"); the shared Linear now stays whole
+    assert not isinstance(got, str), got
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-10, (ref, got)
 
 
 class _Gated(torch.nn.Module):
@@ -216,4 +213,4 @@ def test_a_unit_with_two_dtypes_is_refused_when_sharded_not_at_the_first_forward
     uniform original parameter dtype but got {torch.float64, torch.float32}"."""
     assert not isinstance(distributed(_two_dtypes, 2, "none", timeout=100)[0], str)
     got = distributed(_two_dtypes, 2, "params", timeout=100)[0]
-    assert not isinstance(got, str) or got.startswith("ValueError at shard time"), got
+    assert got.startswith("ValueError at shard time") and "float32 (head.weight)" in got, got
