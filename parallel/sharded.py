@@ -21,9 +21,13 @@ What shards over which ranks (torchtitan shards over dp x cp the same way):
 - the router of an MoE layer is dense.
 
 Units of sharding: each of ``blocks`` (default ``model.blocks``), inside
-each the MoE layers' experts and routers, and the root (embeddings, final
-norm, head).  A block prefetches the next block's parameters in the forward
-and the previous one's in the backward.  Parameters FSDP2 cannot shard stay
+each the MoE layers' experts and routers, the input embedding
+(``model.embed``) and the output head (``model.head``) when the model has
+them untied, as torchtitan does, and the root (the rest: the final norm).
+The embedding is freed after its forward like a block; the head stays
+gathered from its forward to its backward, which follow each other.  Each
+unit prefetches the next one's parameters in the forward and the previous
+one's in the backward.  Parameters FSDP2 cannot shard stay
 whole on every rank and are averaged like DDP's: 0-d ones (a learned gate)
 and those two units share (a module used by two blocks).
 """
@@ -175,6 +179,7 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
         blocks = getattr(model, "blocks", None)
         blocks = list(blocks) if isinstance(blocks, (torch.nn.ModuleList, list, tuple)) else []
     blocks = _checked_blocks(model, blocks)
+    embed, head = _edges(model, blocks)
     ranks = comms.group_ranks(group)
     params = list(model.parameters())
     device_type = params[0].device.type if params else "cpu"
@@ -185,7 +190,7 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
     # experts that no other rank holds (EP over every rank) have nothing to shard over
     shard_experts = bool(rest.expert) and rest.expert_sync is not None and rest.expert_sync.size > 1
     moes = [m for m in model.modules() if isinstance(m, MoE)] if shard_experts else []
-    planned = [u for moe in moes for u in (moe.router, moe)] + blocks + [model]
+    planned = [u for moe in moes for u in (moe.router, moe)] + [*embed, *blocks, *head, model]
     kept_whole = set(() if shard_experts else rest.expert) | _unshardable(planned)
     _check_one_dtype(planned, kept_whole)
     per_block = level == "params"
@@ -215,10 +220,12 @@ def shard_data_parallel(model: torch.nn.Module, level: str = "params", *, group=
             shard(moe.router, world_mesh, per_block)  # dense: its own unit so the MoE unit holds experts only
             # summed over the ranks holding these experts, divided by all ranks (ExpertParallelGradientSync)
             shard(moe, edp_mesh, per_block, divide=float(len(ranks)))
-    for block in blocks:
+    for block in [*embed, *blocks]:
         shard(block, world_mesh, per_block)
-    shard(model, world_mesh, False)  # the root's parameters are needed again right at the backward's start
-    for before, after in zip(blocks, blocks[1:]):
+    for last in [*head, model]:
+        shard(last, world_mesh, False)  # needed again right at the backward's start
+    chain = [*embed, *blocks, *head]
+    for before, after in zip(chain, chain[1:]):
         before.set_modules_to_forward_prefetch([after])
         after.set_modules_to_backward_prefetch([before])
     for name, p in model.named_parameters():
@@ -262,6 +269,20 @@ def _checked_blocks(model: torch.nn.Module, blocks: Iterable) -> list[torch.nn.M
         if any(block is other for other in blocks[:i]):
             raise ValueError(f"shard_data_parallel: blocks[{i}] ({type(block).__name__}) is named twice")
     return blocks
+
+
+def _edges(model: torch.nn.Module, blocks: list) -> tuple[list, list]:
+    """([model.embed], [model.head]) as units of their own, each [] when the
+    model has no such module, it is inside a block, or the two share a
+    parameter (tied weights: both then stay in the root unit)."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    edges = [[m] if isinstance(m := getattr(model, name, None), torch.nn.Module) and m is not model
+             and id(m) not in inside and any(True for _ in m.parameters()) else []
+             for name in ("embed", "head")]
+    embed, head = edges
+    if embed and head and {id(p) for p in embed[0].parameters()} & {id(p) for p in head[0].parameters()}:
+        return [], []
+    return embed, head
 
 
 def _managed(unit: torch.nn.Module, units: list) -> Iterable[torch.nn.Module]:

@@ -40,6 +40,20 @@ def test_sharded_runs_equal_the_unsharded_run_in_every_mode_float64(distributed)
         assert _close(none, params) and _close(none, grads), (name, none, params, grads)
 
 
+@pytest.mark.timeout(200)
+def test_sharded_mixed_precision_equals_unsharded(distributed):
+    """bf16/fp16 autocast over float32 master weights: FSDP2 gathers the
+    float32 parameters and autocast casts them as it does unsharded, so only
+    the order of the float32 gradient sums differs."""
+    base = dict(TINY, dtype="float32")
+    modes = [dict(mixed_precision="bf16"), dict(mixed_precision="fp16", moe="standard")]
+    losses = distributed(_levels, 2, base, modes, timeout=180)[0]
+    for i, mode in enumerate(modes):
+        none, params, grads = losses[3 * i:3 * i + 3]
+        assert none[-1] < none[0], mode
+        assert _close(none, params, 1e-4) and _close(none, grads, 1e-4), (mode, none, params, grads)
+
+
 @pytest.mark.timeout(300)
 def test_sharded_moe_with_sp_and_ep_on_four_ranks_float64(distributed):
     """dp=2 x sp=2 with EP over 2 of the 4 ranks: experts shard over their
@@ -107,9 +121,10 @@ def test_fsdp_collectives_are_recorded_for_the_fault_monitor(distributed):
     trace the fault monitor reads holds them, with the step they belong to."""
     none, params, grads = (distributed(_traced_ops, 2, level)[0] for level in ("none", "params", "grads"))
     assert none["all_gather"][0] == 0 and none["reduce_scatter"][0] == 0
-    # params: every unit gathers in the forward, the blocks again in the backward; one reduce-scatter per unit
-    units = 2 + 1  # two blocks and the root
-    assert params["all_gather"][0] == units + 2 and params["reduce_scatter"][0] == units, params
+    # params: every unit gathers in the forward, the embedding and the blocks again in the backward (the head
+    # and the root stay gathered in between); one reduce-scatter per unit
+    units = 1 + 2 + 1 + 1  # the embedding, two blocks, the head and the root (the final norm)
+    assert params["all_gather"][0] == units + 3 and params["reduce_scatter"][0] == units, params
     assert grads["all_gather"][0] == units and grads["reduce_scatter"][0] == units, grads
     # gradients are no longer all-reduced (only the reported loss and the gradient norm)
     assert params["all_reduce"][1] < none["all_reduce"][1] and params["reduce_scatter"][1] > 0

@@ -178,22 +178,25 @@ def test_a_scalar_parameter_is_kept_whole_and_trains(distributed):
 
 
 class _TwoDtypes(torch.nn.Module):
-    """A float32 head on a float64 trunk (casts at the boundary): trains
-    unsharded; one unit (no ``blocks``) holds both dtypes."""
+    """A float32 output layer on a float64 trunk (casts at the boundary):
+    trains unsharded.  Named ``embed`` / ``head`` they are units of their
+    own; named otherwise, one unit (the root) holds both dtypes."""
 
-    def __init__(self):
+    def __init__(self, names):
         super().__init__()
         torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(32, 16).double()
-        self.head = torch.nn.Linear(16, 32).float()
+        self.names = names
+        setattr(self, names[0], torch.nn.Embedding(32, 16).double())
+        setattr(self, names[1], torch.nn.Linear(16, 32).float())
 
     def forward(self, tokens):
-        return self.head(self.embed(tokens).float()).double()
+        first, last = (getattr(self, n) for n in self.names)
+        return last(first(tokens).float()).double()
 
 
-def _two_dtypes(level):
+def _two_dtypes(level, names):
     from loom.parallel import GradientSync, shard_data_parallel
-    model = _TwoDtypes()
+    model = _TwoDtypes(names)
     try:
         sync = GradientSync(model.parameters()) if level == "none" else shard_data_parallel(model, level)
     except ValueError as err:
@@ -207,10 +210,49 @@ def _two_dtypes(level):
 
 @pytest.mark.timeout(120)
 def test_a_unit_with_two_dtypes_is_refused_when_sharded_not_at_the_first_forward(distributed):
-    """shard_data_parallel's docstring promises ValueError for dtypes the
-    ranks disagree on; a unit whose parameters have two dtypes fails today
-    only at the first forward, with FSDP's "AssertionError: FSDP expects
-    uniform original parameter dtype but got {torch.float64, torch.float32}"."""
-    assert not isinstance(distributed(_two_dtypes, 2, "none", timeout=100)[0], str)
-    got = distributed(_two_dtypes, 2, "params", timeout=100)[0]
-    assert got.startswith("ValueError at shard time") and "float32 (head.weight)" in got, got
+    """A unit whose parameters have two dtypes used to fail only at the first
+    forward, with FSDP's "AssertionError: FSDP expects uniform original
+    parameter dtype"; as separate units (embed / head) they train."""
+    ref = distributed(_two_dtypes, 2, "none", ("embed", "head"), timeout=100)[0]
+    assert not isinstance(ref, str), ref
+    got = distributed(_two_dtypes, 2, "params", ("embed", "head"), timeout=100)[0]
+    assert not isinstance(got, str), got
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-6, (ref, got)
+    got = distributed(_two_dtypes, 2, "params", ("trunk", "out"), timeout=100)[0]
+    assert got.startswith("ValueError at shard time") and "float32 (out.weight)" in got, got
+
+
+class _Tied(torch.nn.Module):
+    """Input embedding and output head sharing one weight (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(32, 16)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())])
+        self.head = torch.nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def _tied(level):
+    from torch.distributed.tensor import DTensor
+
+    from loom.parallel import GradientSync, shard_data_parallel
+    model = _Tied().double()
+    sync = GradientSync(model.parameters()) if level == "none" else shard_data_parallel(model, level)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return _steps(model, sync, opt), isinstance(model.head.weight, DTensor), model.head.weight is model.embed.weight
+
+
+@pytest.mark.timeout(120)
+def test_tied_embedding_and_head_shard_together_in_the_root(distributed):
+    ref, _, _ = distributed(_tied, 2, "none", timeout=100)[0]
+    got, sharded, still_tied = distributed(_tied, 2, "params", timeout=100)[0]
+    assert sharded and still_tied
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-10, (ref, got)
