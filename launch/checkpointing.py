@@ -176,7 +176,8 @@ class TrainingCheckpoints:
         start = int(state["progress"]["step"])
         if self.data is not None:
             self._resume_data(info, state["data"], start)
-        self._event(f"resumed from {info.location} (saved by {info.world_size} ranks): step {start}")
+        ranks = f"{info.world_size} rank" + ("s" if info.world_size != 1 else "")
+        self._event(f"resumed from {info.location} (saved by {ranks}): step {start}")
         self._report_reload(info, seconds)
         return start
 
