@@ -24,6 +24,7 @@ from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, 
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
     check_cu_seqlens, check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
+from .fused_attention import fusable, fused_block_backward, fused_block_forward, resolve_kernel
 from .sequence import check_layout, shard_segments
 
 _KV, _ACC = 0, 1  # ring channels (message kinds that are in flight together)
@@ -37,22 +38,45 @@ class RingSpec:
     scale: float
     docs: Documents | None = None
     tile_rows: int | None = None
+    kernel: str = "explicit"  # resolved: "fused" or "explicit" (see loom.parallel.fused_attention)
 
     def plan(self, position: int, source: int, device=None) -> list:
-        """The tiles for queries at ``position`` against keys from ``source``."""
+        """The tiles for queries at ``position`` against keys from ``source``
+        (`plan_block`'s ``(rows, cols, mask)``), for the explicit kernel."""
         return plan_block(self.segments[position], self.segments[source], causal=self.causal,
                           docs=self.docs, device=device, tile_rows=self.tile_rows)
 
+    def kernel_tiles(self, position: int, source: int, device=None) -> list:
+        """The tiles of `plan` with their kernel: ``(rows, cols, mask,
+        fused_causal)``, ``fused_causal`` True / False for a tile the fused
+        kernel computes (its lower triangle / all of it), None for the
+        explicit kernel (``mask`` is kept for it either way)."""
+        if self.kernel == "explicit":
+            return [(rows, cols, mask, None) for rows, cols, mask in self.plan(position, source, device)]
+        # the fused kernel tiles itself: whole pairs, so the diagonal stays a square lower triangle
+        planned = []
+        for rows, cols, mask in plan_block(self.segments[position], self.segments[source], causal=self.causal,
+                                           docs=self.docs, device=device):
+            ok, causal = fusable(mask, rows.stop - rows.start, cols.stop - cols.start)
+            if ok:  # the mask stays for the explicit backward of an LSE with a gradient
+                planned.append((rows, cols, mask, causal))
+                continue
+            step = self.tile_rows or rows.stop - rows.start  # what no fused kernel expresses, tiled as usual
+            planned += [(slice(r, min(rows.stop, r + step)), cols, mask[..., r - rows.start:r - rows.start + step, :],
+                         None) for r in range(rows.start, rows.stop, step)]
+        return planned
+
 
 def make_spec(seq_local: int, size: int, layout: str, *, causal: bool, scale: float,
-              cu_seqlens=None, device=None, tile_rows: int | None = None) -> RingSpec:
+              cu_seqlens=None, device=None, tile_rows: int | None = None, kernel: str = "explicit") -> RingSpec:
     """The ring's plan.  ``cu_seqlens`` (a tensor or list of ints) covers the
     batch flattened row-major, ``[0, ..., batch * seq_local * size]`` (see
-    `check_cu_seqlens`); the batch follows from its last entry."""
+    `check_cu_seqlens`); the batch follows from its last entry.  ``kernel``:
+    ``"fused"`` or ``"explicit"`` (already resolved: `resolve_kernel`)."""
     segments = tuple(tuple(shard_segments(seq_local, i, size, layout)) for i in range(size))
     docs = None if cu_seqlens is None else Documents([int(c) for c in cu_seqlens], device,
                                                      seq_total=seq_local * size)
-    return RingSpec(segments, bool(causal), float(scale), docs, tile_rows)
+    return RingSpec(segments, bool(causal), float(scale), docs, tile_rows, kernel)
 
 
 def ring_work(seq_local: int, size: int, layout: str, *, causal: bool, cu_seqlens=None,
@@ -103,8 +127,12 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
         lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
         for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
-            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
-                o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
+            for rows, cols, mask, fused_causal in spec.kernel_tiles(ring.position, ring.owner(step), q.device):
+                if fused_causal is None:
+                    o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
+                else:
+                    o_b, l_b = fused_block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale,
+                                                   fused_causal)
                 out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_b, l_b)
         out = out.to(q.dtype)
         ctx.ring, ctx.spec = ring, spec
@@ -126,10 +154,14 @@ class _RingAttention(torch.autograd.Function):
         incoming, sending = None, ()
         for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
             part.zero_()
-            for rows, cols, mask in spec.plan(ring.position, ring.owner(step), q.device):
-                dq[:, rows] += block_backward(q[:, rows], kv[0][:, cols], kv[1][:, cols], dout[:, rows],
-                                              lse[:, :, rows], delta[:, :, rows], spec.scale, mask,
-                                              part[0][:, :, cols], part[1][:, :, cols])
+            for rows, cols, mask, fused_causal in spec.kernel_tiles(ring.position, ring.owner(step), q.device):
+                kb, vb, dk_b, dv_b = kv[0][:, cols], kv[1][:, cols], part[0][:, :, cols], part[1][:, :, cols]
+                if fused_causal is None or dlse is not None:  # the fused kernel takes no gradient of the LSE
+                    dq[:, rows] += block_backward(q[:, rows], kb, vb, dout[:, rows], lse[:, :, rows],
+                                                  delta[:, :, rows], spec.scale, mask, dk_b, dv_b)
+                else:
+                    dq[:, rows] += fused_block_backward(q[:, rows], kb, vb, dout[:, rows], out[:, rows],
+                                                        lse[:, :, rows], spec.scale, fused_causal, dk_b, dv_b)
             # add to the accumulator of the block held now: the one that
             # travelled here with it (received while computing), fresh at step 0
             dkv = part.clone() if incoming is None else incoming.wait().add_(part)
@@ -153,7 +185,8 @@ def run_ring(q, k, v, ring, spec: RingSpec):
 
 
 def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous", group=None,
-                   ranks=None, scale: float | None = None, cu_seqlens=None, return_lse: bool = False):
+                   ranks=None, scale: float | None = None, cu_seqlens=None, return_lse: bool = False,
+                   kernel: str = "auto"):
     """Exact softmax attention over a sequence sharded across a ring of ranks.
 
     q ``[batch, seq_local, heads_q, head_dim]``, k/v ``[batch, seq_local,
@@ -169,6 +202,12 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     S_total``; attention stays inside each document.  Rows may hold different
     documents.  Bad boundaries raise ValueError (see `check_cu_seqlens`), on
     every rank of the ring.
+    ``kernel``: the block kernel, ``"auto"`` (PyTorch's fused flash attention
+    where the device has one that returns the LSE, for float32/bfloat16/float16;
+    loom's explicit softmax for float64, which stays exact, and for the masks
+    no fused kernel expresses), ``"fused"`` or ``"explicit"`` (see
+    `loom.parallel.fused_attention`; ValueError for an unknown one, or
+    ``"fused"`` where none exists).
     Returns ``out`` like q, plus ``lse [batch, heads_q, seq_local]`` (float32,
     float64 for float64 inputs) when ``return_lse``."""
     ring = Ring(list(ranks) if ranks is not None else world_ranks(group))
@@ -176,6 +215,7 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     try:
         scale, bounds = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens,
                                       size=ring.size)
+        kernel = resolve_kernel(kernel, q.device, q.dtype)
         mine = _description(q, k, layout, bool(causal), scale, bounds, ring)
     except (TypeError, ValueError) as exc:
         error = exc
@@ -188,6 +228,6 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
         lse = out.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))
         return (out, lse) if return_lse else out
     spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=bounds,
-                     device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]))
+                     device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]), kernel=kernel)
     out, lse = run_ring(q, k, v, ring, spec)
     return (out, lse) if return_lse else out

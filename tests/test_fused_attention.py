@@ -1,0 +1,115 @@
+"""Ring attention's fused block kernel (PyTorch's flash attention with its
+LSE) against the explicit kernel and the single-process float64 reference,
+on the ring cases: P = 2, 3, 4, both layouts, causal or not, GQA, packed
+documents (partly explicit), with and without a gradient on the LSE."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from loom.parallel import ring_attention, shard_sequence, unshard_sequence
+from loom.parallel.fused_attention import KERNELS, fusable, resolve_kernel
+from loom.parallel.ring_attention import make_spec
+
+from helpers import value_error
+from test_ring_attention import _bounds, _cu, _reference, _tensors
+
+CASES = [dict(seed=1, layout="zigzag", causal=True, batch=2, seq_local=8, hq=4, hkv=2, d=8),
+         dict(seed=2, layout="contiguous", causal=True, batch=1, seq_local=6, hq=2, hkv=2, d=4),
+         dict(seed=3, layout="contiguous", causal=False, batch=2, seq_local=5, hq=6, hkv=2, d=8),
+         dict(seed=4, layout="zigzag", causal=True, batch=1, seq_local=8, hq=2, hkv=1, d=8, lse_grad=False),
+         dict(seed=5, layout="zigzag", causal=True, batch=1, seq_local=8, hq=4, hkv=2, d=8,
+              docs=lambda total: _bounds(total, (5, 7, 1)))]
+
+
+def _run(case, kernel, dtype):
+    """This rank's (out, lse, dq, dk, dv) shards with ``kernel``."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    full = _tensors(case, size, dtype)
+    q, k, v, dout = (shard_sequence(t, rank, size, case["layout"]).clone() for t in full[:4])
+    dlse = shard_sequence(full[4], rank, size, case["layout"], dim=2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ring_attention(q, k, v, causal=case["causal"], layout=case["layout"], cu_seqlens=_cu(case, size),
+                              return_lse=True, kernel=kernel)
+    acc = lse.dtype  # float64 for float64, float32 otherwise
+    loss = (out.to(acc) * dout.to(acc)).sum()
+    if case.get("lse_grad", True):
+        loss = loss + (lse * dlse.to(acc)).sum()
+    return [t.detach() for t in (out, lse, *torch.autograd.grad(loss, (q, k, v)))]
+
+
+def _kernels(dtype):
+    return {kernel: [_run(case, kernel, dtype) for case in CASES] for kernel in ("explicit", "fused", "auto")}
+
+
+def _unshard(shards, case, i):
+    return unshard_sequence([s[i] for s in shards], case["layout"], dim=2 if i == 1 else 1).double()
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_fused_equals_explicit_and_the_reference_in_float32(distributed, size):
+    per_rank = distributed(_kernels, size, torch.float32, timeout=180)
+    for c, case in enumerate(CASES):
+        ref = _reference(case, size)
+        for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+            fused = _unshard([r["fused"][c] for r in per_rank], case, i)
+            explicit = _unshard([r["explicit"][c] for r in per_rank], case, i)
+            auto = _unshard([r["auto"][c] for r in per_rank], case, i)
+            msg = f"{name} of case {c} at P={size}"
+            torch.testing.assert_close(fused, explicit, atol=2e-5, rtol=1e-4, msg=msg)
+            torch.testing.assert_close(fused, ref[i], atol=2e-5, rtol=1e-4, msg=msg)
+            assert torch.equal(auto, fused), msg          # auto is the fused kernel on CPU in float32
+
+
+@pytest.mark.timeout(120)
+def test_fused_bfloat16_within_its_tolerance_and_float64_auto_stays_exact(distributed):
+    per_rank = distributed(_kernels, 2, torch.bfloat16, timeout=100)
+    for c, case in enumerate(CASES):
+        ref = _reference(case, 2)
+        for i in range(5):
+            got = _unshard([r["fused"][c] for r in per_rank], case, i)
+            scale = ref[i].abs().max().item()
+            assert (got - ref[i]).abs().max().item() < 3e-2 * max(1.0, scale), (c, i)
+    exact = distributed(_kernels, 2, torch.float64, timeout=100)
+    for c, case in enumerate(CASES):
+        ref = _reference(case, 2)
+        for i in range(5):
+            auto = _unshard([r["auto"][c] for r in exact], case, i)
+            explicit = _unshard([r["explicit"][c] for r in exact], case, i)
+            assert torch.equal(auto, explicit)                # auto keeps float64 on the explicit kernel
+            torch.testing.assert_close(auto, ref[i], atol=1e-10, rtol=0)
+
+
+def test_kernel_choice_and_the_tiles_it_fuses():
+    assert KERNELS == ("auto", "fused", "explicit")
+    assert resolve_kernel("auto", "cpu", torch.float32) == "fused"
+    assert resolve_kernel("auto", "cpu", torch.bfloat16) == "fused"
+    assert resolve_kernel("auto", "cpu", torch.float64) == "explicit"
+    assert resolve_kernel("fused", "cpu", torch.float64) == "fused"
+    assert resolve_kernel("explicit", "cpu", torch.float32) == "explicit"
+    with pytest.raises(ValueError, match="must be one of auto, fused, explicit"):
+        resolve_kernel("flash", "cpu", torch.float32)
+    assert fusable(None, 3, 5) == (True, False)
+    assert fusable(torch.ones(4, 4, dtype=torch.bool).tril(), 4, 4) == (True, True)
+    assert fusable(torch.ones(4, 4, dtype=torch.bool).triu(), 4, 4)[0] is False
+    assert fusable(torch.ones(2, 4, 4, dtype=torch.bool).tril(), 4, 4)[0] is False
+    # zigzag causal at P=2: the own shard is one square lower triangle, the other pair is whole or half
+    spec = make_spec(8, 2, "zigzag", causal=True, scale=1.0, tile_rows=2, kernel="fused")
+    diagonal = spec.kernel_tiles(0, 0)
+    assert [(r, c, f) for r, c, _, f in diagonal] == [(slice(0, 8), slice(0, 8), True)]
+    assert all(f is False for *_, f in spec.kernel_tiles(1, 0))
+    # packed documents: what the fused kernel cannot express is tiled for the explicit one
+    docs = make_spec(8, 2, "zigzag", causal=True, scale=1.0, cu_seqlens=[0, 5, 16], tile_rows=2, kernel="fused")
+    tiles = docs.kernel_tiles(0, 0)
+    assert any(f is None for *_, f in tiles) and all(r.stop - r.start <= 2 for r, _, _, f in tiles if f is None)
+
+
+def _unknown_kernel():
+    q = torch.randn(1, 4, 2, 4)
+    return value_error(lambda: ring_attention(q, q, q, kernel="flash"))
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_kernel_is_refused_on_every_rank(distributed):
+    for message in distributed(_unknown_kernel, 2):
+        assert "attention kernel 'flash' must be one of auto, fused, explicit" in message
