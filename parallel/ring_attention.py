@@ -53,6 +53,11 @@ class RingSpec:
         explicit kernel (``mask`` is kept for it either way)."""
         if self.kernel == "explicit":
             return [(rows, cols, mask, None) for rows, cols, mask in self.plan(position, source, device)]
+        if position == source and self.causal and self.docs is None:
+            # a shard's own keys: global positions rise in local order under every layout, so the causal
+            # mask is the square's lower triangle (not built here: `explicit_mask` makes it if needed)
+            n = sum(length for *_, length in self.segments[position])
+            return [(slice(0, n), slice(0, n), None, True)] if n else []
         # the fused kernel tiles itself: whole pairs, so the diagonal stays a square lower triangle
         planned = []
         for rows, cols, mask in plan_block(self.segments[position], self.segments[source], causal=self.causal,
@@ -65,6 +70,15 @@ class RingSpec:
             planned += [(slice(r, min(rows.stop, r + step)), cols, mask[..., r - rows.start:r - rows.start + step, :],
                          None) for r in range(rows.start, rows.stop, step)]
         return planned
+
+
+def explicit_mask(mask, fused_causal, rows: slice, device=None):
+    """The explicit kernel's mask for a tile of `RingSpec.kernel_tiles`: its
+    own, or the lower triangle of a causal tile planned for the fused kernel."""
+    if mask is None and fused_causal:
+        n = rows.stop - rows.start
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    return mask
 
 
 def make_spec(seq_local: int, size: int, layout: str, *, causal: bool, scale: float,
@@ -158,7 +172,8 @@ class _RingAttention(torch.autograd.Function):
                 kb, vb, dk_b, dv_b = kv[0][:, cols], kv[1][:, cols], part[0][:, :, cols], part[1][:, :, cols]
                 if fused_causal is None or dlse is not None:  # the fused kernel takes no gradient of the LSE
                     dq[:, rows] += block_backward(q[:, rows], kb, vb, dout[:, rows], lse[:, :, rows],
-                                                  delta[:, :, rows], spec.scale, mask, dk_b, dv_b)
+                                                  delta[:, :, rows], spec.scale,
+                                                  explicit_mask(mask, fused_causal, rows, q.device), dk_b, dv_b)
                 else:
                     dq[:, rows] += fused_block_backward(q[:, rows], kb, vb, dout[:, rows], out[:, rows],
                                                         lse[:, :, rows], spec.scale, fused_causal, dk_b, dv_b)

@@ -96,7 +96,7 @@ def test_kernel_choice_and_the_tiles_it_fuses():
     # zigzag causal at P=2: the own shard is one square lower triangle, the other pair is whole or half
     spec = make_spec(8, 2, "zigzag", causal=True, scale=1.0, tile_rows=2, kernel="fused")
     diagonal = spec.kernel_tiles(0, 0)
-    assert [(r, c, f) for r, c, _, f in diagonal] == [(slice(0, 8), slice(0, 8), True)]
+    assert [(r, c, m, f) for r, c, m, f in diagonal] == [(slice(0, 8), slice(0, 8), None, True)]
     assert all(f is False for *_, f in spec.kernel_tiles(1, 0))
     # packed documents: what the fused kernel cannot express is tiled for the explicit one
     docs = make_spec(8, 2, "zigzag", causal=True, scale=1.0, cu_seqlens=[0, 5, 16], tile_rows=2, kernel="fused")
