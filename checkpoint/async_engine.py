@@ -630,7 +630,7 @@ def _pieces(plan: SavePlan) -> list[tuple[str, object, torch.Tensor]]:
             t = plan.tensors[key].detach()
             sd = storage_dtype(t.dtype)
             t = t if sd == t.dtype else t.view(sd)
-            locals_[key] = t.unsqueeze(0) if plan.entries[key]["placement"] == "per_rank" else t
+            locals_[key] = t.unsqueeze(0) if plan.entries[key].placement == "per_rank" else t
         arr = plan.arrays[key]
         cbox = layout.chunk_box(index, arr.shape, arr.chunks)
         origin = next(box for r, box in arr.fragments if r == me)[0]

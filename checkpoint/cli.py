@@ -11,7 +11,6 @@ import time
 
 from .load import verify
 from .manifest import InvalidCheckpointError
-from .state import decode_value
 from .retention import gc
 from .store import CheckpointStore
 
@@ -66,9 +65,9 @@ def ls(url: str) -> tuple[bool, str]:
             ok = False
             rows.append([step, f"damaged: {one_line(exc)}", "-", "-", "-", "-", ""])
             continue
-        nbytes = sum(e["nbytes"] for e in m["tensors"].values())
-        rows.append([step, "yes", m["world_size"], len(m["tensors"]), human_bytes(nbytes),
-                     _when(m.get("created")), "<- latest" if step == latest else ""])
+        nbytes = sum(e.nbytes for e in m.tensors.values())
+        rows.append([step, "yes", m.world_size, len(m.tensors), human_bytes(nbytes),
+                     _when(m.created), "<- latest" if step == latest else ""])
     return ok, table(["step", "committed", "world", "tensors", "bytes", "saved", ""], rows)
 
 
@@ -87,27 +86,27 @@ def inspect(url: str, step: int | None = None) -> str:
     store = CheckpointStore(url)
     step = _resolve_step(store, step)
     m = store.read_manifest(step)
-    mesh = ", ".join(f"{k}={v}" for k, v in m["mesh"].items()) if m.get("mesh") else "-"
-    total = sum(e["nbytes"] for e in m["tensors"].values())
-    lines = [f"step {m['step']} at {store.location(step)}",
-             f"saved {_when(m.get('created'))} by {m['world_size']} ranks (mesh: {mesh}), "
-             f"{len(m['tensors'])} arrays, {human_bytes(total)}", ""]
+    mesh = ", ".join(f"{k}={v}" for k, v in m.mesh.items()) if m.mesh else "-"
+    total = sum(e.nbytes for e in m.tensors.values())
+    lines = [f"step {m.step} at {store.location(step)}",
+             f"saved {_when(m.created)} by {m.world_size} ranks (mesh: {mesh}), "
+             f"{len(m.tensors)} arrays, {human_bytes(total)}", ""]
     rows = []
-    for key, e in m["tensors"].items():
-        pieces = len({(tuple(lo), tuple(hi)) for _, lo, hi in e["fragments"]})
-        rows.append([one_line(key), "x".join(map(str, e["shape"])) or "()", e["dtype"], e["placement"],
-                     f"{pieces} from {len(e['fragments'])} ranks",
-                     "x".join(map(str, e["chunks"])) or "()", len(e["checksums"]),
-                     human_bytes(e["nbytes"])])
+    for key, e in m.tensors.items():
+        pieces = len({f.box for f in e.fragments})
+        rows.append([one_line(key), "x".join(map(str, e.shape)) or "()", e.dtype, e.placement,
+                     f"{pieces} from {len(e.fragments)} ranks",
+                     "x".join(map(str, e.chunks)) or "()", len(e.checksums),
+                     human_bytes(e.nbytes)])
     lines.append(table(["array", "shape", "dtype", "placement", "fragments", "chunk", "chunks", "bytes"], rows))
-    if m["values"]:
+    if m.values:
         lines.append("")
         vrows = []
-        for key, v in m["values"].items():
-            if "per_rank" in v:  # Python's repr: any value a checkpoint holds (tuple keys too)
-                text = f"per rank: {[decode_value(x) for x in v['per_rank']]!r}"
+        for key, v in m.values.items():
+            if v.is_per_rank:  # Python's repr: any value a checkpoint holds (tuple keys too)
+                text = f"per rank: {[v.decoded(r) for r in range(len(v.per_rank))]!r}"
             else:
-                text = repr(decode_value(v["value"]))
+                text = repr(v.decoded())
             text = one_line(text)
             vrows.append([one_line(key), text if len(text) <= 70 else text[:67] + "..."])
         lines.append(table(["value", "contents"], vrows))

@@ -434,16 +434,15 @@ def load_pointer(path: str, url: str, map_location=None) -> dict:
                                      f"pass url= if it was saved elsewhere)", file=path, field="url")
     name, step = pointer["file"], pointer["step"]
     manifest = CheckpointStore(url).read_manifest(step)
-    entry = manifest["tensors"].get(key_of((name, "skeleton_json")))
+    entry = manifest.tensors.get(key_of((name, "skeleton_json")))
     if entry is None:
-        if key_of((name, "skeleton")) in manifest["tensors"]:
+        if key_of((name, "skeleton")) in manifest.tensors:
             unpack({"skeleton": None}, name)  # raises: the pickled skeleton of an older loom
         raise InvalidCheckpointError(f"{path}: step {step} of {url} holds no DeepSpeed file {name!r}",
                                      file=path, field="file")
-    if (entry.get("dtype") != "uint8" or not isinstance(entry.get("shape"), list) or len(entry["shape"]) != 1
-            or not isinstance(entry["shape"][0], int) or entry["shape"][0] > MAX_SKELETON_BYTES):
+    if entry.dtype != "uint8" or len(entry.shape) != 1 or entry.shape[0] > MAX_SKELETON_BYTES:
         raise InvalidCheckpointError(f"{path}: the skeleton of {name} at step {step} of {url} is "
-                                     f"{entry.get('dtype')} of shape {entry.get('shape')}, not at most "
+                                     f"{entry.dtype} of shape {list(entry.shape)}, not at most "
                                      f"{MAX_SKELETON_BYTES} uint8 bytes", file=path, field="skeleton_json")
     target = {name: {}}
     load(target, url, step=step, group=Group.alone(), strict=False)

@@ -10,7 +10,7 @@ container is empty (a fresh optimizer's ``state``) is rebuilt from the saved
 subtree.
 
 Nothing is allocated or read from a step before it is vetted: its manifest
-is checked (`check_manifest`) and one listing of its folder shows every
+is checked (`Manifest.from_json`) and one listing of its folder shows every
 chunk object the manifest names as a plain file of exactly its full-chunk
 size (`check_objects`).  In a collective load rank 0 vets while it picks
 the step and every rank learns its verdict in the same agreement, so memory
@@ -31,10 +31,10 @@ from . import layout, zarr_io
 from .collective import agree, resolve
 from .memory import TIERS
 from .memory import fetch as fetch_from_memory
-from .manifest import (ChecksumError, InvalidCheckpointError, array_document, as_numpy, checksum, contiguous,
-                       from_numpy, torch_dtype)
+from .manifest import (ChecksumError, InvalidCheckpointError, Manifest, TensorEntry, array_document, as_numpy,
+                       checksum, contiguous, from_numpy)
 from .save import IO_THREADS
-from .state import build_tree, decode_value, flatten, key_of, per_rank_nodes, set_path
+from .state import build_tree, flatten, key_of, per_rank_nodes, set_path
 from .store import CheckpointStore, check_objects, check_step, data_prefix, vet
 from .zarr_io import open_array, read_box
 
@@ -75,11 +75,11 @@ class ChunkReader:
     by one of the ranks that read it (``share_checks``); the others, on a
     local store, copy only the part they need from the mapped object."""
 
-    def __init__(self, store: CheckpointStore, manifest: dict, memory=None):
+    def __init__(self, store: CheckpointStore, manifest: Manifest, memory=None):
         self.store, self.manifest, self.memory = store, manifest, memory
         self._served: dict = {}  # (key, chunk index) -> (valid values from host memory, tier)
         self.tiers = dict.fromkeys(TIERS, 0)  # chunk bytes read per tier (`serve_from_memory`)
-        self.prefix = data_prefix(manifest["step"])
+        self.prefix = data_prefix(manifest.step)
         self._arrays: dict = {}
         self._tasks: list = []
         self._buffers = threading.local()  # one reusable staging buffer per I/O thread
@@ -88,15 +88,15 @@ class ChunkReader:
 
     def array(self, key: str):
         if key not in self._arrays:
-            entry = self.manifest["tensors"][key]
-            self._arrays[key] = open_array(self.store, f"{self.prefix}/{entry['array']}",
+            entry = self.manifest.tensors[key]
+            self._arrays[key] = open_array(self.store, f"{self.prefix}/{entry.array}",
                                            array_document(key, entry))
         return self._arrays[key]
 
     def request(self, key: str, box, out: np.ndarray) -> None:
         """Fill ``out`` (the shape of ``box``) with the saved values of ``box``."""
-        entry = self.manifest["tensors"][key]
-        shape, chunks = tuple(entry["storage_shape"]), tuple(entry["chunks"])
+        entry = self.manifest.tensors[key]
+        shape, chunks = entry.storage_shape, entry.chunks
         for index in layout.chunks_touching(box, shape, chunks):
             cbox = layout.chunk_box(index, shape, chunks)
             self._tasks.append((key, index, cbox, layout.intersect(cbox, box), out, box[0]))
@@ -107,18 +107,18 @@ class ChunkReader:
         the size and crc32c the manifest records (the rest, and everything
         ``memory`` lacks, is read from storage), and count the bytes of
         every chunk per tier in ``tiers``."""
-        entries = self.manifest["tensors"]
+        entries = self.manifest.tensors
         chunks = {}
         for key, index, cbox, *_ in self._tasks:
             chunks.setdefault((key, index), cbox)
         wanted = {}
         for (key, index), cbox in chunks.items():
-            expected = entries[key]["checksums"].get(layout.chunk_name(index))
+            expected = entries[key].checksums.get(layout.chunk_name(index))
             if expected is not None:
                 wanted[self._chunk_key(key, index)] = expected
         got = fetch_from_memory(self.memory, wanted)
         for (key, index), cbox in chunks.items():
-            dtype = np.dtype(entries[key]["storage_dtype"])
+            dtype = np.dtype(entries[key].storage_dtype)
             valid = [stop - start for start, stop in zip(*cbox)]
             nbytes = math.prod(valid) * dtype.itemsize
             held = got.get(self._chunk_key(key, index))
@@ -127,7 +127,7 @@ class ChunkReader:
                 data = np.asarray(buf).reshape(-1).view(np.uint8)
                 if data.nbytes == nbytes and tier in TIERS[:2]:
                     data = data.view(dtype).reshape(valid)
-                    if checksum(data) == entries[key]["checksums"][layout.chunk_name(index)]:
+                    if checksum(data) == entries[key].checksums[layout.chunk_name(index)]:
                         self._served[(key, index)] = (data, tier)
                         self.tiers[tier] += nbytes
                         continue
@@ -160,9 +160,9 @@ class ChunkReader:
                             for c in claims]).astype(bool).T  # [chunk, rank]
         sizes = np.zeros(total, dtype=np.int64)
         for key, n in first.items():
-            entry = self.manifest["tensors"][key]
-            count = layout.num_chunks(entry["storage_shape"], entry["chunks"])
-            sizes[n:n + count] = math.prod(entry["chunks"]) * np.dtype(entry["storage_dtype"]).itemsize
+            entry = self.manifest.tensors[key]
+            count = layout.num_chunks(entry.storage_shape, entry.chunks)
+            sizes[n:n + count] = math.prod(entry.chunks) * np.dtype(entry.storage_dtype).itemsize
         shared = readers.sum(axis=1) > 1
         to_check = (readers[~shared] * sizes[~shared, None]).sum(axis=0)  # the forced checks first
         checked_elsewhere = set()
@@ -180,16 +180,16 @@ class ChunkReader:
         array's first number and the total."""
         if self._first is None:
             first, total = {}, 0
-            for key in sorted(self.manifest["tensors"]):
-                entry = self.manifest["tensors"][key]
+            for key in sorted(self.manifest.tensors):
+                entry = self.manifest.tensors[key]
                 first[key] = total
-                total += layout.num_chunks(entry["storage_shape"], entry["chunks"])
+                total += layout.num_chunks(entry.storage_shape, entry.chunks)
             self._first, self._total = first, total
         return self._first, self._total
 
     def _chunk_number(self, key: str, index) -> int:
-        entry = self.manifest["tensors"][key]
-        grid = [-(-n // c) for n, c in zip(entry["storage_shape"], entry["chunks"])]
+        entry = self.manifest.tensors[key]
+        grid = [-(-n // c) for n, c in zip(entry.storage_shape, entry.chunks)]
         return self._chunk_numbers()[0][key] + (int(np.ravel_multi_index(index, grid)) if grid else 0)
 
     def run(self, threads: int = IO_THREADS) -> None:
@@ -206,9 +206,9 @@ class ChunkReader:
         (``check=False``: another rank checks it).  Into ``dest``
         (C-contiguous, the chunk's valid shape) when given; otherwise, on a
         local store, a read-only view of the mapped chunk object."""
-        entry = self.manifest["tensors"][key]
+        entry = self.manifest.tensors[key]
         valid = [stop - start for start, stop in zip(*cbox)]
-        if not zarr_io.is_prefix(valid, entry["chunks"]):
+        if not zarr_io.is_prefix(valid, entry.chunks):
             data = read_box(self.array(key), cbox, dest)  # an edge cut along an inner dim: zarr-python
         elif self.store.local:
             data = self._mapped(key, index, valid)
@@ -219,7 +219,7 @@ class ChunkReader:
                 np.copyto(dest, data)
                 data = dest
         else:
-            data = self._staging(valid, entry["storage_dtype"]) if dest is None else dest
+            data = self._staging(valid, entry.storage_dtype) if dest is None else dest
             try:
                 got = zarr_io.read_raw(self.store, self._chunk_key(key, index), data)
             except FileNotFoundError:
@@ -231,10 +231,10 @@ class ChunkReader:
         return data
 
     def _chunk_key(self, key: str, index) -> str:
-        return zarr_io.chunk_key(f"{self.prefix}/{self.manifest['tensors'][key]['array']}", index)
+        return zarr_io.chunk_key(f"{self.prefix}/{self.manifest.tensors[key].array}", index)
 
     def _mapped(self, key: str, index, valid) -> np.ndarray:
-        dtype = np.dtype(self.manifest["tensors"][key]["storage_dtype"])
+        dtype = np.dtype(self.manifest.tensors[key].storage_dtype)
         nbytes = math.prod(valid) * dtype.itemsize
         view, got = zarr_io.map_raw(self.store, self._chunk_key(key, index), nbytes)
         if view is None:
@@ -266,25 +266,25 @@ class ChunkReader:
             dest[...] = layout.view(data, part, cbox[0])
 
     def _verify(self, key: str, index, data: np.ndarray) -> None:
-        expected = self.manifest["tensors"][key]["checksums"].get(layout.chunk_name(index))
+        expected = self.manifest.tensors[key].checksums.get(layout.chunk_name(index))
         if expected is None or checksum(data) != expected:
             self._fail(key, index, "the stored bytes do not match its checksum")
 
     def _fail(self, key: str, index, why: str):
-        entry = self.manifest["tensors"][key]
+        entry = self.manifest.tensors[key]
         raise ChecksumError(
             f"checksum mismatch in array {key!r} chunk {layout.chunk_name(index)} (Zarr array "
-            f"{entry['array']!r}) of {self.store.location(self.manifest['step'])}: {why}",
+            f"{entry.array!r}) of {self.store.location(self.manifest.step)}: {why}",
             file=self.store.url_of(self._chunk_key(key, index)), field=f"tensors[{key!r}].checksums")
 
 
 # -------------------------------------------------------- region mapping
 
-def _is_flat_storage(entry: dict) -> bool:
-    return entry["placement"] == "flat"
+def _is_flat_storage(entry: TensorEntry) -> bool:
+    return entry.placement == "flat"
 
 
-def _target_region(entry: dict, leaf):
+def _target_region(entry: TensorEntry, leaf):
     """The logical region a target asks for: ('all',), ('box', box) or ('range', a, b)."""
     if leaf.kind == "replicated":
         return ("all",)
@@ -294,10 +294,10 @@ def _target_region(entry: dict, leaf):
     return ("range", leaf.obj.start, leaf.obj.start + leaf.obj.tensor.numel())
 
 
-def schedule(reader: ChunkReader, key: str, entry: dict, region, target: torch.Tensor):
+def schedule(reader: ChunkReader, key: str, entry: TensorEntry, region, target: torch.Tensor):
     """Arrange for ``target`` (the region's values, in its own shape) to be
     filled; returns a finisher to call after the reads (None if direct)."""
-    shape = tuple(entry["shape"])
+    shape = entry.shape
     flat_storage = _is_flat_storage(entry)
     numel = math.prod(shape)
     row = math.prod(shape[1:]) if shape else 1
@@ -334,13 +334,13 @@ def schedule(reader: ChunkReader, key: str, entry: dict, region, target: torch.T
 def _fill(reader, key, box, target, direct: bool, select):
     """Read ``box`` straight into ``target`` (direct) or into a buffer whose
     ``select``-ed part is copied into ``target`` afterwards."""
-    entry = reader.manifest["tensors"][key]
+    entry = reader.manifest.tensors[key]
     if direct:
         view = as_numpy(target)
         view = view.reshape([stop - start for start, stop in zip(*box)])
         reader.request(key, box, view)
         return None
-    buf = np.empty([stop - start for start, stop in zip(*box)], dtype=np.dtype(entry["storage_dtype"]))
+    buf = np.empty([stop - start for start, stop in zip(*box)], dtype=np.dtype(entry.storage_dtype))
     reader.request(key, box, buf)
 
     def finish():
@@ -353,8 +353,8 @@ def _fill(reader, key, box, target, direct: bool, select):
 def read_whole(reader: ChunkReader, key: str, row: int | None = None):
     """A new tensor holding a saved array (the logical tensor; for PerRank
     tensors the ``row`` of one saved rank).  Returns (tensor, finisher)."""
-    entry = reader.manifest["tensors"][key]
-    dtype, shape = torch_dtype(entry["dtype"]), tuple(entry["shape"])
+    entry = reader.manifest.tensors[key]
+    dtype, shape = entry.tensor_dtype, entry.shape
     t = torch.empty(shape, dtype=dtype)
     if row is None:
         return t, schedule(reader, key, entry, ("all",), t)
@@ -505,9 +505,9 @@ def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
     """Match ``state`` against a step's manifest and queue the reads;
     returns the reader and a function that runs the reads and fills
     ``state`` (returning the CheckpointInfo)."""
-    tensors, values = manifest["tensors"], manifest["values"]
+    tensors, values = manifest.tensors, manifest.values
     saved = {**{k: ("tensor", e) for k, e in tensors.items()}, **{k: ("value", e) for k, e in values.items()}}
-    by_path = {tuple(e["path"]): k for k, (_, e) in saved.items()}
+    by_path = {e.path: k for k, (_, e) in saved.items()}
     reader = ChunkReader(store, manifest, memory)
     consumed, missing, finishers, replacements = set(), [], [], []
     written: set = set()
@@ -528,7 +528,7 @@ def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
                 continue
             entry = tensors[found]
             _check_compatible(leaf, entry)
-            if entry["placement"] == "per_rank":
+            if entry.placement == "per_rank":
                 raise ValueError(f"key {leaf.key!r} was saved per rank; load it into a PerRank")
             fin = schedule(reader, found, entry, _target_region(entry, leaf), leaf.tensor)
             if fin is not None:
@@ -538,9 +538,9 @@ def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
             continue
         if found is not None and saved[found][0] == "value":
             entry = values[found]
-            if "per_rank" in entry:
+            if entry.is_per_rank:
                 raise ValueError(f"key {leaf.key!r} was saved per rank; load it into a PerRank")
-            replacements.append((leaf.path, decode_value(entry["value"])))
+            replacements.append((leaf.path, entry.decoded()))
             consumed.add(found)
             continue
         if found is not None:
@@ -567,19 +567,19 @@ def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
 
     lost = sorted(set(missing) & touched)
     if lost:
-        raise ValueError(f"step {manifest['step']} lacks keys {lost} that a rejected newer step had "
+        raise ValueError(f"step {manifest.step} lacks keys {lost} that a rejected newer step had "
                          f"already overwritten; they cannot be restored consistently")
     if strict and missing:
         raise MissingKeysError(
-            f"checkpoint {store.location(manifest['step'])} lacks keys {missing} (pass strict=False "
+            f"checkpoint {store.location(manifest.step)} lacks keys {missing} (pass strict=False "
             f"to load the keys present)")
     touched |= written
 
     resolved = []
-    saved_world = manifest["world_size"]
+    saved_world = manifest.world_size
     for path, node, subtree in per_rank:
-        per = any(saved[k][0] == "tensor" and tensors[k]["placement"] == "per_rank" or
-                  saved[k][0] == "value" and "per_rank" in values[k] for k in subtree)
+        per = any(saved[k][0] == "tensor" and tensors[k].placement == "per_rank" or
+                  saved[k][0] == "value" and values[k].is_per_rank for k in subtree)
         if not per or saved_world == g.size:
             value, fins = _materialize(reader, saved, subtree, len(path), g.rank)
             finishers += fins
@@ -605,22 +605,22 @@ def _plan_step(state, store, manifest, g, strict, touched: set, memory=None):
         for node, make in resolved:
             node.value = make()
         unexpected = sorted(set(saved) - consumed)
-        return CheckpointInfo(step=manifest["step"], world_size=saved_world, mesh=manifest.get("mesh"),
-                              location=store.location(manifest["step"]), missing=missing,
-                              unexpected=unexpected, created=manifest.get("created"))
+        return CheckpointInfo(step=manifest.step, world_size=saved_world, mesh=manifest.mesh,
+                              location=store.location(manifest.step), missing=missing,
+                              unexpected=unexpected, created=manifest.created)
     reader.serve_from_memory()  # every read is requested: what host memory holds is taken from it
     return reader, finish
 
 
-def _check_compatible(leaf, entry: dict) -> None:
+def _check_compatible(leaf, entry: TensorEntry) -> None:
     t = leaf.tensor
-    if str(t.dtype).removeprefix("torch.") != entry["dtype"]:
-        raise ValueError(f"dtype mismatch at key {leaf.key!r}: the checkpoint holds {entry['dtype']}, "
+    if str(t.dtype).removeprefix("torch.") != entry.dtype:
+        raise ValueError(f"dtype mismatch at key {leaf.key!r}: the checkpoint holds {entry.dtype}, "
                          f"the target is {str(t.dtype).removeprefix('torch.')}")
     want = tuple(t.shape) if leaf.kind == "replicated" else tuple(leaf.obj.global_shape)
-    if want != tuple(entry["shape"]):
+    if want != entry.shape:
         raise ValueError(f"shape mismatch at key {leaf.key!r}: the checkpoint holds "
-                         f"{tuple(entry['shape'])}, the target's global shape is {want}")
+                         f"{entry.shape}, the target's global shape is {want}")
 
 
 def _materialize(reader, saved: dict, keys: list, depth: int, rank: int | None):
@@ -629,21 +629,21 @@ def _materialize(reader, saved: dict, keys: list, depth: int, rank: int | None):
     items, finishers = [], []
     for key in keys:
         what, entry = saved[key]
-        rel, containers = tuple(entry["path"][depth:]), entry["containers"][depth:]
+        rel, containers = entry.path[depth:], entry.containers[depth:]
         if what == "tensor":
-            per = entry["placement"] == "per_rank"
+            per = entry.placement == "per_rank"
             if per and rank is None:
                 raise ValueError(f"key {key!r} was saved per rank; load it into a PerRank")
             t, fin = read_whole(reader, key, rank if per else None)
             if fin is not None:
                 finishers.append(fin)
             items.append((rel, containers, t))
-        elif "per_rank" in entry:
+        elif entry.is_per_rank:
             if rank is None:
                 raise ValueError(f"key {key!r} was saved per rank; load it into a PerRank")
-            items.append((rel, containers, decode_value(entry["per_rank"][rank])))
+            items.append((rel, containers, entry.decoded(rank)))
         else:
-            items.append((rel, containers, decode_value(entry["value"])))
+            items.append((rel, containers, entry.decoded()))
     return build_tree(items), finishers
 
 
@@ -672,9 +672,9 @@ def verify(url: str, step: int | None = None) -> list[str]:
     damaged = check_objects(store, manifest)
     problems = [str(exc) for exc in damaged.values()]
     reader = ChunkReader(store, manifest)
-    for key in sorted(manifest["tensors"]):
-        entry = manifest["tensors"][key]
-        shape, chunks = tuple(entry["storage_shape"]), tuple(entry["chunks"])
+    for key in sorted(manifest.tensors):
+        entry = manifest.tensors[key]
+        shape, chunks = entry.storage_shape, entry.chunks
         for index in layout.chunk_indices(shape, chunks):
             if (key, index) in damaged:
                 continue

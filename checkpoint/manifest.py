@@ -1,17 +1,22 @@
 """The manifest: what a committed step holds, and how tensors map to arrays.
 
-One JSON document per step (``manifest.json``), written after every chunk:
+One JSON document per step (``manifest.json``), written after every chunk.
+Its schema is the dataclasses `Manifest`, `TensorEntry`, `ValueEntry` and
+`Fragment` below (their fields, in order, are the document's fields):
 
     {"format": "loom.checkpoint", "version": 1, "step": 10, "world_size": 4,
-     "mesh": {"dp": 2, "sp": 2, "ep": 1} | null, "created": <unix time>,
+     "mesh": {"dp": 2, "sp": 2, "ep": 1} | null, "created": <unix time> | null,
      "tensors": {key: {"path": [...], "containers": "dd", "array": "model/w", "placement":
                  "replicated" | "shard" | "flat" | "per_rank", "dtype": "bfloat16",
                  "shape": [global shape], "storage_dtype": "uint16",
                  "storage_shape": [...], "chunks": [...],
                  "fragments": [[rank, [lo...], [hi...]], ...],
-                 "checksums": {"0.1": crc32c, ...}, "nbytes": ...}},
+                 "nbytes": ..., "checksums": {"0.1": crc32c, ...}}},
      "values": {key: {"path": [...], "containers": "dd", "value": <JSON>} |
                      {"path": [...], "containers": "dd", "per_rank": [<JSON per rank>]}}}
+
+`Manifest.to_json` writes it and `Manifest.from_json` reads it back (the
+same bytes); reading is the one place a manifest is checked (`check_manifest`).
 
 ``path`` holds the typed keys (str or int) and ``containers`` the kind of
 container each key indexes (d/l/t: dict, list, tuple), so a load can rebuild
@@ -34,6 +39,8 @@ import json
 import math
 import re
 import string
+from dataclasses import dataclass, fields
+from typing import Any
 from urllib.parse import quote
 
 import google_crc32c
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 
 from . import layout
-from .state import decode_value, key_of
+from .state import decode_value, dumps, key_of
 
 FORMAT = "loom.checkpoint"
 VERSION = 1
@@ -68,6 +75,124 @@ class InvalidCheckpointError(ValueError):
 
 class ChecksumError(InvalidCheckpointError):
     """Stored bytes do not match the checksum recorded at save time."""
+
+
+# ------------------------------------------------------------------ schema
+#
+# The dataclasses below ARE the manifest's schema: their fields, in order,
+# are the JSON document's fields, in the order loom writes them, and
+# `Manifest.to_json` writes exactly the bytes `Manifest.from_json` read (the
+# same bytes a save writes).  `Manifest.from_json` is the one place a
+# manifest read from a store is checked (see `check_manifest`).
+
+Path = tuple  # a state path: typed keys (str or int) from the state's root
+
+
+def _json_of(value):
+    """The JSON form of a schema field's value (tuples become lists)."""
+    if isinstance(value, _Schema):
+        return value.jsonable()
+    if isinstance(value, tuple):
+        return [_json_of(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_of(v) for k, v in value.items()}
+    return value
+
+
+class _Schema:
+    def jsonable(self):
+        """This object's JSON form: its fields, in order."""
+        return {f.name: _json_of(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Fragment(_Schema):
+    """The box of a stored array one saving rank held: ``lo`` to ``hi``
+    (exclusive) per storage dim.  JSON: ``[rank, [lo...], [hi...]]``."""
+    rank: int              # in [0, world_size)
+    lo: tuple[int, ...]    # one per dim of ``storage_shape``
+    hi: tuple[int, ...]    # lo <= hi <= storage_shape, per dim
+
+    @property
+    def box(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.lo, self.hi
+
+    def jsonable(self) -> list:
+        return [self.rank, list(self.lo), list(self.hi)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorEntry(_Schema):
+    """One tensor: a Zarr v3 array under the step's ``state/`` group."""
+    path: Path                       # the typed keys of the tensor in the state (1 to MAX_PATH)
+    containers: str                  # per path key the container it indexes: d(ict), l(ist), t(uple)
+    array: str                       # the array's node path below ``state/``: always array_path(path)
+    placement: str                   # one of PLACEMENTS
+    dtype: str                       # the torch dtype's name ("bfloat16")
+    shape: tuple[int, ...]           # the logical global shape
+    storage_dtype: str               # dtype_name(storage_dtype(dtype)): numpy's twin holding the bits
+    storage_shape: tuple[int, ...]   # shape (replicated, shard), [prod(shape)] (flat), [world_size, *shape]
+    chunks: tuple[int, ...]          # the regular chunk grid's chunk shape, each in [1, max(dim, 1)]
+    fragments: tuple[Fragment, ...]  # which rank held which box (per_rank: rank i holds row i)
+    nbytes: int                      # prod(storage_shape) * itemsize of dtype
+    checksums: dict[str, int]        # chunk name ("0.1", layout.chunk_name) -> crc32c, one per chunk
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValueEntry(_Schema):
+    """One plain value, in `state.encode_value`'s JSON form: either one value
+    every rank saved alike (JSON field ``value``) or a `PerRank` value's
+    list of every saving rank's value (JSON field ``per_rank``, and no
+    ``value``)."""
+    path: Path                     # as TensorEntry.path
+    containers: str                # as TensorEntry.containers
+    value: Any = None              # the shared value (any JSON; null is a value)
+    per_rank: tuple | None = None  # world_size values, by rank; None for a shared value
+
+    @property
+    def is_per_rank(self) -> bool:
+        return self.per_rank is not None
+
+    def decoded(self, rank: int | None = None):
+        """The saved value (rank ``rank``'s for a per-rank value)."""
+        if self.per_rank is None:
+            return decode_value(self.value)
+        if rank is None:
+            raise ValueError("a per-rank value needs the rank whose value to decode")
+        return decode_value(self.per_rank[rank])
+
+    def jsonable(self) -> dict:  # one of value and per_rank; the value's JSON as it is
+        if self.per_rank is None:
+            return {"path": list(self.path), "containers": self.containers, "value": self.value}
+        return {"path": list(self.path), "containers": self.containers, "per_rank": list(self.per_rank)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(_Schema):
+    """What one committed step holds (``manifest.json``)."""
+    format: str = FORMAT             # always FORMAT: anything else is not a loom manifest
+    version: int = VERSION           # always VERSION: the only version this loom reads
+    step: int                        # the step of the folder it lies in
+    world_size: int                  # ranks that saved it (>= 1)
+    mesh: dict[str, int] | None      # the saving mesh's degrees by dim name ({"dp": 2, "sp": 2}), or null
+    created: float | None            # unix time of the commit, or null
+    tensors: dict[str, TensorEntry]  # by key (`state.key_of` of the path)
+    values: dict[str, ValueEntry]    # by key; no key is also a tensor
+
+    def to_json(self) -> bytes:
+        """The manifest.json bytes (compact JSON, fields in schema order)."""
+        return dumps(self.jsonable()).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, file: str, step: int | None = None) -> Manifest:
+        """The manifest in ``raw`` (the bytes of ``file``, read within
+        MAX_MANIFEST), checked: see `parse_json` and `check_manifest`.
+        Raises InvalidCheckpointError naming ``file`` and the field."""
+        return check_manifest(parse_json(raw, file), file, step)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -156,12 +281,12 @@ def zarr_metadata(storage_shape, chunks, sdtype: torch.dtype, attributes: dict) 
             "attributes": attributes, "storage_transformers": []}
 
 
-def array_document(key: str, entry: dict) -> dict:
+def array_document(key: str, entry: TensorEntry) -> dict:
     """The zarr.json of a manifest tensor entry (the true dtype and logical
     shape ride along as attributes)."""
-    attrs = {"loom": {"key": key, "dtype": entry["dtype"], "shape": entry["shape"],
-                      "placement": entry["placement"]}}
-    return zarr_metadata(entry["storage_shape"], entry["chunks"], torch_dtype(entry["storage_dtype"]), attrs)
+    attrs = {"loom": {"key": key, "dtype": entry.dtype, "shape": list(entry.shape),
+                      "placement": entry.placement}}
+    return zarr_metadata(entry.storage_shape, entry.chunks, torch_dtype(entry.storage_dtype), attrs)
 
 
 def group_metadata(attributes: dict | None = None) -> dict:
@@ -208,11 +333,12 @@ def array_path(path) -> str:
 
 # --------------------------------------------------------------- manifest
 
-def new_manifest(step: int, world_size: int, mesh, created: float) -> dict:
-    """An empty manifest of ``step`` saved by ``world_size`` ranks (tensors
-    and values are added by the save)."""
-    return {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-            "mesh": mesh, "created": created, "tensors": {}, "values": {}}
+def new_manifest(step: int, world_size: int, mesh: dict | None, created: float | None,
+                 tensors: dict | None = None, values: dict | None = None) -> Manifest:
+    """The manifest of ``step`` saved by ``world_size`` ranks, holding
+    ``tensors`` ({key: TensorEntry}) and ``values`` ({key: ValueEntry})."""
+    return Manifest(step=step, world_size=world_size, mesh=mesh, created=created,
+                    tensors=dict(tensors or {}), values=dict(values or {}))
 
 
 # ------------------------------------------------------- reading a store
@@ -228,9 +354,9 @@ MAX_JSON_DEPTH = 512         # nesting of any JSON document loom reads
 MAX_NDIM = 64
 MAX_PATH = 256               # components of a state path
 _INDEX_LIMIT = 1 << 62       # shapes and offsets (sizes and strides fit in int64)
-_TOP = {"format", "version", "step", "world_size", "mesh", "created", "tensors", "values"}
-_TENSOR = {"path", "containers", "array", "placement", "dtype", "shape", "storage_dtype",
-           "storage_shape", "chunks", "fragments", "nbytes", "checksums"}
+_TOP = {f.name for f in fields(Manifest)}
+_TENSOR = {f.name for f in fields(TensorEntry)}
+_VALUE = ({"path", "containers", "value"}, {"path", "containers", "per_rank"})  # ValueEntry: one of the two
 
 
 def _show(value, limit: int = 80) -> str:
@@ -286,7 +412,8 @@ def _is_int(v) -> bool:
 
 
 class _Checker:
-    """The checks of one manifest (``file``), raising at the first problem."""
+    """The checks of one manifest (``file``), raising at the first problem,
+    and the dataclasses built from what passed them."""
 
     def __init__(self, file: str):
         self.file = file
@@ -322,7 +449,7 @@ class _Checker:
             self.fail(f"{field}.path", f"{_show(path)} is not the path of key {_show(key)}")
         return tuple(path)
 
-    def tensor(self, key: str, e, world: int) -> None:
+    def tensor(self, key: str, e, world: int) -> TensorEntry:
         field = f"tensors[{_show(key)}]"
         if not isinstance(e, dict) or set(e) != _TENSOR:
             self.fail(field, f"a tensor entry has exactly the fields {sorted(_TENSOR)}")
@@ -357,7 +484,11 @@ class _Checker:
             if c > max(n, 1):
                 self.fail(f"{field}.chunks[{d}]", f"{c} is larger than the array's dim ({n})")
         self.checksums(e["checksums"], sshape, chunks, f"{field}.checksums")
-        self.fragments(e["fragments"], placement, sshape, world, f"{field}.fragments")
+        fragments = self.fragments(e["fragments"], placement, sshape, world, f"{field}.fragments")
+        return TensorEntry(path=path, containers=e["containers"], array=e["array"], placement=placement,
+                           dtype=e["dtype"], shape=tuple(shape), storage_dtype=e["storage_dtype"],
+                           storage_shape=tuple(sshape), chunks=tuple(chunks), fragments=fragments,
+                           nbytes=e["nbytes"], checksums=e["checksums"])
 
     def checksums(self, sums, sshape, chunks, field) -> None:
         count = layout.num_chunks(sshape, chunks)
@@ -370,10 +501,10 @@ class _Checker:
                 self.fail(field, f"lacks chunk {name} of the grid ({chunks} over {sshape})")
             self.int(sums[name], f"{field}[{name!r}]", 0, (1 << 32) - 1)
 
-    def fragments(self, frags, placement, sshape, world, field) -> None:
+    def fragments(self, frags, placement, sshape, world, field) -> tuple[Fragment, ...]:
         if not isinstance(frags, list) or not 0 < len(frags) <= world:
             self.fail(field, f"must be a list of 1 to world_size={world} fragments")
-        ranks = set()
+        ranks, out = set(), []
         for i, f in enumerate(frags):
             if not isinstance(f, list) or len(f) != 3:
                 self.fail(f"{field}[{i}]", f"{_show(f)} must be [rank, lo, hi]")
@@ -388,15 +519,16 @@ class _Checker:
             if placement == "per_rank" and (rank != i or lo[:1] != [i] or hi[:1] != [i + 1]
                                             or lo[1:] != [0] * (len(sshape) - 1) or hi[1:] != sshape[1:]):
                 self.fail(f"{field}[{i}]", "a per-rank tensor has one fragment per rank: rank i holds row i")
+            out.append(Fragment(rank, tuple(lo), tuple(hi)))
         if placement == "per_rank" and len(frags) != world:
             self.fail(field, f"a per-rank tensor has world_size={world} fragments, not {len(frags)}")
+        return tuple(out)
 
-    def value(self, key: str, e, world: int) -> None:
+    def value(self, key: str, e, world: int) -> ValueEntry:
         field = f"values[{_show(key)}]"
-        if not isinstance(e, dict) or set(e) not in ({"path", "containers", "value"},
-                                                     {"path", "containers", "per_rank"}):
+        if not isinstance(e, dict) or set(e) not in _VALUE:
             self.fail(field, "a value entry has the fields path, containers and value or per_rank")
-        self.path(key, e, field)
+        path = self.path(key, e, field)
         if "per_rank" in e:
             if not isinstance(e["per_rank"], list) or len(e["per_rank"]) != world:
                 self.fail(f"{field}.per_rank", f"must be a list of world_size={world} values")
@@ -408,6 +540,9 @@ class _Checker:
                 decode_value(v)
             except Exception as exc:  # noqa: BLE001 - any failure of a pure decode is damage
                 self.fail(where, f"not a value loom encodes ({type(exc).__name__}: {_show(str(exc), 120)})")
+        if "per_rank" in e:
+            return ValueEntry(path=path, containers=e["containers"], per_rank=tuple(e["per_rank"]))
+        return ValueEntry(path=path, containers=e["containers"], value=e["value"])
 
     def tree(self, entries) -> None:
         """The paths of all entries form one tree: each container has one
@@ -429,15 +564,16 @@ class _Checker:
             leaves.add(node)
 
 
-def check_manifest(m, file: str, step: int | None = None) -> dict:
-    """Check a parsed manifest (read from ``file``) before anything acts on
-    it: every field's type and range, and every number against the rest of
-    the manifest (storage shapes, dtypes and byte counts against placement
-    and world_size, the chunk grid against the checksums recorded, fragments
-    inside the array, per-rank lists of world_size entries, array names
-    derived from the paths, ``step`` equal to ``step`` when given).  Work
-    is bounded by the manifest's size.  Returns ``m``; raises
-    InvalidCheckpointError naming ``file`` and the field."""
+def check_manifest(m, file: str, step: int | None = None) -> Manifest:
+    """The `Manifest` of a parsed manifest document ``m`` (read from
+    ``file``), checked before anything acts on it: every field's type and
+    range, and every number against the rest of the manifest (storage
+    shapes, dtypes and byte counts against placement and world_size, the
+    chunk grid against the checksums recorded, fragments inside the array,
+    per-rank lists of world_size entries, array names derived from the
+    paths, ``step`` equal to ``step`` when given).  Work is bounded by the
+    manifest's size.  Raises InvalidCheckpointError naming ``file`` and the
+    field.  `Manifest.from_json` parses and checks raw bytes."""
     c = _Checker(file)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         c.fail("format", "not a loom checkpoint manifest")
@@ -462,10 +598,8 @@ def check_manifest(m, file: str, step: int | None = None) -> dict:
     both = m["tensors"].keys() & m["values"].keys()
     if both:
         c.fail("values", f"keys {_show(sorted(both))} are also tensors")
-    for key, entry in m["tensors"].items():
-        c.tensor(key, entry, world)
-    for key, entry in m["values"].items():
-        c.value(key, entry, world)
-    c.tree([(f"{kind}[{_show(k)}]", e["path"], e["containers"])
-            for kind in ("tensors", "values") for k, e in m[kind].items()])
-    return m
+    tensors = {key: c.tensor(key, entry, world) for key, entry in m["tensors"].items()}
+    values = {key: c.value(key, entry, world) for key, entry in m["values"].items()}
+    c.tree([(f"{kind}[{_show(k)}]", e.path, e.containers)
+            for kind, entries in (("tensors", tensors), ("values", values)) for k, e in entries.items()])
+    return Manifest(step=m["step"], world_size=world, mesh=mesh, created=created, tensors=tensors, values=values)

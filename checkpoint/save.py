@@ -26,7 +26,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from loom import comms
 from . import layout
 from .collective import Group, agree, resolve
 from .replicas import check_replicas, fingerprint
-from .manifest import (array_document, array_path, as_numpy, checksum, contiguous, dtype_name,
-                       group_metadata, new_manifest, storage_dtype)
+from .manifest import (Fragment, TensorEntry, ValueEntry, array_document, array_path, as_numpy, checksum,
+                       contiguous, dtype_name, group_metadata, new_manifest, storage_dtype)
 from .state import digest, dumps, encode_value, flatten
 from .owner import ERRORS, StoreOwnership, claim_store
 from .store import CheckpointStore, check_step, data_prefix, step_name
@@ -57,8 +57,8 @@ class SavePlan:
     group: Group
     mesh: dict | None
     arrays: dict            # key -> layout.ArrayPlan (every tensor of every rank)
-    entries: dict           # key -> manifest tensor entry (checksums filled at commit)
-    values: dict            # key -> manifest value entry (complete on rank 0)
+    entries: dict[str, TensorEntry]  # by key (checksums filled at commit)
+    values: dict[str, ValueEntry]    # by key (complete on rank 0)
     transfers: list         # layout.Transfer, in a global order
     groups: list            # Zarr group paths under the step, for rank 0 to create
     tensors: dict = field(default_factory=dict)  # key -> this rank's local tensor
@@ -217,11 +217,12 @@ def _build_plan(everyone: list[list[dict]], store, step, g: Group, mesh, target_
             if len({d["hash"] for _, d in items}) > 1:
                 raise ValueError(f"the plain value at key {key!r} differs across ranks; replicated "
                                  f"values must be equal (wrap per-rank values in PerRank)")
-            values[key] = {"path": first["path"], "containers": first["containers"], "value": first["value"]}
+            values[key] = ValueEntry(path=tuple(first["path"]), containers=first["containers"],
+                                     value=first["value"])
             continue
         if kind == "per_rank_value":
-            values[key] = {"path": first["path"], "containers": first["containers"],
-                           "per_rank": [d["value"] for _, d in items]}
+            values[key] = ValueEntry(path=tuple(first["path"]), containers=first["containers"],
+                                     per_rank=tuple(d["value"] for _, d in items))
             continue
         for field_name in ("dtype", "shape", "storage_shape"):
             seen = {tuple(d[field_name]) if isinstance(d[field_name], list) else d[field_name]
@@ -239,17 +240,17 @@ def _build_plan(everyone: list[list[dict]], store, step, g: Group, mesh, target_
         itemsizes[key] = dtype.itemsize
         chunks = layout.choose_chunks(sshape, [b for _, b in fragments], dtype.itemsize, target_chunk_bytes)
         arrays[key] = layout.ArrayPlan(key, sshape, chunks, fragments)
-        entries[key] = {"path": first["path"], "containers": first["containers"],
-                        "array": array_path(first["path"]), "placement": kind,
-                        "dtype": first["dtype"], "shape": first["shape"],
-                        "storage_dtype": dtype_name(storage_dtype(dtype)),
-                        "storage_shape": list(sshape), "chunks": list(chunks),
-                        "fragments": [[r, list(b[0]), list(b[1])] for r, b in fragments],
-                        "nbytes": math.prod(sshape) * dtype.itemsize, "checksums": {}}
+        entries[key] = TensorEntry(path=tuple(first["path"]), containers=first["containers"],
+                                   array=array_path(first["path"]), placement=kind,
+                                   dtype=first["dtype"], shape=tuple(first["shape"]),
+                                   storage_dtype=dtype_name(storage_dtype(dtype)),
+                                   storage_shape=sshape, chunks=tuple(chunks),
+                                   fragments=tuple(Fragment(r, *b) for r, b in fragments),
+                                   nbytes=math.prod(sshape) * dtype.itemsize, checksums={})
     transfers = layout.assign(list(arrays.values()), g.size, itemsizes)
     groups = {""}
     for entry in entries.values():
-        parts = entry["array"].split("/")
+        parts = entry.array.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
     return SavePlan(store, step, g, mesh, arrays, entries, values, transfers, sorted(groups))
 
@@ -281,7 +282,7 @@ def exchange_parts(plan: SavePlan, tensors: dict) -> dict:
 
     def view(key):
         if key not in views:
-            views[key] = _local_view(plan.entries[key]["placement"], tensors[key])
+            views[key] = _local_view(plan.entries[key].placement, tensors[key])
         return views[key]
 
     for tr in plan.transfers:
@@ -326,7 +327,7 @@ def my_chunk_data(plan: SavePlan, tensors: dict, parts: dict | None = None) -> l
             if key not in views:
                 if key not in tensors:
                     raise KeyError(f"write_chunks: no local tensor for {key!r}")
-                views[key] = _local_view(plan.entries[key]["placement"], tensors[key])
+                views[key] = _local_view(plan.entries[key].placement, tensors[key])
             data = views[key][layout.relative(cbox, _my_box(arr, me)[0])]
         tasks.append((key, index, cbox, data))
     return tasks
@@ -334,7 +335,7 @@ def my_chunk_data(plan: SavePlan, tensors: dict, parts: dict | None = None) -> l
 
 def array_prefix(plan: SavePlan, key: str) -> str:
     """Where ``key``'s Zarr array of ``plan``'s step lives in the store."""
-    return f"{data_prefix(plan.step)}/{plan.entries[key]['array']}"
+    return f"{data_prefix(plan.step)}/{plan.entries[key].array}"
 
 
 def keep_in_memory(sink, plan: SavePlan, tensors: dict, parts: dict | None, checksums: dict,
@@ -406,7 +407,7 @@ def _metadata_documents(plan: SavePlan, me: int) -> list[tuple[str, bytes]]:
     """The zarr.json documents this rank writes: the arrays it is the
     metadata writer of, and (rank 0) every group."""
     prefix = data_prefix(plan.step)
-    docs = [(f"{prefix}/{plan.entries[key]['array']}/zarr.json",
+    docs = [(f"{prefix}/{plan.entries[key].array}/zarr.json",
              json.dumps(array_document(key, plan.entries[key])).encode())
             for key, arr in plan.arrays.items() if arr.meta_writer == me]
     if me == 0:
@@ -452,7 +453,7 @@ def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
         try:
             if plan.ownership is not None:
                 plan.ownership.check()  # a job that lost the store commits nothing
-            manifest = new_manifest(plan.step, g.size, plan.mesh, time.time())
+            tensors = {}
             for key, entry in plan.entries.items():
                 sums = {}
                 for rank_sums in everyone:
@@ -460,9 +461,9 @@ def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
                 expected = {layout.chunk_name(i) for i in plan.arrays[key].owners}
                 if set(sums) != expected:
                     raise RuntimeError(f"chunks {sorted(expected - set(sums))} of {key!r} were not written")
-                manifest["tensors"][key] = {**entry, "checksums": sums}
-            manifest["values"] = plan.values
-            plan.store.commit(plan.step, dumps(manifest).encode(), durable=plan.durable)
+                tensors[key] = replace(entry, checksums=sums)
+            manifest = new_manifest(plan.step, g.size, plan.mesh, time.time(), tensors, plan.values)
+            plan.store.commit(plan.step, manifest.to_json(), durable=plan.durable)
         except Exception as exc:  # noqa: BLE001
             failure = exc
         if failure is None and on_committed is not None:

@@ -51,7 +51,7 @@ import fsspec
 
 from . import layout, zarr_io
 from .manifest import (MANIFEST, MARKER, MAX_MANIFEST, MAX_SMALL_JSON, ChecksumError, InvalidCheckpointError,
-                       check_manifest, invalid, parse_json, torch_dtype)
+                       Manifest, invalid, parse_json)
 from .state import digest
 
 log = logging.getLogger("loom.checkpoint")
@@ -314,12 +314,12 @@ class CheckpointStore:
         order = self.commit_order()
         return order[-1] if order else None
 
-    def read_sealed(self, step: int) -> tuple[dict, str]:
+    def read_sealed(self, step: int) -> tuple[Manifest, str]:
         """The checked manifest of a committed step and its sha256 (from the
         marker).  FileNotFoundError when ``step`` is not committed;
         ChecksumError when the manifest is missing or not what the marker
         sealed; InvalidCheckpointError for a damaged marker or manifest (see
-        `check_manifest`)."""
+        `Manifest.from_json`)."""
         marker = self.read_marker(step)
         if marker is None:
             if step in self.steps():
@@ -333,9 +333,9 @@ class CheckpointStore:
         if raw is None or digest(raw) != marker["manifest_sha256"]:
             raise ChecksumError(f"{file} is missing or does not match the sha256 recorded in its "
                                 f"{MARKER} marker", file=file, field="manifest_sha256")
-        return check_manifest(parse_json(raw, file), file, step), marker["manifest_sha256"]
+        return Manifest.from_json(raw, file, step), marker["manifest_sha256"]
 
-    def read_manifest(self, step: int, expect_sha256: str | None = None) -> dict:
+    def read_manifest(self, step: int, expect_sha256: str | None = None) -> Manifest:
         """The checked manifest of a committed step (errors: `read_sealed`).
         ``expect_sha256``: the manifest another rank checked; a step replaced
         since then raises InvalidCheckpointError."""
@@ -440,7 +440,7 @@ _MAX_SEQ = 2**53  # commit numbers stay exact in every JSON reader
 
 # ------------------------------------------------------ vetting a step
 
-def check_objects(store: CheckpointStore, manifest: dict) -> dict:
+def check_objects(store: CheckpointStore, manifest: Manifest) -> dict:
     """Are the chunk objects of a (checked) manifest really stored?  One
     listing of the step's folder (not one request per chunk): each chunk
     must be a plain file of exactly its full-chunk size (the ``bytes`` codec
@@ -448,18 +448,18 @@ def check_objects(store: CheckpointStore, manifest: dict) -> dict:
     object is damage, and so is a link anywhere in the step (it may lead
     out of the store).  Returns ``{(key, chunk index) or (None, path):
     InvalidCheckpointError}``, empty when every object is right."""
-    step = manifest["step"]
+    step = manifest.step
     sizes, links = _listing(store, store.path(step_name(step)))
     links = {path: InvalidCheckpointError(
         f"{store.url_of(rel)}: a link inside a step (loom writes none; it may lead out of the store)",
         file=store.url_of(rel), field=None) for path, rel in links.items()}
     problems = {}
     prefix = data_prefix(step)
-    for key in sorted(manifest["tensors"]):
-        entry = manifest["tensors"][key]
-        want = math.prod(entry["chunks"]) * torch_dtype(entry["dtype"]).itemsize
-        for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
-            rel = zarr_io.chunk_key(f"{prefix}/{entry['array']}", index)
+    for key in sorted(manifest.tensors):
+        entry = manifest.tensors[key]
+        want = math.prod(entry.chunks) * entry.tensor_dtype.itemsize
+        for index in layout.chunk_indices(entry.storage_shape, entry.chunks):
+            rel = zarr_io.chunk_key(f"{prefix}/{entry.array}", index)
             path = store.path(rel)
             got = sizes.get(path)
             if path in links:
@@ -468,7 +468,7 @@ def check_objects(store: CheckpointStore, manifest: dict) -> dict:
                 what = "missing (or not a plain file)" if got is None else f"{got} bytes"
                 problems[(key, index)] = InvalidCheckpointError(
                     f"{store.url_of(rel)}: chunk {layout.chunk_name(index)} of array {key!r} is {what}, "
-                    f"not a full chunk of {want} bytes ({entry['chunks']} of {entry['dtype']})",
+                    f"not a full chunk of {want} bytes ({list(entry.chunks)} of {entry.dtype})",
                     file=store.url_of(rel), field=f"tensors[{key!r}].chunks")
     problems.update({(None, path): exc for path, exc in links.items()})
     return problems
@@ -510,7 +510,7 @@ def _listing(store: CheckpointStore, top: str) -> tuple[dict, dict]:
     return sizes, {path: path[len(root):] if path.startswith(root) else path for path in links}
 
 
-def vet(store: CheckpointStore, step: int) -> tuple[dict, str]:
+def vet(store: CheckpointStore, step: int) -> tuple[Manifest, str]:
     """A committed step's checked manifest and its sha256, after
     `check_objects` found every chunk object right.  Raises
     InvalidCheckpointError (the first problem, with how many there are),

@@ -454,7 +454,7 @@ def _two_ranks(root):
         alone = comms.new_group([1], name="alone")
         with ckpt.AsyncCheckpointer(f"{root}/alone", group=alone) as saver:
             saver.save({"w": torch.full((2,), 5.0)}, step=1).result()
-        out["alone"] = CheckpointStore(f"{root}/alone").read_manifest(1)["world_size"]
+        out["alone"] = CheckpointStore(f"{root}/alone").read_manifest(1).world_size
     return out
 
 
@@ -547,6 +547,5 @@ def test_loom_train_async_and_sync_checkpoints_are_identical(distributed, tmp_pa
     assert stores["async"].committed_steps() == stores["sync"].committed_steps() == [3, 4]
     for step in (3, 4):
         a, s = (stores[m].read_manifest(step) for m in ("async", "sync"))
-        assert a["values"] == s["values"]
-        assert {k: e["checksums"] for k, e in a["tensors"].items()} == \
-               {k: e["checksums"] for k, e in s["tensors"].items()}
+        assert a.values == s.values
+        assert {k: e.checksums for k, e in a.tensors.items()} == {k: e.checksums for k, e in s.tensors.items()}

@@ -244,10 +244,12 @@ def test_chunks_several_ranks_read_are_checked_once_split_by_bytes():
     import importlib
     import numpy as np
     ChunkReader = importlib.import_module("loom.checkpoint.load").ChunkReader
-    entry = {"storage_dtype": "float32"}
-    manifest = {"step": 1, "tensors": {"a": {**entry, "storage_shape": [6, 4], "chunks": [1, 4]},
-                                       "b": {**entry, "storage_shape": [2], "chunks": [2]},
-                                       "s": {**entry, "storage_shape": [], "chunks": []}}}
+    from types import SimpleNamespace
+
+    def entry(storage_shape, chunks):  # the TensorEntry fields a reader plans with
+        return SimpleNamespace(storage_dtype="float32", storage_shape=storage_shape, chunks=chunks)
+    manifest = SimpleNamespace(step=1, tensors={"a": entry((6, 4), (1, 4)), "b": entry((2,), (2,)),
+                                                "s": entry((), ())})
     wants = [{"a": ((0, 0), (6, 4))}, {"a": ((0, 2), (6, 4)), "s": ((), ())}, {"b": ((0,), (2,))}]
     readers = []
     for want in wants:

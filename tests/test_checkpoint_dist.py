@@ -286,8 +286,8 @@ def test_chunks_read_by_several_ranks_are_checked_once_and_damage_fails_every_ra
         distributed(_shared_chunks, 2, url, timeout=TIMEOUT)
     assert right0 and right1
     manifest = CheckpointStore(url).read_manifest(1)
-    every_chunk = sorted((key, layout.chunk_name(i)) for key, e in manifest["tensors"].items()
-                         for i in layout.chunk_indices(e["storage_shape"], e["chunks"]))
+    every_chunk = sorted((key, layout.chunk_name(i)) for key, e in manifest.tensors.items()
+                         for i in layout.chunk_indices(e.storage_shape, e.chunks))
     assert sorted(checked0 + checked1) == every_chunk  # each chunk checked by exactly one rank
     assert any(k == "w" for k, _ in checked0) and any(k == "w" for k, _ in checked1)  # the work is shared
     # rank 0 read the damaged bytes without checking them; it fails all the same, naming rank 1
@@ -310,11 +310,11 @@ def _damaged_step_in_a_collective_load(url):
     ckpt.save(state(20), url, step=2)
     if rank == 0:
         manifest = CheckpointStore(url).read_manifest(2)
-        last = max(manifest["tensors"]["w"]["checksums"])  # a chunk rank 1 holds
+        last = max(manifest.tensors["w"].checksums)  # a chunk rank 1 holds
         os.truncate(chunk_file(url, 2, "w", last), 4)
     dist.barrier()
     planned, real_plan = [], load_mod._plan_step
-    load_mod._plan_step = lambda *a: planned.append(a[2]["step"]) or real_plan(*a)
+    load_mod._plan_step = lambda *a: planned.append(a[2].step) or real_plan(*a)
     target = {"w": torch.zeros(8, 3)}
     try:
         try:
@@ -346,11 +346,11 @@ def _check_plain_zarr(url, step):
     import numpy as np
     import zarr
     ref = reference()
-    for key, entry in CheckpointStore(url).read_manifest(step)["tensors"].items():
+    for key, entry in CheckpointStore(url).read_manifest(step).tensors.items():
         name = key.split("/")[-1]
         if name in ref:
-            array = zarr.open_array(f"{url}/{data_prefix(step)}/{entry['array']}", mode="r")
-            assert list(array.shape) == entry["storage_shape"], key  # a 0-d tensor is stored as [1]
+            array = zarr.open_array(f"{url}/{data_prefix(step)}/{entry.array}", mode="r")
+            assert array.shape == entry.storage_shape, key  # a 0-d tensor is stored as [1]
             got = torch.from_numpy(np.ascontiguousarray(array[...])).reshape(ref[name].shape)
             assert torch.equal(bits(got), bits(ref[name])), key
 
@@ -374,15 +374,15 @@ def test_reshard_matrix_one_writer_per_chunk_and_minimal_reads(distributed, tmp_
             assert not written[a] & written[b], (a, b, written[a] & written[b])
     manifest = CheckpointStore(url).read_manifest(7)
     expected_chunks = set()
-    for entry in manifest["tensors"].values():
-        for index in layout.chunk_indices(entry["storage_shape"], entry["chunks"]):
-            expected_chunks.add(f"{data_prefix(7)}/{entry['array']}/c/" + "/".join(map(str, index)) if index
-                                else f"{data_prefix(7)}/{entry['array']}/c")
+    for entry in manifest.tensors.values():
+        for index in layout.chunk_indices(entry.storage_shape, entry.chunks):
+            expected_chunks.add(f"{data_prefix(7)}/{entry.array}/c/" + "/".join(map(str, index)) if index
+                                else f"{data_prefix(7)}/{entry.array}/c")
     all_chunk_writes = {k for w in written for k in w if "/c/" in k or k.endswith("/c")}
     assert all_chunk_writes == expected_chunks
-    w_entry = manifest["tensors"]["model/w"]
-    assert w_entry["placement"] == "shard" and w_entry["chunks"] == [1, 6]
-    owners = {tuple(f[1]) for f in manifest["tensors"]["model/rep"]["fragments"]}
+    w_entry = manifest.tensors["model/w"]
+    assert w_entry.placement == "shard" and w_entry.chunks == (1, 6)
+    owners = {f.lo for f in manifest.tensors["model/rep"].fragments}
     assert len(owners) == 1  # replicated: one box, all four ranks hold it
     rep_writers = [r for r in range(4) if any("/model/rep/c/" in k for k in written[r])]
     assert rep_writers == [0, 1, 2, 3]  # ... and all four wrote a share

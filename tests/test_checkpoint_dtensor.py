@@ -220,11 +220,10 @@ def test_fsdp2_saved_at_3_loads_unsharded_and_at_2_and_4(distributed, tmp_path):
     url = f"file://{tmp_path}/ckpt"
     saved = distributed(_save_sharded, 3, url)[0]
     manifest = ckpt.CheckpointStore(url).read_manifest(1)
-    w = manifest["tensors"]["model/0.weight"]
-    assert w["placement"] == "shard" and w["shape"] == [7, 5]
-    assert sorted((lo, hi) for _, lo, hi in w["fragments"]) == [([0, 0], [3, 5]), ([3, 0], [6, 5]),
-                                                                ([6, 0], [7, 5])]
-    assert manifest["tensors"]["optim/state/2/exp_avg"]["placement"] == "shard"
+    w = manifest.tensors["model/0.weight"]
+    assert w.placement == "shard" and w.shape == (7, 5)
+    assert sorted(f.box for f in w.fragments) == [((0, 0), (3, 5)), ((3, 0), (6, 5)), ((6, 0), (7, 5))]
+    assert manifest.tensors["optim/state/2/exp_avg"].placement == "shard"
 
     # (a) unsharded, one process
     model, opt = _plain_model_and_opt(1)
@@ -357,8 +356,7 @@ def test_loom_placement_composes_with_fsdp2_shards(distributed, tmp_path):
     full = {k: torch.cat([slices[(0, k)], slices[(1, k)]]) for k in ("w", "exp_avg", "exp_avg_sq")}
     assert not any(t.isnan().any() for t in full.values())
     manifest = ckpt.CheckpointStore(url).read_manifest(1)
-    assert sorted(lo for _, lo, _ in manifest["tensors"]["model/w"]["fragments"]) == [[0, 0], [2, 0], [3, 0],
-                                                                                      [5, 0]]
+    assert sorted(f.lo for f in manifest.tensors["model/w"].fragments) == [(0, 0), (2, 0), (3, 0), (5, 0)]
     # in one process: the global [6, 4] tensors
     w = torch.zeros(6, 4, dtype=torch.float64)
     moments = {"exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}
@@ -418,5 +416,5 @@ def test_partial_per_rank_and_outside_the_mesh_through_save_and_load(distributed
     w, s = results[0]["loaded"]
     assert torch.equal(w, torch.arange(6, dtype=torch.float64).reshape(3, 2)) and s.item() == 2.5
     assert results[1]["loaded"][0].numel() == 0  # rank 1 holds nothing
-    fragments = ckpt.CheckpointStore(url).read_manifest(2)["tensors"]["w"]["fragments"]
-    assert fragments == [[0, [0, 0], [3, 2]]]
+    fragments = ckpt.CheckpointStore(url).read_manifest(2).tensors["w"].fragments
+    assert [f.jsonable() for f in fragments] == [[0, [0, 0], [3, 2]]]

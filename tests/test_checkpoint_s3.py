@@ -104,11 +104,11 @@ def test_a_chunk_above_the_block_size_goes_up_as_a_multipart_upload(s3):
     small = torch.arange(10.0)
     ckpt.save({"big": big, "small": small}, url, step=1)
     manifest, _ = CheckpointStore(url).read_sealed(1)
-    assert manifest["tensors"]["big"]["chunks"] == [1_500_000]  # one chunk object of 12 MB
+    assert manifest.tensors["big"].chunks == (1_500_000,)  # one chunk object of 12 MB
     client, bucket = server.client(), url.split("/")[2]
 
     def etag(array, step=1):
-        return client.head_object(Bucket=bucket, Key=f"ckpt/{data_prefix(step)}/{manifest['tensors'][array]['array']}"
+        return client.head_object(Bucket=bucket, Key=f"ckpt/{data_prefix(step)}/{manifest.tensors[array].array}"
                                                  f"/c/0")["ETag"].strip('"')
     # S3's ETag of a multipart upload is <md5 of the parts' md5s>-<number of parts>; s3fs sends what it has
     # buffered as one part (up to 5 GiB) once that passes the block size

@@ -41,12 +41,12 @@ def test_ep_run_resumes_at_any_ep_degree_with_the_uninterrupted_losses(distribut
 
     # every expert and every Adam moment is in the checkpoint, as parts of the global tensors
     manifest = ckpt.CheckpointStore(url).read_manifest(3)
-    w_gate = manifest["tensors"]["model/blocks.0.ffn.w_gate"]
-    assert (w_gate["placement"], w_gate["shape"][0]) == ("shard", 4)
-    assert sorted(lo[0] for _, lo, _ in w_gate["fragments"]) == [0, 2]
-    moments = [k for k, e in manifest["tensors"].items()
+    w_gate = manifest.tensors["model/blocks.0.ffn.w_gate"]
+    assert (w_gate.placement, w_gate.shape[0]) == ("shard", 4)
+    assert sorted(f.lo[0] for f in w_gate.fragments) == [0, 2]
+    moments = [k for k, e in manifest.tensors.items()
                if k.startswith("optim/state/") and k.endswith(("exp_avg", "exp_avg_sq"))
-               and e["placement"] == "shard"]
+               and e.placement == "shard"]
     assert len(moments) == 2 * 3 * 2  # 2 layers x (w_gate, w_up, w_down) x 2 moments
 
     cases = [(2, {"ep": 2}), (2, {"ep": 1}), (1, {"ep": 1}), (4, {"ep": 4}), (4, {"ep": 2}),
