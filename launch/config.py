@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 from loom.data.config import DataConfig
 from loom.faults.detect import DetectConfig
+from loom.parallel.fused_attention import KERNELS as ATTENTION_KERNELS
 from loom.parallel.model import ModelConfig
 
 from .precision import MODES as PRECISION_MODES
@@ -92,6 +93,9 @@ class ParallelSection:
     sp_attention: str = _f("ring", "sequence-parallel attention when sp > 1: ring or ulysses")
     sp_layout: str = _f("auto", "sequence shards when sp > 1: zigzag (balanced causal ring), contiguous, "
                                 "or auto (zigzag for ring, contiguous for ulysses)")
+    attention_kernel: str = _f("auto", "ring attention's block kernel (sp ring and --hdp's rings): auto (PyTorch's "
+                                       "fused flash attention where the device has one, explicit for float64), "
+                                       "fused, or explicit (loom's own softmax: the exact reference)")
     hdp: bool = _f(False, "hybrid data parallelism (ByteScale): variable-length long-tail batches, each "
                           "sequence on the ranks it needs (ring attention over per-batch rings), short ones "
                           "packed whole; needs --sp 1 (world = --dp)")
@@ -704,6 +708,8 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
         return [f"--sp-attention={p.sp_attention!r} must be ring or ulysses"]
     if p.sp_layout not in ("auto", "zigzag", "contiguous"):
         return [f"--sp-layout={p.sp_layout!r} must be auto, zigzag or contiguous"]
+    if p.attention_kernel not in ATTENTION_KERNELS:
+        return [f"--attention-kernel={p.attention_kernel!r} must be one of {', '.join(ATTENTION_KERNELS)}"]
     layout, problems = sp_layout(cfg), []
     if p.sp_attention == "ulysses" and layout != "contiguous":
         problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")

@@ -17,6 +17,7 @@ from loom.parallel import (ExpertParallelGradientSync, HDPCost, ShardedDataParal
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
                            hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core,
                            shard_data_parallel)
+from loom.parallel.fused_attention import resolve_kernel
 
 from .batches import micro_batches
 from .checkpointing import TrainingCheckpoints
@@ -73,7 +74,7 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     layout = sp_layout(cfg)
     if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
         core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
-                                      layout=layout)
+                                      layout=layout, kernel=cfg.parallel.attention_kernel)
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     amp = MixedPrecision(cfg.train.mixed_precision, device)
     model = apply_training_essentials(cfg, model, amp)
@@ -89,6 +90,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     heldout = job_data.heldout
     eval_time, last_eval = 0.0, None
     start = ckpts.resume()
+    if reporter is not None and (cfg.parallel.hdp or (mesh.sp > 1 and cfg.parallel.sp_attention == "ring")):
+        reporter.event(f"ring attention block kernel: {_ring_kernel(cfg, device)}")
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
                        f"nothing to train (raise --steps to continue)")
@@ -161,6 +164,18 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
             extra.update(eval_bpb=round(last_eval["eval_bpb"], 4),
                          unigram_bpb=round(job_data.val.unigram_entropy(cfg.model.vocab).bits_per_byte, 4))
     return summary
+
+
+def _ring_kernel(cfg: JobConfig, device) -> str:
+    """What ``--attention-kernel`` means here, in words for the log."""
+    dtype = torch.float64 if cfg.train.dtype == "float64" else (
+        torch.bfloat16 if cfg.train.dtype == "bfloat16" or cfg.train.mixed_precision == "bf16" else
+        torch.float16 if cfg.train.mixed_precision == "fp16" else torch.float32)
+    kernel = resolve_kernel(cfg.parallel.attention_kernel, device, dtype)
+    detail = "loom's explicit softmax" if kernel == "explicit" else \
+        "PyTorch's fused flash attention, explicit for masked tiles"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{kernel}: {detail} (--attention-kernel {cfg.parallel.attention_kernel}; {dtype_name} on {device})"
 
 
 def gradient_sync(cfg: JobConfig, model: torch.nn.Module, mesh):
@@ -276,6 +291,7 @@ def _hdp_micro_batches(cfg: JobConfig, model, data, step: int, world: int, cost,
         schedule = hdp_schedule(lengths[part], world, hdp_capacity(cfg), cost=cost)
         share = world * sum(lengths[part]) / total  # world (exactly) without accumulation
         part_loss = hdp_forward_backward(model, sequences[part], schedule, device=device,
-                                         loss_scale=share * amp.loss_scale) / amp.loss_scale
+                                         loss_scale=share * amp.loss_scale,
+                                         kernel=cfg.parallel.attention_kernel) / amp.loss_scale
         loss = part_loss if loss is None else loss + part_loss
     return loss, lengths

@@ -174,14 +174,15 @@ class HDPAttention:
     ``local_kernel`` computes the local documents: ``"sdpa"``, PyTorch's fused
     attention one document at a time, or ``"blocks"``, the block kernel ring
     attention runs (a ring of one, every document in one call) -- the same
-    arithmetic as the rings, for like-for-like comparisons."""
+    arithmetic as the rings, for like-for-like comparisons.  ``kernel``: the
+    rings' block kernel (`ring_attention`'s ``kernel``)."""
 
     def __init__(self, rank: int, relayout: ZigzagRelayout | None, documents, linear_method="allscan",
-                 local_kernel: str = "sdpa"):
+                 local_kernel: str = "sdpa", kernel: str = "auto"):
         if local_kernel not in LOCAL_KERNELS:
             raise ValueError(f"local_kernel={local_kernel!r} must be one of {LOCAL_KERNELS}")
         self.rank, self.relayout, self.linear_method = rank, relayout, linear_method
-        self.local_kernel = local_kernel
+        self.local_kernel, self.kernel = local_kernel, kernel
         self.documents = [tuple(d) for d in documents]
         if relayout is None:
             self.position, self.ring_rows = None, 0
@@ -202,13 +203,13 @@ class HDPAttention:
             zig = to_zigzag(torch.cat((q[:, :n], k[:, :n], v[:, :n]), 2), self.relayout, self.position)
             qz, kz, vz = zig.split(heads, 2)
             out = ring_attention(qz, kz, vz, causal=causal, layout="zigzag", ranks=list(self.relayout.ranks),
-                                 scale=scale, cu_seqlens=self.relayout.cu_seqlens(q.device))
+                                 scale=scale, cu_seqlens=self.relayout.cu_seqlens(q.device), kernel=self.kernel)
             outs.append(from_zigzag(out, self.relayout, self.position))
         if self.documents and self.local_kernel == "blocks":
             first = self.documents[0][0]
             cu = torch.tensor([0] + [b - first for _, b in self.documents], dtype=torch.int64, device=q.device)
             outs.append(ring_attention(q[:, first:], k[:, first:], v[:, first:], causal=causal,
-                                       ranks=[self.rank], scale=scale, cu_seqlens=cu))
+                                       ranks=[self.rank], scale=scale, cu_seqlens=cu, kernel=self.kernel))
         elif self.documents:
             outs += [local_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale)
                      for a, b in self.documents]
@@ -282,7 +283,7 @@ def _tokens_fingerprint(sequences) -> int:
 
 
 def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method: str = "allscan",
-                    local_kernel: str = "sdpa") -> PackedShard | None:
+                    local_kernel: str = "sdpa", kernel: str = "auto") -> PackedShard | None:
     """``rank``'s pieces of ``microbatch`` (a schedule entry: pieces per rank)
     as one packed row; ``sequences[i]`` holds sequence i's ``length + 1``
     tokens (inputs and shifted targets).  None when the rank is idle."""
@@ -306,7 +307,7 @@ def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method
         return torch.cat(parts).to(device)
 
     return PackedShard(cat(inputs)[None], cat(targets)[None], cat(positions),
-                       HDPAttention(rank, relayout, documents, linear_method, local_kernel))
+                       HDPAttention(rank, relayout, documents, linear_method, local_kernel, kernel))
 
 
 def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
@@ -319,7 +320,7 @@ def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
 
 def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=None,
                          loss_scale: float = 1.0, linear_method: str = "allscan",
-                         local_kernel: str = "sdpa") -> torch.Tensor:
+                         local_kernel: str = "sdpa", kernel: str = "auto") -> torch.Tensor:
     """Forward and backward of this rank's share of every microbatch.
 
     ``sequences[i]``: the tokens of sequence i of the global batch (``length
@@ -331,7 +332,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     ranks, are those of one process on the whole batch.  Collective: every
     rank calls it (a rank with nothing to do still takes part in the check
     that all ranks hold the same schedule).  ``linear_method``: the state scan
-    of linear-attention layers along rings; ``local_kernel``: see `HDPAttention`."""
+    of linear-attention layers along rings; ``local_kernel``, ``kernel``: see `HDPAttention`."""
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     error, mine, lengths = None, (), []
@@ -349,7 +350,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     total = sum(lengths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:
-        shard = pack_microbatch(mb, rank, sequences, device, linear_method, local_kernel)
+        shard = pack_microbatch(mb, rank, sequences, device, linear_method, local_kernel, kernel)
         if shard is None:
             continue
         with attention_cores(model, shard.attention):

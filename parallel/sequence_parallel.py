@@ -19,13 +19,15 @@ from .ulysses import ulysses_attention
 SP_ATTENTION = ("ring", "ulysses")
 
 
-def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, layout: str = "zigzag"):
+def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, layout: str = "zigzag",
+                           kernel: str = "auto"):
     """The softmax attention core for sequence shards over ``ranks`` (ring) or
-    ``group`` (Ulysses), laid out as ``layout``."""
+    ``group`` (Ulysses), laid out as ``layout``; ``kernel``: the ring's block
+    kernel (`ring_attention`; Ulysses attends with PyTorch's SDPA)."""
     check_layout(layout)
     if attention == "ring":
         return functools.partial(ring_attention, ranks=None if ranks is None else list(ranks),
-                                 group=group, layout=layout)
+                                 group=group, layout=layout, kernel=kernel)
     if attention == "ulysses":
         if layout != "contiguous":
             raise ValueError(f"ulysses attention needs layout='contiguous', got {layout!r}")

@@ -113,3 +113,31 @@ def _unknown_kernel():
 def test_an_unknown_kernel_is_refused_on_every_rank(distributed):
     for message in distributed(_unknown_kernel, 2):
         assert "attention kernel 'flash' must be one of auto, fused, explicit" in message
+
+
+TINY = dict(data="synthetic", vocab=32, dim=16, layers=2, heads=2, seq_len=16, batch_size=4, dtype="float32",
+            lr=1e-2, warmup_steps=1, steps=4, progress=False)
+
+
+def _train_kernels():
+    from helpers import train_losses
+    runs = [dict(dp=1, sp=2, attention_kernel=k) for k in ("explicit", "fused", "auto")]
+    runs += [dict(dp=2, hdp=True, varlen_median=6, varlen_max=24, attention_kernel=k) for k in ("explicit", "fused")]
+    return train_losses(TINY, runs)
+
+
+@pytest.mark.timeout(200)
+def test_loom_train_with_each_kernel_gives_the_same_float32_losses(distributed):
+    """sp=2 ring attention and --hdp's rings: the fused kernel trains like the
+    explicit one (float32 rounding apart); auto is the fused kernel here."""
+    explicit, fused, auto, hdp_explicit, hdp_fused = distributed(_train_kernels, 2, timeout=180)[0]
+    assert explicit[-1] < explicit[0]
+    assert max(abs(a - b) for a, b in zip(explicit, fused)) < 1e-4, (explicit, fused)
+    assert auto == fused
+    assert max(abs(a - b) for a, b in zip(hdp_explicit, hdp_fused)) < 1e-4, (hdp_explicit, hdp_fused)
+
+
+def test_attention_kernel_is_validated():
+    from loom.launch.config import ConfigError, build_config, validate
+    with pytest.raises(ConfigError, match="--attention-kernel='flash' must be one of auto, fused, explicit"):
+        validate(build_config(overrides=dict(TINY, dp=1, sp=2, attention_kernel="flash")), world_size=2)
