@@ -40,7 +40,7 @@ def test_quick_run_measures_every_level_and_method_and_writes_nothing(monkeypatc
             if mode == "sync":
                 assert r["stall_s"] == r["durable_s"] and r["steps_during"] == [0]
     throughput = out["levels"]["s3"]["throughput"]
-    assert set(throughput) == {"loom", "raw", "raw_batch", "dcp"}
+    assert set(throughput) == {"loom", "loom_fixed", "raw", "raw_batch", "dcp"}
     assert all(t["save"] > 0 and t["load"] > 0 for t in throughput.values())
     assert all(v > 0 for v in out["ratios"].values())
 
