@@ -314,3 +314,24 @@ def test_the_writer_process_saves_to_s3_with_this_processs_storage_options(s3, m
     out = {"w": torch.zeros_like(w)}
     assert ckpt.load(out, url).step == 2 and torch.equal(out["w"], w * 2)
     assert ckpt.verify(url, 1) == [] and ckpt.verify(url, 2) == []
+
+
+def test_a_chunk_read_from_s3_is_one_ranged_get_and_reports_short_objects(s3):
+    import numpy as np
+
+    from loom.checkpoint import zarr_io
+    server, url = s3
+    store = CheckpointStore(url)
+    store.put("a", bytes(range(256)) * 64)  # 16 KiB
+    store.put("short", b"\1" * 100)
+    store.put("empty", b"")
+    since = server.log_offset()
+    dest = np.zeros(4096, dtype=np.uint8)
+    assert zarr_io.read_raw(store, "a", dest) == 4096 and bytes(dest) == (bytes(range(256)) * 16)
+    from s3_server import s3_operation
+    assert [s3_operation(m, t) for m, t, _ in server.requests(since)] == ["GetObject"]  # no HEAD first
+    assert zarr_io.read_raw(store, "short", dest) == 100 and bytes(dest[:100]) == b"\1" * 100
+    assert zarr_io.read_raw(store, "empty", dest) == 0  # S3 refuses the range of an empty object
+    assert zarr_io.read_raw(store, "a", dest[:0]) == 0
+    with pytest.raises(FileNotFoundError):
+        zarr_io.read_raw(store, "missing", dest)
