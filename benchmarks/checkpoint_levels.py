@@ -66,7 +66,6 @@ from s3_server import MotoS3, s3_operation  # noqa: E402
 
 from loom import checkpoint as ckpt  # noqa: E402
 from loom.checkpoint import layout, object_store  # noqa: E402
-from loom.checkpoint.manifest import torch_dtype  # noqa: E402
 from loom.checkpoint.save import IO_THREADS  # noqa: E402
 from loom.checkpoint.store import CheckpointStore, step_name  # noqa: E402
 from loom.comms.testing import WorkerPool  # noqa: E402
@@ -194,10 +193,10 @@ def chunk_objects(url: str, step: int) -> dict[int, list[int]]:
     from its manifest (the rank whose fragment holds a chunk writes it)."""
     manifest, _ = CheckpointStore(url).read_sealed(step)
     out: dict[int, list[int]] = {}
-    for _, entry in sorted(manifest["tensors"].items()):
-        shape, chunks = entry["storage_shape"], entry["chunks"]
-        size = math.prod(chunks) * torch_dtype(entry["dtype"]).itemsize
-        fragments = [(r, (tuple(lo), tuple(hi))) for r, lo, hi in entry["fragments"]]
+    for _, entry in sorted(manifest.tensors.items()):
+        shape, chunks = entry.storage_shape, entry.chunks
+        size = math.prod(chunks) * entry.tensor_dtype.itemsize
+        fragments = [(f.rank, f.box) for f in entry.fragments]
         for index in layout.chunk_indices(shape, chunks):
             box = layout.chunk_box(index, shape, chunks)
             owner = next(r for r, frag in fragments if layout.intersect(box, frag) == box)
