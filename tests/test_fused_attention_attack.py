@@ -85,8 +85,8 @@ def test_double_backward_is_refused_clearly_or_exact(distributed, kernel):
     P=2, float64.  Now: ``kernel="fused"`` raises "a leaf Variable that
     requires grad is being used in an in-place operation" (the ``acc +=`` in
     `fused_block_backward`) at the ring's first backward step, with the
-    rotating K/V still in flight, so the next ring_attention call on the same
-    ranks hangs (WorkerPool timeout); ``kernel="explicit"`` returns second
+    rotating K/V still in flight, and the next ring_attention call on the
+    same ranks then usually hangs (WorkerPool timeout; 4 runs of 5); ``kernel="explicit"`` returns second
     derivatives without complaint, but d2/dk is wrong (the dK/dV that travel
     the ring are outside the graph).  Expected: either a clear RuntimeError
     naming double backward (e.g. once_differentiable), raised before any
@@ -135,3 +135,26 @@ def test_config_reports_an_attention_kernel_that_no_ring_uses(overrides):
             assert "--attention-kernel" in str(exc)
             return
     assert any("--attention-kernel" in str(w.message) for w in caught), "--attention-kernel fused silently ignored"
+
+
+@pytest.mark.parametrize("attention", ["ring", "ulysses"])
+def test_sequence_parallel_core_refuses_an_unknown_kernel(attention):
+    """``sequence_parallel_core(attention, layout="contiguous",
+    kernel="flash")``: accepted.  For "ring" the ValueError only comes at the
+    first forward; for "ulysses" the bogus kernel is silently ignored
+    forever.  Expected: ValueError naming the kernels (auto, fused,
+    explicit) when the core is made, as for an unknown ``attention``."""
+    from loom.parallel import sequence_parallel_core
+    with pytest.raises(ValueError, match="auto, fused, explicit"):
+        sequence_parallel_core(attention, layout="contiguous", kernel="flash")
+
+
+def test_hdp_attention_refuses_an_unknown_kernel():
+    """``HDPAttention(..., kernel="flash")`` is built without complaint
+    (``local_kernel="flash"`` is refused there), so the mistake surfaces only
+    inside a ring at the first microbatch with a multi-rank document.
+    Expected: ValueError naming the kernels at construction, as for
+    ``local_kernel``."""
+    from loom.parallel.hdp import HDPAttention
+    with pytest.raises(ValueError, match="auto, fused, explicit"):
+        HDPAttention(0, None, [], kernel="flash")
