@@ -710,6 +710,14 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
         return [f"--sp-layout={p.sp_layout!r} must be auto, zigzag or contiguous"]
     if p.attention_kernel not in ATTENTION_KERNELS:
         return [f"--attention-kernel={p.attention_kernel!r} must be one of {', '.join(ATTENTION_KERNELS)}"]
+    rings = p.hdp or (p.sp > 1 and p.sp_attention == "ring")
+    if p.attention_kernel != "auto" and not rings:
+        return [f"--attention-kernel {p.attention_kernel} picks ring attention's block kernel, and no ring runs "
+                f"here (it needs --sp > 1 with --sp-attention ring, or --hdp; Ulysses uses PyTorch's SDPA): "
+                f"drop it"]
+    if p.attention_kernel == "fused" and cfg.job.device == "cuda":
+        return ["--attention-kernel fused: loom has no fused block kernel for cuda yet (its flash ops pad the "
+                "LSE per device); use auto (the explicit kernel there) or explicit"]
     layout, problems = sp_layout(cfg), []
     if p.sp_attention == "ulysses" and layout != "contiguous":
         problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")

@@ -8,9 +8,9 @@ and LSE, which is exactly what a ring's backward has for each block pair
 (``P = exp(S - lse_final)``, ``delta = rowsum(dO * O_final)``; Liu et al.,
 Ring Attention, 2023; Dao, FlashAttention-2, 2023).
 
-A fused kernel expresses the unmasked pair and the causal diagonal (a square
-block whose mask is its lower triangle: the own shard under both layouts);
-every other mask (partial pairs, packed documents) and an LSE that receives
+A fused kernel computes the unmasked tiles and a shard's own causal block
+(the lower triangle of a square: global positions rise in local order under
+both layouts); every other mask (partial pairs, packed documents) and an LSE that receives
 a gradient run loom's explicit kernel (`loom.parallel.attention_blocks`),
 which stays the reference.  Grouped-query attention expands K/V to the query
 heads for the kernel and sums their gradients back.
@@ -33,31 +33,31 @@ exists), ``explicit`` (loom's own softmax in float32/float64)."""
 _FUSED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
+def check_kernel(kernel: str) -> str:
+    """``kernel`` when it is one of `KERNELS`; ValueError otherwise."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} must be one of {', '.join(KERNELS)}")
+    return kernel
+
+
+def fused_exists(device, dtype: torch.dtype) -> bool:
+    """Whether a fused block kernel returning the LSE exists for ``dtype`` on ``device``."""
+    return dtype in _FUSED_DTYPES.get(torch.device(device).type, ())
+
+
 def resolve_kernel(kernel: str, device, dtype: torch.dtype) -> str:
     """``"fused"`` or ``"explicit"``: what ``kernel`` means for a block of
     ``dtype`` on ``device``.  Raises ValueError for an unknown kernel, or
     ``"fused"`` where no fused kernel exists."""
-    if kernel not in KERNELS:
-        raise ValueError(f"attention kernel {kernel!r} must be one of {', '.join(KERNELS)}")
+    check_kernel(kernel)
     kind = torch.device(device).type
-    available = dtype in _FUSED_DTYPES.get(kind, ())
+    available = fused_exists(device, dtype)
     if kernel == "fused" and not available:
         raise ValueError(f"attention kernel 'fused': no fused kernel returning the LSE for {dtype} on {kind} "
                          f"(fused: {', '.join(sorted(_FUSED_DTYPES))} only); use 'auto' or 'explicit'")
     if kernel == "auto":
         return "fused" if available and dtype != torch.float64 else "explicit"
     return kernel
-
-
-def fusable(mask, rows: int, cols: int) -> tuple[bool, bool]:
-    """``(fusable, causal)`` for a tile's mask: None (everything allowed) or
-    a square ``[q, k]`` mask that is exactly its lower triangle."""
-    if mask is None:
-        return True, False
-    if mask.dim() != 2 or rows != cols:
-        return False, False
-    tril = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril_()
-    return bool(torch.equal(mask, tril)), True
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:

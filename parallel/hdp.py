@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from loom import comms
 
+from .fused_attention import check_kernel
 from .hdp_schedule import check_schedule, fingerprint
 from .linear_attention import linear_attention, local_linear_attention
 from .model import Attention, LinearAttention, local_attention, next_token_loss
@@ -181,6 +182,7 @@ class HDPAttention:
                  local_kernel: str = "sdpa", kernel: str = "auto"):
         if local_kernel not in LOCAL_KERNELS:
             raise ValueError(f"local_kernel={local_kernel!r} must be one of {LOCAL_KERNELS}")
+        check_kernel(kernel)
         self.rank, self.relayout, self.linear_method = rank, relayout, linear_method
         self.local_kernel, self.kernel = local_kernel, kernel
         self.documents = [tuple(d) for d in documents]

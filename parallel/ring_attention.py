@@ -24,7 +24,7 @@ from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, 
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
     check_cu_seqlens, check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
-from .fused_attention import fusable, fused_block_backward, fused_block_forward, resolve_kernel
+from .fused_attention import fused_block_backward, fused_block_forward, resolve_kernel
 from .sequence import check_layout, shard_segments
 
 _KV, _ACC = 0, 1  # ring channels (message kinds that are in flight together)
@@ -58,17 +58,16 @@ class RingSpec:
             # mask is the square's lower triangle (not built here: `explicit_mask` makes it if needed)
             n = sum(length for *_, length in self.segments[position])
             return [(slice(0, n), slice(0, n), None, True)] if n else []
-        # the fused kernel tiles itself: whole pairs, so the diagonal stays a square lower triangle
+        # the explicit plan, its unmasked tiles fused (one call per run of them: the kernel tiles itself);
+        # masked tiles stay as the explicit kernel's, narrowed to the columns they need
         planned = []
-        for rows, cols, mask in plan_block(self.segments[position], self.segments[source], causal=self.causal,
-                                           docs=self.docs, device=device):
-            ok, causal = fusable(mask, rows.stop - rows.start, cols.stop - cols.start)
-            if ok:  # the mask stays for the explicit backward of an LSE with a gradient
-                planned.append((rows, cols, mask, causal))
-                continue
-            step = self.tile_rows or rows.stop - rows.start  # what no fused kernel expresses, tiled as usual
-            planned += [(slice(r, min(rows.stop, r + step)), cols, mask[..., r - rows.start:r - rows.start + step, :],
-                         None) for r in range(rows.start, rows.stop, step)]
+        for rows, cols, mask in self.plan(position, source, device):
+            last = planned[-1] if planned else None
+            if mask is None and last is not None and last[3] is False and last[1] == cols \
+                    and last[0].stop == rows.start:
+                planned[-1] = (slice(last[0].start, rows.stop), cols, None, False)
+            else:
+                planned.append((rows, cols, mask, None if mask is not None else False))
         return planned
 
 
@@ -133,6 +132,12 @@ def _description(q, k, layout, causal, scale, bounds, ring) -> list[int]:
 # ------------------------------------------------------------------ the ring
 
 class _RingAttention(torch.autograd.Function):
+    """Differentiable once: the dK/dV accumulators that travel the ring are
+    outside autograd's graph, so a backward that would build a graph for a
+    second derivative (``create_graph=True``) is refused on every rank
+    before any message moves, rather than giving wrong (or silently zero)
+    second derivatives."""
+
     @staticmethod
     def forward(ctx, q, k, v, ring, spec):
         ctx.set_materialize_grads(False)
@@ -155,6 +160,9 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("ring_attention does not support double backward: its backward cannot build a "
+                               "graph (create_graph=True); take first derivatives only")
         q, k, v, out, lse = ctx.saved_tensors
         ring, spec = ctx.ring, ctx.spec
         acc = lse.dtype

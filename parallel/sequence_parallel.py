@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+from .fused_attention import check_kernel
 from .ring_attention import ring_attention
 from .sequence import check_layout
 from .ulysses import ulysses_attention
@@ -25,6 +26,7 @@ def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, l
     ``group`` (Ulysses), laid out as ``layout``; ``kernel``: the ring's block
     kernel (`ring_attention`; Ulysses attends with PyTorch's SDPA)."""
     check_layout(layout)
+    check_kernel(kernel)
     if attention == "ring":
         return functools.partial(ring_attention, ranks=None if ranks is None else list(ranks),
                                  group=group, layout=layout, kernel=kernel)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from loom.parallel import ring_attention, shard_sequence, unshard_sequence
-from loom.parallel.fused_attention import KERNELS, fusable, resolve_kernel
+from loom.parallel.fused_attention import KERNELS, resolve_kernel
 from loom.parallel.ring_attention import make_spec
 
 from helpers import value_error
@@ -89,10 +89,6 @@ def test_kernel_choice_and_the_tiles_it_fuses():
     assert resolve_kernel("explicit", "cpu", torch.float32) == "explicit"
     with pytest.raises(ValueError, match="must be one of auto, fused, explicit"):
         resolve_kernel("flash", "cpu", torch.float32)
-    assert fusable(None, 3, 5) == (True, False)
-    assert fusable(torch.ones(4, 4, dtype=torch.bool).tril(), 4, 4) == (True, True)
-    assert fusable(torch.ones(4, 4, dtype=torch.bool).triu(), 4, 4)[0] is False
-    assert fusable(torch.ones(2, 4, 4, dtype=torch.bool).tril(), 4, 4)[0] is False
     # zigzag causal at P=2: the own shard is one square lower triangle, the other pair is whole or half
     spec = make_spec(8, 2, "zigzag", causal=True, scale=1.0, tile_rows=2, kernel="fused")
     diagonal = spec.kernel_tiles(0, 0)
