@@ -371,7 +371,9 @@ def test_a_persistent_straggler_is_restarted_without_it(tmp_path, reference):
     assert "restart 1/3 after a straggler: rank 1 arrived late" in proc.stdout, proc.stdout[-3000:]
     [r] = _restarts(tmp_path / "strag")
     assert (r["cause"]["kind"], r["cause"]["rank"]) == ("straggler", 1)
-    assert "still late in the 2 steps since" in r["cause"]["evidence"]
+    # at least the 2 steps asked; more when one poll of the monitor's log brings several steps at once
+    late = re.search(r"still late in the (\d+) steps since", r["cause"]["evidence"])
+    assert late and int(late.group(1)) >= 2, r["cause"]["evidence"]
     assert r["isolated"][0]["replaced_by"] == "spare" and r["bundles"] == [0, 2]
     ref = reference(2)
     for x in _rows(tmp_path / "strag"):
