@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import os
 import threading
 
@@ -110,16 +111,31 @@ def holders_env(token: str, nodes: list[str], handles: dict) -> dict:
     return {HOLDERS_ENV: json.dumps({node: holder_name(token, node) for node in sorted(handles) if node in alive})}
 
 
-def release_holders(token: str, handles: dict) -> None:
-    """Stop the job's holders (the driver, when the job ends); ``token``
-    names them in log lines."""
+def release_holders(token: str, handles: dict, wait_s: float = 10.0) -> None:
+    """Stop the job's holders (the driver, when the job ends) and wait, at
+    most ``wait_s`` seconds, until they are gone: ``ray.kill`` only asks, and a
+    holder still answering would serve a later reader bytes of a job that has
+    ended.  ``token`` names them in log lines."""
     import ray
+    killed = []
     for node, handle in list(handles.items()):
         try:
             ray.kill(handle)
+            killed.append((node, handle))
         except ray.exceptions.RayError as exc:  # its node is gone already
             log.info("snapshot holder %s: %s", holder_name(token, node)[:40], type(exc).__name__)
     handles.clear()
+    deadline = time.monotonic() + wait_s
+    for node, handle in killed:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("snapshot holder %s still answers %.0f s after it was killed",
+                        holder_name(token, node)[:40], wait_s)
 
 
 class RaySnapshots:
