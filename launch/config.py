@@ -24,9 +24,12 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from loom.data.config import DataConfig
 from loom.faults.detect import DetectConfig
 from loom.parallel.fused_attention import KERNELS as ATTENTION_KERNELS
+from loom.parallel.fused_attention import resolve_kernel
 from loom.parallel.model import ModelConfig
 
 from .precision import MODES as PRECISION_MODES
@@ -702,6 +705,17 @@ def _hdp_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def attention_block_dtype(cfg: JobConfig) -> torch.dtype:
+    """The dtype attention blocks compute in: the model's, or the autocast
+    dtype of ``--mixed-precision``."""
+    t = cfg.train
+    if t.dtype == "float64":
+        return torch.float64
+    if t.dtype == "bfloat16" or t.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float16 if t.mixed_precision == "fp16" else torch.float32
+
+
 def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
     p, t = cfg.parallel, cfg.train
     if p.sp_attention not in ("ring", "ulysses"):
@@ -716,8 +730,10 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
                 f"here (it needs --sp > 1 with --sp-attention ring, or --hdp; Ulysses uses PyTorch's SDPA): "
                 f"drop it"]
     if p.attention_kernel == "fused" and cfg.job.device == "cuda":
-        return ["--attention-kernel fused: loom has no fused block kernel for cuda yet (its flash ops pad the "
-                "LSE per device); use auto (the explicit kernel there) or explicit"]
+        try:
+            resolve_kernel("fused", "cuda", attention_block_dtype(cfg), cfg.model.dim // max(cfg.model.heads, 1))
+        except ValueError as exc:
+            return [f"--attention-kernel fused: {exc}"]
     layout, problems = sp_layout(cfg), []
     if p.sp_attention == "ulysses" and layout != "contiguous":
         problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")
