@@ -4,7 +4,7 @@ downloads), float64, sp = 2 (ring, Ulysses) and dp × sp = 2 × 2, against the
 single-process transformers model: loss and every gradient equal to 1e-10."""
 import pytest
 import torch
-import transformers  # noqa: F401  (the test extra holds the hf extra's transformers)
+import transformers  # the test extra holds the hf extra's transformers
 
 from loom import comms
 
@@ -12,7 +12,6 @@ SEQ, BATCH, VOCAB = 16, 2, 64
 
 
 def _config(kind: str):
-    import transformers
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=64, attention_dropout=0.0)
     if kind == "llama":  # GQA and tied embeddings
@@ -36,7 +35,6 @@ def _model(kind: str):
     in float32)."""
     import types
 
-    import transformers
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa").double()
     for module in model.modules():
@@ -99,7 +97,6 @@ def test_parallel_equals_one_process(distributed, kind, dp, sp, attention):
 
 
 def _refusals():
-    import transformers
 
     from loom.parallel.hf import parallelize
     mesh = comms.init_mesh(dp=1, sp=2)
