@@ -116,6 +116,13 @@ class TrainSection:
                         "a torch.nn.Module mapping token ids [batch, seq] to logits [batch, seq, vocab] (config: "
                         "this job's JobConfig; see loom.launch.user_model). Default: loom's reference "
                         "transformer, shaped by [model]", metavar="MODULE:FACTORY")
+    hf_config: str = _f("", "a Hugging Face transformers causal LM as the model: a local config.json or a directory "
+                            "holding one (Llama, Qwen2, Mistral, ...; built with AutoModelForCausalLM.from_config, "
+                            "nothing downloaded); the [model] shape options come from it (loom.launch.hf_model)",
+                        metavar="PATH")
+    init_from_hf: str = _f("", "start from the weights of a local transformers checkpoint directory "
+                               "(model.safetensors or a sharded index; safetensors only); implies --hf-config DIR "
+                               "when that is not given", metavar="DIR")
     model_args: dict = field(default_factory=dict, metadata={
         "help": "your model's own settings, given to FACTORY as config.train.model_args: KEY=VALUE ... "
                 "(VALUE read as TOML: 3, 0.5, true, \"text\"; else a string), or a [train.model_args] table"})
@@ -414,8 +421,13 @@ def build_config(data: dict | None = None, overrides: dict | None = None) -> Job
             value = {**values[opt.section].get(key, {}), **value}
         values[opt.section][key] = value
     try:
-        return JobConfig(**{section: _construct(section, factory, values[section])
-                            for section, factory in SECTIONS.items()})
+        cfg = JobConfig(**{section: _construct(section, factory, values[section])
+                           for section, factory in SECTIONS.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from .hf_model import apply_hf_config  # --hf-config shapes [model] and names the model's factory
+    try:
+        return apply_hf_config(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

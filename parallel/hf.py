@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from loom import comms
 
 from .data_parallel import GradientSync
+from .model import local_attention
 from .sequence import shard_batch
 from .sequence_parallel import sequence_parallel_core
 
@@ -48,11 +49,13 @@ def _transformers():
 def _loom_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function contract: query ``[b, heads_q, s_local,
     d]``, key/value ``[b, heads_kv, s_local, d]`` -> ``(out [b, s_local,
-    heads_q, d], None)`` (no attention weights)."""
-    core = getattr(module, "_loom_core", None)
+    heads_q, d], None)`` (no attention weights), computed by the layer's loom
+    ``core`` (`loom.parallel.core_kind`'s protocol; packed documents arrive as
+    the ``loom_cu_seqlens`` keyword of the model's forward)."""
+    core = getattr(module, "core", None)
     if core is None:
         raise RuntimeError(f"{type(module).__name__} runs loom's attention but was not prepared by "
-                           f"loom.parallel.hf.parallelize")
+                           f"loom.parallel.hf (prepare or parallelize)")
     if dropout:
         raise ValueError(f"loom's sequence-parallel attention has no attention dropout (got {dropout}); "
                          f"set the config's attention_dropout to 0")
@@ -61,8 +64,10 @@ def _loom_attention(module, query, key, value, attention_mask, scaling=None, dro
                          f"in loom; disable it in the config (use_sliding_window=False)")
     if attention_mask is not None:
         raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
+    documents = kwargs.get("loom_cu_seqlens")
+    extra = {} if documents is None else {"cu_seqlens": documents}
     out = core(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-               causal=bool(getattr(module, "is_causal", True)), scale=scaling)
+               causal=bool(getattr(module, "is_causal", True)), scale=scaling, **extra)
     return out, None
 
 
@@ -78,6 +83,37 @@ def _refuse_padding(module, args, kwargs):
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
         raise ValueError("a padding attention_mask cannot be honoured under sequence parallelism: pack documents "
                          "without padding (labels=-100 where no loss is wanted)")
+
+
+def prepare(model) -> list[torch.nn.Module]:
+    """Route ``model``'s attention through loom: register loom's attention
+    function with transformers, select it, and give every attention layer a
+    swappable ``core`` (`loom.parallel.local_attention`, ``core_kind =
+    "softmax"``), as loom's own layers have.  Idempotent.  Returns the
+    attention layers.  Raises ValueError for a model with none, attention
+    dropout or a sliding window in the config."""
+    transformers = _transformers()
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no attention layer that calls transformers' attention "
+                         f"interface (modules with config, layer_idx and scaling)")
+    config = model.config
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(f"attention_dropout={config.attention_dropout}: loom's sequence-parallel attention has "
+                         f"no dropout; set it to 0")
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError("use_sliding_window=True: sliding-window attention is not sequence-parallel in loom")
+    transformers.AttentionInterface.register(ATTENTION_NAME, _loom_attention)
+    for layer in layers:
+        if getattr(layer, "core", None) is None:
+            layer.core, layer.core_kind = local_attention, "softmax"
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION_NAME)
+        else:  # pragma: no cover - older transformers
+            config._attn_implementation = ATTENTION_NAME
+        model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+    return layers
 
 
 class ParallelCausalLM:
@@ -137,26 +173,9 @@ def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None =
     Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
     ValueError for a model with no attention layer loom can drive, an unknown
     attention or layout, attention dropout or a sliding window in the config."""
-    transformers = _transformers()
     layout = layout or ("zigzag" if sp_attention == "ring" else "contiguous")
     core = sequence_parallel_core(sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
                                   kernel=kernel)
-    layers = _attention_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__}: no attention layer that calls transformers' attention "
-                         f"interface (modules with config, layer_idx and scaling)")
-    config = model.config
-    if getattr(config, "attention_dropout", 0.0):
-        raise ValueError(f"attention_dropout={config.attention_dropout}: loom's sequence-parallel attention has "
-                         f"no dropout; set it to 0")
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise ValueError("use_sliding_window=True: sliding-window attention is not sequence-parallel in loom")
-    transformers.AttentionInterface.register(ATTENTION_NAME, _loom_attention)
-    for layer in layers:
-        layer._loom_core = core
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTENTION_NAME)
-    else:  # pragma: no cover - older transformers
-        config._attn_implementation = ATTENTION_NAME
-    model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+    for layer in prepare(model):
+        layer.core = core
     return ParallelCausalLM(model, mesh, layout, mesh.world_size)

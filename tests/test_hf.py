@@ -130,3 +130,97 @@ def test_what_cannot_be_honoured_is_refused(distributed):
     assert "padding attention_mask" in found[0]
     assert "attention_dropout=0.1" in found[1]
     assert "labels" in found[2]
+
+
+# ------------------------------------------------------------------ loom train --hf-config
+
+def _save(tmp_path, kind="llama", weights=False):
+    """A config.json (and, with ``weights``, model.safetensors) in a directory."""
+    path = tmp_path / f"{kind}-hf"
+    if weights:
+        _model(kind).float().save_pretrained(path, safe_serialization=True)
+    else:
+        _config(kind).save_pretrained(path)
+    return path
+
+
+def test_hf_config_shapes_the_job_and_bad_files_are_refused(tmp_path):
+    import json
+
+    from loom.launch.config import ConfigError, build_config
+    from loom.launch.hf_model import HF_FACTORY
+    path = _save(tmp_path)
+    cfg = build_config(overrides=dict(hf_config=str(path)))
+    assert cfg.train.model == HF_FACTORY
+    m = cfg.model
+    assert (m.vocab, m.dim, m.heads, m.kv_heads, m.layers) == (VOCAB, 32, 4, 2, 2)
+    assert build_config(overrides=dict(init_from_hf=str(path))).train.hf_config == str(path)  # implies --hf-config
+    cases = {"no file": (dict(hf_config=str(tmp_path / "missing")), "no file"),
+             "hub": (dict(hf_config="hf://meta-llama/Llama-3"), "local config.json"),
+             "both": (dict(hf_config=str(path), model="my.lm:make"), "both name the model")}
+    for what, (overrides, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=overrides)
+    data = json.loads((path / "config.json").read_text())
+    for what, change, message in (("custom code", {"auto_map": {"AutoModel": "x.Y"}}, "runs no code"),
+                                  ("vocab", {"vocab_size": 0}, "vocab_size=0"),
+                                  ("not a config", {"model_type": None}, "no \"model_type\"")):
+        bad = tmp_path / what.replace(" ", "-")
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=dict(hf_config=str(bad)))
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a JSON model config"):
+        build_config(overrides=dict(hf_config=str(tmp_path / "junk.json")))
+
+
+def test_init_from_hf_starts_from_the_checkpoint_s_weights(tmp_path):
+    from loom.launch.config import build_config
+    from loom.launch.hf_model import build_hf_model
+    path = _save(tmp_path, weights=True)
+    original = transformers.AutoModelForCausalLM.from_pretrained(path).double()
+    cfg = build_config(overrides=dict(init_from_hf=str(path), seed=123))
+    torch.manual_seed(123)
+    model = build_hf_model(cfg).double()
+    mine = dict(model.lm.named_parameters())
+    for name, p in original.named_parameters():
+        assert torch.equal(mine[name], p), name
+    ids, _ = _batch()
+    torch.testing.assert_close(model(ids), original(input_ids=ids).logits, atol=1e-12, rtol=0)
+    # the weights directory lacks safetensors: a clear error, no pickle read
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((path / "config.json").read_text())
+    from loom.launch.config import ConfigError
+    with pytest.raises(ConfigError, match="--init-from-hf"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=str(tmp_path / "empty"))))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_loom_train_hf_config_sp2_resumes_at_dp2(tmp_path):
+    """``loom train --hf-config`` (Llama, GQA, tied embeddings, float64) at
+    sp=2 ring with a checkpoint at step 3, then resumed at dp=2: the resumed
+    steps' losses equal those of an uninterrupted sp=1 run (to 1e-9: the
+    model's RMSNorms round to float32, so two attention implementations
+    agree to float32's last bits there, not float64's)."""
+    import subprocess
+    import sys
+
+    from helpers import train_rows
+    path = _save(tmp_path)
+    base = [sys.executable, "-m", "loom", "train", "--hf-config", str(path), "--data", "synthetic", "--seq-len", "16",
+            "--batch-size", "4", "--dtype", "float64", "--steps", "6", "--eval-every", "0", "--no-progress",
+            "--runs-dir", str(tmp_path)]
+    runs = {"one": ["--dp", "1"],
+            "sp2": ["--dp", "1", "--sp", "2", "--ckpt-every", "3", "--ckpt-url", str(tmp_path / "ck"),
+                    "--steps", "3"],
+            "dp2": ["--dp", "2", "--resume", "--ckpt-url", str(tmp_path / "ck")]}
+    losses = {}
+    for name, args in runs.items():
+        proc = subprocess.run(base + ["--name", name, *args], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses[name] = {r["step"]: r["loss"] for r in train_rows(tmp_path / name / "metrics.jsonl")}
+    assert sorted(losses["sp2"]) == [0, 1, 2] and sorted(losses["dp2"]) == [3, 4, 5]
+    for step, loss in {**losses["sp2"], **losses["dp2"]}.items():
+        assert abs(loss - losses["one"][step]) < 1e-9, (step, loss, losses["one"][step])
