@@ -27,6 +27,7 @@ from loom.comms.elastic import job_token
 from loom.checkpoint.memory import TIERS, tier_of
 
 from .config import ConfigError
+from .hf_model import hf_config_text
 from .memory_tier import RaySnapshots
 from .schedule import LRSchedule, restore
 from .storage import apply_storage_options
@@ -142,6 +143,9 @@ class TrainingCheckpoints:
             state["scaler"] = scaler
         if self.data is not None:
             state["data"] = self.data.position(next_step).to_dict()
+        hf = None if for_load else hf_config_text(self.model)
+        if hf is not None:  # a --hf-config model's transformers config: `loom ckpt export-hf` needs only the store
+            state["hf"] = {"config": hf}
         return state
 
     def resume(self) -> int:

@@ -54,7 +54,10 @@ def _ckpt(args) -> int:
             location = from_deepspeed(args.ds_dir, args.url, tag=args.tag, step=args.step,
                                       loom_url=args.loom_url)
             print(f"wrote {location}")
-    except (FileNotFoundError, ValueError) as exc:
+        elif args.ckpt_command == "export-hf":
+            from .hf_model import export_hf
+            print(export_hf(args.url, args.out, args.step))
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         return _error(f"loom ckpt {args.ckpt_command}", exc)
     except Exception as exc:  # noqa: BLE001 - anything else: one line, not a traceback
         return _error(f"loom ckpt {args.ckpt_command}", exc, kind=True)
@@ -111,6 +114,13 @@ def _add_ckpt_parser(sub) -> None:
     p.add_argument("--loom-url", default=None,
                    help="for a directory saved through loom's DeepSpeed engine: its loom store "
                         "(default: DS_DIR/loom)")
+    p = ck.add_parser("export-hf", help="write a transformers save_pretrained directory from a --hf-config job",
+                      description="Write config.json + model.safetensors (transformers' save_pretrained layout) "
+                                  "from a checkpoint of a `loom train --hf-config` job, saved at any world size "
+                                  "and layout; `AutoModelForCausalLM.from_pretrained(OUT)` loads it.")
+    p.add_argument("url")
+    p.add_argument("out", help="a new (or empty) directory")
+    p.add_argument("--step", type=int, default=None, help="step to export (default: the newest committed)")
     ckpt.set_defaults(func=_ckpt)
 
 

@@ -53,19 +53,30 @@ def read_hf_config(path: str) -> dict:
     if size > _CONFIG_LIMIT:
         raise ConfigError(f"--hf-config: {file} is {size} bytes, not a model config (at most {_CONFIG_LIMIT})")
     try:
-        with open(file, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--hf-config: {file} is not a JSON model config: {exc}") from None
+        with open(file, "rb") as fh:
+            return parse_hf_config(fh.read(), f"--hf-config: {file}")
+    except OSError as exc:
+        raise ConfigError(f"--hf-config: cannot read {file}: {exc}") from None
+
+
+def parse_hf_config(text: bytes | str, where: str) -> dict:
+    """A transformers config's JSON text as a dict, checked as
+    `read_hf_config` says (``where`` starts the errors)."""
+    if len(text) > _CONFIG_LIMIT:
+        raise ConfigError(f"{where}: {len(text)} bytes, not a model config (at most {_CONFIG_LIMIT})")
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where} is not a JSON model config: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise ConfigError(f"--hf-config: {file} has no \"model_type\": not a transformers config.json")
+        raise ConfigError(f"{where} has no \"model_type\": not a transformers config.json")
     if "auto_map" in data:
-        raise ConfigError(f"--hf-config: {file} names custom model code (auto_map): loom runs no code from a "
+        raise ConfigError(f"{where} names custom model code (auto_map): loom runs no code from a "
                           f"model directory; use a model transformers ships")
     for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
         value = data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--hf-config: {file}: {key}={value!r} must be a positive integer")
+            raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
     return data
 
 
@@ -148,3 +159,51 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
         which = f"--init-from-hf={t.init_from_hf}" if t.init_from_hf else f"--hf-config={t.hf_config}"
         raise ConfigError(f"{which}: {exc}") from None
     return CausalLMAdapter(lm)
+
+
+def hf_config_text(model: torch.nn.Module) -> str | None:
+    """The transformers config (JSON text) of the `CausalLMAdapter` inside
+    ``model`` (wrappers included), or None when there is none: checkpoints
+    keep it (``hf/config``) so that `export_hf` needs nothing but the store."""
+    for module in model.modules():
+        if isinstance(module, CausalLMAdapter):
+            data = module.lm.config.to_dict()
+            data.pop("_name_or_path", None)  # where the config was read: not the model's
+            return json.dumps(data, sort_keys=True)
+    return None
+
+
+def export_hf(url: str, out: str, step: int | None = None) -> str:
+    """Write a ``save_pretrained`` directory (``config.json`` +
+    ``model.safetensors``) at ``out`` from step ``step`` (default: the newest
+    committed) of the loom checkpoint at ``url`` of a ``--hf-config`` job,
+    saved at any world size and layout (loaded here into one process).
+    Returns a one-line summary.  Raises FileNotFoundError (no such step),
+    ValueError (not a --hf-config checkpoint, a bad config), FileExistsError
+    (``out`` exists and is not an empty directory)."""
+    from loom import checkpoint
+    transformers = _transformers()
+    store = checkpoint.CheckpointStore(url)
+    step = store.latest() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no committed checkpoint at {url}")
+    manifest = store.read_manifest(step)
+    entry = manifest.values.get("hf")
+    saved = entry.decoded() if entry is not None and not entry.is_per_rank else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), str):
+        raise ValueError(f"step {step} at {url} holds no transformers config (hf/config): it was not saved by a "
+                         f"--hf-config job")
+    data = parse_hf_config(saved["config"], f"the hf/config of step {step} at {url}")
+    config = transformers.AutoConfig.for_model(**data)
+    lm = transformers.AutoModelForCausalLM.from_config(config)
+    model = CausalLMAdapter(lm)
+    dtypes = {e.dtype for key, e in manifest.tensors.items() if key.startswith("model/")}
+    if len(dtypes) == 1:
+        model.to(getattr(torch, dtypes.pop()))
+    target = {"model": model.state_dict()}
+    checkpoint.load(target, url, step=step)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists and is not an empty directory: give a new one")
+    lm.save_pretrained(out, safe_serialization=True)
+    count = sum(p.numel() for p in lm.parameters())
+    return f"step {step} of {url}: {type(lm).__name__}, {count} parameters -> {out}"

@@ -224,3 +224,21 @@ def test_loom_train_hf_config_sp2_resumes_at_dp2(tmp_path):
     assert sorted(losses["sp2"]) == [0, 1, 2] and sorted(losses["dp2"]) == [3, 4, 5]
     for step, loss in {**losses["sp2"], **losses["dp2"]}.items():
         assert abs(loss - losses["one"][step]) < 1e-9, (step, loss, losses["one"][step])
+    # export the sp=2 checkpoint (step 3) and load it with transformers alone
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "loom", "ckpt", "export-hf", str(tmp_path / "ck"), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3" in proc.stdout and "LlamaForCausalLM" in proc.stdout
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert exported.dtype == torch.float64 and exported.config.tie_word_embeddings
+    from loom import checkpoint
+    from loom.launch.config import build_config
+    from loom.launch.hf_model import build_hf_model
+    mine = build_hf_model(build_config(overrides=dict(hf_config=str(path)))).double()
+    checkpoint.load({"model": mine.state_dict()}, str(tmp_path / "ck"), step=3)
+    ids, _ = _batch()
+    torch.testing.assert_close(exported(input_ids=ids).logits, mine(ids), atol=0, rtol=0)
+    again = subprocess.run([sys.executable, "-m", "loom", "ckpt", "export-hf", str(tmp_path / "ck"), str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "not an empty directory" in again.stderr
