@@ -1,0 +1,191 @@
+"""2-D sequence parallelism (Ulysses inside, ring across) against single-process attention.
+
+Every rank builds the same global tensors from a seed, attends on its sp
+shard (the data loader's layout over all sp positions), and returns its
+shards of the output and of the gradients; the test unshards them and
+compares with the naive attention on the whole sequence (float64, explicit
+ring kernel: 1e-10; float32 with the fused kernel: its tolerance).
+"""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from loom import comms
+from loom.comms import mesh_layout
+from loom.parallel import default_sp_inner, sequence_parallel_core, shard_sequence, ulysses_ring_attention, \
+    unshard_sequence
+from loom.parallel.ulysses_ring import split_ranks
+
+from helpers import train_losses, value_error
+from test_ring_attention import _cu, _docs_cut, _docs_short, _reference, _tensors
+
+F64 = torch.float64
+ATOL = 1e-10
+
+
+def _shard_run(case, mesh, dtype=F64):
+    """This sp rank's (out, dq, dk, dv) shards from the core of ``case``."""
+    size, index, layout = mesh.sp, mesh.sp_rank, case["layout"]
+    full = _tensors(case, size, dtype)
+    q, k, v, dout = (shard_sequence(t, index, size, layout).clone() for t in full[:4])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    inner = case.get("inner", mesh.sp_inner)
+    core = sequence_parallel_core("ulysses-ring", ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
+                                  kernel=case.get("kernel", "auto"), inner=inner,
+                                  inner_group=mesh.sp_inner_group if inner == mesh.sp_inner else None)
+    out = core(q, k, v, causal=case["causal"], scale=case.get("scale"), cu_seqlens=_cu(case, size))
+    grads = torch.autograd.grad((out.double() * dout.double()).sum(), (q, k, v))
+    return [out.detach(), *grads]
+
+
+def _compare(case, size, shards, atol=ATOL, rtol=0.0):
+    ref = _reference(case, size)
+    for i, name in ((0, "out"), (1, "dq"), (2, "dk"), (3, "dv")):
+        got = unshard_sequence([s[i] for s in shards], case["layout"])
+        torch.testing.assert_close(got.to(F64), ref[(0, 2, 3, 4)[i]], atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{name} of {case} at sp={size}: {m}")
+
+
+def _cases():
+    cases, seed = [], 300
+    for layout, causal, (hq, hkv) in itertools.product(("zigzag", "contiguous"), (True, False),
+                                                      ((4, 4), (4, 2), (4, 1), (8, 2))):
+        seed += 1
+        cases.append(dict(seed=seed, layout=layout, causal=causal, batch=2, seq_local=6, hq=hq, hkv=hkv, d=5,
+                          lse_grad=False))
+    for layout, docs in itertools.product(("zigzag", "contiguous"), (_docs_cut, _docs_short)):
+        seed += 1
+        cases.append(dict(seed=seed, layout=layout, causal=True, batch=1, seq_local=6, hq=4, hkv=2, d=3,
+                          docs=docs, lse_grad=False))
+    cases.append(dict(seed=350, layout="zigzag", causal=True, batch=2, seq_local=4, hq=2, hkv=1, d=4, scale=0.3,
+                      lse_grad=False))
+    # the degenerate splits: inner = 1 (ring over the sp ranks), inner = sp (Ulysses; zigzag reordered)
+    for inner, layout in ((1, "zigzag"), (4, "zigzag"), (4, "contiguous")):
+        cases.append(dict(seed=360 + inner, layout=layout, causal=True, batch=2, seq_local=6, hq=4, hkv=2, d=5,
+                          lse_grad=False, inner=inner))
+    return cases
+
+
+def _float32_cases():
+    return [dict(seed=370 + i, layout=layout, causal=causal, batch=2, seq_local=32, hq=4, hkv=2, d=16,
+                 lse_grad=False, kernel=kernel)
+            for i, (layout, causal, kernel) in enumerate(itertools.product(("zigzag", "contiguous"), (True, False),
+                                                                          ("fused", "explicit")))]
+
+
+def _run(cases32):
+    out = {}
+    mesh = comms.init_mesh(dp=1, sp=4, sp_inner=2)
+    meshes = {2: mesh, 1: None, 4: None}
+    for case in _cases():
+        inner = case.get("inner", 2)
+        if meshes[inner] is None:
+            meshes[inner] = comms.init_mesh(dp=1, sp=4, sp_inner=inner)
+        out.setdefault("f64", []).append(_shard_run(case, meshes[inner]))
+    out["f32"] = [_shard_run(case, mesh, torch.float32) for case in cases32]
+    out["groups"] = (mesh.sp_inner_ranks, mesh.sp_outer_ranks, dist.get_world_size(mesh.sp_inner_group),
+                     dist.get_world_size(mesh.sp_outer_group))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_2d_sequence_parallel_matches_single_process(distributed):
+    cases32 = _float32_cases()
+    per_rank = distributed(_run, 4, cases32, timeout=240)
+    for i, case in enumerate(_cases()):
+        _compare(case, 4, [r["f64"][i] for r in per_rank])
+    for i, case in enumerate(cases32):
+        assert per_rank[0]["f32"][i][0].dtype == torch.float32
+        _compare(case, 4, [r["f32"][i] for r in per_rank], atol=2e-5, rtol=1e-4)
+    assert [r["groups"] for r in per_rank] == [((0, 1), (0, 2), 2, 2), ((0, 1), (1, 3), 2, 2),
+                                               ((2, 3), (0, 2), 2, 2), ((2, 3), (1, 3), 2, 2)]
+
+
+def _dp_times_sp():
+    """dp=2 x sp=4 (2 x 2) on 8 ranks would be slow here: dp=2 x sp=2 (inner 2, outer 1) and
+    the layout of dp=2 x sp=4 checked as a pure function below."""
+    mesh = comms.init_mesh(dp=2, sp=2, sp_inner=2)
+    case = dict(seed=380 + mesh.dp_rank, layout="zigzag", causal=True, batch=1, seq_local=4, hq=2, hkv=1, d=3,
+                lse_grad=False)
+    return mesh.dp_rank, _shard_run(case, mesh)
+
+
+@pytest.mark.timeout(120)
+def test_2d_sequence_parallel_under_data_parallel(distributed):
+    per_rank = distributed(_dp_times_sp, 4, timeout=100)
+    for dp_rank in (0, 1):
+        case = dict(seed=380 + dp_rank, layout="zigzag", causal=True, batch=1, seq_local=4, hq=2, hkv=1, d=3,
+                    lse_grad=False)
+        _compare(case, 2, [r[1] for r in per_rank if r[0] == dp_rank])
+
+
+def test_mesh_layout_of_inner_and_outer_groups():
+    lay = mesh_layout(8, dp=2, sp=4, ep=2, sp_inner=2)
+    assert lay["sp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert lay["sp_inner"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert lay["sp_outer"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert mesh_layout(4, sp=4)["sp_inner"] == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="sp_inner=3 must divide sp=4"):
+        mesh_layout(4, sp=4, sp_inner=3)
+    assert split_ranks([4, 5, 6, 7, 8, 9], 3, 8) == ([7, 8, 9], [5, 8])
+    with pytest.raises(ValueError, match="must be a positive integer dividing the 6 sp ranks"):
+        split_ranks(range(6), 4, 0)
+
+
+def test_default_inner_degree():
+    assert default_sp_inner(4, 4) == 4
+    assert default_sp_inner(4, 6) == 2
+    assert default_sp_inner(32, 16) == 8          # at most a node's 8
+    assert default_sp_inner(6, 5) == 1            # nothing divides both: ring
+    with pytest.raises(ValueError, match="heads=0"):
+        default_sp_inner(4, 0)
+
+
+def test_core_validation():
+    with pytest.raises(ValueError, match="needs inner"):
+        sequence_parallel_core("ulysses-ring")
+    with pytest.raises(ValueError, match="are for attention='ulysses-ring'"):
+        sequence_parallel_core("ring", inner=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        sequence_parallel_core("ring-ulysses")
+
+
+def test_single_process_is_plain_attention():
+    case = dict(seed=390, layout="zigzag", causal=True, batch=2, seq_local=6, hq=4, hkv=2, d=5, lse_grad=False)
+    q, k, v, dout, _ = _tensors(case, 1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ulysses_ring_attention(q, k, v, inner=1, causal=True, layout="zigzag")
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    ref = _reference(case, 1)
+    for got, want in zip((out, *grads), (ref[0], *ref[2:])):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def _bad_calls():
+    mesh = comms.init_mesh(dp=1, sp=4, sp_inner=2)
+    q = torch.randn(1, 4, 3, 2, dtype=F64)
+    other = comms.init_mesh(dp=2, sp=2)  # a wrong inner group: the sp group of another mesh
+    odd = torch.randn(1, 3, 2, 2, dtype=F64)
+    return {
+        "heads": value_error(lambda: ulysses_ring_attention(q, q, q, inner=2, inner_group=mesh.sp_inner_group,
+                                                            ranks=mesh.sp_ranks)),
+        "group": value_error(lambda: ulysses_ring_attention(q[:, :, :2], q[:, :, :2], q[:, :, :2], inner=2,
+                                                            inner_group=other.dp_group, ranks=mesh.sp_ranks)),
+        "odd": value_error(lambda: ulysses_ring_attention(odd, odd, odd, inner=2, inner_group=mesh.sp_inner_group,
+                                                          ranks=mesh.sp_ranks, layout="zigzag")),
+        "differs": value_error(lambda: ulysses_ring_attention(
+            q[:, :, :2], q[:, :, :2], q[:, :, :2], inner=2, inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks,
+            causal=dist.get_rank() == 3, layout="contiguous")),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_bad_calls_fail_on_every_rank(distributed):
+    per_rank = distributed(_bad_calls, 4, timeout=100)
+    for r, got in enumerate(per_rank):
+        assert "heads_q=3 must divide by the inner (Ulysses) degree 2" in got["heads"]
+        assert "inner_group must be the group of ranks" in got["group"], got
+        assert "seq_local=3 must be even for layout='zigzag'" in got["odd"]
+        assert "causal differs across ranks [0, 1, 2, 3]" in got["differs"], got
