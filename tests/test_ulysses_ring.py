@@ -7,6 +7,7 @@ compares with the naive attention on the whole sequence (float64, explicit
 ring kernel: 1e-10; float32 with the fused kernel: its tolerance).
 """
 import itertools
+import re
 
 import pytest
 import torch
@@ -189,3 +190,73 @@ def test_bad_calls_fail_on_every_rank(distributed):
         assert "inner_group must be the group of ranks" in got["group"], got
         assert "seq_local=3 must be even for layout='zigzag'" in got["odd"]
         assert "causal differs across ranks [0, 1, 2, 3]" in got["differs"], got
+
+
+# ------------------------------------------------------------- loom train
+
+_TRAIN = dict(data="synthetic", steps=3, batch_size=2, seq_len=16, dim=16, heads=2, kv_heads=1, layers=2, vocab=32,
+              dtype="float64", progress=False, warmup_steps=1, monitor=False)
+_MOE = dict(moe="standard", num_experts=4, top_k=2, moe_aux_coef=0.0)
+
+
+def _train_2d(url):
+    from loom.launch.config import build_config, validate
+    from loom.launch.train import train
+
+    class Events:
+        def __init__(self):
+            self.events = []
+
+        def event(self, text):
+            self.events.append(text)
+
+        def step(self, row):
+            pass
+
+    def run(overrides, reporter=None):
+        cfg = validate(build_config(overrides={**_TRAIN, **overrides}), world_size=dist.get_world_size())
+        return train(cfg, reporter)["losses"]
+
+    reporter = Events() if dist.get_rank() == 0 else None
+    two_d = run(dict(dp=1, sp=4, sp_attention="ulysses-ring", ckpt_every=2, ckpt_url=url), reporter)
+    resumed = run(dict(dp=2, sp=2, ckpt_url=url, resume=True))  # at another layout: ring, dp x sp
+    moe = run(dict(dp=1, sp=4, ep=2, sp_attention="ulysses-ring", sp_inner=2, sp_layout="contiguous", **_MOE))
+    return two_d, resumed, moe, reporter.events if reporter else None
+
+
+@pytest.mark.timeout(200)
+def test_loom_train_2d_sequence_parallel_equals_one_process(distributed, tmp_path):
+    (single,) = distributed(train_losses, 1, _TRAIN, [dict(dp=1), dict(dp=1, **_MOE)], timeout=100)
+    per_rank = distributed(_train_2d, 4, str(tmp_path / "ck"), timeout=170)
+    assert single[0][-1] < single[0][0]
+    for two_d, resumed, moe, _ in per_rank:
+        assert max(abs(a - b) for a, b in zip(two_d, single[0])) < 1e-10, (two_d, single[0])
+        assert len(resumed) == 1 and abs(resumed[0] - single[0][2]) < 1e-10, (resumed, single[0])
+        assert max(abs(a - b) for a, b in zip(moe, single[1])) < 1e-10, (moe, single[1])
+    events = per_rank[0][3]
+    assert any("2-D sequence parallelism: sp=4 = inner 2 x outer 2 (Ulysses all-to-all over 2 consecutive "
+               "ranks, ring over 2; --sp-inner auto" in e for e in events), events
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(sp_attention="ring-ulysses"), "must be ring, ulysses or ulysses-ring"),
+    (dict(sp_attention="ring", sp_inner=2), "--sp-inner=2 is the Ulysses degree of --sp-attention ulysses-ring"),
+    (dict(sp_attention="ulysses-ring", sp_inner=3), "--sp-inner=3 must divide --sp=4"),
+    (dict(sp_attention="ulysses-ring", sp_inner=4, heads=2), "and --heads=2"),
+    (dict(sp_attention="ulysses-ring", sp_inner=-1), "--sp-inner=-1 must be >= 0"),
+    (dict(sp_attention="ulysses-ring", sp_inner=4, attention_kernel="explicit"), "no ring runs here"),
+])
+def test_config_refuses_bad_2d_splits(overrides, needle):
+    from loom.launch.config import ConfigError, build_config, validate
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(build_config(overrides={**_TRAIN, "dp": 1, "sp": 4, "heads": 4, "dim": 16, **overrides}),
+                 world_size=4)
+
+
+def test_config_defaults_of_2d():
+    from loom.launch.config import build_config, sp_inner, sp_layout, validate
+    cfg = validate(build_config(overrides={**_TRAIN, "dp": 1, "sp": 4, "sp_attention": "ulysses-ring"}), world_size=4)
+    assert (sp_inner(cfg), sp_layout(cfg)) == (2, "zigzag")
+    cfg = validate(build_config(overrides={**_TRAIN, "dp": 1, "sp": 4, "sp_attention": "ulysses-ring",
+                                           "sp_inner": 1, "attention_kernel": "explicit"}), world_size=4)
+    assert sp_inner(cfg) == 1
