@@ -179,6 +179,10 @@ def _bad_calls():
         "differs": value_error(lambda: ulysses_ring_attention(
             q[:, :, :2], q[:, :, :2], q[:, :, :2], inner=2, inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks,
             causal=dist.get_rank() == 3, layout="contiguous")),
+        # uneven shards: the sequence must divide by sp (2*sp for zigzag); a rank with more tokens is refused
+        "uneven": value_error(lambda: ulysses_ring_attention(
+            *[torch.randn(1, 6 if dist.get_rank() == 3 else 4, 2, 2, dtype=F64)] * 3, inner=2,
+            inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks)),
     }
 
 
@@ -190,6 +194,8 @@ def test_bad_calls_fail_on_every_rank(distributed):
         assert "inner_group must be the group of ranks" in got["group"], got
         assert "seq_local=3 must be even for layout='zigzag'" in got["odd"]
         assert "causal differs across ranks [0, 1, 2, 3]" in got["differs"], got
+        assert "seq_local differs across ranks [0, 1, 2, 3]: rank 0: 4, rank 1: 4, rank 2: 4, rank 3: 6" \
+            in got["uneven"], got
 
 
 # ------------------------------------------------------------- loom train
