@@ -227,7 +227,8 @@ def _train_2d(url):
     two_d = run(dict(dp=1, sp=4, sp_attention="ulysses-ring", ckpt_every=2, ckpt_url=url), reporter)
     resumed = run(dict(dp=2, sp=2, ckpt_url=url, resume=True))  # at another layout: ring, dp x sp
     moe = run(dict(dp=1, sp=4, ep=2, sp_attention="ulysses-ring", sp_inner=2, sp_layout="contiguous", **_MOE))
-    return two_d, resumed, moe, reporter.events if reporter else None
+    sharded = run(dict(dp=2, sp=2, sp_attention="ulysses-ring", shard_state="params"))  # inner 2, outer 1
+    return two_d, resumed, moe, sharded, reporter.events if reporter else None
 
 
 @pytest.mark.timeout(200)
@@ -235,11 +236,13 @@ def test_loom_train_2d_sequence_parallel_equals_one_process(distributed, tmp_pat
     (single,) = distributed(train_losses, 1, _TRAIN, [dict(dp=1), dict(dp=1, **_MOE)], timeout=100)
     per_rank = distributed(_train_2d, 4, str(tmp_path / "ck"), timeout=170)
     assert single[0][-1] < single[0][0]
-    for two_d, resumed, moe, _ in per_rank:
+    for two_d, resumed, moe, sharded, _ in per_rank:
+        assert len(two_d) == len(moe) == len(sharded) == _TRAIN["steps"]
         assert max(abs(a - b) for a, b in zip(two_d, single[0])) < 1e-10, (two_d, single[0])
         assert len(resumed) == 1 and abs(resumed[0] - single[0][2]) < 1e-10, (resumed, single[0])
         assert max(abs(a - b) for a, b in zip(moe, single[1])) < 1e-10, (moe, single[1])
-    events = per_rank[0][3]
+        assert max(abs(a - b) for a, b in zip(sharded, single[0])) < 1e-10, (sharded, single[0])
+    events = per_rank[0][4]
     assert any("2-D sequence parallelism: sp=4 = inner 2 x outer 2 (Ulysses all-to-all over 2 consecutive "
                "ranks, ring over 2; --sp-inner auto" in e for e in events), events
 
