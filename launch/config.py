@@ -24,9 +24,12 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from loom.data.config import DataConfig
 from loom.faults.detect import DetectConfig
 from loom.parallel.fused_attention import KERNELS as ATTENTION_KERNELS
+from loom.parallel.fused_attention import resolve_kernel
 from loom.parallel.model import ModelConfig
 
 from .precision import MODES as PRECISION_MODES
@@ -117,6 +120,13 @@ class TrainSection:
                         "a torch.nn.Module mapping token ids [batch, seq] to logits [batch, seq, vocab] (config: "
                         "this job's JobConfig; see loom.launch.user_model). Default: loom's reference "
                         "transformer, shaped by [model]", metavar="MODULE:FACTORY")
+    hf_config: str = _f("", "a Hugging Face transformers causal LM as the model: a local config.json or a directory "
+                            "holding one (Llama, Qwen2, Mistral, ...; built with AutoModelForCausalLM.from_config, "
+                            "nothing downloaded); the [model] shape options come from it (loom.launch.hf_model)",
+                        metavar="PATH")
+    init_from_hf: str = _f("", "start from the weights of a local transformers checkpoint directory "
+                               "(model.safetensors or a sharded index; safetensors only); implies --hf-config DIR "
+                               "when that is not given", metavar="DIR")
     model_args: dict = field(default_factory=dict, metadata={
         "help": "your model's own settings, given to FACTORY as config.train.model_args: KEY=VALUE ... "
                 "(VALUE read as TOML: 3, 0.5, true, \"text\"; else a string), or a [train.model_args] table"})
@@ -415,8 +425,13 @@ def build_config(data: dict | None = None, overrides: dict | None = None) -> Job
             value = {**values[opt.section].get(key, {}), **value}
         values[opt.section][key] = value
     try:
-        return JobConfig(**{section: _construct(section, factory, values[section])
-                            for section, factory in SECTIONS.items()})
+        cfg = JobConfig(**{section: _construct(section, factory, values[section])
+                           for section, factory in SECTIONS.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from .hf_model import apply_hf_config  # --hf-config shapes [model] and names the model's factory
+    try:
+        return apply_hf_config(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -717,6 +732,17 @@ def _hdp_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def attention_block_dtype(cfg: JobConfig) -> torch.dtype:
+    """The dtype attention blocks compute in: the model's, or the autocast
+    dtype of ``--mixed-precision``."""
+    t = cfg.train
+    if t.dtype == "float64":
+        return torch.float64
+    if t.dtype == "bfloat16" or t.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float16 if t.mixed_precision == "fp16" else torch.float32
+
+
 def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
     p, t = cfg.parallel, cfg.train
     if p.sp_attention not in ("ring", "ulysses", "ulysses-ring"):
@@ -738,11 +764,12 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
     if p.attention_kernel != "auto" and not rings:
         return [f"--attention-kernel {p.attention_kernel} picks ring attention's block kernel, and no ring runs "
                 f"here (it needs --sp > 1 with --sp-attention ring, ulysses-ring with sp > --sp-inner, or --hdp; "
-                f"Ulysses uses PyTorch's SDPA): "
-                f"drop it"]
+                f"Ulysses uses PyTorch's SDPA): drop it"]
     if p.attention_kernel == "fused" and cfg.job.device == "cuda":
-        return ["--attention-kernel fused: loom has no fused block kernel for cuda yet (its flash ops pad the "
-                "LSE per device); use auto (the explicit kernel there) or explicit"]
+        try:
+            resolve_kernel("fused", "cuda", attention_block_dtype(cfg), cfg.model.dim // max(cfg.model.heads, 1))
+        except ValueError as exc:
+            return [f"--attention-kernel fused: {exc}"]
     layout, problems = sp_layout(cfg), []
     if p.sp_attention == "ulysses" and layout != "contiguous":
         problems.append("--sp-attention=ulysses needs --sp-layout contiguous (or auto)")

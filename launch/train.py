@@ -21,7 +21,8 @@ from loom.parallel.fused_attention import resolve_kernel
 
 from .batches import micro_batches
 from .checkpointing import TrainingCheckpoints
-from .config import ConfigError, JobConfig, hdp_capacity, sp_inner, sp_layout, varlen_options
+from .config import ConfigError, JobConfig, attention_block_dtype, hdp_capacity, sp_inner, sp_layout, \
+    varlen_options
 from .datasets import open_job_data
 from .evaluation import evaluate
 from .metrics import StepMetrics
@@ -187,12 +188,10 @@ def _two_d_split(cfg: JobConfig, inner: int) -> str:
 
 def _ring_kernel(cfg: JobConfig, device) -> str:
     """What ``--attention-kernel`` means here, in words for the log."""
-    dtype = torch.float64 if cfg.train.dtype == "float64" else (
-        torch.bfloat16 if cfg.train.dtype == "bfloat16" or cfg.train.mixed_precision == "bf16" else
-        torch.float16 if cfg.train.mixed_precision == "fp16" else torch.float32)
-    kernel = resolve_kernel(cfg.parallel.attention_kernel, device, dtype)
+    dtype = attention_block_dtype(cfg)
+    kernel = resolve_kernel(cfg.parallel.attention_kernel, device, dtype, cfg.model.dim // cfg.model.heads)
     detail = "loom's explicit softmax" if kernel == "explicit" else \
-        "PyTorch's fused flash attention, explicit for masked tiles"
+        "PyTorch's fused attention (flash / memory-efficient), explicit for masked tiles"
     dtype_name = str(dtype).removeprefix("torch.")
     return f"{kernel}: {detail} (--attention-kernel {cfg.parallel.attention_kernel}; {dtype_name} on {device})"
 

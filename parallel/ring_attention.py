@@ -238,7 +238,7 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     try:
         scale, bounds = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens,
                                       size=ring.size)
-        kernel = resolve_kernel(kernel, q.device, q.dtype)
+        kernel = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
         mine = _description(q, k, layout, bool(causal), scale, bounds, ring)
     except (TypeError, ValueError) as exc:
         error = exc

@@ -141,7 +141,7 @@ def ulysses_ring_attention(q, k, v, *, inner: int, inner_group=None, ranks=None,
         if cu_seqlens is not None:
             bounds = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * len(sp_ranks),
                                       "ulysses_ring_attention")
-        kernel = resolve_kernel(kernel, q.device, q.dtype)
+        kernel = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
         mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype_code(q.dtype),
                 layout == "zigzag", bool(causal), float_bits(scale), inner, checksum_ints(sp_ranks),
                 -1 if bounds is None else checksum_ints(bounds)]

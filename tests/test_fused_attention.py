@@ -137,3 +137,44 @@ def test_attention_kernel_is_validated():
     from loom.launch.config import ConfigError, build_config, validate
     with pytest.raises(ConfigError, match="--attention-kernel='flash' must be one of auto, fused, explicit"):
         validate(build_config(overrides=dict(TINY, dp=1, sp=2, attention_kernel="flash")), world_size=2)
+
+
+def test_cuda_kernel_choice():
+    """Which CUDA kernel takes a block (chosen here without a GPU)."""
+    from loom.parallel.fused_attention import cuda_backend
+    assert cuda_backend(torch.bfloat16, 64, (9, 0)) == "flash"
+    assert cuda_backend(torch.float16, 256, (8, 0)) == "flash"
+    assert cuda_backend(torch.bfloat16, 64, (7, 5)) == "efficient"  # no flash before sm80
+    assert cuda_backend(torch.bfloat16, 320, (9, 0)) == "efficient"  # flash stops at head dim 256
+    assert cuda_backend(torch.float32, 64, (9, 0)) == "efficient"
+    assert cuda_backend(torch.float32, 12, (9, 0)) == "efficient"
+    assert cuda_backend(torch.float32, 6, (9, 0)) is None  # misaligned: the explicit kernel
+    assert cuda_backend(torch.bfloat16, 12, (9, 0)) is None
+    assert cuda_backend(torch.float64, 64, (9, 0)) is None
+    assert resolve_kernel("auto", "cuda", torch.float64, 64) == "explicit"
+    assert resolve_kernel("auto", "cuda", torch.float32, 6) == "explicit"
+    with pytest.raises(ValueError, match="no fused kernel returning the LSE for torch.float64"):
+        resolve_kernel("fused", "cuda", torch.float64, 64)
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_kernel_calls_line_up(monkeypatch, backend, causal):
+    """The CUDA flash / memory-efficient calls on meta tensors: their
+    signatures, the LSE the efficient kernel pads to 32 query rows (sliced
+    out, padded back for its backward), GQA's K/V expansion and gradient sum.
+    The numbers are PyTorch's kernels'; a GPU run checks them
+    (benchmarks/sequence_parallel_cuda.py)."""
+    from loom.parallel import fused_attention
+    monkeypatch.setattr(fused_attention, "_backend", lambda device, dtype, head_dim: backend)
+    b, sq, hq, hkv, d = 2, 40, 4, 2, 64
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = torch.empty(b, sq, hq, d, **meta), torch.empty(b, sq, hkv, d, **meta), torch.empty(b, sq, hkv, d, **meta)
+    out, lse = fused_attention.fused_block_forward(q, k, v, 0.125, causal)
+    assert out.shape == (b, sq, hq, d) and out.dtype == torch.float32
+    assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32
+    dk_acc = torch.zeros(b, hkv, sq, d, device="meta", dtype=torch.float32)
+    dv_acc = torch.zeros_like(dk_acc)
+    dq = fused_attention.fused_block_backward(q, k, v, out, out, lse, 0.125, causal, dk_acc, dv_acc)
+    assert dq.shape == (b, sq, hq, d) and dk_acc.shape == dv_acc.shape == (b, hkv, sq, d)
+    assert fused_attention._padded_lse(lse).shape == (b, hq, 64)

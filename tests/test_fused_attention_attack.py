@@ -104,17 +104,18 @@ def test_double_backward_is_refused_clearly_or_exact(distributed, kernel):
         torch.testing.assert_close(got, ref[i], atol=1e-8, rtol=1e-6, msg=f"d2/d{name}")
 
 
-def test_config_refuses_the_fused_kernel_on_cuda():
-    """``--attention-kernel fused --device cuda --sp 2``: validate accepts it
-    (the fused kernel does not exist on CUDA: `resolve_kernel` refuses it),
-    so the job starts and fails at the start banner on rank 0 only
-    (`_ring_kernel`, inside ``reporter is not None``) or at the first
-    forward.  Expected: a ConfigError from validate naming
-    --attention-kernel, as for an unknown kernel."""
+def test_config_refuses_a_fused_kernel_cuda_does_not_have():
+    """``--attention-kernel fused --device cuda --sp 2`` in float64 (no CUDA
+    fused kernel takes it): once validate accepted it, and the job failed at
+    the start banner on rank 0 only or at the first forward.  Expected: a
+    ConfigError from validate naming --attention-kernel; float32 is accepted
+    (the memory-efficient kernel takes it)."""
     from loom.launch.config import ConfigError, build_config, validate
-    with pytest.raises(ConfigError, match="--attention-kernel"):
-        validate(build_config(overrides=dict(TINY, dp=1, sp=2, device="cuda", attention_kernel="fused")),
-                 world_size=2)
+    with pytest.raises(ConfigError, match="--attention-kernel fused: .*no fused kernel .*float64"):
+        validate(build_config(overrides=dict(TINY, dp=1, sp=2, device="cuda", dtype="float64",
+                                             attention_kernel="fused")), world_size=2)
+    validate(build_config(overrides=dict(TINY, dp=1, sp=2, device="cuda", dtype="float32", attention_kernel="fused")),
+             world_size=2)
 
 
 @pytest.mark.parametrize("overrides", [dict(dp=1, sp=2, sp_attention="ulysses"), dict(dp=2, sp=1)],

@@ -1,0 +1,181 @@
+"""Hugging Face ``transformers`` causal LMs under loom's sequence parallelism.
+
+`parallelize(model, mesh)` makes a ``*ForCausalLM`` model (Llama, Qwen2,
+Mistral, ... : any model whose attention layers call transformers' attention
+interface) attend across the sequence shards of ``mesh.sp_ranks``:
+
+- loom registers an attention function (``"loom_sp"``) in transformers'
+  ``AttentionInterface`` and sets the model's ``_attn_implementation`` to it;
+  each attention layer gets the core of its own process group (ring attention
+  or Ulysses, `loom.parallel.sequence_parallel_core`), so two models on two
+  meshes live side by side.  transformers builds no mask for a registered
+  implementation it does not know: causality is the core's.
+- `ParallelCausalLM.shard` gives each rank its tokens (zigzag or contiguous
+  shards), their *global* ``position_ids`` (rotary embeddings need them) and
+  its shard of the labels shifted over the whole sequence (``labels=`` inside
+  the model would shift within a shard: the loss is computed outside,
+  `ParallelCausalLM.loss`).
+- `ParallelCausalLM.sync` averages gradients over the world (dp × sp ranks
+  hold replicas), bucketed all-reduces through `loom.comms` (the fault monitor
+  sees them).
+
+transformers is an optional dependency (``pip install -e ".[hf]"``): it is
+imported when `parallelize` runs, never when loom is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom import comms
+
+from .data_parallel import GradientSync
+from .model import local_attention
+from .sequence import shard_batch
+from .sequence_parallel import sequence_parallel_core
+
+ATTENTION_NAME = "loom_sp"
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("loom.parallel.hf needs transformers: pip install -e \".[hf]\"") from exc
+    return transformers
+
+
+def _loom_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function contract: query ``[b, heads_q, s_local,
+    d]``, key/value ``[b, heads_kv, s_local, d]`` -> ``(out [b, s_local,
+    heads_q, d], None)`` (no attention weights), computed by the layer's loom
+    ``core`` (`loom.parallel.core_kind`'s protocol; packed documents arrive as
+    the ``loom_cu_seqlens`` keyword of the model's forward)."""
+    core = getattr(module, "core", None)
+    if core is None:
+        raise RuntimeError(f"{type(module).__name__} runs loom's attention but was not prepared by "
+                           f"loom.parallel.hf (prepare or parallelize)")
+    if dropout:
+        raise ValueError(f"loom's sequence-parallel attention has no attention dropout (got {dropout}); "
+                         f"set the config's attention_dropout to 0")
+    if kwargs.get("sliding_window"):
+        raise ValueError(f"sliding-window attention (window {kwargs['sliding_window']}) is not sequence-parallel "
+                         f"in loom; disable it in the config (use_sliding_window=False)")
+    if attention_mask is not None:
+        raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
+    documents = kwargs.get("loom_cu_seqlens")
+    extra = {} if documents is None else {"cu_seqlens": documents}
+    out = core(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+               causal=bool(getattr(module, "is_causal", True)), scale=scaling, **extra)
+    return out, None
+
+
+def _attention_layers(model) -> list[torch.nn.Module]:
+    """The modules that call transformers' attention interface (they carry
+    ``config``, ``layer_idx`` and ``scaling``)."""
+    return [m for m in model.modules()
+            if hasattr(m, "scaling") and hasattr(m, "layer_idx") and hasattr(m, "config")]
+
+
+def _refuse_padding(module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+        raise ValueError("a padding attention_mask cannot be honoured under sequence parallelism: pack documents "
+                         "without padding (labels=-100 where no loss is wanted)")
+
+
+def prepare(model) -> list[torch.nn.Module]:
+    """Route ``model``'s attention through loom: register loom's attention
+    function with transformers, select it, and give every attention layer a
+    swappable ``core`` (`loom.parallel.local_attention`, ``core_kind =
+    "softmax"``), as loom's own layers have.  Idempotent.  Returns the
+    attention layers.  Raises ValueError for a model with none, attention
+    dropout or a sliding window in the config."""
+    transformers = _transformers()
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no attention layer that calls transformers' attention "
+                         f"interface (modules with config, layer_idx and scaling)")
+    config = model.config
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(f"attention_dropout={config.attention_dropout}: loom's sequence-parallel attention has "
+                         f"no dropout; set it to 0")
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError("use_sliding_window=True: sliding-window attention is not sequence-parallel in loom")
+    transformers.AttentionInterface.register(ATTENTION_NAME, _loom_attention)
+    for layer in layers:
+        if getattr(layer, "core", None) is None:
+            layer.core, layer.core_kind = local_attention, "softmax"
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(ATTENTION_NAME)
+        else:  # pragma: no cover - older transformers
+            config._attn_implementation = ATTENTION_NAME
+        model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
+    return layers
+
+
+class ParallelCausalLM:
+    """A transformers causal LM prepared by `parallelize`: ``model`` (the
+    same module, changed in place), ``shard``, ``loss`` and ``sync``."""
+
+    def __init__(self, model, mesh, layout: str, group_size: int):
+        self.model, self.mesh, self.layout = model, mesh, layout
+        self._world_size = group_size
+        self._grads = GradientSync(model.parameters(), group=None)
+
+    def shard(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """This rank's share of a ``[batch, seq]`` int64 batch (the same on
+        every rank of the sp group): ``{"input_ids", "position_ids",
+        "labels"}``, each ``[batch, seq / sp]``.  ``labels`` default to the
+        inputs (next-token prediction); they are shifted over the whole
+        sequence before sharding (the last position gets -100).  Raises
+        ValueError when seq does not split into the layout's chunks."""
+        labels = input_ids if labels is None else labels
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ")
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        index, size = self.mesh.sp_ranks.index(self.mesh.rank), self.mesh.sp
+        ids, targets, positions = shard_batch(input_ids, shifted, index, size, self.layout)
+        return {"input_ids": ids, "position_ids": positions.expand(ids.shape[0], -1), "labels": targets}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of this rank's ``logits [batch, seq_local, vocab]``
+        against its shifted ``labels`` (from `shard`), scaled so that
+        averaging the gradients over the world (`sync`) gives the gradient of
+        the mean over every labelled token of the global batch; the value
+        returned, averaged over the world, is that mean."""
+        flat = logits.reshape(-1, logits.shape[-1])
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        total = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (labels != IGNORE_INDEX).sum().to(torch.float64).reshape(1)
+        comms.all_reduce(count)
+        if count.item() == 0:
+            raise ValueError("no labelled token in the global batch (every label is -100)")
+        return total * (self._world_size / count.item())
+
+    def sync(self) -> None:
+        """Average the gradients over every rank (call after backward)."""
+        self._grads.sync()
+
+
+def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None = None,
+                kernel: str = "auto") -> ParallelCausalLM:
+    """Prepare a transformers causal LM for ``mesh`` (`loom.comms.mesh.Mesh`;
+    every rank holds the whole model): its attention layers attend across
+    ``mesh.sp_ranks`` by ``sp_attention`` ("ring" or "ulysses"), sequence
+    shards laid out as ``layout`` (default zigzag for ring, contiguous for
+    Ulysses); ``kernel``: the ring's block kernel (`ring_attention`).
+
+    Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
+    ValueError for a model with no attention layer loom can drive, an unknown
+    attention or layout, attention dropout or a sliding window in the config."""
+    layout = layout or ("zigzag" if sp_attention == "ring" else "contiguous")
+    core = sequence_parallel_core(sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
+                                  kernel=kernel)
+    for layer in prepare(model):
+        layer.core = core
+    return ParallelCausalLM(model, mesh, layout, mesh.world_size)

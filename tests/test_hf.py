@@ -1,0 +1,226 @@
+"""transformers causal LMs under loom's sequence parallelism
+(`loom.parallel.hf.parallelize`): tiny random configs written here (no
+downloads), float64, sp = 2 (ring, Ulysses) and dp × sp = 2 × 2, against the
+single-process transformers model: loss and every gradient equal to 1e-10."""
+import pytest
+import torch
+import transformers  # the test extra holds the hf extra's transformers
+
+from loom import comms
+
+SEQ, BATCH, VOCAB = 16, 2, 64
+
+
+def _config(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attention_dropout=0.0)
+    if kind == "llama":  # GQA and tied embeddings
+        return transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if kind == "qwen2":  # q/k/v biases
+        return transformers.Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **common)
+    raise ValueError(kind)
+
+
+def _rms_norm_in_float64(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _model(kind: str):
+    """The model in float64.  Its RMSNorms compute in float32 whatever the
+    input (transformers' choice), which turns the last-bit differences of
+    any two attention implementations into float32 roundings (1e-8): here
+    they keep float64, in the reference and the parallel model alike.  The
+    reference attends by SDPA (float64 throughout; "eager" takes its softmax
+    in float32)."""
+    import types
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa").double()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_in_float64, module)
+    return model
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (BATCH * 2, SEQ), generator=gen)
+    labels = ids.clone()
+    labels[0, 3:6] = -100  # unlabelled tokens count nowhere
+    return ids, labels
+
+
+def _reference(kind: str):
+    """One process: the next-token loss over the whole sequence and its
+    gradients, in float64 (transformers' own ``labels=`` loss upcasts logits
+    to float32 only: it agrees to 1e-7)."""
+    import torch.nn.functional as F
+    model = _model(kind)
+    ids, labels = _batch()
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(loss.item() - model(input_ids=ids, labels=labels).loss.item()) < 1e-6
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _parallel(kind: str, dp: int, sp: int, attention: str):
+    from loom.parallel.hf import parallelize
+    mesh = comms.init_mesh(dp=dp, sp=sp)
+    model = _model(kind)
+    lm = parallelize(model, mesh, sp_attention=attention)
+    ids, labels = _batch()
+    rows = slice(mesh.dp_rank * (len(ids) // dp), (mesh.dp_rank + 1) * (len(ids) // dp))
+    batch = lm.shard(ids[rows], labels[rows])
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = lm.loss(logits, batch["labels"])
+    loss.backward()
+    lm.sync()
+    value = loss.detach().reshape(1).clone()
+    comms.all_reduce(value)
+    return value.item() / mesh.world_size, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind,dp,sp,attention", [("llama", 1, 2, "ring"), ("llama", 1, 2, "ulysses"),
+                                                  ("qwen2", 2, 2, "ring")])
+def test_parallel_equals_one_process(distributed, kind, dp, sp, attention):
+    want_loss, want_grads = _reference(kind)
+    per_rank = distributed(_parallel, dp * sp, kind, dp, sp, attention, timeout=200)
+    for loss, grads in per_rank:
+        assert abs(loss - want_loss) <= 1e-10, (loss, want_loss)
+        assert grads.keys() == want_grads.keys()
+        for name, g in grads.items():
+            error = (g - want_grads[name]).abs().max().item()
+            assert error <= 1e-10, f"{name}: {error:.2e} from the one-process gradient"
+
+
+def _refusals():
+
+    from loom.parallel.hf import parallelize
+    mesh = comms.init_mesh(dp=1, sp=2)
+    found = []
+    lm = parallelize(_model("llama"), mesh)
+    ids, _ = _batch()
+    batch = lm.shard(ids)
+    try:
+        lm.model(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["input_ids"]))
+    except ValueError as exc:
+        found.append(str(exc))
+    for bad in (dict(attention_dropout=0.1), ):
+        config = _config("llama")
+        for key, value in bad.items():
+            setattr(config, key, value)
+        try:
+            parallelize(transformers.AutoModelForCausalLM.from_config(config), mesh)
+        except ValueError as exc:
+            found.append(str(exc))
+    try:
+        lm.shard(ids, ids[:, :-1])
+    except ValueError as exc:
+        found.append(str(exc))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_what_cannot_be_honoured_is_refused(distributed):
+    found = distributed(_refusals, 2, timeout=100)[0]
+    assert len(found) == 3, found
+    assert "padding attention_mask" in found[0]
+    assert "attention_dropout=0.1" in found[1]
+    assert "labels" in found[2]
+
+
+# ------------------------------------------------------------------ loom train --hf-config
+
+def _save(tmp_path, kind="llama", weights=False):
+    """A config.json (and, with ``weights``, model.safetensors) in a directory."""
+    path = tmp_path / f"{kind}-hf"
+    if weights:
+        _model(kind).float().save_pretrained(path, safe_serialization=True)
+    else:
+        _config(kind).save_pretrained(path)
+    return path
+
+
+def test_hf_config_shapes_the_job_and_bad_files_are_refused(tmp_path):
+    import json
+
+    from loom.launch.config import ConfigError, build_config
+    from loom.launch.hf_model import HF_FACTORY
+    path = _save(tmp_path)
+    cfg = build_config(overrides=dict(hf_config=str(path)))
+    assert cfg.train.model == HF_FACTORY
+    m = cfg.model
+    assert (m.vocab, m.dim, m.heads, m.kv_heads, m.layers) == (VOCAB, 32, 4, 2, 2)
+    assert build_config(overrides=dict(init_from_hf=str(path))).train.hf_config == str(path)  # implies --hf-config
+    cases = {"no file": (dict(hf_config=str(tmp_path / "missing")), "no file"),
+             "hub": (dict(hf_config="hf://meta-llama/Llama-3"), "local config.json"),
+             "both": (dict(hf_config=str(path), model="my.lm:make"), "both name the model")}
+    for what, (overrides, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=overrides)
+    data = json.loads((path / "config.json").read_text())
+    for what, change, message in (("custom code", {"auto_map": {"AutoModel": "x.Y"}}, "runs no code"),
+                                  ("vocab", {"vocab_size": 0}, "vocab_size=0"),
+                                  ("not a config", {"model_type": None}, "no \"model_type\"")):
+        bad = tmp_path / what.replace(" ", "-")
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=dict(hf_config=str(bad)))
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a JSON model config"):
+        build_config(overrides=dict(hf_config=str(tmp_path / "junk.json")))
+
+
+def test_init_from_hf_starts_from_the_checkpoint_s_weights(tmp_path):
+    from loom.launch.config import build_config
+    from loom.launch.hf_model import build_hf_model
+    path = _save(tmp_path, weights=True)
+    original = transformers.AutoModelForCausalLM.from_pretrained(path).double()
+    cfg = build_config(overrides=dict(init_from_hf=str(path), seed=123))
+    torch.manual_seed(123)
+    model = build_hf_model(cfg).double()
+    mine = dict(model.lm.named_parameters())
+    for name, p in original.named_parameters():
+        assert torch.equal(mine[name], p), name
+    ids, _ = _batch()
+    torch.testing.assert_close(model(ids), original(input_ids=ids).logits, atol=1e-12, rtol=0)
+    # the weights directory lacks safetensors: a clear error, no pickle read
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((path / "config.json").read_text())
+    from loom.launch.config import ConfigError
+    with pytest.raises(ConfigError, match="--init-from-hf"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=str(tmp_path / "empty"))))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_loom_train_hf_config_sp2_resumes_at_dp2(tmp_path):
+    """``loom train --hf-config`` (Llama, GQA, tied embeddings, float64) at
+    sp=2 ring with a checkpoint at step 3, then resumed at dp=2: the resumed
+    steps' losses equal those of an uninterrupted sp=1 run (to 1e-9: the
+    model's RMSNorms round to float32, so two attention implementations
+    agree to float32's last bits there, not float64's)."""
+    import subprocess
+    import sys
+
+    from helpers import train_rows
+    path = _save(tmp_path)
+    base = [sys.executable, "-m", "loom", "train", "--hf-config", str(path), "--data", "synthetic", "--seq-len", "16",
+            "--batch-size", "4", "--dtype", "float64", "--steps", "6", "--eval-every", "0", "--no-progress",
+            "--runs-dir", str(tmp_path)]
+    runs = {"one": ["--dp", "1"],
+            "sp2": ["--dp", "1", "--sp", "2", "--ckpt-every", "3", "--ckpt-url", str(tmp_path / "ck"),
+                    "--steps", "3"],
+            "dp2": ["--dp", "2", "--resume", "--ckpt-url", str(tmp_path / "ck")]}
+    losses = {}
+    for name, args in runs.items():
+        proc = subprocess.run(base + ["--name", name, *args], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses[name] = {r["step"]: r["loss"] for r in train_rows(tmp_path / name / "metrics.jsonl")}
+    assert sorted(losses["sp2"]) == [0, 1, 2] and sorted(losses["dp2"]) == [3, 4, 5]
+    for step, loss in {**losses["sp2"], **losses["dp2"]}.items():
+        assert abs(loss - losses["one"][step]) < 1e-9, (step, loss, losses["one"][step])
