@@ -15,8 +15,7 @@ from loom import comms
 from loom.data import DocumentDraws
 from loom.parallel import (ExpertParallelGradientSync, HDPCost, ShardedDataParallel, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
-                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core,
-                           shard_data_parallel)
+                           hdp_schedule, mesh_core, moe_aux_loss, next_token_loss, shard_data_parallel)
 from loom.parallel.fused_attention import resolve_kernel
 
 from .batches import micro_batches
@@ -75,11 +74,7 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     model = build_model(cfg, device, mesh.ep_group)
     layout = sp_layout(cfg)
     if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
-        two_d = cfg.parallel.sp_attention == "ulysses-ring"
-        core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
-                                      layout=layout, kernel=cfg.parallel.attention_kernel,
-                                      inner=inner if two_d else None,
-                                      inner_group=mesh.sp_inner_group if two_d else None)
+        core = mesh_core(cfg.parallel.sp_attention, mesh, layout=layout, kernel=cfg.parallel.attention_kernel)
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     amp = MixedPrecision(cfg.train.mixed_precision, device)
     model = apply_training_essentials(cfg, model, amp)

@@ -60,3 +60,13 @@ def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, l
     if layout != "contiguous":
         raise ValueError(f"ulysses attention needs layout='contiguous', got {layout!r}")
     return functools.partial(ulysses_attention, group=group)
+
+
+def mesh_core(attention: str, mesh, *, layout: str, kernel: str = "auto"):
+    """`sequence_parallel_core` over the sp groups of ``mesh``
+    (`loom.comms.Mesh`): its sp ranks, and for ``"ulysses-ring"`` its
+    ``sp_inner`` degree and inner group (``init_mesh(..., sp_inner=N)``)."""
+    two_d = attention == "ulysses-ring"
+    return sequence_parallel_core(attention, ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout, kernel=kernel,
+                                  inner=mesh.sp_inner if two_d else None,
+                                  inner_group=mesh.sp_inner_group if two_d else None)
