@@ -1,7 +1,9 @@
 """Sequence-parallel softmax attention, side by side, causal, fwd+bwd.
 
 At each ring size P, on gloo with one thread per rank, for a fixed global
-sequence: loom ring attention (zigzag and contiguous), loom Ulysses, an
+sequence: loom ring attention (zigzag and contiguous), loom Ulysses, loom
+2-D sequence parallelism (``ulysses-ring``: Ulysses over ``--inner``
+consecutive ranks, ring over the rest; where 1 < inner < P), an
 all-gather-K/V baseline (zigzag Q shards, K/V all-gathered, PyTorch SDPA with
 a mask), PyTorch's own context parallel
 (``torch.distributed.tensor.experimental.context_parallel``; the exact error
@@ -37,7 +39,8 @@ from _report import command_line, markdown_table, peak_bytes, update_results, wr
 
 from loom import comms  # noqa: E402
 from loom.comms.testing import run_distributed  # noqa: E402
-from loom.parallel import ring_attention, shard_positions, shard_sequence, ulysses_attention  # noqa: E402
+from loom.parallel import ring_attention, sequence_parallel_core, shard_positions, shard_sequence, \
+    ulysses_attention  # noqa: E402
 from loom.parallel.attention_blocks import tile_rows_for  # noqa: E402
 from loom.parallel.ring_attention import make_spec, ring_work, run_ring  # noqa: E402
 
@@ -162,6 +165,8 @@ def _worker(args):
     os.sched_setaffinity(0, {cpus[rank % len(cpus)]})  # less scheduler noise
     full = _inputs(args)
     out = {}
+    two_d = 1 < args.inner < size and size % args.inner == 0 and args.heads % args.inner == 0
+    mesh = comms.init_mesh(dp=1, sp=size, sp_inner=args.inner) if two_d else None
     for layout in ("zigzag", "contiguous"):
         q, k, v, dout = (shard_sequence(t, rank, size, layout).contiguous() for t in full)
         silent = SilentRing(rank, size)
@@ -185,9 +190,18 @@ def _worker(args):
                                         q, k, v, dout)
         else:
             out["ulysses"] = {"error": f"heads={args.heads} do not divide by P={size}"}
+        if two_d:
+            core = sequence_parallel_core("ulysses-ring", ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
+                                          inner=args.inner, inner_group=mesh.sp_inner_group)
+            steps[_two_d_name(args.inner, size, layout)] = _fwd_bwd(
+                lambda q, k, v, core=core: core(q, k, v, causal=True), q, k, v, dout)
         out.update(_measure(steps, args.reps, comms.barrier))
     out["torch context_parallel"] = _torch_context_parallel(args, full, args.reps)
     return out
+
+
+def _two_d_name(inner: int, size: int, layout: str) -> str:
+    return f"ulysses-ring {inner}×{size // inner} ({layout}, fused)"
 
 
 def _single_process(args) -> dict:
@@ -224,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--inner", type=int, default=2, help="Ulysses degree of the 2-D (ulysses-ring) rows, "
+                                                         "at P it divides with 1 < inner < P")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
@@ -260,6 +276,11 @@ def main(argv=None):
                 hidden = f"{max(ratios):.2f}"
                 imbalance = (f"{max(counted[layout]) / min(counted[layout]):.2f} counted, "
                              f"{max(compute) / min(compute):.2f} measured")
+            elif name.startswith("ulysses-ring"):  # the outer ring's work, on every rank's heads alike
+                layout = name.split("(")[1].split(",")[0]
+                work = ring_work(seq_local * args.inner, size // args.inner, layout, causal=True,
+                                 tile_rows=tile_rows_for(args.batch, args.heads // args.inner, seq_local * args.inner))
+                imbalance = f"{max(work) / min(work):.2f} counted"
             rows.append([size, name, f"{t:.2f}", f"{t / base['time_s']:.2f}", _mb(peak),
                          f"{peak / base['peak_bytes']:.2f}", _mb(sent), hidden, imbalance, ""])
         notes.append(f"P={size}: memory target 1.5/P = {1.5 / size:.2f} of the single-process fused kernel (SDPA)")
@@ -291,10 +312,13 @@ def main(argv=None):
                 "computed, and in the backward the dK/dV accumulator travelling with them: about 60 MB per "
                 "rank here against SDPA's 33 MB for the whole sequence, so the target is not met (1.88 at "
                 "P = 2). The untiled single block shows what a full score matrix costs.\n"
+                "- *ulysses-ring a×b*: 2-D sequence parallelism (`--sp-attention ulysses-ring`): an all-to-all "
+                "over a = --inner consecutive ranks (heads/a heads each, the a ranks' tokens), then the fused "
+                "ring over b ranks; its causal imbalance is the outer ring's counted work.\n"
                 "- P ranks share this machine's 2 cores; at P = 4 ranks are oversubscribed 2:1, so "
                 "absolute times there include waiting for a core.\n")
         cmd = command_line(__file__, argv)
-        update_results("sequence_parallel", "Sequence-parallel attention (ring, Ulysses, peers)",
+        update_results("sequence_parallel", "Sequence-parallel attention (ring, Ulysses, 2-D, peers)",
                        cmd, body)
 
 

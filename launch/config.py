@@ -93,9 +93,13 @@ class ParallelSection:
     sp: int = _f(1, "sequence-parallel degree (world = dp * sp)")
     ep: int = _f(1, "expert-parallel degree (divides the world size)")
     bucket_mb: float = _f(25.0, "gradient all-reduce bucket size in MiB")
-    sp_attention: str = _f("ring", "sequence-parallel attention when sp > 1: ring or ulysses")
+    sp_attention: str = _f("ring", "sequence-parallel attention when sp > 1: ring, ulysses, or ulysses-ring "
+                                   "(2-D: Ulysses all-to-all over --sp-inner consecutive ranks, ring over the "
+                                   "rest; sp can exceed the heads and the all-to-all stays within a node)")
+    sp_inner: int = _f(0, "with --sp-attention ulysses-ring: the Ulysses (inner) degree, dividing --sp and "
+                          "--heads (sp = inner x outer); 0: the largest such divisor, at most 8")
     sp_layout: str = _f("auto", "sequence shards when sp > 1: zigzag (balanced causal ring), contiguous, "
-                                "or auto (zigzag for ring, contiguous for ulysses)")
+                                "or auto (zigzag for ring and ulysses-ring, contiguous for ulysses)")
     attention_kernel: str = _f("auto", "ring attention's block kernel (sp ring and --hdp's rings): auto (PyTorch's "
                                        "fused flash attention where the device has one, explicit for float64), "
                                        "fused, or explicit (loom's own softmax: the exact reference)")
@@ -649,6 +653,17 @@ def sp_layout(cfg: JobConfig) -> str:
     return "zigzag"
 
 
+def sp_inner(cfg: JobConfig) -> int:
+    """The Ulysses (inner) degree of 2-D sequence parallelism: --sp-inner, or
+    by default the largest divisor of sp that divides the heads, at most 8;
+    1 unless --sp-attention ulysses-ring."""
+    from loom.parallel import default_sp_inner
+    p = cfg.parallel
+    if p.sp_attention != "ulysses-ring" or p.sp < 1 or cfg.model.heads < 1:  # (bad degrees are reported)
+        return 1
+    return p.sp_inner or default_sp_inner(p.sp, cfg.model.heads)
+
+
 def hdp_capacity(cfg: JobConfig) -> int:
     """Tokens per rank per microbatch under --hdp."""
     return cfg.parallel.hdp_capacity or cfg.train.seq_len
@@ -730,17 +745,26 @@ def attention_block_dtype(cfg: JobConfig) -> torch.dtype:
 
 def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
     p, t = cfg.parallel, cfg.train
-    if p.sp_attention not in ("ring", "ulysses"):
-        return [f"--sp-attention={p.sp_attention!r} must be ring or ulysses"]
+    if p.sp_attention not in ("ring", "ulysses", "ulysses-ring"):
+        return [f"--sp-attention={p.sp_attention!r} must be ring, ulysses or ulysses-ring"]
+    if p.sp_inner < 0:
+        return [f"--sp-inner={p.sp_inner} must be >= 0 (0: the default)"]
+    if p.sp_inner and p.sp_attention != "ulysses-ring":
+        return [f"--sp-inner={p.sp_inner} is the Ulysses degree of --sp-attention ulysses-ring, not of "
+                f"{p.sp_attention}: drop it or use ulysses-ring"]
+    if p.sp_inner and (p.sp % p.sp_inner or cfg.model.heads % p.sp_inner):
+        return [f"--sp-inner={p.sp_inner} must divide --sp={p.sp} (sp = inner x outer) and --heads="
+                f"{cfg.model.heads} (the all-to-all splits the heads)"]
     if p.sp_layout not in ("auto", "zigzag", "contiguous"):
         return [f"--sp-layout={p.sp_layout!r} must be auto, zigzag or contiguous"]
     if p.attention_kernel not in ATTENTION_KERNELS:
         return [f"--attention-kernel={p.attention_kernel!r} must be one of {', '.join(ATTENTION_KERNELS)}"]
-    rings = p.hdp or (p.sp > 1 and p.sp_attention == "ring")
+    rings = p.hdp or (p.sp > 1 and p.sp_attention == "ring") or (
+        p.sp_attention == "ulysses-ring" and p.sp // sp_inner(cfg) > 1)
     if p.attention_kernel != "auto" and not rings:
         return [f"--attention-kernel {p.attention_kernel} picks ring attention's block kernel, and no ring runs "
-                f"here (it needs --sp > 1 with --sp-attention ring, or --hdp; Ulysses uses PyTorch's SDPA): "
-                f"drop it"]
+                f"here (it needs --sp > 1 with --sp-attention ring, ulysses-ring with sp > --sp-inner, or --hdp; "
+                f"Ulysses uses PyTorch's SDPA): drop it"]
     if p.attention_kernel == "fused" and cfg.job.device == "cuda":
         try:
             resolve_kernel("fused", "cuda", attention_block_dtype(cfg), cfg.model.dim // max(cfg.model.heads, 1))

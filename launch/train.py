@@ -15,13 +15,13 @@ from loom import comms
 from loom.data import DocumentDraws
 from loom.parallel import (ExpertParallelGradientSync, HDPCost, ShardedDataParallel, Transformer,
                            apply_activation_checkpointing, enable_sequence_parallel, hdp_forward_backward,
-                           hdp_schedule, moe_aux_loss, next_token_loss, sequence_parallel_core,
-                           shard_data_parallel)
+                           hdp_schedule, mesh_core, moe_aux_loss, next_token_loss, shard_data_parallel)
 from loom.parallel.fused_attention import resolve_kernel
 
 from .batches import micro_batches
 from .checkpointing import TrainingCheckpoints
-from .config import ConfigError, JobConfig, attention_block_dtype, hdp_capacity, sp_layout, varlen_options
+from .config import ConfigError, JobConfig, attention_block_dtype, hdp_capacity, sp_inner, sp_layout, \
+    varlen_options
 from .datasets import open_job_data
 from .evaluation import evaluate
 from .metrics import StepMetrics
@@ -68,13 +68,13 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     """
     t_start = time.monotonic()
     world = dist.get_world_size()
-    mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep)
+    inner = sp_inner(cfg)
+    mesh = comms.init_mesh(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ep, sp_inner=inner)
     device = resolve_device(cfg.job.device)
     model = build_model(cfg, device, mesh.ep_group)
     layout = sp_layout(cfg)
     if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
-        core = sequence_parallel_core(cfg.parallel.sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group,
-                                      layout=layout, kernel=cfg.parallel.attention_kernel)
+        core = mesh_core(cfg.parallel.sp_attention, mesh, layout=layout, kernel=cfg.parallel.attention_kernel)
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     amp = MixedPrecision(cfg.train.mixed_precision, device)
     model = apply_training_essentials(cfg, model, amp)
@@ -90,7 +90,10 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     heldout = job_data.heldout
     eval_time, last_eval = 0.0, None
     start = ckpts.resume()
-    if reporter is not None and (cfg.parallel.hdp or (mesh.sp > 1 and cfg.parallel.sp_attention == "ring")):
+    if reporter is not None and mesh.sp > 1 and cfg.parallel.sp_attention == "ulysses-ring":
+        reporter.event(f"2-D sequence parallelism: {_two_d_split(cfg, inner)}")
+    if reporter is not None and (cfg.parallel.hdp or (mesh.sp > 1 and cfg.parallel.sp_attention == "ring") or (
+            cfg.parallel.sp_attention == "ulysses-ring" and mesh.sp // inner > 1)):
         reporter.event(f"ring attention block kernel: {_ring_kernel(cfg, device)}")
     if start >= cfg.train.steps and reporter is not None:
         reporter.event(f"WARNING: resumed at step {start}, which is not below --steps={cfg.train.steps}: "
@@ -164,6 +167,18 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
             extra.update(eval_bpb=round(last_eval["eval_bpb"], 4),
                          unigram_bpb=round(job_data.val.unigram_entropy(cfg.model.vocab).bits_per_byte, 4))
     return summary
+
+
+def _two_d_split(cfg: JobConfig, inner: int) -> str:
+    """--sp-attention ulysses-ring's split, in words for the log."""
+    sp, heads = cfg.parallel.sp, cfg.model.heads
+    kv = cfg.model.kv_heads or heads
+    chosen = f"--sp-inner {inner}" if cfg.parallel.sp_inner else \
+        f"--sp-inner auto: the largest divisor of sp={sp} dividing heads={heads}, at most 8"
+    shape = "ring attention only" if inner == 1 else "Ulysses only" if inner == sp else \
+        f"Ulysses all-to-all over {inner} consecutive ranks, ring over {sp // inner}"
+    copies = f"; {kv} K/V heads repeated to {math.lcm(kv, inner)}" if inner > 1 and kv % inner else ""
+    return f"sp={sp} = inner {inner} x outer {sp // inner} ({shape}; {chosen}{copies})"
 
 
 def _ring_kernel(cfg: JobConfig, device) -> str:

@@ -15,8 +15,9 @@ from .placement import declare_placements
 from .ring_attention import ring_attention
 from .sharded import LEVELS as SHARD_LEVELS, ShardedDataParallel, shard_data_parallel
 from .sequence import shard_batch, shard_positions, shard_sequence, unshard_sequence
-from .sequence_parallel import sequence_parallel_core
+from .sequence_parallel import mesh_core, sequence_parallel_core
 from .ulysses import ulysses_attention
+from .ulysses_ring import default_sp_inner, ulysses_ring_attention
 
 __all__ = ["apply_activation_checkpointing", "check_cu_seqlens", "document_ids",
            "ExpertParallelGradientSync", "GradientSync", "HDPAttention",
@@ -25,7 +26,7 @@ __all__ = ["apply_activation_checkpointing", "check_cu_seqlens", "document_ids",
            "LLEPConfig", "LLEPPlan", "LinearAttention", "MoE",
            "ModelConfig", "SyntheticData", "Transformer", "enable_sequence_parallel", "expert_parameters",
            "linear_attention", "llep_plan", "local_attention", "local_linear_attention", "moe_aux_loss",
-           "next_token_loss", "ring_attention",
+           "next_token_loss", "ring_attention", "mesh_core",
            "core_kind", "sequence_parallel_gaps", "sequence_parallel_core", "shard_batch", "shard_positions",
-           "shard_sequence", "ulysses_attention", "unshard_sequence",
+           "shard_sequence", "ulysses_attention", "ulysses_ring_attention", "default_sp_inner", "unshard_sequence",
            "SHARD_LEVELS", "ShardedDataParallel", "shard_data_parallel"]

@@ -32,7 +32,7 @@ from loom import comms
 from .data_parallel import GradientSync
 from .model import local_attention
 from .sequence import shard_batch
-from .sequence_parallel import sequence_parallel_core
+from .sequence_parallel import mesh_core
 
 ATTENTION_NAME = "loom_sp"
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
@@ -166,16 +166,16 @@ def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None =
                 kernel: str = "auto") -> ParallelCausalLM:
     """Prepare a transformers causal LM for ``mesh`` (`loom.comms.mesh.Mesh`;
     every rank holds the whole model): its attention layers attend across
-    ``mesh.sp_ranks`` by ``sp_attention`` ("ring" or "ulysses"), sequence
-    shards laid out as ``layout`` (default zigzag for ring, contiguous for
-    Ulysses); ``kernel``: the ring's block kernel (`ring_attention`).
+    ``mesh.sp_ranks`` by ``sp_attention`` ("ring", "ulysses", or
+    "ulysses-ring" over the mesh's ``sp_inner`` groups), sequence shards laid
+    out as ``layout`` (default zigzag for ring and ulysses-ring, contiguous
+    for Ulysses); ``kernel``: the ring's block kernel (`ring_attention`).
 
     Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
     ValueError for a model with no attention layer loom can drive, an unknown
     attention or layout, attention dropout or a sliding window in the config."""
-    layout = layout or ("zigzag" if sp_attention == "ring" else "contiguous")
-    core = sequence_parallel_core(sp_attention, ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
-                                  kernel=kernel)
+    layout = layout or ("contiguous" if sp_attention == "ulysses" else "zigzag")
+    core = mesh_core(sp_attention, mesh, layout=layout, kernel=kernel)
     for layer in prepare(model):
         layer.core = core
     return ParallelCausalLM(model, mesh, layout, mesh.world_size)

@@ -22,7 +22,7 @@ from .varlen import document_attention
 
 
 
-def _seq_to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
+def seq_to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
     """[b, s, h, d] sequence shard -> [b, size*s, h/size, d] head shard."""
     b, s, h, d = x.shape
     parts = x.reshape(b, s, size, h // size, d).permute(2, 0, 1, 3, 4).contiguous()
@@ -30,7 +30,7 @@ def _seq_to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.transpose(0, 1).reshape(b, size * s, h // size, d)
 
 
-def _heads_to_seq(y: torch.Tensor, size: int, group) -> torch.Tensor:
+def heads_to_seq(y: torch.Tensor, size: int, group) -> torch.Tensor:
     """[b, size*s, h/size, d] head shard -> [b, s, h, d] sequence shard."""
     b, n, hp, d = y.shape
     parts = y.reshape(b, size, n // size, hp, d).transpose(0, 1).contiguous()
@@ -38,7 +38,7 @@ def _heads_to_seq(y: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(b, n // size, size * hp, d)
 
 
-def _attend(q, k, v, causal: bool, scale: float, cu_seqlens=None, bounds=None) -> torch.Tensor:
+def attend(q, k, v, causal: bool, scale: float, cu_seqlens=None, bounds=None) -> torch.Tensor:
     """Attention on the whole sequence [b, S_total, h, d]: SDPA, or with
     documents `document_attention` (varlen flash on CUDA, else a mask)."""
     if cu_seqlens is not None:
@@ -46,6 +46,16 @@ def _attend(q, k, v, causal: bool, scale: float, cu_seqlens=None, bounds=None) -
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=causal, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def expand_kv(k, v, size: int):
+    """K/V ``[b, s, heads_kv, d]`` with each head repeated up to lcm(heads_kv,
+    size) heads (MQA/GQA with fewer K/V heads than ranks: every rank gets its
+    own copy; query head i keeps its K/V head), so ``size`` divides them."""
+    expand = size // math.gcd(k.shape[2], size)
+    if expand > 1:
+        k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
+    return k, v
 
 
 _FIELDS = ("batch", "seq_local", "heads_q", "head_dim", "heads_kv", "dtype", "causal", "scale", "cu_seqlens")
@@ -85,10 +95,8 @@ def ulysses_attention(q, k, v, *, causal: bool = False, group=None, scale: float
     if q.shape[0] == 0 or q.shape[1] == 0:  # no tokens anywhere (the group agreed on seq_local)
         return empty_attention(q, k, v)
     if size == 1:
-        return _attend(q, k, v, causal, scale, cu_seqlens, bounds)
-    expand = size // math.gcd(k.shape[2], size)
-    if expand > 1:  # MQA/GQA with fewer K/V heads than ranks: give every rank its own copy
-        k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
+        return attend(q, k, v, causal, scale, cu_seqlens, bounds)
+    k, v = expand_kv(k, v, size)
     with comms.agreed():  # the all-to-alls' shapes follow from what the ranks just agreed on
-        qh, kh, vh = (_seq_to_heads(t, size, group) for t in (q, k, v))
-        return _heads_to_seq(_attend(qh, kh, vh, causal, scale, cu_seqlens, bounds), size, group)
+        qh, kh, vh = (seq_to_heads(t, size, group) for t in (q, k, v))
+        return heads_to_seq(attend(qh, kh, vh, causal, scale, cu_seqlens, bounds), size, group)

@@ -67,7 +67,7 @@ def _reference(kind: str):
 
 def _parallel(kind: str, dp: int, sp: int, attention: str):
     from loom.parallel.hf import parallelize
-    mesh = comms.init_mesh(dp=dp, sp=sp)
+    mesh = comms.init_mesh(dp=dp, sp=sp, sp_inner=2 if attention == "ulysses-ring" else 1)
     model = _model(kind)
     lm = parallelize(model, mesh, sp_attention=attention)
     ids, labels = _batch()
@@ -84,7 +84,7 @@ def _parallel(kind: str, dp: int, sp: int, attention: str):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind,dp,sp,attention", [("llama", 1, 2, "ring"), ("llama", 1, 2, "ulysses"),
-                                                  ("qwen2", 2, 2, "ring")])
+                                                  ("qwen2", 2, 2, "ring"), ("llama", 1, 4, "ulysses-ring")])
 def test_parallel_equals_one_process(distributed, kind, dp, sp, attention):
     want_loss, want_grads = _reference(kind)
     per_rank = distributed(_parallel, dp * sp, kind, dp, sp, attention, timeout=200)

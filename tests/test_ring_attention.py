@@ -492,7 +492,7 @@ def test_training_with_sp2_equals_sp1_float64(distributed):
     (dict(dp=1, sp=4, seq_len=6, sp_layout="contiguous"), r"--seq-len=6 must divide by sp=4"),
     (dict(dp=1, sp=2, sp_attention="ulysses", sp_layout="zigzag"), "needs --sp-layout contiguous"),
     (dict(dp=1, sp=4, sp_attention="ulysses", heads=2, dim=16), "--heads=2 must divide by --sp=4"),
-    (dict(sp_attention="stripe"), "--sp-attention='stripe' must be ring or ulysses"),
+    (dict(sp_attention="stripe"), "--sp-attention='stripe' must be ring, ulysses or ulysses-ring"),
     (dict(sp_layout="diagonal"), "--sp-layout='diagonal' must be auto, zigzag or contiguous"),
     (dict(dp=1, sp=2, layers="linear,softmax", sp_layout="zigzag"), "linear-attention layers need"),
 ])
