@@ -63,12 +63,13 @@ def rank_map(bundle_nodes: Sequence[str | None], world: int, sizes: Sequence[int
     (``prefer``: the previous layout's bundle per rank) a block goes back to
     the node where most of its ranks ran, while that node has room; the
     other blocks fill the nodes in turn, those with the most bundles first
-    (then by their first bundle).  Within a node a rank keeps its
+    (then those with the most ``warm`` bundles, then by their first bundle).  Within a node a rank keeps its
     ``prefer`` bundle (``prefer[r]`` for rank r) when it is there; the other
     ranks take that node's ``warm`` bundles (those holding a warmed spare)
     first, then the lowest free ones.  With ``rotate``, warm bundles left
     over on a node then take that node's ranks too (a restarted rank needs a
-    new process, and a warmed one is ready at once).
+    new process, and a warmed one is ready at once); on any node when
+    ``sizes`` asks for no group.
 
     Raises ValueError for a bad ``world`` or size, or fewer usable bundles
     than ``world``."""
@@ -87,7 +88,8 @@ def rank_map(bundle_nodes: Sequence[str | None], world: int, sizes: Sequence[int
             kept.append(g)
             block = u
     room = {node: len(bs) // block for node, bs in by_node.items()}
-    order = sorted(by_node, key=lambda n: (-room[n], by_node[n][0]))
+    warm = set(warm)
+    order = sorted(by_node, key=lambda n: (-room[n], -len(warm.intersection(by_node[n])), by_node[n][0]))
     owner: list = [None] * (world // block)
     for k in range(len(owner)) if prefer is not None else ():  # a block goes back where its ranks ran
         votes = Counter(bundle_nodes[prefer[r]] for r in range(k * block, (k + 1) * block)
@@ -101,7 +103,6 @@ def rank_map(bundle_nodes: Sequence[str | None], world: int, sizes: Sequence[int
             owner[k] = next(n for n in order if room[n])
             room[owner[k]] -= 1
     bundles: list[int | None] = [None] * world
-    warm = set(warm)
     for node in order:
         ranks = [r for r in range(world) if owner[r // block] == node]
         free = list(by_node[node])
@@ -119,6 +120,12 @@ def rank_map(bundle_nodes: Sequence[str | None], world: int, sizes: Sequence[int
             for r in ranks:
                 if spare and bundles[r] not in warm:
                     bundles[r] = spare.pop(0)
+    if rotate and not sizes:  # no group to keep: a warmed spare on any node will do
+        spare = sorted({b for bs in by_node.values() for b in bs if b in warm} - set(bundles))
+        for r in range(world):
+            if spare and bundles[r] not in warm:
+                bundles[r] = spare.pop(0)
+                owner[r] = bundle_nodes[bundles[r]]  # no group asked: a block is one rank
     nodes = tuple(owner[r // block] for r in range(world))
     return RankMap(tuple(bundles), nodes, tuple(kept), block)
 
