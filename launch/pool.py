@@ -1,7 +1,8 @@
 """The Ray driver's workers: placement bundles, spares, isolation.
 
-A job's placement group holds ``world + spares`` bundles (one worker each,
-spread over the nodes).  Ranks run in ``world`` of them; every other bundle
+A job's placement group holds ``world + spares`` bundles (one worker each;
+packed on few nodes, ranks given bundles by node, or spread: ``--placement``,
+`loom.launch.topology`).  Ranks run in ``world`` of them; every other bundle
 Ray has placed holds a *spare*: an idle worker started and warmed up
 (`RankWorker.warm`: torch and loom imported) at start, so that a restart
 does not wait for Ray to start a process and import torch.
