@@ -142,11 +142,17 @@ def span(nodes: Sequence, sp: int) -> int:
     return max(len(set(nodes[s::sp])) for s in range(sp))
 
 
-def placement_groups(sp: int, ep: int) -> list[tuple[str, int]]:
+def placement_groups(sp: int, ep: int, sp_inner: int = 1) -> list[tuple[str, int]]:
     """The named block sizes to keep within a node, most talkative first:
-    sp (Ulysses' all-to-all or the ring's neighbour exchange, at every
-    layer), then ep (the MoE layers' all-to-all).  Degrees of 1 are left out."""
-    return [(name, n) for name, n in (("sp", sp), ("ep", ep)) if n > 1]
+    the inner group of a 2-D sp (``sp_inner`` consecutive ranks, Ulysses'
+    all-to-all), then ep (the MoE layers' all-to-all), then the whole sp
+    group (its ring's neighbour exchanges, at every layer; with no 2-D sp,
+    sp comes first).  Degrees of 1 are left out."""
+    if sp_inner > 1 and sp_inner < sp:
+        named = (("sp inner", sp_inner), ("ep", ep), ("sp", sp))
+    else:
+        named = (("sp", sp), ("ep", ep))
+    return [(name, n) for name, n in named if n > 1]
 
 
 def summary(nodes: Sequence[str], groups: Sequence[tuple[str, int]], sp: int, strategy: str) -> dict:

@@ -155,6 +155,7 @@ def test_bad_input_is_refused_with_clear_errors():
 
 def test_summary_and_its_line():
     assert placement_groups(2, 1) == [("sp", 2)] and placement_groups(1, 1) == []
+    assert placement_groups(8, 4, sp_inner=2) == [("sp inner", 2), ("ep", 4), ("sp", 8)]
     record = summary(["aa", "aa", "bb", "bb"], placement_groups(2, 4), 2, "pack")
     assert record == {"strategy": "pack", "nodes": ["aa", "aa", "bb", "bb"],
                       "within_node": {"sp": [2, 2], "ep": [0, 1]}, "dp_nodes": 2}
