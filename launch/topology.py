@@ -171,8 +171,8 @@ def describe(record: dict) -> str:
     runs, start = [], 0
     for r in range(1, len(nodes) + 1):
         if r == len(nodes) or nodes[r] != nodes[start]:
-            ranks = f"{start}" if r - start == 1 else f"{start}-{r - 1}"
-            runs.append(f"ranks {ranks} on node {str(nodes[start])[:12]}")
+            ranks = f"rank {start}" if r - start == 1 else f"ranks {start}-{r - 1}"
+            runs.append(f"{ranks} on node {str(nodes[start])[:12]}")
             start = r
     within = [f"{name} {ok}/{total}" for name, (ok, total) in record["within_node"].items()]
     return (f"placement {record['strategy']}: {', '.join(runs)}; groups within a node: "

@@ -161,3 +161,6 @@ def test_summary_and_its_line():
                       "within_node": {"sp": [2, 2], "ep": [0, 1]}, "dp_nodes": 2}
     assert describe(record) == ("placement pack: ranks 0-1 on node aa, ranks 2-3 on node bb; groups within a "
                                 "node: sp 2/2, ep 0/1; dp spans 2 nodes")
+    spread = summary(["aa", "bb", "bb", "aa"], placement_groups(2, 1), 2, "spread")
+    assert describe(spread) == ("placement spread: rank 0 on node aa, ranks 1-2 on node bb, rank 3 on node aa; "
+                                "groups within a node: sp 0/2; dp spans 2 nodes")
