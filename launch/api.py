@@ -155,6 +155,9 @@ class _Collect:
     def event(self, text: str) -> None:
         self.recorder.event(text)
 
+    def placed(self, record: dict) -> None:
+        self.recorder.placed(record)
+
 
 def _job_config(workers: int, options: dict):
     launch_options = {f.name for s in _LAUNCH_SECTIONS for f in dataclasses.fields(SECTIONS[s])}

@@ -75,6 +75,10 @@ class JobSection:
     working_dir: str = _f("", "with --address: a directory shipped to every worker (Ray runtime_env "
                               "working_dir; the workers run in it and import from it); loom itself is "
                               "always shipped to a cluster")
+    placement: str = _f("pack", "where Ray puts the workers: pack (as few nodes as possible, each sp and ep group "
+                                "of consecutive ranks kept within a node where the nodes' sizes allow, dp "
+                                "across nodes; the rank map is reported at start) or spread (one worker per "
+                                "node in turn, rank i in bundle i)")
     start_timeout: float = _f(120.0, "seconds to wait for a cluster's busy resources before giving up (a "
                                      "cluster too small for the job fails at once)")
     tensorboard: bool | None = _f(None, "write TensorBoard event files to <run dir>/tensorboard (default: on when "
@@ -559,6 +563,8 @@ def _job_problems(j: JobSection) -> list[str]:
         problems.append("--cpus-per-worker must be > 0 and --threads-per-worker >= 1")
     if j.pg_timeout <= 0 or j.start_timeout <= 0:
         problems.append("--pg-timeout and --start-timeout must be > 0")
+    if j.placement not in ("pack", "spread"):
+        problems.append(f"--placement={j.placement!r} must be pack or spread")
     try:
         parse_env(j.env, resolve=False)
     except ConfigError as exc:

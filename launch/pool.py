@@ -1,7 +1,8 @@
 """The Ray driver's workers: placement bundles, spares, isolation.
 
-A job's placement group holds ``world + spares`` bundles (one worker each,
-spread over the nodes).  Ranks run in ``world`` of them; every other bundle
+A job's placement group holds ``world + spares`` bundles (one worker each;
+packed on few nodes, ranks given bundles by node, or spread: ``--placement``,
+`loom.launch.topology`).  Ranks run in ``world`` of them; every other bundle
 Ray has placed holds a *spare*: an idle worker started and warmed up
 (`RankWorker.warm`: torch and loom imported) at start, so that a restart
 does not wait for Ray to start a process and import torch.
@@ -29,6 +30,7 @@ import ray
 from ray.util import placement_group_table
 
 from .cluster import LaunchError, poll_until
+from .topology import rank_map
 
 log = logging.getLogger("loom.launch")
 
@@ -40,16 +42,24 @@ ISOLATE_KINDS = frozenset({"died", "hang", "lost_rank", "straggler", "actor_lost
 class WorkerPool:
     """The bundles of placement group ``pg`` (``world + spares``) and the
     idle warmed workers in those that hold no rank.  ``new_actor(bundle)``
-    starts a `RankWorker` actor in that bundle."""
+    starts a `RankWorker` actor in that bundle.
 
-    def __init__(self, pg, world: int, spares: int, new_actor):
-        self.pg, self.new_actor = pg, new_actor
+    ``groups`` (``--placement pack``): block sizes of consecutive ranks to
+    keep within a node, most talkative first (`loom.launch.topology`); ranks
+    then take bundles by node, at the start and at every `assign`.  None
+    (``--placement spread``): rank i runs in bundle i, and `assign` keeps
+    bundles regardless of nodes."""
+
+    def __init__(self, pg, world: int, spares: int, new_actor, groups: list[int] | None = None):
+        self.pg, self.new_actor, self.groups = pg, new_actor, groups
         self.size = world + spares
         self.ranks: list[int] = list(range(world))   # the bundle of each rank of the current layout
         self.retired: dict[int, str] = {}              # bundle -> why it is never used again
         self.idle: dict[int, object] = {}              # bundle -> an idle warmed actor (a spare)
         self._warming: dict[int, object] = {}          # bundle -> its warm() call
         self.lost: dict[int, str] = {}                 # bundle -> the node it was lost with
+        if groups is not None:
+            self.ranks = self._by_node(world, self.placed(), None, rotate=False)
 
     # ------------------------------------------------------------ state
 
@@ -164,15 +174,17 @@ class WorkerPool:
         for b in [b for b in self.idle if b not in placed]:  # a spare lost with its node
             self._drop_idle(b)
         usable = set(self.usable(placed))
+        if len(usable) < world:
+            raise LaunchError(f"{world} workers need {world} placed bundles, but only {len(usable)} are placed "
+                              f"and not retired now (a node was lost meanwhile)")
+        if self.groups is not None:
+            self.ranks = self._by_node(world, placed, self.ranks, rotate)
+            return self.ranks
         free = sorted((b for b in usable if b not in self.ranks), key=lambda b: (b not in self.idle, b))
         if world < len(self.ranks):  # shrinking: the lowest surviving ranks keep their bundles
             out = [b for b in self.ranks if b in usable][:world]
         else:  # each rank keeps its bundle while it is usable
             out = [b if b in usable else None for b in self.ranks]
-        missing = out.count(None) + world - len(out)
-        if missing > len(free):
-            raise LaunchError(f"{world} workers need {world} placed bundles, but only {len(usable)} are placed "
-                              f"and not retired now (a node was lost meanwhile)")
         out = [b if b is not None else free.pop(0) for b in out]
         out += [free.pop(0) for _ in range(world - len(out))]
         if rotate:
@@ -180,6 +192,14 @@ class WorkerPool:
             out = [warmed.pop(0) if b not in self.idle and warmed else b for b in out]
         self.ranks = out
         return out
+
+    def _by_node(self, world: int, placed: dict[int, str], prefer, rotate: bool) -> list[int]:
+        """`topology.rank_map` over the usable bundles: the groups' blocks
+        within a node (sizes that do not divide ``world`` are not asked)."""
+        usable = set(self.usable(placed))
+        nodes = [placed[b] if b in usable else None for b in range(self.size)]
+        sizes = [g for g in self.groups if world % g == 0]
+        return list(rank_map(nodes, world, sizes, prefer=prefer, warm=set(self.idle), rotate=rotate).bundles)
 
     def wait_usable(self, count: int, timeout: float, notify=None, every: float = 10.0,
                     poll: float = 0.2) -> list[int]:

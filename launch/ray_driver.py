@@ -1,5 +1,11 @@
 """Run a job on Ray: one actor per rank, placed by a placement group.
 
+``--placement pack`` (the default) asks Ray to pack the bundles on as few
+nodes as possible and gives ranks bundles by node (`loom.launch.topology`):
+each sp and ep group of consecutive ranks within a node where the nodes'
+sizes allow, dp across nodes; ``spread`` spreads the bundles over the nodes
+and runs rank i in bundle i.
+
 `launch_ray` is the one path both `loom train` (the built-in loop) and
 `loom.launch.run` (the user's ``train_fn``) take: reach Ray (`cluster`), check
 the cluster can hold the job, place one `RankWorker` per rank, hand each the
@@ -29,6 +35,7 @@ from .pool import WorkerPool
 from .recorder import QueueReporter
 from .recovery import Recovery
 from .restart_on import PersistentStraggler
+from .topology import placement_groups, summary
 
 log = logging.getLogger("loom.launch")
 __all__ = ["LaunchError", "RankWorker", "launch_ray"]
@@ -159,7 +166,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
                 raise
             raise LaunchError(f"{exc} (the job asks for {world} workers and {spares} spares: --spare-workers)") \
                 from None
-        pg = placement_group([bundle] * (world + spares), strategy="SPREAD")
+        pack = cfg.job.placement == "pack"  # bundles on as few nodes as possible, ranks mapped by node
+        pg = placement_group([bundle] * (world + spares), strategy="PACK" if pack else "SPREAD")
         cluster.wait_placed(pg, bundle, world + spares, start_timeout, notify)
         worker_cls = ray.remote(RankWorker)
 
@@ -168,7 +176,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(
                                           pg, placement_group_bundle_index=index)).remote()
 
-        pool = WorkerPool(pg, world, spares, new_actor)
+        groups = [size for _, size in placement_groups(cfg.parallel.sp, cfg.parallel.ep)]
+        pool = WorkerPool(pg, world, spares, new_actor, groups if pack else None)
         pool.warm()
         elastic = ElasticPolicy(cfg, pool, train_fn is None)
         helpers = AttemptHelpers(recorder is not None, ahead=recovery.budget > 0)
@@ -231,7 +240,8 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
         actors, _ = pool.take(bundles)
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
-        recovery.placed(nodes)
+        recovery.placed(nodes, summary(nodes, placement_groups(cfg.parallel.sp, cfg.parallel.ep), cfg.parallel.sp,
+                                       cfg.job.placement))
         memory_env = _memory_holders(cfg, recovery, nodes)
         helpers = helpers or AttemptHelpers(recorder is not None, ahead=False)
         queue, aggregator = helpers.take(cfg)

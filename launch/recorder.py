@@ -247,6 +247,7 @@ class RunRecorder:
         self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = ProgressBar(total_steps, enabled=progress)
         self.sinks = list(sinks or [])
+        self.placement: dict | None = None  # `placed`
         self.restarts: list[dict] = read_jsonl(os.path.join(run_dir, RESTARTS_LOG))  # `restart`; a
         # reopened directory (a later torchrun attempt) keeps the earlier attempts' records
 
@@ -283,7 +284,14 @@ class RunRecorder:
         self.restarts.append(record)
         append_jsonl(os.path.join(self.run_dir, RESTARTS_LOG), record)
 
+    def placed(self, record: dict) -> None:
+        """Where the ranks of the newest attempt run, on Ray
+        (`loom.launch.topology.summary`): the summary's ``placement``."""
+        self.placement = record
+
     def finish(self, summary: dict) -> None:
+        if self.placement is not None:
+            summary = {**summary, "placement": self.placement}
         if self.restarts:
             summary = {**summary, "restarts": self.restarts,
                        "extra": {**summary.get("extra", {}), "restarts": len(self.restarts)}}

@@ -48,6 +48,7 @@ from .cluster import LaunchError
 from .config import JobConfig, max_restarts
 from .recorder import RESTARTS_LOG, append_jsonl, read_jsonl
 from .storage import apply_storage_options
+from .topology import describe
 
 log = logging.getLogger("loom.launch")
 # errors of the job's setup, which a restart would meet again (a store another job owns, a bad config)
@@ -149,16 +150,23 @@ class Recovery:
             d["ckpt"]["resume"] = self._resume
         return d
 
-    def placed(self, nodes: list[str]) -> None:
+    def placed(self, nodes: list[str], record: dict | None = None) -> None:
         """The attempt's workers run on ``nodes`` (Ray node ids, hex, in rank
         order).  Said as an event when the job spans several nodes or after a
-        restart, so a user sees where each attempt ran."""
+        restart, so a user sees where each attempt ran; with ``record``
+        (`loom.launch.topology.summary`), also which groups are within a
+        node, and the recorder's ``placed(record)`` (when it has one) keeps
+        it for the run's summary."""
         self.nodes[self.attempt] = list(nodes)
+        if record is not None and hasattr(self.recorder, "placed"):
+            self.recorder.placed(record)
         if self._pending is not None and self._pending["attempt"] == self.attempt and "placement" in self._pending:
             self._pending["placement"]["resumed"] = list(nodes)
         if len(set(nodes)) > 1 or self.attempt > 0:
             where = ", ".join(f"rank {r} on node {n[:12]}" for r, n in enumerate(nodes))
             self._event(f"attempt {self.attempt}: {where}")
+            if record is not None:
+                self._event(describe(record))
 
     def env(self) -> dict:
         """The workers' environment: the attempt, and the job's id, with which

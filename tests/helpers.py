@@ -1,8 +1,11 @@
 """Helpers shared by test modules.  Worker processes import them too (spawned
 workers inherit the parent's sys.path, which holds this folder)."""
+import contextlib
 import importlib
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -177,3 +180,25 @@ def value_error(fn) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+@contextlib.contextmanager
+def ray_test_cluster(tmp_path, monkeypatch, cpus: list[int]):
+    """A simulated multi-node Ray cluster on this machine
+    (`ray.cluster_utils.Cluster`, the test's own: a new head with no CPUs for
+    workers, the driver's node, its own session directory and HOME, no RAY_*
+    from the environment) and one worker node per entry of ``cpus``.
+    Yields (cluster, worker nodes, temp_dir for adding nodes)."""
+    from ray.cluster_utils import Cluster
+    for key in [k for k in os.environ if k.startswith("RAY_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="loom-rc-")  # short: Ray's socket paths must fit in 107 bytes
+    c = Cluster(initialize_head=True, shutdown_at_exit=False,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
+    try:
+        yield c, [c.add_node(num_cpus=n, temp_dir=temp_dir) for n in cpus], temp_dir
+    finally:
+        c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -200,7 +200,13 @@ class _Actor:
         return f"warm-{self.bundle}"
 
 
-def _pool(monkeypatch, world, spares, placed):
+@pytest.fixture(params=["spread", "pack"])
+def placement(request):
+    """The pool's tests hold for both placements (pack: a dp-only job asks no group within a node)."""
+    return request.param
+
+
+def _pool(monkeypatch, world, spares, placed, placement="spread", groups=()):
     from loom.launch import pool as pool_mod
     monkeypatch.setattr(pool_mod, "placement_group_table", lambda pg: {"bundles_to_node_id": {
         b: placed.get(b, "") for b in range(world + spares)}})
@@ -214,12 +220,13 @@ def _pool(monkeypatch, world, spares, placed):
     def new_actor(b):
         started.append(b)
         return _Actor(b)
-    return pool_mod.WorkerPool(object(), world, spares, new_actor), started, killed
+    pool = pool_mod.WorkerPool(object(), world, spares, new_actor, list(groups) if placement == "pack" else None)
+    return pool, started, killed
 
 
-def test_a_faulty_ranks_bundle_is_retired_and_a_warmed_spare_takes_its_rank(monkeypatch):
+def test_a_faulty_ranks_bundle_is_retired_and_a_warmed_spare_takes_its_rank(monkeypatch, placement):
     placed = {0: "n0", 1: "n1", 2: "n2", 3: "n3"}
-    pool, started, killed = _pool(monkeypatch, 3, 1, placed)
+    pool, started, killed = _pool(monkeypatch, 3, 1, placed, placement)
     pool.warm()
     assert started == [3] and list(pool.idle) == [3]
     iso = pool.isolate([1], "died", can_shrink=False, nodes=["n0", "n1", "n2"])
@@ -239,11 +246,11 @@ def test_a_faulty_ranks_bundle_is_retired_and_a_warmed_spare_takes_its_rank(monk
     assert pool.isolate([1], "died", can_shrink=lambda n: n >= 1)[0]["retired"] is True
 
 
-def test_a_restart_moves_surviving_ranks_onto_warmed_spares_left_over(monkeypatch):
+def test_a_restart_moves_surviving_ranks_onto_warmed_spares_left_over(monkeypatch, placement):
     """Every rank of a restart needs a new process: with spares enough, all
     take warmed ones (faulty ranks first); the first attempt stays put."""
     placed = {b: f"n{b}" for b in range(4)}
-    pool, started, _ = _pool(monkeypatch, 2, 2, placed)
+    pool, started, _ = _pool(monkeypatch, 2, 2, placed, placement)
     pool.warm()
     assert started == [2, 3] and pool.assign(2, rotate=False) == [0, 1]
     pool.isolate([1], "died", can_shrink=False, nodes=["n0", "n1"])
@@ -252,15 +259,35 @@ def test_a_restart_moves_surviving_ranks_onto_warmed_spares_left_over(monkeypatc
     assert pool.assign(2) == [3, 2]  # no warmed spare left: the same bundles, fresh processes
     pool.warm()
     assert started[-1:] == [0]  # the bundle rank 0 left gets a new spare (bundle 1 stays retired)
-    pool2, _, _ = _pool(monkeypatch, 2, 1, placed)
+    pool2, _, _ = _pool(monkeypatch, 2, 1, placed, placement)
     pool2.warm()
     pool2.isolate([0], "exception", can_shrink=False)  # not isolated: rank 0 keeps its bundle ...
     assert pool2.assign(2) == [2, 1]  # ... but a warmed spare is faster than a new process there
 
 
-def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeypatch):
+def test_pack_keeps_each_sp_group_on_its_node_through_isolation_and_restarts(monkeypatch):
+    """dp=2 x sp=2 and two spares on two 3-bundle nodes (numbered round-robin,
+    as Ray may): each sp pair on one node, and a replaced rank takes the
+    spare of its pair's node, never the other node's."""
+    placed = {b: f"n{b % 2}" for b in range(6)}  # n0: 0 2 4, n1: 1 3 5
+    pool, started, _ = _pool(monkeypatch, 4, 2, placed, "pack", groups=[2])
+    assert pool.ranks == [0, 2, 1, 3]  # ranks 0, 1 on n0; 2, 3 on n1
+    pool.warm()
+    assert started == [4, 5] and pool.assign(4, rotate=False) == [0, 2, 1, 3]
+    assert pool.isolate([2], "died", can_shrink=False, nodes=["n0", "n0", "n1", "n1"])[0]["retired"] is True
+    assert pool.assign(4) == [4, 2, 5, 3]  # rank 2 onto n1's spare; n0's spare takes rank 0 (rotation)
+    assert [placed[b] for b in pool.ranks] == ["n0", "n0", "n1", "n1"]
+    del placed[3]  # n1 loses another bundle (its node, for now): n0 holds 3, n1 1, no pair fits twice
+    bundles = pool.assign(4)
+    assert sorted(bundles) == [0, 2, 4, 5] and [placed[b] for b in bundles].count("n0") == 3
+    del placed[5]
+    with pytest.raises(LaunchError, match="4 workers need 4 placed bundles, but only 3"):
+        pool.assign(4)
+
+
+def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeypatch, placement):
     placed = {0: "n0", 1: "n1"}
-    pool, started, killed = _pool(monkeypatch, 2, 0, placed)
+    pool, started, killed = _pool(monkeypatch, 2, 0, placed, placement)
     del placed[1]  # its node is gone; Ray has not placed the bundle again
     iso = pool.isolate([1], "lost_node", can_shrink=True, nodes=["n0", "n1"])
     assert iso[0]["retired"] is False and iso[0]["node"] == "n1"
@@ -270,10 +297,10 @@ def test_a_lost_nodes_bundle_is_not_retired_and_serves_again_once_placed(monkeyp
     assert pool.usable() == [0, 1] and pool.assign(2) == [0, 1]
 
 
-def test_a_bundle_still_named_on_its_lost_node_is_not_usable(monkeypatch):
+def test_a_bundle_still_named_on_its_lost_node_is_not_usable(monkeypatch, placement):
     """Ray's table may still name the dead node for a moment after the loss."""
     placed = {0: "n0", 1: "n1", 2: "n2"}
-    pool, _, _ = _pool(monkeypatch, 2, 1, placed)
+    pool, _, _ = _pool(monkeypatch, 2, 1, placed, placement)
     iso = pool.isolate([1], "lost_node", can_shrink=False, nodes=["n0", "n1"])
     assert iso[0]["retired"] is False and pool.usable() == [0, 2] and pool.assign(2) == [0, 2]
     placed[2] = "dead"  # a node Ray marks dead
@@ -380,9 +407,9 @@ def test_a_persistent_straggler_is_restarted_without_it(tmp_path, reference):
         assert x["loss"] == pytest.approx(ref[x["step"]], abs=1e-10, rel=0), x
 
 
-def test_assigning_more_ranks_than_placed_bundles_is_a_clear_error(monkeypatch):
+def test_assigning_more_ranks_than_placed_bundles_is_a_clear_error(monkeypatch, placement):
     placed = {0: "n0", 1: "n1"}
-    pool, _, _ = _pool(monkeypatch, 2, 0, placed)
+    pool, _, _ = _pool(monkeypatch, 2, 0, placed, placement)
     del placed[1]
     with pytest.raises(LaunchError, match=r"2 workers need 2 placed bundles, but only 1 are placed"):
         pool.assign(2)

@@ -5,14 +5,12 @@ a spare node.  Removing the node that holds rank 1 after a checkpoint ends
 the attempt; Ray places the lost bundle again on the spare, and the job
 resumes there at the same size with the uninterrupted run's losses."""
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
+from helpers import ray_test_cluster
 from loom.launch import cluster as loom_cluster
 from loom.launch.ray_driver import _death, _lost_node
 
@@ -63,20 +61,8 @@ def test_a_lost_nodes_workers_that_cannot_be_placed_again_fail_after_the_timeout
 def ray_cluster(tmp_path, monkeypatch):
     """A head with no CPUs for workers (the driver's node) and three 1-CPU
     worker nodes: two for the job's workers, one spare."""
-    from ray.cluster_utils import Cluster
-    for key in [k for k in os.environ if k.startswith("RAY_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="loom-rc-")  # short: Ray's socket paths must fit in 107 bytes
-    c = Cluster(initialize_head=True, shutdown_at_exit=False,
-                head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
-    try:
-        nodes = [c.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(3)]
+    with ray_test_cluster(tmp_path, monkeypatch, [1, 1, 1]) as (c, nodes, _):
         yield c, nodes
-    finally:
-        c.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run_losing_rank1s_node(c, nodes, cmd, on_line=None):
@@ -148,20 +134,8 @@ def test_a_lost_node_is_replaced_by_the_spare_and_the_job_resumes_at_the_same_si
 @pytest.fixture
 def two_nodes(tmp_path, monkeypatch):
     """As `ray_cluster`, with two 1-CPU worker nodes and no spare (a third can be added)."""
-    from ray.cluster_utils import Cluster
-    for key in [k for k in os.environ if k.startswith("RAY_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home").mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="loom-rc-")
-    c = Cluster(initialize_head=True, shutdown_at_exit=False,
-                head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
-    try:
-        nodes = [c.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(2)]
-        yield c, nodes, temp_dir
-    finally:
-        c.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_test_cluster(tmp_path, monkeypatch, [1, 1]) as cluster:
+        yield cluster
 
 
 @pytest.mark.e2e
