@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from . import cluster, storage
 from .cluster import LaunchError
-from .config import JobConfig, parse_env
+from .config import JobConfig, parse_env, sp_inner
 from .elastic_policy import ElasticPolicy, StopControl
 from .fault_watch import DriverWatch, start_aggregator
 from .pool import WorkerPool
@@ -176,7 +176,8 @@ def launch_ray(cfg: JobConfig, recorder=None, *, train_fn=None, config=None, run
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(
                                           pg, placement_group_bundle_index=index)).remote()
 
-        groups = [size for _, size in placement_groups(cfg.parallel.sp, cfg.parallel.ep)]
+        talkative = placement_groups(cfg.parallel.sp, cfg.parallel.ep, sp_inner(cfg))  # kept within a node
+        groups = [size for _, size in talkative]
         pool = WorkerPool(pg, world, spares, new_actor, groups if pack else None)
         pool.warm()
         elastic = ElasticPolicy(cfg, pool, train_fn is None)
@@ -240,8 +241,8 @@ def _attempt(job: dict, recovery: Recovery, pool: WorkerPool, bundles: list[int]
         actors, _ = pool.take(bundles)
         master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=start_timeout)
         nodes = ray.get([a.node_id.remote() for a in actors], timeout=start_timeout)
-        recovery.placed(nodes, summary(nodes, placement_groups(cfg.parallel.sp, cfg.parallel.ep), cfg.parallel.sp,
-                                       cfg.job.placement))
+        talkative = placement_groups(cfg.parallel.sp, cfg.parallel.ep, sp_inner(cfg))
+        recovery.placed(nodes, summary(nodes, talkative, cfg.parallel.sp, cfg.job.placement))
         memory_env = _memory_holders(cfg, recovery, nodes)
         helpers = helpers or AttemptHelpers(recorder is not None, ahead=False)
         queue, aggregator = helpers.take(cfg)
