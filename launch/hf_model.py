@@ -110,13 +110,35 @@ class CausalLMAdapter(torch.nn.Module):
     [b, s] int64, positions [s] or [b, s] int64 (global indices of a sequence
     shard; default 0..s-1), cu_seqlens (packed document boundaries, see
     `loom.parallel.local_attention`)) -> logits [b, s, vocab]``.  ``lm`` is
-    the wrapped model (its state dict keys start with ``lm.``)."""
+    the wrapped model (its state dict keys start with ``lm.``).
+
+    ``blocks``, ``embed`` and ``head`` name the wrapped model's decoder layers
+    (`loom.parallel.hf.decoder_layers`), input embedding and output head, as
+    loom's reference `Transformer` has them: ``--shard-state`` shards each
+    block, the embedding and the head as units of their own (a tied
+    embedding and head share their weight: both stay in the root unit, one
+    tensor sharded once), ``--activation-checkpointing`` recomputes each
+    block.  They are properties, not submodules: the state dict keeps one
+    name per tensor."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         from loom.parallel.hf import prepare
         prepare(lm)
         self.lm = lm
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        from loom.parallel.hf import decoder_layers
+        return decoder_layers(self.lm)
+
+    @property
+    def embed(self) -> torch.nn.Module:
+        return self.lm.get_input_embeddings()
+
+    @property
+    def head(self) -> torch.nn.Module | None:
+        return self.lm.get_output_embeddings()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cu_seqlens=None):
         if positions is None:

@@ -78,6 +78,25 @@ def _attention_layers(model) -> list[torch.nn.Module]:
             if hasattr(m, "scaling") and hasattr(m, "layer_idx") and hasattr(m, "config")]
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers``
+    for Llama, Qwen2, Mistral, Mixtral; found by structure, not by name): the
+    one `torch.nn.ModuleList` whose every entry holds exactly one of the
+    model's attention layers, and which holds all of them.  These are the
+    blocks loom shards one at a time (`loom.parallel.shard_data_parallel`'s
+    ``blocks=``) and checkpoints (`loom.parallel.apply_activation_checkpointing`).
+    Raises ValueError when no module list fits."""
+    attention = {id(m) for m in _attention_layers(model)}
+    for name, candidate in model.named_modules():
+        if not isinstance(candidate, torch.nn.ModuleList) or len(candidate) != len(attention) or not attention:
+            continue
+        held = [[id(m) for m in layer.modules() if id(m) in attention] for layer in candidate]
+        if all(len(ids) == 1 for ids in held) and {i for ids in held for i in ids} == attention:
+            return candidate
+    raise ValueError(f"{type(model).__name__}: no module list of decoder layers (one attention layer each, "
+                     f"{len(attention)} in all) was found; pass the blocks yourself")
+
+
 def _refuse_padding(module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):

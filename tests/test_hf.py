@@ -242,3 +242,93 @@ def test_loom_train_hf_config_sp2_resumes_at_dp2(tmp_path):
     again = subprocess.run([sys.executable, "-m", "loom", "ckpt", "export-hf", str(tmp_path / "ck"), str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "not an empty directory" in again.stderr
+
+
+# ------------------------------------------------------------------ sharded state, activation checkpointing
+
+def _train_adapter(kind: str, shard: str, checkpointed: bool, steps: int = 3):
+    """Three AdamW steps of the `CausalLMAdapter` of ``kind`` at dp = 2
+    (float64), its state replicated (``shard="none"``: gradients averaged by
+    `GradientSync`) or sharded by `shard_data_parallel` with the adapter's
+    own ``blocks``/``embed``/``head``: (losses averaged over the ranks, the
+    whole parameters at the end, the FSDP units' class names)."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from loom.launch.hf_model import CausalLMAdapter
+    from loom.parallel import GradientSync, apply_activation_checkpointing, shard_data_parallel
+    mesh = comms.init_mesh(dp=2, sp=1)
+    model = CausalLMAdapter(_model(kind))
+    if checkpointed:
+        apply_activation_checkpointing(model)
+    units = []
+    if shard == "none":
+        sync = GradientSync(model.parameters(), group=None)
+    else:
+        sync = shard_data_parallel(model, shard)
+        units = [type(u).__name__ for u in sync.units]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, labels = _batch()
+    rows = slice(mesh.dp_rank * 2, mesh.dp_rank * 2 + 2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(ids[rows])
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[rows, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        sync.sync()
+        opt.step()
+        value = loss.detach().reshape(1).clone()
+        comms.all_reduce(value)
+        losses.append(value.item() / 2)
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in model.named_parameters()}
+    return losses, params, units
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind,shard", [("llama", "params"), ("qwen2", "grads")])
+def test_hf_model_sharded_and_checkpointed_equals_replicated(distributed, kind, shard):
+    """dp = 2, float64: sharding the state (each decoder layer its own FSDP
+    unit; Qwen2's untied embedding and head units of their own, Llama's tied
+    pair one tensor in the root unit) and recomputing each decoder layer's
+    activations change neither the losses nor the trained weights."""
+    want_losses, want_params, _ = distributed(_train_adapter, 2, kind, "none", False, timeout=200)[0]
+    for checkpointed in (False, True):
+        for losses, params, units in distributed(_train_adapter, 2, kind, shard, checkpointed, timeout=200):
+            layers = ["FSDPLlamaDecoderLayer"] * 2 if kind == "llama" else \
+                ["FSDPEmbedding", "FSDPQwen2DecoderLayer", "FSDPQwen2DecoderLayer", "FSDPLinear"]
+            assert units == [*layers, "FSDPCausalLMAdapter"]
+            for step, (got, want) in enumerate(zip(losses, want_losses)):
+                assert abs(got - want) <= 1e-12, (checkpointed, step, got, want)
+            assert params.keys() == want_params.keys()
+            for name, p in params.items():
+                error = (p - want_params[name]).abs().max().item()
+                assert error <= 1e-12, f"{name} (checkpointed={checkpointed}): {error:.2e}"
+    if kind == "llama":  # tied: one tensor, sharded once, still tied after the steps
+        assert "lm.lm_head.weight" not in want_params or torch.equal(params["lm.lm_head.weight"],
+                                                                   params["lm.model.embed_tokens.weight"])
+
+
+def test_activation_checkpointing_recomputes_hf_decoder_layers():
+    """One process, float64: with each decoder layer checkpointed, the loss
+    and every gradient equal the plain model's exactly; the checkpointed
+    forwards run again in the backward (counted)."""
+    from loom.launch.hf_model import CausalLMAdapter
+    from loom.parallel import apply_activation_checkpointing
+    ids, _ = _batch()
+    results = []
+    for checkpointed in (False, True):
+        model = CausalLMAdapter(_model("llama"))
+        calls = []
+        for layer in model.blocks:
+            layer.register_forward_pre_hook(lambda m, a: calls.append(1))
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        loss = model(ids).logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+    (plain, plain_grads, plain_calls), (mine, grads, calls) = results
+    assert mine == plain and plain_calls == 2
+    for name, g in grads.items():
+        assert torch.equal(g, plain_grads[name]), name
