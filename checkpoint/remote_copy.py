@@ -85,7 +85,7 @@ class RemoteCopier:
 
     def results(self) -> list[dict]:
         """Copies finished since the last call: [{"step", "error" (None or
-        text), "seconds", "nbytes"}]."""
+        text), "seconds" (the copy), "finished" (time.monotonic()), "nbytes"}]."""
         with self._cond:
             done, self._done = self._done, []
         return done
@@ -127,7 +127,8 @@ class RemoteCopier:
                     self.failed.pop(saved.step, None)
                 else:
                     self.failed[saved.step] = error
-                self._done.append({"step": saved.step, "error": error, "seconds": time.monotonic() - t0,
+                now = time.monotonic()
+                self._done.append({"step": saved.step, "error": error, "seconds": now - t0, "finished": now,
                                    "nbytes": saved.nbytes})
                 self._cond.notify_all()
 
