@@ -128,7 +128,6 @@ class LocalLevel:
                                       or keep_last < 1):
             raise ValueError(f"keep_last={keep_last!r} must be a positive number of steps or None")
         self.keep_last = keep_last
-        os.makedirs(self.path, exist_ok=True)
         self.store = CheckpointStore(self.path)
         self._nodes: dict = {}  # group ranks -> {node: [group ranks]}
 
