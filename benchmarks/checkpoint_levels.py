@@ -28,8 +28,13 @@ training).  Measured side by side, in one run:
 
 Levels: ``s3`` is the moto server; ``local`` is a plain local directory
 store (``--dir``, page cache, no fsync) as the stand-in for a node-local
-level -- it is *not* a multi-level checkpoint (loom has none yet): each
-level here is a separate store, written and read on its own.
+level: each level here is a separate store, written and read on its own.
+4. ``--part multilevel`` (also part of a full run, in its own section of
+   RESULTS.md): `loom.checkpoint.MultiLevel` -- the local level in a local
+   directory, copied to S3 in the background -- with the stall and the time
+   to the local and to the remote commit per checkpoint, and the last step
+   loaded through `load_levels` from the local level and from S3 (local
+   level empty).
 
 It also checks that chunks larger than s3fs's block size go up as multipart
 uploads: one more loom save with ``default_block_size`` = 5 MiB (s3fs's
@@ -40,6 +45,7 @@ moto is a Python server sharing the machine's cores with both ranks, so the
 absolute numbers are moto's; the ratios compare clients of the same server.
 
     python benchmarks/checkpoint_levels.py [--size-mb 256] [--repeats 3] [--checkpoints 3] [--quick]
+                                           [--part all|multilevel]
 """
 from __future__ import annotations
 
@@ -74,7 +80,7 @@ from loom.comms.testing import WorkerPool  # noqa: E402
 WORLD = 2
 COLS = 1024
 MIB = 1 << 20
-#: The stores measured; a node-local level of a multi-level checkpoint would be a third.
+#: The stores measured one by one (multi-level checkpoints: `multilevel_run`).
 LEVELS = {"local": "local directory store (page cache, no fsync)",
           "s3": "S3 (moto server on 127.0.0.1)"}
 MODES = ("sync", "thread", "process")
@@ -803,7 +809,8 @@ def report_body(args, summary, throughput, stall, load_table, req_table, mp_line
             + load_table + "\n\n"
             f"The same checkpoint read back from S3 and from a local directory copy of it: local is "
             f"**{ratios['load_local_vs_s3']:.1f}×** faster. The *local* level is a plain local directory "
-            "store standing in for a node-local level; loom has no multi-level checkpoints yet.\n\n"
+            "store; the multi-level checkpoints (`--ckpt-local`) are measured in their own section "
+            "(`--part multilevel`).\n\n"
             "Requests moto served, per method and round:\n\n" + req_table + "\n\n" + mp_line + "\n\n"
             + notes())
 
