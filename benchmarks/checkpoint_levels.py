@@ -610,7 +610,10 @@ def report_multilevel(args, argv, res: dict) -> None:
             "step.\n\n" + loads + "\n\n"
             "`load_levels` picks the newest step at the nearest level: with the local level present every "
             "chunk is read from it (crc32c-checked against the manifest); with it empty, every chunk comes "
-            "from S3. Local-level bytes are in the page cache here (a node-local NVMe or /dev/shm on a "
+            "from S3. The remote copy runs while training goes on, so on these 2 cores the copy threads, moto and the "
+            "training steps share the CPUs (see the load average): the remote time-to-durable is moto's and "
+            "the machine's, the stall is what the loop pays. "
+            "Local-level bytes are in the page cache here (a node-local NVMe or /dev/shm on a "
             "cluster); moto is a Python server sharing the 2 cores, so the remote numbers are moto's.")
     update_results("checkpoint_levels_multilevel", "Multi-level checkpoints (--ckpt-local): local level, then "
                    "S3 in the background", command_line(__file__, argv), body)

@@ -7,6 +7,9 @@
     saver = ckpt.AsyncCheckpointer("runs/ckpt")   # lazy, asynchronous: training barely stalls
     saver.attach(opt); saver.save(state, step=100); ...; saver.close()
 
+    levels = ckpt.MultiLevel("s3://bucket/run1", "/local_nvme/run1")  # node-local level, copied in the background
+    levels.save(state, step=100); info = levels.load(state); levels.close()
+
 Collective over ``group`` (or a single process with no process group).
 Leaves: tensors (replicated), `Shard`, `Flat`, `PerRank`, plain JSON values.
 One job writes a store at a time (`claim_store`; `save`, `gc` and

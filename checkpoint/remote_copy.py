@@ -2,8 +2,8 @@
 
 Each rank's copier thread copies the files its rank wrote at the local
 level (`loom.checkpoint.levels.LocalSave.files`) to the same keys under the
-remote URL (``fs.put_file``: multipart uploads for large chunks on object
-stores); once every rank has copied (an agreement over the copier's group,
+remote URL (``fs.put_file`` on the save's I/O threads: multipart uploads
+for large chunks on object stores); once every rank has copied (an agreement over the copier's group,
 which must be a group of its own, used by nothing else), rank 0 checks the
 job's claim on the remote store and writes the manifest and the remote
 commit marker last (`CheckpointStore.commit`), then applies the remote
@@ -23,11 +23,13 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .collective import agree, resolve
 from .levels import LocalLevel, LocalSave
 from .owner import claim_store
 from .retention import gc
+from .save import IO_THREADS
 from .store import CheckpointStore, step_name
 
 log = logging.getLogger("loom.checkpoint")
@@ -146,11 +148,9 @@ class RemoteCopier:
             agree(g, error)
             error = None
             try:
-                local = self.level.store
-                for rel in saved.files:
-                    if remote.local:  # a shared filesystem: folders first (object stores have none)
-                        remote.fs.makedirs(remote.path(rel).rsplit("/", 1)[0], exist_ok=True)
-                    remote.fs.put_file(local.path(rel), remote.path(rel))
+                with ThreadPoolExecutor(max(1, min(IO_THREADS, len(saved.files)))) as pool:
+                    for _ in pool.map(self._put, saved.files):
+                        pass
             except Exception as exc:  # noqa: BLE001
                 error = exc
             agree(g, error)
@@ -171,6 +171,13 @@ class RemoteCopier:
         finally:
             if g.rank == 0:
                 self.ownership.end_step(step)
+
+    def _put(self, rel: str) -> None:
+        """Copy one file of the local level to the same key remotely."""
+        remote = self.remote
+        if remote.local:  # a shared filesystem: folders first (object stores have none)
+            remote.fs.makedirs(remote.path(rel).rsplit("/", 1)[0], exist_ok=True)
+        remote.fs.put_file(self.level.store.path(rel), remote.path(rel))
 
     def _retain(self) -> None:
         if not self.keep_last:
