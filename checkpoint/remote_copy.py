@@ -67,15 +67,17 @@ class RemoteCopier:
     def submit(self, saved: LocalSave) -> float:
         """Queue ``saved``'s remote copy; returns the seconds spent waiting
         for room (backpressure: ``max_pending`` steps were pending)."""
-        t0 = time.monotonic()
+        waited = 0.0
         with self._cond:
             if len(self.pending) >= self.max_pending:
                 self._say(f"checkpoint step {saved.step}: waiting for the remote copy of step "
                           f"{self.pending[0]} ({len(self.pending)} step(s) pending, at most {self.max_pending})")
+                t0 = time.monotonic()
                 self._cond.wait_for(lambda: len(self.pending) < self.max_pending)
+                waited = time.monotonic() - t0
             self.pending.append(saved.step)
         self._jobs.put(saved)
-        return time.monotonic() - t0
+        return waited
 
     def busy(self) -> set[int]:
         with self._cond:

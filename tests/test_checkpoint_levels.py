@@ -90,6 +90,33 @@ def test_retention_per_level_keeps_what_is_not_yet_remote(tmp_path):
     level = LocalLevel(local, keep_last=1)
     removed = level.retain(lambda step: False, ())
     assert removed == [] and sorted(level.committed()) == [4]
+    _save_steps(str(tmp_path / "elsewhere"), local, [5, 6], keep_last_local=5)
+    assert level.retain(lambda step: False, ()) == [] and sorted(level.committed()) == [4, 5, 6]
+    # unless space forces it: the oldest go first, never the newest, never one being copied
+    assert level.retain(lambda step: False, {5}, need_bytes=1 << 62) == [4]
+    assert sorted(level.committed()) == [5, 6]
+
+
+def test_saves_wait_for_the_remote_copy_only_under_backpressure(tmp_path, monkeypatch):
+    import time
+
+    from loom.checkpoint.remote_copy import RemoteCopier
+    put = RemoteCopier._put
+
+    def slow_put(self, rel):
+        time.sleep(0.05)
+        put(self, rel)
+    monkeypatch.setattr(RemoteCopier, "_put", slow_put)
+    events = []
+    levels = ckpt.MultiLevel(str(tmp_path / "remote"), str(tmp_path / "local"), max_pending=1,
+                             on_event=events.append)
+    levels.save(_state(1), step=1)
+    assert levels.waited_s == 0 and levels.copier.busy() == {1}  # the loop did not wait for the copy
+    levels.save(_state(2), step=2)
+    assert levels.waited_s > 0
+    assert events == ["checkpoint step 2: waiting for the remote copy of step 1 (1 step(s) pending, at most 1)"]
+    levels.close()
+    assert CheckpointStore(str(tmp_path / "remote")).committed_steps() == [1, 2]
 
 
 def test_ckpt_ls_shows_each_steps_levels(tmp_path):
