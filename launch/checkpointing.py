@@ -76,6 +76,10 @@ def claim_identity(cfg, environ=None) -> tuple[str, bool | str]:
     restarted = token and comms.elastic_attempt(environ) > 0
     return job, cfg.ckpt.ckpt_takeover or (job if restarted else False)
 
+
+REMOTE_COPY_CLOSE_S = 600.0  # the job's end waits this long for pending remote copies, then warns
+
+
 class TrainingCheckpoints:
     """Saves every ``ckpt_every`` steps and resumes from the latest commit.
 
@@ -362,7 +366,15 @@ class TrainingCheckpoints:
         """Wait for asynchronous saves (raising a failure) and remote copies;
         the summary's checkpoint entries."""
         if self.levels is not None:
-            self.levels.close()
+            pending = list(self.levels.copier.pending)
+            if not self.levels.copier.wait(REMOTE_COPY_CLOSE_S):  # a hung store must not hang the job's end
+                text = (f"WARNING: the remote copies of checkpoint steps {self.levels.copier.pending} to "
+                        f"{self.c.ckpt_url} did not finish within {REMOTE_COPY_CLOSE_S:.0f} s of the job's end "
+                        f"(pending since: {pending}); they stay committed at the local level "
+                        f"{self.c.ckpt_local}")
+                log.warning(text)
+                self._event(text)
+            self.levels.close(timeout=1.0)
             self._report_copies()
             self.levels = None
         if self.copy_group is not None:
