@@ -18,6 +18,14 @@ def _config(kind: str):
         return transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
     if kind == "qwen2":  # q/k/v biases
         return transformers.Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **common)
+    if kind == "mixtral":  # 4 experts, top-2, renormalised gates
+        return transformers.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                          **{**common, "intermediate_size": 24})
+    if kind == "qwen2_moe":  # a shared expert and its gate, gates not renormalised, one dense layer
+        return transformers.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                           norm_topk_prob=False, mlp_only_layers=[1], use_sliding_window=False,
+                                           **common)
     raise ValueError(kind)
 
 
@@ -32,11 +40,13 @@ def _model(kind: str):
     any two attention implementations into float32 roundings (1e-8): here
     they keep float64, in the reference and the parallel model alike.  The
     reference attends by SDPA (float64 throughout; "eager" takes its softmax
-    in float32)."""
+    in float32); MoE experts run transformers' "eager" loop (its grouped
+    matmul has no float64)."""
     import types
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa").double()
+    extra = {"experts_implementation": "eager"} if "moe" in kind or kind == "mixtral" else {}
+    model = transformers.AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa", **extra).double()
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = types.MethodType(_rms_norm_in_float64, module)
@@ -242,3 +252,109 @@ def test_loom_train_hf_config_sp2_resumes_at_dp2(tmp_path):
     again = subprocess.run([sys.executable, "-m", "loom", "ckpt", "export-hf", str(tmp_path / "ck"), str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "not an empty directory" in again.stderr
+
+
+# ------------------------------------------------------------------ MoE models under expert parallelism
+
+def _hf_named(model, tensors: dict) -> dict:
+    """``tensors`` keyed by ``model``'s parameter names (loom's `SparseMoE`
+    layout, this rank's experts) -> transformers' names and layout:
+    ``{name: (tensor, expert slice or None)}``."""
+    from loom.parallel.hf_moe import SparseMoE, experts_to_hf
+    out = {}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, SparseMoE)}
+    for name, t in tensors.items():
+        prefix = name.rsplit(".moe.", 1)[0]
+        if prefix in blocks and ".moe." in name:
+            moe = blocks[prefix].moe
+            if name.endswith("router.weight"):
+                out[f"{prefix}.gate.weight"] = (t, None)
+            elif name.endswith("w_gate"):
+                mine = slice(moe.ep_rank * moe.experts_per_rank, (moe.ep_rank + 1) * moe.experts_per_rank)
+                gate_up, down = experts_to_hf(*(tensors[f"{prefix}.moe.{w}"] for w in ("w_gate", "w_up", "w_down")))
+                out[f"{prefix}.experts.gate_up_proj"] = (gate_up, mine)
+                out[f"{prefix}.experts.down_proj"] = (down, mine)
+        else:
+            out[name] = (t, None)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_replaced_sparse_block_equals_the_original(kind):
+    from loom.parallel.hf_moe import SparseMoE, replace_sparse_blocks, restore_sparse_blocks
+    model = _model(kind)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    want = block(x)
+    want_dx, = torch.autograd.grad(want.square().sum(), x)
+    blocks = replace_sparse_blocks(model)
+    assert len(blocks) == (2 if kind == "mixtral" else 1)  # qwen2_moe's layer 1 is dense (mlp_only_layers)
+    mine = model.model.layers[0].mlp
+    assert isinstance(mine, SparseMoE) and mine.moe.norm_topk == (kind == "mixtral")
+    got = mine(x)
+    got_dx, = torch.autograd.grad(got.square().sum(), x)
+    assert (got - want).abs().max().item() <= 1e-10
+    assert (got_dx - want_dx).abs().max().item() <= 1e-10
+    # back to transformers' block: the same weights, bit for bit
+    assert restore_sparse_blocks(model) == len(blocks)
+    again = model.model.layers[0].mlp
+    assert type(again) is type(block)
+    for name, p in block.named_parameters():
+        assert torch.equal(dict(again.named_parameters())[name], p), name
+
+
+def test_sparse_blocks_refuse_what_they_cannot_honour():
+    from loom.parallel.hf_moe import replace_sparse_blocks
+    for change, message in (({"router_jitter_noise": 0.1}, "router_jitter_noise"),
+                            ({"output_router_logits": True}, "output_router_logits"),
+                            ({"hidden_act": "gelu"}, "silu")):
+        model = _model("mixtral")
+        for key, value in change.items():
+            setattr(model.config, key, value)
+        with pytest.raises(ValueError, match=message):
+            replace_sparse_blocks(model)
+    with pytest.raises(ValueError, match="no sparse MoE block"):
+        replace_sparse_blocks(_model("llama"))
+    with pytest.raises(ValueError, match="moe="):
+        replace_sparse_blocks(_model("mixtral"), dispatcher="fast")
+
+
+def _parallel_moe(kind: str, dp: int, sp: int, ep: int, dispatcher: str):
+    from loom.parallel import LLEPConfig
+    from loom.parallel.hf import parallelize
+    mesh = comms.init_mesh(dp=dp, sp=sp, ep=ep)
+    model = _model(kind)
+    # LLEP at any imbalance, moving even one slot: the tiny batch borrows experts
+    lm = parallelize(model, mesh, moe=dispatcher, llep=LLEPConfig(lam=1.0, min_chunk=1))
+    ids, labels = _batch()
+    rows = slice(mesh.dp_rank * (len(ids) // dp), (mesh.dp_rank + 1) * (len(ids) // dp))
+    batch = lm.shard(ids[rows], labels[rows])
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = lm.loss(logits, batch["labels"])
+    loss.backward()
+    lm.sync()
+    value = loss.detach().reshape(1).clone()
+    comms.all_reduce(value)
+    moved = sum(m.last_stats["weights_moved"] for m in model.modules() if hasattr(m, "last_plan"))
+    grads = _hf_named(model, {n: p.grad.clone() for n, p in model.named_parameters()})
+    return value.item() / mesh.world_size, grads, moved
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind,dp,sp,ep,dispatcher", [("mixtral", 2, 1, 2, "standard"), ("mixtral", 2, 1, 2, "llep"),
+                                                      ("qwen2_moe", 1, 2, 2, "llep")])
+def test_expert_parallel_equals_one_process(distributed, kind, dp, sp, ep, dispatcher):
+    """ep=2 over 2 ranks (dp=2, or sp=2: each rank its sequence shard's
+    tokens): the loss and every gradient equal the one-process transformers
+    model's (experts compared on each rank's slice)."""
+    want_loss, want_grads = _reference(kind)
+    per_rank = distributed(_parallel_moe, dp * sp, kind, dp, sp, ep, dispatcher, timeout=200)
+    for loss, grads, moved in per_rank:
+        assert abs(loss - want_loss) <= 1e-10, (loss, want_loss)
+        assert grads.keys() == want_grads.keys()
+        for name, (g, rows) in grads.items():
+            want = want_grads[name] if rows is None else want_grads[name][rows]
+            error = (g - want).abs().max().item()
+            assert error <= 1e-10, f"{name}: {error:.2e} from the one-process gradient"
+    if dispatcher == "llep":
+        assert sum(moved for _, _, moved in per_rank) > 0, "LLEP moved no expert: the test did not exercise it"
