@@ -358,3 +358,44 @@ def test_expert_parallel_equals_one_process(distributed, kind, dp, sp, ep, dispa
             assert error <= 1e-10, f"{name}: {error:.2e} from the one-process gradient"
     if dispatcher == "llep":
         assert sum(moved for _, _, moved in per_rank) > 0, "LLEP moved no expert: the test did not exercise it"
+
+
+def _train(overrides):
+    from helpers import EventLog
+
+    from loom.launch.config import build_config, validate
+    from loom.launch.train import train
+    summary = train(validate(build_config(overrides=overrides)), EventLog())
+    return summary["losses"]
+
+
+@pytest.mark.timeout(300)
+def test_loom_train_hf_moe_ep2_checkpoint_resumes_at_ep1_and_exports(distributed, tmp_path):
+    """The launcher's path (`loom.launch.train.train`, in-process): a Mixtral
+    ``--hf-config`` at dp=2 × ep=2 with LLEP checkpoints step 3; resumed on
+    one rank (ep=1) its losses equal an uninterrupted one-rank run's; the
+    checkpoint exported (`export_hf`) loads with ``from_pretrained`` and gives
+    loom's logits exactly."""
+    from loom import checkpoint
+    from loom.launch.config import build_config
+    from loom.launch.hf_model import build_hf_model, export_hf
+    path = _save(tmp_path, "mixtral")
+    url = str(tmp_path / "ck")
+    base = {"hf_config": str(path), "data": "synthetic", "seq_len": 16, "batch_size": 4, "dtype": "float64",
+            "progress": False, "eval_every": 0, "lr": 1e-2}
+    first = distributed(_train, 2, {**base, "dp": 2, "ep": 2, "moe": "llep", "llep_lam": 1.0, "llep_min_chunk": 1,
+                                    "steps": 3, "ckpt_every": 3, "ckpt_url": url}, timeout=240)[0]
+    resumed = distributed(_train, 1, {**base, "dp": 1, "steps": 5, "ckpt_url": url, "resume": True}, timeout=240)[0]
+    one = distributed(_train, 1, {**base, "dp": 1, "steps": 5}, timeout=240)[0]
+    assert first + resumed == pytest.approx(one, rel=1e-10, abs=0)
+    # the store holds the experts as one global [E, dim, I] tensor, saved in ep parts
+    manifest = checkpoint.CheckpointStore(url).read_manifest(3)
+    assert tuple(manifest.tensors["model/lm.model.layers.0.mlp.moe.w_gate"].shape) == (4, 32, 24)
+    out = tmp_path / "exported"
+    assert "MixtralForCausalLM" in export_hf(url, str(out))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    assert exported.dtype == torch.float64
+    mine = build_hf_model(build_config(overrides=dict(hf_config=str(path)))).double()
+    checkpoint.load({"model": mine.state_dict()}, url, step=3)
+    ids, _ = _batch()
+    torch.testing.assert_close(exported(input_ids=ids).logits, mine(ids), atol=0, rtol=0)
