@@ -399,3 +399,15 @@ def test_loom_train_hf_moe_ep2_checkpoint_resumes_at_ep1_and_exports(distributed
     checkpoint.load({"model": mine.state_dict()}, url, step=3)
     ids, _ = _batch()
     torch.testing.assert_close(exported(input_ids=ids).logits, mine(ids), atol=0, rtol=0)
+
+
+def test_hf_moe_config_sets_the_experts_and_dense_models_refuse_ep(tmp_path):
+    from loom.launch.config import build_config, validate
+    from loom.launch.user_model import user_model_problems
+    cfg = validate(build_config(overrides=dict(hf_config=str(_save(tmp_path, "mixtral")), dp=2, ep=2)))
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.moe) == (4, 2, "standard")  # always loom's MoE
+    assert user_model_problems(cfg) == []
+    cfg = build_config(overrides=dict(hf_config=str(_save(tmp_path, "qwen2_moe")), moe="llep"))
+    assert (cfg.model.num_experts, cfg.model.moe) == (4, "llep")
+    dense = build_config(overrides=dict(hf_config=str(_save(tmp_path)), dp=2, ep=2, moe="standard"))
+    assert any("has no experts" in p for p in user_model_problems(dense))
