@@ -79,7 +79,14 @@ def _parallel(kind: str, dp: int, sp: int, attention: str):
     from loom.parallel.hf import parallelize
     mesh = comms.init_mesh(dp=dp, sp=sp, sp_inner=2 if attention == "ulysses-ring" else 1)
     model = _model(kind)
-    lm = parallelize(model, mesh, sp_attention=attention)
+    return _step(parallelize(model, mesh, sp_attention=attention), dp)
+
+
+def _step(lm, dp: int):
+    """One forward/backward/sync of ``lm`` (a `ParallelCausalLM`) on this
+    rank's rows and shard of `_batch`: (the mean loss over the world, the
+    gradients by parameter name)."""
+    mesh, model = lm.mesh, lm.model
     ids, labels = _batch()
     rows = slice(mesh.dp_rank * (len(ids) // dp), (mesh.dp_rank + 1) * (len(ids) // dp))
     batch = lm.shard(ids[rows], labels[rows])
@@ -325,19 +332,9 @@ def _parallel_moe(kind: str, dp: int, sp: int, ep: int, dispatcher: str):
     mesh = comms.init_mesh(dp=dp, sp=sp, ep=ep)
     model = _model(kind)
     # LLEP at any imbalance, moving even one slot: the tiny batch borrows experts
-    lm = parallelize(model, mesh, moe=dispatcher, llep=LLEPConfig(lam=1.0, min_chunk=1))
-    ids, labels = _batch()
-    rows = slice(mesh.dp_rank * (len(ids) // dp), (mesh.dp_rank + 1) * (len(ids) // dp))
-    batch = lm.shard(ids[rows], labels[rows])
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    loss = lm.loss(logits, batch["labels"])
-    loss.backward()
-    lm.sync()
-    value = loss.detach().reshape(1).clone()
-    comms.all_reduce(value)
+    loss, grads = _step(parallelize(model, mesh, moe=dispatcher, llep=LLEPConfig(lam=1.0, min_chunk=1)), dp)
     moved = sum(m.last_stats["weights_moved"] for m in model.modules() if hasattr(m, "last_plan"))
-    grads = _hf_named(model, {n: p.grad.clone() for n, p in model.named_parameters()})
-    return value.item() / mesh.world_size, grads, moved
+    return loss, _hf_named(model, grads), moved
 
 
 @pytest.mark.timeout(240)
