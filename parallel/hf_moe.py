@@ -43,8 +43,8 @@ def experts_from_hf(gate_up_proj: torch.Tensor, down_proj: torch.Tensor):
     """transformers' stacked expert weights ``gate_up_proj [E, 2*I, dim]``,
     ``down_proj [E, dim, I]`` -> loom's ``(w_gate, w_up, w_down)``, ``[E,
     dim, I]``, ``[E, dim, I]``, ``[E, I, dim]`` (copies, contiguous)."""
-    inner = gate_up_proj.shape[1] // 2
-    if gate_up_proj.dim() != 3 or down_proj.dim() != 3 or gate_up_proj.shape[1] != 2 * inner or \
+    inner = gate_up_proj.shape[1] // 2 if gate_up_proj.dim() == 3 else -1
+    if inner < 1 or gate_up_proj.shape[1] != 2 * inner or \
             tuple(down_proj.shape) != (gate_up_proj.shape[0], gate_up_proj.shape[2], inner):
         raise ValueError(f"expert weights gate_up_proj {tuple(gate_up_proj.shape)} and down_proj "
                          f"{tuple(down_proj.shape)} are not [E, 2*I, dim] and [E, dim, I]")

@@ -324,6 +324,12 @@ def test_sparse_blocks_refuse_what_they_cannot_honour():
         replace_sparse_blocks(_model("llama"))
     with pytest.raises(ValueError, match="moe="):
         replace_sparse_blocks(_model("mixtral"), dispatcher="fast")
+    from loom.parallel.hf_moe import experts_from_hf, experts_to_hf
+    gate_up, down = torch.randn(3, 8, 5), torch.randn(3, 5, 4)
+    assert all(torch.equal(a, b) for a, b in zip(experts_to_hf(*experts_from_hf(gate_up, down)), (gate_up, down)))
+    for bad in ((gate_up[0], down), (gate_up[:, :7], down), (gate_up, down[..., :3])):
+        with pytest.raises(ValueError, match="not \\[E, 2\\*I, dim\\]"):
+            experts_from_hf(*bad)
 
 
 def _parallel_moe(kind: str, dp: int, sp: int, ep: int, dispatcher: str):
