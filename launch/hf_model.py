@@ -15,8 +15,15 @@ to logits, and its attention layers carry swappable loom cores
 (`loom.parallel.hf.prepare`), so ``--sp`` (ring, Ulysses), packed documents,
 data parallelism, mixed precision, checkpoints, recovery and the fault
 monitor apply as to any loom model.  The job's ``[model]`` shape options
-(vocab, dim, heads, kv_heads, layers) are taken from the config file, so the
-data and the checks before the workers start see the model's vocabulary.
+(vocab, dim, heads, kv_heads, layers; num_experts and top_k of an MoE model)
+are taken from the config file, so the data and the checks before the
+workers start see the model's vocabulary.
+
+MoE models (Mixtral, Qwen2-MoE): their sparse blocks run as loom `MoE`
+layers (``--moe standard``, the default there, or ``--moe llep``),
+expert-parallel over the mesh's ep group with ``--ep N`` (`loom.parallel.hf_moe`); checkpoints hold the experts in
+loom's layout with their ep placement (resumable at another ep or world),
+and `export_hf` maps them back to transformers' layout.
 """
 from __future__ import annotations
 
@@ -80,10 +87,23 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
     return data
 
 
+def hf_experts(data: dict) -> tuple[int, int] | None:
+    """(experts per MoE layer, experts per token) of a transformers config's
+    JSON (Mixtral's ``num_local_experts``, Qwen2-MoE's ``num_experts``), or
+    None for a dense model."""
+    experts = data.get("num_local_experts", data.get("num_experts"))
+    top_k = data.get("num_experts_per_tok")
+    if isinstance(experts, int) and not isinstance(experts, bool) and experts > 0 and isinstance(top_k, int):
+        return experts, top_k
+    return None
+
+
 def apply_hf_config(cfg: JobConfig) -> JobConfig:
     """``cfg`` with ``--hf-config`` (or ``--init-from-hf`` alone) resolved:
     ``train.model`` set to `HF_FACTORY`, ``[model]``'s shape read from the
-    config file.  Idempotent; unchanged without either option.  Raises
+    config file (an MoE model's experts too; its sparse blocks always run
+    loom's MoE, ``--moe none`` meaning ``--moe standard``, so that its
+    checkpoints resume at any ``--ep``).  Idempotent; unchanged without either option.  Raises
     ConfigError for another ``--model`` next to it or a bad config file."""
     t = cfg.train
     if not t.hf_config and t.init_from_hf:
@@ -96,10 +116,15 @@ def apply_hf_config(cfg: JobConfig) -> JobConfig:
         raise ConfigError("--model-args is for --model's factory; a --hf-config model is shaped by its config.json")
     data = read_hf_config(t.hf_config)
     t.model = HF_FACTORY
+    moe = {}
+    if hf_experts(data) is not None:
+        moe = dict(zip(("num_experts", "top_k"), hf_experts(data)))
+        if cfg.model.moe == "none":  # always loom's layout: checkpoints resume at any ep
+            moe["moe"] = "standard"
     try:
         cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=data["hidden_size"],
                                         heads=data["num_attention_heads"], layers=data["num_hidden_layers"],
-                                        kv_heads=data.get("num_key_value_heads") or None)
+                                        kv_heads=data.get("num_key_value_heads") or None, **moe)
     except ValueError as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: loom cannot shape its job by it: {exc}") from None
     return cfg
@@ -157,11 +182,14 @@ def _transformers():
     return transformers
 
 
-def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
+def build_hf_model(cfg: JobConfig, moe_group=None) -> CausalLMAdapter:
     """The `CausalLMAdapter` of ``cfg.train.hf_config`` (weights from
     ``--init-from-hf`` when given, except on the meta device, where loom only
-    checks the model's shape).  Raises ConfigError for a config transformers
-    cannot build a causal LM from, or a weights directory without safetensors."""
+    checks the model's shape); with ``--moe standard|llep`` its sparse MoE
+    blocks run loom's MoE, expert-parallel over ``moe_group`` (the mesh's ep
+    group; None: every expert here).  Raises ConfigError for a config
+    transformers cannot build a causal LM from, a weights directory without
+    safetensors, or ``--moe`` for a model without sparse blocks loom runs."""
     transformers = _transformers()
     t = cfg.train
     file = config_path(t.hf_config)
@@ -180,6 +208,12 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
     except (OSError, ValueError) as exc:
         which = f"--init-from-hf={t.init_from_hf}" if t.init_from_hf else f"--hf-config={t.hf_config}"
         raise ConfigError(f"{which}: {exc}") from None
+    if cfg.model.moe != "none":
+        from loom.parallel.hf_moe import replace_sparse_blocks
+        try:
+            replace_sparse_blocks(lm, ep_group=moe_group, dispatcher=cfg.model.moe, llep=cfg.model.llep)
+        except ValueError as exc:
+            raise ConfigError(f"--hf-config={t.hf_config} with --moe {cfg.model.moe}: {exc}") from None
     return CausalLMAdapter(lm)
 
 
@@ -218,6 +252,10 @@ def export_hf(url: str, out: str, step: int | None = None) -> str:
     data = parse_hf_config(saved["config"], f"the hf/config of step {step} at {url}")
     config = transformers.AutoConfig.for_model(**data)
     lm = transformers.AutoModelForCausalLM.from_config(config)
+    experts = any(".moe.w_gate" in key for key in manifest.tensors)
+    if experts:  # saved in loom's expert layout (any ep): load every expert here, then map back
+        from loom.parallel.hf_moe import replace_sparse_blocks
+        replace_sparse_blocks(lm)
     model = CausalLMAdapter(lm)
     dtypes = {e.dtype for key, e in manifest.tensors.items() if key.startswith("model/")}
     if len(dtypes) == 1:
@@ -226,6 +264,9 @@ def export_hf(url: str, out: str, step: int | None = None) -> str:
     checkpoint.load(target, url, step=step)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"{out} exists and is not an empty directory: give a new one")
+    if experts:
+        from loom.parallel.hf_moe import restore_sparse_blocks
+        restore_sparse_blocks(lm)
     lm.save_pretrained(out, safe_serialization=True)
     count = sum(p.numel() for p in lm.parameters())
     return f"step {step} of {url}: {type(lm).__name__}, {count} parameters -> {out}"
