@@ -205,6 +205,13 @@ def test_init_from_hf_starts_from_the_checkpoint_s_weights(tmp_path):
         assert torch.equal(mine[name], p), name
     ids, _ = _batch()
     torch.testing.assert_close(model(ids), original(input_ids=ids).logits, atol=1e-12, rtol=0)
+    # the same weights saved in shards (model.safetensors.index.json + several files)
+    sharded = tmp_path / "sharded"
+    original.float().save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 1
+    again = build_hf_model(build_config(overrides=dict(init_from_hf=str(sharded)))).double()
+    for name, p in again.lm.named_parameters():
+        assert torch.equal(p, mine[name]), name
     # the weights directory lacks safetensors: a clear error, no pickle read
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((path / "config.json").read_text())
@@ -503,3 +510,32 @@ def test_hf_moe_config_sets_the_experts_and_dense_models_refuse_ep(tmp_path):
     assert (cfg.model.num_experts, cfg.model.moe) == (4, "llep")
     dense = build_config(overrides=dict(hf_config=str(_save(tmp_path)), dp=2, ep=2, moe="standard"))
     assert any("has no experts" in p for p in user_model_problems(dense))
+
+
+def test_loom_imports_and_builds_its_own_model_without_transformers():
+    """transformers is an optional extra: with it hidden, loom's modules
+    (loom.parallel.hf and loom.launch.hf_model included) import, the reference
+    model trains a step, and --hf-config says which extra to install."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["transformers"] = None      # as if it were not installed
+import torch
+import loom, loom.parallel, loom.launch, loom.parallel.hf, loom.launch.hf_model
+from loom.launch.config import build_config
+from loom.launch.train import build_model
+cfg = build_config(overrides=dict(vocab=32, dim=16, layers=1, heads=2))
+model = build_model(cfg, torch.device("cpu"))
+model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+try:
+    loom.launch.hf_model.build_hf_model(build_config(overrides=dict(hf_config=sys.argv[1])))
+except ValueError as exc:
+    print(exc)
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        _config("llama").save_pretrained(tmp)
+        proc = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'pip install -e ".[hf]"' in proc.stdout, proc.stdout
