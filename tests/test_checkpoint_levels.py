@@ -382,13 +382,15 @@ def test_loom_train_with_a_local_level_resumes_with_the_same_losses(s3, tmp_path
     server, url = s3
     local = str(tmp_path / "local")
     levels = {"ckpt_url": url, "ckpt_local": local}
-    runs = [{"steps": 6, "ckpt_every": 4, **levels},                                 # saves step 4 only
+    runs = [{"steps": 6, "ckpt_every": 4, **levels},                                 # async: saves step 4 only
             {"steps": 6, "ckpt_every": 10, "resume": True, **levels},                # from the local level
-            {"steps": 6, "ckpt_every": 10, "resume": True, "wipe": local, **levels}]  # from S3
-    (reference, _, _), local_run, remote_run = run_distributed(_train_runs, 2, runs, timeout=110,
-                                                               env=server.env)[0]
+            {"steps": 6, "ckpt_every": 10, "resume": True, "wipe": local, **levels},  # from S3
+            {"steps": 4, "ckpt_every": 4, "ckpt_mode": "sync", "wipe": local, **levels}]  # step 4 again, sync
+    (reference, _, _), local_run, remote_run, sync_run = run_distributed(_train_runs, 2, runs, timeout=110,
+                                                                         env=server.env)[0]
     for losses, start, _ in (local_run, remote_run):
         assert start == 4 and losses == reference[4:]  # bitwise: the same floats
+    assert sync_run[0] == reference[:4] and sorted(LocalLevel(local).committed()) == [4]
     assert CheckpointStore(url).committed_steps() == [4]
     assert local_run[2] == "local" and remote_run[2] == "storage"
 
