@@ -6,8 +6,9 @@ at, its epoch and place in it) is saved as ``data``, so a resume continues
 exactly there (even with another batch size); the synthetic task's position
 is the step.  RNG states are per rank (`PerRank`).  A resumed run therefore
 repeats the uninterrupted run's losses exactly.  `save` is the one place a
-checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`) or
-synchronously, per ``--ckpt-mode``.
+checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`; with
+``--ckpt-local`` `MultiLevel(background=True)`) or synchronously, per
+``--ckpt-mode``.
 """
 from __future__ import annotations
 
