@@ -110,7 +110,7 @@ class MultiLevel:
         t0 = time.perf_counter()
         previous = self._handle
         if previous is not None and not previous.done():
-            self.copier._say(f"checkpoint step {step}: waiting for the local commit of step {previous.step}")
+            self.copier.say(f"checkpoint step {step}: waiting for the local commit of step {previous.step}")
             previous.wait()
         self.waited_s = time.perf_counter() - t0
         try:

@@ -259,7 +259,8 @@ def test_background_local_commit_waits_only_for_the_snapshot(tmp_path, monkeypat
     import time
     _slow_writes(monkeypatch, 1.0)
     url, local = str(tmp_path / "remote"), str(tmp_path / "local")
-    levels = ckpt.MultiLevel(url, local, background=True)
+    events = []
+    levels = ckpt.MultiLevel(url, local, background=True, on_event=events.append)
     state = _state(1)
     t0 = time.perf_counter()
     handle = levels.save(state, step=1)
@@ -270,6 +271,7 @@ def test_background_local_commit_waits_only_for_the_snapshot(tmp_path, monkeypat
     state["model"]["w"].add_(100.0)  # training goes on: the snapshot is what gets committed
     levels.save(_state(2), step=2)  # waits for step 1's local commit first (backpressure)
     assert levels.waited_s > 0.3 and handle.done() and handle.result() == f"{LocalLevel(local).path}/{step_name(1)}"
+    assert "checkpoint step 2: waiting for the local commit of step 1" in events
     levels.close(timeout=60)
     assert sorted(LocalLevel(local).committed()) == [1, 2] and CheckpointStore(url).committed_steps() == [1, 2]
     out = _zeros()
