@@ -32,9 +32,11 @@ level: each level here is a separate store, written and read on its own.
 4. ``--part multilevel`` (also part of a full run, in its own section of
    RESULTS.md): `loom.checkpoint.MultiLevel` -- the local level in a local
    directory, copied to S3 in the background -- with the stall and the time
-   to the local and to the remote commit per checkpoint, and the last step
-   loaded through `load_levels` from the local level and from S3 (local
-   level empty).
+   to the local and to the remote commit per checkpoint, for the local
+   commit in the loop (``--ckpt-mode sync``) and in the background from a
+   host-memory snapshot (``async``, `MultiLevel(background=True)`), and the
+   last step loaded through `load_levels` from the local level and from S3
+   (local level empty).
 
 It also checks that chunks larger than s3fs's block size go up as multipart
 uploads: one more loom save with ``default_block_size`` = 5 MiB (s3fs's
@@ -340,18 +342,22 @@ def _training(n: int, rows: int, step_ms: float):
 
 
 def multilevel_run(url: str, local_dir: str, n: int, rows: int, checkpoints: int, step_ms: float,
-                   repeats: int, options: dict) -> dict:
+                   repeats: int, options: dict, background: bool = False) -> dict:
     """Multi-level checkpoints (`MultiLevel`: the local level ``local_dir``,
-    one node, then ``url`` in the background): per checkpoint the stall (the
-    local commit, plus any wait for room among the pending copies), the time
-    to the local commit and to the remote commit (training goes on
+    one node, then ``url`` in the background): per checkpoint the stall, the
+    time to the local commit and to the remote commit (training goes on
     meanwhile); then the last step loaded through `load_levels` from the
     local level and, with the local level removed, from the remote store
-    (best of ``repeats``).  Times are the slowest rank's."""
+    (best of ``repeats``).  Times are the slowest rank's.  The stall: the
+    local commit plus any wait for room among the pending copies; with
+    ``background`` (``--ckpt-mode async``) the host-memory snapshot only
+    (the local commit runs in the background, from the snapshot)."""
     _configure(options)
     opt, state, train_step, step_s = _training(n, rows, step_ms)
     copy_group = comms.new_group(name="ckpt-remote", background=True)
-    levels = ckpt.MultiLevel(url, local_dir, copy_group=copy_group, keep_last_local=2, max_pending=1)
+    levels = ckpt.MultiLevel(url, local_dir, copy_group=copy_group, keep_last_local=2, max_pending=1,
+                             background=background)
+    levels.attach(opt)
     stalls, local_s, remote_s, steps_during = [], [], [], []
     try:
         for k in range(checkpoints + 1):  # k = 0: the warm-up
@@ -359,18 +365,24 @@ def multilevel_run(url: str, local_dir: str, n: int, rows: int, checkpoints: int
             dist.barrier()
             t0 = time.monotonic()
             saved = levels.save(state(), step=k)
+            committed = []  # background: when the local marker was written
+            if background:
+                saved.add_done_callback(lambda _loc, _err: committed.append(time.monotonic()))
+                levels.wait_snapshot()  # what the next optimizer step would wait for
             stall = time.monotonic() - t0
             expected = {key: shard.tensor.clone() for key, shard in state()["model"].items()}  # what was saved
             during = 0
-            while levels.copier.busy():
+            while (background and not saved.done()) or levels.copier.busy():
                 train_step()
                 during += 1
+            if background:
+                saved.result()  # a failed local commit raises
             done = {r["step"]: r for r in levels.copier.results()}[k]
             if done["error"] is not None:
                 raise RuntimeError(f"remote copy of step {k} failed: {done['error']}")
             if k:
                 stalls.append(stall)
-                local_s.append(saved.seconds)
+                local_s.append(committed[0] - t0 if background else saved.seconds)
                 remote_s.append(done["finished"] - t0)
                 steps_during.append(during)
     finally:
@@ -565,9 +577,11 @@ def run(args, argv=None) -> dict:
         try:
             res = {} if args.part == "multilevel" else _measure(args, server, pool, root, n, rows)
             runner = Runner(server, pool, timeout=1800)
-            res["multilevel"] = runner.phase(
-                None, multilevel_run, f"s3://{server.bucket()}/multilevel", os.path.join(root, "node-local"),
-                n, rows, args.checkpoints, args.step_ms, args.repeats, {"endpoint_url": server.endpoint})
+            for key, background in (("multilevel", False), ("multilevel_background", True)):
+                res[key] = runner.phase(
+                    None, multilevel_run, f"s3://{server.bucket()}/{key}", os.path.join(root, f"{key}-local"),
+                    n, rows, args.checkpoints, args.step_ms, args.repeats, {"endpoint_url": server.endpoint},
+                    background)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     res.update(bytes=nbytes, tensors=n, rows=rows, cols=COLS, world=WORLD, io_threads=IO_THREADS,
@@ -579,13 +593,14 @@ def run(args, argv=None) -> dict:
 def report_multilevel(args, argv, res: dict) -> None:
     """The multi-level part: a table of stall / time-to-durable per level and
     one of loads, printed and (unless --no-write) its own RESULTS.md section."""
-    m, nb = res["multilevel"], res["bytes"]
+    m, b, nb = res["multilevel"], res["multilevel_background"], res["bytes"]
     stall = markdown_table(
-        ["level", "stall ms", "time-to-durable ms", "steps trained meanwhile", "step ms (no checkpoint)"],
-        [["local (node-local directory, page cache)", _ms(m["stall_s"]), _ms(m["local_durable_s"]), "0.0",
-          _ms(m["step_s"])],
-         ["remote (S3, copied in the background)", "-", _ms(m["remote_durable_s"]),
-          f"{sum(m['steps_during']) / len(m['steps_during']):.1f}", "-"]])
+        ["--ckpt-mode", "stall ms", "local time-to-durable ms", "remote time-to-durable ms",
+         "steps trained meanwhile", "step ms (no checkpoint)"],
+        [[mode, _ms(r["stall_s"]), _ms(r["local_durable_s"]), _ms(r["remote_durable_s"]),
+          f"{sum(r['steps_during']) / len(r['steps_during']):.1f}", _ms(r["step_s"])]
+         for mode, r in (("sync (local commit in the loop)", m), ("async (snapshot in the loop, local commit "
+                                                                  "in the background)", b))])
     local, remote = m["load_s"]["local"], m["load_s"]["remote"]
     loads = markdown_table(["load from", "bytes per tier (rank 0)", "load GB/s", "vs remote"],
                            [["local level", _tiers(m["tiers"]["local"]), f"{_gbs(nb, local):.3f}",
@@ -602,12 +617,15 @@ def report_multilevel(args, argv, res: dict) -> None:
         return
     write_json("checkpoint_levels_multilevel", {"args": vars(args), **res})
     body = (summary + "\n\n" + stall + "\n\n"
-            "*stall*: the training loop blocked per checkpoint (the local commit: every rank writes its chunks "
-            "to the node's directory, one rank per node the manifest, node record and local marker; plus any "
-            "wait for room among the pending remote copies), the slowest rank's. *time-to-durable*: from the "
-            "save call to the local marker, and to the remote marker (written last, after every rank's files "
-            f"were copied); training goes on meanwhile. A step is {args.step_ms:g} ms of matmuls and an SGD "
-            "step.\n\n" + loads + "\n\n"
+            "*stall*: the training loop blocked per checkpoint, the slowest rank's. `sync`: the local commit "
+            "(every rank writes its chunks to the node's directory, one rank per node the manifest, node record "
+            "and local marker) plus any wait for room among the pending remote copies; `async` (the default, "
+            "`MultiLevel(background=True)`): the copy of the chunks each rank writes into host memory (and any "
+            "wait for the previous step's local commit); the local commit then runs on a background thread "
+            "from that snapshot, and the remote copy after it. *time-to-durable*: from the save call to the "
+            "local marker, and to the remote marker (written last, after every rank's files were copied); "
+            f"training goes on meanwhile. A step is {args.step_ms:g} ms of matmuls and an SGD step.\n\n"
+            + loads + "\n\n"
             "`load_levels` picks the newest step at the nearest level: with the local level present every "
             "chunk is read from it (crc32c-checked against the manifest); with it empty, every chunk comes "
             "from S3. The remote copy runs while training goes on, so on these 2 cores the copy threads, moto and the "

@@ -19,6 +19,7 @@ its claim until `release_store` or exit); reads need no claim.
 from .async_engine import AsyncCheckpointer, CheckpointSaveError, SaveHandle
 from .layout import TARGET_CHUNK_BYTES
 from .levels import LocalLevel, LocalSave, load_levels, save_local
+from .local_async import LocalCommitter
 from .load import CheckpointInfo, MissingKeysError, NoCheckpointError, load, verify
 from .manifest import ChecksumError, InvalidCheckpointError
 from .multilevel import MultiLevel
@@ -41,7 +42,7 @@ def install_deepspeed_engine(ds_engine, url=None, **options):
 
 __all__ = [
     "AsyncCheckpointer", "CheckpointInfo", "CheckpointOwnershipError", "CheckpointSaveError", "CheckpointStore",
-    "ChecksumError", "Flat", "InvalidCheckpointError", "LocalLevel", "LocalSave", "MissingKeysError",
+    "ChecksumError", "Flat", "InvalidCheckpointError", "LocalCommitter", "LocalLevel", "LocalSave", "MissingKeysError",
     "MultiLevel", "NoCheckpointError", "PerRank",
     "SaveHandle", "SavePlan", "Shard", "StoreNotSharedError", "StoreOwnership", "TARGET_CHUNK_BYTES",
     "RemoteCopier", "claim_store", "commit", "exchange_parts", "gc", "install_deepspeed_engine", "load",

@@ -241,47 +241,91 @@ def save_local(state: dict, level: LocalLevel, *, step: int, group=None, mesh=No
     writes the manifest, the node record and the local marker there.  A
     failure on any rank raises on every rank and leaves no local marker.
     ``snapshots``: as in `loom.checkpoint.save` (host memory, after the
-    commit).  Returns what the remote copy needs (`LocalSave`)."""
+    commit).  Returns what the remote copy needs (`LocalSave`).
+    `loom.checkpoint.local_async.LocalCommitter` does the same from a
+    host-memory snapshot, in the background."""
     t0 = time.monotonic()
     g = resolve(group)
-    store = level.store
-    nodes = level.nodes_of(g)
-    leader = min(nodes[level.node]) == g.rank if level.node in nodes else False
-    plan = plan_save(state, store.url, step=step, group=g, mesh=mesh, durable=durable,
-                     ownership=_NodeClaim(store, g.rank == 0))
-    error = None
-    if leader:  # an older save of this step on this node goes first
-        try:
-            store.begin(step)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it
-            error = exc
-    agree(g, error)
-    error, sums, parts, files, nbytes = None, {}, {}, [], 0
+    plan = plan_local(state, level, step=step, group=g, mesh=mesh, durable=durable)
+    agree(g, begin_local(level, g, step))
+    error, sums, parts = None, {}, {}
     try:
         parts = exchange_parts(plan, plan.tensors)
         sums = write_chunks(plan, plan.tensors, parts)
-        files = written_files(plan, plan.tensors, parts)
-        nbytes = sum(os.path.getsize(store.path(rel)) for rel in files)
     except Exception as exc:  # noqa: BLE001
         error = exc
+    saved = commit_local(plan, level, plan.tensors, parts, sums, error, t0=t0)
+    keep_in_memory(snapshots, plan, plan.tensors, parts, sums, settle=True)
+    return saved
+
+
+def plan_local(state: dict, level: LocalLevel, *, step: int, group=None, mesh=None, durable: bool = False):
+    """Collective: `plan_save` of ``step`` into the local level (no claim:
+    each node's DIR is this job's own)."""
+    g = resolve(group)
+    return plan_save(state, level.store.url, step=step, group=g, mesh=mesh, durable=durable,
+                     ownership=local_claim(level, g))
+
+
+def local_claim(level: LocalLevel, g: Group) -> "_NodeClaim":
+    """The (empty) claim a local level's plans carry."""
+    return _NodeClaim(level.store, g.rank == 0)
+
+
+def _leader(level: LocalLevel, g: Group) -> bool:
+    """This rank writes its node's manifest, record and marker (the node's lowest rank)."""
+    nodes = level.nodes_of(g)
+    return level.node in nodes and min(nodes[level.node]) == g.rank
+
+
+def begin_local(level: LocalLevel, g: Group, step: int) -> BaseException | None:
+    """Before any chunk of ``step`` is written: the node's leader removes
+    an older save of the step from its DIR.  Returns this rank's failure
+    (for the caller's agreement), never raises."""
+    if not _leader(level, g):
+        return None
+    try:
+        level.store.begin(step)
+    except Exception as exc:  # noqa: BLE001 - every rank must learn of it
+        return exc
+    return None
+
+
+def commit_local(plan, level: LocalLevel, tensors: dict, parts: dict, sums: dict, error: BaseException | None,
+                 *, t0: float) -> LocalSave:
+    """Collective over ``plan.group``, once every rank has written its
+    chunks (``sums``; ``error``: this rank's failure): each node's leader
+    writes the manifest, the node record and the local marker, last.  A
+    failure on any rank raises on every rank and leaves no local marker.
+    ``tensors``/``parts``: what the chunks were written from (the files
+    this rank wrote are listed from them); ``t0``: the save's start
+    (`time.monotonic`)."""
+    g, level_store, step = plan.group, level.store, plan.step
+    nodes, leader = level.nodes_of(g), _leader(level, g)
+    files, nbytes = [], 0
+    if error is None:
+        try:
+            files = written_files(plan, tensors, parts)
+            nbytes = sum(os.path.getsize(level_store.path(rel)) for rel in files)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
     everyone = agree(g, error, {"sums": sums, "created": time.time()})
     error, manifest = None, b""
     try:
         manifest = build_manifest(plan, [p["sums"] for p in everyone], everyone[0]["created"]).to_json()
         if leader:
             record = {"nodes": {name: [g.global_rank(r) for r in ranks] for name, ranks in nodes.items()}}
-            store.put(f"{step_name(step)}/{NODES}", dumps(record).encode())
-            store.commit(step, manifest, durable=durable)
+            level_store.put(f"{step_name(step)}/{NODES}", dumps(record).encode())
+            level_store.commit(step, manifest, durable=plan.durable)
     except Exception as exc:  # noqa: BLE001
         error = exc
     try:
         agree(g, error)
     except BaseException:
-        if leader and store.marker(step) is not None:
-            store.delete_step(step)  # the step failed on another node: no half-committed level
+        if leader and level_store.marker(step) is not None:
+            level_store.delete_step(step)  # the step failed on another node: no half-committed level
         raise
-    keep_in_memory(snapshots, plan, plan.tensors, parts, sums, settle=True)
-    return LocalSave(step=step, manifest=manifest, files=files, nbytes=nbytes, location=store.location(step),
+    return LocalSave(step=step, manifest=manifest, files=files, nbytes=nbytes, location=level_store.location(step),
                      seconds=time.monotonic() - t0)
 
 

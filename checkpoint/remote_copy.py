@@ -70,7 +70,7 @@ class RemoteCopier:
         waited = 0.0
         with self._cond:
             if len(self.pending) >= self.max_pending:
-                self._say(f"checkpoint step {saved.step}: waiting for the remote copy of step "
+                self.say(f"checkpoint step {saved.step}: waiting for the remote copy of step "
                           f"{self.pending[0]} ({len(self.pending)} step(s) pending, at most {self.max_pending})")
                 t0 = time.monotonic()
                 self._cond.wait_for(lambda: len(self.pending) < self.max_pending)
@@ -105,7 +105,8 @@ class RemoteCopier:
         self._jobs.put(None)
         self._thread.join(timeout)
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
+        """Log ``text`` and pass it to ``on_event`` (the waits it announces)."""
         log.info(text)
         if self.on_event is not None:
             self.on_event(text)

@@ -6,8 +6,9 @@ at, its epoch and place in it) is saved as ``data``, so a resume continues
 exactly there (even with another batch size); the synthetic task's position
 is the step.  RNG states are per rank (`PerRank`).  A resumed run therefore
 repeats the uninterrupted run's losses exactly.  `save` is the one place a
-checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`) or
-synchronously, per ``--ckpt-mode``.
+checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`; with
+``--ckpt-local`` `MultiLevel(background=True)`) or synchronously, per
+``--ckpt-mode``.
 """
 from __future__ import annotations
 
@@ -138,9 +139,12 @@ class TrainingCheckpoints:
 
     def _start_levels(self, takeover) -> None:
         """``--ckpt-local``: each checkpoint commits on the node-local level
-        (synchronously: local disk or /dev/shm) and is copied to
-        ``--ckpt-url`` in the background (at most ``--ckpt-pending-copies``
-        waiting before the loop does); the job claims ``--ckpt-url`` here."""
+        (local disk or /dev/shm) and is copied to ``--ckpt-url`` in the
+        background (at most ``--ckpt-pending-copies`` waiting before the
+        loop does); the job claims ``--ckpt-url`` here.  ``--ckpt-mode
+        async``: the local commit runs in the background too, after a
+        host-memory snapshot (the optimizer's next step waits for it);
+        ``sync``: the loop waits for the local commit."""
         if dist.is_initialized():
             self.group = comms.new_group(name="ckpt-sync", background=True)
             self.copy_group = comms.new_group(name="ckpt-remote", background=True)
@@ -151,7 +155,9 @@ class TrainingCheckpoints:
             keep_last_local=self.c.keep_last_local, keep_last=self.c.keep_last or None,
             keep_every=(self.c.keep_every or None) if self.c.keep_last else None,
             max_pending=self.c.ckpt_pending_copies, durable=self.c.ckpt_durable, mesh=self.mesh,
-            ownership=self.ownership, on_event=self._event)
+            ownership=self.ownership, on_event=self._event, background=self.c.ckpt_mode == "async",
+            snapshots=self.memory if self.c.ckpt_mode == "async" else None)
+        self.levels.attach(self.optimizer)
 
     def state(self, next_step: int, *, for_load: bool = False) -> dict:
         """What a checkpoint holds.  Parameters split across ranks (expert
@@ -331,8 +337,16 @@ class TrainingCheckpoints:
 
     def _save_levels(self, done: int) -> None:
         """Commit at the local level, queue the remote copy (waiting only
-        under backpressure, which `MultiLevel` announces), keep the level."""
+        under backpressure, which `MultiLevel` announces), keep the level.
+        ``--ckpt-mode async``: start the save (the previous step's local
+        commit is waited for first); `_report_committed` reports it."""
         t0 = time.monotonic()
+        if self.levels.committer is not None:
+            self._started[done] = t0
+            with self._busy():
+                self._pending.append(self.levels.save(self.state(done), step=done))
+            self.saved += 1
+            return
         with self._busy():
             saved = self.levels.save(self.state(done), step=done, snapshots=self.memory)
         self.saved += 1
@@ -366,17 +380,10 @@ class TrainingCheckpoints:
         """Wait for asynchronous saves (raising a failure) and remote copies;
         the summary's checkpoint entries."""
         if self.levels is not None:
-            pending = list(self.levels.copier.pending)
-            if not self.levels.copier.wait(REMOTE_COPY_CLOSE_S):  # a hung store must not hang the job's end
-                text = (f"WARNING: the remote copies of checkpoint steps {self.levels.copier.pending} to "
-                        f"{self.c.ckpt_url} did not finish within {REMOTE_COPY_CLOSE_S:.0f} s of the job's end "
-                        f"(pending since: {pending}); they stay committed at the local level "
-                        f"{self.c.ckpt_local}")
-                log.warning(text)
-                self._event(text)
-            self.levels.close(timeout=1.0)
-            self._report_copies()
-            self.levels = None
+            try:
+                self.levels.wait_local()  # a failed local commit raises here, on every rank
+            finally:
+                self._finish_levels()
         if self.copy_group is not None:
             comms.destroy_group(self.copy_group)
             self.copy_group = None
@@ -398,6 +405,24 @@ class TrainingCheckpoints:
                        ckpt_persist_s=round(sum(self.persists) / len(self.persists), 6) if self.persists else None)
         return out
 
+    def _finish_levels(self) -> None:
+        """--ckpt-local at the job's end: the last local commits reported,
+        the remote copies waited for (at most REMOTE_COPY_CLOSE_S), stop."""
+        try:
+            self._report_committed()
+        finally:
+            pending = list(self.levels.copier.pending)
+            if not self.levels.copier.wait(REMOTE_COPY_CLOSE_S):  # a hung store must not hang the job's end
+                text = (f"WARNING: the remote copies of checkpoint steps {self.levels.copier.pending} to "
+                        f"{self.c.ckpt_url} did not finish within {REMOTE_COPY_CLOSE_S:.0f} s of the job's end "
+                        f"(pending since: {pending}); they stay committed at the local level "
+                        f"{self.c.ckpt_local}")
+                log.warning(text)
+                self._event(text)
+            self.levels.close(timeout=1.0)
+            self._report_copies()
+            self.levels = None
+
     def _busy(self):
         """A synchronous save, seen in the trace as this rank waiting for
         checkpoint work (``wait:checkpoint`` on the save's group)."""
@@ -408,6 +433,8 @@ class TrainingCheckpoints:
         once the next optimizer step has passed its wait) and remote copies."""
         if self.levels is not None:
             self._report_copies()
+            self._report_levels()
+            return
         while self._pending and self._pending[0].done():
             handle = self._pending.pop(0)
             location = handle.result()  # raises a failure here, on every rank
@@ -415,6 +442,18 @@ class TrainingCheckpoints:
             self.persists.append(handle.stats["persist_s"])
             self._event(f"checkpoint {location} (stall {handle.stall_s * 1e3:.1f} ms, "
                         f"persist {handle.stats['persist_s']:.2f} s)")
+
+    def _report_levels(self) -> None:
+        """--ckpt-local, --ckpt-mode async: events for local commits that
+        finished (a failure raises here, on every rank); the persist time
+        is the time to remote durability (`_report_copies`)."""
+        while self._pending and self._pending[0].done():
+            handle = self._pending.pop(0)
+            self.stalls.append(handle.stall_s)
+            location = handle.result()
+            self._event(f"checkpoint {location} committed at the local level (stall {handle.stall_s * 1e3:.1f} "
+                        f"ms, local commit {handle.stats['persist_s']:.2f} s); copying to {self.c.ckpt_url} "
+                        f"in the background")
 
     def _event(self, text: str) -> None:
         if self.reporter is not None:

@@ -199,9 +199,10 @@ class CkptSection:
                                     "save fails. Not needed after a crash: a dead owner's claim expires "
                                     "by itself")
     ckpt_local: str = _f("", "a node-local directory (local NVMe, /dev/shm) where each checkpoint commits "
-                             "first, on every node for its own ranks; it is then copied to --ckpt-url in "
-                             "the background, and --resume loads from this level when it holds the newest "
-                             "step (needs --ckpt-url and --ckpt-every)")
+                             "first, on every node for its own ranks (--ckpt-mode async: in the background, "
+                             "from a host-memory copy); it is then copied to --ckpt-url in the background, "
+                             "and --resume loads from this level when it holds the newest step (needs "
+                             "--ckpt-url and --ckpt-every)")
     keep_last_local: int = _f(2, "with --ckpt-local: keep the newest N checkpoints there (a step not yet "
                                  "copied to --ckpt-url is kept unless the disk is short of space)")
     ckpt_pending_copies: int = _f(1, "with --ckpt-local: checkpoints that may wait for their copy to "

@@ -237,6 +237,131 @@ def test_a_remote_copy_failing_keeps_the_local_commit(s3_server, tmp_path):
                     os.environ[k] = v
 
 
+# ------------------------------------------------------------- background local commit
+
+def _slow_writes(monkeypatch, seconds: float, fail_step: int | None = None, fail_rank: int | None = None):
+    """The background writer sleeps ``seconds`` before each step's chunks;
+    ``fail_step`` (on ``fail_rank``, or every rank) fails instead."""
+    import time
+
+    from loom.checkpoint.writers import ThreadWriter
+    write = ThreadWriter.write
+
+    def slow(self, plan, fragments, parts, pool=None):
+        time.sleep(seconds)
+        if plan.step == fail_step and fail_rank in (None, plan.group.rank):
+            raise OSError(f"disk full writing step {plan.step}")
+        return write(self, plan, fragments, parts, pool)
+    monkeypatch.setattr(ThreadWriter, "write", slow)
+
+
+def test_background_local_commit_waits_only_for_the_snapshot(tmp_path, monkeypatch):
+    import time
+    _slow_writes(monkeypatch, 1.0)
+    url, local = str(tmp_path / "remote"), str(tmp_path / "local")
+    events = []
+    levels = ckpt.MultiLevel(url, local, background=True, on_event=events.append)
+    state = _state(1)
+    t0 = time.perf_counter()
+    handle = levels.save(state, step=1)
+    levels.wait_snapshot()  # the loop's stall: the host copy
+    stall = time.perf_counter() - t0
+    assert isinstance(handle, ckpt.SaveHandle) and handle.snapshot_done() and not handle.done()
+    assert stall < 0.8 and LocalLevel(local).committed() == {}
+    state["model"]["w"].add_(100.0)  # training goes on: the snapshot is what gets committed
+    levels.save(_state(2), step=2)  # waits for step 1's local commit first (backpressure)
+    assert levels.waited_s > 0.3 and handle.done() and handle.result() == f"{LocalLevel(local).path}/{step_name(1)}"
+    assert "checkpoint step 2: waiting for the local commit of step 1" in events
+    levels.close(timeout=60)
+    assert sorted(LocalLevel(local).committed()) == [1, 2] and CheckpointStore(url).committed_steps() == [1, 2]
+    out = _zeros()
+    assert ckpt.load_levels(out, url, LocalLevel(local)).step == 2 and _same(out, _state(2))
+    CheckpointStore(url).delete_step(2)
+    shutil.rmtree(os.path.join(local, step_name(2)))
+    out = _zeros()
+    assert ckpt.load_levels(out, url, LocalLevel(local)).step == 1 and _same(out, _state(1))
+    with pytest.raises(ValueError, match="background=True"):
+        ckpt.MultiLevel(url, local, snapshots=object())
+
+
+def test_a_failed_background_local_commit_raises_at_the_next_save_and_commits_nothing(tmp_path, monkeypatch):
+    _slow_writes(monkeypatch, 0.0, fail_step=2)
+    url, local = str(tmp_path / "remote"), str(tmp_path / "local")
+    levels = ckpt.MultiLevel(url, local, background=True, keep_last_local=5)
+    levels.save(_state(1), step=1)
+    levels.save(_state(2), step=2)  # fails in the background
+    with pytest.raises(ckpt.CheckpointSaveError, match="disk full writing step 2") as err:
+        levels.save(_state(3), step=3)  # started, then the earlier failure is raised
+    assert err.value.step == 2
+    levels.save(_state(2), step=2)  # fails again: raised by close
+    with pytest.raises(ckpt.CheckpointSaveError, match="step 2"):
+        levels.close(timeout=60)
+    assert sorted(LocalLevel(local).committed()) == [1, 3] and CheckpointStore(url).committed_steps() == [1, 3]
+    assert not os.path.exists(os.path.join(local, step_name(2), "COMMITTED"))
+
+
+def _background_failure(url: str, root: str) -> list:
+    import pytest as _pytest
+    rank = dist.get_rank()
+    os.environ[NODE_ENV] = f"node{rank}"
+    with _pytest.MonkeyPatch.context() as mp:
+        _slow_writes(mp, 0.0, fail_step=2, fail_rank=1)
+        copy_group = comms.new_group(name="ckpt-remote-test", background=True)
+        levels = ckpt.MultiLevel(url, os.path.join(root, f"node{rank}"), copy_group=copy_group, background=True)
+        levels.save(_state(1), step=1)
+        levels.save(_state(2), step=2)  # fails on rank 1 only
+        try:
+            levels.wait_local()
+            raised = None
+        except ckpt.CheckpointSaveError as exc:
+            raised = exc.step
+        levels.close(timeout=60)
+    out = _zeros()
+    info = levels.load(out)
+    ckpt.release_store(url)
+    return [raised, info.step, _same(out, _state(1)), sorted(LocalLevel(os.path.join(root, f"node{rank}")).committed())]
+
+
+@pytest.mark.timeout(120)
+def test_a_background_local_commit_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    results = run_distributed(_background_failure, 2, str(tmp_path / "remote"), str(tmp_path), timeout=100)
+    assert results == [[2, 1, True, [1]]] * 2
+
+
+_KILLED = """
+import os, sys, time, torch
+from loom import checkpoint as ckpt
+from loom.checkpoint.writers import ThreadWriter
+url, local = sys.argv[1], sys.argv[2]
+levels = ckpt.MultiLevel(url, local, background=True)
+state = {"model": {"w": torch.full((40, 6), 1.0, dtype=torch.float64),
+                   "b": torch.full((6,), 1.0, dtype=torch.float64)}, "meta": {"scale": 1.0}}
+levels.save(state, step=1)
+levels.wait_local()
+write = ThreadWriter.write
+def dying(self, plan, fragments, parts, pool=None):
+    write(self, plan, fragments, parts, pool)  # every chunk of step 2 is on disk, the marker is not
+    os._exit(9)                                  # killed before the local commit
+ThreadWriter.write = dying
+levels.save(state, step=2)
+print("save returned", flush=True)
+time.sleep(30)
+"""
+
+
+def test_killed_during_the_background_local_write_resumes_from_the_previous_step(tmp_path):
+    url, local = str(tmp_path / "remote"), str(tmp_path / "local")
+    proc = subprocess.run([sys.executable, "-c", _KILLED, url, local], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    assert "save returned" in proc.stdout  # the loop went on while the local level was written
+    assert os.path.isdir(os.path.join(local, step_name(2)))  # written, never committed
+    assert sorted(LocalLevel(local).committed()) == [1]
+    out = _zeros()
+    info = ckpt.load_levels(out, url, LocalLevel(local))
+    assert info.step == 1 and float(out["model"]["w"][0, 0]) == 1.0
+    assert info.tiers["local"] > 0
+
+
 # ------------------------------------------------------------- loom train
 
 def _train_runs(runs: list[dict]) -> list:
@@ -259,13 +384,15 @@ def test_loom_train_with_a_local_level_resumes_with_the_same_losses(s3, tmp_path
     server, url = s3
     local = str(tmp_path / "local")
     levels = {"ckpt_url": url, "ckpt_local": local}
-    runs = [{"steps": 6, "ckpt_every": 4, **levels},                                 # saves step 4 only
+    runs = [{"steps": 6, "ckpt_every": 4, **levels},                                 # async: saves step 4 only
             {"steps": 6, "ckpt_every": 10, "resume": True, **levels},                # from the local level
-            {"steps": 6, "ckpt_every": 10, "resume": True, "wipe": local, **levels}]  # from S3
-    (reference, _, _), local_run, remote_run = run_distributed(_train_runs, 2, runs, timeout=110,
-                                                               env=server.env)[0]
+            {"steps": 6, "ckpt_every": 10, "resume": True, "wipe": local, **levels},  # from S3
+            {"steps": 4, "ckpt_every": 4, "ckpt_mode": "sync", "wipe": local, **levels}]  # step 4 again, sync
+    (reference, _, _), local_run, remote_run, sync_run = run_distributed(_train_runs, 2, runs, timeout=110,
+                                                                         env=server.env)[0]
     for losses, start, _ in (local_run, remote_run):
         assert start == 4 and losses == reference[4:]  # bitwise: the same floats
+    assert sync_run[0] == reference[:4] and sorted(LocalLevel(local).committed()) == [4]
     assert CheckpointStore(url).committed_steps() == [4]
     assert local_run[2] == "local" and remote_run[2] == "storage"
 
