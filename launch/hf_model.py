@@ -30,6 +30,11 @@ from .config import ConfigError, JobConfig
 
 HF_FACTORY = "loom.launch.hf_model:build_hf_model"
 _CONFIG_LIMIT = 4 * 2**20  # a config.json is a few KiB; refuse to read megabytes of something else
+_MAX_LAYERS = 4096  # published causal LMs have at most a few hundred; more is a hostile or broken file
+_MAX_PARAMETERS = 10**13  # ten trillion: beyond any model one replica per rank can hold
+_SIZES = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
+                   "sliding_window")
 
 
 def config_path(path: str) -> str:
@@ -68,15 +73,28 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
         data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{where} is not a JSON model config: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nests JSON too deeply to be a model config") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise ConfigError(f"{where} has no \"model_type\": not a transformers config.json")
     if "auto_map" in data:
         raise ConfigError(f"{where} names custom model code (auto_map): loom runs no code from a "
                           f"model directory; use a model transformers ships")
-    for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
+    for key in _SIZES + _OPTIONAL_SIZES:
         value = data.get(key)
+        if key in _OPTIONAL_SIZES and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
+            raise ConfigError(f"{where}: {key}={value!r} must be a positive integer"
+                              + (" (or absent)" if key in _OPTIONAL_SIZES else ""))
+    layers, dim = data["num_hidden_layers"], data["hidden_size"]
+    if layers > _MAX_LAYERS:
+        raise ConfigError(f"{where}: num_hidden_layers={layers} is more than loom builds (at most {_MAX_LAYERS})")
+    least = data["vocab_size"] * dim + layers * 2 * dim * dim  # embeddings + q and o projections, at least
+    if least > _MAX_PARAMETERS:
+        raise ConfigError(f"{where}: vocab_size={data['vocab_size']}, hidden_size={dim}, num_hidden_layers={layers} "
+                          f"make at least {least:.3g} parameters, more than any replica holds (at most "
+                          f"{_MAX_PARAMETERS:.0e})")
     return data
 
 
@@ -99,7 +117,7 @@ def apply_hf_config(cfg: JobConfig) -> JobConfig:
     try:
         cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=data["hidden_size"],
                                         heads=data["num_attention_heads"], layers=data["num_hidden_layers"],
-                                        kv_heads=data.get("num_key_value_heads") or None)
+                                        kv_heads=data.get("num_key_value_heads"))
     except ValueError as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: loom cannot shape its job by it: {exc}") from None
     return cfg
@@ -148,17 +166,53 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: transformers cannot read it: {exc}") from None
     on_meta = torch.empty(0).device.type == "meta"
+    which = f"--init-from-hf={t.init_from_hf}" if t.init_from_hf else f"--hf-config={t.hf_config}"
     try:
         if t.init_from_hf and not on_meta:
-            lm = transformers.AutoModelForCausalLM.from_pretrained(
-                t.init_from_hf, config=config, use_safetensors=True, local_files_only=True,
-                trust_remote_code=False, dtype=torch.float32)
+            lm = _load_weights(transformers, t.init_from_hf, config)
         else:
             lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        which = f"--init-from-hf={t.init_from_hf}" if t.init_from_hf else f"--hf-config={t.hf_config}"
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that differ; safetensors' errors
         raise ConfigError(f"{which}: {exc}") from None
-    return CausalLMAdapter(lm)
+    try:
+        model = CausalLMAdapter(lm)
+    except ValueError as exc:
+        raise ConfigError(f"{which}: {exc}") from None
+    check_windows(model, t.seq_len, which)
+    return model
+
+
+def check_windows(model: torch.nn.Module, seq_len: int, which: str) -> None:
+    """Raise ConfigError when a sliding window of ``model``'s attention is
+    shorter than ``seq_len`` tokens (loom's attention has no window; a window
+    at least that long changes nothing)."""
+    from loom.parallel.hf import sliding_windows
+    short = min(sliding_windows(model), default=None)
+    if short is not None and short < seq_len:
+        raise ConfigError(f"{which}: sliding-window attention (window {short}) over --seq-len {seq_len} is not "
+                          f"supported by loom's attention: use --seq-len {short} or less, or disable the window "
+                          f"in the config (sliding_window: null / use_sliding_window: false)")
+
+
+def _load_weights(transformers, directory: str, config) -> torch.nn.Module:
+    """The model of ``config`` with every weight read from the safetensors
+    of ``directory``.  Raises ValueError naming the weights the files lack
+    (transformers would initialise them at random and carry on)."""
+    try:
+        lm, info = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, config=config, use_safetensors=True, local_files_only=True, trust_remote_code=False,
+            dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)  # listed below
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a damaged file is not exported
+        if isinstance(exc, (OSError, ValueError, RuntimeError)):
+            raise
+        raise ValueError(f"cannot read its weights: {type(exc).__name__}: {exc}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        listed = ", ".join((missing + mismatched)[:5]) + (" ..." if len(missing) + len(mismatched) > 5 else "")
+        raise ValueError(f"its safetensors lack {len(missing)} and mis-shape {len(mismatched)} of the model's "
+                         f"weights ({listed}): they are not this config's checkpoint")
+    return lm
 
 
 def hf_config_text(model: torch.nn.Module) -> str | None:

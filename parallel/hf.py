@@ -59,9 +59,14 @@ def _loom_attention(module, query, key, value, attention_mask, scaling=None, dro
     if dropout:
         raise ValueError(f"loom's sequence-parallel attention has no attention dropout (got {dropout}); "
                          f"set the config's attention_dropout to 0")
-    if kwargs.get("sliding_window"):
-        raise ValueError(f"sliding-window attention (window {kwargs['sliding_window']}) is not sequence-parallel "
-                         f"in loom; disable it in the config (use_sliding_window=False)")
+    window = kwargs.get("sliding_window")
+    if window:  # a window no longer than the positions attended changes nothing (distances stay < window)
+        positions = kwargs.get("position_ids")
+        last = None if positions is None else int(positions.max())
+        if last is None or last >= window:
+            raise ValueError(f"sliding-window attention (window {window}) over positions up to {last} is not "
+                             f"supported by loom's attention: use sequences of at most {window} tokens or "
+                             f"disable the window in the config")
     if attention_mask is not None:
         raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
     documents = kwargs.get("loom_cu_seqlens")
@@ -78,6 +83,20 @@ def _attention_layers(model) -> list[torch.nn.Module]:
             if hasattr(m, "scaling") and hasattr(m, "layer_idx") and hasattr(m, "config")]
 
 
+def sliding_windows(model) -> list[int]:
+    """The sliding windows (tokens) of ``model``'s attention layers that
+    have one, as transformers passes them to the attention function (the
+    layer's ``sliding_window``, else the config's).  loom's attention honours
+    a window only where it changes nothing: sequences of at most that many
+    tokens."""
+    windows = []
+    for layer in _attention_layers(model):
+        window = getattr(layer, "sliding_window", getattr(layer.config, "sliding_window", None))
+        if window:
+            windows.append(int(window))
+    return windows
+
+
 def _refuse_padding(module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
@@ -90,8 +109,9 @@ def prepare(model) -> list[torch.nn.Module]:
     function with transformers, select it, and give every attention layer a
     swappable ``core`` (`loom.parallel.local_attention`, ``core_kind =
     "softmax"``), as loom's own layers have.  Idempotent.  Returns the
-    attention layers.  Raises ValueError for a model with none, attention
-    dropout or a sliding window in the config."""
+    attention layers.  Raises ValueError for a model with none or attention
+    dropout in the config; a sliding window (`sliding_windows`) shorter than
+    the positions attended is refused when the model runs."""
     transformers = _transformers()
     layers = _attention_layers(model)
     if not layers:
@@ -101,8 +121,6 @@ def prepare(model) -> list[torch.nn.Module]:
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(f"attention_dropout={config.attention_dropout}: loom's sequence-parallel attention has "
                          f"no dropout; set it to 0")
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise ValueError("use_sliding_window=True: sliding-window attention is not sequence-parallel in loom")
     transformers.AttentionInterface.register(ATTENTION_NAME, _loom_attention)
     for layer in layers:
         if getattr(layer, "core", None) is None:
@@ -173,7 +191,8 @@ def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None =
 
     Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
     ValueError for a model with no attention layer loom can drive, an unknown
-    attention or layout, attention dropout or a sliding window in the config."""
+    attention or layout or attention dropout in the config (and, when it
+    runs, a sliding window shorter than the positions attended)."""
     layout = layout or ("contiguous" if sp_attention == "ulysses" else "zigzag")
     core = mesh_core(sp_attention, mesh, layout=layout, kernel=kernel)
     for layer in prepare(model):

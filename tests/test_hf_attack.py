@@ -1,0 +1,140 @@
+"""Hostile and awkward input to ``--hf-config`` / ``--init-from-hf`` /
+``export-hf``: each is a clear ConfigError / ValueError before any training,
+never a traceback from deep inside, a hang, or weights silently made up."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+
+from loom.launch.config import ConfigError, build_config
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(text)
+    return str(path)
+
+
+def _llama(**change):
+    return json.dumps({**transformers.LlamaConfig(**SMALL).to_dict(), **change})
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("deep", '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests JSON too deeply"),
+    ("kv-str", _llama(num_key_value_heads="2"), "num_key_value_heads='2' must be a positive integer"),
+    ("kv-zero", _llama(num_key_value_heads=0), "num_key_value_heads=0 must be a positive integer"),
+    ("head-dim", _llama(head_dim=-1), "head_dim=-1"),
+    ("window", _llama(sliding_window=2.5), "sliding_window=2.5"),
+    ("layers", _llama(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is more than"),
+    ("vocab", _llama(vocab_size=10**12), "parameters"),
+])
+def test_hostile_config_values_are_refused_before_anything_is_built(tmp_path, name, text, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=dict(hf_config=_write(tmp_path, name, text)))
+
+
+def test_absent_key_value_heads_means_as_many_as_query_heads(tmp_path):
+    data = json.loads(_llama())
+    del data["num_key_value_heads"]
+    cfg = build_config(overrides=dict(hf_config=_write(tmp_path, "mha", json.dumps(data))))
+    assert cfg.model.kv_heads is None
+
+
+def _weights(tmp_path, keep=lambda key: True, change=None):
+    """A save_pretrained directory whose model.safetensors keeps the weights
+    ``keep`` accepts (``change``: key -> replacement tensor)."""
+    import safetensors.torch
+    path = tmp_path / "weights"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL)).save_pretrained(path)
+    state = safetensors.torch.load_file(path / "model.safetensors")
+    state = {k: v for k, v in state.items() if keep(k)}
+    state.update(change or {})
+    safetensors.torch.save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.mark.parametrize("what,kw,message", [
+    ("missing layer", dict(keep=lambda k: "layers.1." not in k), "lack 9 and mis-shape 0"),
+    ("wrong shape", dict(change={"model.norm.weight": torch.zeros(5)}), "norm.weight"),
+])
+def test_init_from_hf_refuses_weights_that_do_not_fit_the_config(tmp_path, what, kw, message):
+    from loom.launch.hf_model import build_hf_model
+    with pytest.raises(ConfigError, match=message):
+        build_hf_model(build_config(overrides=dict(init_from_hf=_weights(tmp_path, **kw))))
+
+
+def test_init_from_hf_refuses_a_damaged_safetensors_file_and_a_pickle_only_directory(tmp_path):
+    from loom.launch.hf_model import build_hf_model
+    path = _weights(tmp_path)
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"\xff" * 100)
+    with pytest.raises(ConfigError, match="--init-from-hf"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=path)))
+    (tmp_path / "weights" / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "weights" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=path)))
+
+
+def test_init_from_hf_with_a_bigger_hf_config_is_refused(tmp_path):
+    from loom.launch.hf_model import build_hf_model
+    weights = _weights(tmp_path)
+    bigger = _write(tmp_path, "bigger", _llama(num_hidden_layers=3))
+    with pytest.raises(ConfigError, match="lack 9"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=weights, hf_config=bigger)))
+
+
+def test_tied_embeddings_load_without_complaint(tmp_path):
+    from loom.launch.hf_model import build_hf_model
+    path = tmp_path / "tied"
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(tie_word_embeddings=True, **SMALL)).save_pretrained(path)
+    model = build_hf_model(build_config(overrides=dict(init_from_hf=str(path))))
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+
+
+def _mistral(tmp_path, window):
+    config = transformers.MistralConfig(sliding_window=window, **SMALL)
+    path = tmp_path / f"mistral-{window}"
+    config.save_pretrained(path)
+    return str(path)
+
+
+def test_mistral_s_default_window_longer_than_the_sequence_trains(tmp_path):
+    """MistralConfig's default sliding_window (4096) changes nothing over
+    shorter sequences: the model runs, and equals transformers' own."""
+    from loom.launch.hf_model import build_hf_model
+    from loom.launch.user_model import user_model_problems
+    cfg = build_config(overrides=dict(hf_config=_mistral(tmp_path, 4096), seq_len=16))
+    assert user_model_problems(cfg) == []
+    torch.manual_seed(0)
+    model = build_hf_model(cfg).double()
+    ids = torch.randint(0, 64, (2, 16))
+    logits = model(ids)
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(model.lm.config),
+                                                              attn_implementation="sdpa")
+    reference.load_state_dict(model.lm.state_dict())
+    assert model.lm.config._attn_implementation == "loom_sp"
+    torch.testing.assert_close(logits, reference.double()(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def test_a_window_shorter_than_the_sequence_is_refused_before_the_workers_start(tmp_path):
+    from loom.launch.hf_model import build_hf_model
+    from loom.launch.user_model import user_model_problems
+    cfg = build_config(overrides=dict(hf_config=_mistral(tmp_path, 8), seq_len=16))
+    problems = user_model_problems(cfg)
+    assert len(problems) == 1 and "window 8" in problems[0] and "--seq-len 16" in problems[0], problems
+    with pytest.raises(ConfigError, match="window 8"):
+        build_hf_model(cfg)
+    # parallelize in one's own loop: refused when it runs over positions the window would cut
+    cfg = build_config(overrides=dict(hf_config=_mistral(tmp_path, 8), seq_len=8))
+    model = build_hf_model(cfg)
+    assert model(torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
+    with pytest.raises(ValueError, match="window 8"):
+        model(torch.randint(0, 64, (1, 9)))
