@@ -101,7 +101,8 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
 def apply_hf_config(cfg: JobConfig) -> JobConfig:
     """``cfg`` with ``--hf-config`` (or ``--init-from-hf`` alone) resolved:
     ``train.model`` set to `HF_FACTORY`, ``[model]``'s shape read from the
-    config file.  Idempotent; unchanged without either option.  Raises
+    config file (``dim`` is the attention width, heads × head_dim: the
+    config's hidden_size unless its head_dim says otherwise).  Idempotent; unchanged without either option.  Raises
     ConfigError for another ``--model`` next to it or a bad config file."""
     t = cfg.train
     if not t.hf_config and t.init_from_hf:
@@ -114,9 +115,14 @@ def apply_hf_config(cfg: JobConfig) -> JobConfig:
         raise ConfigError("--model-args is for --model's factory; a --hf-config model is shaped by its config.json")
     data = read_hf_config(t.hf_config)
     t.model = HF_FACTORY
+    heads = data["num_attention_heads"]
+    # loom derives the attention head dim as dim // heads: a config whose head_dim is not hidden_size / heads
+    # (Qwen3, Gemma) shapes the job by its attention width instead
+    head_dim = data.get("head_dim")
+    dim = heads * head_dim if head_dim is not None else data["hidden_size"]
     try:
-        cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=data["hidden_size"],
-                                        heads=data["num_attention_heads"], layers=data["num_hidden_layers"],
+        cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=dim,
+                                        heads=heads, layers=data["num_hidden_layers"],
                                         kv_heads=data.get("num_key_value_heads"))
     except ValueError as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: loom cannot shape its job by it: {exc}") from None

@@ -138,3 +138,17 @@ def test_a_window_shorter_than_the_sequence_is_refused_before_the_workers_start(
     assert model(torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
     with pytest.raises(ValueError, match="window 8"):
         model(torch.randint(0, 64, (1, 9)))
+
+
+@pytest.mark.parametrize("hidden,head_dim", [(36, 16), (30, 8)])
+def test_a_head_dim_other_than_hidden_over_heads_shapes_the_job(tmp_path, hidden, head_dim):
+    """Qwen3-like configs: head_dim is the config's, whatever hidden_size /
+    heads is (36 / 4 = 9 is odd, 30 / 4 is no integer): loom's job takes the
+    attention's head dim, and the model runs."""
+    from loom.launch.hf_model import build_hf_model
+    config = transformers.Qwen3Config(**{**SMALL, "hidden_size": hidden}, head_dim=head_dim)
+    config.save_pretrained(tmp_path / "qwen3")
+    cfg = build_config(overrides=dict(hf_config=str(tmp_path / "qwen3"), seq_len=16))
+    assert cfg.model.dim // cfg.model.heads == head_dim
+    model = build_hf_model(cfg)
+    assert model(torch.randint(0, 64, (1, 16))).shape == (1, 16, 64)
