@@ -71,9 +71,25 @@ def _loom_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
     documents = kwargs.get("loom_cu_seqlens")
     extra = {} if documents is None else {"cu_seqlens": documents}
+    query, key, value = _common_dtype(query, key, value)
     out = core(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                causal=bool(getattr(module, "is_causal", True)), scale=scaling, **extra)
     return out, None
+
+
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in one dtype, as SDPA would take them: autocast's when it
+    is on for their device (transformers' rotary embedding leaves q and k in
+    float32 under autocast while v is in half precision), else the promoted
+    dtype of them all."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _attention_layers(model) -> list[torch.nn.Module]:

@@ -152,3 +152,32 @@ def test_a_head_dim_other_than_hidden_over_heads_shapes_the_job(tmp_path, hidden
     assert cfg.model.dim // cfg.model.heads == head_dim
     model = build_hf_model(cfg)
     assert model(torch.randint(0, 64, (1, 16))).shape == (1, 16, 64)
+
+
+def _autocast_forward(attention):
+    """The logits of a float32 Llama (GQA, one K/V head: fewer than sp)
+    under bf16 autocast at sp=2, and the one-process float32 logits."""
+    from loom import comms
+    from loom.parallel.hf import parallelize
+    config = transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 1})
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    lm = parallelize(model, comms.init_mesh(dp=1, sp=2), sp_attention=attention)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = lm.shard(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    want = reference(input_ids=ids).logits.detach()[:, batch["position_ids"][0]]  # this rank's positions
+    return (logits.float() - want).abs().max().item(), logits.dtype
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attention", ["ulysses", "ring"])
+def test_bf16_autocast_under_sequence_parallelism(distributed, attention):
+    """Under autocast, transformers' rotary embedding leaves q and k in
+    float32 while v is bf16: loom's attention takes them in autocast's dtype
+    (as SDPA would), instead of refusing dtypes that differ."""
+    for error, dtype in distributed(_autocast_forward, 2, attention, timeout=100):
+        assert error < 0.1, error
