@@ -80,6 +80,12 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
     if "auto_map" in data:
         raise ConfigError(f"{where} names custom model code (auto_map): loom runs no code from a "
                           f"model directory; use a model transformers ships")
+    for key in ("attn_implementation", "_attn_implementation"):
+        if data.get(key) not in (None, "eager", "sdpa"):
+            raise ConfigError(f"{where}: {key}={data[key]!r}: loom attends with its own attention and loads no "
+                              f"attention kernels (from the hub or a package) for a config; drop the key")
+    if data.get("quantization_config") is not None:
+        raise ConfigError(f"{where} has a quantization_config: loom trains unquantized weights; drop it")
     for key in _SIZES + _OPTIONAL_SIZES:
         value = data.get(key)
         if key in _OPTIONAL_SIZES and value is None:
@@ -159,18 +165,24 @@ def _transformers():
     return transformers
 
 
+def transformers_config(data: dict, where: str):
+    """The transformers config of ``data`` (checked by `parse_hf_config`):
+    built from the checked dict, so the file is not read again.  Raises
+    ConfigError when transformers refuses it (``where`` starts the error)."""
+    transformers = _transformers()
+    try:
+        return transformers.AutoConfig.for_model(**data)
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types (strict dataclasses)
+        raise ConfigError(f"{where}: transformers cannot read it: {type(exc).__name__}: {exc}") from None
+
+
 def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
     """The `CausalLMAdapter` of ``cfg.train.hf_config`` (weights from
     ``--init-from-hf`` when given, except on the meta device, where loom only
     checks the model's shape).  Raises ConfigError for a config transformers
     cannot build a causal LM from, or a weights directory without safetensors."""
-    transformers = _transformers()
-    t = cfg.train
-    file = config_path(t.hf_config)
-    try:
-        config = transformers.AutoConfig.from_pretrained(file, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"--hf-config={t.hf_config}: transformers cannot read it: {exc}") from None
+    transformers, t = _transformers(), cfg.train
+    config = transformers_config(read_hf_config(t.hf_config), f"--hf-config={t.hf_config}")
     on_meta = torch.empty(0).device.type == "meta"
     which = f"--init-from-hf={t.init_from_hf}" if t.init_from_hf else f"--hf-config={t.hf_config}"
     try:
@@ -178,7 +190,7 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
             lm = _load_weights(transformers, t.init_from_hf, config)
         else:
             lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that differ; safetensors' errors
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # ImportError: a package the model needs
         raise ConfigError(f"{which}: {exc}") from None
     try:
         model = CausalLMAdapter(lm)
@@ -253,8 +265,8 @@ def export_hf(url: str, out: str, step: int | None = None) -> str:
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), str):
         raise ValueError(f"step {step} at {url} holds no transformers config (hf/config): it was not saved by a "
                          f"--hf-config job")
-    data = parse_hf_config(saved["config"], f"the hf/config of step {step} at {url}")
-    config = transformers.AutoConfig.for_model(**data)
+    where = f"the hf/config of step {step} at {url}"
+    config = transformers_config(parse_hf_config(saved["config"], where), where)
     lm = transformers.AutoModelForCausalLM.from_config(config)
     model = CausalLMAdapter(lm)
     dtypes = {e.dtype for key, e in manifest.tensors.items() if key.startswith("model/")}

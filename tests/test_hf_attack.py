@@ -33,6 +33,10 @@ def _llama(**change):
     ("window", _llama(sliding_window=2.5), "sliding_window=2.5"),
     ("layers", _llama(num_hidden_layers=10**9), "num_hidden_layers=1000000000 is more than"),
     ("vocab", _llama(vocab_size=10**12), "parameters"),
+    ("hub kernel", _llama(attn_implementation="kernels-community/flash-attn"), "loads no attention kernels"),
+    ("flash", _llama(_attn_implementation="flash_attention_2"), "loads no attention kernels"),
+    ("quantized", _llama(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+     "unquantized"),
 ])
 def test_hostile_config_values_are_refused_before_anything_is_built(tmp_path, name, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -181,3 +185,47 @@ def test_bf16_autocast_under_sequence_parallelism(distributed, attention):
     (as SDPA would), instead of refusing dtypes that differ."""
     for error, dtype in distributed(_autocast_forward, 2, attention, timeout=100):
         assert error < 0.1, error
+
+
+def test_a_value_transformers_refuses_is_a_config_error(tmp_path):
+    from loom.launch.hf_model import build_hf_model
+    cfg = build_config(overrides=dict(hf_config=_write(tmp_path, "drop", _llama(attention_dropout="0.1"))))
+    with pytest.raises(ConfigError, match="transformers cannot read it.*attention_dropout"):
+        build_hf_model(cfg)
+
+
+def _hf_checkpoint(tmp_path, text=None):
+    """A one-process checkpoint as a --hf-config job saves it (model + hf/config)."""
+    from loom import checkpoint
+    from loom.launch.hf_model import CausalLMAdapter, hf_config_text
+    torch.manual_seed(0)
+    model = CausalLMAdapter(transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL)))
+    url = str(tmp_path / "ck")
+    checkpoint.save({"model": model.state_dict(), "hf": {"config": text or hf_config_text(model)}}, url, step=1)
+    return url, model
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"auto_map": {"AutoModelForCausalLM": "evil.Model"}}, ValueError, "runs no code"),
+    ({"attn_implementation": "kernels-community/flash-attn"}, ValueError, "loads no attention kernels"),
+    ({"num_hidden_layers": 10**6}, ValueError, "more than loom builds"),
+    ({"rms_norm_eps": "tiny"}, ValueError, "transformers cannot read it"),
+    ({"hidden_size": 64, "head_dim": 16}, Exception, "model/lm.model.embed_tokens.weight|shape"),
+])
+def test_export_hf_refuses_a_damaged_or_hostile_hf_config(tmp_path, change, error, message):
+    from loom.launch.hf_model import export_hf, hf_config_text
+    _, model = _hf_checkpoint(tmp_path / "good")
+    data = {**json.loads(hf_config_text(model)), **change}
+    url, _ = _hf_checkpoint(tmp_path, json.dumps(data))
+    with pytest.raises(error, match=message):
+        export_hf(url, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_hf_round_trips(tmp_path):
+    from loom.launch.hf_model import export_hf
+    url, model = _hf_checkpoint(tmp_path)
+    assert "step 1" in export_hf(url, str(tmp_path / "out"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(again(input_ids=ids).logits, model(ids), atol=1e-5, rtol=0)
