@@ -229,3 +229,22 @@ def test_export_hf_round_trips(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = torch.randint(0, 64, (1, 8))
     torch.testing.assert_close(again(input_ids=ids).logits, model(ids), atol=1e-5, rtol=0)
+
+
+def test_data_beyond_the_hf_model_s_vocabulary_is_refused_before_the_workers_start(tmp_path):
+    """Byte-level text (ids up to 255) for a config with vocab_size 64: the
+    driver's data check knows the model's vocabulary from its config.json
+    (it used to skip every --model, and the workers hit an IndexError in the
+    embedding)."""
+    from loom.launch.config import validate
+    from loom.launch.datasets import open_job_data
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n\n".join(f"document {i}: some text to read" for i in range(64)))
+    path = tmp_path / "llama"
+    transformers.LlamaConfig(**SMALL).save_pretrained(path)
+    cfg = build_config(overrides=dict(hf_config=str(path), data=str(text), seq_len=16, batch_size=2, eval_every=0))
+    with pytest.raises(ConfigError, match=r"outside the model's vocabulary \[0, 64\)"):
+        validate(cfg)
+    job = open_job_data(cfg, 1)  # the workers' sources check every batch against it too
+    with pytest.raises(ValueError, match="64"):
+        job.train.batch(0, range(2))
