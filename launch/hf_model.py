@@ -212,10 +212,39 @@ def check_windows(model: torch.nn.Module, seq_len: int, which: str) -> None:
                           f"in the config (sliding_window: null / use_sliding_window: false)")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _check_index(directory: str) -> None:
+    """Raise ValueError when the sharded index of ``directory`` (if any) is
+    not JSON with a ``weight_map`` of tensor names to shard files *of that
+    directory* (plain file names ending .safetensors: nothing outside it is
+    read)."""
+    file = os.path.join(directory, INDEX_FILE)
+    if not os.path.isfile(file):
+        return
+    if os.path.getsize(file) > 64 * _CONFIG_LIMIT:
+        raise ValueError(f"{INDEX_FILE} is {os.path.getsize(file)} bytes: not a weights index")
+    try:
+        with open(file, "rb") as fh:
+            index = json.loads(fh.read())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{INDEX_FILE} is not a JSON weights index: {exc}") from None
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(shards, dict) or not shards:
+        raise ValueError(f"{INDEX_FILE} has no weight_map (tensor name -> shard file)")
+    for name, shard in shards.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", "..") \
+                or not shard.endswith(".safetensors"):
+            raise ValueError(f"{INDEX_FILE}: {name!r} is in {shard!r}, not a .safetensors file of {directory} "
+                             f"(shards are plain file names in the checkpoint's directory)")
+
+
 def _load_weights(transformers, directory: str, config) -> torch.nn.Module:
     """The model of ``config`` with every weight read from the safetensors
     of ``directory``.  Raises ValueError naming the weights the files lack
     (transformers would initialise them at random and carry on)."""
+    _check_index(directory)
     try:
         lm, info = transformers.AutoModelForCausalLM.from_pretrained(
             directory, config=config, use_safetensors=True, local_files_only=True, trust_remote_code=False,

@@ -248,3 +248,17 @@ def test_data_beyond_the_hf_model_s_vocabulary_is_refused_before_the_workers_sta
     job = open_job_data(cfg, 1)  # the workers' sources check every batch against it too
     with pytest.raises(ValueError, match="64"):
         job.train.batch(0, range(2))
+
+
+@pytest.mark.parametrize("shard", ["../outside/model.safetensors", "/tmp/model.safetensors", "model.bin", 7])
+def test_init_from_hf_reads_no_shard_outside_its_directory(tmp_path, shard):
+    """A sharded index naming a file elsewhere (or not a safetensors file)
+    is refused: transformers would read it."""
+    from loom.launch.hf_model import build_hf_model
+    outside = _weights(tmp_path)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "weights" / "model.safetensors").rename(tmp_path / "outside" / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {k: shard for k in ("model.embed_tokens.weight", "model.norm.weight")}}
+    (tmp_path / "weights" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="not a .safetensors file of"):
+        build_hf_model(build_config(overrides=dict(init_from_hf=outside)))
