@@ -59,7 +59,8 @@ def read_hf_config(path: str) -> dict:
         raise ConfigError(f"--hf-config: {file} is {size} bytes, not a model config (at most {_CONFIG_LIMIT})")
     try:
         with open(file, "rb") as fh:
-            return parse_hf_config(fh.read(), f"--hf-config: {file}")
+            # at most one byte past the limit: a file that grows, or reports no size (/proc), is refused too
+            return parse_hf_config(fh.read(_CONFIG_LIMIT + 1), f"--hf-config: {file}")
     except OSError as exc:
         raise ConfigError(f"--hf-config: cannot read {file}: {exc}") from None
 
@@ -223,11 +224,13 @@ def _check_index(directory: str) -> None:
     file = os.path.join(directory, INDEX_FILE)
     if not os.path.isfile(file):
         return
-    if os.path.getsize(file) > 64 * _CONFIG_LIMIT:
-        raise ValueError(f"{INDEX_FILE} is {os.path.getsize(file)} bytes: not a weights index")
+    limit = 64 * _CONFIG_LIMIT
+    with open(file, "rb") as fh:
+        text = fh.read(limit + 1)
+    if len(text) > limit:
+        raise ValueError(f"{INDEX_FILE} is over {limit} bytes: not a weights index")
     try:
-        with open(file, "rb") as fh:
-            index = json.loads(fh.read())
+        index = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{INDEX_FILE} is not a JSON weights index: {exc}") from None
     shards = index.get("weight_map") if isinstance(index, dict) else None
