@@ -190,6 +190,8 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
         if t.init_from_hf and not on_meta:
             lm = _load_weights(transformers, t.init_from_hf, config)
         else:
+            if t.init_from_hf:  # on the meta device (the driver's check): the files are there, the index sane
+                _check_weight_files(t.init_from_hf)
             lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:  # ImportError: a package the model needs
         raise ConfigError(f"{which}: {exc}") from None
@@ -214,6 +216,16 @@ def check_windows(model: torch.nn.Module, seq_len: int, which: str) -> None:
 
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def _check_weight_files(directory: str) -> None:
+    """Raise ValueError unless ``directory`` holds ``model.safetensors`` or
+    a sane sharded index (`_check_index`)."""
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")) and \
+            not os.path.isfile(os.path.join(directory, INDEX_FILE)):
+        raise ValueError(f"no model.safetensors or {INDEX_FILE} in {directory} (loom reads safetensors only, "
+                         f"never a pickle such as pytorch_model.bin)")
+    _check_index(directory)
 
 
 def _check_index(directory: str) -> None:
@@ -247,7 +259,7 @@ def _load_weights(transformers, directory: str, config) -> torch.nn.Module:
     """The model of ``config`` with every weight read from the safetensors
     of ``directory``.  Raises ValueError naming the weights the files lack
     (transformers would initialise them at random and carry on)."""
-    _check_index(directory)
+    _check_weight_files(directory)
     try:
         lm, info = transformers.AutoModelForCausalLM.from_pretrained(
             directory, config=config, use_safetensors=True, local_files_only=True, trust_remote_code=False,

@@ -262,3 +262,12 @@ def test_init_from_hf_reads_no_shard_outside_its_directory(tmp_path, shard):
     (tmp_path / "weights" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="not a .safetensors file of"):
         build_hf_model(build_config(overrides=dict(init_from_hf=outside)))
+
+
+def test_init_from_hf_without_safetensors_is_refused_before_the_workers_start(tmp_path):
+    from loom.launch.user_model import user_model_problems
+    path = _weights(tmp_path)
+    (tmp_path / "weights" / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tmp_path / "weights" / "pytorch_model.bin")
+    problems = user_model_problems(build_config(overrides=dict(init_from_hf=path)))
+    assert len(problems) == 1 and "never a pickle" in problems[0], problems
