@@ -46,6 +46,18 @@ def _transformers():
     return transformers
 
 
+# the keywords transformers' layers pass that loom's attention honours (sliding_window: see below) or that do
+# not change what attention computes
+_UNDERSTOOD = frozenset({"position_ids", "loom_cu_seqlens", "sliding_window", "use_cache", "cache_position",
+                         "output_attentions", "output_hidden_states", "output_router_logits", "return_dict"})
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)[:40]
+
+
 def _loom_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function contract: query ``[b, heads_q, s_local,
     d]``, key/value ``[b, heads_kv, s_local, d]`` -> ``(out [b, s_local,
@@ -69,6 +81,12 @@ def _loom_attention(module, query, key, value, attention_mask, scaling=None, dro
                              f"disable the window in the config")
     if attention_mask is not None:
         raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
+    unknown = {key: value for key, value in kwargs.items()
+               if key not in _UNDERSTOOD and value is not None and value is not False}
+    if unknown:  # e.g. Gemma 2's logit softcap, gpt-oss' attention sinks (s_aux): ignoring them changes the model
+        shown = ", ".join(f"{key}={_short(value)}" for key, value in unknown.items())
+        raise ValueError(f"{type(module).__name__} asks the attention for {shown}, which loom's attention does "
+                         f"not implement: this model cannot run under loom's attention")
     documents = kwargs.get("loom_cu_seqlens")
     extra = {} if documents is None else {"cu_seqlens": documents}
     query, key, value = _common_dtype(query, key, value)

@@ -271,3 +271,20 @@ def test_init_from_hf_without_safetensors_is_refused_before_the_workers_start(tm
     torch.save({"x": torch.zeros(1)}, tmp_path / "weights" / "pytorch_model.bin")
     problems = user_model_problems(build_config(overrides=dict(init_from_hf=path)))
     assert len(problems) == 1 and "never a pickle" in problems[0], problems
+
+
+def test_attention_features_loom_does_not_implement_are_refused_not_ignored():
+    """Gemma 2 asks the attention for a logit softcap, gpt-oss for attention
+    sinks (s_aux): ignored, the model would silently be another one."""
+    from loom.launch.hf_model import CausalLMAdapter
+    ids = torch.randint(0, 64, (1, 8))
+    gemma2 = transformers.Gemma2Config(**SMALL, head_dim=8)
+    with pytest.raises(ValueError, match="softcap=50.0"):
+        CausalLMAdapter(transformers.AutoModelForCausalLM.from_config(gemma2))(ids)
+    gemma2.attn_logit_softcapping = None  # without the softcap it runs
+    model = CausalLMAdapter(transformers.AutoModelForCausalLM.from_config(gemma2))
+    assert model(ids).shape == (1, 8, 64)
+    if hasattr(transformers, "GptOssConfig"):
+        oss = transformers.GptOssConfig(**SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+        with pytest.raises(ValueError, match="s_aux=<tensor"):
+            CausalLMAdapter(transformers.AutoModelForCausalLM.from_config(oss))(ids)
