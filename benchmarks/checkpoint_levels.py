@@ -28,8 +28,15 @@ training).  Measured side by side, in one run:
 
 Levels: ``s3`` is the moto server; ``local`` is a plain local directory
 store (``--dir``, page cache, no fsync) as the stand-in for a node-local
-level -- it is *not* a multi-level checkpoint (loom has none yet): each
-level here is a separate store, written and read on its own.
+level: each level here is a separate store, written and read on its own.
+4. ``--part multilevel`` (also part of a full run, in its own section of
+   RESULTS.md): `loom.checkpoint.MultiLevel` -- the local level in a local
+   directory, copied to S3 in the background -- with the stall and the time
+   to the local and to the remote commit per checkpoint, for the local
+   commit in the loop (``--ckpt-mode sync``) and in the background from a
+   host-memory snapshot (``async``, `MultiLevel(background=True)`), and the
+   last step loaded through `load_levels` from the local level and from S3
+   (local level empty).
 
 It also checks that chunks larger than s3fs's block size go up as multipart
 uploads: one more loom save with ``default_block_size`` = 5 MiB (s3fs's
@@ -40,6 +47,7 @@ moto is a Python server sharing the machine's cores with both ranks, so the
 absolute numbers are moto's; the ratios compare clients of the same server.
 
     python benchmarks/checkpoint_levels.py [--size-mb 256] [--repeats 3] [--checkpoints 3] [--quick]
+                                           [--part all|multilevel]
 """
 from __future__ import annotations
 
@@ -65,6 +73,7 @@ from _report import command_line, markdown_table, update_results, write_json  # 
 from s3_server import MotoS3, s3_operation  # noqa: E402
 
 from loom import checkpoint as ckpt  # noqa: E402
+from loom import comms  # noqa: E402
 from loom.checkpoint import layout, object_store  # noqa: E402
 from loom.checkpoint.save import IO_THREADS  # noqa: E402
 from loom.checkpoint.store import CheckpointStore, step_name  # noqa: E402
@@ -73,7 +82,7 @@ from loom.comms.testing import WorkerPool  # noqa: E402
 WORLD = 2
 COLS = 1024
 MIB = 1 << 20
-#: The stores measured; a node-local level of a multi-level checkpoint would be a third.
+#: The stores measured one by one (multi-level checkpoints: `multilevel_run`).
 LEVELS = {"local": "local directory store (page cache, no fsync)",
           "s3": "S3 (moto server on 127.0.0.1)"}
 MODES = ("sync", "thread", "process")
@@ -306,15 +315,9 @@ def _calibrate(step_ms: float) -> tuple[torch.Tensor, int]:
     return a, max(1, round(step_ms / 1e3 / per))
 
 
-def stall_run(url: str, mode: str, n: int, rows: int, checkpoints: int, step_ms: float, options: dict) -> dict:
-    """Train (a fixed amount of matmul work, then an SGD step over the state's
-    parameters) and checkpoint ``checkpoints`` times after one warm-up
-    checkpoint; per checkpoint the stall (time the loop was blocked: the
-    save call, plus for asynchronous saves the optimizer's wait for the
-    snapshot) and the time from the save call to the commit (synchronous:
-    the same; asynchronous: training goes on until the commit).  Times are
-    the slowest rank's.  Afterwards the markers are checked visible."""
-    _configure(options)
+def _training(n: int, rows: int, step_ms: float):
+    """(optimizer, state(), train_step(), seconds per step): a fixed amount of
+    matmul work then an SGD step over this rank's rows of the state."""
     local, _ = _tensors(n, rows)
     params = [torch.nn.Parameter(t.clone()) for t in local.values()]
     for p in params:
@@ -335,7 +338,93 @@ def stall_run(url: str, mode: str, n: int, rows: int, checkpoints: int, step_ms:
     t0 = time.perf_counter()
     for _ in range(3):
         train_step()
-    step_s = (time.perf_counter() - t0) / 3
+    return opt, state, train_step, (time.perf_counter() - t0) / 3
+
+
+def multilevel_run(url: str, local_dir: str, n: int, rows: int, checkpoints: int, step_ms: float,
+                   repeats: int, options: dict, background: bool = False) -> dict:
+    """Multi-level checkpoints (`MultiLevel`: the local level ``local_dir``,
+    one node, then ``url`` in the background): per checkpoint the stall, the
+    time to the local commit and to the remote commit (training goes on
+    meanwhile); then the last step loaded through `load_levels` from the
+    local level and, with the local level removed, from the remote store
+    (best of ``repeats``).  Times are the slowest rank's.  The stall: the
+    local commit plus any wait for room among the pending copies; with
+    ``background`` (``--ckpt-mode async``) the host-memory snapshot only
+    (the local commit runs in the background, from the snapshot)."""
+    _configure(options)
+    opt, state, train_step, step_s = _training(n, rows, step_ms)
+    copy_group = comms.new_group(name="ckpt-remote", background=True)
+    levels = ckpt.MultiLevel(url, local_dir, copy_group=copy_group, keep_last_local=2, max_pending=1,
+                             background=background)
+    levels.attach(opt)
+    stalls, local_s, remote_s, steps_during = [], [], [], []
+    try:
+        for k in range(checkpoints + 1):  # k = 0: the warm-up
+            train_step()
+            dist.barrier()
+            t0 = time.monotonic()
+            saved = levels.save(state(), step=k)
+            committed = []  # background: when the local marker was written
+            if background:
+                saved.add_done_callback(lambda _loc, _err: committed.append(time.monotonic()))
+                levels.wait_snapshot()  # what the next optimizer step would wait for
+            stall = time.monotonic() - t0
+            expected = {key: shard.tensor.clone() for key, shard in state()["model"].items()}  # what was saved
+            during = 0
+            while (background and not saved.done()) or levels.copier.busy():
+                train_step()
+                during += 1
+            if background:
+                saved.result()  # a failed local commit raises
+            done = {r["step"]: r for r in levels.copier.results()}[k]
+            if done["error"] is not None:
+                raise RuntimeError(f"remote copy of step {k} failed: {done['error']}")
+            if k:
+                stalls.append(stall)
+                local_s.append(committed[0] - t0 if background else saved.seconds)
+                remote_s.append(done["finished"] - t0)
+                steps_during.append(during)
+    finally:
+        levels.close()
+    last = checkpoints
+    _, targets = _tensors(n, rows)
+    loads = {"local": float("inf"), "remote": float("inf")}
+    tiers = {}
+    empty = local_dir + "-empty"
+    for _ in range(repeats):
+        for level, where in (("local", local_dir), ("remote", empty)):
+            target = _state(targets, rows)
+            t0 = time.perf_counter()
+            info = ckpt.load_levels(target, url, ckpt.LocalLevel(where))
+            loads[level] = min(loads[level], time.perf_counter() - t0)
+            tiers[level] = {t: b for t, b in info.tiers.items() if b}
+            if info.step != last:
+                raise AssertionError(f"loaded step {info.step}, not {last}")
+            _check(targets, expected)
+    ckpt.release_store(url)
+    worst = torch.tensor([stalls, local_s, remote_s, steps_during], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    load_t = torch.tensor([loads["local"], loads["remote"]], dtype=torch.float64)
+    dist.all_reduce(load_t, op=dist.ReduceOp.MAX)
+    comms.destroy_group(copy_group)
+    _remove(url)
+    stalls, local_s, remote_s, steps_during = worst.tolist()
+    return {"stall_s": sum(stalls) / len(stalls), "local_durable_s": sum(local_s) / len(local_s),
+            "remote_durable_s": sum(remote_s) / len(remote_s), "stalls_s": stalls, "steps_during": steps_during,
+            "step_s": step_s, "load_s": {"local": load_t[0].item(), "remote": load_t[1].item()}, "tiers": tiers}
+
+
+def stall_run(url: str, mode: str, n: int, rows: int, checkpoints: int, step_ms: float, options: dict) -> dict:
+    """Train (a fixed amount of matmul work, then an SGD step over the state's
+    parameters) and checkpoint ``checkpoints`` times after one warm-up
+    checkpoint; per checkpoint the stall (time the loop was blocked: the
+    save call, plus for asynchronous saves the optimizer's wait for the
+    snapshot) and the time from the save call to the commit (synchronous:
+    the same; asynchronous: training goes on until the commit).  Times are
+    the slowest rank's.  Afterwards the markers are checked visible."""
+    _configure(options)
+    opt, state, train_step, step_s = _training(n, rows, step_ms)
     saver = None
     if mode != "sync":
         saver = ckpt.AsyncCheckpointer(url, writer=mode)
@@ -466,6 +555,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="16 MiB, one round, one checkpoint (a smoke run: writes neither JSON nor RESULTS.md)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--part", choices=("all", "multilevel"), default="all",
+                    help="multilevel: only the multi-level part (--ckpt-local: local level, then S3 in the "
+                         "background) and its own section of RESULTS.md")
     args = ap.parse_args(argv)
     if args.quick:
         args.size_mb, args.repeats, args.checkpoints, args.step_ms, args.no_write = 16.0, 1, 1, 20.0, True
@@ -483,12 +575,70 @@ def run(args, argv=None) -> dict:
     with MotoS3() as server, pointed_at(server), \
             WorkerPool(WORLD, env={**server.env, "AWS_EC2_METADATA_DISABLED": "true"}) as pool:
         try:
-            res = _measure(args, server, pool, root, n, rows)
+            res = {} if args.part == "multilevel" else _measure(args, server, pool, root, n, rows)
+            runner = Runner(server, pool, timeout=1800)
+            for key, background in (("multilevel", False), ("multilevel_background", True)):
+                res[key] = runner.phase(
+                    None, multilevel_run, f"s3://{server.bucket()}/{key}", os.path.join(root, f"{key}-local"),
+                    n, rows, args.checkpoints, args.step_ms, args.repeats, {"endpoint_url": server.endpoint},
+                    background)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     res.update(bytes=nbytes, tensors=n, rows=rows, cols=COLS, world=WORLD, io_threads=IO_THREADS,
                load_before=load_before, load_after=os.getloadavg()[0], seconds=time.perf_counter() - t_start)
-    return report(args, argv, res)
+    report_multilevel(args, argv, res)
+    return res if args.part == "multilevel" else report(args, argv, res)
+
+
+def report_multilevel(args, argv, res: dict) -> None:
+    """The multi-level part: a table of stall / time-to-durable per level and
+    one of loads, printed and (unless --no-write) its own RESULTS.md section."""
+    m, b, nb = res["multilevel"], res["multilevel_background"], res["bytes"]
+    stall = markdown_table(
+        ["--ckpt-mode", "stall ms", "local time-to-durable ms", "remote time-to-durable ms",
+         "steps trained meanwhile", "step ms (no checkpoint)"],
+        [[mode, _ms(r["stall_s"]), _ms(r["local_durable_s"]), _ms(r["remote_durable_s"]),
+          f"{sum(r['steps_during']) / len(r['steps_during']):.1f}", _ms(r["step_s"])]
+         for mode, r in (("sync (local commit in the loop)", m), ("async (snapshot in the loop, local commit "
+                                                                  "in the background)", b))])
+    local, remote = m["load_s"]["local"], m["load_s"]["remote"]
+    loads = markdown_table(["load from", "bytes per tier (rank 0)", "load GB/s", "vs remote"],
+                           [["local level", _tiers(m["tiers"]["local"]), f"{_gbs(nb, local):.3f}",
+                             f"{remote / local:.2f}"],
+                            ["remote (local level empty)", _tiers(m["tiers"]["remote"]), f"{_gbs(nb, remote):.3f}",
+                             "1.00"]])
+    summary = (f"{nb / 1e9:.3f} GB float32 state ({res['tensors']} tensors of {res['rows']} x {COLS}, sharded by "
+               f"rows over {WORLD} ranks on one node), `checkpoint.MultiLevel` with the local level in a local "
+               f"directory and the remote store on the moto server, at most 1 step pending its remote copy; "
+               f"mean of {args.checkpoints} checkpoints after a warm-up, loads best of {args.repeats}; machine "
+               f"load average {res['load_before']:.1f} at the start, {res['load_after']:.1f} at the end.")
+    print("\n" + summary + "\n" + stall + "\n\n" + loads)
+    if args.quick or args.no_write:
+        return
+    write_json("checkpoint_levels_multilevel", {"args": vars(args), **res})
+    body = (summary + "\n\n" + stall + "\n\n"
+            "*stall*: the training loop blocked per checkpoint, the slowest rank's. `sync`: the local commit "
+            "(every rank writes its chunks to the node's directory, one rank per node the manifest, node record "
+            "and local marker) plus any wait for room among the pending remote copies; `async` (the default, "
+            "`MultiLevel(background=True)`): the copy of the chunks each rank writes into host memory (and any "
+            "wait for the previous step's local commit); the local commit then runs on a background thread "
+            "from that snapshot, and the remote copy after it. *time-to-durable*: from the save call to the "
+            "local marker, and to the remote marker (written last, after every rank's files were copied); "
+            f"training goes on meanwhile. A step is {args.step_ms:g} ms of matmuls and an SGD step.\n\n"
+            + loads + "\n\n"
+            "`load_levels` picks the newest step at the nearest level: with the local level present every "
+            "chunk is read from it (crc32c-checked against the manifest); with it empty, every chunk comes "
+            "from S3. The remote copy runs while training goes on, so on these 2 cores the copy threads, moto and the "
+            "training steps share the CPUs (see the load average): the remote time-to-durable is moto's and "
+            "the machine's, the stall is what the loop pays. "
+            "Local-level bytes are in the page cache here (a node-local NVMe or /dev/shm on a "
+            "cluster); moto is a Python server sharing the 2 cores, so the remote numbers are moto's.")
+    update_results("checkpoint_levels_multilevel", "Multi-level checkpoints (--ckpt-local): local level, then "
+                   "S3 in the background", command_line(__file__, argv), body)
+
+
+def _tiers(tiers: dict) -> str:
+    return ", ".join(f"{t} {b / 1e6:.1f} MB" for t, b in tiers.items()) or "-"
 
 
 def _measure(args, server: MotoS3, pool: WorkerPool, root: str, n: int, rows: int) -> dict:
@@ -680,7 +830,8 @@ def report_body(args, summary, throughput, stall, load_table, req_table, mp_line
             + load_table + "\n\n"
             f"The same checkpoint read back from S3 and from a local directory copy of it: local is "
             f"**{ratios['load_local_vs_s3']:.1f}×** faster. The *local* level is a plain local directory "
-            "store standing in for a node-local level; loom has no multi-level checkpoints yet.\n\n"
+            "store; the multi-level checkpoints (`--ckpt-local`) are measured in their own section "
+            "(`--part multilevel`).\n\n"
             "Requests moto served, per method and round:\n\n" + req_table + "\n\n" + mp_line + "\n\n"
             + notes())
 

@@ -6,7 +6,14 @@ script on loom's reference model and synthetic data, as a user would write it.
 Same model (`loom.parallel.Transformer`, the same seed), same global batch
 (the same `SyntheticData` samples, split over the ranks), AdamW with the same
 learning rate, warm-up and gradient clipping, one intra-op thread per rank.
-Rank 0 writes each step's wall time (seconds) to ``--out``.
+Rank 0 writes each step's wall time (seconds), the losses and the largest
+peak resident set size over the ranks (bytes) to ``--out``.
+
+With ``--hf-config PATH`` (a local transformers ``config.json`` or its
+directory) the model is ``AutoModelForCausalLM.from_config`` of it with
+transformers' own SDPA attention (``attn_implementation="sdpa"``), seeded
+alike, its vocabulary the config's: the peer of ``loom train --hf-config``
+(`benchmarks/hf_models.py`).
 """
 from __future__ import annotations
 
@@ -19,7 +26,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from loom.launch.metrics import peak_memory
 from loom.parallel import ModelConfig, SyntheticData, Transformer, next_token_loss
+
+
+class _HFLogits(torch.nn.Module):
+    """A transformers causal LM as ``tokens [b, s] -> logits [b, s, vocab]``."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        self.lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                                dtype=torch.float32)
+
+    def forward(self, tokens):
+        return self.lm(input_ids=tokens, use_cache=False).logits
 
 
 def main() -> None:
@@ -34,6 +56,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup-steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hf-config", default="", help="train this transformers config (SDPA attention) instead")
     ap.add_argument("--out", required=True, help="JSON file for rank 0's step times")
     args = ap.parse_args()
 
@@ -41,8 +64,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads)
-    model = DistributedDataParallel(Transformer(cfg))
+    if args.hf_config:
+        net = _HFLogits(args.hf_config)
+        args.vocab = net.lm.config.vocab_size
+    else:
+        net = Transformer(ModelConfig(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads))
+    model = DistributedDataParallel(net)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warm = max(1, args.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -60,10 +87,13 @@ def main() -> None:
         sched.step()
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
+    peak = torch.tensor([peak_memory(torch.device("cpu"))[1]], dtype=torch.float64)
+    dist.all_reduce(peak, dist.ReduceOp.MAX)
     if rank == 0:
         with open(args.out, "w") as fh:
-            json.dump({"step_time_s": times, "loss": losses, "world": world,
+            json.dump({"step_time_s": times, "loss": losses, "world": world, "peak_rss_bytes": int(peak.item()),
                        "tokens_per_step": args.batch_size * args.seq_len}, fh)
+    dist.barrier()  # both ranks leave together: a rank tearing down while its peer still writes can hang
     dist.destroy_process_group()
 
 

@@ -23,9 +23,12 @@ and the *estimated* imbalance (max/mean over ranks).  The *measured* imbalance
 is max/mean of each rank's CPU time in forward and backward.  Kernels: ``blocks`` runs every attention on
 loom's block kernel (the arithmetic ring attention runs), so the methods
 differ only in schedule and communication; ``sdpa`` runs local sequences on
-PyTorch's fused SDPA (HDP and DP; the training default) and rings on blocks.
+PyTorch's fused SDPA (HDP and DP) and rings on blocks; ``fused`` (the
+training default) runs local sequences on SDPA and rings' whole and own-causal
+block pairs on PyTorch's fused flash attention (`loom.parallel.fused_attention`;
+packed documents that cut a pair keep the explicit kernel there).
 
-    python benchmarks/hybrid_data_parallel.py [--kernels blocks sdpa] [--count 48] [--median 256]
+    python benchmarks/hybrid_data_parallel.py [--kernels blocks sdpa fused] [--count 48] [--median 256]
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ from loom.parallel.hdp_schedule import schedule_costs  # noqa: E402
 from loom.parallel.ring_attention import RingSpec, run_ring  # noqa: E402
 
 WORLD = 4
+# kernel name -> (local sequences' kernel, ring attention's block kernel)
+KERNELS = {"blocks": ("blocks", "explicit"), "sdpa": ("sdpa", "explicit"), "fused": ("sdpa", "fused")}
 METHODS = ("HDP", "static dp=2 x sp=2", "pure DP")
 
 
@@ -150,7 +155,7 @@ def static_microbatch(seqs, ids, position: int):
             (tuple(segments[0]), tuple(segments[1])), bounds)
 
 
-def static_forward_backward(model, seqs, plan, args):
+def static_forward_backward(model, seqs, plan, args, kernel: str = "explicit"):
     rank = dist.get_rank()
     group, position = divmod(rank, 2)
     ring = comms.Ring([2 * group, 2 * group + 1])
@@ -159,7 +164,7 @@ def static_forward_backward(model, seqs, plan, args):
     for ids in plan[group]:
         inputs, targets, positions, real, segments, bounds = static_microbatch(seqs, ids, position)
         spec = RingSpec(segments, True, (args.dim // args.heads) ** -0.5, Documents(bounds),
-                        tile_rows_for(1, args.heads, len(inputs)))
+                        tile_rows_for(1, args.heads, len(inputs)), kernel)
 
         def core(q, k, v, causal=True, scale=None, spec=spec):
             return run_ring(q, k, v, ring, spec)[0]
@@ -197,10 +202,11 @@ def _worker(args, lengths, plans, kernel):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[dist.get_rank() % len(cpus)]})
     seqs = sequences(args, lengths)
+    local, ring = KERNELS[kernel]
     runs = {
-        "HDP": lambda m: float(hdp_forward_backward(m, seqs, plans["HDP"], local_kernel=kernel)),
-        "static dp=2 x sp=2": lambda m: static_forward_backward(m, seqs, plans["static dp=2 x sp=2"], args),
-        "pure DP": lambda m: float(hdp_forward_backward(m, seqs, plans["pure DP"], local_kernel=kernel)),
+        "HDP": lambda m: float(hdp_forward_backward(m, seqs, plans["HDP"], local_kernel=local, kernel=ring)),
+        "static dp=2 x sp=2": lambda m: static_forward_backward(m, seqs, plans["static dp=2 x sp=2"], args, ring),
+        "pure DP": lambda m: float(hdp_forward_backward(m, seqs, plans["pure DP"], local_kernel=local, kernel=ring)),
     }
     models = {name: build_model(args) for name in runs}
     syncs = {name: GradientSync(models[name].parameters(), average=False) for name in runs}
@@ -267,7 +273,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=5, help="timed steps per method after a warm-up")
-    ap.add_argument("--kernels", nargs="+", default=["blocks", "sdpa"], choices=["blocks", "sdpa"])
+    ap.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--pin", action="store_true",
                     help="pin rank r to core r %% cores (with fewer cores than ranks this favours rings of "
                          "ranks on different cores: the static mesh's)")
@@ -322,11 +328,13 @@ def main(argv=None):
                 "(the work). *est. cost max/mean*: the per-rank sum of "
                 "estimated costs over the step. *measured CPU max/mean*: the same for each rank's CPU time "
                 "in forward and backward (not waiting). Targets: HDP estimated "
-                "max/mean ≤ 1.15 and ≥ 1.3× the static mesh's tokens/s.\n"
+                "max/mean ≤ 1.15 and ≥ 1.3× the static mesh's tokens/s (≥ 1.5× with fused kernels).\n"
                 "- *blocks*: every attention on loom's block kernel (what ring attention computes with), so "
                 "the methods differ only in schedule and communication. *sdpa*: local sequences on "
-                "PyTorch's fused SDPA (HDP and pure DP; the training default), rings on the block kernel, "
-                "which on CPU is several times slower per pair than SDPA.\n"
+                "PyTorch's fused SDPA (HDP and pure DP), rings on the block kernel, "
+                "which on CPU is several times slower per pair than SDPA. *fused* (the training default): "
+                "local sequences on SDPA, rings' whole and own-causal block pairs on PyTorch's fused flash "
+                "attention (the static mesh's packed documents cut pairs, which stay explicit).\n"
                 "- Pure DP keeps sequences whole, so a rank must hold the longest sequence (capacity raised "
                 "to it: see *tokens/rank/microbatch*, the activation memory) and the rank with it does the "
                 "most work (est. max/mean); it needs no communication at all, which on 2 cores with SDPA "

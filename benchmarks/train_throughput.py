@@ -49,26 +49,31 @@ def _job_flags(steps: int) -> list[str]:
     return flags
 
 
-def _torchrun() -> str:
+def torchrun() -> str:
     return shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
 
 
-def _run(cmd: list[str], env=None) -> None:
+def run_command(cmd: list[str], env=None) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
-def _loom_times(run_dir: str) -> list[float]:
+def loom_step_rows(run_dir: str) -> list[dict]:
+    """The training-step rows of a `loom train` run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    return [r["step_time_s"] for r in rows if "step_time_s" in r and "loss" in r]
+    return [r for r in rows if "step_time_s" in r and "loss" in r]
+
+
+def _loom_times(run_dir: str) -> list[float]:
+    return [r["step_time_s"] for r in loom_step_rows(run_dir)]
 
 
 def run_ddp(tmp: str, steps: int) -> list[float]:
     out = os.path.join(tmp, "ddp.json")
-    _run([_torchrun(), "--standalone", "--nproc-per-node", "2", os.path.join(HERE, "ddp_baseline.py"),
+    run_command([torchrun(), "--standalone", "--nproc-per-node", "2", os.path.join(HERE, "ddp_baseline.py"),
           "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
           *[x for k, v in MODEL.items() for x in (f"--{k}", str(v))], "--out", out])
     with open(out) as fh:
@@ -76,13 +81,13 @@ def run_ddp(tmp: str, steps: int) -> list[float]:
 
 
 def run_loom(tmp: str, name: str, steps: int, extra: list[str]) -> list[float]:
-    _run([sys.executable, "-m", "loom", "train", *_job_flags(steps), "--runs-dir", tmp, "--name", name,
+    run_command([sys.executable, "-m", "loom", "train", *_job_flags(steps), "--runs-dir", tmp, "--name", name,
           *extra])
     return _loom_times(os.path.join(tmp, name))
 
 
 def run_loom_torchrun(tmp: str, name: str, steps: int, extra: list[str]) -> list[float]:
-    _run([_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "loom.launch.worker",
+    run_command([torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "loom.launch.worker",
           *_job_flags(steps), "--runs-dir", tmp, "--name", name, *extra])
     return _loom_times(os.path.join(tmp, name))
 

@@ -211,7 +211,7 @@ class AsyncCheckpointer:
         self.snapshots = snapshots
         self._capacity = host_buffer_bytes
         self._g = resolve(group)
-        self.ownership = claim_store(self.url, group=self._g, job=job, takeover=takeover, lease_s=lease_s)
+        self.ownership = self._claim(job, takeover, lease_s)
         try:
             if self._g.distributed:
                 ranks = list(self._g.ranks)
@@ -239,6 +239,10 @@ class AsyncCheckpointer:
                          threading.Thread(target=self._persist_loop, name="loom-ckpt-persist", daemon=True)]
         for t in self._threads:
             t.start()
+
+    def _claim(self, job, takeover, lease_s):
+        """Collective: this checkpointer's claim on its store (released by `close`)."""
+        return claim_store(self.url, group=self._g, job=job, takeover=takeover, lease_s=lease_s)
 
     # ------------------------------------------------------------ public
     def attach(self, optimizer) -> None:
@@ -512,6 +516,7 @@ class AsyncCheckpointer:
         error, sums, parts = job.error, {}, {}
         try:
             try:
+                error = self._before_write(plan, error)
                 if plan.transfers:
                     agree(plan.group, error)  # nobody enters point-to-point with a failed peer
                 if error is None:
@@ -523,12 +528,23 @@ class AsyncCheckpointer:
                 error = error or exc
             if self.snapshots is None:  # nothing to keep: the region goes back before the commit
                 self._release(job)
-            location = commit(plan, sums, error, on_committed=self._retain)  # a failure removes the torn step
+            location = self._commit(job, sums, parts, error)  # a failure removes the torn step
             # committed: the chunks this rank wrote go to host memory (from the region, still held)
             keep_in_memory(self.snapshots, plan, job.fragments, parts, sums)
             return location
         finally:
             self._release(job)
+
+    def _before_write(self, plan: SavePlan, error: BaseException | None) -> BaseException | None:
+        """Collective hook on the persist group before any chunk is written
+        (``error``: this rank's failure so far, returned or replaced)."""
+        return error
+
+    def _commit(self, job: _Job, sums: dict, parts: dict, error: BaseException | None) -> str:
+        """Collective: commit the step whose chunks were written (``sums``:
+        this rank's checksums; ``error``: raised on every rank, nothing
+        committed); the committed location."""
+        return commit(job.plan, sums, error, on_committed=self._retain)
 
     @staticmethod
     def _release(job: _Job) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from .levels import LocalLevel
 from .load import verify
 from .manifest import InvalidCheckpointError
 from .retention import gc
@@ -44,13 +45,17 @@ def one_line(text) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def ls(url: str) -> tuple[bool, str]:
+def ls(url: str, local: str | None = None) -> tuple[bool, str]:
     """Every step under ``url`` as a table: committed or not, world size,
-    arrays, bytes, when, which one `latest()` picks.  Returns (ok, text):
-    ok is False when a step's marker or manifest is damaged (its row says
-    why)."""
+    arrays, bytes, when, which one `latest()` picks; with ``local`` (this
+    node's directory of the node-local level) a ``levels`` column too
+    (local, remote or both) and the steps committed only locally.  Returns
+    (ok, text): ok is False when a step's marker or manifest is damaged
+    (its row says why)."""
     store = CheckpointStore(url)
     steps = store.steps()
+    if local is not None:
+        return _ls_levels(store, steps, LocalLevel(local))
     if not steps:
         return True, f"no checkpoints at {url}"
     latest = store.latest()
@@ -69,6 +74,20 @@ def ls(url: str) -> tuple[bool, str]:
         rows.append([step, "yes", m.world_size, len(m.tensors), human_bytes(nbytes),
                      _when(m.created), "<- latest" if step == latest else ""])
     return ok, table(["step", "committed", "world", "tensors", "bytes", "saved", ""], rows)
+
+
+def _ls_levels(store: CheckpointStore, steps: list[int], level: LocalLevel) -> tuple[bool, str]:
+    local = level.committed()
+    if not steps and not local:
+        return True, f"no checkpoints at {store.url} nor at the local level {level.path}"
+    ok, text = ls(store.url) if steps else (True, "")
+    remote = set(store.committed_steps()) if steps else set()
+    rows = []
+    for step in sorted(set(steps) | set(local)):
+        where = [name for name, held in (("local", step in local), ("remote", step in remote)) if held]
+        rows.append([step, " + ".join(where) or "none (not committed)"])
+    return ok, (text + "\n\n" if text else "") + f"levels (local: {level.path} on {one_line(level.node)})\n" + \
+        table(["step", "levels"], rows)
 
 
 def _resolve_step(store: CheckpointStore, step) -> int:

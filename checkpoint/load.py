@@ -29,7 +29,7 @@ import torch
 
 from . import layout, zarr_io
 from .collective import agree, resolve
-from .memory import TIERS
+from .memory import SOURCE_TIERS, TIERS
 from .memory import fetch as fetch_from_memory
 from .manifest import (ChecksumError, InvalidCheckpointError, Manifest, TensorEntry, array_document, as_numpy,
                        checksum, contiguous, from_numpy)
@@ -125,14 +125,18 @@ class ChunkReader:
             if held is not None:
                 buf, tier = held
                 data = np.asarray(buf).reshape(-1).view(np.uint8)
-                if data.nbytes == nbytes and tier in TIERS[:2]:
+                whole = math.prod(entries[key].chunks) * dtype.itemsize
+                if data.nbytes == whole and whole != nbytes:  # a stored object: the full chunk shape
+                    data = np.ascontiguousarray(
+                        data.view(dtype).reshape(entries[key].chunks)[tuple(slice(0, v) for v in valid)])
+                if data.nbytes == nbytes and tier in SOURCE_TIERS:
                     data = data.view(dtype).reshape(valid)
                     if checksum(data) == entries[key].checksums[layout.chunk_name(index)]:
                         self._served[(key, index)] = (data, tier)
                         self.tiers[tier] += nbytes
                         continue
-                log.warning("the host-memory copy of %s does not match its manifest (size or crc32c); "
-                            "reading it from storage", self._chunk_key(key, index))
+                log.warning("the %s copy of %s does not match its manifest (size or crc32c); "
+                            "reading it from storage", tier, self._chunk_key(key, index))
             self.tiers["storage"] += nbytes
 
     def claims(self) -> str:

@@ -30,8 +30,12 @@ import numpy as np
 
 log = logging.getLogger("loom.checkpoint")
 
-#: the tiers a load reports bytes for (`CheckpointInfo.tiers`)
-TIERS = ("memory_local", "memory_peer", "storage")
+#: the tiers a load reports bytes for (`CheckpointInfo.tiers`): host memory
+#: (this node's, a peer's), the node-local disk level (`loom.checkpoint.levels`),
+#: and the store the step was chosen from
+TIERS = ("memory_local", "memory_peer", "local", "storage")
+MEMORY_TIERS = TIERS[:2]
+SOURCE_TIERS = TIERS[:3]  # what a `SnapshotSource` may name
 
 
 class SnapshotSink(Protocol):
@@ -48,7 +52,8 @@ class SnapshotSource(Protocol):
     def fetch(self, wanted: dict) -> dict:
         """For ``wanted`` ({store key: expected crc32c}), the chunks held
         with exactly that crc32c: {store key: (uint8 1-d array, tier)} with
-        tier one of `TIERS` (not "storage").  Keys not held are left out."""
+        tier one of `SOURCE_TIERS`.  A chunk's bytes are its valid values or
+        its whole stored object (the full chunk shape, C order).  Keys not held are left out."""
 
 
 class HostSnapshots:
@@ -57,8 +62,8 @@ class HostSnapshots:
     `fetch` as ``tier`` ("memory_local" by default).  Thread-safe."""
 
     def __init__(self, tier: str = "memory_local"):
-        if tier not in TIERS[:2]:
-            raise ValueError(f"tier={tier!r} must be one of {', '.join(TIERS[:2])}")
+        if tier not in MEMORY_TIERS:
+            raise ValueError(f"tier={tier!r} must be one of {', '.join(MEMORY_TIERS)}")
         self.tier = tier
         self.step: int | None = None
         self._chunks: dict = {}  # store key -> (crc32c, uint8 copy)
@@ -115,13 +120,15 @@ def fetch(source, wanted: dict) -> dict:
 
 def tier_of(bytes_by_tier: dict) -> str:
     """One word for where a load's bytes came from: "memory" (all from this
-    node's memory), "peer" (all from memory, some from a peer), "storage",
-    "mixed" (memory and storage), or "none" (no bytes)."""
-    local, peer, storage = (bytes_by_tier.get(t, 0) for t in TIERS)
-    if storage and (local or peer):
+    node's memory), "peer" (all from memory, some from a peer), "local"
+    (all from the node-local disk level), "storage", "mixed" (several of
+    memory, local disk and storage), or "none" (no bytes)."""
+    local, peer, disk, storage = (bytes_by_tier.get(t, 0) for t in TIERS)
+    kinds = [k for k, n in (("memory", local or peer), ("local", disk), ("storage", storage)) if n]
+    if len(kinds) > 1:
         return "mixed"
-    if storage:
-        return "storage"
-    if peer:
-        return "peer"
-    return "memory" if local else "none"
+    if not kinds:
+        return "none"
+    if kinds[0] == "memory":
+        return "peer" if peer else "memory"
+    return kinds[0]

@@ -453,16 +453,7 @@ def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
         try:
             if plan.ownership is not None:
                 plan.ownership.check()  # a job that lost the store commits nothing
-            tensors = {}
-            for key, entry in plan.entries.items():
-                sums = {}
-                for rank_sums in everyone:
-                    sums.update(rank_sums.get(key, {}))
-                expected = {layout.chunk_name(i) for i in plan.arrays[key].owners}
-                if set(sums) != expected:
-                    raise RuntimeError(f"chunks {sorted(expected - set(sums))} of {key!r} were not written")
-                tensors[key] = replace(entry, checksums=sums)
-            manifest = new_manifest(plan.step, g.size, plan.mesh, time.time(), tensors, plan.values)
+            manifest = build_manifest(plan, everyone, time.time())
             plan.store.commit(plan.step, manifest.to_json(), durable=plan.durable)
         except Exception as exc:  # noqa: BLE001
             failure = exc
@@ -470,6 +461,31 @@ def _commit(plan: SavePlan, checksums: dict, error, on_committed) -> str:
             on_committed()
     agree(g, failure, custom=ERRORS)
     return plan.location
+
+
+def build_manifest(plan: SavePlan, everyone: list, created: float):
+    """The manifest of ``plan``'s step from every rank's `write_chunks`
+    result (``everyone``, group order); RuntimeError naming the chunks no
+    rank wrote."""
+    tensors = {}
+    for key, entry in plan.entries.items():
+        sums = {}
+        for rank_sums in everyone:
+            sums.update(rank_sums.get(key, {}))
+        expected = {layout.chunk_name(i) for i in plan.arrays[key].owners}
+        if set(sums) != expected:
+            raise RuntimeError(f"chunks {sorted(expected - set(sums))} of {key!r} were not written")
+        tensors[key] = replace(entry, checksums=sums)
+    return new_manifest(plan.step, plan.group.size, plan.mesh, created, tensors, plan.values)
+
+
+def written_files(plan: SavePlan, tensors: dict, parts: dict | None = None) -> list[str]:
+    """The store keys `write_chunks` writes on this rank: its metadata
+    documents and its chunks (what a copy to another level carries)."""
+    me = plan.group.rank
+    docs = [rel for rel, _ in _metadata_documents(plan, me)]
+    return docs + [zarr_io.chunk_key(array_prefix(plan, key), index)
+                   for key, index, _, _ in my_chunk_data(plan, tensors, parts)]
 
 
 def _discard_torn(plan: SavePlan) -> None:

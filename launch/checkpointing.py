@@ -6,8 +6,9 @@ at, its epoch and place in it) is saved as ``data``, so a resume continues
 exactly there (even with another batch size); the synthetic task's position
 is the step.  RNG states are per rank (`PerRank`).  A resumed run therefore
 repeats the uninterrupted run's losses exactly.  `save` is the one place a
-checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`) or
-synchronously, per ``--ckpt-mode``.
+checkpoint is taken: asynchronously (lazy, `AsyncCheckpointer`; with
+``--ckpt-local`` `MultiLevel(background=True)`) or synchronously, per
+``--ckpt-mode``.
 """
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ def claim_identity(cfg, environ=None) -> tuple[str, bool | str]:
     restarted = token and comms.elastic_attempt(environ) > 0
     return job, cfg.ckpt.ckpt_takeover or (job if restarted else False)
 
+
+REMOTE_COPY_CLOSE_S = 600.0  # the job's end waits this long for pending remote copies, then warns
+
+
 class TrainingCheckpoints:
     """Saves every ``ckpt_every`` steps and resumes from the latest commit.
 
@@ -115,7 +120,12 @@ class TrainingCheckpoints:
         self.memory = RaySnapshots.from_env(dist.get_rank() if dist.is_initialized() else 0) \
             if self.c.memory_snapshots else None
         self.reload: dict | None = None  # where the resume's bytes came from (`resume`)
-        if self.c.ckpt_every and self.c.ckpt_mode == "async":
+        self.levels = None               # --ckpt-local: a checkpoint.MultiLevel (local level, remote copies)
+        self.copy_group = None           # its copies' background group
+        self._started: dict = {}         # step -> when its local save began (time to remote durability)
+        if self.c.ckpt_every and self.c.ckpt_local:
+            self._start_levels(takeover)
+        elif self.c.ckpt_every and self.c.ckpt_mode == "async":
             self.saver = checkpoint.AsyncCheckpointer(
                 self.c.ckpt_url, keep_last=self.c.keep_last or None,
                 keep_every=(self.c.keep_every or None) if self.c.keep_last else None, mesh=mesh,
@@ -126,6 +136,28 @@ class TrainingCheckpoints:
                 self.group = comms.new_group(name="ckpt-sync", background=True)
             self.ownership = checkpoint.claim_store(self.c.ckpt_url, group=self.group, job=self.job,
                                                     takeover=takeover)
+
+    def _start_levels(self, takeover) -> None:
+        """``--ckpt-local``: each checkpoint commits on the node-local level
+        (local disk or /dev/shm) and is copied to ``--ckpt-url`` in the
+        background (at most ``--ckpt-pending-copies`` waiting before the
+        loop does); the job claims ``--ckpt-url`` here.  ``--ckpt-mode
+        async``: the local commit runs in the background too, after a
+        host-memory snapshot (the optimizer's next step waits for it);
+        ``sync``: the loop waits for the local commit."""
+        if dist.is_initialized():
+            self.group = comms.new_group(name="ckpt-sync", background=True)
+            self.copy_group = comms.new_group(name="ckpt-remote", background=True)
+        self.ownership = checkpoint.claim_store(self.c.ckpt_url, group=self.group, job=self.job,
+                                                takeover=takeover)
+        self.levels = checkpoint.MultiLevel(
+            self.c.ckpt_url, self.c.ckpt_local, group=self.group, copy_group=self.copy_group,
+            keep_last_local=self.c.keep_last_local, keep_last=self.c.keep_last or None,
+            keep_every=(self.c.keep_every or None) if self.c.keep_last else None,
+            max_pending=self.c.ckpt_pending_copies, durable=self.c.ckpt_durable, mesh=self.mesh,
+            ownership=self.ownership, on_event=self._event, background=self.c.ckpt_mode == "async",
+            snapshots=self.memory if self.c.ckpt_mode == "async" else None)
+        self.levels.attach(self.optimizer)
 
     def state(self, next_step: int, *, for_load: bool = False) -> dict:
         """What a checkpoint holds.  Parameters split across ranks (expert
@@ -157,11 +189,15 @@ class TrainingCheckpoints:
             # not strict: a checkpoint from before schedules were saved lacks "schedule", one saved
             # without fp16 lacks "scaler" (both handled below); any other missing key raises
             t0 = time.monotonic()
-            info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False, memory=self.memory)
+            if self.levels is not None:  # the newest step at the nearest level
+                info = self.levels.load(state, fallback=True, strict=False, memory=self.memory)
+            else:
+                info = checkpoint.load(state, self.c.ckpt_url, fallback=True, strict=False, memory=self.memory)
             seconds = time.monotonic() - t0
         except checkpoint.NoCheckpointError:
             self.optimizer.state.clear()  # as fresh as it was: no state made for the load
-            self._event(f"no committed checkpoint at {self.c.ckpt_url}; starting from step 0")
+            where = f" nor at the local level {self.c.ckpt_local}" if self.levels is not None else ""
+            self._event(f"no committed checkpoint at {self.c.ckpt_url}{where}; starting from step 0")
             return 0
         for skipped in info.skipped:  # a damaged newer step: say so loudly, then go on
             text = (f"WARNING: checkpoint step {skipped['step']} at {self.c.ckpt_url} is damaged and was "
@@ -192,11 +228,12 @@ class TrainingCheckpoints:
         total = {tier: sum(t.get(tier, 0) for t in info.tiers_by_rank) for tier in TIERS}
         self.reload = {"tier": tier_of(total), "bytes": total, "seconds": round(seconds, 4),
                        "ranks": [tier_of(t) for t in info.tiers_by_rank]}
-        where = {"memory": "host memory", "peer": "host memory (peers)", "mixed": "host memory and storage",
-                 "storage": "storage", "none": "storage"}[self.reload["tier"]]
-        local, peer, storage = (_mb(total[t]) for t in TIERS)
-        self._event(f"resumed step {info.step} from {where} ({local} local, {peer} peer, {storage} storage) "
-                    f"in {seconds:.2f} s")
+        where = {"memory": "host memory", "peer": "host memory (peers)", "mixed": "several levels",
+                 "local": "the local level", "storage": "storage", "none": "storage"}[self.reload["tier"]]
+        local, peer, disk, storage = (_mb(total[t]) for t in TIERS)
+        on_disk = f", {disk} local level" if self.levels is not None else ""
+        self._event(f"resumed step {info.step} from {where} ({local} local, {peer} peer{on_disk}, {storage} "
+                    f"storage) in {seconds:.2f} s")
         note = getattr(self.reporter, "reload", None)
         if note is not None:
             note(self.reload)
@@ -277,6 +314,9 @@ class TrainingCheckpoints:
             self.save(done)
 
     def save(self, done: int) -> None:
+        if self.levels is not None:
+            self._save_levels(done)
+            return
         if self.saver is not None:
             self._pending.append(self.saver.save(self.state(done), step=done))
             self.saved += 1
@@ -295,9 +335,58 @@ class TrainingCheckpoints:
         self.persists.append(elapsed)
         self._event(f"checkpoint {location} ({elapsed:.2f} s)")
 
+    def _save_levels(self, done: int) -> None:
+        """Commit at the local level, queue the remote copy (waiting only
+        under backpressure, which `MultiLevel` announces), keep the level.
+        ``--ckpt-mode async``: start the save (the previous step's local
+        commit is waited for first); `_report_committed` reports it."""
+        t0 = time.monotonic()
+        if self.levels.committer is not None:
+            self._started[done] = t0
+            with self._busy():
+                self._pending.append(self.levels.save(self.state(done), step=done))
+            self.saved += 1
+            return
+        with self._busy():
+            saved = self.levels.save(self.state(done), step=done, snapshots=self.memory)
+        self.saved += 1
+        self._started[done] = t0
+        elapsed = time.monotonic() - t0
+        self.stalls.append(elapsed)
+        waited = f", {self.levels.waited_s:.2f} s of it waiting for the remote copy" if self.levels.waited_s \
+            else ""
+        self._event(f"checkpoint {saved.location} committed at the local level ({elapsed:.2f} s{waited}); "
+                    f"copying to {self.c.ckpt_url} in the background")
+
+    def _report_copies(self) -> None:
+        """Events for remote copies that finished: committed remotely (time
+        to durability from the save's start), or failed (the step stays at
+        the local level; training goes on)."""
+        for done in self.levels.copier.results():
+            step, started = done["step"], self._started.pop(done["step"], None)
+            if done["error"] is None:
+                persist = done["finished"] - started if started is not None else done["seconds"]
+                self.persists.append(persist)
+                self._event(f"checkpoint step {step} committed at {self.c.ckpt_url} (remote copy "
+                            f"{done['seconds']:.2f} s, {persist:.2f} s after the save began)")
+            else:
+                text = (f"WARNING: the remote copy of checkpoint step {step} to {self.c.ckpt_url} failed "
+                        f"({done['error']}); the step stays committed at the local level "
+                        f"{self.c.ckpt_local}; training goes on")
+                log.warning(text)
+                self._event(text)
+
     def finish(self) -> dict:
-        """Wait for asynchronous saves (raising a failure); the summary's
-        checkpoint entries."""
+        """Wait for asynchronous saves (raising a failure) and remote copies;
+        the summary's checkpoint entries."""
+        if self.levels is not None:
+            try:
+                self.levels.wait_local()  # a failed local commit raises here, on every rank
+            finally:
+                self._finish_levels()
+        if self.copy_group is not None:
+            comms.destroy_group(self.copy_group)
+            self.copy_group = None
         if self.saver is not None:
             try:
                 self.saver.close()
@@ -316,6 +405,24 @@ class TrainingCheckpoints:
                        ckpt_persist_s=round(sum(self.persists) / len(self.persists), 6) if self.persists else None)
         return out
 
+    def _finish_levels(self) -> None:
+        """--ckpt-local at the job's end: the last local commits reported,
+        the remote copies waited for (at most REMOTE_COPY_CLOSE_S), stop."""
+        try:
+            self._report_committed()
+        finally:
+            pending = list(self.levels.copier.pending)
+            if not self.levels.copier.wait(REMOTE_COPY_CLOSE_S):  # a hung store must not hang the job's end
+                text = (f"WARNING: the remote copies of checkpoint steps {self.levels.copier.pending} to "
+                        f"{self.c.ckpt_url} did not finish within {REMOTE_COPY_CLOSE_S:.0f} s of the job's end "
+                        f"(pending since: {pending}); they stay committed at the local level "
+                        f"{self.c.ckpt_local}")
+                log.warning(text)
+                self._event(text)
+            self.levels.close(timeout=1.0)
+            self._report_copies()
+            self.levels = None
+
     def _busy(self):
         """A synchronous save, seen in the trace as this rank waiting for
         checkpoint work (``wait:checkpoint`` on the save's group)."""
@@ -323,7 +430,11 @@ class TrainingCheckpoints:
 
     def _report_committed(self) -> None:
         """Events for asynchronous saves that finished (their stall is final
-        once the next optimizer step has passed its wait)."""
+        once the next optimizer step has passed its wait) and remote copies."""
+        if self.levels is not None:
+            self._report_copies()
+            self._report_levels()
+            return
         while self._pending and self._pending[0].done():
             handle = self._pending.pop(0)
             location = handle.result()  # raises a failure here, on every rank
@@ -331,6 +442,18 @@ class TrainingCheckpoints:
             self.persists.append(handle.stats["persist_s"])
             self._event(f"checkpoint {location} (stall {handle.stall_s * 1e3:.1f} ms, "
                         f"persist {handle.stats['persist_s']:.2f} s)")
+
+    def _report_levels(self) -> None:
+        """--ckpt-local, --ckpt-mode async: events for local commits that
+        finished (a failure raises here, on every rank); the persist time
+        is the time to remote durability (`_report_copies`)."""
+        while self._pending and self._pending[0].done():
+            handle = self._pending.pop(0)
+            self.stalls.append(handle.stall_s)
+            location = handle.result()
+            self._event(f"checkpoint {location} committed at the local level (stall {handle.stall_s * 1e3:.1f} "
+                        f"ms, local commit {handle.stats['persist_s']:.2f} s); copying to {self.c.ckpt_url} "
+                        f"in the background")
 
     def _event(self, text: str) -> None:
         if self.reporter is not None:

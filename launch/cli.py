@@ -37,7 +37,7 @@ def _ckpt(args) -> int:
     from loom.checkpoint import cli as ck
     try:
         if args.ckpt_command == "ls":
-            ok, text = ck.ls(args.url)
+            ok, text = ck.ls(args.url, args.local)
             print(text)
             return 0 if ok else 1
         elif args.ckpt_command == "inspect":
@@ -78,6 +78,8 @@ def _add_ckpt_parser(sub) -> None:
     ck = ckpt.add_subparsers(dest="ckpt_command", metavar="SUBCOMMAND", required=True)
     p = ck.add_parser("ls", help="every step: committed or not, world size, size, time")
     p.add_argument("url")
+    p.add_argument("--local", metavar="DIR", default=None,
+                   help="also this node's --ckpt-local directory: which levels (local, remote) hold each step")
     p = ck.add_parser("inspect", help="the arrays of a step: shapes, dtypes, placements, bytes")
     p.add_argument("url")
     p.add_argument("--step", type=int, default=None, help="default: the latest committed step")

@@ -198,6 +198,15 @@ class CkptSection:
                                     "writes a store at a time); that job keeps writing until its next "
                                     "save fails. Not needed after a crash: a dead owner's claim expires "
                                     "by itself")
+    ckpt_local: str = _f("", "a node-local directory (local NVMe, /dev/shm) where each checkpoint commits "
+                             "first, on every node for its own ranks (--ckpt-mode async: in the background, "
+                             "from a host-memory copy); it is then copied to --ckpt-url in the background, "
+                             "and --resume loads from this level when it holds the newest step (needs "
+                             "--ckpt-url and --ckpt-every)")
+    keep_last_local: int = _f(2, "with --ckpt-local: keep the newest N checkpoints there (a step not yet "
+                                 "copied to --ckpt-url is kept unless the disk is short of space)")
+    ckpt_pending_copies: int = _f(1, "with --ckpt-local: checkpoints that may wait for their copy to "
+                                     "--ckpt-url before training waits (backpressure)")
     memory_snapshots: bool = _f(True, "under Ray, keep each rank's newest committed checkpoint in host memory "
                                       "on its node and on a peer node, so that a restart reloads from memory "
                                       "and reads storage only for what memory cannot serve (torchrun: "
@@ -542,8 +551,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> JobConfig:
                         f"factory of --model MODULE:FACTORY, but no --model is given (loom's reference "
                         f"model is shaped by the [model] options: --dim, --layers, ...)")
     problems += _train_extras_problems(cfg)
-    from .storage import store_problems, storage_option_problems
+    from .storage import local_level_problems, store_problems, storage_option_problems
     problems += storage_option_problems(c)
+    problems += local_level_problems(c)
     if not problems:  # opening the data costs time: only for a job that can otherwise run
         from .datasets import data_problems
         problems += data_problems(cfg, workers)

@@ -15,8 +15,15 @@ to logits, and its attention layers carry swappable loom cores
 (`loom.parallel.hf.prepare`), so ``--sp`` (ring, Ulysses), packed documents,
 data parallelism, mixed precision, checkpoints, recovery and the fault
 monitor apply as to any loom model.  The job's ``[model]`` shape options
-(vocab, dim, heads, kv_heads, layers) are taken from the config file, so the
-data and the checks before the workers start see the model's vocabulary.
+(vocab, dim, heads, kv_heads, layers; num_experts and top_k of an MoE model)
+are taken from the config file, so the data and the checks before the
+workers start see the model's vocabulary.
+
+MoE models (Mixtral, Qwen2-MoE): their sparse blocks run as loom `MoE`
+layers (``--moe standard``, the default there, or ``--moe llep``),
+expert-parallel over the mesh's ep group with ``--ep N`` (`loom.parallel.hf_moe`); checkpoints hold the experts in
+loom's layout with their ep placement (resumable at another ep or world),
+and `export_hf` maps them back to transformers' layout.
 """
 from __future__ import annotations
 
@@ -89,7 +96,7 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
         raise ConfigError(f"{where} has a quantization_config: loom trains unquantized weights; drop it")
     for key in _SIZES + _OPTIONAL_SIZES:
         value = data.get(key)
-        if key in _OPTIONAL_SIZES and value is None:
+        if key in _OPTIONAL_SIZES and value is None or key == "sliding_window" and value == 0:  # 0: no window
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: {key}={value!r} must be a positive integer"
@@ -105,11 +112,25 @@ def parse_hf_config(text: bytes | str, where: str) -> dict:
     return data
 
 
+def hf_experts(data: dict) -> tuple[int, int] | None:
+    """(experts per MoE layer, experts per token) of a transformers config's
+    JSON (Mixtral's ``num_local_experts``, Qwen2-MoE's ``num_experts``), or
+    None for a dense model."""
+    experts = data.get("num_local_experts", data.get("num_experts"))
+    top_k = data.get("num_experts_per_tok")
+    if isinstance(experts, int) and not isinstance(experts, bool) and experts > 0 and isinstance(top_k, int):
+        return experts, top_k
+    return None
+
+
 def apply_hf_config(cfg: JobConfig) -> JobConfig:
     """``cfg`` with ``--hf-config`` (or ``--init-from-hf`` alone) resolved:
     ``train.model`` set to `HF_FACTORY`, ``[model]``'s shape read from the
     config file (``dim`` is the attention width, heads × head_dim: the
-    config's hidden_size unless its head_dim says otherwise).  Idempotent; unchanged without either option.  Raises
+    config's hidden_size unless its head_dim says otherwise; an MoE model's
+    experts too; its sparse blocks always run loom's MoE, ``--moe none``
+    meaning ``--moe standard``, so that its checkpoints resume at any
+    ``--ep``).  Idempotent; unchanged without either option.  Raises
     ConfigError for another ``--model`` next to it or a bad config file."""
     t = cfg.train
     if not t.hf_config and t.init_from_hf:
@@ -127,10 +148,15 @@ def apply_hf_config(cfg: JobConfig) -> JobConfig:
     # (Qwen3, Gemma) shapes the job by its attention width instead
     head_dim = data.get("head_dim")
     dim = heads * head_dim if head_dim is not None else data["hidden_size"]
+    moe = {}
+    if hf_experts(data) is not None:
+        moe = dict(zip(("num_experts", "top_k"), hf_experts(data)))
+        if cfg.model.moe == "none":  # always loom's layout: checkpoints resume at any ep
+            moe["moe"] = "standard"
     try:
         cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=dim,
                                         heads=heads, layers=data["num_hidden_layers"],
-                                        kv_heads=data.get("num_key_value_heads"))
+                                        kv_heads=data.get("num_key_value_heads"), **moe)
     except ValueError as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: loom cannot shape its job by it: {exc}") from None
     return cfg
@@ -141,13 +167,35 @@ class CausalLMAdapter(torch.nn.Module):
     [b, s] int64, positions [s] or [b, s] int64 (global indices of a sequence
     shard; default 0..s-1), cu_seqlens (packed document boundaries, see
     `loom.parallel.local_attention`)) -> logits [b, s, vocab]``.  ``lm`` is
-    the wrapped model (its state dict keys start with ``lm.``)."""
+    the wrapped model (its state dict keys start with ``lm.``).
+
+    ``blocks``, ``embed`` and ``head`` name the wrapped model's decoder layers
+    (`loom.parallel.hf.decoder_layers`), input embedding and output head, as
+    loom's reference `Transformer` has them: ``--shard-state`` shards each
+    block, the embedding and the head as units of their own (a tied
+    embedding and head share their weight: both stay in the root unit, one
+    tensor sharded once), ``--activation-checkpointing`` recomputes each
+    block.  They are properties, not submodules: the state dict keeps one
+    name per tensor."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         from loom.parallel.hf import prepare
         prepare(lm)
         self.lm = lm
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        from loom.parallel.hf import decoder_layers
+        return decoder_layers(self.lm)
+
+    @property
+    def embed(self) -> torch.nn.Module:
+        return self.lm.get_input_embeddings()
+
+    @property
+    def head(self) -> torch.nn.Module | None:
+        return self.lm.get_output_embeddings()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cu_seqlens=None):
         if positions is None:
@@ -177,11 +225,16 @@ def transformers_config(data: dict, where: str):
         raise ConfigError(f"{where}: transformers cannot read it: {type(exc).__name__}: {exc}") from None
 
 
-def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
+def build_hf_model(cfg: JobConfig, moe_group=None) -> CausalLMAdapter:
     """The `CausalLMAdapter` of ``cfg.train.hf_config`` (weights from
     ``--init-from-hf`` when given, except on the meta device, where loom only
-    checks the model's shape).  Raises ConfigError for a config transformers
-    cannot build a causal LM from, or a weights directory without safetensors."""
+    checks the model's shape); with ``--moe standard|llep`` its sparse MoE
+    blocks run loom's MoE, expert-parallel over ``moe_group`` (the mesh's ep
+    group; None: every expert here).  Raises ConfigError for a config
+    transformers cannot build a causal LM from, weights that do not fit it
+    (missing, mis-shaped, not safetensors, shards outside the directory), a
+    sliding window shorter than --seq-len, or ``--moe`` for a model without
+    sparse blocks loom runs."""
     transformers, t = _transformers(), cfg.train
     config = transformers_config(read_hf_config(t.hf_config), f"--hf-config={t.hf_config}")
     on_meta = torch.empty(0).device.type == "meta"
@@ -195,6 +248,12 @@ def build_hf_model(cfg: JobConfig) -> CausalLMAdapter:
             lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:  # ImportError: a package the model needs
         raise ConfigError(f"{which}: {exc}") from None
+    if cfg.model.moe != "none":
+        from loom.parallel.hf_moe import replace_sparse_blocks
+        try:
+            replace_sparse_blocks(lm, ep_group=moe_group, dispatcher=cfg.model.moe, llep=cfg.model.llep)
+        except ValueError as exc:
+            raise ConfigError(f"--hf-config={t.hf_config} with --moe {cfg.model.moe}: {exc}") from None
     try:
         model = CausalLMAdapter(lm)
     except ValueError as exc:
@@ -312,6 +371,10 @@ def export_hf(url: str, out: str, step: int | None = None) -> str:
     where = f"the hf/config of step {step} at {url}"
     config = transformers_config(parse_hf_config(saved["config"], where), where)
     lm = transformers.AutoModelForCausalLM.from_config(config)
+    experts = any(".moe.w_gate" in key for key in manifest.tensors)
+    if experts:  # saved in loom's expert layout (any ep): load every expert here, then map back
+        from loom.parallel.hf_moe import replace_sparse_blocks
+        replace_sparse_blocks(lm)
     model = CausalLMAdapter(lm)
     dtypes = {e.dtype for key, e in manifest.tensors.items() if key.startswith("model/")}
     if len(dtypes) == 1:
@@ -320,6 +383,9 @@ def export_hf(url: str, out: str, step: int | None = None) -> str:
     checkpoint.load(target, url, step=step)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"{out} exists and is not an empty directory: give a new one")
+    if experts:
+        from loom.parallel.hf_moe import restore_sparse_blocks
+        restore_sparse_blocks(lm)
     lm.save_pretrained(out, safe_serialization=True)
     count = sum(p.numel() for p in lm.parameters())
     return f"step {step} of {url}: {type(lm).__name__}, {count} parameters -> {out}"

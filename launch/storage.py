@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from loom.checkpoint import object_store
+from loom.checkpoint.levels import local_dir
 
 #: Storage option names that hold credentials (refused: the config is written to the run directory).
 SECRET_OPTIONS = {"key", "secret", "token", "password", "session_token", "access_key", "secret_key",
@@ -43,6 +44,30 @@ def storage_option_problems(c) -> list[str]:
                 f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials for s3://), which reaches the "
                 f"workers without being written down"]
     return []
+
+
+def local_level_problems(c) -> list[str]:
+    """What is wrong with ``--ckpt-local`` (the node-local checkpoint
+    level): it needs ``--ckpt-url`` and ``--ckpt-every``, must be a local
+    directory (not a URL) and not the ``--ckpt-url`` store itself."""
+    problems = []
+    for name in ("keep_last_local", "ckpt_pending_copies"):
+        if getattr(c, name) < 1:
+            problems.append(f"--{name.replace('_', '-')}={getattr(c, name)} must be >= 1")
+    if not c.ckpt_local:
+        return problems
+    if not c.ckpt_url or not c.ckpt_every > 0:
+        problems.append(f"--ckpt-local={c.ckpt_local} is a level in front of --ckpt-url: it needs --ckpt-url "
+                        f"(an object store or shared filesystem) and --ckpt-every")
+    try:
+        local = local_dir(c.ckpt_local)
+    except ValueError as exc:
+        return problems + [f"--ckpt-local: {exc}"]
+    url = c.ckpt_url[len("file://"):] if c.ckpt_url.startswith("file://") else c.ckpt_url
+    if c.ckpt_url and "://" not in url and os.path.abspath(url) == local:
+        problems.append(f"--ckpt-local={c.ckpt_local} is --ckpt-url itself: the local level must be a "
+                        f"node-local directory of its own, --ckpt-url the store every node reaches")
+    return problems
 
 
 def store_problems(c) -> list[str]:

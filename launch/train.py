@@ -43,7 +43,7 @@ def build_model(cfg: JobConfig, device: torch.device, moe_group=None) -> torch.n
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if cfg.train.model:
         from .user_model import build_user_model
-        model = build_user_model(cfg)
+        model = build_user_model(cfg, moe_group)
     else:
         model = Transformer(cfg.model, moe_group)
     return model.to(device=device, dtype=getattr(torch, cfg.train.dtype))

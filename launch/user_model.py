@@ -17,7 +17,8 @@ transformer, so the model must expose them (`loom.parallel.core_kind`: each
 attention module calls ``self.core(q, k, v, causal=True)`` with ``self.core =
 loom.parallel.local_attention``) and take the global ``positions`` of its
 shard's tokens in ``forward(tokens, positions)``.  ``--ep``, ``--moe`` and
-``--hdp`` apply only to the reference model.
+``--hdp`` apply only to the reference model (``--ep``/``--moe`` also to a
+``--hf-config`` MoE model: `loom.launch.hf_model`).
 
 A model whose forward takes no ``positions`` is called as ``model(tokens)``:
 `build_user_model` drops the training loop's ``positions=None`` for it.
@@ -45,6 +46,7 @@ from loom.parallel import core_kind, sequence_parallel_gaps
 
 from .config import ConfigError, JobConfig, sp_layout
 from .datasets import forward_takes_documents
+from .hf_model import HF_FACTORY, hf_experts, read_hf_config
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -113,11 +115,12 @@ def load_factory(spec: str):
     return factory
 
 
-def build_user_model(cfg: JobConfig) -> torch.nn.Module:
+def build_user_model(cfg: JobConfig, moe_group=None) -> torch.nn.Module:
     """``FACTORY(cfg)`` of ``cfg.train.model``, checked to be a torch.nn.Module
-    with trainable parameters (TypeError otherwise).  Seed torch first for identical weights on every rank."""
+    with trainable parameters (TypeError otherwise).  Seed torch first for identical weights on every rank.
+    A ``--hf-config`` model also gets ``moe_group`` (the mesh's ep group: its MoE blocks' experts)."""
     factory = load_factory(cfg.train.model)
-    model = factory(cfg)
+    model = factory(cfg, moe_group) if cfg.train.model == HF_FACTORY else factory(cfg)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"--model={cfg.train.model}: the factory returned a {type(model).__name__}, not a "
                         f"torch.nn.Module")
@@ -186,7 +189,11 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
     except ConfigError as exc:
         return [str(exc)]
     problems = []
-    if p.ep > 1 or cfg.model.moe != "none":
+    if spec == HF_FACTORY and (p.ep > 1 or cfg.model.moe != "none"):
+        if hf_experts(read_hf_config(cfg.train.hf_config)) is None:
+            problems.append(f"--ep/--moe need an MoE model (Mixtral, Qwen2-MoE); --hf-config={cfg.train.hf_config} "
+                            f"has no experts: use --ep 1 --moe none")
+    elif p.ep > 1 or cfg.model.moe != "none":
         problems.append(f"--ep/--moe apply only to loom's reference model, not --model={spec}: use "
                         f"--ep 1 --moe none (or put MoE layers in your model)")
     if p.hdp:

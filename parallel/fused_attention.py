@@ -168,6 +168,6 @@ def fused_block_backward(q, k, v, dout, out, lse, scale: float, causal: bool, dk
                 causal, scale=scale)[:3]
     else:
         raise ValueError(f"no fused attention kernel for {q.dtype}, head dim {q.shape[-1]} on {q.device}")
-    for acc, g in ((dk_acc, dk), (dv_acc, dv)):
-        acc += g.view(b, hkv, hq // hkv, *g.shape[2:]).sum(2)
+    for acc, g in ((dk_acc, dk), (dv_acc, dv)):  # GQA: the query heads sharing a K/V head add up
+        acc += g if hq == hkv else g.view(b, hkv, hq // hkv, *g.shape[2:]).sum(2)
     return dq.transpose(1, 2)

@@ -17,7 +17,10 @@ interface) attend across the sequence shards of ``mesh.sp_ranks``:
   `ParallelCausalLM.loss`).
 - `ParallelCausalLM.sync` averages gradients over the world (dp × sp ranks
   hold replicas), bucketed all-reduces through `loom.comms` (the fault monitor
-  sees them).
+  sees them); expert weights over the ranks that hold the same experts.
+- MoE models (Mixtral, Qwen2-MoE): ``moe="standard"|"llep"`` runs their
+  sparse blocks as loom `MoE` layers, expert-parallel over ``mesh.ep_group``
+  (`loom.parallel.hf_moe`: weights mapped, router kept).
 
 transformers is an optional dependency (``pip install -e ".[hf]"``): it is
 imported when `parallelize` runs, never when loom is.
@@ -29,7 +32,9 @@ import torch.nn.functional as F
 
 from loom import comms
 
-from .data_parallel import GradientSync
+from .expert_sync import ExpertParallelGradientSync
+from .hf_moe import replace_sparse_blocks
+from .llep import LLEPConfig
 from .model import local_attention
 from .sequence import shard_batch
 from .sequence_parallel import mesh_core
@@ -131,6 +136,25 @@ def sliding_windows(model) -> list[int]:
     return windows
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers``
+    for Llama, Qwen2, Mistral, Mixtral; found by structure, not by name): the
+    one `torch.nn.ModuleList` whose every entry holds exactly one of the
+    model's attention layers, and which holds all of them.  These are the
+    blocks loom shards one at a time (`loom.parallel.shard_data_parallel`'s
+    ``blocks=``) and checkpoints (`loom.parallel.apply_activation_checkpointing`).
+    Raises ValueError when no module list fits."""
+    attention = {id(m) for m in _attention_layers(model)}
+    for name, candidate in model.named_modules():
+        if not isinstance(candidate, torch.nn.ModuleList) or len(candidate) != len(attention) or not attention:
+            continue
+        held = [[id(m) for m in layer.modules() if id(m) in attention] for layer in candidate]
+        if all(len(ids) == 1 for ids in held) and {i for ids in held for i in ids} == attention:
+            return candidate
+    raise ValueError(f"{type(model).__name__}: no module list of decoder layers (one attention layer each, "
+                     f"{len(attention)} in all) was found; pass the blocks yourself")
+
+
 def _refuse_padding(module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
@@ -175,7 +199,7 @@ class ParallelCausalLM:
     def __init__(self, model, mesh, layout: str, group_size: int):
         self.model, self.mesh, self.layout = model, mesh, layout
         self._world_size = group_size
-        self._grads = GradientSync(model.parameters(), group=None)
+        self._grads = ExpertParallelGradientSync(model, None, ep_group=mesh.ep_group, edp_group=mesh.edp_group)
 
     def shard(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         """This rank's share of a ``[batch, seq]`` int64 batch (the same on
@@ -210,12 +234,14 @@ class ParallelCausalLM:
         return total * (self._world_size / count.item())
 
     def sync(self) -> None:
-        """Average the gradients over every rank (call after backward)."""
+        """Average the gradients over every rank (call after backward);
+        expert gradients are summed over the ranks that hold those experts
+        and divided by the world size (`ExpertParallelGradientSync`)."""
         self._grads.sync()
 
 
 def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None = None,
-                kernel: str = "auto") -> ParallelCausalLM:
+                kernel: str = "auto", moe: str | None = None, llep: LLEPConfig | None = None) -> ParallelCausalLM:
     """Prepare a transformers causal LM for ``mesh`` (`loom.comms.mesh.Mesh`;
     every rank holds the whole model): its attention layers attend across
     ``mesh.sp_ranks`` by ``sp_attention`` ("ring", "ulysses", or
@@ -226,7 +252,12 @@ def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None =
     Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
     ValueError for a model with no attention layer loom can drive, an unknown
     attention or layout or attention dropout in the config (and, when it
-    runs, a sliding window shorter than the positions attended)."""
+    runs, a sliding window shorter than the positions attended), ``moe`` for
+    a model without sparse MoE blocks or that they cannot honour."""
+    if moe is None and mesh.ep > 1:
+        moe = "standard"
+    if moe is not None:
+        replace_sparse_blocks(model, ep_group=mesh.ep_group if mesh.ep > 1 else None, dispatcher=moe, llep=llep)
     layout = layout or ("contiguous" if sp_attention == "ulysses" else "zigzag")
     core = mesh_core(sp_attention, mesh, layout=layout, kernel=kernel)
     for layer in prepare(model):

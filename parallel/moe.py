@@ -33,6 +33,7 @@ from .llep import LLEPConfig, LLEPPlan, llep_plan, standard_plan
 from .placement import declare_placements
 
 DISPATCHERS = ("standard", "llep")
+GATINGS = ("topk_softmax", "softmax_topk")
 _UNSET = object()
 _FIELDS = ("dim", "hidden", "num_experts", "top_k", "dispatcher", "dtype", "weight dtype")
 
@@ -261,11 +262,20 @@ class MoE(nn.Module):
     on one global batch), so averaged over the ranks it is the one-process
     loss at any EP degree.  (``group=`` is the old name of ``ep_group`` and
     still accepted, with a DeprecationWarning.)
+
+    The router's gate weights of a token (``[tokens, top_k]``): ``gating=
+    "topk_softmax"`` (default) softmax over its top-k logits;
+    ``"softmax_topk"`` the top-k of the softmax over all experts,
+    renormalised to sum 1 when ``norm_topk`` (Mixtral, Qwen2-MoE's
+    ``norm_topk_prob``).  ``router_dtype`` (e.g. torch.float32, as
+    transformers' routers) computes that softmax in that dtype; the gates are
+    cast back to the input's dtype.
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *, ep_group=None,
                  dispatcher: str = "llep", llep: LLEPConfig | None = None, aux_loss_coef: float = 0.01,
-                 aux_group=None, group=_UNSET):
+                 aux_group=None, group=_UNSET, gating: str = "topk_softmax", norm_topk: bool = True,
+                 router_dtype: torch.dtype | None = None):
         super().__init__()
         if group is not _UNSET:
             if ep_group is not None:
@@ -280,6 +290,10 @@ class MoE(nn.Module):
             raise ValueError(f"MoE top_k={top_k} must be <= num_experts={num_experts}")
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"MoE dispatcher={dispatcher!r} must be one of {DISPATCHERS}")
+        if gating not in GATINGS:
+            raise ValueError(f"MoE gating={gating!r} must be one of {GATINGS}")
+        if router_dtype is not None and not (isinstance(router_dtype, torch.dtype) and router_dtype.is_floating_point):
+            raise TypeError(f"MoE router_dtype={router_dtype!r} must be a floating-point torch.dtype or None")
         if llep is not None and not isinstance(llep, LLEPConfig):
             raise TypeError(f"MoE llep={llep!r} must be an LLEPConfig or None")
         if ep_group is None:
@@ -296,6 +310,7 @@ class MoE(nn.Module):
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.ep_group, self.world, self.experts_per_rank = ep_group, world, num_experts // world
         self.dispatcher, self.llep = dispatcher, llep or LLEPConfig()
+        self.gating, self.norm_topk, self.router_dtype = gating, bool(norm_topk), router_dtype
         self.aux_loss_coef = float(aux_loss_coef)
         self.aux_group, self.aux_ranks = aux_group, sorted(comms.group_ranks(aux_group))
         self.router = nn.Linear(dim, num_experts, bias=False)
@@ -333,7 +348,7 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, ep={self.world}, dispatcher={self.dispatcher!r}")
+                f"top_k={self.top_k}, ep={self.world}, dispatcher={self.dispatcher!r}, gating={self.gating!r}")
 
     def plan(self, loads: list[int]) -> LLEPPlan:
         """This layer's plan for global per-expert loads."""
@@ -346,6 +361,19 @@ class MoE(nn.Module):
                 return llep_plan(loads, self.world, self.experts_per_rank, alpha=c.alpha,
                                  min_chunk=c.min_chunk, max_borrowed_experts=c.max_borrowed_experts)
         return standard_plan(loads, self.world, self.experts_per_rank)
+
+    def _gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate weights ``[tokens, top_k]`` in the logits' dtype, expert ids
+        ``[tokens, top_k]`` int64) by ``gating`` (see the class docstring)."""
+        work = logits if self.router_dtype is None else logits.to(self.router_dtype)
+        if self.gating == "topk_softmax":
+            top, experts = work.topk(self.top_k, dim=-1)
+            gates = torch.softmax(top, dim=-1)
+        else:
+            gates, experts = torch.softmax(work, dim=-1).topk(self.top_k, dim=-1)
+            if self.norm_topk:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates.to(logits.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         error, mine = None, ()
@@ -372,8 +400,7 @@ class MoE(nn.Module):
         shape, k = x.shape, self.top_k
         flat = x.reshape(-1, self.dim)
         logits = self.router(flat)
-        top_logits, top_experts = logits.topk(k, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1)
+        gates, top_experts = self._gates(logits)
         slot_expert = top_experts.reshape(-1)
         local = torch.bincount(slot_expert, minlength=self.num_experts)
         if self.world > 1:

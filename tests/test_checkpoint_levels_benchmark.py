@@ -17,7 +17,7 @@ import checkpoint_levels as bench  # noqa: E402
 MIB = 1 << 20
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_quick_run_measures_every_level_and_method_and_writes_nothing(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a --quick run wrote results")
@@ -39,6 +39,12 @@ def test_quick_run_measures_every_level_and_method_and_writes_nothing(monkeypatc
             assert 0 < r["stall_s"] <= r["durable_s"]
             if mode == "sync":
                 assert r["stall_s"] == r["durable_s"] and r["steps_during"] == [0]
+    ml = out["multilevel"]  # multi-level: local commit, then S3 in the background; loads from either level
+    assert 0 < ml["local_durable_s"] < ml["remote_durable_s"] and ml["stall_s"] > 0
+    assert ml["tiers"]["local"] == {"local": 8 * MIB} and ml["tiers"]["remote"] == {"storage": 8 * MIB}
+    bg = out["multilevel_background"]  # the local commit in the background: the loop waits for the snapshot
+    assert 0 < bg["stall_s"] < bg["local_durable_s"] < bg["remote_durable_s"]
+    assert bg["tiers"] == ml["tiers"]
     throughput = out["levels"]["s3"]["throughput"]
     assert set(throughput) == {"loom", "loom_fixed", "raw", "raw_batch", "dcp"}
     assert all(t["save"] > 0 and t["load"] > 0 for t in throughput.values())

@@ -30,7 +30,7 @@ def test_a_committed_step_is_served_from_memory(tmp_path):
     target = _empty()
     info = checkpoint.load(target, str(tmp_path), memory=mem)
     _same(target, saved)
-    assert info.tiers == {"memory_local": mem.nbytes, "memory_peer": 0, "storage": 0}
+    assert info.tiers == {"memory_local": mem.nbytes, "memory_peer": 0, "local": 0, "storage": 0}
     assert info.tiers_by_rank == [info.tiers] and tier_of(info.tiers) == "memory"
 
 
@@ -43,7 +43,7 @@ def test_a_miss_is_read_from_storage(tmp_path):
     target = _empty()
     info = checkpoint.load(target, str(tmp_path), memory=mem)
     _same(target, saved)
-    assert info.tiers == {"memory_local": 64 * 32 * 8, "memory_peer": 0, "storage": 32 * 8}
+    assert info.tiers == {"memory_local": 64 * 32 * 8, "memory_peer": 0, "local": 0, "storage": 32 * 8}
     assert tier_of(info.tiers) == "mixed"
 
 
@@ -154,7 +154,7 @@ def test_ray_holders_keep_the_newest_committed_step_and_serve_it(tmp_path, caplo
         target = _empty()
         info = checkpoint.load(target, str(tmp_path), memory=mine)
         _same(target, saved)
-        assert info.tiers == {"memory_local": (64 * 32 + 32) * 8, "memory_peer": 0, "storage": 0}
+        assert info.tiers == {"memory_local": (64 * 32 + 32) * 8, "memory_peer": 0, "local": 0, "storage": 0}
         # a reader on another node finds the copy on this one as a peer's
         elsewhere = RaySnapshots(names, "f" * 56, rank=0)
         info = checkpoint.load(_empty(), str(tmp_path), memory=elsewhere)
