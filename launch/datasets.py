@@ -8,7 +8,7 @@ starts, so a missing file, an empty corpus, a token id outside the model's
 vocabulary or a corpus shorter than one window is a ConfigError there.
 The driver's vocabulary check reads no remote corpus whose metadata bounds
 its ids (see `Corpus.check_vocab`); the workers' sources check every batch
-they read against loom's reference model's ``--vocab``.
+they read against the model's vocabulary when it is known (`known_vocab`).
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def open_job_data(cfg, world: int, corpora: tuple[Corpus, Corpus | None] | None 
         return JobData(data, data.heldout())
     train, val = corpora or open_corpora(cfg)
     documents = not cfg.data.cross_document_attention
-    # loom's reference model: every batch is checked against --vocab (the driver's check trusts remote metadata);
-    # a user's --model says its vocabulary only at its first forward
-    vocab = None if t.model else cfg.model.vocab
+    # every batch is checked against the model's vocabulary when it is known (the driver's check trusts remote
+    # metadata)
+    vocab = known_vocab(cfg)
     if cfg.parallel.hdp:
         from .config import varlen_options
         source = DocumentDraws(train, t.batch_size, varlen_options(cfg)["max_len"], seed=t.seed, vocab=vocab)
@@ -91,10 +91,22 @@ def open_job_data(cfg, world: int, corpora: tuple[Corpus, Corpus | None] | None 
     return JobData(source, heldout, val, documents)
 
 
+def known_vocab(cfg) -> int | None:
+    """The model's vocabulary size when the job knows it before any forward:
+    loom's reference model's ``--vocab``, or a ``--hf-config`` model's
+    ``vocab_size`` (read into ``[model]``); None for another ``--model``
+    (it says its vocabulary only at its first forward)."""
+    t = cfg.train
+    return cfg.model.vocab if not t.model or t.hf_config else None
+
+
 def model_vocab_problem(cfg, corpus: Corpus) -> str | None:
     try:
         corpus.check_vocab(cfg.model.vocab)
     except ValueError as exc:
+        if cfg.train.hf_config:
+            return (f"{exc} [this vocabulary is the vocab_size of --hf-config {cfg.train.hf_config}, which "
+                    f"--vocab does not change: use a tokenizer within it]")
         return str(exc)
     return None
 
@@ -111,7 +123,7 @@ def data_problems(cfg, world: int) -> list[str]:
         return [f"{getattr(exc, 'flag', '--data')}: {exc}"]
     except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer library's own error: a line, not a traceback
         return [f"{getattr(exc, 'flag', '--data')}: {type(exc).__name__}: {exc}"]
-    if not cfg.train.model:  # a user's model says its vocabulary at its first forward
+    if known_vocab(cfg) is not None:
         for corpus in (train, val):
             problem = corpus is not None and model_vocab_problem(cfg, corpus)
             if problem:

@@ -181,7 +181,8 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
     or ``positions``; ``--activation-checkpointing`` for a model without a
     ``blocks`` list (checked on an instance built on the meta device, which
     allocates no memory; a factory that cannot build there is checked by the
-    workers instead)."""
+    workers instead); a ConfigError the factory raises there (a
+    ``--hf-config`` model is always built there)."""
     spec, p = cfg.train.model, cfg.parallel
     try:
         factory = load_factory(spec)
@@ -199,10 +200,12 @@ def user_model_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"--hdp applies only to loom's reference model, not --model={spec}")
     model = None
     documents = not cfg.data.synthetic and not cfg.data.cross_document_attention
-    if p.sp > 1 or cfg.train.activation_checkpointing or documents:
+    if p.sp > 1 or cfg.train.activation_checkpointing or documents or cfg.train.hf_config:
         try:
             with torch.device("meta"):
                 model = factory(cfg)
+        except ConfigError as exc:  # the factory's own verdict on the job's options (e.g. --hf-config's)
+            return problems + [str(exc)]
         except Exception:  # noqa: BLE001 - e.g. it loads weights; the workers' check will say
             model = None
     if cfg.train.activation_checkpointing and isinstance(model, torch.nn.Module) and not isinstance(

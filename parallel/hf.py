@@ -51,6 +51,18 @@ def _transformers():
     return transformers
 
 
+# the keywords transformers' layers pass that loom's attention honours (sliding_window: see below) or that do
+# not change what attention computes
+_UNDERSTOOD = frozenset({"position_ids", "loom_cu_seqlens", "sliding_window", "use_cache", "cache_position",
+                         "output_attentions", "output_hidden_states", "output_router_logits", "return_dict"})
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)[:40]
+
+
 def _loom_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function contract: query ``[b, heads_q, s_local,
     d]``, key/value ``[b, heads_kv, s_local, d]`` -> ``(out [b, s_local,
@@ -64,16 +76,43 @@ def _loom_attention(module, query, key, value, attention_mask, scaling=None, dro
     if dropout:
         raise ValueError(f"loom's sequence-parallel attention has no attention dropout (got {dropout}); "
                          f"set the config's attention_dropout to 0")
-    if kwargs.get("sliding_window"):
-        raise ValueError(f"sliding-window attention (window {kwargs['sliding_window']}) is not sequence-parallel "
-                         f"in loom; disable it in the config (use_sliding_window=False)")
+    window = kwargs.get("sliding_window")
+    if window:  # a window no longer than the positions attended changes nothing (distances stay < window)
+        positions = kwargs.get("position_ids")
+        last = None if positions is None else int(positions.max())
+        if last is None or last >= window:
+            raise ValueError(f"sliding-window attention (window {window}) over positions up to {last} is not "
+                             f"supported by loom's attention: use sequences of at most {window} tokens or "
+                             f"disable the window in the config")
     if attention_mask is not None:
         raise ValueError("loom's sequence-parallel attention takes no attention mask (causality is its own)")
+    unknown = {key: value for key, value in kwargs.items()
+               if key not in _UNDERSTOOD and value is not None and value is not False}
+    if unknown:  # e.g. Gemma 2's logit softcap, gpt-oss' attention sinks (s_aux): ignoring them changes the model
+        shown = ", ".join(f"{key}={_short(value)}" for key, value in unknown.items())
+        raise ValueError(f"{type(module).__name__} asks the attention for {shown}, which loom's attention does "
+                         f"not implement: this model cannot run under loom's attention")
     documents = kwargs.get("loom_cu_seqlens")
     extra = {} if documents is None else {"cu_seqlens": documents}
+    query, key, value = _common_dtype(query, key, value)
     out = core(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                causal=bool(getattr(module, "is_causal", True)), scale=scaling, **extra)
     return out, None
+
+
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in one dtype, as SDPA would take them: autocast's when it
+    is on for their device (transformers' rotary embedding leaves q and k in
+    float32 under autocast while v is in half precision), else the promoted
+    dtype of them all."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _attention_layers(model) -> list[torch.nn.Module]:
@@ -81,6 +120,20 @@ def _attention_layers(model) -> list[torch.nn.Module]:
     ``config``, ``layer_idx`` and ``scaling``)."""
     return [m for m in model.modules()
             if hasattr(m, "scaling") and hasattr(m, "layer_idx") and hasattr(m, "config")]
+
+
+def sliding_windows(model) -> list[int]:
+    """The sliding windows (tokens) of ``model``'s attention layers that
+    have one, as transformers passes them to the attention function (the
+    layer's ``sliding_window``, else the config's).  loom's attention honours
+    a window only where it changes nothing: sequences of at most that many
+    tokens."""
+    windows = []
+    for layer in _attention_layers(model):
+        window = getattr(layer, "sliding_window", getattr(layer.config, "sliding_window", None))
+        if window:
+            windows.append(int(window))
+    return windows
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -114,8 +167,9 @@ def prepare(model) -> list[torch.nn.Module]:
     function with transformers, select it, and give every attention layer a
     swappable ``core`` (`loom.parallel.local_attention`, ``core_kind =
     "softmax"``), as loom's own layers have.  Idempotent.  Returns the
-    attention layers.  Raises ValueError for a model with none, attention
-    dropout or a sliding window in the config."""
+    attention layers.  Raises ValueError for a model with none or attention
+    dropout in the config; a sliding window (`sliding_windows`) shorter than
+    the positions attended is refused when the model runs."""
     transformers = _transformers()
     layers = _attention_layers(model)
     if not layers:
@@ -125,8 +179,6 @@ def prepare(model) -> list[torch.nn.Module]:
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(f"attention_dropout={config.attention_dropout}: loom's sequence-parallel attention has "
                          f"no dropout; set it to 0")
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise ValueError("use_sliding_window=True: sliding-window attention is not sequence-parallel in loom")
     transformers.AttentionInterface.register(ATTENTION_NAME, _loom_attention)
     for layer in layers:
         if getattr(layer, "core", None) is None:
@@ -199,8 +251,9 @@ def parallelize(model, mesh, *, sp_attention: str = "ring", layout: str | None =
 
     Returns a `ParallelCausalLM`.  Raises ImportError without transformers,
     ValueError for a model with no attention layer loom can drive, an unknown
-    attention or layout, attention dropout or a sliding window in the config,
-    ``moe`` for a model without sparse MoE blocks or that they cannot honour."""
+    attention or layout or attention dropout in the config (and, when it
+    runs, a sliding window shorter than the positions attended), ``moe`` for
+    a model without sparse MoE blocks or that they cannot honour."""
     if moe is None and mesh.ep > 1:
         moe = "standard"
     if moe is not None:

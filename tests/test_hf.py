@@ -503,7 +503,8 @@ def test_loom_train_hf_moe_ep2_checkpoint_resumes_at_ep1_and_exports(distributed
 def test_hf_moe_config_sets_the_experts_and_dense_models_refuse_ep(tmp_path):
     from loom.launch.config import build_config, validate
     from loom.launch.user_model import user_model_problems
-    cfg = validate(build_config(overrides=dict(hf_config=str(_save(tmp_path, "mixtral")), dp=2, ep=2)))
+    cfg = validate(build_config(overrides=dict(hf_config=str(_save(tmp_path, "mixtral")), dp=2, ep=2,
+                                               data="synthetic")))  # (byte-level text exceeds its vocab of 64)
     assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.moe) == (4, 2, "standard")  # always loom's MoE
     assert user_model_problems(cfg) == []
     cfg = build_config(overrides=dict(hf_config=str(_save(tmp_path, "qwen2_moe")), moe="llep"))
