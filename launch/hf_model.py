@@ -207,11 +207,11 @@ class CausalLMAdapter(torch.nn.Module):
 
 
 def _transformers():
+    from loom.parallel.hf import import_transformers
     try:
-        import transformers
+        return import_transformers()
     except ImportError:
         raise ConfigError("--hf-config needs transformers: pip install -e \".[hf]\"") from None
-    return transformers
 
 
 def transformers_config(data: dict, where: str):

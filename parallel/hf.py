@@ -43,7 +43,8 @@ ATTENTION_NAME = "loom_sp"
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
-def _transformers():
+def import_transformers():
+    """The transformers module; ImportError naming the ``hf`` extra without it."""
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -170,7 +171,7 @@ def prepare(model) -> list[torch.nn.Module]:
     attention layers.  Raises ValueError for a model with none or attention
     dropout in the config; a sliding window (`sliding_windows`) shorter than
     the positions attended is refused when the model runs."""
-    transformers = _transformers()
+    transformers = import_transformers()
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no attention layer that calls transformers' attention "
