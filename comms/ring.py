@@ -86,30 +86,39 @@ class Ring:
         sent = ops.isend(send, self.next, tag=tag)
         return sent, recv
 
-    def rotate(self, x: torch.Tensor, steps: int | None = None, channel: int = 0
+    def rotate(self, x, steps: int | None = None, channel: int = 0, *, borrow: bool = False
                ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(step, block)`` for ``steps`` (default: size) steps, where
-        ``block`` is the tensor position ``owner(step)`` started with.
+        ``block`` is what position ``owner(step)`` started with.  ``x`` is a
+        tensor or a tuple of tensors (one message each, yielded as a tuple).
 
         Double buffered: the transfer for step i+1 is in flight while the
-        caller works on step i.  The ring takes ``x`` over (its storage is
-        reused as a receive buffer), and a yielded block is only valid until
-        the next one is requested."""
+        caller works on step i.  Without ``borrow`` the ring takes ``x`` over
+        (its storage is reused as a receive buffer); with it, ``x`` stays the
+        caller's and is never written (the ring allocates its own buffers, one
+        fewer copy than stacking the parts into a new tensor).  A yielded block
+        is only valid until the next one is requested; after the last step
+        the caller may reuse a block the ring allocated (any step > 0 with
+        ``borrow``)."""
         steps = self.size if steps is None else steps
         if not 0 <= steps <= self.size:
             raise ValueError(f"rotate: steps={steps} must be in [0, {self.size}]")
-        buffers = [x.contiguous(), None]
+        single = isinstance(x, torch.Tensor)
+        start = tuple(t.contiguous() for t in ((x,) if single else x))
+        current, spare = start, []   # spare: ring-owned buffers nothing reads now
         for step in range(steps):
-            current = buffers[step % 2]
-            pending = ()
+            pending, nxt = [], None
             if step + 1 < steps:
-                nxt = buffers[(step + 1) % 2]
-                if nxt is None:
-                    nxt = buffers[(step + 1) % 2] = torch.empty_like(current)
-                pending = self.shift(current, nxt, channel)
-            yield step, current
+                nxt = spare.pop() if spare else tuple(torch.empty_like(t) for t in current)
+                for send, recv_into in zip(current, nxt):
+                    pending.extend(self.shift(send, recv_into, channel))
+            yield step, (current[0] if single else current)
             for p in pending:
                 p.wait()
+            if nxt is not None:
+                if not (borrow and current is start):
+                    spare.append(current)
+                current = nxt
 
     def all_gather(self, x: torch.Tensor, channel: int = 0) -> torch.Tensor:
         """Every position's ``x`` (same shape everywhere), stacked in ring

@@ -155,12 +155,21 @@ def _add_matmul(acc, a, b) -> None:
 def merge_partials(out, lse, out_b, lse_b):
     """Merge a block's partial ``(out_b, lse_b)`` into ``(out, lse)``:
     ``lse' = logaddexp(lse, lse_b)``, ``out' = out*exp(lse-lse') + out_b*exp(lse_b-lse')``.
-    Rows where both LSEs are -inf stay (0, -inf)."""
+    Rows where both LSEs are -inf stay (0, -inf).  Returns new tensors."""
+    out, lse = out.clone(), lse.clone()
+    merge_into(out, lse, out_b.clone(), lse_b)
+    return out, lse
+
+
+def merge_into(out, lse, out_b, lse_b) -> None:
+    """`merge_partials` in place: ``out [b, s, h, d]`` and ``lse [b, h, s]``
+    (views into the running result) take the merge; ``out_b`` (a fresh
+    partial) is scaled in place."""
     new = torch.logaddexp(lse, lse_b)
     base = _finite(new)
-    w = torch.exp(lse - base).transpose(1, 2).unsqueeze(-1)
-    w_b = torch.exp(lse_b - base).transpose(1, 2).unsqueeze(-1)
-    return out * w + out_b * w_b, new
+    out.mul_(torch.exp(lse - base).transpose(1, 2).unsqueeze(-1))
+    out.add_(out_b.mul_(torch.exp(lse_b - base).transpose(1, 2).unsqueeze(-1)))
+    lse.copy_(new)
 
 
 # ------------------------------------------------------------------ planning

@@ -3,15 +3,24 @@
 Each position of the ring holds a shard of Q, K and V.  Forward: the K/V
 block travels round the ring (P-1 shifts, the next one in flight while the
 current block is computed) and each block's partial output is merged into the
-running result by its LSE.  Backward: K/V go round again and each block's
-dK/dV accumulator travels with it (P shifts, so it arrives home); dQ stays
-local.  Every block's gradient is computed from the *rotated* K/V it arrived
-with and the forward's merged output and LSE.
+running result by its LSE.  Backward: K/V go round again; a block's dK/dV
+accumulator starts at the first position after its owner and travels with it
+(P-1 shifts, the last one home, where it is added to the owner's own part);
+dQ stays local.  Every block's gradient is computed from the *rotated* K/V it
+arrived with and the forward's merged output and LSE.  The second half of a
+shard's own causal block is computed last, while the accumulators' last hop
+home is in flight.
 
-Point-to-point messages per call and rank (P = ring size): P-1 tiny
-agreement messages (`loom.comms.agree`, one to every other member: shapes and
-options, or the error) + P-1 K/V blocks forward; P-1 K/V blocks + P dK/dV
-accumulators backward.
+``head_chunks`` runs the ring once per chunk of K/V heads (attention heads
+are independent): the buffers in flight (K/V blocks, dK/dV accumulators, the
+kernels' temporaries) shrink by that factor, for that many times more,
+smaller messages.
+
+Point-to-point messages per call and rank (P = ring size, C head chunks):
+P-1 tiny agreement messages (`loom.comms.agree`, one to every other member:
+shapes and options, or the error) + 2C(P-1) K/V messages forward; 2C(P-1)
+K/V and 2C(P-1) dK/dV messages backward (K and V travel as separate
+messages, without being stacked into a copy).
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from loom.comms import Ring, agree, world_ranks
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
-    check_cu_seqlens, check_qkv, empty_attention, merge_partials, plan_area, plan_block, tile_rows_for
+    check_cu_seqlens, check_qkv, empty_attention, merge_into, plan_area, plan_block, tile_rows_for
 from .fused_attention import fused_block_backward, fused_block_forward, resolve_kernel
 from .sequence import check_layout, shard_segments
 
@@ -69,6 +78,28 @@ class RingSpec:
             else:
                 planned.append((rows, cols, mask, None if mask is not None else False))
         return planned
+
+    def own_tiles(self, position: int, device=None, defer: bool = True) -> tuple[list, list]:
+        """`kernel_tiles` of a shard's own block split in two, ``(now,
+        later)``: ``later`` holds the tiles whose rows lie in the second half
+        of the shard (a fused causal square is cut into its first-half
+        triangle, the full lower-left rectangle and the second-half triangle),
+        so the backward can compute them while the last accumulators travel
+        home.  ``defer`` False: everything now."""
+        tiles = self.kernel_tiles(position, position, device)
+        if not defer:
+            return tiles, []
+        half = sum(length for *_, length in self.segments[position]) // 2
+        now, later = [], []
+        for rows, cols, mask, fused_causal in tiles:
+            if fused_causal and rows.stop - rows.start > 1:
+                a, e = rows.start, rows.stop
+                m = a + (e - a) // 2
+                now += [(slice(a, m), slice(a, m), None, True), (slice(m, e), slice(a, m), None, False)]
+                later.append((slice(m, e), slice(m, e), None, True))
+            else:
+                (later if rows.start >= half else now).append((rows, cols, mask, fused_causal))
+        return now, later
 
 
 def explicit_mask(mask, fused_causal, rows: slice, device=None):
@@ -116,20 +147,104 @@ def _check_inputs(q, k, v, *, layout, scale, cu_seqlens, size):
 
 
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
-           "ring ranks", "cu_seqlens")
+           "ring ranks", "cu_seqlens", "head_chunks")
 _SHOWN = _FIELDS[:5]
 _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contiguous", "causal": bool,
             "scale": bits_float}
 
 
-def _description(q, k, layout, causal, scale, bounds, ring) -> list[int]:
+def _description(q, k, layout, causal, scale, bounds, ring, head_chunks) -> list[int]:
     """What every position of the ring must agree on (see `comms.agree`)."""
     return [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype_code(q.dtype),
             layout == "zigzag", causal, float_bits(scale), checksum_ints(ring.ranks),
-            -1 if bounds is None else checksum_ints(bounds)]
+            -1 if bounds is None else checksum_ints(bounds), head_chunks]
 
 
 # ------------------------------------------------------------------ the ring
+
+def head_chunk_slices(heads_q: int, heads_kv: int, chunks: int) -> list[tuple[slice, slice]]:
+    """``(query heads, K/V heads)`` of each of ``chunks`` head chunks (a K/V
+    head stays with the query heads that read it).  ValueError unless
+    ``chunks`` is a positive integer dividing ``heads_kv``."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or heads_kv % chunks:
+        raise ValueError(f"head_chunks={chunks!r} must be a positive integer dividing the {heads_kv} K/V heads")
+    per_kv, per_q = heads_kv // chunks, heads_q // chunks
+    return [(slice(i * per_q, (i + 1) * per_q), slice(i * per_kv, (i + 1) * per_kv)) for i in range(chunks)]
+
+
+def _forward_tiles(tiles, q, kb, vb, spec, out, lse) -> None:
+    """Merge the partial results of ``tiles`` (`RingSpec.kernel_tiles`) into
+    ``out [b, s, h, d]`` / ``lse [b, h, s]`` (views of the running result)."""
+    for rows, cols, mask, fused_causal in tiles:
+        if fused_causal is None:
+            o_b, l_b = block_forward(q[:, rows], kb[:, cols], vb[:, cols], spec.scale, mask)
+        else:
+            o_b, l_b = fused_block_forward(q[:, rows], kb[:, cols], vb[:, cols], spec.scale, fused_causal)
+        merge_into(out[:, rows], lse[:, :, rows], o_b, l_b)
+
+
+def _backward_tiles(tiles, q, kb, vb, saved, spec, dq, dkv, lse_grad: bool) -> None:
+    """Add the gradients of ``tiles`` into ``dq [b, s, hq, d]`` and the
+    heads-first ``dkv = (dk, dv)`` accumulators of the block ``kb``/``vb``.
+    ``saved``: ``(dout, out, lse, delta)`` of the query rows."""
+    dout, out, lse, delta = saved
+    for rows, cols, mask, fused_causal in tiles:
+        k_t, v_t, dk_t, dv_t = kb[:, cols], vb[:, cols], dkv[0][:, :, cols], dkv[1][:, :, cols]
+        if fused_causal is None or lse_grad:  # the fused kernel takes no gradient of the LSE
+            dq[:, rows] += block_backward(q[:, rows], k_t, v_t, dout[:, rows], lse[:, :, rows], delta[:, :, rows],
+                                          spec.scale, explicit_mask(mask, fused_causal, rows, q.device), dk_t, dv_t)
+        else:
+            dq[:, rows] += fused_block_backward(q[:, rows], k_t, v_t, dout[:, rows], out[:, rows], lse[:, :, rows],
+                                                spec.scale, fused_causal, dk_t, dv_t)
+
+
+def _ring_forward(q, k, v, ring, spec, out, lse) -> None:
+    """One head chunk's forward into the views ``out`` / ``lse``."""
+    out.zero_()
+    lse.fill_(float("-inf"))
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True):
+        _forward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, spec, out, lse)
+
+
+def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
+    """One head chunk's backward: adds into ``dq`` and returns this shard's
+    ``(dk, dv)``, heads-first ``[b, hkv, s, d]`` in the accumulation dtype."""
+    b, s, hkv, d = k.shape
+    acc = dq.dtype
+
+    def zeros():
+        return tuple(torch.zeros((b, hkv, s, d), dtype=acc, device=k.device) for _ in range(2))
+    own = zeros()
+    now, later = spec.own_tiles(ring.position, q.device, defer=ring.size > 1)
+    spare, sending, incoming, received = [], [], [], None
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True):
+        if step == 0:
+            _backward_tiles(now, q, kb, vb, saved, spec, dq, own, lse_grad)
+            continue
+        part = tuple(g.zero_() for g in spare.pop()) if spare else zeros()
+        _backward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, saved, spec,
+                        dq, part, lse_grad)
+        here = part  # the block's accumulator starts at the first position after its owner
+        if received is not None:  # ... and from then on travels with it: add this position's part
+            for p in incoming:
+                p.wait()
+            here = tuple(a.add_(g) for a, g in zip(received, part))
+            spare.append(part)
+        for p in sending:
+            p.wait()
+        if sending:  # the buffer that left is free again
+            spare.append(sent)
+        sent, received = here, (spare.pop() if spare else zeros())
+        pairs = [ring.shift(a, r, channel=_ACC) for a, r in zip(sent, received)]
+        sending, incoming = [p for p, _ in pairs], [r for _, r in pairs]
+    _backward_tiles(later, q, k, v, saved, spec, dq, own, lse_grad)  # while the last hop is in flight
+    if received is not None:  # this shard's accumulator, home after P-1 hops
+        for p in incoming + sending:
+            p.wait()
+        for a, g in zip(own, received):
+            a.add_(g)
+    return own
+
 
 class _RingAttention(torch.autograd.Function):
     """Differentiable once: the dK/dV accumulators that travel the ring are
@@ -139,22 +254,17 @@ class _RingAttention(torch.autograd.Function):
     second derivatives."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring, spec):
+    def forward(ctx, q, k, v, ring, spec, head_chunks):
         ctx.set_materialize_grads(False)
         acc = accumulation_dtype(q.dtype)
         b, s, hq, d = q.shape
-        out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
-        lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
-        for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
-            for rows, cols, mask, fused_causal in spec.kernel_tiles(ring.position, ring.owner(step), q.device):
-                if fused_causal is None:
-                    o_b, l_b = block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale, mask)
-                else:
-                    o_b, l_b = fused_block_forward(q[:, rows], kv[0][:, cols], kv[1][:, cols], spec.scale,
-                                                   fused_causal)
-                out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_b, l_b)
+        chunks = head_chunk_slices(hq, k.shape[2], head_chunks)
+        out = torch.empty(b, s, hq, d, dtype=acc, device=q.device)
+        lse = torch.empty((b, hq, s), dtype=acc, device=q.device)
+        for qh, kh in chunks:
+            _ring_forward(q[:, :, qh], k[:, :, kh], v[:, :, kh], ring, spec, out[:, :, qh], lse[:, qh])
         out = out.to(q.dtype)
-        ctx.ring, ctx.spec = ring, spec
+        ctx.ring, ctx.spec, ctx.chunks = ring, spec, chunks
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
 
@@ -164,52 +274,38 @@ class _RingAttention(torch.autograd.Function):
             raise RuntimeError("ring_attention does not support double backward: its backward cannot build a "
                                "graph (create_graph=True); take first derivatives only")
         q, k, v, out, lse = ctx.saved_tensors
-        ring, spec = ctx.ring, ctx.spec
+        ring, spec, chunks = ctx.ring, ctx.spec, ctx.chunks
         acc = lse.dtype
         dout = torch.zeros_like(out, dtype=acc) if dout is None else dout.to(acc)
         delta = (dout * out.to(acc)).sum(-1).transpose(1, 2)        # [b, hq, s]
         if dlse is not None:
             delta = delta - dlse.to(acc)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        b, s, hkv, d = k.shape
-        part = torch.empty((2, b, hkv, s, d), dtype=acc, device=k.device)  # this step's dK/dV, heads first
-        incoming, sending = None, ()
-        for step, kv in ring.rotate(torch.stack((k, v)), channel=_KV):
-            part.zero_()
-            for rows, cols, mask, fused_causal in spec.kernel_tiles(ring.position, ring.owner(step), q.device):
-                kb, vb, dk_b, dv_b = kv[0][:, cols], kv[1][:, cols], part[0][:, :, cols], part[1][:, :, cols]
-                if fused_causal is None or dlse is not None:  # the fused kernel takes no gradient of the LSE
-                    dq[:, rows] += block_backward(q[:, rows], kb, vb, dout[:, rows], lse[:, :, rows],
-                                                  delta[:, :, rows], spec.scale,
-                                                  explicit_mask(mask, fused_causal, rows, q.device), dk_b, dv_b)
-                else:
-                    dq[:, rows] += fused_block_backward(q[:, rows], kb, vb, dout[:, rows], out[:, rows],
-                                                        lse[:, :, rows], spec.scale, fused_causal, dk_b, dv_b)
-            # add to the accumulator of the block held now: the one that
-            # travelled here with it (received while computing), fresh at step 0
-            dkv = part.clone() if incoming is None else incoming.wait().add_(part)
-            for p in sending:
-                p.wait()
-            if ring.size > 1:  # pass it on; after P passes every accumulator is home
-                sent, incoming = ring.shift(dkv, torch.empty_like(dkv), channel=_ACC)
-                sending = (sent,)
-        if incoming is not None:
-            dkv = incoming.wait()
-            sending[0].wait()
-        dk, dv = (g.permute(0, 2, 1, 3).to(k.dtype) for g in dkv)
-        return dq.to(q.dtype), dk, dv, None, None
+        if len(chunks) == 1:
+            dk, dv = _ring_backward(q, k, v, (dout, out, lse, delta), ring, spec, dq, dlse is not None)
+            dk, dv = (g.permute(0, 2, 1, 3).to(k.dtype) for g in (dk, dv))
+        else:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            for qh, kh in chunks:
+                saved = (dout[:, :, qh], out[:, :, qh], lse[:, qh], delta[:, qh])
+                grads = _ring_backward(q[:, :, qh], k[:, :, kh], v[:, :, kh], saved, ring, spec, dq[:, :, qh],
+                                       dlse is not None)
+                for whole, g in zip((dk, dv), grads):
+                    whole[:, :, kh] = g.permute(0, 2, 1, 3)
+        return dq.to(q.dtype), dk, dv, None, None, None
 
 
-def run_ring(q, k, v, ring, spec: RingSpec):
+def run_ring(q, k, v, ring, spec: RingSpec, head_chunks: int = 1):
     """The autograd-aware ring on an already-checked call: ``(out, lse)``.
     ``ring`` is anything with Ring's ``position``, ``size``, ``owner``,
-    ``rotate`` and ``shift`` (benchmarks pass a ring that does not talk)."""
-    return _RingAttention.apply(q, k, v, ring, spec)
+    ``rotate`` and ``shift`` (benchmarks pass a ring that does not talk);
+    ``head_chunks``: see `ring_attention`."""
+    return _RingAttention.apply(q, k, v, ring, spec, head_chunks)
 
 
 def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous", group=None,
                    ranks=None, scale: float | None = None, cu_seqlens=None, return_lse: bool = False,
-                   kernel: str = "auto"):
+                   kernel: str = "auto", head_chunks: int = 1):
     """Exact softmax attention over a sequence sharded across a ring of ranks.
 
     q ``[batch, seq_local, heads_q, head_dim]``, k/v ``[batch, seq_local,
@@ -231,6 +327,12 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
     no fused kernel expresses), ``"fused"`` or ``"explicit"`` (see
     `loom.parallel.fused_attention`; ValueError for an unknown one, or
     ``"fused"`` where none exists).
+    ``head_chunks``: run the ring once per chunk of the K/V heads (a divisor
+    of heads_kv; ValueError otherwise): the K/V blocks in flight, the
+    travelling dK/dV accumulators and the kernels' temporaries shrink by that
+    factor, for that many times more (smaller) messages.  1 (the default) is
+    fastest; raise it when the ring's buffers, not the activations, bound
+    memory.  The result is the same (heads are independent).
     Returns ``out`` like q, plus ``lse [batch, heads_q, seq_local]`` (float32,
     float64 for float64 inputs) when ``return_lse``."""
     ring = Ring(list(ranks) if ranks is not None else world_ranks(group))
@@ -239,7 +341,8 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
         scale, bounds = _check_inputs(q, k, v, layout=layout, scale=scale, cu_seqlens=cu_seqlens,
                                       size=ring.size)
         kernel = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
-        mine = _description(q, k, layout, bool(causal), scale, bounds, ring)
+        head_chunk_slices(q.shape[2], k.shape[2], head_chunks)
+        mine = _description(q, k, layout, bool(causal), scale, bounds, ring, head_chunks)
     except (TypeError, ValueError) as exc:
         error = exc
     # every position learns of a bad or mismatched call before any K/V moves
@@ -252,5 +355,5 @@ def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous",
         return (out, lse) if return_lse else out
     spec = make_spec(q.shape[1], ring.size, layout, causal=causal, scale=scale, cu_seqlens=bounds,
                      device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]), kernel=kernel)
-    out, lse = run_ring(q, k, v, ring, spec)
+    out, lse = run_ring(q, k, v, ring, spec, head_chunks)
     return (out, lse) if return_lse else out

@@ -18,7 +18,11 @@ CASES = [dict(seed=1, layout="zigzag", causal=True, batch=2, seq_local=8, hq=4, 
          dict(seed=3, layout="contiguous", causal=False, batch=2, seq_local=5, hq=6, hkv=2, d=8),
          dict(seed=4, layout="zigzag", causal=True, batch=1, seq_local=8, hq=2, hkv=1, d=8, lse_grad=False),
          dict(seed=5, layout="zigzag", causal=True, batch=1, seq_local=8, hq=4, hkv=2, d=8,
-              docs=lambda total: _bounds(total, (5, 7, 1)))]
+              docs=lambda total: _bounds(total, (5, 7, 1))),
+         # the ring once per chunk of K/V heads (GQA groups stay together), plain and with documents
+         dict(seed=6, layout="zigzag", causal=True, batch=2, seq_local=8, hq=4, hkv=2, d=8, head_chunks=2),
+         dict(seed=7, layout="contiguous", causal=True, batch=1, seq_local=6, hq=6, hkv=3, d=4, head_chunks=3,
+              docs=lambda total: _bounds(total, (4, 9)))]
 
 
 def _run(case, kernel, dtype):
@@ -29,7 +33,7 @@ def _run(case, kernel, dtype):
     dlse = shard_sequence(full[4], rank, size, case["layout"], dim=2)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = ring_attention(q, k, v, causal=case["causal"], layout=case["layout"], cu_seqlens=_cu(case, size),
-                              return_lse=True, kernel=kernel)
+                              return_lse=True, kernel=kernel, head_chunks=case.get("head_chunks", 1))
     acc = lse.dtype  # float64 for float64, float32 otherwise
     loss = (out.to(acc) * dout.to(acc)).sum()
     if case.get("lse_grad", True):

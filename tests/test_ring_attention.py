@@ -194,6 +194,12 @@ def test_inputs_are_not_modified():
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
 
 
+@pytest.mark.parametrize("chunks", [0, 3, -1, 1.0, True])
+def test_head_chunks_must_divide_the_kv_heads(chunks):
+    q, k = torch.randn(1, 4, 4, 3), torch.randn(1, 4, 2, 3)
+    assert "head_chunks" in value_error(lambda: ring_attention(q, k, k, head_chunks=chunks))
+
+
 def _float32_cases():
     rank, size = dist.get_rank(), dist.get_world_size()
     out = {}
@@ -235,12 +241,18 @@ def _two_rings_and_message_counts():
     case4 = dict(seed=13, layout="zigzag", causal=True, batch=2, seq_local=4, hq=4, hkv=2, d=3)
     q, k, v, dout = (shard_sequence(t, rank, 4, "zigzag").clone() for t in _tensors(case4, 4)[:4])
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    comms.records(clear=True)
-    out = ring_attention(q, k, v, causal=True, layout="zigzag")
-    fwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
-    out.backward(dout)
-    bwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
-    return two, peers, fwd, bwd
+    counted = {}
+    for chunks in (1, 2):
+        comms.records(clear=True)
+        out = ring_attention(q, k, v, causal=True, layout="zigzag", head_chunks=chunks)
+        fwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
+        out.backward(dout)
+        bwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
+        counted[chunks] = (fwd, bwd, out.detach(), q.grad, k.grad, v.grad)
+        q.grad = k.grad = v.grad = None
+    # the ring borrows q, k, v: it sends them but never receives into them
+    assert all(torch.equal(t, shard_sequence(f, rank, 4, "zigzag")) for t, f in zip((q, k, v), _tensors(case4, 4)))
+    return two, peers, counted
 
 
 @pytest.mark.timeout(180)
@@ -251,22 +263,30 @@ def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
         _compare(case, 2, [results[r][0] for r in ring])
         for r in ring:  # nobody talked outside its ring
             assert results[r][1] == {x for x in ring if x != r}
-    kv_bytes = 2 * (2 * 4 * 2 * 3) * 8          # K and V, un-expanded (2 heads), float64
-    for rank, (_, _, fwd, bwd) in enumerate(results):
-        nxt, prev = (rank + 1) % 4, (rank - 1) % 4
-        agree_bytes = (2 + 16) * 8                  # comms.agree: one row to and from every other member
-        agreement = [x for x in fwd if x[2] == agree_bytes]
-        assert sorted(agreement) == sorted([("send", r, agree_bytes) for r in range(4) if r != rank] +
-                                           [("recv", r, agree_bytes) for r in range(4) if r != rank])
-        fwd = [x for x in fwd if x[2] != agree_bytes]
-        sends = [x for x in fwd if x[0] == "send"]
-        assert len(fwd) == 2 * 3 and all(x[0] in ("send", "recv") for x in fwd)
-        assert [x[2] for x in sends].count(kv_bytes) == 3          # P-1 K/V blocks
-        assert all(x[1] == nxt for x in sends)
-        assert all(x[1] == prev for x in fwd if x[0] == "recv")
-        sends = [x for x in bwd if x[0] == "send"]
-        assert len(bwd) == 2 * (2 * 4 - 1) and len(sends) == 2 * 4 - 1   # P-1 K/V + P dK/dV
-        assert [x[2] for x in sends].count(kv_bytes) == 3 + 4      # dK/dV accumulators: fp64 here
+    for rank, (_, _, counted) in enumerate(results):
+        for got, want in zip(counted[2][2:], counted[1][2:]):  # head chunks: the same result (float64)
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for chunks in (1, 2):
+        one_bytes = (2 * 4 * 2 * 3) * 8 // chunks   # K or V of one head chunk (2 heads un-expanded), float64
+        for rank, (_, _, counted) in enumerate(results):
+            fwd, bwd = counted[chunks][:2]
+            nxt, prev = (rank + 1) % 4, (rank - 1) % 4
+            agree_bytes = (2 + 16) * 8                  # comms.agree: one row to and from every other member
+            agreement = [x for x in fwd if x[2] == agree_bytes]
+            assert sorted(agreement) == sorted([("send", r, agree_bytes) for r in range(4) if r != rank] +
+                                               [("recv", r, agree_bytes) for r in range(4) if r != rank])
+            fwd = [x for x in fwd if x[2] != agree_bytes]
+            sends = [x for x in fwd if x[0] == "send"]
+            # P-1 shifts of K and V (separate messages), per head chunk
+            assert len(fwd) == 2 * 2 * 3 * chunks and all(x[0] in ("send", "recv") for x in fwd)
+            assert [x[2] for x in sends] == [one_bytes] * 2 * 3 * chunks
+            assert all(x[1] == nxt for x in sends)
+            assert all(x[1] == prev for x in fwd if x[0] == "recv")
+            # backward: P-1 shifts of K and V, then P-1 of the dK/dV accumulators (fp64 here), per chunk
+            sends = [x for x in bwd if x[0] == "send"]
+            assert len(bwd) == 2 * len(sends) and len(sends) == 2 * 2 * 3 * chunks
+            assert [x[2] for x in sends] == [one_bytes] * 2 * 2 * 3 * chunks
+            assert all(x[1] == nxt for x in sends)
 
 
 def _ring_basics():
