@@ -67,7 +67,7 @@ class SilentRing:
     def owner(self, step):
         return (self.position - step) % self.size
 
-    def rotate(self, x, steps=None, channel=0, borrow=False):
+    def rotate(self, x, steps=None, channel=0, borrow=False, window=None):
         for step in range(self.size if steps is None else steps):
             yield step, x
 

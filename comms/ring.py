@@ -78,15 +78,17 @@ class Ring:
             raise ValueError(f"ring channel={channel} must be in [0, {CHANNELS})")
         return self.tag * CHANNELS + channel
 
-    def shift(self, send: torch.Tensor, recv_into: torch.Tensor, channel: int = 0):
+    def shift(self, send: torch.Tensor | None, recv_into: torch.Tensor | None, channel: int = 0):
         """Post ``send`` to the next rank and a receive from the previous one
-        into ``recv_into``; returns the two `Pending`s (send, recv)."""
+        into ``recv_into``; returns the two `Pending`s (send, recv).  None
+        on either side: nothing is posted there (and None returned), for a
+        message both ends know to be empty."""
         tag = self._tag(channel)
-        recv = ops.irecv(recv_into, self.prev, tag=tag)
-        sent = ops.isend(send, self.next, tag=tag)
+        recv = None if recv_into is None else ops.irecv(recv_into, self.prev, tag=tag)
+        sent = None if send is None else ops.isend(send, self.next, tag=tag)
         return sent, recv
 
-    def rotate(self, x, steps: int | None = None, channel: int = 0, *, borrow: bool = False
+    def rotate(self, x, steps: int | None = None, channel: int = 0, *, borrow: bool = False, window=None
                ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(step, block)`` for ``steps`` (default: size) steps, where
         ``block`` is what position ``owner(step)`` started with.  ``x`` is a
@@ -99,7 +101,14 @@ class Ring:
         fewer copy than stacking the parts into a new tensor).  A yielded block
         is only valid until the next one is requested; after the last step
         the caller may reuse a block the ring allocated (any step > 0 with
-        ``borrow``)."""
+        ``borrow``).
+
+        ``window(owner, step)``, when given, is the slice of dim 1 of the
+        block ``owner`` started with that its holder at ``step`` (and later)
+        will read: only that part travels to it (an empty slice: no message),
+        and the rest of a yielded block is stale.  Every position must derive
+        it from the same plan, since sender and receiver each compute their
+        side."""
         steps = self.size if steps is None else steps
         if not 0 <= steps <= self.size:
             raise ValueError(f"rotate: steps={steps} must be in [0, {self.size}]")
@@ -107,14 +116,27 @@ class Ring:
         start = tuple(t.contiguous() for t in ((x,) if single else x))
         current, spare = start, []   # spare: ring-owned buffers nothing reads now
         for step in range(steps):
-            pending, nxt = [], None
+            pending, nxt, landing = [], None, []
             if step + 1 < steps:
                 nxt = spare.pop() if spare else tuple(torch.empty_like(t) for t in current)
+                if window is not None:
+                    out_w, in_w = window(self.owner(step), step + 1), window(self.owner(step + 1), step + 1)
                 for send, recv_into in zip(current, nxt):
-                    pending.extend(self.shift(send, recv_into, channel))
+                    if window is not None:
+                        send, recv_into = send[:, out_w], recv_into[:, in_w]
+                        send = send if send.numel() else None
+                        if not recv_into.numel():
+                            recv_into = None
+                        elif not recv_into.is_contiguous():  # received whole, then copied into its place
+                            landing.append((recv_into, torch.empty_like(recv_into,
+                                                                        memory_format=torch.contiguous_format)))
+                            recv_into = landing[-1][1]
+                    pending.extend(p for p in self.shift(send, recv_into, channel) if p is not None)
             yield step, (current[0] if single else current)
             for p in pending:
                 p.wait()
+            for place, arrived in landing:
+                place.copy_(arrived)
             if nxt is not None:
                 if not (borrow and current is start):
                     spare.append(current)

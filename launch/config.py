@@ -107,6 +107,10 @@ class ParallelSection:
     attention_kernel: str = _f("auto", "ring attention's block kernel (sp ring and --hdp's rings): auto (PyTorch's "
                                        "fused flash attention where the device has one, explicit for float64), "
                                        "fused, or explicit (loom's own softmax: the exact reference)")
+    ring_head_chunks: int = _f(1, "split the K/V heads into this many chunks and run each ring (sp ring, "
+                                  "ulysses-ring's outer ring, --hdp's rings) once per chunk: the ring's buffers in flight (K/V blocks, "
+                                  "dK/dV accumulators, kernel temporaries) shrink by this factor, for as many "
+                                  "more (smaller) messages; it must divide the K/V heads each ring sees")
     hdp: bool = _f(False, "hybrid data parallelism (ByteScale): variable-length long-tail batches, each "
                           "sequence on the ranks it needs (ring attention over per-batch rings), short ones "
                           "packed whole; needs --sp 1 (world = --dp)")
@@ -781,6 +785,18 @@ def _sequence_parallel_problems(cfg: JobConfig) -> list[str]:
         return [f"--attention-kernel {p.attention_kernel} picks ring attention's block kernel, and no ring runs "
                 f"here (it needs --sp > 1 with --sp-attention ring, ulysses-ring with sp > --sp-inner, or --hdp; "
                 f"Ulysses uses PyTorch's SDPA): drop it"]
+    if isinstance(p.ring_head_chunks, bool) or not isinstance(p.ring_head_chunks, int) or p.ring_head_chunks < 1:
+        return [f"--ring-head-chunks={p.ring_head_chunks!r} must be a positive integer"]
+    if p.ring_head_chunks > 1:
+        if not rings:
+            return [f"--ring-head-chunks {p.ring_head_chunks} splits ring attention's heads, and no ring runs here "
+                    f"(it needs --sp > 1 with --sp-attention ring, ulysses-ring with sp > --sp-inner, or --hdp)"]
+        from loom.parallel.ulysses import kv_heads_after
+        inner, kv = sp_inner(cfg), cfg.model.kv_heads or cfg.model.heads
+        ring_kv = kv_heads_after(kv, inner) // inner  # after ulysses-ring's all-to-all (inner 1: all of them)
+        if not cfg.train.model and ring_kv % p.ring_head_chunks:  # a user's model: checked per call
+            return [f"--ring-head-chunks={p.ring_head_chunks} must divide the {ring_kv} K/V heads each ring sees "
+                    f"(--kv-heads={kv}" + (f" over --sp-inner {inner})" if inner > 1 else ")")]
     if p.attention_kernel == "fused" and cfg.job.device == "cuda":
         try:
             resolve_kernel("fused", "cuda", attention_block_dtype(cfg), cfg.model.dim // max(cfg.model.heads, 1))

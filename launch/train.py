@@ -74,7 +74,8 @@ def train(cfg: JobConfig, reporter=None, step_hook=None, stop_check=None) -> dic
     model = build_model(cfg, device, mesh.ep_group)
     layout = sp_layout(cfg)
     if mesh.sp > 1:  # the sp group shares every sequence; attention runs across it
-        core = mesh_core(cfg.parallel.sp_attention, mesh, layout=layout, kernel=cfg.parallel.attention_kernel)
+        core = mesh_core(cfg.parallel.sp_attention, mesh, layout=layout, kernel=cfg.parallel.attention_kernel,
+                         head_chunks=cfg.parallel.ring_head_chunks)
         enable_sequence_parallel(model, list(mesh.sp_ranks), softmax_core=core)
     amp = MixedPrecision(cfg.train.mixed_precision, device)
     model = apply_training_essentials(cfg, model, amp)
@@ -305,6 +306,7 @@ def _hdp_micro_batches(cfg: JobConfig, model, data, step: int, world: int, cost,
         share = world * sum(lengths[part]) / total  # world (exactly) without accumulation
         part_loss = hdp_forward_backward(model, sequences[part], schedule, device=device,
                                          loss_scale=share * amp.loss_scale,
-                                         kernel=cfg.parallel.attention_kernel) / amp.loss_scale
+                                         kernel=cfg.parallel.attention_kernel,
+                                         head_chunks=cfg.parallel.ring_head_chunks) / amp.loss_scale
         loss = part_loss if loss is None else loss + part_loss
     return loss, lengths

@@ -312,6 +312,26 @@ def tile_rows_for(batch: int, heads: int, keys: int, elements: int = TILE_ELEMEN
     return max(MIN_TILE_ROWS, elements // max(1, batch * heads * keys))
 
 
+def _segment_status(q_segments, k_segments, causal: bool, docs) -> tuple[dict, list]:
+    """`_pair_status` of every (query segment, key segment), and the pairs
+    that are not NONE."""
+    status = {(i, j): _pair_status(qg, qg + qn, kg, kg + kn, causal, docs)
+              for i, (_, qg, qn) in enumerate(q_segments)
+              for j, (_, kg, kn) in enumerate(k_segments)}
+    return status, [ij for ij, st in status.items() if st != NONE]
+
+
+def pair_columns(q_segments, k_segments, *, causal: bool, docs: Documents | None = None) -> tuple[int, int]:
+    """``(start, stop)``: the local key columns that `plan_block`'s tiles of
+    this pair can read (the hull of the key segments any query may attend
+    to); ``(0, 0)`` when none.  Cheap: no masks are built."""
+    _, live = _segment_status(q_segments, k_segments, causal, docs)
+    if not live:
+        return 0, 0
+    ka, kb = min(j for _, j in live), max(j for _, j in live)
+    return k_segments[ka][0], k_segments[kb][0] + k_segments[kb][2]
+
+
 def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None = None, device=None,
                tile_rows: int | None = None) -> list:
     """What to compute for one (query shard, key shard) pair, as tiles.
@@ -326,10 +346,7 @@ def plan_block(q_segments, k_segments, *, causal: bool, docs: Documents | None =
     mask forbids is what balances causal work under the zigzag layout: an
     off-diagonal pair reduces to half the queries or half the keys, and a
     diagonal pair to its lower triangle (at tile granularity)."""
-    status = {(i, j): _pair_status(qg, qg + qn, kg, kg + kn, causal, docs)
-              for i, (_, qg, qn) in enumerate(q_segments)
-              for j, (_, kg, kn) in enumerate(k_segments)}
-    live = [ij for ij, st in status.items() if st != NONE]
+    status, live = _segment_status(q_segments, k_segments, causal, docs)
     if not live:
         return []
     qa, qb = min(i for i, _ in live), max(i for i, _ in live)

@@ -176,15 +176,16 @@ class HDPAttention:
     attention one document at a time, or ``"blocks"``, the block kernel ring
     attention runs (a ring of one, every document in one call) -- the same
     arithmetic as the rings, for like-for-like comparisons.  ``kernel``: the
-    rings' block kernel (`ring_attention`'s ``kernel``)."""
+    rings' block kernel (`ring_attention`'s ``kernel``); ``head_chunks``: the
+    rings' `ring_attention` ``head_chunks`` (memory of the ring's buffers / N)."""
 
     def __init__(self, rank: int, relayout: ZigzagRelayout | None, documents, linear_method="allscan",
-                 local_kernel: str = "sdpa", kernel: str = "auto"):
+                 local_kernel: str = "sdpa", kernel: str = "auto", head_chunks: int = 1):
         if local_kernel not in LOCAL_KERNELS:
             raise ValueError(f"local_kernel={local_kernel!r} must be one of {LOCAL_KERNELS}")
         check_kernel(kernel)
         self.rank, self.relayout, self.linear_method = rank, relayout, linear_method
-        self.local_kernel, self.kernel = local_kernel, kernel
+        self.local_kernel, self.kernel, self.head_chunks = local_kernel, kernel, head_chunks
         self.documents = [tuple(d) for d in documents]
         if relayout is None:
             self.position, self.ring_rows = None, 0
@@ -205,7 +206,8 @@ class HDPAttention:
             zig = to_zigzag(torch.cat((q[:, :n], k[:, :n], v[:, :n]), 2), self.relayout, self.position)
             qz, kz, vz = zig.split(heads, 2)
             out = ring_attention(qz, kz, vz, causal=causal, layout="zigzag", ranks=list(self.relayout.ranks),
-                                 scale=scale, cu_seqlens=self.relayout.cu_seqlens(q.device), kernel=self.kernel)
+                                 scale=scale, cu_seqlens=self.relayout.cu_seqlens(q.device), kernel=self.kernel,
+                                 head_chunks=self.head_chunks)
             outs.append(from_zigzag(out, self.relayout, self.position))
         if self.documents and self.local_kernel == "blocks":
             first = self.documents[0][0]
@@ -285,7 +287,7 @@ def _tokens_fingerprint(sequences) -> int:
 
 
 def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method: str = "allscan",
-                    local_kernel: str = "sdpa", kernel: str = "auto") -> PackedShard | None:
+                    local_kernel: str = "sdpa", kernel: str = "auto", head_chunks: int = 1) -> PackedShard | None:
     """``rank``'s pieces of ``microbatch`` (a schedule entry: pieces per rank)
     as one packed row; ``sequences[i]`` holds sequence i's ``length + 1``
     tokens (inputs and shifted targets).  None when the rank is idle."""
@@ -309,7 +311,7 @@ def pack_microbatch(microbatch, rank: int, sequences, device=None, linear_method
         return torch.cat(parts).to(device)
 
     return PackedShard(cat(inputs)[None], cat(targets)[None], cat(positions),
-                       HDPAttention(rank, relayout, documents, linear_method, local_kernel, kernel))
+                       HDPAttention(rank, relayout, documents, linear_method, local_kernel, kernel, head_chunks))
 
 
 def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
@@ -322,7 +324,7 @@ def _ring_bounds(microbatch, piece) -> tuple[tuple[int, int], ...]:
 
 def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=None,
                          loss_scale: float = 1.0, linear_method: str = "allscan",
-                         local_kernel: str = "sdpa", kernel: str = "auto") -> torch.Tensor:
+                         local_kernel: str = "sdpa", kernel: str = "auto", head_chunks: int = 1) -> torch.Tensor:
     """Forward and backward of this rank's share of every microbatch.
 
     ``sequences[i]``: the tokens of sequence i of the global batch (``length
@@ -334,7 +336,8 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     ranks, are those of one process on the whole batch.  Collective: every
     rank calls it (a rank with nothing to do still takes part in the check
     that all ranks hold the same schedule).  ``linear_method``: the state scan
-    of linear-attention layers along rings; ``local_kernel``, ``kernel``: see `HDPAttention`."""
+    of linear-attention layers along rings; ``local_kernel``, ``kernel``,
+    ``head_chunks``: see `HDPAttention`."""
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     error, mine, lengths = None, (), []
@@ -352,7 +355,7 @@ def hdp_forward_backward(model: torch.nn.Module, sequences, schedule, *, device=
     total = sum(lengths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in schedule:
-        shard = pack_microbatch(mb, rank, sequences, device, linear_method, local_kernel, kernel)
+        shard = pack_microbatch(mb, rank, sequences, device, linear_method, local_kernel, kernel, head_chunks)
         if shard is None:
             continue
         with attention_cores(model, shard.attention):

@@ -32,7 +32,7 @@ from loom.comms import Ring, agree, world_ranks
 from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, float_bits
 
 from .attention_blocks import Documents, accumulation_dtype, block_backward, block_forward, \
-    check_cu_seqlens, check_qkv, empty_attention, merge_into, plan_area, plan_block, tile_rows_for
+    check_cu_seqlens, check_qkv, empty_attention, merge_into, pair_columns, plan_area, plan_block, tile_rows_for
 from .fused_attention import fused_block_backward, fused_block_forward, resolve_kernel
 from .sequence import check_layout, shard_segments
 
@@ -78,6 +78,28 @@ class RingSpec:
             else:
                 planned.append((rows, cols, mask, None if mask is not None else False))
         return planned
+
+    def _hull(self, source: int, steps) -> slice:
+        """The hull of the key columns of block ``source`` that its holders
+        at ``steps`` read (``slice(0, 0)``: none)."""
+        size = len(self.segments)
+        spans = [pair_columns(self.segments[(source + t) % size], self.segments[source], causal=self.causal,
+                              docs=self.docs) for t in steps]
+        spans = [(a, b) for a, b in spans if b > a]
+        return slice(min(a for a, _ in spans), max(b for _, b in spans)) if spans else slice(0, 0)
+
+    def kv_window(self, source: int, step: int) -> slice:
+        """The columns of block ``source`` that its holders at ``step`` and
+        after read: all that the K/V message bringing it to ``step`` carries
+        (under causal zigzag, position 0's block travels as its first half;
+        under causal contiguous, no block travels past the last position)."""
+        return self._hull(source, range(step, len(self.segments)))
+
+    def grad_window(self, source: int, step: int) -> slice:
+        """The columns of block ``source``'s dK/dV accumulator that its
+        holders at steps 1..``step`` wrote: all that it carries after
+        ``step`` (the rest is zero)."""
+        return self._hull(source, range(1, step + 1))
 
     def own_tiles(self, position: int, device=None, defer: bool = True) -> tuple[list, list]:
         """`kernel_tiles` of a shard's own block split in two, ``(now,
@@ -202,13 +224,18 @@ def _ring_forward(q, k, v, ring, spec, out, lse) -> None:
     """One head chunk's forward into the views ``out`` / ``lse``."""
     out.zero_()
     lse.fill_(float("-inf"))
-    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True):
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=spec.kv_window):
         _forward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, spec, out, lse)
 
 
 def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
     """One head chunk's backward: adds into ``dq`` and returns this shard's
-    ``(dk, dv)``, heads-first ``[b, hkv, s, d]`` in the accumulation dtype."""
+    ``(dk, dv)``, heads-first ``[b, hkv, s, d]`` in the accumulation dtype.
+
+    A block's accumulator starts at the first position after its owner and
+    travels with it; each message carries only the columns written so far
+    (`RingSpec.grad_window`), received into a buffer of that size and added
+    into the next holder's part."""
     b, s, hkv, d = k.shape
     acc = dq.dtype
 
@@ -216,33 +243,40 @@ def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
         return tuple(torch.zeros((b, hkv, s, d), dtype=acc, device=k.device) for _ in range(2))
     own = zeros()
     now, later = spec.own_tiles(ring.position, q.device, defer=ring.size > 1)
-    spare, sending, incoming, received = [], [], [], None
-    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True):
+    spare, sending, incoming, received, sent = [], [], [], None, None
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=spec.kv_window):
         if step == 0:
             _backward_tiles(now, q, kb, vb, saved, spec, dq, own, lse_grad)
             continue
         part = tuple(g.zero_() for g in spare.pop()) if spare else zeros()
         _backward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, saved, spec,
                         dq, part, lse_grad)
-        here = part  # the block's accumulator starts at the first position after its owner
-        if received is not None:  # ... and from then on travels with it: add this position's part
+        if received is not None:  # the accumulator that travelled here with this block: add it in
             for p in incoming:
                 p.wait()
-            here = tuple(a.add_(g) for a, g in zip(received, part))
-            spare.append(part)
+            window, arrived = received
+            for a, g in zip(part, arrived):
+                a[:, :, window] += g
         for p in sending:
             p.wait()
-        if sending:  # the buffer that left is free again
+        if sent is not None:  # the buffer that left is free again
             spare.append(sent)
-        sent, received = here, (spare.pop() if spare else zeros())
-        pairs = [ring.shift(a, r, channel=_ACC) for a, r in zip(sent, received)]
-        sending, incoming = [p for p, _ in pairs], [r for _, r in pairs]
+        out_w = spec.grad_window(ring.owner(step), step)
+        in_w = spec.grad_window(ring.owner(step + 1), step)  # the block held next (our own after the last)
+        arrived = tuple(torch.empty((b, hkv, in_w.stop - in_w.start, d), dtype=acc, device=k.device)
+                        for _ in range(2)) if in_w.stop > in_w.start else None
+        pairs = [ring.shift(g[:, :, out_w] if out_w.stop > out_w.start else None,
+                            None if arrived is None else arrived[i], channel=_ACC) for i, g in enumerate(part)]
+        sending = [p for p, _ in pairs if p is not None]
+        incoming = [r for _, r in pairs if r is not None]
+        sent, received = part, (None if arrived is None else (in_w, arrived))
     _backward_tiles(later, q, k, v, saved, spec, dq, own, lse_grad)  # while the last hop is in flight
+    for p in incoming + sending:
+        p.wait()
     if received is not None:  # this shard's accumulator, home after P-1 hops
-        for p in incoming + sending:
-            p.wait()
-        for a, g in zip(own, received):
-            a.add_(g)
+        window, arrived = received
+        for a, g in zip(own, arrived):
+            a[:, :, window] += g
     return own
 
 

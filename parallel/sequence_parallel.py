@@ -24,7 +24,8 @@ SP_ATTENTION = ("ring", "ulysses", "ulysses-ring")
 
 
 def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, layout: str = "zigzag",
-                           kernel: str = "auto", inner: int | None = None, inner_group=None):
+                           kernel: str = "auto", inner: int | None = None, inner_group=None,
+                           head_chunks: int = 1):
     """The softmax attention core for sequence shards over the sp ``ranks``
     (default: the ranks of ``group``), laid out as ``layout``.
 
@@ -34,7 +35,9 @@ def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, l
     ``inner_group``, ring over the outer rings; see loom.parallel.ulysses_ring).
     ``inner`` = 1 gives ring attention and ``inner`` = sp with contiguous
     shards gives Ulysses, exactly.  ``kernel``: the ring's block kernel
-    (`ring_attention`; Ulysses attends with PyTorch's SDPA).  ValueError for
+    (`ring_attention`; Ulysses attends with PyTorch's SDPA); ``head_chunks``:
+    the ring's (`ring_attention`; checked per call, Ulysses has no ring
+    and ignores it).  ValueError for
     an unknown attention, layout or kernel, a layout the attention cannot
     take, or ``inner`` given without ``"ulysses-ring"``."""
     check_layout(layout)
@@ -54,19 +57,21 @@ def sequence_parallel_core(attention: str = "ring", *, ranks=None, group=None, l
             attention, group = "ulysses", inner_group
         else:
             return functools.partial(ulysses_ring_attention, inner=inner, inner_group=inner_group, ranks=ranks,
-                                     group=group, layout=layout, kernel=kernel)
+                                     group=group, layout=layout, kernel=kernel, head_chunks=head_chunks)
     if attention == "ring":
-        return functools.partial(ring_attention, ranks=ranks, group=group, layout=layout, kernel=kernel)
+        return functools.partial(ring_attention, ranks=ranks, group=group, layout=layout, kernel=kernel,
+                                 head_chunks=head_chunks)
     if layout != "contiguous":
         raise ValueError(f"ulysses attention needs layout='contiguous', got {layout!r}")
     return functools.partial(ulysses_attention, group=group)
 
 
-def mesh_core(attention: str, mesh, *, layout: str, kernel: str = "auto"):
+def mesh_core(attention: str, mesh, *, layout: str, kernel: str = "auto", head_chunks: int = 1):
     """`sequence_parallel_core` over the sp groups of ``mesh``
     (`loom.comms.Mesh`): its sp ranks, and for ``"ulysses-ring"`` its
     ``sp_inner`` degree and inner group (``init_mesh(..., sp_inner=N)``)."""
     two_d = attention == "ulysses-ring"
     return sequence_parallel_core(attention, ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout, kernel=kernel,
+                                  head_chunks=head_chunks,
                                   inner=mesh.sp_inner if two_d else None,
                                   inner_group=mesh.sp_inner_group if two_d else None)

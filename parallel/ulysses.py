@@ -48,11 +48,16 @@ def attend(q, k, v, causal: bool, scale: float, cu_seqlens=None, bounds=None) ->
     return out.transpose(1, 2)
 
 
+def kv_heads_after(heads_kv: int, size: int) -> int:
+    """How many K/V heads `expand_kv` gives: lcm(heads_kv, size)."""
+    return heads_kv * (size // math.gcd(heads_kv, size))
+
+
 def expand_kv(k, v, size: int):
     """K/V ``[b, s, heads_kv, d]`` with each head repeated up to lcm(heads_kv,
     size) heads (MQA/GQA with fewer K/V heads than ranks: every rank gets its
     own copy; query head i keeps its K/V head), so ``size`` divides them."""
-    expand = size // math.gcd(k.shape[2], size)
+    expand = kv_heads_after(k.shape[2], size) // k.shape[2]
     if expand > 1:
         k, v = k.repeat_interleave(expand, dim=2), v.repeat_interleave(expand, dim=2)
     return k, v

@@ -49,9 +49,9 @@ from loom.comms.agree import bits_float, checksum_ints, dtype_code, dtype_name, 
 
 from .attention_blocks import check_cu_seqlens, check_qkv, empty_attention, tile_rows_for
 from .fused_attention import resolve_kernel
-from .ring_attention import make_spec, run_ring
+from .ring_attention import head_chunk_slices, make_spec, run_ring
 from .sequence import check_layout, shard_sequence, unshard_sequence
-from .ulysses import attend, expand_kv, heads_to_seq, seq_to_heads
+from .ulysses import attend, expand_kv, heads_to_seq, kv_heads_after, seq_to_heads
 
 MAX_INNER = 8  # the default inner degree is at most this (the GPUs of a node)
 
@@ -97,7 +97,7 @@ def _scattered_order(y: torch.Tensor, inner: int, layout: str) -> torch.Tensor:
 
 
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
-           "inner", "sp ranks", "cu_seqlens")
+           "inner", "sp ranks", "cu_seqlens", "head_chunks")
 _SHOWN = _FIELDS[:5]
 _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contiguous", "causal": bool,
             "scale": bits_float}
@@ -105,7 +105,7 @@ _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contigu
 
 def ulysses_ring_attention(q, k, v, *, inner: int, inner_group=None, ranks=None, group=None,
                            causal: bool = False, layout: str = "zigzag", scale: float | None = None,
-                           cu_seqlens=None, kernel: str = "auto"):
+                           cu_seqlens=None, kernel: str = "auto", head_chunks: int = 1):
     """Softmax attention over a sequence sharded over the sp ranks by 2-D
     sequence parallelism: Ulysses over inner groups of ``inner`` consecutive
     sp ranks, ring attention over the outer rings (see the module docstring).
@@ -119,7 +119,10 @@ def ulysses_ring_attention(q, k, v, *, inner: int, inner_group=None, ranks=None,
     (``ranks[o*inner:(o+1)*inner]``), needed when inner > 1.  ``cu_seqlens``
     as `ring_attention` (global positions over the batch flattened row-major,
     S_total = seq_local * P).  ``kernel``: the ring's block kernel
-    (`ring_attention`).  Returns the output shard, like q.  Bad or mismatched
+    (`ring_attention`).  ``head_chunks``: the outer ring's (`ring_attention`),
+    a divisor of the K/V heads each rank holds after the all-to-all
+    (heads_kv, repeated up to a multiple of ``inner``, / ``inner``).
+    Returns the output shard, like q.  Bad or mismatched
     calls raise ValueError on every sp rank before any tensor moves."""
     sp_ranks = list(ranks) if ranks is not None else world_ranks(group)
     error, mine, outer = None, (), []
@@ -142,9 +145,10 @@ def ulysses_ring_attention(q, k, v, *, inner: int, inner_group=None, ranks=None,
             bounds = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1] * len(sp_ranks),
                                       "ulysses_ring_attention")
         kernel = resolve_kernel(kernel, q.device, q.dtype, q.shape[-1])
+        head_chunk_slices(q.shape[2] // inner, kv_heads_after(k.shape[2], inner) // inner, head_chunks)
         mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], dtype_code(q.dtype),
                 layout == "zigzag", bool(causal), float_bits(scale), inner, checksum_ints(sp_ranks),
-                -1 if bounds is None else checksum_ints(bounds)]
+                -1 if bounds is None else checksum_ints(bounds), head_chunks]
     except (TypeError, ValueError) as exc:
         error = exc
     # every sp rank learns of a bad or mismatched call before any all-to-all or ring message
@@ -163,7 +167,7 @@ def ulysses_ring_attention(q, k, v, *, inner: int, inner_group=None, ranks=None,
             spec = make_spec(q.shape[1], len(outer), layout, causal=causal, scale=scale, cu_seqlens=bounds,
                              device=q.device, tile_rows=tile_rows_for(q.shape[0], q.shape[2], q.shape[1]),
                              kernel=kernel)
-            out, _ = run_ring(q, k, v, Ring(outer), spec)
+            out, _ = run_ring(q, k, v, Ring(outer), spec, head_chunks)
         if inner > 1:
             out = heads_to_seq(_scattered_order(out, inner, layout), inner, inner_group)
         return out

@@ -123,6 +123,8 @@ def _train_kernels():
     from helpers import train_losses
     runs = [dict(dp=1, sp=2, attention_kernel=k) for k in ("explicit", "fused", "auto")]
     runs += [dict(dp=2, hdp=True, varlen_median=6, varlen_max=24, attention_kernel=k) for k in ("explicit", "fused")]
+    runs += [dict(dp=1, sp=2, ring_head_chunks=2),  # the rings once per head: the same training
+             dict(dp=2, hdp=True, varlen_median=6, varlen_max=24, ring_head_chunks=2)]
     return train_losses(TINY, runs)
 
 
@@ -130,8 +132,11 @@ def _train_kernels():
 def test_loom_train_with_each_kernel_gives_the_same_float32_losses(distributed):
     """sp=2 ring attention and --hdp's rings: the fused kernel trains like the
     explicit one (float32 rounding apart); auto is the fused kernel here."""
-    explicit, fused, auto, hdp_explicit, hdp_fused = distributed(_train_kernels, 2, timeout=180)[0]
+    explicit, fused, auto, hdp_explicit, hdp_fused, chunked, hdp_chunked = distributed(_train_kernels, 2,
+                                                                                       timeout=180)[0]
     assert explicit[-1] < explicit[0]
+    assert max(abs(a - b) for a, b in zip(chunked, fused)) < 1e-5, (chunked, fused)
+    assert max(abs(a - b) for a, b in zip(hdp_chunked, hdp_fused)) < 1e-5, (hdp_chunked, hdp_fused)
     assert max(abs(a - b) for a, b in zip(explicit, fused)) < 1e-4, (explicit, fused)
     assert auto == fused
     assert max(abs(a - b) for a, b in zip(hdp_explicit, hdp_fused)) < 1e-4, (hdp_explicit, hdp_fused)
@@ -141,6 +146,21 @@ def test_attention_kernel_is_validated():
     from loom.launch.config import ConfigError, build_config, validate
     with pytest.raises(ConfigError, match="--attention-kernel='flash' must be one of auto, fused, explicit"):
         validate(build_config(overrides=dict(TINY, dp=1, sp=2, attention_kernel="flash")), world_size=2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dp=1, sp=2, ring_head_chunks=0), "--ring-head-chunks=0 must be a positive integer"),
+    (dict(dp=2, ring_head_chunks=2), "no ring runs here"),
+    (dict(dp=1, sp=2, heads=2, ring_head_chunks=4), r"--ring-head-chunks=4 must divide the 2 K/V heads each ring "
+                                                    r"sees \(--kv-heads=2\)"),
+    (dict(dp=1, sp=2, heads=4, kv_heads=2, ring_head_chunks=4), "must divide the 2 K/V heads"),
+    (dict(dp=1, sp=4, heads=4, sp_attention="ulysses-ring", sp_inner=2, ring_head_chunks=4),
+     r"must divide the 2 K/V heads each ring sees \(--kv-heads=4 over --sp-inner 2\)")])
+def test_ring_head_chunks_is_validated(overrides, message):
+    from loom.launch.config import ConfigError, build_config, validate
+    world = overrides["dp"] * overrides.get("sp", 1)
+    with pytest.raises(ConfigError, match=message):
+        validate(build_config(overrides=dict(TINY, **overrides)), world_size=world)
 
 
 def test_cuda_kernel_choice():

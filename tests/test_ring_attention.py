@@ -250,6 +250,11 @@ def _two_rings_and_message_counts():
         bwd = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
         counted[chunks] = (fwd, bwd, out.detach(), q.grad, k.grad, v.grad)
         q.grad = k.grad = v.grad = None
+    # causal contiguous: no block travels past the last position (those before its owner never read it)
+    qc, kc, vc = (shard_sequence(t, rank, 4, "contiguous") for t in _tensors(case4, 4)[:3])
+    comms.records(clear=True)
+    ring_attention(qc, kc, vc, causal=True, layout="contiguous")
+    counted["contiguous"] = [(r.op, r.peer, r.nbytes) for r in comms.records(clear=True)]
     # the ring borrows q, k, v: it sends them but never receives into them
     assert all(torch.equal(t, shard_sequence(f, rank, 4, "zigzag")) for t, f in zip((q, k, v), _tensors(case4, 4)))
     return two, peers, counted
@@ -267,7 +272,8 @@ def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
         for got, want in zip(counted[2][2:], counted[1][2:]):  # head chunks: the same result (float64)
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     for chunks in (1, 2):
-        one_bytes = (2 * 4 * 2 * 3) * 8 // chunks   # K or V of one head chunk (2 heads un-expanded), float64
+        one = (2 * 4 * 2 * 3) * 8 // chunks      # K or V (or dK, dV: float64 here) of one head chunk, 2 kv heads
+        half = one // 2                          # a zigzag shard's first chunk
         for rank, (_, _, counted) in enumerate(results):
             fwd, bwd = counted[chunks][:2]
             nxt, prev = (rank + 1) % 4, (rank - 1) % 4
@@ -276,17 +282,24 @@ def test_two_disjoint_rings_at_once_and_exact_message_counts(distributed):
             assert sorted(agreement) == sorted([("send", r, agree_bytes) for r in range(4) if r != rank] +
                                                [("recv", r, agree_bytes) for r in range(4) if r != rank])
             fwd = [x for x in fwd if x[2] != agree_bytes]
-            sends = [x for x in fwd if x[0] == "send"]
-            # P-1 shifts of K and V (separate messages), per head chunk
-            assert len(fwd) == 2 * 2 * 3 * chunks and all(x[0] in ("send", "recv") for x in fwd)
-            assert [x[2] for x in sends] == [one_bytes] * 2 * 3 * chunks
-            assert all(x[1] == nxt for x in sends)
+            # causal zigzag: positions after block 0's owner read only its first chunk, so block 0 travels
+            # as its first half (sent by position s at step s); every other block must reach a position
+            # before its owner after wrapping round, so it travels whole.  K and V are separate messages.
+            kv_sent = [half if s == rank else one for s in range(3) for _ in range(2 * chunks)]
+            kv_received = [half if s + 1 == rank else one for s in range(3) for _ in range(2 * chunks)]
+            assert sorted(x[2] for x in fwd if x[0] == "send") == sorted(kv_sent)
+            assert sorted(x[2] for x in fwd if x[0] == "recv") == sorted(kv_received)
+            assert all(x[1] == nxt for x in fwd if x[0] == "send")
             assert all(x[1] == prev for x in fwd if x[0] == "recv")
-            # backward: P-1 shifts of K and V, then P-1 of the dK/dV accumulators (fp64 here), per chunk
-            sends = [x for x in bwd if x[0] == "send"]
-            assert len(bwd) == 2 * len(sends) and len(sends) == 2 * 2 * 3 * chunks
-            assert [x[2] for x in sends] == [one_bytes] * 2 * 2 * 3 * chunks
-            assert all(x[1] == nxt for x in sends)
+            # backward: the same K/V messages, then the dK/dV accumulators: after step t a position sends the
+            # accumulator of block (rank - t); it holds only first-chunk columns until it has wrapped round
+            grads_sent = [half if t <= rank else one for t in range(1, 4) for _ in range(2 * chunks)]
+            assert sorted(x[2] for x in bwd if x[0] == "send") == sorted(kv_sent + grads_sent)
+            assert all(x[1] == nxt for x in bwd if x[0] == "send")
+    one = 2 * 4 * 2 * 3 * 8
+    for rank, (_, _, counted) in enumerate(results):  # position r sends block r - s at steps s <= r, up to 3
+        sends = [x[2] for x in counted["contiguous"] if x[0] == "send" and x[2] != (2 + 16) * 8]
+        assert sends == [one] * 2 * [1, 2, 3, 0][rank], (rank, sends)
 
 
 def _ring_basics():

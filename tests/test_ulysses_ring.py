@@ -35,7 +35,8 @@ def _shard_run(case, mesh, dtype=F64):
     inner = case.get("inner", mesh.sp_inner)
     core = sequence_parallel_core("ulysses-ring", ranks=mesh.sp_ranks, group=mesh.sp_group, layout=layout,
                                   kernel=case.get("kernel", "auto"), inner=inner,
-                                  inner_group=mesh.sp_inner_group if inner == mesh.sp_inner else None)
+                                  inner_group=mesh.sp_inner_group if inner == mesh.sp_inner else None,
+                                  head_chunks=case.get("head_chunks", 1))
     out = core(q, k, v, causal=case["causal"], scale=case.get("scale"), cu_seqlens=_cu(case, size))
     grads = torch.autograd.grad((out.double() * dout.double()).sum(), (q, k, v))
     return [out.detach(), *grads]
@@ -66,6 +67,11 @@ def _cases():
     for inner, layout in ((1, "zigzag"), (4, "zigzag"), (4, "contiguous")):
         cases.append(dict(seed=360 + inner, layout=layout, causal=True, batch=2, seq_local=6, hq=4, hkv=2, d=5,
                           lse_grad=False, inner=inner))
+    # the outer ring once per K/V head (2 per rank after the all-to-all), plain and with documents
+    cases.append(dict(seed=380, layout="zigzag", causal=True, batch=2, seq_local=6, hq=4, hkv=4, d=5,
+                      lse_grad=False, head_chunks=2))
+    cases.append(dict(seed=381, layout="contiguous", causal=True, batch=1, seq_local=6, hq=8, hkv=4, d=3,
+                      docs=_docs_cut, lse_grad=False, head_chunks=2))
     return cases
 
 
@@ -73,7 +79,9 @@ def _float32_cases():
     return [dict(seed=370 + i, layout=layout, causal=causal, batch=2, seq_local=32, hq=4, hkv=2, d=16,
                  lse_grad=False, kernel=kernel)
             for i, (layout, causal, kernel) in enumerate(itertools.product(("zigzag", "contiguous"), (True, False),
-                                                                          ("fused", "explicit")))]
+                                                                          ("fused", "explicit")))] + \
+        [dict(seed=379, layout="zigzag", causal=True, batch=2, seq_local=32, hq=4, hkv=4, d=16, lse_grad=False,
+              kernel="fused", head_chunks=2)]
 
 
 def _run(cases32):
@@ -180,6 +188,9 @@ def _bad_calls():
             q[:, :, :2], q[:, :, :2], q[:, :, :2], inner=2, inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks,
             causal=dist.get_rank() == 3, layout="contiguous")),
         # uneven shards: the sequence must divide by sp (2*sp for zigzag); a rank with more tokens is refused
+        "chunks": value_error(lambda: ulysses_ring_attention(q[:, :, :2], q[:, :, :2], q[:, :, :2], inner=2,
+                                                             inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks,
+                                                             head_chunks=2)),
         "uneven": value_error(lambda: ulysses_ring_attention(
             *[torch.randn(1, 6 if dist.get_rank() == 3 else 4, 2, 2, dtype=F64)] * 3, inner=2,
             inner_group=mesh.sp_inner_group, ranks=mesh.sp_ranks)),
@@ -194,6 +205,7 @@ def test_bad_calls_fail_on_every_rank(distributed):
         assert "inner_group must be the group of ranks" in got["group"], got
         assert "seq_local=3 must be even for layout='zigzag'" in got["odd"]
         assert "causal differs across ranks [0, 1, 2, 3]" in got["differs"], got
+        assert "head_chunks=2 must be a positive integer dividing the 1 K/V heads" in got["chunks"], got
         assert "seq_local differs across ranks [0, 1, 2, 3]: rank 0: 4, rank 1: 4, rank 2: 4, rank 3: 6" \
             in got["uneven"], got
 
