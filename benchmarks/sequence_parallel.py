@@ -297,7 +297,8 @@ def main(argv=None):
                          f"{resident / base['resident_bytes']:.2f}", _mb(sent), hidden, imbalance, ""])
         notes.append(f"P={size}: memory target 1.5/P = {1.5 / size:.2f} of the single-process fused kernel (SDPA)")
     header = ["P", "method", "fwd+bwd s (slowest rank)", "time / single SDPA", "step allocs MB/rank",
-              "resident peak MB/rank", "resident / single SDPA", "comm MB/rank", "ring / own compute", "causal imbalance max/min", "note"]
+              "resident peak MB/rank", "resident / single SDPA", "comm MB/rank", "ring / own compute",
+              "causal imbalance max/min", "note"]
     table = markdown_table(header, rows)
     print(table)
     print("\n".join(notes))
@@ -328,7 +329,8 @@ def main(argv=None):
                 "travelling with it and the kernel's per-pair gradients; `head_chunks` runs the ring once "
                 "per chunk of K/V heads, which divides those buffers (K/V is sent as separate K and V "
                 "messages without a stacked copy, and a block's accumulator starts travelling at the first "
-                "position after its owner: P-1 hops, not P). The untiled single block shows what a full "
+                "position after its owner: P-1 hops, not P; a message carries only the key columns later "
+                "holders read). The untiled single block shows what a full "
                 "score matrix costs.\n"
                 "- *ulysses-ring a×b*: 2-D sequence parallelism (`--sp-attention ulysses-ring`): an all-to-all "
                 "over a = --inner consecutive ranks (heads/a heads each, the a ranks' tokens), then the fused "

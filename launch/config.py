@@ -108,9 +108,10 @@ class ParallelSection:
                                        "fused flash attention where the device has one, explicit for float64), "
                                        "fused, or explicit (loom's own softmax: the exact reference)")
     ring_head_chunks: int = _f(1, "split the K/V heads into this many chunks and run each ring (sp ring, "
-                                  "ulysses-ring's outer ring, --hdp's rings) once per chunk: the ring's buffers in flight (K/V blocks, "
-                                  "dK/dV accumulators, kernel temporaries) shrink by this factor, for as many "
-                                  "more (smaller) messages; it must divide the K/V heads each ring sees")
+                                  "ulysses-ring's outer ring, --hdp's rings) once per chunk: the ring's buffers "
+                                  "in flight (K/V blocks, dK/dV accumulators, kernel temporaries) shrink by this "
+                                  "factor, for as many more (smaller) messages; it must divide the K/V heads each "
+                                  "ring sees")
     hdp: bool = _f(False, "hybrid data parallelism (ByteScale): variable-length long-tail batches, each "
                           "sequence on the ranks it needs (ring attention over per-batch rings), short ones "
                           "packed whole; needs --sp 1 (world = --dp)")
