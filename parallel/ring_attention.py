@@ -205,13 +205,15 @@ def _forward_tiles(tiles, q, kb, vb, spec, out, lse) -> None:
         merge_into(out[:, rows], lse[:, :, rows], o_b, l_b)
 
 
-def _backward_tiles(tiles, q, kb, vb, saved, spec, dq, dkv, lse_grad: bool) -> None:
+def _backward_tiles(tiles, q, kb, vb, saved, spec, dq, dkv, lse_grad: bool, first: int = 0) -> None:
     """Add the gradients of ``tiles`` into ``dq [b, s, hq, d]`` and the
-    heads-first ``dkv = (dk, dv)`` accumulators of the block ``kb``/``vb``.
-    ``saved``: ``(dout, out, lse, delta)`` of the query rows."""
+    heads-first ``dkv = (dk, dv)`` accumulators of the block ``kb``/``vb``,
+    which hold its key columns from ``first`` on.  ``saved``: ``(dout, out,
+    lse, delta)`` of the query rows."""
     dout, out, lse, delta = saved
     for rows, cols, mask, fused_causal in tiles:
-        k_t, v_t, dk_t, dv_t = kb[:, cols], vb[:, cols], dkv[0][:, :, cols], dkv[1][:, :, cols]
+        held = slice(cols.start - first, cols.stop - first)
+        k_t, v_t, dk_t, dv_t = kb[:, cols], vb[:, cols], dkv[0][:, :, held], dkv[1][:, :, held]
         if fused_causal is None or lse_grad:  # the fused kernel takes no gradient of the LSE
             dq[:, rows] += block_backward(q[:, rows], k_t, v_t, dout[:, rows], lse[:, :, rows], delta[:, :, rows],
                                           spec.scale, explicit_mask(mask, fused_causal, rows, q.device), dk_t, dv_t)
@@ -233,50 +235,47 @@ def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
     ``(dk, dv)``, heads-first ``[b, hkv, s, d]`` in the accumulation dtype.
 
     A block's accumulator starts at the first position after its owner and
-    travels with it; each message carries only the columns written so far
-    (`RingSpec.grad_window`), received into a buffer of that size and added
-    into the next holder's part."""
+    travels with it, holding only the key columns written so far
+    (`RingSpec.grad_window`): each holder computes its part into a buffer of
+    its window, adds what arrived and sends the buffer on as it is."""
     b, s, hkv, d = k.shape
     acc = dq.dtype
 
-    def zeros():
-        return tuple(torch.zeros((b, hkv, s, d), dtype=acc, device=k.device) for _ in range(2))
-    own = zeros()
+    def buffers(window: slice, make=torch.zeros):
+        return tuple(make((b, hkv, window.stop - window.start, d), dtype=acc, device=k.device) for _ in range(2))
+    own = buffers(slice(0, s))
     now, later = spec.own_tiles(ring.position, q.device, defer=ring.size > 1)
-    spare, sending, incoming, received, sent = [], [], [], None, None
+    sending, incoming, received = [], [], None
     for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=spec.kv_window):
         if step == 0:
             _backward_tiles(now, q, kb, vb, saved, spec, dq, own, lse_grad)
             continue
-        part = tuple(g.zero_() for g in spare.pop()) if spare else zeros()
+        window = spec.grad_window(ring.owner(step), step)
+        part = buffers(window)
         _backward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, saved, spec,
-                        dq, part, lse_grad)
+                        dq, part, lse_grad, first=window.start)
         if received is not None:  # the accumulator that travelled here with this block: add it in
             for p in incoming:
                 p.wait()
-            window, arrived = received
+            came, arrived = received
             for a, g in zip(part, arrived):
-                a[:, :, window] += g
-        for p in sending:
+                a[:, :, came.start - window.start:came.stop - window.start] += g
+        for p in sending:  # the previous part has left
             p.wait()
-        if sent is not None:  # the buffer that left is free again
-            spare.append(sent)
-        out_w = spec.grad_window(ring.owner(step), step)
-        in_w = spec.grad_window(ring.owner(step + 1), step)  # the block held next (our own after the last)
-        arrived = tuple(torch.empty((b, hkv, in_w.stop - in_w.start, d), dtype=acc, device=k.device)
-                        for _ in range(2)) if in_w.stop > in_w.start else None
-        pairs = [ring.shift(g[:, :, out_w] if out_w.stop > out_w.start else None,
-                            None if arrived is None else arrived[i], channel=_ACC) for i, g in enumerate(part)]
+        coming = spec.grad_window(ring.owner(step + 1), step)  # the block held next (our own after the last)
+        arrived = buffers(coming, torch.empty) if coming.stop > coming.start else None
+        pairs = [ring.shift(g if g.numel() else None, None if arrived is None else arrived[i], channel=_ACC)
+                 for i, g in enumerate(part)]
         sending = [p for p, _ in pairs if p is not None]
         incoming = [r for _, r in pairs if r is not None]
-        sent, received = part, (None if arrived is None else (in_w, arrived))
+        received = None if arrived is None else (coming, arrived)
     _backward_tiles(later, q, k, v, saved, spec, dq, own, lse_grad)  # while the last hop is in flight
     for p in incoming + sending:
         p.wait()
     if received is not None:  # this shard's accumulator, home after P-1 hops
-        window, arrived = received
+        came, arrived = received
         for a, g in zip(own, arrived):
-            a[:, :, window] += g
+            a[:, :, came] += g
     return own
 
 
