@@ -105,11 +105,19 @@ def resolve_kernel(kernel: str, device, dtype: torch.dtype, head_dim: int | None
     return kernel
 
 
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, h, d]`` -> ``[b, h, s, d]``, a view unless the head dim is
+    strided: the fused kernels read rows of d contiguous elements (a strided
+    last dim gave wrong results, silently, on CPU)."""
+    x = x.transpose(1, 2)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     """k or v ``[b, s, hkv, d]`` -> ``[b, heads, s, d]`` (query head h reads
     K/V head ``h // (heads / hkv)``, as the explicit kernel groups them)."""
     rep = heads // x.shape[2]
-    x = x.transpose(1, 2)
+    x = _kernel_layout(x)
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
@@ -120,7 +128,7 @@ def fused_block_forward(q, k, v, scale: float, causal: bool):
     `block_forward` does."""
     acc = accumulation_dtype(q.dtype)
     hq, sq = q.shape[2], q.shape[1]
-    qh, kh, vh = q.transpose(1, 2), _expand(k, hq), _expand(v, hq)
+    qh, kh, vh = _kernel_layout(q), _expand(k, hq), _expand(v, hq)
     backend = _backend(q.device, q.dtype, q.shape[-1])
     if backend == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
@@ -150,8 +158,8 @@ def fused_block_backward(q, k, v, dout, out, lse, scale: float, causal: bool, dk
     b, sq, hq, _ = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     kernel_lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    args = (dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), _expand(k, hq), _expand(v, hq),
-            out.to(q.dtype).transpose(1, 2))
+    args = (_kernel_layout(dout.to(q.dtype)), _kernel_layout(q), _expand(k, hq), _expand(v, hq),
+            _kernel_layout(out.to(q.dtype)))
     backend = _backend(q.device, q.dtype, q.shape[-1])
     if backend == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -170,7 +170,7 @@ def _check_inputs(q, k, v, *, layout, scale, cu_seqlens, size):
 
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
            "ring ranks", "cu_seqlens", "head_chunks")
-_SHOWN = _FIELDS[:5]
+_SHOWN = _FIELDS[:5] + ("head_chunks",)
 _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contiguous", "causal": bool,
             "scale": bits_float}
 

@@ -98,7 +98,7 @@ def _scattered_order(y: torch.Tensor, inner: int, layout: str) -> torch.Tensor:
 
 _FIELDS = ("batch", "seq_local", "heads_q", "heads_kv", "head_dim", "dtype", "layout", "causal", "scale",
            "inner", "sp ranks", "cu_seqlens", "head_chunks")
-_SHOWN = _FIELDS[:5]
+_SHOWN = _FIELDS[:5] + ("inner", "head_chunks")
 _FORMATS = {"dtype": dtype_name, "layout": lambda z: "zigzag" if z else "contiguous", "causal": bool,
             "scale": bits_float}
 

@@ -84,6 +84,27 @@ def test_fused_bfloat16_within_its_tolerance_and_float64_auto_stays_exact(distri
             torch.testing.assert_close(auto, ref[i], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_kernel_takes_inputs_whose_head_dim_is_strided(dtype):
+    """A q/k/v/dout whose last dim is strided (a slice of a wider tensor)
+    reached the fused CPU kernel as a view, which read it as if contiguous."""
+    g = torch.Generator().manual_seed(3)
+    wide = [torch.randn(2, 12, h, 8, 2, generator=g, dtype=dtype) for h in (4, 2, 2, 4)]
+    q, k, v, dout = (t[..., 1] for t in wide)                       # head dim stride 2
+    assert q.stride(-1) == 2
+    results = {}
+    for kernel in ("explicit", "fused"):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))  # detach keeps the strides
+        out, lse = ring_attention(qq, kk, vv, causal=True, kernel=kernel, return_lse=True,
+                                  cu_seqlens=torch.tensor([0, 5, 12, 20, 24]))
+        results[kernel] = [out, lse, *torch.autograd.grad((out * dout).sum() + lse.sum(), (qq, kk, vv))]
+    tol = dict(atol=1e-10, rtol=0) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results["explicit"], results["fused"]):
+        torch.testing.assert_close(b.double(), a.double(), msg=name, **tol)
+    out = ring_attention(q, k, v, causal=True, kernel="fused")   # and without documents: all fused blocks
+    torch.testing.assert_close(out, ring_attention(q.contiguous(), k, v, causal=True, kernel="fused"), **tol)
+
+
 def test_kernel_choice_and_the_tiles_it_fuses():
     assert KERNELS == ("auto", "fused", "explicit")
     assert resolve_kernel("auto", "cpu", torch.float32) == "fused"
