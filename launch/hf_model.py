@@ -153,10 +153,17 @@ def apply_hf_config(cfg: JobConfig) -> JobConfig:
         moe = dict(zip(("num_experts", "top_k"), hf_experts(data)))
         if cfg.model.moe == "none":  # always loom's layout: checkpoints resume at any ep
             moe["moe"] = "standard"
+    shape = dict(vocab=data["vocab_size"], dim=dim, heads=heads, layers=data["num_hidden_layers"],
+                 kv_heads=data.get("num_key_value_heads"), **moe)
+    defaults = type(cfg.model)()
+    for name, value in shape.items():  # a shape option set to something else would be overridden silently
+        given = getattr(cfg.model, name)
+        if name != "moe" and given != getattr(defaults, name) and given != value:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}={given} conflicts with --hf-config={t.hf_config}, whose config.json gives "
+                              f"{value}: the model's shape comes from its config; drop {flag}")
     try:
-        cfg.model = dataclasses.replace(cfg.model, vocab=data["vocab_size"], dim=dim,
-                                        heads=heads, layers=data["num_hidden_layers"],
-                                        kv_heads=data.get("num_key_value_heads"), **moe)
+        cfg.model = dataclasses.replace(cfg.model, **shape)
     except ValueError as exc:
         raise ConfigError(f"--hf-config={t.hf_config}: loom cannot shape its job by it: {exc}") from None
     return cfg

@@ -187,6 +187,10 @@ def test_hf_config_shapes_the_job_and_bad_files_are_refused(tmp_path):
         (bad / "config.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(ConfigError, match=message):
             build_config(overrides=dict(hf_config=str(bad)))
+    for flag, value in (("dim", 48), ("heads", 8), ("vocab", VOCAB + 1), ("layers", 5), ("kv_heads", 4)):
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')}={value} conflicts with --hf-config"):
+            build_config(overrides={"hf_config": str(path), flag: value})   # not overridden silently
+    assert build_config(overrides=dict(hf_config=str(path), dim=32)).model.dim == 32   # the same value is fine
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a JSON model config"):
         build_config(overrides=dict(hf_config=str(tmp_path / "junk.json")))
