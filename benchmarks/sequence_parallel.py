@@ -183,13 +183,13 @@ def _worker(args):
                 return run_ring(q, k, v, silent, spec, chunks)[0]
             steps[f"ring ({layout}, {kernel})"] = _fwd_bwd(ring, q, k, v, dout)
             steps[f"compute ({layout}, {kernel})"] = _fwd_bwd(compute_only, q, k, v, dout)
-            if layout == "zigzag" and kernel == "fused" and args.head_chunks > 1:
-                chunked = f"({layout}, {kernel}, {args.head_chunks} head chunks)"
+            for chunks in (args.head_chunks if layout == "zigzag" and kernel == "fused" else ()):
+                chunked = f"({layout}, {kernel}, {chunks} head chunks)"
                 steps["ring " + chunked] = _fwd_bwd(
-                    lambda q, k, v: ring_attention(q, k, v, causal=True, layout="zigzag", kernel="fused",
-                                                   head_chunks=args.head_chunks), q, k, v, dout)
+                    lambda q, k, v, chunks=chunks: ring_attention(q, k, v, causal=True, layout="zigzag",
+                                                                  kernel="fused", head_chunks=chunks), q, k, v, dout)
                 steps["compute " + chunked] = _fwd_bwd(
-                    lambda q, k, v, spec=spec: compute_only(q, k, v, spec, args.head_chunks), q, k, v, dout)
+                    lambda q, k, v, spec=spec, chunks=chunks: compute_only(q, k, v, spec, chunks), q, k, v, dout)
         if layout == "zigzag":
             steps["all-gather K/V"] = _fwd_bwd(
                 lambda q, k, v: _allgather_attention(q, k, v, layout, rank, size), q, k, v, dout)
@@ -248,8 +248,8 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--inner", type=int, default=2, help="Ulysses degree of the 2-D (ulysses-ring) rows, "
                                                          "at P it divides with 1 < inner < P")
-    ap.add_argument("--head-chunks", type=int, default=4,
-                    help="also run the fused zigzag ring with this many head chunks (1: not)")
+    ap.add_argument("--head-chunks", type=int, nargs="*", default=[4, 8],
+                    help="also run the fused zigzag ring with each of these numbers of head chunks (none: not)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after a warm-up")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
