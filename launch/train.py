@@ -189,7 +189,11 @@ def _ring_kernel(cfg: JobConfig, device) -> str:
     detail = "loom's explicit softmax" if kernel == "explicit" else \
         "PyTorch's fused attention (flash / memory-efficient), explicit for masked tiles"
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"{kernel}: {detail} (--attention-kernel {cfg.parallel.attention_kernel}; {dtype_name} on {device})"
+    chunks = cfg.parallel.ring_head_chunks
+    per_chunk = f"; each ring runs once per chunk of K/V heads ({chunks} chunks, --ring-head-chunks)" \
+        if chunks > 1 else ""
+    return (f"{kernel}: {detail} (--attention-kernel {cfg.parallel.attention_kernel}; {dtype_name} on {device})"
+            f"{per_chunk}")
 
 
 def gradient_sync(cfg: JobConfig, model: torch.nn.Module, mesh):
