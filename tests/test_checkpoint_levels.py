@@ -410,3 +410,50 @@ def test_ckpt_local_is_checked_before_any_worker_starts(tmp_path):
     assert "--keep-last-local=0 must be >= 1" in problems(keep_last_local=0)
     validate(build_config(overrides={**TINY, "dp": 1, "ckpt_local": str(tmp_path / "l"), "ckpt_url": url,
                                      "ckpt_every": 2}), world_size=1)
+
+
+def _levels(tmp_path, name: str) -> dict:
+    return {"ckpt_url": str(tmp_path / name / "remote"), "ckpt_local": str(tmp_path / name / "local")}
+
+
+@pytest.mark.timeout(150)
+def test_fsdp_and_hdp_saves_at_the_local_level_resume_at_another_layout_with_the_same_losses(tmp_path):
+    """Async saves through --ckpt-local under --shard-state params (FSDP2)
+    resume unsharded, and under --hdp (varlen batches) resume under --hdp:
+    served by the local level, the uninterrupted run's losses."""
+    fsdp, hdp = _levels(tmp_path, "fsdp"), _levels(tmp_path, "hdp")
+    varlen = {"hdp": True, "varlen_median": 6, "varlen_max": 24, "seq_len": 16}
+    runs = [{"dp": 2, "shard_state": "params", "steps": 5, "ckpt_every": 3, **fsdp},  # saves step 3 only
+            {"dp": 2, "shard_state": "none", "steps": 5, "ckpt_every": 10, "resume": True, **fsdp},
+            {"dp": 2, "steps": 5, "ckpt_every": 3, **varlen, **hdp},
+            {"dp": 2, "steps": 5, "ckpt_every": 10, "resume": True, **varlen, **hdp}]
+    results = run_distributed(_train_runs, 2, runs, timeout=140)
+    for rank_results in results:
+        (fsdp_ref, _, _), fsdp_resumed, (hdp_ref, _, _), hdp_resumed = rank_results
+        for (losses, start, tier), ref in ((fsdp_resumed, fsdp_ref), (hdp_resumed, hdp_ref)):
+            assert len(ref) == 5 and ref[-1] < ref[0]
+            assert start == 3 and tier == "local"
+            assert len(losses) == 2 and max(abs(a - b) for a, b in zip(losses, ref[3:])) < 1e-10, (losses, ref)
+    for levels in (fsdp, hdp):
+        assert sorted(LocalLevel(levels["ckpt_local"]).committed()) == [3]
+        assert CheckpointStore(levels["ckpt_url"]).committed_steps() == [3]
+
+
+@pytest.mark.timeout(150)
+def test_ulysses_ring_saves_at_the_local_level_resume_as_a_dp_by_sp_ring_with_the_same_losses(tmp_path):
+    """sp=4 --sp-attention ulysses-ring --sp-inner 2 saves through
+    --ckpt-local; resumed at dp=2 x sp=2 (ring) from the local level with the
+    remote copy removed: the uninterrupted run's losses."""
+    levels = _levels(tmp_path, "ulysses")
+    shape = {"seq_len": 16, "heads": 2, "kv_heads": 1}
+    runs = [{"dp": 1, "sp": 4, "sp_attention": "ulysses-ring", "sp_inner": 2, "steps": 5, "ckpt_every": 3,
+             **shape, **levels},
+            {"dp": 2, "sp": 2, "steps": 5, "ckpt_every": 10, "resume": True, "wipe": levels["ckpt_url"],
+             **shape, **levels}]  # the remote copy is gone: step 3 is only at the local level
+    results = run_distributed(_train_runs, 4, runs, timeout=140)
+    for (ref, _, _), (losses, start, tier) in results:
+        assert len(ref) == 5 and ref[-1] < ref[0]
+        assert start == 3 and tier == "local"
+        assert len(losses) == 2 and max(abs(a - b) for a, b in zip(losses, ref[3:])) < 1e-10, (losses, ref)
+    assert sorted(LocalLevel(levels["ckpt_local"]).committed()) == [3]
+    assert os.listdir(levels["ckpt_url"]) == []  # the remote store held nothing and nothing was written to it
