@@ -99,9 +99,7 @@ class Ring:
         (its storage is reused as a receive buffer); with it, ``x`` stays the
         caller's and is never written (the ring allocates its own buffers, one
         fewer copy than stacking the parts into a new tensor).  A yielded block
-        is only valid until the next one is requested; after the last step
-        the caller may reuse a block the ring allocated (any step > 0 with
-        ``borrow``).
+        is only valid until the next one is requested.
 
         ``window(owner, step)``, when given, is the slice of dim 1 of the
         block ``owner`` started with that its holder at ``step`` (and later)

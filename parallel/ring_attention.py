@@ -18,12 +18,15 @@ smaller messages.
 
 Point-to-point messages per call and rank (P = ring size, C head chunks):
 P-1 tiny agreement messages (`loom.comms.agree`, one to every other member:
-shapes and options, or the error) + 2C(P-1) K/V messages forward; 2C(P-1)
-K/V and 2C(P-1) dK/dV messages backward (K and V travel as separate
-messages, without being stacked into a copy).
+shapes and options, or the error) + at most 2C(P-1) K/V messages forward;
+at most 2C(P-1) K/V and 2C(P-1) dK/dV messages backward (K and V travel as
+separate messages, without being stacked into a copy; a message no later
+holder needs is not sent).  The plan (tiles, windows) is worked out once per
+pass and shared by the head chunks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +197,25 @@ def head_chunk_slices(heads_q: int, heads_kv: int, chunks: int) -> list[tuple[sl
     return [(slice(i * per_q, (i + 1) * per_q), slice(i * per_kv, (i + 1) * per_kv)) for i in range(chunks)]
 
 
+class _Pass:
+    """One pass's plan (the forward's, or the backward's), worked out once
+    and shared by its head chunks: the kernel tiles against each source
+    block, the message windows and the own block's split.  Not kept from
+    the forward to the backward: the tiles' masks would stay alive with the
+    activations."""
+
+    def __init__(self, spec: RingSpec, ring, device):
+        self.spec, self.ring, self.device = spec, ring, device
+        self.tiles = functools.cache(lambda source: spec.kernel_tiles(ring.position, source, device))
+        self.kv_window = functools.cache(spec.kv_window)
+        self.grad_window = functools.cache(spec.grad_window)
+
+    @functools.cached_property
+    def own(self) -> tuple[list, list]:
+        """`RingSpec.own_tiles` of this position (deferred half only when there is a ring)."""
+        return self.spec.own_tiles(self.ring.position, self.device, defer=self.ring.size > 1)
+
+
 def _forward_tiles(tiles, q, kb, vb, spec, out, lse) -> None:
     """Merge the partial results of ``tiles`` (`RingSpec.kernel_tiles`) into
     ``out [b, s, h, d]`` / ``lse [b, h, s]`` (views of the running result)."""
@@ -222,15 +244,16 @@ def _backward_tiles(tiles, q, kb, vb, saved, spec, dq, dkv, lse_grad: bool, firs
                                                 spec.scale, fused_causal, dk_t, dv_t)
 
 
-def _ring_forward(q, k, v, ring, spec, out, lse) -> None:
+def _ring_forward(q, k, v, plan: _Pass, out, lse) -> None:
     """One head chunk's forward into the views ``out`` / ``lse``."""
+    ring = plan.ring
     out.zero_()
     lse.fill_(float("-inf"))
-    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=spec.kv_window):
-        _forward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, spec, out, lse)
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=plan.kv_window):
+        _forward_tiles(plan.tiles(ring.owner(step)), q, kb, vb, plan.spec, out, lse)
 
 
-def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
+def _ring_backward(q, k, v, saved, plan: _Pass, dq, lse_grad: bool) -> tuple:
     """One head chunk's backward: adds into ``dq`` and returns this shard's
     ``(dk, dv)``, heads-first ``[b, hkv, s, d]`` in the accumulation dtype.
 
@@ -239,21 +262,20 @@ def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
     (`RingSpec.grad_window`): each holder computes its part into a buffer of
     its window, adds what arrived and sends the buffer on as it is."""
     b, s, hkv, d = k.shape
-    acc = dq.dtype
+    acc, ring, spec = dq.dtype, plan.ring, plan.spec
 
     def buffers(window: slice, make=torch.zeros):
         return tuple(make((b, hkv, window.stop - window.start, d), dtype=acc, device=k.device) for _ in range(2))
     own = buffers(slice(0, s))
-    now, later = spec.own_tiles(ring.position, q.device, defer=ring.size > 1)
+    now, later = plan.own
     sending, incoming, received = [], [], None
-    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=spec.kv_window):
+    for step, (kb, vb) in ring.rotate((k, v), channel=_KV, borrow=True, window=plan.kv_window):
         if step == 0:
             _backward_tiles(now, q, kb, vb, saved, spec, dq, own, lse_grad)
             continue
-        window = spec.grad_window(ring.owner(step), step)
+        window = plan.grad_window(ring.owner(step), step)
         part = buffers(window)
-        _backward_tiles(spec.kernel_tiles(ring.position, ring.owner(step), q.device), q, kb, vb, saved, spec,
-                        dq, part, lse_grad, first=window.start)
+        _backward_tiles(plan.tiles(ring.owner(step)), q, kb, vb, saved, spec, dq, part, lse_grad, first=window.start)
         if received is not None:  # the accumulator that travelled here with this block: add it in
             for p in incoming:
                 p.wait()
@@ -262,7 +284,7 @@ def _ring_backward(q, k, v, saved, ring, spec, dq, lse_grad: bool) -> tuple:
                 a[:, :, came.start - window.start:came.stop - window.start] += g
         for p in sending:  # the previous part has left
             p.wait()
-        coming = spec.grad_window(ring.owner(step + 1), step)  # the block held next (our own after the last)
+        coming = plan.grad_window(ring.owner(step + 1), step)  # the block held next (our own after the last)
         arrived = buffers(coming, torch.empty) if coming.stop > coming.start else None
         pairs = [ring.shift(g if g.numel() else None, None if arrived is None else arrived[i], channel=_ACC)
                  for i, g in enumerate(part)]
@@ -294,8 +316,9 @@ class _RingAttention(torch.autograd.Function):
         chunks = head_chunk_slices(hq, k.shape[2], head_chunks)
         out = torch.empty(b, s, hq, d, dtype=acc, device=q.device)
         lse = torch.empty((b, hq, s), dtype=acc, device=q.device)
+        plan = _Pass(spec, ring, q.device)
         for qh, kh in chunks:
-            _ring_forward(q[:, :, qh], k[:, :, kh], v[:, :, kh], ring, spec, out[:, :, qh], lse[:, qh])
+            _ring_forward(q[:, :, qh], k[:, :, kh], v[:, :, kh], plan, out[:, :, qh], lse[:, qh])
         out = out.to(q.dtype)
         ctx.ring, ctx.spec, ctx.chunks = ring, spec, chunks
         ctx.save_for_backward(q, k, v, out, lse)
@@ -314,14 +337,15 @@ class _RingAttention(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.to(acc)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        plan = _Pass(spec, ring, q.device)
         if len(chunks) == 1:
-            dk, dv = _ring_backward(q, k, v, (dout, out, lse, delta), ring, spec, dq, dlse is not None)
+            dk, dv = _ring_backward(q, k, v, (dout, out, lse, delta), plan, dq, dlse is not None)
             dk, dv = (g.permute(0, 2, 1, 3).to(k.dtype) for g in (dk, dv))
         else:
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             for qh, kh in chunks:
                 saved = (dout[:, :, qh], out[:, :, qh], lse[:, qh], delta[:, qh])
-                grads = _ring_backward(q[:, :, qh], k[:, :, kh], v[:, :, kh], saved, ring, spec, dq[:, :, qh],
+                grads = _ring_backward(q[:, :, qh], k[:, :, kh], v[:, :, kh], saved, plan, dq[:, :, qh],
                                        dlse is not None)
                 for whole, g in zip((dk, dv), grads):
                     whole[:, :, kh] = g.permute(0, 2, 1, 3)
